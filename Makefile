@@ -1,0 +1,37 @@
+# The two commands a new machine needs (see README):
+#   make demo   set up .venv and run the built-in default job
+#   make test   set up .venv and run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.torchslim-installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision pinned to the releases this project supports (local mirror on our machines)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[all,test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/torchslim demo
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadfile --doctest-modules src/torchslim tests
+
+test-fast: setup
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
+
+bench: setup
+	$(PY) benchmarks/profile_torchvision.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""torchslim: deep-model compression for PyTorch, measured honestly and shipped to real runtimes.
+
+The public surface is the names below; everything else is reachable through the subpackages
+(``torchslim.graph``, ``torchslim.profile``, ``torchslim.data``, ``torchslim.zoo``, ...).
+
+Example:
+    >>> import torchslim as ts
+    >>> model = ts.create_model("zoo:lenet300", data="mnist")
+    >>> ts.profile(model, latency=False).macs
+    266200
+"""
+
+from torchslim import errors
+from torchslim.data import DataBundle, list_datasets, load_data
+from torchslim.errors import TorchslimError
+from torchslim.graph import trace
+from torchslim.profile import Comparison, Profile, compare, profile
+from torchslim.saving import load, save
+from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
+from torchslim.zoo import create_model, example_inputs, list_models, set_example_inputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "Comparison",
+    "DataBundle",
+    "Profile",
+    "TorchslimError",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
+    "compare",
+    "create_model",
+    "errors",
+    "evaluate",
+    "example_inputs",
+    "fit",
+    "list_datasets",
+    "list_models",
+    "load",
+    "load_data",
+    "profile",
+    "save",
+    "set_example_inputs",
+    "trace",
+]

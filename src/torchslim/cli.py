@@ -1,0 +1,271 @@
+"""The ``torchslim`` command line: parse, build configs, call the same verbs as the Python API.
+
+Every verb prints a readable table (or, with ``--json``, one JSON object on stdout and nothing
+else there); ``--out DIR`` holds the resulting model written by ``ts.save``. Bad input exits with
+code 2 and one line naming what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
+        self.exit(EXIT_BAD_INPUT, f"torchslim: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _console(args: argparse.Namespace) -> Any:
+    from rich.console import Console
+
+    # with --json, stdout carries only the JSON object; anything readable goes to stderr
+    return Console(stderr=bool(getattr(args, "json", False)))
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(payload, default=_json_default) + "\n")
+        sys.stdout.flush()
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    from torchslim.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; allowed here: auto, cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from exc
+
+
+def _build(args: argparse.Namespace, data: Any = None) -> tuple[Any, Any]:
+    """Model and example inputs from MODEL, --data and --input-shape."""
+    import torchslim as ts
+    from torchslim.zoo.spec import parse_input_shape
+
+    model = ts.create_model(args.model, data=data)
+    if getattr(args, "input_shape", None):
+        inputs = parse_input_shape(args.input_shape)
+        ts.set_example_inputs(model, inputs)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return model, ts.example_inputs(model, batch_size=getattr(args, "batch_size", None))
+
+
+# ---- verbs ----------------------------------------------------------------------------------
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torchslim as ts
+
+    model, inputs = _build(args)
+    model.to(_device(args.device))
+    prof = ts.profile(model, inputs, latency=not args.no_latency, runs=args.runs, warmup=args.warmup)
+    if args.json:
+        _emit(args, {"model": args.model, **prof.to_dict()})
+    else:
+        con = _console(args)
+        con.print(f"[bold]{args.model}[/bold]: {prof.summary()}")
+        con.print(prof.table(max_layers=args.max_layers))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torchslim as ts
+
+    data = ts.load_data(args.data, seed=args.seed)
+    model, _ = _build(args, data=data)
+    config = ts.TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size_train,
+        seed=args.seed,
+        device=args.device,
+        max_steps_per_epoch=args.max_steps,
+    )
+    out = Path(args.out)
+    ckpt = out.with_name(out.name + ".checkpoint")
+    result = ts.fit(model, data, config, checkpoint_dir=ckpt, resume=args.resume, progress=not args.no_progress)
+    model.to("cpu")
+    ts.save(model, out)
+    files = {"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors"),
+             "checkpoint": str(ckpt / "last.pt")}
+    payload = {
+        "model": args.model,
+        "data": args.data,
+        "accuracy": result.test_accuracy,
+        "best_val_accuracy": result.best_val_accuracy,
+        "epochs": result.epochs_run,
+        "history": result.history,
+        "config": config.to_dict(),
+        "files": files,
+    }
+    if args.json:
+        _emit(args, payload)
+    else:
+        con = _console(args)
+        acc = "-" if result.test_accuracy is None else f"{100 * result.test_accuracy:.2f}%"
+        con.print(f"[bold]{args.model}[/bold] trained on {args.data} for {result.epochs_run} epochs: test accuracy {acc}")
+        con.print(f"saved to {out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import torchslim as ts
+    from torchslim.zoo.models import zoo_entry
+
+    models = ts.list_models(args.pattern)
+    datasets = ts.list_datasets()
+    if args.json:
+        _emit(args, {"models": ["zoo:" + m for m in models], "datasets": datasets})
+        return 0
+    from rich.table import Table
+
+    t = Table(title="zoo models (zoo:NAME)")
+    for col in ("name", "default input", "classes", "description"):
+        t.add_column(col)
+    for m in models:
+        e = zoo_entry(m)
+        t.add_row(m, "x".join(map(str, e.default_input_shape)), str(e.default_num_classes), e.description)
+    con = _console(args)
+    con.print(t)
+    con.print("data specs: " + ", ".join(datasets))
+    con.print("model specs: torchvision:NAME, timm:NAME, zoo:NAME, path/to/file.py:factory, or a saved directory")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The built-in default job: profile, train and evaluate LeNet-300-100 on real MNIST digits."""
+    import torchslim as ts
+
+    con = _console(args)
+    data = ts.load_data("mnist", seed=args.seed)
+    model = ts.create_model("zoo:lenet300", data=data)
+    before = ts.profile(model)
+    con.print(f"[bold]zoo:lenet300[/bold] on mnist ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test digits)")
+    con.print(before.table(max_layers=20))
+    config = ts.TrainConfig(epochs=args.epochs, lr=1e-3, optimizer="adam", batch_size=64, seed=args.seed)
+    out = Path(args.out)
+    result = ts.fit(model, data, config, checkpoint_dir=out.with_name(out.name + ".checkpoint"),
+                    resume=True, progress=not args.no_progress)
+    ts.save(model, out)
+    reloaded = ts.load(out)
+    after = ts.evaluate(reloaded, data.loader("test", batch_size=256))
+    payload = {
+        "model": "zoo:lenet300",
+        "data": "mnist",
+        "profile": before.to_dict(),
+        "accuracy": result.test_accuracy,
+        "accuracy_reloaded": after["accuracy"],
+        "history": result.history,
+        "files": {"model": str(out)},
+    }
+    if args.json:
+        _emit(args, payload)
+    else:
+        con.print(
+            f"test accuracy after {result.epochs_run} epochs: {100 * result.test_accuracy:.2f}% "
+            f"(reloaded from {out}: {100 * after['accuracy']:.2f}%)"
+        )
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="torchslim", description="Deep-model compression for PyTorch.")
+    from torchslim import __version__
+
+    parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("profile", help="params, MACs, FLOPs, bytes, memory and latency of a model")
+    _common(p)
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several: separate with ';')")
+    p.add_argument("--batch-size", type=int, help="repeat the example inputs to this batch size")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the latency runs")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--runs", type=int, help="timed runs (default: as many as fit in ~1 s, 5..200)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    p.add_argument("--max-layers", type=int, default=40, help="rows of the per-layer table (default 40)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("train", help="train or fine-tune a model on a data spec and save it")
+    _common(p)
+    p.add_argument("--data", required=True, help="data spec: mnist, digits, mnist1d, images, synthetic:SHAPE, file.py:factory")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
+    p.add_argument("--batch-size", dest="batch_size_train", type=int, default=64)
+    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from DIR.checkpoint/last.pt if present")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="directory for the trained model (written by ts.save)")
+    p.set_defaults(func=cmd_train, input_shape=None)
+
+    p = sub.add_parser("list", help="zoo models and data specs")
+    _common(p, model=False)
+    p.add_argument("pattern", nargs="?", default=None, help="glob over zoo model names, e.g. 'resnet*'")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("demo", help="the built-in default job (LeNet-300-100 on real MNIST digits)")
+    _common(p, model=False)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchslim`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from torchslim.errors import TorchslimError
+
+    try:
+        return int(args.func(args) or 0)
+    except TorchslimError as exc:
+        msg = " ".join(str(exc).split())
+        sys.stderr.write(f"torchslim: error: {msg}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("torchslim: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

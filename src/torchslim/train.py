@@ -1,0 +1,735 @@
+"""The one small train / evaluate loop that every method family reuses.
+
+Pruning schedules, distillation and quantization-aware training plug into :func:`fit` through
+:class:`Callback` hooks and a custom ``loss_fn``; nothing else about the loop changes.
+
+Example:
+    >>> import torch
+    >>> from torchslim.data import load_data
+    >>> from torchslim.zoo.models import create_zoo_model
+    >>> data = load_data("synthetic:1x8:n=40")
+    >>> _ = torch.manual_seed(0)
+    >>> model = create_zoo_model("lenet300", data.input_shape, data.num_classes)
+    >>> result = fit(model, data, TrainConfig(epochs=1, lr=0.01), progress=False)
+    >>> result.epochs_run, 0.0 <= result.test_accuracy <= 1.0
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from torchslim.data import DataBundle, load_data
+from torchslim.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "TrainResult",
+    "Callback",
+    "EarlyStopping",
+    "fit",
+    "evaluate",
+    "seed_everything",
+]
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
+_CHECKPOINT_FORMAT = "torchslim.train.checkpoint/1"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`fit` trains: a small frozen value, checked when built, that round-trips to JSON.
+
+    Attributes:
+        epochs: Number of epochs (0 trains nothing and only evaluates).
+        lr: Initial learning rate (> 0).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        momentum: SGD momentum in [0, 1) (unused by Adam/AdamW).
+        weight_decay: L2 penalty (>= 0); decoupled for AdamW.
+        batch_size: Training (and validation) batch size.
+        lr_schedule: ``"constant"``; ``"cosine"`` (to 0 over ``epochs``); or ``"step"`` (x0.1 at
+            50% and 75% of ``epochs``). The learning rate changes once per epoch.
+        seed: Seed of every generator and of the per-epoch shuffling.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        max_steps_per_epoch: Stop each epoch after this many steps (``None``: the whole split).
+        grad_clip: Clip the global gradient norm to this value (``None``: no clipping).
+
+    Example:
+        >>> cfg = TrainConfig(epochs=2, lr=0.05)
+        >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    epochs: int = 5
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    lr_schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    max_steps_per_epoch: int | None = None
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, (ok, allowed) in _CHECKS.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(f"TrainConfig.{name} must be {allowed}; got {value!r}")
+            if name in ("lr", "momentum", "weight_decay", "grad_clip") and value is not None:
+                object.__setattr__(self, name, float(value))  # ints become floats
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build a config from a dict such as :meth:`to_dict` returns (missing keys keep defaults).
+
+        Raises:
+            ConfigError: ``values`` is not a mapping, has unknown keys, or holds an invalid value.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"TrainConfig.from_dict needs a mapping; got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; allowed: {', '.join(names)}")
+        return cls(**dict(values))
+
+
+def _valid_device(device: Any) -> bool:
+    if device == "auto":
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return isinstance(device, str)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(map(repr, OPTIMIZERS))}"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "lr_schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(map(repr, SCHEDULES))}"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "device": (_valid_device, "'auto' or a torch device string such as 'cpu', 'cuda' or 'cuda:0'"),
+    "max_steps_per_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), "None or a positive integer"),
+    "grad_clip": (lambda v: v is None or (_is_number(v) and v > 0), "None or a positive number"),
+}
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuse CUDA on a machine without it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'"
+        )
+    return resolved
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators.
+
+    Args:
+        seed: A non-negative integer.
+        deterministic: Also switch torch to deterministic algorithms (a global setting that stays
+            on; needed for bit-identical results on CUDA, at some speed cost).
+
+    Raises:
+        ConfigError: ``seed`` is not a non-negative integer.
+    """
+    if not _is_int(seed) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+@dataclass
+class TrainState:
+    """What callbacks see and may change while :func:`fit` runs.
+
+    Attributes:
+        model: The model being trained.
+        optimizer: Its optimizer.
+        scheduler: The learning-rate scheduler (stepped once per epoch).
+        config: The :class:`TrainConfig`.
+        data: The :class:`~torchslim.data.DataBundle`.
+        device: The device the model and batches are on.
+        epoch: Index of the current epoch, from 0.
+        step: Optimizer steps taken so far, over all epochs.
+        epoch_step: Index of the current step within the epoch.
+        batch: The current ``(inputs, targets)``, on ``device``.
+        loss: Loss of the last step, as a float.
+        outputs: Model outputs of the last step (as ``loss_fn`` returned them).
+        metrics: Metrics of the last finished epoch (the newest ``history`` entry).
+        history: One dict of metrics per finished epoch.
+        stop_training: Set it to ``True`` to stop after the current step.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    data: DataBundle
+    device: torch.device
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    batch: Any = None
+    loss: float | None = None
+    outputs: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop_training: bool = False
+
+
+class Callback:
+    """Hooks into :func:`fit`; override the ones you need (all do nothing by default).
+
+    Per epoch the order is ``on_epoch_begin``, then per step ``on_step_begin`` ->
+    forward/backward -> ``on_after_backward`` (gradients exist; mask them here) ->
+    optimizer step -> ``on_step_end`` (re-apply masks here), then validation and
+    ``on_epoch_end``. ``on_train_begin`` and ``on_train_end`` frame the run (also on resume).
+
+    A callback with state overrides :meth:`state_dict` / :meth:`load_state_dict`, so its state
+    is saved in checkpoints and restored on resume.
+    """
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Called once before the first epoch."""
+
+    def on_epoch_begin(self, state: TrainState) -> None:
+        """Called at the start of every epoch."""
+
+    def on_step_begin(self, state: TrainState) -> None:
+        """Called before every forward pass (``state.batch`` is set)."""
+
+    def on_after_backward(self, state: TrainState) -> None:
+        """Called after ``backward`` and before the optimizer step."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """Called after every optimizer step."""
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        """Called after every epoch's validation (``state.metrics`` is set)."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """Called once after the last epoch, before the test evaluation."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints (plain Python values and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class EarlyStopping(Callback):
+    """Stop training when a metric has not improved for ``patience`` epochs.
+
+    Args:
+        monitor: A key of the per-epoch metrics (``"val_accuracy"``, ``"val_loss"``,
+            ``"train_loss"``...).
+        patience: Epochs without improvement to tolerate before stopping.
+        mode: ``"max"`` if larger is better, ``"min"`` if smaller is better.
+        min_delta: Smallest change that counts as an improvement.
+
+    Attributes:
+        best_: Best value seen so far.
+        wait_: Epochs since the last improvement.
+        stopped_epoch_: Index of the epoch after which training stopped, or ``None``.
+    """
+
+    def __init__(
+        self, monitor: str = "val_accuracy", patience: int = 3, mode: str = "max", min_delta: float = 0.0
+    ):
+        if mode not in ("max", "min"):
+            raise ConfigError(f"EarlyStopping mode must be 'max' or 'min'; got {mode!r}")
+        if not _is_int(patience) or patience < 0:
+            raise ConfigError(f"EarlyStopping patience must be an integer >= 0; got {patience!r}")
+        if not _is_number(min_delta) or min_delta < 0:
+            raise ConfigError(f"EarlyStopping min_delta must be a number >= 0; got {min_delta!r}")
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, float(min_delta)
+        self.best_: float | None = None
+        self.wait_ = 0
+        self.stopped_epoch_: int | None = None
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if self.monitor not in state.metrics:
+            raise ConfigError(
+                f"EarlyStopping monitors {self.monitor!r}, which this run does not produce; "
+                f"available: {', '.join(sorted(state.metrics))}"
+            )
+        value = float(state.metrics[self.monitor])
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best_ is None or sign * (value - self.best_) > self.min_delta:
+            self.best_, self.wait_ = value, 0
+            return
+        self.wait_ += 1
+        if self.wait_ >= self.patience:
+            state.stop_training = True
+            self.stopped_epoch_ = state.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best_, "wait": self.wait_, "stopped_epoch": self.stopped_epoch_}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best_, self.wait_, self.stopped_epoch_ = state["best"], state["wait"], state["stopped_epoch"]
+
+
+def _call(callbacks: Iterable[Callback], hook: str, state: TrainState) -> None:
+    for callback in callbacks:
+        getattr(callback, hook)(state)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _logits(outputs: Any) -> Any:
+    """The logits in a model's outputs: the tensor itself, a tuple's first item, or ``.logits``."""
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return outputs[0]
+    return getattr(outputs, "logits", outputs)
+
+
+def _pair(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ConfigError(f"batches must be (inputs, targets) pairs; got {type(batch).__name__}")
+    return batch[0].to(device), batch[1].to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def evaluate(
+    model: nn.Module,
+    loader_or_dataset: DataLoader | Dataset,
+    device: str | torch.device | None = None,
+    *,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy of a classifier on labeled data.
+
+    Runs under ``torch.no_grad`` in eval mode and restores every module's train/eval mode after,
+    even on error. The model is not moved.
+
+    Args:
+        model: A classifier returning logits of shape ``(batch, classes)`` (or a tuple whose first
+            item is, or an object with ``.logits``).
+        loader_or_dataset: A DataLoader of ``(inputs, targets)`` or a Dataset of such samples.
+        device: Where to run the batches (``"auto"`` allowed); the model's device by default.
+        batch_size: Batch size when a Dataset is given.
+
+    Returns:
+        ``{"accuracy": fraction in [0, 1], "loss": mean cross-entropy, "n": samples}``.
+
+    Raises:
+        ConfigError: Empty or unlabeled data, or batches that are not ``(inputs, targets)`` pairs.
+    """
+    if isinstance(loader_or_dataset, DataLoader):
+        loader = loader_or_dataset
+    elif isinstance(loader_or_dataset, Dataset) or hasattr(loader_or_dataset, "__getitem__"):
+        loader = DataLoader(loader_or_dataset, batch_size=batch_size, shuffle=False)
+    else:
+        raise ConfigError(f"evaluate needs a DataLoader or a Dataset; got {type(loader_or_dataset).__name__}")
+    run_on = _model_device(model) if device is None else _resolve_device(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run_on)
+    correct = torch.zeros((), dtype=torch.int64, device=run_on)
+    unlabeled = torch.zeros((), dtype=torch.bool, device=run_on)
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, targets = _pair(batch, run_on)
+                logits = _logits(model(inputs))
+                unlabeled |= (targets < 0).any()
+                loss_sum += F.cross_entropy(logits, targets.clamp(min=0), reduction="sum").double()
+                correct += (logits.argmax(dim=1) == targets).sum()
+                n += int(targets.shape[0])
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if n == 0:
+        raise ConfigError("evaluate got no samples; pass a non-empty data set")
+    if bool(unlabeled):
+        raise ConfigError(
+            "evaluate needs labeled data (targets >= 0); this data set is unlabeled (targets are -1)"
+        )
+    return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n, "n": n}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, state: TrainState, callbacks: list[Callback], best: float | None) -> None:
+    payload = {
+        "format": _CHECKPOINT_FORMAT,
+        "epochs_completed": len(state.history),
+        "step": state.step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "history": state.history,
+        "best_val_accuracy": best,
+        "stop_training": state.stop_training,
+        "config": state.config.to_dict(),
+        "callbacks": [cb.state_dict() for cb in callbacks],
+        "rng": _rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_checkpoint(path: Path, state: TrainState, callbacks: list[Callback]) -> float | None:
+    """Restore ``state`` (model, optimizer, scheduler, history, RNG) in place; return the best metric."""
+    fix = f"delete {path} or pass resume=False to start fresh"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad checkpoint
+        raise CheckpointError(
+            f"cannot read training checkpoint {path} ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a torchslim training checkpoint (format {_CHECKPOINT_FORMAT}); {fix}"
+        )
+    saved = payload.get("config") or {}
+    for name in ("optimizer", "lr_schedule"):
+        if saved.get(name, getattr(state.config, name)) != getattr(state.config, name):
+            raise CheckpointError(
+                f"training checkpoint {path} was written with {name}={saved[name]!r}, but this run uses "
+                f"{name}={getattr(state.config, name)!r}; use the same value to resume, or {fix}"
+            )
+    try:
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        saved_callbacks = payload["callbacks"]
+        if len(saved_callbacks) == len(callbacks):
+            for callback, saved in zip(callbacks, saved_callbacks):
+                callback.load_state_dict(saved)
+        state.history = list(payload["history"])
+        state.metrics = dict(state.history[-1]) if state.history else {}
+        state.step = int(payload["step"])
+        state.epoch = int(payload["epochs_completed"])
+        state.stop_training = bool(payload["stop_training"])
+        _set_rng_state(payload["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"training checkpoint {path} does not fit this model/optimizer ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    return payload.get("best_val_accuracy")
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters (none with requires_grad=True)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    sched = torch.optim.lr_scheduler
+    if config.lr_schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    milestones = sorted({m for m in (config.epochs // 2, 3 * config.epochs // 4) if m > 0})
+    if config.lr_schedule == "step":
+        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return sched.MultiStepLR(optimizer, milestones=[], gamma=1.0)  # constant
+
+
+def _cross_entropy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    outputs = model(inputs)
+    return F.cross_entropy(_logits(outputs), targets), outputs
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffling seed of one epoch: a function of ``(seed, epoch)`` only, so resuming repeats it."""
+    return ((seed + 1) * 1_000_003 + epoch) % 2**63
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _train_epoch(
+    state: TrainState, loss_fn: LossFn, callbacks: list[Callback], bar: Progress
+) -> dict[str, Any]:
+    config, model, device = state.config, state.model, state.device
+    loader = state.data.loader(
+        "train", config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, state.epoch)
+    )
+    steps = (
+        len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    )
+    task = bar.add_task(f"epoch {state.epoch + 1}/{config.epochs}", total=steps, loss=float("nan"))
+    metrics: dict[str, Any] = {"epoch": state.epoch + 1, "lr": float(state.optimizer.param_groups[0]["lr"])}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = counted = done = 0
+    started = time.perf_counter()
+    model.train()
+    for index, batch in enumerate(loader):
+        if index >= steps:
+            break
+        inputs, targets = _pair(batch, device)
+        state.epoch_step, state.batch = index, (inputs, targets)
+        _call(callbacks, "on_step_begin", state)
+        state.optimizer.zero_grad(set_to_none=True)
+        result = loss_fn(model, inputs, targets)
+        loss, outputs = result if isinstance(result, (tuple, list)) else (result, None)
+        loss.backward()
+        _call(callbacks, "on_after_backward", state)
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        state.optimizer.step()
+        state.step += 1
+        done += 1
+        state.loss, state.outputs = float(loss.detach()), outputs
+        n = int(targets.shape[0])
+        loss_sum += loss.detach().double() * n
+        seen += n
+        logits = _logits(outputs)
+        if state.data.labeled and isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == n:
+            correct += (logits.detach().argmax(dim=1) == targets).sum()
+            counted += n
+        _call(callbacks, "on_step_end", state)
+        bar.update(task, advance=1, loss=state.loss)
+        if state.stop_training:
+            break
+    metrics["steps"] = done
+    metrics["train_loss"] = float(loss_sum) / max(seen, 1)
+    if counted:
+        metrics["train_accuracy"] = int(correct) / counted
+    metrics["time_s"] = round(time.perf_counter() - started, 4)
+    return metrics
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        history: One dict per finished epoch (``epoch``, ``lr``, ``steps``, ``train_loss``,
+            ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``time_s``), resumed epochs included.
+        best_val_accuracy: Best validation accuracy over all epochs (``None`` for unlabeled data).
+        test_accuracy: Accuracy on the test split after training (``None`` for unlabeled data).
+        test_loss: Cross-entropy on the test split (``None`` for unlabeled data).
+        epochs_run: Epochs finished in total, resumed ones included.
+        stopped_early: Whether a callback stopped training before ``config.epochs``.
+        checkpoint: Path of ``last.pt``, or ``None`` without a ``checkpoint_dir``.
+    """
+
+    history: list[dict[str, Any]]
+    best_val_accuracy: float | None
+    test_accuracy: float | None
+    epochs_run: int
+    checkpoint: str | None = None
+    test_loss: float | None = None
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle | str,
+    config: TrainConfig | None = None,
+    *,
+    callbacks: Iterable[Callback] = (),
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``data.train``, validating on ``data.val`` each epoch.
+
+    Deterministic: everything is seeded from ``config.seed`` and each epoch's shuffling depends
+    only on ``(seed, epoch)``, so on CPU, training N epochs straight and training k epochs then
+    resuming from the checkpoint gives bit-identical weights.
+
+    Args:
+        model: The model; moved to ``config.device`` and left there, in training mode.
+        data: A :class:`~torchslim.data.DataBundle` or a data spec string.
+        config: A :class:`TrainConfig` (defaults when ``None``).
+        callbacks: :class:`Callback` objects, called in the given order.
+        loss_fn: ``loss_fn(model, inputs, targets) -> (loss, outputs)``; cross-entropy on
+            ``model(inputs)`` by default (required for unlabeled data).
+        optimizer: An optimizer over the model's parameters; built from ``config`` by default.
+            The learning-rate schedule of ``config`` is applied to it either way.
+        checkpoint_dir: Write ``last.pt`` there (atomically) after every epoch.
+        resume: Continue from ``checkpoint_dir/last.pt`` if it exists (else start fresh).
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        A :class:`TrainResult`. Validation and test accuracies are skipped for unlabeled data.
+
+    Raises:
+        ConfigError: Invalid config, callbacks or data for the chosen loss.
+        CheckpointError: ``resume`` found a checkpoint that is corrupt or does not fit the model.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig; got {type(config).__name__}")
+    if isinstance(data, str):
+        data = load_data(data, seed=config.seed)
+    if not isinstance(data, DataBundle):
+        raise ConfigError(f"data must be a DataBundle or a data spec string; got {type(data).__name__}")
+    if loss_fn is None and not data.labeled:
+        raise ConfigError(
+            f"data {data.spec!r} is unlabeled: pass a loss_fn (e.g. a distillation loss) to train on it"
+        )
+    callbacks = list(callbacks)
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"callbacks must be torchslim.train.Callback instances; got {type(callback).__name__}"
+            )
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs a checkpoint_dir to resume from")
+    device = _resolve_device(config.device)
+    seed_everything(config.seed)
+    model.to(device)
+    optimizer = optimizer if optimizer is not None else _make_optimizer(model, config)
+    state = TrainState(model, optimizer, _make_scheduler(optimizer, config), config, data, device)
+    path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    best: float | None = None
+    if resume and path is not None and path.exists():
+        best = _load_checkpoint(path, state, callbacks)
+    loss_fn = loss_fn if loss_fn is not None else _cross_entropy
+    with _progress(progress) as bar:
+        _call(callbacks, "on_train_begin", state)
+        for epoch in range(state.epoch, config.epochs):
+            if state.stop_training:
+                break
+            state.epoch = epoch
+            _call(callbacks, "on_epoch_begin", state)
+            metrics = _train_epoch(state, loss_fn, callbacks, bar)
+            if data.labeled:
+                val = evaluate(model, data.loader("val", config.batch_size, shuffle=False), device)
+                metrics["val_loss"], metrics["val_accuracy"] = val["loss"], val["accuracy"]
+                best = val["accuracy"] if best is None else max(best, val["accuracy"])
+            state.history.append(metrics)
+            state.metrics = metrics
+            state.scheduler.step()
+            _call(callbacks, "on_epoch_end", state)
+            if path is not None:
+                _save_checkpoint(path, state, callbacks, best)
+        _call(callbacks, "on_train_end", state)
+    test_accuracy = test_loss = None
+    if data.labeled:
+        test = evaluate(model, data.loader("test", config.batch_size, shuffle=False), device)
+        test_accuracy, test_loss = test["accuracy"], test["loss"]
+    return TrainResult(
+        history=state.history,
+        best_val_accuracy=best,
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        epochs_run=len(state.history),
+        stopped_early=state.stop_training and len(state.history) < config.epochs,
+        checkpoint=str(path) if path is not None else None,
+    )

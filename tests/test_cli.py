@@ -1,0 +1,144 @@
+"""The command line: JSON shapes, saved directories as specs, and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from torchslim.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_profile_zoo_json(capsys) -> None:
+    code, out, err = run(capsys, "profile", "zoo:lenet300", "--json", "--runs", "3")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["params"] == 266_610 and d["macs"] == 266_200
+    assert d["latency_ms"]["median"] > 0 and d["latency_ms"]["runs"] == 3
+    for key in ("flops", "size_bytes", "unsupported_ops", "layers", "nonzero_params"):
+        assert key in d
+
+
+def test_profile_table_output(capsys) -> None:
+    code, out, _ = run(capsys, "profile", "zoo:resnet20", "--no-latency")
+    assert code == 0
+    assert "Layers" in out and "MACs" in out and "Conv2d" in out
+
+
+def test_profile_user_file(capsys, tmp_path) -> None:
+    f = tmp_path / "my_model.py"
+    f.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            def build():
+                return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+            def example_inputs():
+                return torch.randn(1, 3, 10, 10)
+            """
+        )
+    )
+    code, out, err = run(capsys, "profile", f"{f}:build", "--json", "--no-latency")
+    assert code == 0, err
+    assert json.loads(out)["macs"] == 4 * 8 * 8 * 3 * 9
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("torchslim: error:")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["profile", "torchvision:resnet5O", "--json"], "did you mean"),
+        (["profile", "zoo:nope"], "zoo"),
+        (["profile", "zoo:lenet300", "--input-shape", "1,3,32,32"], "do not fit"),
+        (["profile", "zoo:lenet300", "--input-shape", "1,a"], "input shape"),
+        (["profile", "zoo:lenet300", "--device", "cuda:7"], "--device"),
+        (["train", "zoo:lenet300", "--data", "imagenet", "--out", "x"], "imagenet"),
+        (["profile"], "MODEL"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, argv, needle) -> None:
+    if "--device" in argv:
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    _, err = capsys.readouterr()
+    assert code == 2
+    line = _one_error_line(err)
+    assert needle.lower() in line.lower()
+
+
+def test_file_without_factory_and_forward_that_raises(capsys, tmp_path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            class Bad(torch.nn.Module):
+                def forward(self, x):
+                    raise RuntimeError('this model is broken')
+            def bad():
+                return Bad()
+            """
+        )
+    )
+    code, _, err = run(capsys, "profile", f"{f}:build")
+    assert code == 2 and "no function 'build'" in _one_error_line(err)
+    code, _, err = run(capsys, "profile", f"{f}:bad")
+    assert code == 2 and "this model is broken" in _one_error_line(err)
+
+
+def test_train_then_profile_saved_dir(capsys, tmp_path) -> None:
+    out = tmp_path / "trained"
+    code, stdout, err = run(
+        capsys, "train", "zoo:lenet300", "--data", "mnist", "--epochs", "1", "--max-steps", "30",
+        "--out", str(out), "--json", "--no-progress",
+    )
+    assert code == 0, err
+    d = json.loads(stdout)
+    assert 0.5 < d["accuracy"] <= 1.0
+    assert os.path.isfile(d["files"]["weights"]) and os.path.isfile(d["files"]["plan"])
+    code, stdout, err = run(capsys, "profile", str(out), "--json", "--no-latency")
+    assert code == 0, err
+    assert json.loads(stdout)["params"] == 266_610
+
+
+def test_entry_point_resnet50_json() -> None:
+    # the installed console script / module entry, as a new user runs it
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchslim", "profile", "torchvision:resnet50", "--json", "--runs", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["params"] == 25_557_032
+    assert abs(d["macs"] / 1e9 - 4.089) < 0.0005
+    assert d["latency_ms"]["median"] > 0
+
+
+def test_list(capsys) -> None:
+    code, out, _ = run(capsys, "list", "--json")
+    d = json.loads(out)
+    assert code == 0 and "zoo:lenet300" in d["models"] and "mnist" in d["datasets"]
