@@ -18,12 +18,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim._train_callbacks import Callback, EarlyStopping, TrainState, _call
+from torchslim._train_checkpoint import _load_checkpoint, _save_checkpoint
+from torchslim._utils import is_int as _is_int
+from torchslim._utils import is_number as _is_number
+from torchslim._utils import model_device as _model_device
 from torchslim.data import DataBundle, load_data
-from torchslim.errors import CheckpointError, ConfigError
+from torchslim.errors import ConfigError
 
 __all__ = [
     "TrainConfig",
@@ -50,18 +54,11 @@ __all__ = [
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
-_CHECKPOINT_FORMAT = "torchslim.train.checkpoint/1"
 
 
 # --------------------------------------------------------------------------- config
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -188,146 +185,6 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-# --------------------------------------------------------------------------- callbacks
-
-
-@dataclass
-class TrainState:
-    """What callbacks see and may change while :func:`fit` runs.
-
-    Attributes:
-        model: The model being trained.
-        optimizer: Its optimizer.
-        scheduler: The learning-rate scheduler (stepped once per epoch).
-        config: The :class:`TrainConfig`.
-        data: The :class:`~torchslim.data.DataBundle`.
-        device: The device the model and batches are on.
-        epoch: Index of the current epoch, from 0.
-        step: Optimizer steps taken so far, over all epochs.
-        epoch_step: Index of the current step within the epoch.
-        batch: The current ``(inputs, targets)``, on ``device``.
-        loss: Loss of the last step, as a float.
-        outputs: Model outputs of the last step (as ``loss_fn`` returned them).
-        metrics: Metrics of the last finished epoch (the newest ``history`` entry).
-        history: One dict of metrics per finished epoch.
-        stop_training: Set it to ``True`` to stop after the current step.
-    """
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    config: TrainConfig
-    data: DataBundle
-    device: torch.device
-    epoch: int = 0
-    step: int = 0
-    epoch_step: int = 0
-    batch: Any = None
-    loss: float | None = None
-    outputs: Any = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stop_training: bool = False
-
-
-class Callback:
-    """Hooks into :func:`fit`; override the ones you need (all do nothing by default).
-
-    Per epoch the order is ``on_epoch_begin``, then per step ``on_step_begin`` ->
-    forward/backward -> ``on_after_backward`` (gradients exist; mask them here) ->
-    optimizer step -> ``on_step_end`` (re-apply masks here), then validation and
-    ``on_epoch_end``. ``on_train_begin`` and ``on_train_end`` frame the run (also on resume).
-
-    A callback with state overrides :meth:`state_dict` / :meth:`load_state_dict`, so its state
-    is saved in checkpoints and restored on resume.
-    """
-
-    def on_train_begin(self, state: TrainState) -> None:
-        """Called once before the first epoch."""
-
-    def on_epoch_begin(self, state: TrainState) -> None:
-        """Called at the start of every epoch."""
-
-    def on_step_begin(self, state: TrainState) -> None:
-        """Called before every forward pass (``state.batch`` is set)."""
-
-    def on_after_backward(self, state: TrainState) -> None:
-        """Called after ``backward`` and before the optimizer step."""
-
-    def on_step_end(self, state: TrainState) -> None:
-        """Called after every optimizer step."""
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        """Called after every epoch's validation (``state.metrics`` is set)."""
-
-    def on_train_end(self, state: TrainState) -> None:
-        """Called once after the last epoch, before the test evaluation."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """State to save in checkpoints (plain Python values and tensors)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-
-
-class EarlyStopping(Callback):
-    """Stop training when a metric has not improved for ``patience`` epochs.
-
-    Args:
-        monitor: A key of the per-epoch metrics (``"val_accuracy"``, ``"val_loss"``,
-            ``"train_loss"``...).
-        patience: Epochs without improvement to tolerate before stopping.
-        mode: ``"max"`` if larger is better, ``"min"`` if smaller is better.
-        min_delta: Smallest change that counts as an improvement.
-
-    Attributes:
-        best_: Best value seen so far.
-        wait_: Epochs since the last improvement.
-        stopped_epoch_: Index of the epoch after which training stopped, or ``None``.
-    """
-
-    def __init__(
-        self, monitor: str = "val_accuracy", patience: int = 3, mode: str = "max", min_delta: float = 0.0
-    ):
-        if mode not in ("max", "min"):
-            raise ConfigError(f"EarlyStopping mode must be 'max' or 'min'; got {mode!r}")
-        if not _is_int(patience) or patience < 0:
-            raise ConfigError(f"EarlyStopping patience must be an integer >= 0; got {patience!r}")
-        if not _is_number(min_delta) or min_delta < 0:
-            raise ConfigError(f"EarlyStopping min_delta must be a number >= 0; got {min_delta!r}")
-        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, float(min_delta)
-        self.best_: float | None = None
-        self.wait_ = 0
-        self.stopped_epoch_: int | None = None
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        if self.monitor not in state.metrics:
-            raise ConfigError(
-                f"EarlyStopping monitors {self.monitor!r}, which this run does not produce; "
-                f"available: {', '.join(sorted(state.metrics))}"
-            )
-        value = float(state.metrics[self.monitor])
-        sign = 1.0 if self.mode == "max" else -1.0
-        if self.best_ is None or sign * (value - self.best_) > self.min_delta:
-            self.best_, self.wait_ = value, 0
-            return
-        self.wait_ += 1
-        if self.wait_ >= self.patience:
-            state.stop_training = True
-            self.stopped_epoch_ = state.epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best_, "wait": self.wait_, "stopped_epoch": self.stopped_epoch_}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best_, self.wait_, self.stopped_epoch_ = state["best"], state["wait"], state["stopped_epoch"]
-
-
-def _call(callbacks: Iterable[Callback], hook: str, state: TrainState) -> None:
-    for callback in callbacks:
-        getattr(callback, hook)(state)
-
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -343,14 +200,6 @@ def _pair(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ConfigError(f"batches must be (inputs, targets) pairs; got {type(batch).__name__}")
     return batch[0].to(device), batch[1].to(device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def evaluate(
@@ -411,96 +260,6 @@ def evaluate(
         )
     return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n, "n": n}
 
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: Path, state: TrainState, callbacks: list[Callback], best: float | None) -> None:
-    payload = {
-        "format": _CHECKPOINT_FORMAT,
-        "epochs_completed": len(state.history),
-        "step": state.step,
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "history": state.history,
-        "best_val_accuracy": best,
-        "stop_training": state.stop_training,
-        "config": state.config.to_dict(),
-        "callbacks": [cb.state_dict() for cb in callbacks],
-        "rng": _rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _load_checkpoint(path: Path, state: TrainState, callbacks: list[Callback]) -> float | None:
-    """Restore ``state`` (model, optimizer, scheduler, history, RNG) in place; return the best metric."""
-    fix = f"delete {path} or pass resume=False to start fresh"
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad checkpoint
-        raise CheckpointError(
-            f"cannot read training checkpoint {path} ({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a torchslim training checkpoint (format {_CHECKPOINT_FORMAT}); {fix}"
-        )
-    saved = payload.get("config") or {}
-    for name in ("optimizer", "lr_schedule"):
-        if saved.get(name, getattr(state.config, name)) != getattr(state.config, name):
-            raise CheckpointError(
-                f"training checkpoint {path} was written with {name}={saved[name]!r}, but this run uses "
-                f"{name}={getattr(state.config, name)!r}; use the same value to resume, or {fix}"
-            )
-    try:
-        state.model.load_state_dict(payload["model"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-        state.scheduler.load_state_dict(payload["scheduler"])
-        saved_callbacks = payload["callbacks"]
-        if len(saved_callbacks) == len(callbacks):
-            for callback, saved in zip(callbacks, saved_callbacks):
-                callback.load_state_dict(saved)
-        state.history = list(payload["history"])
-        state.metrics = dict(state.history[-1]) if state.history else {}
-        state.step = int(payload["step"])
-        state.epoch = int(payload["epochs_completed"])
-        state.stop_training = bool(payload["stop_training"])
-        _set_rng_state(payload["rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(
-            f"training checkpoint {path} does not fit this model/optimizer ({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
-    return payload.get("best_val_accuracy")
 
 
 # --------------------------------------------------------------------------- fit

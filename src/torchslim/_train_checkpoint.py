@@ -1,0 +1,106 @@
+"""Training checkpoints: model, optimizer, scheduler, history, callbacks and RNG state."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchslim._train_callbacks import Callback, TrainState
+from torchslim.errors import CheckpointError
+
+_CHECKPOINT_FORMAT = "torchslim.train.checkpoint/1"
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, state: TrainState, callbacks: list[Callback], best: float | None) -> None:
+    payload = {
+        "format": _CHECKPOINT_FORMAT,
+        "epochs_completed": len(state.history),
+        "step": state.step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "history": state.history,
+        "best_val_accuracy": best,
+        "stop_training": state.stop_training,
+        "config": state.config.to_dict(),
+        "callbacks": [cb.state_dict() for cb in callbacks],
+        "rng": _rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_checkpoint(path: Path, state: TrainState, callbacks: list[Callback]) -> float | None:
+    """Restore ``state`` (model, optimizer, scheduler, history, RNG) in place; return the best metric."""
+    fix = f"delete {path} or pass resume=False to start fresh"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad checkpoint
+        raise CheckpointError(
+            f"cannot read training checkpoint {path} ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a torchslim training checkpoint (format {_CHECKPOINT_FORMAT}); {fix}"
+        )
+    saved = payload.get("config") or {}
+    for name in ("optimizer", "lr_schedule"):
+        if saved.get(name, getattr(state.config, name)) != getattr(state.config, name):
+            raise CheckpointError(
+                f"training checkpoint {path} was written with {name}={saved[name]!r}, but this run uses "
+                f"{name}={getattr(state.config, name)!r}; use the same value to resume, or {fix}"
+            )
+    try:
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        saved_callbacks = payload["callbacks"]
+        if len(saved_callbacks) == len(callbacks):
+            for callback, saved in zip(callbacks, saved_callbacks):
+                callback.load_state_dict(saved)
+        state.history = list(payload["history"])
+        state.metrics = dict(state.history[-1]) if state.history else {}
+        state.step = int(payload["step"])
+        state.epoch = int(payload["epochs_completed"])
+        state.stop_training = bool(payload["stop_training"])
+        _set_rng_state(payload["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"training checkpoint {path} does not fit this model/optimizer ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    return payload.get("best_val_accuracy")
+
