@@ -200,6 +200,34 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
 
 
+# Verb modules of the method families: each defines register(subparsers). A family that has not
+# landed yet is simply absent.
+_FAMILY_VERBS = (
+    "torchslim.prune._cli",
+    "torchslim.quantize._cli",
+    "torchslim.binarize._cli",
+    "torchslim.distill._cli",
+    "torchslim.lowrank._cli",
+    "torchslim.pack._cli",
+    "torchslim.export._cli",
+    "torchslim.search._cli",
+    "torchslim.recipe._cli",
+)
+
+
+def _register_families(sub: Any) -> None:
+    import importlib
+
+    for name in _FAMILY_VERBS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):  # the family itself is not there
+                continue
+            raise
+        module.register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchslim", description="Deep-model compression for PyTorch.")
     from torchslim import __version__
@@ -247,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", "demo"))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+    _register_families(sub)
     return parser
 
 

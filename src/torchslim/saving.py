@@ -29,7 +29,13 @@ WEIGHTS_FILE = "model.safetensors"
 INPUTS_FILE = "example_inputs.safetensors"
 
 # plan kind -> module that registers its replay function when imported (families add theirs)
-_PLAN_MODULES: dict[str, str] = {}
+_PLAN_MODULES: dict[str, str] = {
+    "prune_channels": "torchslim.prune.channels",
+    "sparsify": "torchslim.prune.masks",
+    "factorize": "torchslim.lowrank.api",
+    "binarize": "torchslim.binarize.api",
+    "quantize": "torchslim.quantize.api",
+}
 _REPLAY: dict[str, Any] = {}
 
 

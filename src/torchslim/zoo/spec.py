@@ -19,10 +19,18 @@ import torch
 from torch import nn
 
 from torchslim._optional import require
-from torchslim.errors import InputShapeError, SpecError, TorchslimError, type_error
+from torchslim.errors import ConfigError, InputShapeError, SpecError, TorchslimError, type_error
 from torchslim.graph._inputs import Inputs, as_inputs
 
-__all__ = ["ModelInfo", "create_model", "example_inputs", "model_info", "parse_input_shape", "set_example_inputs"]
+__all__ = [
+    "ModelInfo",
+    "create_model",
+    "example_inputs",
+    "model_info",
+    "parse_input_shape",
+    "record_plan",
+    "set_example_inputs",
+]
 
 _PREFIXES = ("torchvision", "timm", "zoo")
 ALLOWED = (
@@ -53,6 +61,21 @@ def model_info(model: nn.Module) -> ModelInfo | None:
 def _attach(model: nn.Module, info: ModelInfo) -> nn.Module:
     model.__dict__["_torchslim"] = info
     return model
+
+
+def record_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Append a JSON-serialisable plan (``{"kind": ..., ...}``) to the model's history.
+
+    ``ts.save`` writes the history to ``plan.json`` and ``ts.load`` replays it, in order, on the
+    rebuilt architecture before loading weights. Every in-place verb that changes structure calls this.
+    """
+    if "kind" not in plan:
+        raise ConfigError(f"a plan needs a 'kind' key; got keys {sorted(plan)}")
+    info = model_info(model)
+    if info is None:
+        info = ModelInfo(spec="", kind="custom", build={}, example=Inputs())
+        _attach(model, info)
+    info.plans.append(plan)
 
 
 def set_example_inputs(model: nn.Module, inputs: Any) -> nn.Module:
