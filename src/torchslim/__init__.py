@@ -11,6 +11,7 @@ Example:
 """
 
 from torchslim import errors
+from torchslim._registry import list_methods
 from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.errors import TorchslimError
 from torchslim.graph import trace
@@ -37,6 +38,7 @@ __all__ = [
     "example_inputs",
     "fit",
     "list_datasets",
+    "list_methods",
     "list_models",
     "load",
     "load_data",
