@@ -2,5 +2,10 @@
 
 from torchslim.graph._inputs import Inputs, as_inputs, call_model
 from torchslim.graph._trace import ModuleCall, OpNode, TensorMeta, Trace, trace
+from torchslim.graph.spaces import ChannelGroup, ChannelGroups, groups
 
-__all__ = ["Inputs", "ModuleCall", "OpNode", "TensorMeta", "Trace", "as_inputs", "call_model", "trace"]
+__all__ = [
+    "ChannelGroup",
+    "ChannelGroups",
+    "groups",
+    "Inputs", "ModuleCall", "OpNode", "TensorMeta", "Trace", "as_inputs", "call_model", "trace"]

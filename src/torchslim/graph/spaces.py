@@ -1,0 +1,975 @@
+"""Channel spaces: which indices of which parameters must be removed together.
+
+Every index of every dimension of every traced tensor is an *atom*. Parameters get fresh atoms
+where an op makes them a channel (a conv's output and input channels, a linear's rows and
+columns, a norm's features, an embedding's width); model inputs, spatial and token dimensions,
+constants and anything an op does not understand get the one *frozen* atom. Ops then relate
+atoms: elementwise ops (residual ``add``, ``mul``, norms, activations) unite them (union-find),
+``cat`` concatenates atom lists, ``split``/``slice`` take sub-lists, ``view``/``flatten`` keep
+per-dimension *factors* (channels x spatial) so a linear after a flatten is bound to the conv
+before it, ``permute``/``transpose`` reorder dimensions, matrix products unite the contracted
+dimensions. A *channel* is a union-find class of atoms; removing it removes every index whose
+atom is in the class, in every parameter and buffer at once. Classes that touch the frozen atom
+(model inputs and outputs, head splits, grouped convolutions...) are never removed.
+
+A *group* gathers the channels one producer creates (a conv's output channels, a residual
+stream): importance is ranked and ratios are applied per group.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.errors import UnsupportedOpError
+from torchslim.graph._trace import OpNode, TensorMeta, Trace, trace
+from torchslim.profile._formulas import _pointwise
+
+__all__ = ["ChannelGroup", "ChannelGroups", "groups", "analyse"]
+
+Factor = np.ndarray  # atom ids, one per index
+Dim = tuple  # tuple[Factor, ...]: row-major product of factors
+Layout = tuple  # tuple[Dim, ...]: one per tensor dimension
+
+_FROZEN = 0
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = [0]
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if ra == _FROZEN or (rb != _FROZEN and ra < rb):
+            ra, rb = rb, ra
+        self.parent[ra] = rb  # the frozen root always wins; otherwise the older atom
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a is b:
+            return
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x != y:
+                self.union(x, y)
+
+    def freeze(self, a: np.ndarray) -> None:
+        for x in np.unique(a).tolist():
+            if x != _FROZEN:
+                self.union(x, _FROZEN)
+
+    def roots(self, a: np.ndarray) -> np.ndarray:
+        find = self.find
+        return np.fromiter((find(x) for x in a.tolist()), dtype=np.int64, count=len(a))
+
+
+def _size(dim: Dim) -> int:
+    n = 1
+    for f in dim:
+        n *= len(f)
+    return n
+
+
+def _atoms(dim: Dim) -> np.ndarray:
+    return np.concatenate(dim) if len(dim) > 1 else dim[0]
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are ranked and pruned together (one producer's output space)."""
+
+    id: int
+    channels: list[int]  # union-find roots, in the order of the producer's indices
+    members: list[tuple[str, int]]  # (parameter/buffer name, dimension) bound to these channels
+    producers: list[tuple[str, int]]  # the members that create the space
+    modules: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.channels)
+
+    def __repr__(self) -> str:
+        prods = ", ".join(f"{n}[{d}]" for n, d in self.producers[:3]) or "-"
+        more = f" +{len(self.producers) - 3}" if len(self.producers) > 3 else ""
+        return f"ChannelGroup(#{self.id}, {self.size} channels, produced by {prods}{more}, {len(self.members)} bound tensors)"
+
+
+@dataclass
+class ChannelGroups:
+    """Result of the channel-space analysis: prunable groups and how to apply a removal."""
+
+    groups: list[ChannelGroup]
+    trace: Trace
+    param_atoms: dict[str, list[np.ndarray | None]]  # name -> per-dim atom ids (None: not a channel dim)
+    uf: _UnionFind
+    frozen_params: list[str]
+    seconds: float
+
+    def roots(self, name: str, dim: int) -> np.ndarray:
+        """Channel (union-find root) of every index of a bound tensor's dimension, cached."""
+        cache = self.__dict__.setdefault("_roots", {})
+        key = (name, dim)
+        r = cache.get(key)
+        if r is None:
+            r = cache[key] = self.uf.roots(self.param_atoms[name][dim])
+        return r
+
+    def positions(self, group: ChannelGroup, name: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions along ``dim`` bound to the group, index of their channel within the group)."""
+        roots = self.roots(name, dim)
+        chans = np.asarray(group.channels, dtype=np.int64)
+        order = np.argsort(chans)
+        sorted_c = chans[order]
+        loc = np.searchsorted(sorted_c, roots)
+        loc = np.clip(loc, 0, len(sorted_c) - 1)
+        hit = sorted_c[loc] == roots
+        pos = np.nonzero(hit)[0]
+        return pos, order[loc[hit]]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __getitem__(self, i: int) -> ChannelGroup:
+        return self.groups[i]
+
+    def keep_indices(self, removed: set[int]) -> dict[str, list[torch.Tensor | None]]:
+        """For each bound tensor, per dimension, the indices kept after removing ``removed`` channels."""
+        out: dict[str, list[torch.Tensor | None]] = {}
+        if not removed:
+            return out
+        rem = np.fromiter(removed, dtype=np.int64)
+        for name, dims in self.param_atoms.items():
+            per_dim: list[torch.Tensor | None] = []
+            changed = False
+            for d, atoms in enumerate(dims):
+                if atoms is None:
+                    per_dim.append(None)
+                    continue
+                mask = ~np.isin(self.roots(name, d), rem)
+                if mask.all():
+                    per_dim.append(None)
+                else:
+                    changed = True
+                    per_dim.append(torch.from_numpy(np.nonzero(mask)[0]))
+            if changed:
+                out[name] = per_dim
+        return out
+
+    def table(self) -> Any:
+        """A rich table: one row per group."""
+        from rich.table import Table
+
+        t = Table(title=f"{len(self.groups)} prunable channel groups ({self.seconds:.2f} s)")
+        for col in ("#", "channels", "produced by", "bound tensors", "modules"):
+            t.add_column(col, justify="right" if col in ("#", "channels", "bound tensors") else "left")
+        for g in self.groups:
+            prods = ", ".join(f"{n}[{d}]" for n, d in g.producers[:2]) + (" ..." if len(g.producers) > 2 else "")
+            mods = ", ".join(g.modules[:4]) + (f" +{len(g.modules) - 4}" if len(g.modules) > 4 else "")
+            t.add_row(str(g.id), str(g.size), prods, str(len(g.members)), mods)
+        return t
+
+    def __repr__(self) -> str:
+        lines = [f"ChannelGroups({len(self.groups)} groups, analysed in {self.seconds:.2f} s)"]
+        lines += [f"  {g!r}" for g in self.groups]
+        return "\n".join(lines)
+
+
+class _Analyser:
+    def __init__(self, tr: Trace, ignore: tuple[str, ...]) -> None:
+        self.tr = tr
+        self.uf = _UnionFind()
+        self.layouts: dict[int, Layout] = {}
+        self.ignore = ignore
+        self.param_of: dict[int, str] = {}
+        for name, meta in tr.params.items():
+            self.param_of.setdefault(meta.id, name)
+        self.param_atoms: dict[str, list[np.ndarray | None]] = {}
+        self.producers: list[tuple[str, int]] = []
+        self._zeros: dict[int, np.ndarray] = {}
+
+    # ---- layouts ---------------------------------------------------------------------------
+    def opaque(self, n: int) -> Dim:
+        z = self._zeros.get(n)
+        if z is None:
+            z = self._zeros[n] = np.zeros(n, dtype=np.int64)
+        return (z,)
+
+    def opaque_layout(self, shape: tuple[int, ...]) -> Layout:
+        return tuple(self.opaque(s) for s in shape)
+
+    def layout(self, t: TensorMeta) -> Layout:
+        lay = self.layouts.get(t.id)
+        if lay is None:
+            if t.id in self.param_of:
+                name = self.param_of[t.id]
+                lay = tuple((self.uf.new(s),) for s in t.shape)
+                self.param_atoms[name] = [d[0] for d in lay]
+            else:
+                lay = self.opaque_layout(t.shape)
+            self.layouts[t.id] = lay
+        return lay
+
+    def set(self, t: TensorMeta, lay: Layout) -> None:
+        if t.id in self.param_of:  # an in-place op on a parameter: unite instead of replacing
+            self.unite_layouts(self.layout(t), lay)
+            return
+        if tuple(_size(d) for d in lay) != t.shape:
+            lay = self.opaque_layout(t.shape)
+        self.layouts[t.id] = lay
+
+    def freeze_dim(self, d: Dim) -> None:
+        for f in d:
+            self.uf.freeze(f)
+
+    def freeze(self, t: TensorMeta) -> None:
+        for d in self.layout(t):
+            self.freeze_dim(d)
+
+    def unite(self, a: Dim, b: Dim) -> Dim:
+        if a is b:
+            return a
+        if len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.uf.union_arrays(x, y)
+            return a
+        if _size(a) != _size(b):
+            raise ValueError("size mismatch")
+        if len(a) == 1 and _is_frozen(b):
+            self.freeze_dim(a)
+            return b
+        if len(b) == 1 and _is_frozen(a):
+            self.freeze_dim(b)
+            return a
+        self.freeze_dim(a)
+        self.freeze_dim(b)
+        return self.opaque(_size(a))
+
+    def unite_layouts(self, a: Layout, b: Layout) -> None:
+        for x, y in zip(a, b):
+            if _size(x) == _size(y):
+                self.unite(x, y)
+
+    def channel_dim(self, t: TensorMeta, d: int) -> Dim:
+        """A parameter dim that ops treat as a channel: make sure it has atoms, mark producer."""
+        return self.layout(t)[d]
+
+    # ---- run -------------------------------------------------------------------------------
+    def run(self) -> None:
+        for t in self.tr.inputs:
+            self.layouts[t.id] = self.opaque_layout(t.shape)
+        for op in self.tr.ops:
+            if self.ignore and any(fnmatch.fnmatch(op.module, p) or op.module.startswith(p + ".") for p in self.ignore):
+                self.opaque_op(op)
+                continue
+            rule = _RULES.get(op.packet)
+            if rule is None:
+                if _pointwise(op.func):
+                    rule = _elementwise
+                elif not any(o.is_floating for o in op.outputs) and op.outputs:
+                    rule = _frozen_op
+                else:
+                    rule = _unknown
+            rule(self, op)
+        for t in self.tr.outputs:
+            self.freeze(t)
+        self.module_constraints()
+        # parameters never seen by a channel rule stay whole
+        for name in list(self.param_atoms):
+            self.param_atoms[name] = [a if (a is not None and len(a) > 0) else None for a in self.param_atoms[name]]
+
+    def module_constraints(self) -> None:
+        # nn.MultiheadAttention checks query width == embed_dim == its projections' width, and
+        # splits that width into heads: keep everything it owns whole (head pruning is separate).
+        for mod, typ in self.tr.module_types.items():
+            if typ == "MultiheadAttention":
+                for name, atoms in self.param_atoms.items():
+                    if name.startswith(mod + ".") if mod else True:
+                        for d in atoms:
+                            if d is not None:
+                                self.uf.freeze(d)
+
+    def opaque_op(self, op: OpNode) -> None:
+        for t in op.tensor_args():
+            self.freeze(t)
+        for o in op.outputs:
+            self.layouts[o.id] = self.opaque_layout(o.shape)
+
+
+def _is_frozen(d: Dim) -> bool:
+    return all(not f.any() for f in d)
+
+
+# ---- rules ---------------------------------------------------------------------------------
+def _ins(op: OpNode) -> list[TensorMeta]:
+    return op.tensor_args()
+
+
+def _same(a: _Analyser, op: OpNode) -> None:
+    x = next((t for t in op.args if isinstance(t, TensorMeta)), None)
+    if x is None:
+        return _frozen_op(a, op)
+    lay = a.layout(x)
+    for o in op.outputs:
+        a.set(o, lay if o.shape == x.shape else a.opaque_layout(o.shape))
+
+
+def _frozen_op(a: _Analyser, op: OpNode) -> None:
+    for o in op.outputs:
+        a.layouts[o.id] = a.opaque_layout(o.shape)
+
+
+def _unknown(a: _Analyser, op: OpNode) -> None:
+    live = [t for t in _ins(op) if t.is_floating and any(not _is_frozen(d) for d in a.layout(t))]
+    if live:
+        raise UnsupportedOpError(
+            f"no channel rule for {op.name} in module '{op.module or '(top)'}' "
+            f"({a.tr.module_types.get(op.module, '?')}); mark that module ignored "
+            f"(ignore=[{op.module!r}]) to leave its channels untouched"
+        )
+    _frozen_op(a, op)
+
+
+def _elementwise(a: _Analyser, op: OpNode) -> None:
+    out = op.outputs[0] if op.outputs else None
+    if out is None:
+        return
+    n = len(out.shape)
+    dims: list[Dim | None] = [None] * n
+    for t in _ins(op):
+        lay = a.layout(t)
+        off = n - len(t.shape)
+        if off < 0:
+            continue
+        for i, d in enumerate(lay):
+            if t.shape[i] == 1 and out.shape[off + i] != 1:
+                a.freeze_dim(d)  # broadcast: one index serves them all, it cannot be removed
+                continue
+            cur = dims[off + i]
+            dims[off + i] = d if cur is None else a.unite(cur, d)
+    lay = tuple(d if d is not None else a.opaque(out.shape[i]) for i, d in enumerate(dims))
+    for o in op.outputs:
+        a.set(o, lay if o.shape == out.shape else a.opaque_layout(o.shape))
+
+
+def _conv(a: _Analyser, op: OpNode) -> None:
+    x, w = op.args[0], op.args[1]
+    bias = op.args[2] if len(op.args) > 2 and isinstance(op.args[2], TensorMeta) else None
+    transposed = bool(op.args[6]) if len(op.args) > 6 else False
+    groups = int(op.args[8]) if len(op.args) > 8 else 1
+    xl, wl = a.layout(x), a.layout(w)
+    for d in wl[2:]:
+        a.freeze_dim(d)
+    out_dim = 1 if transposed else 0
+    in_dim = 0 if transposed else 1
+    cin = x.shape[1]
+    if groups == 1:
+        a.unite(xl[1], wl[in_dim])
+    elif not transposed and w.shape[1] == 1 and w.shape[0] == cin == groups:  # depthwise
+        a.unite(xl[1], wl[0])
+    else:  # grouped: channel counts per group must stay equal (not pruned yet)
+        a.freeze_dim(xl[1])
+        a.freeze_dim(wl[0])
+        a.freeze_dim(wl[1])
+    if bias is not None:
+        a.unite(a.layout(bias)[0], wl[out_dim])
+    if w.param:
+        a.producers.append((w.param, out_dim))
+    out = op.outputs[0]
+    a.set(out, (xl[0], wl[out_dim], *(a.opaque(s) for s in out.shape[2:])))
+
+
+def _mm(a: _Analyser, op: OpNode, offset: int = 0) -> None:
+    m1, m2 = op.args[offset], op.args[offset + 1]
+    l1, l2 = a.layout(m1), a.layout(m2)
+    a.unite(l1[1], l2[0])
+    _mark_weight_producer(a, m2)
+    out = op.outputs[0]
+    lay = (l1[0], l2[1])
+    if offset:  # addmm: bias broadcast over rows
+        bias = op.args[0]
+        bl = a.layout(bias)
+        if len(bias.shape) == 1 and bias.shape[0] == out.shape[1]:
+            lay = (l1[0], a.unite(l2[1], bl[0]))
+        elif len(bias.shape) == 2 and bias.shape == out.shape:
+            lay = (a.unite(l1[0], bl[0]), a.unite(l2[1], bl[1]))
+    a.set(out, lay)
+
+
+def _mark_weight_producer(a: _Analyser, m2: TensorMeta) -> None:
+    # weight.t() is a view of a parameter: record the parameter's output rows as a producer
+    op_index = m2.producer
+    if op_index is not None:
+        src = a.tr.ops[op_index]
+        if src.packet in ("t", "transpose", "permute") and src.args and isinstance(src.args[0], TensorMeta):
+            base = src.args[0]
+            if base.param and len(base.shape) == 2:
+                a.producers.append((base.param, 0))
+    elif m2.param and len(m2.shape) == 2:
+        a.producers.append((m2.param, 1))
+
+
+def _addmm(a: _Analyser, op: OpNode) -> None:
+    _mm(a, op, offset=1)
+
+
+def _bmm(a: _Analyser, op: OpNode, offset: int = 0) -> None:
+    b1, b2 = op.args[offset], op.args[offset + 1]
+    l1, l2 = a.layout(b1), a.layout(b2)
+    batch = a.unite(l1[0], l2[0])
+    a.unite(l1[2], l2[1])
+    a.set(op.outputs[0], (batch, l1[1], l2[2]))
+
+
+def _baddbmm(a: _Analyser, op: OpNode) -> None:
+    _bmm(a, op, offset=1)
+    a.unite_layouts(a.layout(op.outputs[0]), a.layout(op.args[0]))
+
+
+def _linear(a: _Analyser, op: OpNode) -> None:
+    x, w = op.args[0], op.args[1]
+    bias = op.args[2] if len(op.args) > 2 and isinstance(op.args[2], TensorMeta) else None
+    xl, wl = a.layout(x), a.layout(w)
+    a.unite(xl[-1], wl[1])
+    if bias is not None:
+        a.unite(a.layout(bias)[0], wl[0])
+    if w.param:
+        a.producers.append((w.param, 0))
+    a.set(op.outputs[0], (*xl[:-1], wl[0]))
+
+
+def _norm_channels_first(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = a.layout(x)
+    for t in op.args[1:5]:
+        if isinstance(t, TensorMeta) and len(t.shape) == 1 and t.shape[0] == x.shape[1]:
+            a.unite(xl[1], a.layout(t)[0])
+    a.set(op.outputs[0], xl)
+    for o in op.outputs[1:]:
+        a.set(o, (xl[1],) if o.shape == (x.shape[1],) else a.opaque_layout(o.shape))
+
+
+def _layer_norm(a: _Analyser, op: OpNode) -> None:
+    x, shape = op.args[0], list(op.args[1])
+    xl = a.layout(x)
+    k = len(shape)
+    if not any(isinstance(t, TensorMeta) for t in op.args[2:4]):
+        for d in xl[len(xl) - k :]:  # no affine weights: normalized_shape cannot follow a pruning
+            a.freeze_dim(d)
+    for t in op.args[2:4]:
+        if isinstance(t, TensorMeta):
+            for i, d in enumerate(a.layout(t)):
+                a.unite(xl[len(xl) - k + i], d)
+    a.set(op.outputs[0], xl)
+    for o in op.outputs[1:]:
+        a.set(o, a.opaque_layout(o.shape))
+
+
+def _group_norm(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    groups = int(op.args[6]) if len(op.args) > 6 else 1
+    xl = a.layout(x)
+    channels = x.shape[1]
+    if groups not in (1, channels):
+        a.freeze_dim(xl[1])
+    for t in op.args[1:3]:
+        if isinstance(t, TensorMeta):
+            a.unite(xl[1], a.layout(t)[0])
+    a.set(op.outputs[0], xl)
+    for o in op.outputs[1:]:
+        a.set(o, a.opaque_layout(o.shape))
+
+
+def _embedding(a: _Analyser, op: OpNode) -> None:
+    w, ids = op.args[0], op.args[1]
+    wl = a.layout(w)
+    a.freeze_dim(wl[0])
+    if w.param:
+        a.producers.append((w.param, 1))
+    a.set(op.outputs[0], (*a.layout(ids), wl[1]))
+
+
+def _permute(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = a.layout(x)
+    n = len(xl)
+    if op.packet == "t":
+        perm = list(range(n))[::-1]
+    elif op.packet == "transpose":
+        d0, d1 = int(op.args[1]) % max(n, 1), int(op.args[2]) % max(n, 1)
+        perm = list(range(n))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        perm = [int(p) % n for p in op.args[1]]
+    a.set(op.outputs[0], tuple(xl[p] for p in perm))
+
+
+def _partition(factors: list[np.ndarray], sizes: list[int]) -> list[Dim] | None:
+    out: list[Dim] = []
+    i = 0
+    for s in sizes:
+        group: list[np.ndarray] = []
+        n = 1
+        while n < s and i < len(factors):
+            group.append(factors[i])
+            n *= len(factors[i])
+            i += 1
+        if n != s:
+            return None
+        out.append(tuple(group) if group else None)
+    if i != len(factors):
+        return None
+    return out
+
+
+def _view(a: _Analyser, op: OpNode) -> None:
+    x, out = op.args[0], op.outputs[0]
+    xl = a.layout(x)
+    src = [(s, d) for s, d in zip(x.shape, xl) if s != 1]
+    dst = [(i, s) for i, s in enumerate(out.shape) if s != 1]
+    res: list[Dim | None] = [None] * len(out.shape)
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [src[i]] if i < len(src) else [], [dst[j]] if j < len(dst) else []
+        i, j = i + len(gi), j + len(gj)
+        pi = gi[0][0] if gi else 1
+        pj = gj[0][1] if gj else 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                gi.append(src[i])
+                pi *= src[i][0]
+                i += 1
+            elif pj < pi and j < len(dst):
+                gj.append(dst[j])
+                pj *= dst[j][1]
+                j += 1
+            else:
+                break
+        factors = [f for _, d in gi for f in d if len(f) != 1]
+        parts = _partition(factors, [s for _, s in gj])
+        if parts is None:
+            for _, d in gi:
+                a.freeze_dim(d)
+            parts = [a.opaque(s) for _, s in gj]
+        for (k, s), p in zip(gj, parts):
+            res[k] = p if p is not None else a.opaque(s)
+    a.set(out, tuple(d if d is not None else a.opaque(out.shape[k]) for k, d in enumerate(res)))
+
+
+def _unsqueeze(a: _Analyser, op: OpNode) -> None:
+    _view(a, op)
+
+
+def _expand(a: _Analyser, op: OpNode) -> None:
+    x, out = op.args[0], op.outputs[0]
+    xl = a.layout(x)
+    off = len(out.shape) - len(x.shape)
+    lay = [a.opaque(s) for s in out.shape]
+    for i, d in enumerate(xl):
+        if x.shape[i] == out.shape[off + i]:
+            lay[off + i] = d
+    a.set(out, tuple(lay))
+
+
+def _select(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = list(a.layout(x))
+    d = int(op.args[1]) % len(xl)
+    a.freeze_dim(xl[d])
+    del xl[d]
+    a.set(op.outputs[0], tuple(xl))
+
+
+def _slice_dim(a: _Analyser, d: Dim, start: int, end: int, step: int, n: int) -> Dim:
+    start, end, _ = slice(start, end, step).indices(n)
+    if start == 0 and end == n and step == 1:
+        return d
+    if len(d) == 1:
+        return (d[0][start:end:step],)
+    a.freeze_dim(d)
+    return a.opaque(len(range(start, end, step)))
+
+
+def _slice(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = list(a.layout(x))
+    dim = int(op.args[1]) % len(xl) if len(op.args) > 1 else 0
+    start = op.args[2] if len(op.args) > 2 and op.args[2] is not None else 0
+    end = op.args[3] if len(op.args) > 3 and op.args[3] is not None else x.shape[dim]
+    step = int(op.args[4]) if len(op.args) > 4 else 1
+    xl[dim] = _slice_dim(a, xl[dim], int(start), int(min(end, x.shape[dim])), step, x.shape[dim])
+    a.set(op.outputs[0], tuple(xl))
+
+
+def _split(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = a.layout(x)
+    dim = int(op.args[2]) % len(xl) if len(op.args) > 2 else 0
+    start = 0
+    for o in op.outputs:
+        n = o.shape[dim]
+        lay = list(xl)
+        lay[dim] = _slice_dim(a, xl[dim], start, start + n, 1, x.shape[dim])
+        a.set(o, tuple(lay))
+        start += n
+
+
+def _unbind(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = list(a.layout(x))
+    dim = int(op.args[1]) % len(xl) if len(op.args) > 1 else 0
+    a.freeze_dim(xl[dim])
+    del xl[dim]
+    for o in op.outputs:
+        a.set(o, tuple(xl))
+
+
+def _cat(a: _Analyser, op: OpNode) -> None:
+    tensors = [t for t in op.args[0] if isinstance(t, TensorMeta) and t.numel > 0]
+    out = op.outputs[0]
+    dim = int(op.args[1]) % len(out.shape) if len(op.args) > 1 else 0
+    lays = [a.layout(t) for t in tensors]
+    res: list[Dim] = []
+    for k in range(len(out.shape)):
+        if k == dim:
+            parts = [lay[k] for lay in lays]
+            if all(len(p) == 1 for p in parts):
+                res.append((np.concatenate([p[0] for p in parts]),))
+            else:
+                for p in parts:
+                    a.freeze_dim(p)
+                res.append(a.opaque(out.shape[k]))
+        else:
+            d = lays[0][k]
+            for lay in lays[1:]:
+                d = a.unite(d, lay[k])
+            res.append(d)
+    a.set(out, tuple(res))
+
+
+def _stack(a: _Analyser, op: OpNode) -> None:
+    tensors = [t for t in op.args[0] if isinstance(t, TensorMeta)]
+    out = op.outputs[0]
+    dim = int(op.args[1]) % len(out.shape) if len(op.args) > 1 else 0
+    lays = [a.layout(t) for t in tensors]
+    base = list(lays[0])
+    for lay in lays[1:]:
+        base = [a.unite(x, y) for x, y in zip(base, lay)]
+    base.insert(dim, a.opaque(out.shape[dim]))
+    a.set(out, tuple(base))
+
+
+def _reduce(a: _Analyser, op: OpNode) -> None:
+    x, out = op.args[0], op.outputs[0]
+    xl = a.layout(x)
+    dims = op.args[1] if len(op.args) > 1 else None
+    if isinstance(dims, int):
+        dims = [dims]
+    if not dims or not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        for d in xl:
+            a.freeze_dim(d)
+        return _frozen_op(a, op)
+    red = {int(d) % len(xl) for d in dims}
+    for d in red:
+        a.freeze_dim(xl[d])
+    keep = [d for i, d in enumerate(xl) if i not in red]
+    if len(keep) == len(out.shape):
+        lay = tuple(keep)
+    else:
+        lay = tuple(a.opaque(1) if i in red else d for i, d in enumerate(xl))
+    for o in op.outputs:
+        a.set(o, lay)
+
+
+def _pool(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = a.layout(x)
+    for o in op.outputs:
+        lead = len(o.shape) - (len(x.shape) - 2) if len(x.shape) >= 3 else len(o.shape)
+        a.set(o, tuple(xl[i] if i < 2 and i < lead else a.opaque(s) for i, s in enumerate(o.shape)))
+
+
+def _sdpa(a: _Analyser, op: OpNode) -> None:
+    q, k, v = op.args[0], op.args[1], op.args[2]
+    ql, kl, vl = a.layout(q), a.layout(k), a.layout(v)
+    lead = [a.unite(a.unite(x, y), z) for x, y, z in zip(ql[:-2], kl[:-2], vl[:-2])]
+    a.unite(ql[-1], kl[-1])
+    a.unite(kl[-2], vl[-2])
+    a.set(op.outputs[0], (*lead, ql[-2], vl[-1]))
+    for o in op.outputs[1:]:
+        a.set(o, a.opaque_layout(o.shape))
+
+
+def _pad(a: _Analyser, op: OpNode) -> None:
+    x, pads = op.args[0], list(op.args[1])
+    xl = list(a.layout(x))
+    for i in range(len(pads) // 2):
+        d = len(xl) - 1 - i
+        if pads[2 * i] or pads[2 * i + 1]:
+            a.freeze_dim(xl[d])
+            xl[d] = None
+    out = op.outputs[0]
+    a.set(out, tuple(d if d is not None else a.opaque(out.shape[i]) for i, d in enumerate(xl)))
+
+
+def _index_select(a: _Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = list(a.layout(x))
+    dim = int(op.args[1]) % len(xl)
+    a.freeze_dim(xl[dim])
+    out = op.outputs[0]
+    xl[dim] = a.opaque(out.shape[dim])
+    a.set(out, tuple(xl))
+
+
+def _freeze_all(a: _Analyser, op: OpNode) -> None:
+    a.opaque_op(op)
+
+
+def _along_dim_same(a: _Analyser, op: OpNode) -> None:
+    # softmax/cumsum/roll/flip along one dim: that dim's indices interact, so it is frozen
+    x = op.args[0]
+    xl = a.layout(x)
+    dim = op.args[1] if len(op.args) > 1 else -1
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if op.packet in ("roll",):
+        dims = op.args[2] if len(op.args) > 2 else list(range(len(xl)))
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    for d in dims:
+        if isinstance(d, int) and xl:
+            a.freeze_dim(xl[d % len(xl)])
+    for o in op.outputs:
+        a.set(o, xl if o.shape == x.shape else a.opaque_layout(o.shape))
+
+
+_RULES: dict[str, Any] = {
+    "convolution": _conv,
+    "_convolution": _conv,
+    "mm": _mm,
+    "addmm": _addmm,
+    "_addmm_activation": _addmm,
+    "bmm": _bmm,
+    "baddbmm": _baddbmm,
+    "linear": _linear,
+    "native_batch_norm": _norm_channels_first,
+    "_native_batch_norm_legit": _norm_channels_first,
+    "_native_batch_norm_legit_no_training": _norm_channels_first,
+    "native_layer_norm": _layer_norm,
+    "native_group_norm": _group_norm,
+    "embedding": _embedding,
+    "t": _permute,
+    "transpose": _permute,
+    "permute": _permute,
+    "view": _view,
+    "_unsafe_view": _view,
+    "reshape": _view,
+    "_reshape_alias": _view,
+    "unsqueeze": _unsqueeze,
+    "squeeze": _unsqueeze,
+    "expand": _expand,
+    "select": _select,
+    "slice": _slice,
+    "split": _split,
+    "split_with_sizes": _split,
+    "unbind": _unbind,
+    "cat": _cat,
+    "stack": _stack,
+    "mean": _reduce,
+    "sum": _reduce,
+    "amax": _reduce,
+    "amin": _reduce,
+    "var": _reduce,
+    "linalg_vector_norm": _reduce,
+    "max_pool1d": _pool,
+    "max_pool2d": _pool,
+    "max_pool3d": _pool,
+    "max_pool2d_with_indices": _pool,
+    "max_pool3d_with_indices": _pool,
+    "avg_pool1d": _pool,
+    "avg_pool2d": _pool,
+    "avg_pool3d": _pool,
+    "_adaptive_avg_pool2d": _pool,
+    "_adaptive_avg_pool3d": _pool,
+    "adaptive_avg_pool1d": _pool,
+    "adaptive_max_pool2d": _pool,
+    "upsample_nearest2d": _pool,
+    "upsample_bilinear2d": _pool,
+    "_upsample_nearest_exact2d": _pool,
+    "_scaled_dot_product_flash_attention_for_cpu": _sdpa,
+    "_scaled_dot_product_flash_attention": _sdpa,
+    "_scaled_dot_product_efficient_attention": _sdpa,
+    "_scaled_dot_product_cudnn_attention": _sdpa,
+    "constant_pad_nd": _pad,
+    "index_select": _index_select,
+    "_softmax": _along_dim_same,
+    "_log_softmax": _along_dim_same,
+    "_safe_softmax": _along_dim_same,
+    "cumsum": _along_dim_same,
+    "roll": _along_dim_same,
+    "flip": _along_dim_same,
+    "clone": _same,
+    "_to_copy": _same,
+    "contiguous": _same,
+    "alias": _same,
+    "detach": _same,
+    "lift_fresh": _same,
+    "native_dropout": _same,
+    "dropout": _same,
+    "fill_": _same,
+    "zero_": _same,
+    "copy_": _elementwise,
+    "where": _elementwise,
+    "masked_fill": _elementwise,
+    "masked_fill_": _elementwise,
+    "lstm": _freeze_all,
+    "gru": _freeze_all,
+    "rnn_tanh": _freeze_all,
+    "rnn_relu": _freeze_all,
+    "mkldnn_rnn_layer": _freeze_all,
+    "_cudnn_rnn": _freeze_all,
+    "index": _freeze_all,
+    "gather": _freeze_all,
+    "as_strided": _freeze_all,
+    "as_strided_": _freeze_all,
+    "channel_shuffle": _freeze_all,
+    "native_channel_shuffle": _freeze_all,
+    "pixel_shuffle": _freeze_all,
+    "pixel_unshuffle": _freeze_all,
+    "im2col": _freeze_all,
+    "col2im": _freeze_all,
+    "unfold": _freeze_all,
+    "topk": _freeze_all,
+    "sort": _freeze_all,
+    "_native_multi_head_attention": _freeze_all,
+    "_transformer_encoder_layer_fwd": _freeze_all,
+    "scalar_tensor": _frozen_op,
+    "empty": _frozen_op,
+    "zeros": _frozen_op,
+    "ones": _frozen_op,
+    "full": _frozen_op,
+    "arange": _frozen_op,
+    "new_zeros": _frozen_op,
+    "new_ones": _frozen_op,
+    "new_empty": _frozen_op,
+    "new_full": _frozen_op,
+    "empty_like": _frozen_op,
+    "zeros_like": _frozen_op,
+    "ones_like": _frozen_op,
+    "randn": _frozen_op,
+    "rand": _frozen_op,
+}
+
+
+def _build_groups(a: _Analyser) -> list[ChannelGroup]:
+    uf = a.uf
+    roots_of: dict[str, list[np.ndarray | None]] = {}
+    for name, dims in a.param_atoms.items():
+        roots_of[name] = [uf.roots(d) if d is not None else None for d in dims]
+    # second-level union: channels that a producer dim creates together form one group
+    gparent: dict[int, int] = {}
+
+    def gfind(x: int) -> int:
+        while gparent.setdefault(x, x) != x:
+            gparent[x] = gparent[gparent[x]]
+            x = gparent[x]
+        return x
+
+    order: dict[int, tuple[int, str, int, int]] = {}  # channel root -> (rank, producer, dim, index)
+    producers = list(dict.fromkeys(a.producers))
+    prod_set = set(producers)
+    for rank, (name, d) in enumerate(producers):
+        rs = roots_of.get(name, [None] * (d + 1))
+        if d >= len(rs) or rs[d] is None:
+            continue
+        live = [int(r) for r in rs[d] if r != _FROZEN]
+        for idx, r in enumerate(live):
+            order.setdefault(r, (rank, name, d, idx))
+        for r in live[1:]:
+            gparent[gfind(live[0])] = gfind(r)
+    for name, rs in roots_of.items():  # channels no producer creates: group by co-occurrence
+        for d, r in enumerate(rs):
+            if r is None:
+                continue
+            live = [int(x) for x in r if x != _FROZEN and int(x) not in order]
+            for x in live[1:]:
+                gparent[gfind(live[0])] = gfind(x)
+            for i, x in enumerate(live):
+                order.setdefault(x, (len(producers) + 1, name, d, i))
+    members: dict[int, set[tuple[str, int]]] = defaultdict(set)
+    chans: dict[int, set[int]] = defaultdict(set)
+    for name, rs in roots_of.items():
+        for d, r in enumerate(rs):
+            if r is None:
+                continue
+            for x in set(int(v) for v in r.tolist()) - {_FROZEN}:
+                g = gfind(x)
+                chans[g].add(x)
+                members[g].add((name, d))
+    out = []
+    for g, cs in chans.items():
+        mem = sorted(members[g])
+        prods = [m for m in mem if m in prod_set]
+        mods = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n, _ in mem})
+        out.append(ChannelGroup(0, sorted(cs, key=lambda c: order.get(c, (1 << 30, "", 0, c))), mem, prods, mods))
+    out.sort(key=lambda grp: order.get(grp.channels[0], (1 << 30, "", 0, 0))[:1] + (grp.channels[0],))
+    for i, grp in enumerate(out):
+        grp.id = i
+    return out
+
+
+def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
+    """Trace ``model`` (eval mode, autograd on, so no fused kernels hide structure) and find its groups.
+
+    Args:
+        model: any module that runs eagerly; not modified (its mode is restored).
+        example_inputs: a tensor, tuple or dict of inputs.
+        ignore: module names or globs whose ops are not analysed; their channels stay whole.
+
+    Raises:
+        UnsupportedOpError: an op with no channel rule touches prunable channels; the message
+            names the op and the module.
+    """
+    from torchslim._utils import evaluating
+
+    start = time.perf_counter()
+    with evaluating(model):
+        tr = trace(model, example_inputs, grad=True)
+    a = _Analyser(tr, tuple(ignore))
+    a.run()
+    grps = _build_groups(a)
+    frozen = [n for n, dims in a.param_atoms.items() if all(d is None or not a.uf.roots(d).any() for d in dims)]
+    return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start)
+
+
+def groups(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
+    """The coupled channel groups of ``model``: ``print(ts.graph.groups(m, x))`` lists them.
+
+    Example:
+        >>> import torch, torchslim as ts
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> g = ts.graph.groups(m, torch.randn(1, 4))
+        >>> [(grp.size, grp.producers) for grp in g]
+        [(8, [('0.weight', 0)])]
+    """
+    return analyse(model, example_inputs, ignore=ignore)

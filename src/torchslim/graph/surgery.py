@@ -1,0 +1,152 @@
+"""Transactional surgery: slice parameters and buffers, fix module attributes, all or nothing.
+
+``slice_model_(model, keep)`` takes, for each parameter/buffer name, the indices to keep per
+dimension, builds every new tensor first, swaps them in (the same ``nn.Parameter`` objects stay
+in place, so references held by users remain valid), updates the module attributes that
+describe shapes (``out_channels``, ``in_features``, ``num_features``, ``groups``,
+``normalized_shape``, ``embedding_dim``...), and checks the model still runs. On any failure
+the model is restored exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError, ModelRunError
+
+__all__ = ["slice_model_", "sync_module_attributes"]
+
+KeepMap = Mapping[str, Sequence[torch.Tensor | Sequence[int] | None]]
+
+_ATTRS = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+    "normalized_shape", "num_channels", "num_groups", "embedding_dim", "num_parameters",
+)
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = name.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), attr
+
+
+def sync_module_attributes(module: nn.Module) -> None:
+    """Set the shape attributes of a standard module from its (already sliced) tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        old_in = module.in_channels
+        depthwise = module.groups > 1 and module.groups == old_in and not module.transposed and w.shape[1] == 1
+        if module.transposed:
+            module.in_channels = w.shape[0]
+            module.out_channels = w.shape[1] * module.groups
+        else:
+            if depthwise:
+                module.groups = w.shape[0] if module.out_channels == old_in else module.groups
+            module.out_channels = w.shape[0]
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, (nn.modules.batchnorm._NormBase,)):
+        t = module.weight if module.weight is not None else module.running_mean
+        if t is not None:
+            module.num_features = t.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            old = module.num_channels
+            module.num_channels = module.weight.shape[0]
+            if module.num_groups == old:
+                module.num_groups = module.num_channels
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    return {a: getattr(module, a) for a in _ATTRS if hasattr(module, a)}
+
+
+def slice_model_(
+    model: nn.Module,
+    keep: KeepMap,
+    *,
+    example_inputs: Any = None,
+) -> None:
+    """Keep only the given indices of the named parameters/buffers, in place, transactionally.
+
+    Args:
+        model: the model to change.
+        keep: ``{name: [indices or None per dimension]}``; None keeps that dimension whole.
+        example_inputs: when given, the changed model is run once on them; if that fails the
+            change is rolled back and :class:`ModelRunError` is raised.
+
+    Raises:
+        ConfigError: a name is not a parameter/buffer of the model, a dimension would become
+            empty, or an index is out of range. Nothing is changed.
+    """
+    planned: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
+    for name, dims in keep.items():
+        try:
+            module, attr = _resolve(model, name)
+        except AttributeError as exc:
+            raise ConfigError(f"{name!r} is not a parameter or buffer of the model") from exc
+        old = getattr(module, attr, None)
+        if not isinstance(old, torch.Tensor):
+            raise ConfigError(f"{name!r} is not a parameter or buffer of the model")
+        if id(old) in seen:  # tied tensors: slice once
+            continue
+        seen.add(id(old))
+        if len(dims) != old.dim():
+            raise ConfigError(f"{name!r} has {old.dim()} dimensions, the plan gives {len(dims)}")
+        new = old.detach()
+        for d, idx in enumerate(dims):
+            if idx is None:
+                continue
+            idx_t = torch.as_tensor(idx, dtype=torch.long, device=old.device)
+            if idx_t.numel() == 0:
+                raise ConfigError(f"pruning would leave {name!r} with no entries in dimension {d}")
+            if int(idx_t.max()) >= old.shape[d] or int(idx_t.min()) < 0:
+                raise ConfigError(f"index out of range for {name!r} dimension {d} (size {old.shape[d]})")
+            new = new.index_select(d, idx_t)
+        planned.append((module, attr, old, new.clone()))
+
+    modules = {id(m): m for m, _, _, _ in planned}
+    attrs_before = {mid: _snapshot(m) for mid, m in modules.items()}
+    datas_before = [(m, a, old, old.data) for m, a, old, _ in planned]
+    try:
+        for module, attr, old, new in planned:
+            if isinstance(old, nn.Parameter):
+                old.data = new
+                old.grad = None
+            else:
+                module._buffers[attr] = new
+        for m in modules.values():
+            sync_module_attributes(m)
+        if example_inputs is not None:
+            from torchslim._utils import evaluating
+            from torchslim.graph._inputs import as_inputs, call_model
+
+            with evaluating(model), torch.no_grad():
+                call_model(model, as_inputs(example_inputs))
+    except Exception as exc:
+        for module, attr, old, data in datas_before:
+            if isinstance(old, nn.Parameter):
+                old.data = data
+            else:
+                module._buffers[attr] = old
+        for mid, m in modules.items():
+            for a, v in attrs_before[mid].items():
+                setattr(m, a, v)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ModelRunError(
+            f"the pruned model no longer runs ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "the model was restored unchanged"
+        ) from exc

@@ -1,0 +1,86 @@
+"""``torchslim prune``: structured channel pruning from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from torch import nn
+
+from torchslim._cli_common import VerbContext, add_model_verb_args, run_model_verb
+
+__all__ = ["register_channels"]
+
+
+def _apply(args: argparse.Namespace) -> Any:
+    def apply(model: nn.Module, ctx: VerbContext) -> dict[str, Any]:
+        from torchslim.errors import ConfigError
+        from torchslim.prune.channels import Budget, prune_channels_
+
+        target = None
+        if args.target_macs is not None:
+            target = Budget(macs=args.target_macs)
+        elif args.target_params is not None:
+            target = Budget(params=args.target_params)
+        elif args.target_latency is not None:
+            target = Budget(latency=args.target_latency)
+        if (args.ratio is None) == (target is None):
+            raise ConfigError("give exactly one of --ratio R, --target-macs F, --target-params F or --target-latency F")
+        taylor_data = None
+        if args.importance == "taylor":
+            if ctx.data is None:
+                raise ConfigError("--importance taylor needs --data (gradients on labelled batches)")
+            taylor_data = ctx.data.loader("train", batch_size=64)
+        plan = prune_channels_(
+            model,
+            ctx.example_inputs,
+            ratio=args.ratio,
+            target=target,
+            importance=args.importance,
+            global_ranking=args.global_ranking,
+            ignore=args.ignore or (),
+            round_to=args.round_to,
+            min_channels=args.min_channels,
+            data=taylor_data,
+        )
+        extras: dict[str, Any] = {
+            "prune": {
+                "ratio": plan.ratio,
+                "importance": plan.importance,
+                "removed_channels": plan.removed_channels,
+                "total_channels": plan.total_channels,
+                "groups": len(plan.groups),
+                "left_whole": plan.left_whole,
+                "budget": plan.budget,
+                "achieved": plan.achieved,
+            }
+        }
+        if args.finetune_epochs:
+            if ctx.data is None:
+                raise ConfigError("--finetune-epochs needs --data")
+            from torchslim.train import TrainConfig, fit
+
+            cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, optimizer="adam", seed=args.seed)
+            result = fit(model, ctx.data, cfg, progress=not args.no_progress)
+            extras["finetune"] = {"epochs": result.epochs_run, "test_accuracy": result.test_accuracy}
+        return extras
+
+    return apply
+
+
+def register_channels(sub: Any) -> None:
+    """Add the ``prune`` verb."""
+    p = sub.add_parser("prune", help="structured pruning: remove channels so shapes (and MACs) really shrink")
+    add_model_verb_args(p)
+    p.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
+    p.add_argument("--target-macs", type=float, help="keep this fraction of the MACs (e.g. 0.5)")
+    p.add_argument("--target-params", type=float, help="keep this fraction of the parameters")
+    p.add_argument("--target-latency", type=float, help="keep this fraction of the measured latency")
+    p.add_argument("--importance", default="l2", help="l1, l2, bn_scale, fpgm, taylor, lamp, random (default l2)")
+    p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
+    p.add_argument("--ignore", action="append", metavar="PATTERN", help="module name or glob to leave whole (repeatable)")
+    p.add_argument("--round-to", type=int, default=1, help="kept widths rounded up to a multiple of this")
+    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after pruning")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    p.set_defaults(func=lambda args: run_model_verb(args, "prune", _apply(args)))

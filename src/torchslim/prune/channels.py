@@ -1,0 +1,332 @@
+"""Structured channel pruning that really shrinks the model: ``ts.prune_channels_``.
+
+Finds the coupled channel groups (``torchslim.graph.spaces``), scores every channel with an
+importance criterion, chooses what to remove (uniform ratio, global ranking, per-module ratios,
+``round_to``, a minimum width, or a MACs / params / latency budget), and cuts it out of every
+bound tensor with transactional surgery. The plan (the kept indices of every changed tensor) is
+recorded on the model, so ``ts.save`` / ``ts.load`` rebuild the pruned architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._utils import is_number
+from torchslim.errors import ConfigError, ModelRunError
+from torchslim.graph.spaces import ChannelGroups, analyse
+from torchslim.graph.surgery import slice_model_
+from torchslim.prune.importance import accumulate_gradients, get_importance
+from torchslim.saving import register_plan_kind
+from torchslim.zoo.spec import record_plan
+
+__all__ = ["Budget", "ChannelPlan", "prune_channels_", "replay_channel_plan"]
+
+KIND = "prune_channels"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the pruned model may cost, as a fraction of the original (e.g. ``macs=0.5``).
+
+    Exactly one of ``macs``, ``params`` or ``latency`` (fractions in (0, 1]).
+    """
+
+    macs: float | None = None
+    params: float | None = None
+    latency: float | None = None
+    tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("macs", self.macs), ("params", self.params), ("latency", self.latency)) if v is not None}
+        if len(given) != 1:
+            raise ConfigError(f"Budget needs exactly one of macs, params or latency; got {sorted(given) or 'none'}")
+        (k, v), = given.items()
+        if not is_number(v) or not 0 < v <= 1:
+            raise ConfigError(f"Budget {k} must be a fraction in (0, 1] of the original; got {v!r}")
+        if not is_number(self.tolerance) or not 0 < self.tolerance < 0.5:
+            raise ConfigError(f"Budget tolerance must be in (0, 0.5); got {self.tolerance!r}")
+
+    @property
+    def metric(self) -> str:
+        return "macs" if self.macs is not None else "params" if self.params is not None else "latency"
+
+    @property
+    def fraction(self) -> float:
+        return float(getattr(self, self.metric))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budget:
+        return cls(**d)
+
+
+@dataclass
+class ChannelPlan:
+    """What ``prune_channels_`` removed; ``to_dict()`` is what ``plan.json`` stores."""
+
+    ratio: float
+    importance: str
+    removed_channels: int
+    total_channels: int
+    groups: list[dict[str, Any]] = field(default_factory=list)  # per group: id, size, kept
+    keep: dict[str, list[list[int] | None]] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    achieved: dict[str, float] = field(default_factory=dict)
+    left_whole: list[int] = field(default_factory=list)  # groups whose removal breaks the forward
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, **asdict(self)}
+
+
+def _kept_count(size: int, ratio: float, round_to: int, min_channels: int) -> int:
+    kept = size - int(math.floor(size * ratio + 1e-9))
+    if round_to > 1:
+        kept = int(math.ceil(kept / round_to) * round_to)
+    return max(min(size, kept), min(min_channels, size))
+
+
+def _group_ratio(group: Any, ratio: float, ratios: dict[str, float] | None) -> float:
+    if ratios:
+        for pattern, r in ratios.items():
+            mods = [n.rpartition(".")[0] for n, _ in (group.producers or group.members)]
+            if any(fnmatch.fnmatch(m, pattern) for m in mods):
+                return r
+    return ratio
+
+
+def _choose(
+    model: nn.Module,
+    cg: ChannelGroups,
+    scores: list[torch.Tensor],
+    ratio: float,
+    *,
+    global_ranking: bool,
+    ratios: dict[str, float] | None,
+    round_to: int,
+    min_channels: int,
+) -> tuple[set[int], list[dict[str, Any]]]:
+    removed: set[int] = set()
+    report = []
+    if global_ranking:
+        pool = []
+        for g, s in zip(cg.groups, scores):
+            norm = s / s.mean() if s.mean() > 0 else s
+            pool += [(float(v), g.id, i) for i, v in enumerate(norm.tolist())]
+        pool.sort()
+        budget = int(math.floor(len(pool) * ratio))
+        left = {g.id: g.size for g in cg.groups}
+        floor = {g.id: _kept_count(g.size, 1.0, round_to, min_channels) for g in cg.groups}
+        cut: dict[int, list[int]] = {g.id: [] for g in cg.groups}
+        for _, gid, i in pool:
+            if budget <= 0:
+                break
+            if left[gid] - 1 < max(floor[gid], 1):
+                continue
+            cut[gid].append(i)
+            left[gid] -= 1
+            budget -= 1
+        for g, s in zip(cg.groups, scores):
+            n_rm = len(cut[g.id])
+            kept = _kept_count(g.size, n_rm / g.size, round_to, min_channels)
+            order = torch.argsort(s)[: g.size - kept].tolist()
+            removed.update(g.channels[i] for i in order)
+            report.append({"id": g.id, "size": g.size, "kept": kept})
+        return removed, report
+    # Largest-remainder allocation: every group removes ~ratio of its channels, and the fractions
+    # left over are handed out so the total moves one channel at a time as the ratio grows (a
+    # budget search can then land within a channel of its target).
+    want = [g.size * _group_ratio(g, ratio, ratios) for g in cg.groups]
+    counts = [int(math.floor(w + 1e-9)) for w in want]
+    extra = int(round(sum(want))) - sum(counts)
+    by_rem = sorted(range(len(want)), key=lambda i: (counts[i] - want[i], i))
+    for i in by_rem[: max(extra, 0)]:
+        counts[i] += 1
+    for g, s, n_rm in zip(cg.groups, scores, counts):
+        kept = _kept_count(g.size, n_rm / g.size if g.size else 0.0, round_to, min_channels)
+        order = torch.argsort(s, stable=True)[: g.size - kept].tolist()
+        removed.update(g.channels[i] for i in order)
+        report.append({"id": g.id, "size": g.size, "kept": kept})
+    return removed, report
+
+
+def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Tensor], inputs: Any,
+                     opts: dict[str, Any]) -> set[int]:
+    """Groups whose pruning makes the forward fail (probed at ratio 0.5 on copies)."""
+    probe = {**opts, "global_ranking": False, "ratios": None}
+    removed, _ = _choose(model, cg, scores, 0.5, **probe)
+    if not removed:
+        return set()
+    try:
+        slice_model_(copy.deepcopy(model), cg.keep_indices(removed), example_inputs=inputs)
+        return set()
+    except ModelRunError:
+        pass
+    bad = set()
+    for g in cg.groups:
+        mine = removed.intersection(g.channels)
+        if not mine:
+            continue
+        try:
+            slice_model_(copy.deepcopy(model), cg.keep_indices(mine), example_inputs=inputs)
+        except ModelRunError:
+            bad.add(g.id)
+    return bad
+
+
+def _keep_lists(keep: dict[str, list[torch.Tensor | None]]) -> dict[str, list[list[int] | None]]:
+    return {n: [None if k is None else k.tolist() for k in dims] for n, dims in keep.items()}
+
+
+def _measure(model: nn.Module, inputs: Any, metric: str) -> float:
+    from torchslim.profile import profile
+
+    p = profile(model, inputs, latency=metric == "latency", size=False, runs=None if metric == "latency" else 1, min_time_s=0.3)
+    return float(p.latency_ms.median) if metric == "latency" else float(getattr(p, metric))
+
+
+def prune_channels_(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    ratio: float | None = None,
+    target: Budget | None = None,
+    importance: str | Any = "l2",
+    global_ranking: bool = False,
+    ratios: dict[str, float] | None = None,
+    ignore: tuple[str, ...] | list[str] = (),
+    round_to: int = 1,
+    min_channels: int = 1,
+    data: Any = None,
+) -> ChannelPlan:
+    """Remove channels from ``model`` in place; shapes really shrink.
+
+    Args:
+        model: the model; modified in place (same module objects, smaller tensors).
+        example_inputs: inputs for the trace (default: the model's remembered inputs).
+        ratio: fraction of each group's channels to remove, in [0, 1).
+        target: a :class:`Budget` instead of ``ratio``: the ratio (global or per group) is
+            searched until the pruned model's MACs/params/latency is within the budget's tolerance.
+        importance: a registered criterion (``l1``, ``l2``, ``bn_scale``, ``fpgm``, ``taylor``,
+            ``lamp``, ``random``) or a callable ``(model, groups, group) -> scores``.
+        global_ranking: rank channels across groups (scores normalised per group) instead of
+            removing ``ratio`` of every group.
+        ratios: per-module ratios by name or glob of the producing module, e.g. ``{"layer4.*": 0.7}``.
+        ignore: modules (names or globs) whose channels are left whole.
+        round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels).
+        min_channels: never keep fewer channels than this in a group.
+        data: labelled batches (an iterable of ``(x, y)``) for gradient-based criteria (``taylor``).
+
+    Returns:
+        A :class:`ChannelPlan` (also recorded on the model for ``ts.save``).
+
+    Raises:
+        ConfigError: bad ratio, unknown criterion, a budget that cannot be met. The model is unchanged.
+        UnsupportedOpError: an op with no channel rule; the model is unchanged.
+
+    Example:
+        >>> import torch, torchslim as ts
+        >>> m = ts.create_model("zoo:lenet300")
+        >>> plan = ts.prune_channels_(m, ratio=0.5)
+        >>> m.fc1.out_features, m.fc2.out_features, m.fc3.out_features
+        (150, 50, 10)
+    """
+    if (ratio is None) == (target is None):
+        raise ConfigError("give exactly one of ratio= (a fraction in [0, 1)) or target=ts.Budget(...)")
+    if ratio is not None and (not is_number(ratio) or not 0 <= ratio < 1):
+        raise ConfigError(f"ratio must be a fraction in [0, 1); got {ratio!r}")
+    if target is not None and not isinstance(target, Budget):
+        raise ConfigError(f"target must be a ts.Budget, got {type(target).__name__}")
+    for pattern, r in (ratios or {}).items():
+        if not is_number(r) or not 0 <= r < 1:
+            raise ConfigError(f"ratios[{pattern!r}] must be in [0, 1); got {r!r}")
+    if not isinstance(round_to, int) or round_to < 1 or not isinstance(min_channels, int) or min_channels < 1:
+        raise ConfigError(f"round_to and min_channels must be integers >= 1; got {round_to!r}, {min_channels!r}")
+    crit = get_importance(importance)
+    if example_inputs is None:
+        from torchslim.zoo.spec import example_inputs as remembered
+
+        example_inputs = remembered(model)
+
+    cg = analyse(model, example_inputs, ignore=ignore)
+    if getattr(crit, "needs_gradients", False):
+        if data is None:
+            raise ConfigError(f"importance {importance!r} needs gradients: pass data= (labelled batches)")
+        model.__dict__["_torchslim_taylor"] = accumulate_gradients(model, data)
+    try:
+        scores = [crit(model, cg, g) for g in cg.groups]
+    finally:
+        model.__dict__.pop("_torchslim_taylor", None)
+    for g, s in zip(cg.groups, scores):
+        if not isinstance(s, torch.Tensor) or s.shape != (g.size,):
+            raise ConfigError(f"importance returned {getattr(s, 'shape', type(s))} for group {g.id}; expected ({g.size},)")
+    opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=round_to, min_channels=min_channels)
+    # Shapes a model computes in Python (e.g. ``x.reshape(B, N, 3, heads, C // heads)``) are not
+    # in the trace: find the groups whose removal breaks the forward and leave them whole.
+    blocked = _breaking_groups(model, cg, scores, example_inputs, opts)
+    if blocked:
+        scores = [s for g, s in zip(cg.groups, scores) if g.id not in blocked]
+        cg.groups = [g for g in cg.groups if g.id not in blocked]
+
+    achieved: dict[str, float] = {}
+    if target is not None:
+        metric = target.metric
+        base = _measure(model, example_inputs, metric)
+        lo, hi, best = 0.0, 0.99, None
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            removed, _ = _choose(model, cg, scores, mid, **opts)
+            trial = copy.deepcopy(model)
+            slice_model_(trial, cg.keep_indices(removed))
+            frac = _measure(trial, example_inputs, metric) / base
+            if frac > target.fraction:
+                lo = mid
+            else:
+                hi = mid
+                best = (mid, frac)
+            if abs(frac - target.fraction) <= target.tolerance * target.fraction and frac <= target.fraction * (1 + target.tolerance):
+                best = (mid, frac)
+                break
+        if best is None or abs(best[1] - target.fraction) > max(target.tolerance * target.fraction, 0.02):
+            got = "nothing" if best is None else f"{best[1]:.3f}"
+            raise ConfigError(
+                f"budget {metric}={target.fraction} cannot be met by pruning this model's prunable channels "
+                f"(closest reachable: {got} of the original); the model is unchanged"
+            )
+        ratio = best[0]
+        achieved[metric] = best[1]
+
+    removed, report = _choose(model, cg, scores, float(ratio), **opts)
+    keep = cg.keep_indices(removed)
+    slice_model_(model, keep, example_inputs=example_inputs)
+
+    plan = ChannelPlan(
+        ratio=float(ratio),
+        importance=importance if isinstance(importance, str) else type(importance).__name__,
+        removed_channels=len(removed),
+        total_channels=sum(g.size for g in cg.groups),
+        groups=report,
+        keep=_keep_lists(keep),
+        budget=target.to_dict() if target is not None else None,
+        achieved=achieved,
+        left_whole=sorted(blocked),
+    )
+    if keep:
+        record_plan(model, plan.to_dict())
+    return plan
+
+
+def replay_channel_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Re-create a saved channel pruning on a freshly built model (shapes only)."""
+    slice_model_(model, plan.get("keep", {}))
+
+
+register_plan_kind(KIND, replay_channel_plan, module=__name__)
