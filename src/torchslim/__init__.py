@@ -16,6 +16,16 @@ from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.errors import TorchslimError
 from torchslim.graph import trace
 from torchslim.profile import Comparison, Profile, compare, profile
+from torchslim.prune import (
+    Budget,
+    LotteryConfig,
+    MaskCallback,
+    finalize_,
+    prune_channels_,
+    run_lottery,
+    sparsify_,
+    sparsity_report,
+)
 from torchslim.saving import load, save
 from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
 from torchslim.zoo import create_model, example_inputs, list_models, set_example_inputs
@@ -23,6 +33,14 @@ from torchslim.zoo import create_model, example_inputs, list_models, set_example
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "LotteryConfig",
+    "MaskCallback",
+    "finalize_",
+    "prune_channels_",
+    "run_lottery",
+    "sparsify_",
+    "sparsity_report",
     "Callback",
     "Comparison",
     "DataBundle",

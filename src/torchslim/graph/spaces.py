@@ -102,6 +102,7 @@ class ChannelGroup:
     members: list[tuple[str, int]]  # (parameter/buffer name, dimension) bound to these channels
     producers: list[tuple[str, int]]  # the members that create the space
     modules: list[str] = field(default_factory=list)
+    head_dim: int | None = None  # set when the channels are attention heads of this width
 
     @property
     def size(self) -> int:
@@ -123,6 +124,7 @@ class ChannelGroups:
     uf: _UnionFind
     frozen_params: list[str]
     seconds: float
+    drivers: dict[int, tuple[int, ...]] = field(default_factory=dict)  # derived root -> driver roots
 
     def roots(self, name: str, dim: int) -> np.ndarray:
         """Channel (union-find root) of every index of a bound tensor's dimension, cached."""
@@ -130,8 +132,23 @@ class ChannelGroups:
         key = (name, dim)
         r = cache.get(key)
         if r is None:
-            r = cache[key] = self.uf.roots(self.param_atoms[name][dim])
+            raw = self.uf.roots(self.param_atoms[name][dim])
+            if self.drivers:
+                drv = self.drivers
+                raw = np.fromiter(((drv[x][0] if drv[x] else _FROZEN) if x in drv else x for x in raw.tolist()),
+                                  dtype=np.int64, count=len(raw))
+            r = cache[key] = raw
         return r
+
+    def _removed_mask(self, name: str, dim: int, rem: np.ndarray, rem_set: set[int]) -> np.ndarray:
+        mask = np.isin(self.roots(name, dim), rem)
+        if self.drivers:  # a position with several drivers goes when any of them goes
+            raw = self.uf.roots(self.param_atoms[name][dim])
+            for i, x in enumerate(raw.tolist()):
+                drv = self.drivers.get(x)
+                if drv and len(drv) > 1 and not mask[i]:
+                    mask[i] = any(d in rem_set for d in drv)
+        return mask
 
     def positions(self, group: ChannelGroup, name: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions along ``dim`` bound to the group, index of their channel within the group)."""
@@ -160,6 +177,7 @@ class ChannelGroups:
         if not removed:
             return out
         rem = np.fromiter(removed, dtype=np.int64)
+        rem_set = set(removed)
         for name, dims in self.param_atoms.items():
             per_dim: list[torch.Tensor | None] = []
             changed = False
@@ -167,7 +185,7 @@ class ChannelGroups:
                 if atoms is None:
                     per_dim.append(None)
                     continue
-                mask = ~np.isin(self.roots(name, d), rem)
+                mask = ~self._removed_mask(name, d, rem, rem_set)
                 if mask.all():
                     per_dim.append(None)
                 else:
@@ -208,6 +226,9 @@ class _Analyser:
         self.param_atoms: dict[str, list[np.ndarray | None]] = {}
         self.producers: list[tuple[str, int]] = []
         self._zeros: dict[int, np.ndarray] = {}
+        # atom -> driver atoms: the atom is removed when any driver is (head splits, flattens)
+        self.derived: dict[int, tuple[int, ...]] = {}
+        self.head_dims: dict[int, int] = {}  # head atom -> head_dim (size of the frozen inner dim)
 
     # ---- layouts ---------------------------------------------------------------------------
     def opaque(self, n: int) -> Dim:
@@ -222,7 +243,7 @@ class _Analyser:
     def layout(self, t: TensorMeta) -> Layout:
         lay = self.layouts.get(t.id)
         if lay is None:
-            if t.id in self.param_of:
+            if t.id in self.param_of and t.is_floating:
                 name = self.param_of[t.id]
                 lay = tuple((self.uf.new(s),) for s in t.shape)
                 self.param_atoms[name] = [d[0] for d in lay]
@@ -254,17 +275,51 @@ class _Analyser:
             for x, y in zip(a, b):
                 self.uf.union_arrays(x, y)
             return a
-        if _size(a) != _size(b):
-            raise ValueError("size mismatch")
+        if _size(a) != _size(b):  # e.g. grouped-query attention: heads broadcast by the kernel
+            self.freeze_dim(a)
+            self.freeze_dim(b)
+            return self.opaque(_size(a))
         if len(a) == 1 and _is_frozen(b):
             self.freeze_dim(a)
             return b
         if len(b) == 1 and _is_frozen(a):
             self.freeze_dim(b)
             return a
+        if len(a) == 1 or len(b) == 1:
+            single, product = (a, b) if len(a) == 1 else (b, a)
+            self.derive(single[0], product)
+            return product
         self.freeze_dim(a)
         self.freeze_dim(b)
         return self.opaque(_size(a))
+
+    def derive(self, atoms: np.ndarray, product: Dim) -> None:
+        """Index ``i`` of ``atoms`` is the row-major index into ``product``'s factors."""
+        grids = np.meshgrid(*product, indexing="ij")
+        drivers = np.stack([g.reshape(-1) for g in grids], axis=1)
+        for atom, drv in zip(atoms.tolist(), drivers.tolist()):
+            if atom == _FROZEN:
+                continue
+            live = tuple(x for x in drv if x != _FROZEN)
+            if not live:
+                self.uf.union(atom, _FROZEN)
+            else:
+                self.derived[atom] = live
+
+    def split_heads(self, atoms: np.ndarray, sizes: list[int]) -> list[Dim]:
+        """A channel dim reshaped into (heads, head_dim, ...): heads become new prunable atoms,
+        the inner dims are frozen (pruning head_dim would change the attention scale)."""
+        inner = int(np.prod(sizes[1:]))
+        heads = self.uf.new(sizes[0])
+        for h in heads.tolist():
+            self.head_dims[h] = inner
+        frozen_atoms = self.uf.roots(atoms) == _FROZEN
+        if frozen_atoms.any():
+            self.uf.freeze(heads)
+        else:
+            for i, atom in enumerate(atoms.tolist()):
+                self.derived[atom] = (int(heads[i // inner]),)
+        return [(heads,)] + [self.opaque(s) for s in sizes[1:]]
 
     def unite_layouts(self, a: Layout, b: Layout) -> None:
         for x, y in zip(a, b):
@@ -298,6 +353,33 @@ class _Analyser:
         # parameters never seen by a channel rule stay whole
         for name in list(self.param_atoms):
             self.param_atoms[name] = [a if (a is not None and len(a) > 0) else None for a in self.param_atoms[name]]
+
+    def resolve_drivers(self) -> dict[int, tuple[int, ...]]:
+        """Derived class root -> the independent, prunable class roots that remove it."""
+        find = self.uf.find
+        direct: dict[int, set[int]] = {}
+        for atom, drv in self.derived.items():
+            r = find(atom)
+            if r != _FROZEN:
+                direct.setdefault(r, set()).update(find(d) for d in drv)
+        memo: dict[int, set[int]] = {}
+
+        def final(r: int, stack: tuple[int, ...]) -> set[int]:
+            if r == _FROZEN:
+                return set()
+            if r not in direct:
+                return {r}
+            if r in memo:
+                return memo[r]
+            if r in stack:  # a cycle: nothing independent drives it
+                return set()
+            out: set[int] = set()
+            for d in direct[r]:
+                out |= final(d, (*stack, r))
+            memo[r] = out
+            return out
+
+        return {r: tuple(sorted(final(r, ()))) for r in direct}
 
     def module_constraints(self) -> None:
         # nn.MultiheadAttention checks query width == embed_dim == its projections' width, and
@@ -568,6 +650,8 @@ def _view(a: _Analyser, op: OpNode) -> None:
                 break
         factors = [f for _, d in gi for f in d if len(f) != 1]
         parts = _partition(factors, [s for _, s in gj])
+        if parts is None and len(factors) == 1 and len(gj) > 1 and not _is_frozen((factors[0],)):
+            parts = a.split_heads(factors[0], [s for _, s in gj])
         if parts is None:
             for _, d in gi:
                 a.freeze_dim(d)
@@ -601,12 +685,14 @@ def _select(a: _Analyser, op: OpNode) -> None:
     a.set(op.outputs[0], tuple(xl))
 
 
-def _slice_dim(a: _Analyser, d: Dim, start: int, end: int, step: int, n: int) -> Dim:
+def _slice_dim(a: _Analyser, d: Dim, start: int, end: int, step: int, n: int, *, whole: bool = False) -> Dim:
     start, end, _ = slice(start, end, step).indices(n)
     if start == 0 and end == n and step == 1:
         return d
-    if len(d) == 1:
+    if len(d) == 1 and whole:  # one piece of a split that covers the whole dim
         return (d[0][start:end:step],)
+    # A partial slice with bounds fixed in the model's code: removing channels before the bound
+    # would silently select different ones, so the sliced dim stays whole.
     a.freeze_dim(d)
     return a.opaque(len(range(start, end, step)))
 
@@ -630,7 +716,7 @@ def _split(a: _Analyser, op: OpNode) -> None:
     for o in op.outputs:
         n = o.shape[dim]
         lay = list(xl)
-        lay[dim] = _slice_dim(a, xl[dim], start, start + n, 1, x.shape[dim])
+        lay[dim] = _slice_dim(a, xl[dim], start, start + n, 1, x.shape[dim], whole=True)
         a.set(o, tuple(lay))
         start += n
 
@@ -881,11 +967,21 @@ _RULES: dict[str, Any] = {
 }
 
 
-def _build_groups(a: _Analyser) -> list[ChannelGroup]:
+def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[ChannelGroup]:
     uf = a.uf
     roots_of: dict[str, list[np.ndarray | None]] = {}
     for name, dims in a.param_atoms.items():
-        roots_of[name] = [uf.roots(d) if d is not None else None for d in dims]
+        per = []
+        for d in dims:
+            if d is None:
+                per.append(None)
+                continue
+            r = uf.roots(d)
+            if drivers:
+                r = np.fromiter(((drivers[x][0] if drivers[x] else _FROZEN) if x in drivers else x for x in r.tolist()),
+                                dtype=np.int64, count=len(r))
+            per.append(r)
+        roots_of[name] = per
     # second-level union: channels that a producer dim creates together form one group
     gparent: dict[int, int] = {}
 
@@ -957,9 +1053,12 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
         tr = trace(model, example_inputs, grad=True)
     a = _Analyser(tr, tuple(ignore))
     a.run()
-    grps = _build_groups(a)
+    drivers = a.resolve_drivers()
+    grps = _build_groups(a, drivers)
+    for g in grps:
+        g.head_dim = a.head_dims.get(g.channels[0]) if g.channels else None
     frozen = [n for n, dims in a.param_atoms.items() if all(d is None or not a.uf.roots(d).any() for d in dims)]
-    return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start)
+    return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start, drivers)
 
 
 def groups(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:

@@ -24,7 +24,7 @@ KeepMap = Mapping[str, Sequence[torch.Tensor | Sequence[int] | None]]
 
 _ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-    "normalized_shape", "num_channels", "num_groups", "embedding_dim", "num_parameters",
+    "normalized_shape", "num_channels", "num_groups", "embedding_dim", "num_parameters", "nf", "nx",
 )
 
 
@@ -66,6 +66,8 @@ def sync_module_attributes(module: nn.Module) -> None:
         module.num_embeddings, module.embedding_dim = module.weight.shape
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.shape[0]
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 linear
+        module.nx, module.nf = module.weight.shape
 
 
 def _snapshot(module: nn.Module) -> dict[str, Any]:
@@ -77,6 +79,7 @@ def slice_model_(
     keep: KeepMap,
     *,
     example_inputs: Any = None,
+    attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Keep only the given indices of the named parameters/buffers, in place, transactionally.
 
@@ -85,6 +88,8 @@ def slice_model_(
         keep: ``{name: [indices or None per dimension]}``; None keeps that dimension whole.
         example_inputs: when given, the changed model is run once on them; if that fails the
             change is rolled back and :class:`ModelRunError` is raised.
+        attrs: extra module attributes to set, ``{module path: {attribute: value}}`` (head
+            counts and widths of attention modules).
 
     Raises:
         ConfigError: a name is not a parameter/buffer of the model, a dimension would become
@@ -119,6 +124,14 @@ def slice_model_(
 
     modules = {id(m): m for m, _, _, _ in planned}
     attrs_before = {mid: _snapshot(m) for mid, m in modules.items()}
+    extra: list[tuple[nn.Module, str, Any]] = []
+    for path, values in (attrs or {}).items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError as exc:
+            raise ConfigError(f"{path!r} is not a module of the model") from exc
+        for a in values:
+            extra.append((mod, a, getattr(mod, a, None)))
     datas_before = [(m, a, old, old.data) for m, a, old, _ in planned]
     try:
         for module, attr, old, new in planned:
@@ -129,6 +142,10 @@ def slice_model_(
                 module._buffers[attr] = new
         for m in modules.values():
             sync_module_attributes(m)
+        for path, values in (attrs or {}).items():
+            mod = model.get_submodule(path) if path else model
+            for a, v in values.items():
+                setattr(mod, a, v)
         if example_inputs is not None:
             from torchslim._utils import evaluating
             from torchslim.graph._inputs import as_inputs, call_model
@@ -144,6 +161,8 @@ def slice_model_(
         for mid, m in modules.items():
             for a, v in attrs_before[mid].items():
                 setattr(m, a, v)
+        for mod, a, v in extra:
+            setattr(mod, a, v)
         if isinstance(exc, ConfigError):
             raise
         raise ModelRunError(

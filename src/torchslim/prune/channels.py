@@ -82,6 +82,7 @@ class ChannelPlan:
     budget: dict[str, Any] | None = None
     achieved: dict[str, float] = field(default_factory=dict)
     left_whole: list[int] = field(default_factory=list)  # groups whose removal breaks the forward
+    attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module attributes set (head counts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, **asdict(self)}
@@ -166,7 +167,9 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
     if not removed:
         return set()
     try:
-        slice_model_(copy.deepcopy(model), cg.keep_indices(removed), example_inputs=inputs)
+        report = _choose(model, cg, scores, 0.5, **probe)[1]
+        slice_model_(copy.deepcopy(model), cg.keep_indices(removed), example_inputs=inputs,
+                     attrs=_head_attrs(model, cg, report))
         return set()
     except ModelRunError:
         pass
@@ -175,11 +178,44 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
         mine = removed.intersection(g.channels)
         if not mine:
             continue
+        report = [{"id": g.id, "size": g.size, "kept": g.size - len(mine)}]
         try:
-            slice_model_(copy.deepcopy(model), cg.keep_indices(mine), example_inputs=inputs)
+            slice_model_(copy.deepcopy(model), cg.keep_indices(mine), example_inputs=inputs,
+                         attrs=_head_attrs(model, cg, report))
         except ModelRunError:
             bad.add(g.id)
     return bad
+
+
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_key_value_heads")
+_HEAD_WIDTHS = ("all_head_size", "inner_dim", "hidden_size_per_partition", "attn_dim")
+
+
+def _head_attrs(model: nn.Module, cg: ChannelGroups, report: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """New head counts / widths for the attention modules whose heads were pruned."""
+    out: dict[str, dict[str, int]] = {}
+    kept_of = {r["id"]: r["kept"] for r in report}
+    for g in cg.groups:
+        kept = kept_of.get(g.id, g.size)
+        if g.head_dim is None or kept == g.size:
+            continue
+        owners = {n.rpartition(".")[0] for n, _ in g.members}
+        parents = {o.rpartition(".")[0] for o in owners} | {o.rpartition(".")[0].rpartition(".")[0] for o in owners}
+        for path in sorted(parents):
+            try:
+                mod = model.get_submodule(path) if path else model
+            except AttributeError:
+                continue
+            new: dict[str, int] = {}
+            for a in _HEAD_COUNTS:
+                if getattr(mod, a, None) == g.size and isinstance(getattr(mod, a), int):
+                    new[a] = kept
+            for a in _HEAD_WIDTHS:
+                if getattr(mod, a, None) == g.size * g.head_dim:
+                    new[a] = kept * g.head_dim
+            if new:
+                out.setdefault(path, {}).update(new)
+    return out
 
 
 def _keep_lists(keep: dict[str, list[torch.Tensor | None]]) -> dict[str, list[list[int] | None]]:
@@ -285,7 +321,7 @@ def prune_channels_(
             mid = (lo + hi) / 2
             removed, _ = _choose(model, cg, scores, mid, **opts)
             trial = copy.deepcopy(model)
-            slice_model_(trial, cg.keep_indices(removed))
+            slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, _choose(model, cg, scores, mid, **opts)[1]))
             frac = _measure(trial, example_inputs, metric) / base
             if frac > target.fraction:
                 lo = mid
@@ -306,7 +342,8 @@ def prune_channels_(
 
     removed, report = _choose(model, cg, scores, float(ratio), **opts)
     keep = cg.keep_indices(removed)
-    slice_model_(model, keep, example_inputs=example_inputs)
+    attrs = _head_attrs(model, cg, report)
+    slice_model_(model, keep, example_inputs=example_inputs, attrs=attrs)
 
     plan = ChannelPlan(
         ratio=float(ratio),
@@ -318,6 +355,7 @@ def prune_channels_(
         budget=target.to_dict() if target is not None else None,
         achieved=achieved,
         left_whole=sorted(blocked),
+        attrs=attrs,
     )
     if keep:
         record_plan(model, plan.to_dict())
@@ -326,7 +364,7 @@ def prune_channels_(
 
 def replay_channel_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     """Re-create a saved channel pruning on a freshly built model (shapes only)."""
-    slice_model_(model, plan.get("keep", {}))
+    slice_model_(model, plan.get("keep", {}), attrs=plan.get("attrs") or None)
 
 
 register_plan_kind(KIND, replay_channel_plan, module=__name__)

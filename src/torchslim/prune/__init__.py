@@ -1,0 +1,76 @@
+"""Pruning: masks and unstructured / N:M sparsity, schedules, lottery tickets (and structured pruning).
+
+Example:
+    >>> import torchslim as ts
+    >>> from torchslim.prune import sparsify_
+    >>> model = ts.create_model("zoo:lenet300")
+    >>> sparsify_(model, pattern="2:4").overall
+    0.5
+"""
+
+# --- unstructured sparsity ---
+# --- structured (channel) pruning ---
+from torchslim.prune.channels import Budget, ChannelPlan, prune_channels_
+from torchslim.prune.importance import GroupImportance, get_importance
+from torchslim.prune.lottery import LotteryConfig, LotteryResult, find_ticket, run_lottery
+from torchslim.prune.masks import (
+    MaskCallback,
+    SparsityPlan,
+    SparsityReport,
+    WeightMask,
+    finalize_,
+    get_mask,
+    masked_weights,
+    prunable_weights,
+    reapply_masks_,
+    set_masks_,
+    sparsify_,
+    sparsity_report,
+)
+from torchslim.prune.schedules import (
+    AGP,
+    ConstantSparsity,
+    IterativePruning,
+    OneShotPruning,
+    PolynomialDecay,
+    PruningSchedule,
+)
+from torchslim.prune.unstructured import LAMP, SNIP, Magnitude, Movement, RandomScores, Wanda
+
+__all__ = [
+    # --- structured (channel) pruning ---
+    "Budget",
+    "ChannelPlan",
+    "GroupImportance",
+    "get_importance",
+    "prune_channels_",
+    # --- unstructured sparsity ---
+    "AGP",
+    "ConstantSparsity",
+    "IterativePruning",
+    "LAMP",
+    "LotteryConfig",
+    "LotteryResult",
+    "Magnitude",
+    "MaskCallback",
+    "Movement",
+    "OneShotPruning",
+    "PolynomialDecay",
+    "PruningSchedule",
+    "RandomScores",
+    "SNIP",
+    "SparsityPlan",
+    "SparsityReport",
+    "Wanda",
+    "WeightMask",
+    "finalize_",
+    "find_ticket",
+    "get_mask",
+    "masked_weights",
+    "prunable_weights",
+    "reapply_masks_",
+    "run_lottery",
+    "set_masks_",
+    "sparsify_",
+    "sparsity_report",
+]

@@ -1,0 +1,151 @@
+"""CLI verbs of the prune family: ``sparsify`` and ``lottery`` (structured ``prune`` sits beside them)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the prune family's verbs to the ``torchslim`` parser."""
+    from torchslim.prune._cli_channels import register_channels
+
+    register_channels(sub)
+    _register_sparse(sub)
+
+
+# --------------------------------------------------------------------------- unstructured sparsity
+
+
+def _register_sparse(sub: Any) -> None:
+    from torchslim._cli_common import add_model_verb_args
+
+    p = sub.add_parser("sparsify", help="unstructured / N:M / block sparsity with masks, then compressed storage")
+    add_model_verb_args(p)
+    p.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1] (not for N:M)")
+    p.add_argument("--method", default="magnitude", help="magnitude, random, lamp, movement, wanda, snip")
+    p.add_argument("--scope", default="layer", help="layer or global (default layer)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4), block or block:RxC")
+    p.add_argument("--modules", help="comma-separated module names/globs to prune (default: all Linear/Conv)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches of --data for wanda/snip/movement")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune with masks on --data after pruning")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--storage", default="auto", help="how sparse weights are saved: auto, bitmask, csr, dense")
+    p.add_argument("--no-finalize", action="store_true", help="keep the masks (reversible) instead of baking them in")
+    p.set_defaults(func=_cmd_sparsify)
+
+    p = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with reset / rewinding")
+    add_model_verb_args(p, data_required=True)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rate", type=float, default=0.2, help="fraction of each layer's remaining weights pruned per round")
+    p.add_argument("--output-rate", type=float, help="rate of the output layer (default: rate / 2)")
+    p.add_argument("--rewind-iter", type=int, default=0, help="rewind to the weights of this iteration (0: reset to init)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1.2e-3)
+    p.add_argument("--batch-size", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=25, help="iterations between evaluations (early stopping)")
+    p.add_argument("--controls", default="reinit", help="comma list of reinit, random_mask (or 'none')")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_lottery)
+
+
+def _cmd_sparsify(args: argparse.Namespace) -> int:
+    from torchslim._cli_common import run_model_verb
+    from torchslim.errors import ConfigError
+    from torchslim.prune._sparse_io import FORMATS
+    from torchslim.prune.unstructured import parse_pattern, valid_sparsity
+
+    pattern = parse_pattern(args.pattern)  # check everything before building anything
+    if pattern.kind != "nm":
+        if args.sparsity is None:
+            raise ConfigError(f"--sparsity is required for pattern {pattern} (a number in [0, 1])")
+        valid_sparsity(args.sparsity, "--sparsity")
+    if args.scope not in ("layer", "global"):
+        raise ConfigError(f"--scope must be 'layer' or 'global'; got {args.scope!r}")
+    if args.storage not in FORMATS:
+        raise ConfigError(f"--storage must be one of {', '.join(FORMATS)}; got {args.storage!r}")
+    if args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
+    if args.finetune_epochs and not args.data:
+        raise ConfigError("--finetune-epochs needs --data to train on")
+    from torchslim._registry import get_method
+
+    criterion = get_method("prune.unstructured", args.method)
+    if criterion.needs_calibration and not args.data:
+        raise ConfigError(f"--method {args.method} needs calibration data: pass --data SPEC")
+    return run_model_verb(args, "sparsify", _apply_sparsify)
+
+
+def _apply_sparsify(model: Any, ctx: Any) -> dict[str, Any]:
+    from torchslim.prune.masks import MaskCallback, finalize_, sparsify_, sparsity_report
+
+    args = ctx.args
+    calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None else None
+    modules = [m.strip() for m in args.modules.split(",")] if args.modules else None
+    plan = sparsify_(
+        model, None if args.pattern.count(":") == 1 and "block" not in args.pattern else args.sparsity,
+        method=args.method, scope=args.scope, pattern=args.pattern, modules=modules,
+        calibration=calibration, calibration_batches=args.calibration_batches, seed=args.seed,
+    )
+    extras: dict[str, Any] = {"sparsify": plan.to_dict()}
+    if args.finetune_epochs:
+        import torchslim as ts
+
+        cfg = ts.TrainConfig(epochs=args.finetune_epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed)
+        result = ts.fit(model, ctx.data, cfg, callbacks=[MaskCallback()], progress=not args.no_progress)
+        extras["finetune"] = {"epochs": result.epochs_run, "history": result.history}
+    report = finalize_(model, args.storage) if not args.no_finalize else sparsity_report(model)
+    extras["sparsity_report"] = report.to_dict()
+    if not args.json:
+        ctx.console.print(report.table())
+    return extras
+
+
+def _cmd_lottery(args: argparse.Namespace) -> int:
+    import torchslim as ts
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim.prune.lottery import LotteryConfig, run_lottery
+    from torchslim.prune.masks import finalize_
+
+    controls = () if args.controls.strip().lower() == "none" else tuple(c.strip() for c in args.controls.split(",") if c.strip())
+    cfg = LotteryConfig(
+        rounds=args.rounds, rate=args.rate, output_rate=args.output_rate, rewind_iter=args.rewind_iter,
+        seeds=args.seeds, seed=args.seed, controls=controls, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, eval_every=args.eval_every, device=args.device,
+    )
+    con = console_for(args)
+    data = ts.load_data(args.data, seed=args.seed)
+    log = None if args.json or args.no_progress else con.print
+    result = run_lottery(args.model, data, cfg, log=log)
+    from pathlib import Path
+
+    out = Path(args.out)
+    files: dict[str, str] = {}
+    if result.ticket is not None:
+        ticket = result.ticket.to("cpu")
+        finalize_(ticket)
+        ts.save(ticket, out)
+        files.update({"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")})
+    files.update(result.write(out))
+    payload = {"verb": "lottery", "model": args.model, "data": args.data, **result.to_dict(), "files": files}
+    if args.json:
+        emit_json(payload)
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"lottery tickets: {args.model} on {args.data}, {cfg.seeds} seed(s)")
+    for col in ("round", "remaining", "ticket acc", "ticket early stop", "reinit acc", "reinit early stop"):
+        t.add_column(col, justify="right")
+    t.add_row("0", "100.0%", f"{100 * result.dense_accuracy:.2f}%", f"{result.dense_early_stop_iter:.0f}", "-", "-")
+    for r in result.rounds:
+        re_acc = f"{100 * r['reinit_accuracy']:.2f}%" if "reinit_accuracy" in r else "-"
+        re_it = f"{r['reinit_early_stop_iter']:.0f}" if "reinit_early_stop_iter" in r else "-"
+        t.add_row(str(r["round"]), f"{100 * r['remaining']:.1f}%", f"{100 * r['ticket_accuracy']:.2f}%",
+                  f"{r['ticket_early_stop_iter']:.0f}", re_acc, re_it)
+    con.print(t)
+    con.print(f"wrote {files['lottery']}" + (f" and {files['plot']}" if "plot" in files else ""))
+    return 0

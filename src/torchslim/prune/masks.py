@@ -1,0 +1,511 @@
+"""Reversible weight masks: ``sparsify_``, ``finalize_`` and ``sparsity_report``.
+
+A mask is a :mod:`torch.nn.utils.parametrize` parametrization (:class:`WeightMask`) holding a
+boolean buffer: the module's ``weight`` becomes ``original * mask``, where ``original`` is the
+*same* ``Parameter`` object as before (optimizers keep working). Pruned entries of the original
+are also set to zero, so profiles count the real non-zeros, and :class:`MaskCallback` keeps them
+at zero through momentum / Adam steps. Masks can be changed again (schedules raise the sparsity
+step by step) until :func:`finalize_` bakes them in: the parametrizations go, the zeros stay,
+and the model's state dict then stores each sparse weight compressed (bitmask or CSR, see
+:mod:`torchslim.prune._sparse_io`), so ``ts.save`` writes a file that is really smaller.
+
+Both steps are recorded as ``"sparsify"`` plans, so ``ts.save`` / ``ts.load`` round-trip masked
+and finalized models alike.
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> from torchslim.prune import sparsify_, finalize_, sparsity_report
+    >>> model = ts.create_model("zoo:lenet300")
+    >>> plan = sparsify_(model, sparsity=0.9, scope="global")
+    >>> round(plan.overall, 4)
+    0.9
+    >>> round(sparsity_report(model).layers[0].sparsity, 2) < 1.0
+    True
+    >>> _ = finalize_(model)
+    >>> hasattr(model.fc1, "parametrizations")
+    False
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchslim._registry import get_method
+from torchslim._train_callbacks import Callback, TrainState
+from torchslim.errors import CheckpointError, ConfigError
+from torchslim.prune import _sparse_io
+from torchslim.prune.unstructured import (
+    Criterion,
+    ScoreContext,
+    check_pattern,
+    parse_pattern,
+    select_masks,
+    valid_sparsity,
+)
+
+__all__ = [
+    "WeightMask",
+    "SparsityPlan",
+    "SparsityReport",
+    "LayerSparsity",
+    "MaskCallback",
+    "prunable_weights",
+    "masked_weights",
+    "get_mask",
+    "set_masks_",
+    "reapply_masks_",
+    "sparsify_",
+    "finalize_",
+    "sparsity_report",
+]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class WeightMask(nn.Module):
+    """Parametrization ``w -> w * mask`` with the mask as a boolean buffer (saved in the state dict)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().to(torch.bool).clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+# --------------------------------------------------------------------------- finding weights
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, pname = name.rpartition(".")
+    return module, pname
+
+
+def _mask_module(module: nn.Module, pname: str) -> WeightMask | None:
+    plist = getattr(module, "parametrizations", None)
+    if plist is None or pname not in plist:
+        return None
+    for p in plist[pname]:
+        if isinstance(p, WeightMask):
+            return p
+    return None
+
+
+def _original(module: nn.Module, pname: str) -> torch.Tensor:
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and pname in plist:
+        return plist[pname].original
+    return getattr(module, pname)
+
+
+def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
+    """``"layer.weight"`` -> module for the Linear/Conv weights to prune (biases and norms never).
+
+    Args:
+        modules: module names or globs (``"fc1"``, ``"features.*"``); all Linear/Conv layers by default.
+
+    Raises:
+        ConfigError: ``modules`` matches no Linear/Conv layer.
+    """
+    if isinstance(modules, str):
+        modules = [modules]
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if modules is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in modules):
+            continue
+        found[f"{name}.weight" if name else "weight"] = module
+    if not found:
+        allowed = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+        raise ConfigError(
+            f"modules={modules!r} selects no Linear/Conv layer to prune; the model's are: {', '.join(allowed) or 'none'}"
+        )
+    return found
+
+
+def masked_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """``"layer.weight"`` -> module for every weight that carries a :class:`WeightMask`."""
+    out = {}
+    for name, module in model.named_modules():
+        plist = getattr(module, "parametrizations", None)
+        if plist is None:
+            continue
+        for pname in plist:
+            if _mask_module(module, pname) is not None:
+                out[f"{name}.{pname}" if name else pname] = module
+    return out
+
+
+def get_mask(module: nn.Module, pname: str = "weight") -> torch.Tensor | None:
+    """The boolean keep-mask of ``module.<pname>`` (``None`` when it has none)."""
+    m = _mask_module(module, pname)
+    return None if m is None else m.mask
+
+
+def set_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
+    """Put keep-masks on weights (``"layer.weight"`` -> bool tensor) and zero the pruned originals.
+
+    Registers a :class:`WeightMask` where there is none yet; returns the names that got a new one.
+    Shapes are checked for every entry before anything changes.
+
+    Raises:
+        ConfigError: unknown name or a mask of the wrong shape.
+    """
+    modules = dict(model.named_modules())
+    targets = []
+    for name, mask in masks.items():
+        mname, pname = _split(name)
+        module = modules.get(mname)
+        if module is None or not isinstance(getattr(module, pname, None), torch.Tensor):
+            raise ConfigError(f"no weight named {name!r} in the model")
+        if tuple(mask.shape) != tuple(getattr(module, pname).shape):
+            raise ConfigError(f"mask for {name} has shape {tuple(mask.shape)}; the weight has {tuple(getattr(module, pname).shape)}")
+        targets.append((name, module, pname, mask))
+    new = []
+    with torch.no_grad():
+        for name, module, pname, mask in targets:
+            original = _original(module, pname)
+            mask = mask.to(device=original.device, dtype=torch.bool)
+            holder = _mask_module(module, pname)
+            if holder is None:
+                parametrize.register_parametrization(module, pname, WeightMask(mask))
+                new.append(name)
+            else:
+                holder.mask.copy_(mask)
+            original.mul_(mask)
+    return new
+
+
+def reapply_masks_(model: nn.Module) -> None:
+    """Zero every masked original again (after an optimizer step moved it through momentum)."""
+    with torch.no_grad():
+        for name, module in masked_weights(model).items():
+            pname = _split(name)[1]
+            _original(module, pname).mul_(get_mask(module, pname))
+
+
+class MaskCallback(Callback):
+    """Keeps masked weights exactly zero while :func:`torchslim.fit` trains.
+
+    After backward it zeroes the masked gradients of the originals; after every optimizer step
+    it zeroes the masked originals again (momentum and Adam's moments would otherwise move them).
+    """
+
+    def on_train_begin(self, state: TrainState) -> None:
+        reapply_masks_(state.model)
+
+    def on_after_backward(self, state: TrainState) -> None:
+        for name, module in masked_weights(state.model).items():
+            pname = _split(name)[1]
+            original = _original(module, pname)
+            if original.grad is not None:
+                original.grad.mul_(get_mask(module, pname))
+
+    def on_step_end(self, state: TrainState) -> None:
+        reapply_masks_(state.model)
+
+
+# --------------------------------------------------------------------------- plans and reports
+
+
+@dataclass
+class SparsityPlan:
+    """What :func:`sparsify_` did: the settings and the sparsity reached per weight.
+
+    Attributes:
+        method, scope, pattern: the criterion, ``"layer"``/``"global"`` and the pattern.
+        sparsity: the requested sparsity (``None`` for N:M, where the pattern sets it).
+        overrides: per-layer sparsity overrides (glob -> value).
+        layers: weight name -> fraction of its entries now zero (masked).
+        overall: fraction of all pruned-layer weights now masked.
+    """
+
+    method: str
+    scope: str
+    pattern: str
+    sparsity: float | None
+    overrides: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, float] = field(default_factory=dict)
+    overall: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LayerSparsity:
+    """One row of :func:`sparsity_report`."""
+
+    name: str
+    shape: list[int]
+    numel: int
+    nonzero: int
+    sparsity: float
+    masked: bool
+    storage: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer sparsity of the prunable weights, and totals."""
+
+    layers: list[LayerSparsity]
+    prunable_params: int
+    prunable_nonzero: int
+    total_params: int
+    total_nonzero: int
+
+    @property
+    def overall(self) -> float:
+        """Fraction of prunable weights that are zero."""
+        return 1.0 - self.prunable_nonzero / max(self.prunable_params, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [r.to_dict() for r in self.layers],
+            "prunable_params": self.prunable_params,
+            "prunable_nonzero": self.prunable_nonzero,
+            "total_params": self.total_params,
+            "total_nonzero": self.total_nonzero,
+            "overall": self.overall,
+        }
+
+    def table(self) -> Any:
+        """A rich table, one row per layer."""
+        from rich.table import Table
+
+        t = Table(title=f"sparsity: {100 * self.overall:.2f}% of {self.prunable_params:,} prunable weights are zero")
+        for col in ("layer", "shape", "params", "non-zero", "sparsity", "state"):
+            t.add_column(col, justify="left" if col in ("layer", "state") else "right")
+        for r in self.layers:
+            state = "masked" if r.masked else (f"stored {r.storage}" if r.storage else "dense")
+            t.add_row(r.name, "x".join(map(str, r.shape)), f"{r.numel:,}", f"{r.nonzero:,}", f"{100 * r.sparsity:.2f}%", state)
+        return t
+
+
+def sparsity_report(model: nn.Module, modules: Sequence[str] | str | None = None) -> SparsityReport:
+    """Sparsity of every Linear/Conv weight (masked or not) and of the whole model.
+
+    Example:
+        >>> import torch
+        >>> r = sparsity_report(torch.nn.Linear(4, 2))
+        >>> (r.layers[0].name, r.layers[0].sparsity)
+        ('weight', 0.0)
+    """
+    rows = []
+    with torch.no_grad():
+        for name, module in prunable_weights(model, modules).items():
+            pname = _split(name)[1]
+            w = getattr(module, pname)
+            nz = int(torch.count_nonzero(w))
+            storage = _sparse_io.sparse_storage(module).get(pname, "")
+            storage = _sparse_io.best_format(w) if storage == "auto" else storage
+            rows.append(
+                LayerSparsity(
+                    name, list(w.shape), w.numel(), nz, 1.0 - nz / max(w.numel(), 1),
+                    get_mask(module, pname) is not None, storage,
+                )
+            )
+        total = nonzero = 0
+        for pname, p in model.named_parameters():
+            if "parametrizations." not in pname:  # originals are counted as their effective weight
+                total += p.numel()
+                nonzero += int(torch.count_nonzero(p))
+        for module in model.modules():
+            for pname in getattr(module, "parametrizations", None) or ():
+                w = getattr(module, pname)
+                total += w.numel()
+                nonzero += int(torch.count_nonzero(w))
+    return SparsityReport(rows, sum(r.numel for r in rows), sum(r.nonzero for r in rows), total, nonzero)
+
+
+# --------------------------------------------------------------------------- sparsify_ / finalize_
+
+
+def _criterion(method: str | Criterion, seed: int) -> tuple[str, Criterion]:
+    if isinstance(method, Criterion):
+        return type(method).__name__.lower(), method
+    if not isinstance(method, str):
+        raise ConfigError(f"method must be a criterion name or a Criterion; got {type(method).__name__}")
+    cls = get_method("prune.unstructured", method)
+    return method, (cls(seed=seed) if method == "random" else cls())
+
+
+def _rates(names: Iterable[str], sparsity: float | None, overrides: Mapping[str, float]) -> tuple[dict[str, float], set[str]]:
+    rates, overridden = {}, set()
+    for name in names:
+        layer = _split(name)[0]
+        for pat, value in overrides.items():
+            if fnmatch.fnmatchcase(layer, pat) or fnmatch.fnmatchcase(name, pat):
+                rates[name] = value
+                overridden.add(name)
+                break
+        else:
+            rates[name] = sparsity if sparsity is not None else 0.0
+    return rates, overridden
+
+
+def sparsify_(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    method: str | Criterion = "magnitude",
+    scope: str = "layer",
+    pattern: str = "unstructured",
+    block: Sequence[int] | None = None,
+    modules: Sequence[str] | str | None = None,
+    overrides: Mapping[str, float] | None = None,
+    calibration: Any = None,
+    calibration_batches: int = 8,
+    seed: int = 0,
+) -> SparsityPlan:
+    """Mask the smallest-scoring weights of ``model``'s Linear/Conv layers, in place.
+
+    Sparsity is cumulative: a weight already masked counts as pruned first, so calling this
+    again with a higher sparsity prunes further and never revives a weight (unless the new
+    sparsity is lower). Magnitude gives exactly ``round(sparsity * n)`` zeros per layer (layer
+    scope) or over all selected layers (global scope).
+
+    Args:
+        model: changed in place (weights get :class:`WeightMask` parametrizations).
+        sparsity: fraction of weights to prune, in [0, 1]; for N:M leave it ``None``.
+        method: ``"magnitude"``, ``"random"``, ``"lamp"``, ``"movement"``, ``"wanda"``, ``"snip"``
+            or a :class:`~torchslim.prune.unstructured.Criterion` instance (e.g. a
+            :class:`~torchslim.prune.unstructured.Movement` holding accumulated scores).
+        scope: ``"layer"`` or ``"global"``.
+        pattern: ``"unstructured"``, ``"N:M"`` such as ``"2:4"``, ``"block"`` or ``"block:RxC"``.
+        block: block shape ``(rows, cols)`` for ``pattern="block"`` (default ``(1, 4)``).
+        modules: module names or globs to prune (all Linear/Conv layers by default).
+        overrides: per-layer sparsity, glob of module name -> value (pruned layer-wise).
+        calibration: batches for ``wanda`` (inputs) and ``snip`` / one-shot ``movement`` (labeled).
+        calibration_batches: at most this many calibration batches.
+        seed: seed of the ``random`` criterion.
+
+    Returns:
+        A :class:`SparsityPlan` with the sparsity reached per weight.
+
+    Raises:
+        ConfigError: sparsity outside [0, 1]; an unknown method, scope or pattern; N > M; a layer
+            whose shape the pattern cannot divide; a method that needs calibration without it.
+            The model is unchanged then.
+    """
+    pat = parse_pattern(pattern, block)
+    if pat.kind == "nm":
+        if sparsity is not None and not math.isclose(valid_sparsity(sparsity), pat.sparsity or 0.0):
+            raise ConfigError(f"pattern {pat} prunes exactly {pat.sparsity:g} of the weights; got sparsity={sparsity!r} (leave it out)")
+        sparsity = pat.sparsity
+    elif sparsity is None:
+        raise ConfigError(f"sparsify_ needs sparsity= a number in [0, 1] for pattern {pat}")
+    else:
+        sparsity = valid_sparsity(sparsity)
+    if scope not in ("layer", "global"):
+        raise ConfigError(f"scope must be 'layer' or 'global'; got {scope!r}")
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        valid_sparsity(value, f"overrides[{key!r}]")
+    if not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ConfigError(f"calibration_batches must be a positive integer; got {calibration_batches!r}")
+    name, criterion = _criterion(method, seed)
+    if criterion.needs_calibration and calibration is None:
+        raise ConfigError(f"method {name!r} needs calibration data: pass calibration= a DataLoader of batches")
+    if scope == "global" and not criterion.comparable_across_layers:
+        raise ConfigError(f"method {name!r} scores are not comparable across layers; use scope='layer'")
+    targets = prunable_weights(model, modules)
+    for wname, module in targets.items():
+        check_pattern(wname, getattr(module, _split(wname)[1]).shape, pat)
+    rates, overridden = _rates(targets, sparsity, overrides)
+
+    weights = {n: getattr(m, _split(n)[1]) for n, m in targets.items()}
+    ctx = ScoreContext(model, targets, calibration, calibration_batches)
+    scores = criterion.scores(weights, ctx)
+    for n, module in targets.items():
+        current = get_mask(module, _split(n)[1])
+        if current is not None:
+            scores[n] = scores[n].float().masked_fill(~current.to(scores[n].device), float("-inf"))
+    masks = select_masks(
+        scores, rates, scope=scope if pat.kind != "nm" else "layer", pattern=pat,
+        per_row=criterion.per_row, layerwise=overridden,
+    )
+    new = set_masks_(model, masks)
+    if new:
+        from torchslim.zoo.spec import model_info, record_plan
+
+        if model_info(model) is not None:
+            record_plan(model, {"kind": "sparsify", "action": "mask", "layers": sorted(new)})
+    achieved = {n: 1.0 - float(m.float().mean()) for n, m in masks.items()}
+    total = sum(m.numel() for m in masks.values())
+    overall = 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+    return SparsityPlan(name, scope, str(pat), sparsity if pat.kind != "nm" else None, overrides, achieved, overall)
+
+
+def finalize_(model: nn.Module, storage: str = "auto") -> SparsityReport:
+    """Bake every mask into its weight and store sparse weights compressed from now on.
+
+    The parametrizations are removed (the weight is the same ``Parameter`` object, zeros kept);
+    the model's state dict, hence ``ts.save``'s file and ``ts.profile``'s ``size_bytes``, then
+    holds each such weight as a bitmask or CSR (``storage``: ``"auto"`` picks the smallest per
+    tensor, or ``"bitmask"``, ``"csr"``, ``"dense"``).
+
+    Returns:
+        The :func:`sparsity_report` after finalizing.
+
+    Raises:
+        ConfigError: unknown storage format (model unchanged).
+    """
+    if storage not in _sparse_io.FORMATS:
+        raise ConfigError(f"storage must be one of {', '.join(_sparse_io.FORMATS)}; got {storage!r}")
+    layers = masked_weights(model)
+    _finalize_layers(model, sorted(layers), storage)
+    if layers:
+        from torchslim.zoo.spec import model_info, record_plan
+
+        if model_info(model) is not None:
+            record_plan(model, {"kind": "sparsify", "action": "finalize", "layers": sorted(layers), "storage": storage})
+    return sparsity_report(model)
+
+
+def _finalize_layers(model: nn.Module, layers: Sequence[str], storage: str) -> None:
+    modules = dict(model.named_modules())
+    for name in layers:
+        mname, pname = _split(name)
+        module = modules[mname]
+        if _mask_module(module, pname) is not None:
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        _sparse_io.attach_sparse_storage(module, [pname], storage)
+
+
+def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Re-create a saved sparsify step on a fresh model (placeholder masks; weights load after)."""
+    action, layers = plan.get("action"), list(plan.get("layers", []))
+    modules = dict(model.named_modules())
+    for name in layers:
+        mname, pname = _split(name)
+        if mname not in modules or not isinstance(getattr(modules[mname], pname, None), torch.Tensor):
+            raise CheckpointError(f"sparsify plan names {name!r}, which the rebuilt model does not have")
+    if action == "mask":
+        set_masks_(model, {n: torch.ones_like(getattr(modules[_split(n)[0]], _split(n)[1]), dtype=torch.bool) for n in layers})
+    elif action == "finalize":
+        _finalize_layers(model, layers, plan.get("storage", "auto"))
+    else:
+        raise CheckpointError(f"sparsify plan has unknown action {action!r} (known: mask, finalize)")
+
+
+def _register() -> None:
+    from torchslim.saving import register_plan_kind
+
+    register_plan_kind("sparsify", _replay)
+
+
+_register()
