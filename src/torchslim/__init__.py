@@ -13,6 +13,7 @@ Example:
 from torchslim import errors
 from torchslim._registry import list_methods
 from torchslim.data import DataBundle, list_datasets, load_data
+from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
 from torchslim.graph import trace
 from torchslim.profile import Comparison, Profile, compare, profile
@@ -44,6 +45,9 @@ __all__ = [
     "Callback",
     "Comparison",
     "DataBundle",
+    "DistillConfig",
+    "DistillResult",
+    "distill",
     "Profile",
     "TorchslimError",
     "TrainConfig",

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim import distributed as _dist
 from torchslim._train_callbacks import Callback, EarlyStopping, TrainState, _call
 from torchslim._train_checkpoint import _load_checkpoint, _save_checkpoint
 from torchslim._utils import is_int as _is_int
@@ -313,12 +314,21 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _train_epoch(
-    state: TrainState, loss_fn: LossFn, callbacks: list[Callback], bar: Progress
+    state: TrainState,
+    loss_fn: LossFn,
+    callbacks: list[Callback],
+    bar: Progress,
+    forward_model: nn.Module | None = None,
+    env: _dist.DistEnv | None = None,
 ) -> dict[str, Any]:
     config, model, device = state.config, state.model, state.device
-    loader = state.data.loader(
-        "train", config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, state.epoch)
-    )
+    forward_model = model if forward_model is None else forward_model
+    if env is None:
+        loader = state.data.loader(
+            "train", config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, state.epoch)
+        )
+    else:  # this process's rows of the same global batches (see torchslim.distributed)
+        loader = _dist.shard_loader(state.data.train, config.batch_size, config.seed, state.epoch, env)
     steps = (
         len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
     )
@@ -336,7 +346,7 @@ def _train_epoch(
         state.epoch_step, state.batch = index, (inputs, targets)
         _call(callbacks, "on_step_begin", state)
         state.optimizer.zero_grad(set_to_none=True)
-        result = loss_fn(model, inputs, targets)
+        result = loss_fn(forward_model, inputs, targets)
         loss, outputs = result if isinstance(result, (tuple, list)) else (result, None)
         loss.backward()
         _call(callbacks, "on_after_backward", state)
@@ -357,6 +367,10 @@ def _train_epoch(
         bar.update(task, advance=1, loss=state.loss)
         if state.stop_training:
             break
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device),
+                          torch.tensor(float(counted), dtype=torch.float64, device=device)])
+    loss_sum, correct, seen, counted = _dist.all_reduce_sum(totals, env).tolist()  # sums over processes
+    correct, seen, counted = int(correct), int(seen), int(counted)
     metrics["steps"] = done
     metrics["train_loss"] = float(loss_sum) / max(seen, 1)
     if counted:
@@ -404,6 +418,7 @@ def fit(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool | str = "auto",
 ) -> TrainResult:
     """Train ``model`` in place on ``data.train``, validating on ``data.val`` each epoch.
 
@@ -422,13 +437,20 @@ def fit(
             The learning-rate schedule of ``config`` is applied to it either way.
         checkpoint_dir: Write ``last.pt`` there (atomically) after every epoch.
         resume: Continue from ``checkpoint_dir/last.pt`` if it exists (else start fresh).
-        progress: Show a progress bar on stderr.
+        progress: Show a progress bar on stderr (rank 0 only in a distributed run).
+        distributed: ``"auto"``: data-parallel (DistributedDataParallel, see
+            :mod:`torchslim.distributed`) when launched by ``torchrun`` with ``WORLD_SIZE > 1``;
+            ``"ddp"``/``True``: require such a launch; ``"off"``/``False``: never. In a distributed
+            run ``config.batch_size`` is the global batch (each of ``P`` processes takes
+            ``batch_size / P`` rows), so the updates equal those of a one-process run; only rank
+            0 writes checkpoints, and every rank resumes from them.
 
     Returns:
         A :class:`TrainResult`. Validation and test accuracies are skipped for unlabeled data.
 
     Raises:
-        ConfigError: Invalid config, callbacks or data for the chosen loss.
+        ConfigError: Invalid config, callbacks or data for the chosen loss, or a global batch that
+            does not divide by the number of processes.
         CheckpointError: ``resume`` found a checkpoint that is corrupt or does not fit the model.
     """
     config = TrainConfig() if config is None else config
@@ -451,6 +473,31 @@ def fit(
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs a checkpoint_dir to resume from")
     device = _resolve_device(config.device)
+    env = _dist.setup(distributed, device)
+    try:
+        result = _fit(model, data, config, callbacks, loss_fn, optimizer, checkpoint_dir, resume, progress, env)
+    except BaseException:
+        _dist.cleanup(env, wait=False)  # the other processes may never reach a barrier
+        raise
+    _dist.cleanup(env)
+    return result
+
+
+def _fit(
+    model: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    callbacks: list[Callback],
+    loss_fn: LossFn | None,
+    optimizer: torch.optim.Optimizer | None,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    progress: bool,
+    env: _dist.DistEnv | None,
+) -> TrainResult:
+    device = _resolve_device(config.device) if env is None else env.device
+    if env is not None:
+        _dist.per_process_batch(config.batch_size, env)  # fail before training on a bad split
     seed_everything(config.seed)
     model.to(device)
     optimizer = optimizer if optimizer is not None else _make_optimizer(model, config)
@@ -460,14 +507,15 @@ def fit(
     if resume and path is not None and path.exists():
         best = _load_checkpoint(path, state, callbacks)
     loss_fn = loss_fn if loss_fn is not None else _cross_entropy
-    with _progress(progress) as bar:
+    forward_model = _dist.wrap_model(model, env)
+    with _progress(progress and _dist.is_main_process(env)) as bar:
         _call(callbacks, "on_train_begin", state)
         for epoch in range(state.epoch, config.epochs):
             if state.stop_training:
                 break
             state.epoch = epoch
             _call(callbacks, "on_epoch_begin", state)
-            metrics = _train_epoch(state, loss_fn, callbacks, bar)
+            metrics = _train_epoch(state, loss_fn, callbacks, bar, forward_model, env)
             if data.labeled:
                 val = evaluate(model, data.loader("val", config.batch_size, shuffle=False), device)
                 metrics["val_loss"], metrics["val_accuracy"] = val["loss"], val["accuracy"]
@@ -477,7 +525,9 @@ def fit(
             state.scheduler.step()
             _call(callbacks, "on_epoch_end", state)
             if path is not None:
-                _save_checkpoint(path, state, callbacks, best)
+                if _dist.is_main_process(env):
+                    _save_checkpoint(path, state, callbacks, best)
+                _dist.barrier(env)  # no process reads a checkpoint half written
         _call(callbacks, "on_train_end", state)
     test_accuracy = test_loss = None
     if data.labeled:

@@ -799,7 +799,16 @@ def _pool(a: _Analyser, op: OpNode) -> None:
 def _sdpa(a: _Analyser, op: OpNode) -> None:
     q, k, v = op.args[0], op.args[1], op.args[2]
     ql, kl, vl = a.layout(q), a.layout(k), a.layout(v)
-    lead = [a.unite(a.unite(x, y), z) for x, y, z in zip(ql[:-2], kl[:-2], vl[:-2])]
+    lead = []
+    for x, y, z, qs, ks in zip(ql[:-2], kl[:-2], vl[:-2], q.shape[:-2], k.shape[:-2]):
+        kv = a.unite(y, z)
+        if qs != ks and ks and qs % ks == 0 and len(x) == 1 and len(kv) == 1:
+            # grouped-query attention: query head i uses key/value head i // (qs // ks), so
+            # removing a key/value head removes its whole group of query heads
+            a.derive(x[0], (kv[0], a.opaque(qs // ks)[0]))
+            lead.append(x)
+        else:
+            lead.append(a.unite(x, kv))
     a.unite(ql[-1], kl[-1])
     a.unite(kl[-2], vl[-2])
     a.set(op.outputs[0], (*lead, ql[-2], vl[-1]))

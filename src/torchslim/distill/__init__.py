@@ -1,0 +1,28 @@
+"""Knowledge distillation: train a small or compressed student against a frozen teacher.
+
+``distill(student, teacher, data, DistillConfig(...))`` runs the shared train loop
+(:func:`torchslim.train.fit`, so callbacks, checkpoints, resume and ``torchrun`` data parallelism
+all work) with a registered loss: Hinton KD (``"kd"``), FitNets hints (``"hint"``), attention
+transfer (``"at"``) or TinyBERT layer matching (``"tinybert"``).
+"""
+
+from torchslim.distill.api import DistillConfig, DistillResult, distill
+from torchslim.distill.losses import ATLoss, DistillLoss, HintLoss, KDLoss, TinyBERTLoss, kd_loss
+from torchslim.distill.mapping import auto_taps, map_by_depth, map_by_name
+from torchslim.distill.taps import FeatureTaps
+
+__all__ = [
+    "ATLoss",
+    "DistillConfig",
+    "DistillLoss",
+    "DistillResult",
+    "FeatureTaps",
+    "HintLoss",
+    "KDLoss",
+    "TinyBERTLoss",
+    "auto_taps",
+    "distill",
+    "kd_loss",
+    "map_by_depth",
+    "map_by_name",
+]
