@@ -125,6 +125,7 @@ class ChannelGroups:
     frozen_params: list[str]
     seconds: float
     drivers: dict[int, tuple[int, ...]] = field(default_factory=dict)  # derived root -> driver roots
+    meta_ok: bool = False  # the model runs on the meta device (shape-only trials are possible)
 
     def roots(self, name: str, dim: int) -> np.ndarray:
         """Channel (union-find root) of every index of a bound tensor's dimension, cached."""
@@ -1043,6 +1044,32 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
     return out
 
 
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no data copied).
+
+    Returns None when the model cannot be copied (e.g. it holds un-copyable state).
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        if id(t) in memo:
+            continue
+        m = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def to_meta(example_inputs: Any) -> Any:
+    """The same inputs as meta tensors (shapes and dtypes kept)."""
+    from torchslim.graph._inputs import as_inputs
+
+    return as_inputs(example_inputs).to("meta")
+
+
 def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
     """Trace ``model`` (eval mode, autograd on, so no fused kernels hide structure) and find its groups.
 
@@ -1058,8 +1085,19 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     from torchslim._utils import evaluating
 
     start = time.perf_counter()
-    with evaluating(model):
-        tr = trace(model, example_inputs, grad=True)
+    tr = None
+    used_meta = False
+    shadow = meta_copy(model)
+    if shadow is not None:  # shapes only: no arithmetic, no memory for activations
+        try:
+            with evaluating(shadow):
+                tr = trace(shadow, to_meta(example_inputs), grad=True)
+            used_meta = True
+        except Exception:  # noqa: BLE001 - data-dependent models need the real forward
+            tr = None
+    if tr is None:
+        with evaluating(model):
+            tr = trace(model, example_inputs, grad=True)
     a = _Analyser(tr, tuple(ignore))
     a.run()
     drivers = a.resolve_drivers()
@@ -1067,7 +1105,8 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     for g in grps:
         g.head_dim = a.head_dims.get(g.channels[0]) if g.channels else None
     frozen = [n for n, dims in a.param_atoms.items() if all(d is None or not a.uf.roots(d).any() for d in dims)]
-    return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start, drivers)
+    return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start, drivers,
+                         meta_ok=used_meta)
 
 
 def groups(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:

@@ -114,12 +114,12 @@ def slice_model_(
         for d, idx in enumerate(dims):
             if idx is None:
                 continue
-            idx_t = torch.as_tensor(idx, dtype=torch.long, device=old.device)
+            idx_t = torch.as_tensor(idx, dtype=torch.long).cpu()
             if idx_t.numel() == 0:
                 raise ConfigError(f"pruning would leave {name!r} with no entries in dimension {d}")
             if int(idx_t.max()) >= old.shape[d] or int(idx_t.min()) < 0:
                 raise ConfigError(f"index out of range for {name!r} dimension {d} (size {old.shape[d]})")
-            new = new.index_select(d, idx_t)
+            new = new.index_select(d, idx_t.to(old.device))
         planned.append((module, attr, old, new.clone()))
 
     modules = {id(m): m for m, _, _, _ in planned}

@@ -20,7 +20,7 @@ from torch import nn
 
 from torchslim._utils import is_number
 from torchslim.errors import ConfigError, ModelRunError
-from torchslim.graph.spaces import ChannelGroups, analyse
+from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.surgery import slice_model_
 from torchslim.prune.importance import accumulate_gradients, get_importance
 from torchslim.saving import register_plan_kind
@@ -159,6 +159,15 @@ def _choose(
     return removed, report
 
 
+def _trial(model: nn.Module, cg: ChannelGroups, inputs: Any) -> tuple[nn.Module, Any]:
+    """A throw-away copy to try a removal on: shapes only (meta device) when the model allows."""
+    if cg.meta_ok:
+        shadow = meta_copy(model)
+        if shadow is not None:
+            return shadow, to_meta(inputs)
+    return copy.deepcopy(model), inputs
+
+
 def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Tensor], inputs: Any,
                      opts: dict[str, Any]) -> set[int]:
     """Groups whose pruning makes the forward fail (probed at ratio 0.5 on copies)."""
@@ -168,8 +177,8 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
         return set()
     try:
         report = _choose(model, cg, scores, 0.5, **probe)[1]
-        slice_model_(copy.deepcopy(model), cg.keep_indices(removed), example_inputs=inputs,
-                     attrs=_head_attrs(model, cg, report))
+        trial, trial_inputs = _trial(model, cg, inputs)
+        slice_model_(trial, cg.keep_indices(removed), example_inputs=trial_inputs, attrs=_head_attrs(model, cg, report))
         return set()
     except ModelRunError:
         pass
@@ -179,9 +188,9 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
         if not mine:
             continue
         report = [{"id": g.id, "size": g.size, "kept": g.size - len(mine)}]
+        trial, trial_inputs = _trial(model, cg, inputs)
         try:
-            slice_model_(copy.deepcopy(model), cg.keep_indices(mine), example_inputs=inputs,
-                         attrs=_head_attrs(model, cg, report))
+            slice_model_(trial, cg.keep_indices(mine), example_inputs=trial_inputs, attrs=_head_attrs(model, cg, report))
         except ModelRunError:
             bad.add(g.id)
     return bad
@@ -315,14 +324,16 @@ def prune_channels_(
     achieved: dict[str, float] = {}
     if target is not None:
         metric = target.metric
-        base = _measure(model, example_inputs, metric)
+        shape_only = metric != "latency"
+        base_model, base_inputs = _trial(model, cg, example_inputs) if shape_only else (model, example_inputs)
+        base = _measure(base_model, base_inputs, metric)
         lo, hi, best = 0.0, 0.99, None
         for _ in range(24):
             mid = (lo + hi) / 2
             removed, _ = _choose(model, cg, scores, mid, **opts)
-            trial = copy.deepcopy(model)
+            trial, trial_inputs = _trial(model, cg, example_inputs) if shape_only else (copy.deepcopy(model), example_inputs)
             slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, _choose(model, cg, scores, mid, **opts)[1]))
-            frac = _measure(trial, example_inputs, metric) / base
+            frac = _measure(trial, trial_inputs, metric) / base
             if frac > target.fraction:
                 lo = mid
             else:
