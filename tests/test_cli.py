@@ -142,3 +142,18 @@ def test_list(capsys) -> None:
     code, out, _ = run(capsys, "list", "--json")
     d = json.loads(out)
     assert code == 0 and "zoo:lenet300" in d["models"] and "mnist" in d["datasets"]
+
+
+def test_demo_compresses_and_reloads(capsys, tmp_path) -> None:
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--epochs", "1", "--distill-epochs", "1", "--out", str(out), "--json",
+                            "--no-progress")
+    assert code == 0, err
+    d = json.loads(stdout)
+    assert d["after"]["params"] < 0.5 * d["before"]["params"]
+    assert d["after"]["macs"] < 0.6 * d["before"]["macs"]
+    assert d["after"]["size_bytes"] < d["before"]["size_bytes"]
+    for key in ("accuracy_before", "accuracy_pruned", "accuracy_after"):
+        assert 0.0 <= d[key] <= 1.0
+    assert d["accuracy_after"] > 0.5
+    assert os.path.isfile(out / "plan.json")

@@ -158,38 +158,60 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in default job: profile, train and evaluate LeNet-300-100 on real MNIST digits."""
+    """The built-in default job: train LeNet-5 on real MNIST digits, prune half of its channels,
+    recover accuracy by distilling from the dense model, save, reload and compare."""
+    import copy
+
     import torchslim as ts
 
     con = _console(args)
-    data = ts.load_data("mnist", seed=args.seed)
-    model = ts.create_model("zoo:lenet300", data=data)
-    before = ts.profile(model)
-    con.print(f"[bold]zoo:lenet300[/bold] on mnist ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test digits)")
-    con.print(before.table(max_layers=20))
-    config = ts.TrainConfig(epochs=args.epochs, lr=1e-3, optimizer="adam", batch_size=64, seed=args.seed)
     out = Path(args.out)
-    result = ts.fit(model, data, config, checkpoint_dir=out.with_name(out.name + ".checkpoint"),
-                    resume=True, progress=not args.no_progress)
+    data = ts.load_data("mnist", seed=args.seed)
+    model = ts.create_model("zoo:lenet5", data=data)
+    con.print(f"[bold]1/4 train[/bold] zoo:lenet5 on mnist ({len(data.train)} train / {len(data.val)} val / "
+              f"{len(data.test)} test real digits)")
+    train_cfg = ts.TrainConfig(epochs=args.epochs, lr=0.05, optimizer="sgd", batch_size=64, seed=args.seed)
+    dense = ts.fit(model, data, train_cfg, checkpoint_dir=out.with_name(out.name + ".checkpoint"), resume=True,
+                   progress=not args.no_progress)
+    before = ts.profile(model)
+    teacher = copy.deepcopy(model)
+
+    con.print(f"[bold]2/4 prune[/bold] {args.ratio:.0%} of every channel group (L2 importance)")
+    plan = ts.prune_channels_(model, ratio=args.ratio, importance="l2")
+    pruned_acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
+
+    con.print(f"[bold]3/4 distill[/bold] from the dense model for {args.distill_epochs} epochs (Hinton KD)")
+    kd = ts.distill(model, teacher, data, ts.DistillConfig(loss="kd", train=ts.TrainConfig(
+        epochs=args.distill_epochs, lr=0.02, optimizer="sgd", batch_size=64, seed=args.seed)),
+        progress=not args.no_progress)
+
+    con.print(f"[bold]4/4 save, reload, measure[/bold] -> {out}")
     ts.save(model, out)
     reloaded = ts.load(out)
-    after = ts.evaluate(reloaded, data.loader("test", batch_size=256))
+    final_acc = ts.evaluate(reloaded, data.loader("test", batch_size=256))["accuracy"]
+    after = ts.profile(reloaded)
+    cmp = ts.compare(before, after)
     payload = {
-        "model": "zoo:lenet300",
+        "model": "zoo:lenet5",
         "data": "mnist",
-        "profile": before.to_dict(),
-        "accuracy": result.test_accuracy,
-        "accuracy_reloaded": after["accuracy"],
-        "history": result.history,
-        "files": {"model": str(out)},
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "accuracy_before": dense.test_accuracy,
+        "accuracy_pruned": pruned_acc,
+        "accuracy_after": final_acc,
+        "prune": {"ratio": plan.ratio, "removed_channels": plan.removed_channels, "total_channels": plan.total_channels},
+        "distill": {"epochs": kd.train.epochs_run, "teacher_accuracy": kd.teacher_accuracy},
+        "comparison": cmp.to_dict(),
+        "files": {"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")},
     }
     if args.json:
         _emit(args, payload)
-    else:
-        con.print(
-            f"test accuracy after {result.epochs_run} epochs: {100 * result.test_accuracy:.2f}% "
-            f"(reloaded from {out}: {100 * after['accuracy']:.2f}%)"
-        )
+        return 0
+    con.print(cmp.table())
+    con.print(
+        f"test accuracy: dense {100 * dense.test_accuracy:.2f}% -> pruned {100 * pruned_acc:.2f}% -> "
+        f"after distillation {100 * final_acc:.2f}% (reloaded from {out})"
+    )
     return 0
 
 
@@ -268,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default=None, help="glob over zoo model names, e.g. 'resnet*'")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="the built-in default job (LeNet-300-100 on real MNIST digits)")
+    p = sub.add_parser("demo", help="the built-in default job: train, prune, distill, save LeNet-5 on real MNIST digits")
     _common(p, model=False)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4, help="dense training epochs (default 4)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to prune (default 0.5)")
+    p.add_argument("--distill-epochs", type=int, default=3, help="distillation epochs after pruning (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "demo"))
     p.add_argument("--no-progress", action="store_true")
