@@ -16,6 +16,7 @@ from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
 from torchslim.graph import trace
+from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
 from torchslim.profile import Comparison, Profile, compare, profile
 from torchslim.prune import (
     Budget,
@@ -47,6 +48,9 @@ __all__ = [
     "DataBundle",
     "DistillConfig",
     "DistillResult",
+    "FactorizeConfig",
+    "FactorizePlan",
+    "factorize_",
     "distill",
     "Profile",
     "TorchslimError",

@@ -15,6 +15,7 @@ _EXTRAS = {
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
     "optuna": "search",
+    "tensorly": "lowrank",
     "skimage": "images",
     "mlxtend": "",
     "sklearn": "",

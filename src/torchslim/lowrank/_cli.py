@@ -1,0 +1,132 @@
+"""CLI verb ``factorize``: low-rank factorization of a model, optionally fine-tuned after.
+
+``torchslim factorize MODEL --method M (--rank R | --energy E | --target-macs F | --target-params F)
+[--scope layer|model] [--data SPEC --finetune-epochs N] --out DIR [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``factorize`` verb to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_model_verb_args
+    from torchslim.lowrank.api import METHODS
+
+    p = sub.add_parser(
+        "factorize", help="replace layers by low-rank factorized ones (SVD, Tucker-2, CP, spatial SVD, separable)"
+    )
+    add_model_verb_args(p)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", help="integer rank, a fraction of full rank in (0, 1], or 'vbmf'")
+    g.add_argument("--energy", type=float, help="keep this fraction (0, 1] of the squared singular values")
+    g.add_argument("--target-macs", type=float, help="keep at most this fraction (0, 1] of the MACs")
+    g.add_argument("--target-params", type=float, help="keep at most this fraction (0, 1] of the parameters")
+    p.add_argument("--scope", default="layer", help="layer or model: where a --target-* applies (default layer)")
+    p.add_argument("--modules", help="comma-separated module names/globs (default: every layer the method takes)")
+    p.add_argument("--exclude", help="comma-separated globs of layers to leave alone")
+    p.add_argument("--keep-larger", action="store_true", help="factorize even layers whose factorized form is larger")
+    p.add_argument("--max-iter", type=int, default=100, help="CP-ALS iterations (default 100)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after factorizing")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-steps", type=int, help="at most this many steps per fine-tuning epoch")
+    p.add_argument("--device", default="auto", help="device for fine-tuning: auto, cpu, cuda (default auto)")
+    p.set_defaults(func=_cmd_factorize)
+
+
+def _rank(text: str | None) -> int | float | str | None:
+    from torchslim.errors import ConfigError
+
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if t == "vbmf":
+        return t
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        raise ConfigError(f"--rank must be an integer, a fraction in (0, 1] or 'vbmf'; got {text!r}") from None
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`FactorizeConfig` the flags describe (raises ``ConfigError`` when invalid)."""
+    from torchslim.lowrank.api import FactorizeConfig
+
+    return FactorizeConfig(
+        method=args.method,
+        rank=_rank(args.rank),
+        energy=args.energy,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        scope=args.scope,
+        modules=_split(args.modules),
+        exclude=_split(args.exclude) or (),
+        only_if_smaller=not args.keep_larger,
+        max_iter=args.max_iter,
+        seed=args.seed,
+    )
+
+
+def _cmd_factorize(args: argparse.Namespace) -> int:
+    from torchslim._cli_common import run_model_verb
+    from torchslim.errors import ConfigError
+    from torchslim.train import TrainConfig
+
+    config = config_from_args(args)  # check everything before building anything
+    if args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
+    if args.finetune_epochs and not args.data:
+        raise ConfigError("--finetune-epochs needs --data to train on")
+    train_cfg = None
+    if args.finetune_epochs:
+        train_cfg = TrainConfig(
+            epochs=args.finetune_epochs,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            batch_size=args.batch_size,
+            max_steps_per_epoch=args.max_steps,
+            device=args.device,
+            seed=args.seed,
+            lr_schedule="cosine",
+        )
+
+    def apply(model: Any, ctx: Any) -> dict[str, Any]:
+        from torchslim.lowrank.api import factorize_
+
+        plan = factorize_(model, config, ctx.example_inputs)
+        if not args.json:
+            ctx.console.print(plan.table())
+        extras: dict[str, Any] = {"factorize": plan.to_dict()}
+        if train_cfg is not None:
+            from torchslim.train import fit
+
+            result = fit(model, ctx.data, train_cfg, progress=not (args.no_progress or args.json))
+            extras["finetune"] = {"config": train_cfg.to_dict(), "result": _result_dict(result)}
+        return extras
+
+    return run_model_verb(args, "factorize", apply)
+
+
+def _result_dict(result: Any) -> Any:
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    import dataclasses
+
+    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else str(result)

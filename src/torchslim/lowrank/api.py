@@ -1,0 +1,372 @@
+"""``ts.factorize_``: replace layers by products of smaller ones, driven by a ``FactorizeConfig``.
+
+Layer 1 is the tensor functions (:func:`~torchslim.lowrank.svd.svd_factorize`,
+:func:`~torchslim.lowrank.tucker.tucker2`, :func:`~torchslim.lowrank.cp.cp`,
+:func:`~torchslim.lowrank.spatial.spatial_svd`,
+:func:`~torchslim.lowrank.separable.separable_factors`); layer 2 the method objects that turn a
+layer into an ``nn.Sequential`` of standard layers; this module is layer 3, the one verb. The
+returned :class:`FactorizePlan` says per layer the ranks, the cost before/after and the
+kernel's relative error, and lists the layers left alone with the reason. The plan is recorded
+on the model, so ``ts.save`` / ``ts.load`` rebuild the factorized structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from torchslim._utils import is_int, is_number
+from torchslim.errors import CheckpointError, ConfigError, SpecError
+from torchslim.lowrank import _plan
+from torchslim.saving import register_plan_kind
+
+__all__ = ["FactorizeConfig", "FactorizePlan", "LayerFactorization", "SkippedLayer", "factorize_", "METHODS"]
+
+METHODS = tuple(_plan.METHODS)
+PLAN_KIND = "factorize"
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"FactorizeConfig.{what} must be a module name/glob or a list of them; got {value!r}")
+
+
+def _fraction(value: Any) -> bool:
+    return is_number(value) and 0.0 < float(value) <= 1.0
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """How :func:`factorize_` chooses layers and ranks. Give exactly one of ``rank``,
+    ``energy``, ``target_macs``, ``target_params``.
+
+    Attributes:
+        method: ``"svd"`` (Linear, or Conv2d as a matrix), ``"tucker"`` (Tucker-2, Kim 2016),
+            ``"cp"`` (Lebedev 2015), ``"spatial"`` (kxk -> kx1 + 1xk) or ``"separable"``
+            (depthwise + pointwise; the rank is the depth multiplier).
+        rank: An integer rank (Tucker-2: both channel ranks, each clamped to its mode), a float
+            in (0, 1] as a fraction of each layer's full rank (CP: of ``max(O, I)``, since its
+            exact rank bound is far above any useful rank), or ``"vbmf"`` (empirical VBMF on
+            each channel-mode unfolding, Kim 2016; CP takes the larger; not for ``separable``).
+        energy: Keep this fraction (0, 1] of the squared singular values, per mode.
+        target_macs: Largest ranks whose MACs stay within this fraction (0, 1] of the layer's
+            (``scope="layer"``) or, with one energy level for all layers, of the model's.
+        target_params: The same for parameters.
+        scope: ``"layer"`` or ``"model"`` (only with a target).
+        modules: ``None`` for every layer the method applies to, or names / globs (``"features.*"``).
+        exclude: Globs of layers to leave alone.
+        only_if_smaller: Leave a layer alone (and list it in ``plan.skipped``) when its
+            factorized form would not have fewer MACs and fewer parameters.
+        max_iter: Iterations of CP-ALS (Tucker-2's HOOI uses at most 50).
+        seed: Seed of CP-ALS's random initial columns.
+
+    Example:
+        >>> cfg = FactorizeConfig(method="tucker", rank="vbmf", exclude=("features.0",))
+        >>> FactorizeConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    method: str = "svd"
+    rank: int | float | str | None = None
+    energy: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    scope: str = "layer"
+    modules: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    only_if_smaller: bool = True
+    max_iter: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"FactorizeConfig.method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        given = [k for k in ("rank", "energy", "target_macs", "target_params") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                "FactorizeConfig needs exactly one of rank=, energy=, target_macs=, target_params=; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        r = self.rank
+        if r is not None:
+            if isinstance(r, str):
+                if r != "vbmf":
+                    raise ConfigError(f"FactorizeConfig.rank as a string must be 'vbmf'; got {r!r}")
+                if self.method == "separable":
+                    raise ConfigError("rank='vbmf' is not defined for method 'separable'; use rank=M, energy= or a target")
+            elif is_int(r):
+                if r < 1:
+                    raise ConfigError(f"FactorizeConfig.rank must be >= 1; got {r}")
+            elif isinstance(r, float):
+                if not _fraction(r):
+                    raise ConfigError(f"FactorizeConfig.rank as a fraction of full rank must be in (0, 1]; got {r}")
+            else:
+                raise ConfigError(f"FactorizeConfig.rank must be an int, a float in (0, 1] or 'vbmf'; got {r!r}")
+        for name in ("energy", "target_macs", "target_params"):
+            v = getattr(self, name)
+            if v is not None:
+                if not _fraction(v):
+                    raise ConfigError(f"FactorizeConfig.{name} must be a number in (0, 1]; got {v!r}")
+                object.__setattr__(self, name, float(v))
+        if self.scope not in ("layer", "model"):
+            raise ConfigError(f"FactorizeConfig.scope must be 'layer' or 'model'; got {self.scope!r}")
+        if self.scope == "model" and self.target_macs is None and self.target_params is None:
+            raise ConfigError("FactorizeConfig.scope='model' needs target_macs= or target_params=")
+        if self.modules is not None:
+            object.__setattr__(self, "modules", _names(self.modules, "modules"))
+        object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        if not isinstance(self.only_if_smaller, bool):
+            raise ConfigError(f"FactorizeConfig.only_if_smaller must be True or False; got {self.only_if_smaller!r}")
+        if not is_int(self.max_iter) or self.max_iter < 1:
+            raise ConfigError(f"FactorizeConfig.max_iter must be an integer >= 1; got {self.max_iter!r}")
+        if not is_int(self.seed):
+            raise ConfigError(f"FactorizeConfig.seed must be an integer; got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["modules"] = list(self.modules) if self.modules is not None else None
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FactorizeConfig:
+        """Build a config from a dict such as :meth:`to_dict` returns.
+
+        Raises:
+            ConfigError: not a mapping, unknown keys, or invalid values.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"FactorizeConfig.from_dict needs a mapping; got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown FactorizeConfig field(s) {unknown}; allowed: {', '.join(names)}")
+        return cls(**dict(values))
+
+
+@dataclass
+class LayerFactorization:
+    """One replaced layer: its ranks, cost before/after and the kernel's relative error."""
+
+    name: str
+    type: str
+    method: str
+    ranks: list[int]
+    max_ranks: list[int]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    rel_error: float
+
+
+@dataclass
+class SkippedLayer:
+    """A layer left alone, and why."""
+
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class FactorizePlan:
+    """What :func:`factorize_` did. Model totals of MACs are ``None`` without example inputs."""
+
+    config: FactorizeConfig
+    layers: list[LayerFactorization] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    energy: float | None = None  # the energy level a model-scope target settled on
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    def record(self) -> dict[str, Any]:
+        """The JSON recorded on the model for ``ts.load`` to replay."""
+        return {
+            "kind": PLAN_KIND,
+            "config": self.config.to_dict(),
+            "layers": [{"name": x.name, "method": x.method, "ranks": list(x.ranks)} for x in self.layers],
+        }
+
+    def table(self) -> Any:
+        """A rich table: one row per replaced layer, then the skipped ones."""
+        from rich.table import Table
+
+        t = Table(title=f"factorize ({self.config.method}): {len(self.layers)} replaced, {len(self.skipped)} left alone")
+        for col in ("layer", "ranks", "MACs", "params", "rel. error"):
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for x in self.layers:
+            t.add_row(
+                x.name,
+                "x".join(map(str, x.ranks)),
+                f"{x.macs_after / max(x.macs_before, 1):.3f}",
+                f"{x.params_after / max(x.params_before, 1):.3f}",
+                f"{x.rel_error:.3g}",
+            )
+        for s in self.skipped:
+            t.add_row(f"[dim]{s.name}[/dim]", "-", "-", "-", f"[dim]{s.reason}[/dim]")
+        return t
+
+
+def _inputs_for(model: nn.Module, example_inputs: Any) -> Any:
+    if example_inputs is not None:
+        return example_inputs
+    from torchslim.zoo.spec import example_inputs as remembered
+
+    try:
+        return remembered(model)
+    except SpecError:
+        return None
+
+
+def factorize_(model: nn.Module, config: FactorizeConfig, example_inputs: Any = None) -> FactorizePlan:
+    """Replace layers of ``model`` in place by factorized ``nn.Sequential`` blocks.
+
+    Every decision is made and every decomposition computed before the model is touched, so
+    on any error the model is exactly as before. New layers get the original's device, dtype,
+    train/eval mode and ``requires_grad``; the plan is recorded on the model for ``ts.save``.
+
+    Args:
+        model: The model; changed in place.
+        config: A :class:`FactorizeConfig`.
+        example_inputs: Inputs to learn each layer's spatial size (exact MACs). Defaults to the
+            inputs the model remembers (``ts.create_model``); without any, MACs are estimated
+            per output position and model-scope MACs targets are refused.
+
+    Returns:
+        A :class:`FactorizePlan`.
+
+    Raises:
+        ConfigError: bad config for this model: a name that matches nothing, a layer type with
+            no factorization, a rank larger than a layer allows, an unreachable target.
+
+    Example:
+        >>> import torch, torchslim as ts
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> plan = factorize_(model, FactorizeConfig(method="svd", rank=8))
+        >>> [(x.name, x.ranks, x.macs_after) for x in plan.layers]
+        [('0', [8], 1024), ('2', [8], 592)]
+        >>> type(model[0]).__name__, model(torch.randn(2, 64)).shape
+        ('Sequential', torch.Size([2, 10]))
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factorize_ needs an nn.Module; got {type(model).__name__}")
+    if not isinstance(config, FactorizeConfig):
+        raise ConfigError(f"factorize_ needs a FactorizeConfig; got {type(config).__name__}")
+    method = _plan.METHODS[config.method]
+    chosen, skipped_types = _plan.select(model, method, config.modules, config.exclude)
+    inputs = _inputs_for(model, example_inputs)
+    metric = 0 if config.target_macs is not None else 1
+    if config.scope == "model" and metric == 0 and inputs is None:
+        raise ConfigError("target_macs with scope='model' needs example inputs (pass example_inputs=)")
+    geos = _plan.geometry(model, chosen, inputs)
+    cands = []
+    for name, module in chosen:
+        macs, params = method.original_cost(module, geos[name])
+        cands.append(_plan.Candidate(name, module, geos[name], macs, params))
+
+    params_total = sum(p.numel() for p in model.parameters())
+    macs_total = None
+    if inputs is not None:
+        from torchslim.profile import profile
+
+        macs_total = profile(model, inputs, latency=False, size=False).macs
+    plan = FactorizePlan(config=config, params_before=params_total, macs_before=macs_total)
+    plan.skipped = [SkippedLayer(n, type(m).__name__, r) for n, m, r in skipped_types]
+
+    # ranks for every candidate (validates everything before anything is computed or changed)
+    if config.scope == "model":
+        total = macs_total if metric == 0 else params_total
+        plan.energy = _plan.model_target_energy(
+            method, cands, int(total), config.target_macs or config.target_params, metric, config.only_if_smaller
+        )
+    decided: list[tuple[_plan.Candidate, tuple[int, ...], int, int]] = []
+    for c in cands:
+        if config.rank is not None:
+            ranks = _plan.fixed_ranks(method, c, config.rank)
+        elif config.energy is not None:
+            ranks = _plan.energy_ranks(method, c, config.energy)
+        elif config.scope == "model":
+            ranks = _plan.energy_ranks(method, c, plan.energy)
+        else:
+            ranks = _plan.layer_target_ranks(method, c, config.target_macs or config.target_params, metric)
+        cheaper, macs, params = _plan.worth_it(method, c, ranks)
+        if config.only_if_smaller and not cheaper:
+            plan.skipped.append(
+                SkippedLayer(
+                    c.name,
+                    type(c.module).__name__,
+                    f"factorized at ranks {list(ranks)} it would cost {macs} MACs / {params} params, "
+                    f"not less than {c.macs} / {c.params} as it is",
+                )
+            )
+            continue
+        decided.append((c, ranks, macs, params))
+
+    # decompose (still nothing changed), then swap every layer in at once
+    replacements = []
+    for c, ranks, macs, params in decided:
+        seq, err = method.factorize(c.module, ranks, max_iter=config.max_iter, seed=config.seed)
+        seq.train(c.module.training)
+        if not c.module.weight.requires_grad:
+            seq.requires_grad_(False)
+        replacements.append((c.name, seq))
+        plan.layers.append(
+            LayerFactorization(
+                c.name, type(c.module).__name__, method.name, list(ranks), list(method.max_ranks(c.module)),
+                c.macs, macs, c.params, params, err,
+            )
+        )
+    for name, seq in replacements:
+        _set_submodule(model, name, seq)
+    plan.params_after = sum(p.numel() for p in model.parameters())
+    if macs_total is not None:
+        plan.macs_after = macs_total - sum(x.macs_before - x.macs_after for x in plan.layers)
+    if plan.layers:
+        from torchslim.zoo.spec import record_plan
+
+        record_plan(model, plan.record())
+    return plan
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Rebuild the factorized structure of a saved plan on a freshly built model."""
+    for entry in plan.get("layers", []):
+        name, method_name, ranks = entry.get("name"), entry.get("method"), entry.get("ranks")
+        method = _plan.METHODS.get(method_name)
+        if method is None:
+            raise CheckpointError(f"saved factorize plan names method {method_name!r}; known: {', '.join(METHODS)}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"saved factorize plan names layer {name!r}, which the rebuilt model lacks") from exc
+        reason = method.unsupported(module)
+        if reason is not None or not isinstance(ranks, list) or len(ranks) != len(method.max_ranks(module)):
+            raise CheckpointError(f"saved factorize plan does not fit layer {name!r}: {reason or f'ranks {ranks!r}'}")
+        seq = method.build(module, tuple(int(r) for r in ranks))
+        seq.train(module.training)
+        _set_submodule(model, name, seq)
+
+
+register_plan_kind(PLAN_KIND, _replay)
