@@ -1109,7 +1109,7 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
                          meta_ok=used_meta)
 
 
-def groups(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
+def groups(model: nn.Module, example_inputs: Any = None, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
     """The coupled channel groups of ``model``: ``print(ts.graph.groups(m, x))`` lists them.
 
     Example:
@@ -1119,4 +1119,8 @@ def groups(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | l
         >>> [(grp.size, grp.producers) for grp in g]
         [(8, [('0.weight', 0)])]
     """
+    if example_inputs is None:
+        from torchslim.zoo.spec import example_inputs as remembered
+
+        example_inputs = remembered(model)
     return analyse(model, example_inputs, ignore=ignore)
