@@ -12,6 +12,7 @@ Example:
 
 from torchslim import errors
 from torchslim._registry import list_methods
+from torchslim.binarize import BinarizeConfig, BinarizePlan, binarize_
 from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
@@ -35,6 +36,9 @@ from torchslim.zoo import create_model, example_inputs, list_models, set_example
 __version__ = "0.1.0"
 
 __all__ = [
+    "BinarizeConfig",
+    "BinarizePlan",
+    "binarize_",
     "Budget",
     "LotteryConfig",
     "MaskCallback",
