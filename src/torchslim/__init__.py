@@ -29,6 +29,7 @@ from torchslim.prune import (
     sparsify_,
     sparsity_report,
 )
+from torchslim.quantize import QuantConfig, QuantPlan, qat_convert_, qat_prepare_, quantize_
 from torchslim.saving import load, save
 from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
 from torchslim.zoo import create_model, example_inputs, list_models, set_example_inputs
@@ -57,6 +58,11 @@ __all__ = [
     "factorize_",
     "distill",
     "Profile",
+    "QuantConfig",
+    "QuantPlan",
+    "qat_convert_",
+    "qat_prepare_",
+    "quantize_",
     "TorchslimError",
     "TrainConfig",
     "TrainResult",

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ class VerbContext:
     out: Path
     console: Any
     files: dict[str, str] = field(default_factory=dict)  # add files the verb writes (name -> path)
+    staging: Path | None = None  # write extra files here: they are moved into ``out`` after ts.save
 
 
 def add_model_verb_args(p: argparse.ArgumentParser, *, data_required: bool = False) -> None:
@@ -93,14 +97,27 @@ def run_model_verb(
     latency = not args.no_latency
     before = ts.profile(model, inputs, latency=latency)
     acc_before = _accuracy(model, data)
-    ctx = VerbContext(args=args, data=data, example_inputs=inputs, out=Path(args.out), console=console_for(args))
-    extras = apply(model, ctx) or {}
-    model.to("cpu").eval()
-    after = ts.profile(model, ts.example_inputs(model), latency=latency)
-    acc_after = _accuracy(model, data)
-    ts.save(model, ctx.out)
-    files = {"model": str(ctx.out), "plan": str(ctx.out / "plan.json"), "weights": str(ctx.out / "model.safetensors")}
-    files.update(ctx.files)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.extra-", dir=out.parent))
+    try:
+        ctx = VerbContext(args=args, data=data, example_inputs=inputs, out=out, console=console_for(args), staging=staging)
+        extras = apply(model, ctx) or {}
+        model.to("cpu").eval()
+        after = ts.profile(model, ts.example_inputs(model), latency=latency)
+        acc_after = _accuracy(model, data)
+        ts.save(model, ctx.out)
+        files = {"model": str(ctx.out), "plan": str(ctx.out / "plan.json"), "weights": str(ctx.out / "model.safetensors")}
+        for name, path in ctx.files.items():  # extra files written to the staging dir move into --out
+            p = Path(path)
+            if p.is_relative_to(staging):
+                dest = ctx.out / p.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, dest)
+                path = str(dest)
+            files[name] = path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     payload: dict[str, Any] = {
         "verb": verb,
         "model": args.model,

@@ -1,0 +1,87 @@
+"""CLI verb ``torchslim quantize``: dynamic / static / weight-only / QAT, plus the int8 ONNX files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``quantize`` to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_model_verb_args
+
+    p = sub.add_parser("quantize", help="quantize (dynamic, static, weight-only int8/int4, QAT) and write int8 ONNX")
+    add_model_verb_args(p)
+    p.add_argument("--mode", default="static", help="dynamic, static, weight-only or qat (default static)")
+    p.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits for static / qat (default 8)")
+    p.add_argument("--granularity", default=None, help="channel (default), tensor, or group (weight-only)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--observer", default=None, help="minmax, moving_average, percentile, entropy, mse")
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--lsq", default=None, help="qat only: lsq or lsq+ (learned step sizes)")
+    p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--max-steps", type=int, default=None, help="qat: steps per epoch cap")
+    p.add_argument("--no-onnx", action="store_true", help="skip the fp32 / int8 ONNX files")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from torchslim.quantize.api import QuantConfig
+
+    granularity = args.granularity or ("group" if args.mode == "weight-only" and args.bits <= 4 else "channel")
+    observer = args.observer or ("moving_average" if args.mode == "qat" else "minmax")
+    return QuantConfig(
+        mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
+        observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from torchslim._cli_common import run_model_verb
+    from torchslim.errors import ConfigError
+
+    config = _config(args)  # every setting checked before anything is built
+    if config.mode in ("static", "qat") and not args.data:
+        raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
+    if args.epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0; got {args.epochs}")
+    args._quant_config = config
+    return run_model_verb(args, "quantize", _apply_quantize)
+
+
+def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
+    import torchslim as ts
+    from torchslim.quantize import export_onnx, qat_convert_, qat_prepare_, quantize_
+
+    args, config = ctx.args, ctx.args._quant_config
+    calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None else None
+    extras: dict[str, Any] = {}
+    if config.mode == "qat":
+        plan = qat_prepare_(model, config, calibration=calibration if not config.lsq else None)
+        if args.epochs:
+            cfg = ts.TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed, max_steps_per_epoch=args.max_steps)
+            result = ts.fit(model, ctx.data, cfg, progress=not args.no_progress)
+            extras["qat"] = {"epochs": result.epochs_run, "history": result.history}
+        qat_convert_(model)
+    else:
+        plan = quantize_(model, config, calibration=calibration)
+    extras["quantize"] = plan.to_dict()
+    if not args.no_onnx:
+        onnx_dir = ctx.staging  # moved into --out beside the saved model
+        example = ts.example_inputs(model)
+        files = export_onnx(model, example, onnx_dir / "model.onnx", calibration=calibration)
+        ctx.files.update(files)
+        extras["onnx_bytes"] = {k: Path(v).stat().st_size for k, v in files.items()}
+        from torchslim.quantize._onnx import onnx_parity
+
+        x = example[0] if isinstance(example, tuple) else example
+        if calibration is not None:
+            x = next(iter(calibration))[0]
+        extras["onnx_parity"] = onnx_parity(model, files, x)
+    return extras

@@ -1,0 +1,248 @@
+"""ONNX Runtime int8 path: fp32 ONNX export of a quantized model's float twin, then ORT quantization.
+
+:func:`export_onnx` writes two files: ``<name>.fp32.onnx`` (the float model the quantized one
+stands for: BN folded, weights as the fake-quant originals / the dequantized integers) and
+``<name>.onnx``, quantized for ONNX Runtime's integer kernels:
+
+* ``dynamic`` / ``weight-only``: ``onnxruntime.quantization.quantize_dynamic`` on MatMul / Gemm
+  (int8 weights per channel, activations quantized at run time: ``MatMulInteger``); the weights
+  it quantizes are the already-quantized ones dequantized, so int4 weight-only models become int8;
+* ``static`` / ``qat``: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel
+  int8 weights, uint8 activations.
+
+The input of every quantized Conv / Gemm / MatMul gets torchslim's calibrated scale and zero
+point (ORT ``TensorQuantOverrides``, matched through the weight initializer's name); the other
+tensors ORT quantizes (layer outputs, pooling, adds) get ORT's calibration on the same batches.
+:func:`ort_latency` times a file with ORT.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._optional import require
+from torchslim.errors import ConfigError
+
+__all__ = ["float_twin", "export_fp32", "export_onnx", "ort_latency", "ort_run", "onnx_parity", "torchslim_ranges", "quant_mode_of"]
+
+_PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+_ORT_METHOD = {"minmax": "MinMax", "moving_average": "MinMax", "mse": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+def quant_mode_of(model: nn.Module) -> dict[str, Any] | None:
+    """The last ``"quantize"`` plan recorded on ``model`` (``None`` if it was never quantized)."""
+    from torchslim.zoo.spec import model_info
+
+    info = model_info(model)
+    plans = [p for p in (info.plans if info else []) if p.get("kind") == "quantize"]
+    return plans[-1] if plans else None
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: quantizers switched off, integer weights dequantized.
+
+    (Parametrizations are switched off rather than removed: a deep copy shares the parametrized
+    class with the original, and removing them would strip the original's ``weight`` property.)
+    """
+    from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+    from torchslim.quantize.ptq import _set
+    from torchslim.quantize.weight_only import QuantizedLinear
+
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, QuantizedLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None).to(m.scale.device)
+            with torch.no_grad():
+                lin.weight.copy_(m.dequantized_weight())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            _set(twin, name, lin)
+        elif isinstance(m, (FakeQuantize, LSQFakeQuantize)):
+            m.enabled = False
+            if isinstance(m, FakeQuantize):
+                m.observing = m.qat = False
+    return twin.eval()
+
+
+def export_fp32(model: nn.Module, example: tuple[Any, ...], path: str | os.PathLike[str]) -> Path:
+    """Export ``model`` (float) to ONNX with a dynamic batch dimension."""
+    require("onnx", "ONNX export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = tuple(t.detach().cpu() for t in example)
+    model = model.cpu().eval()
+    names = [f"input{i}" if i else "input" for i in range(len(example))]
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.no_grad():
+            prog = torch.onnx.export(
+                model, example, dynamo=True, input_names=names, output_names=["output"],
+                dynamic_shapes=tuple({0: batch} for _ in example), optimize=True, verbose=False,
+            )
+        prog.save(str(path))
+    except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
+        with torch.no_grad():
+            torch.onnx.export(
+                model, example, str(path), dynamo=False, input_names=names, output_names=["output"],
+                dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17,
+            )
+    return path
+
+
+class _Reader:
+    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
+        self.name = name
+        self.it = iter(batches)
+
+    def get_next(self) -> dict[str, Any] | None:
+        x = next(self.it, None)
+        return None if x is None else {self.name: x.detach().cpu().numpy()}
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    calibration: Iterable[Any] | None = None,
+    calibration_batches: int | None = None,
+) -> dict[str, str]:
+    """Write ``<path stem>.fp32.onnx`` and the ORT-quantized ``path``; return ``{"onnx_fp32", "onnx"}``.
+
+    ``model`` must have been quantized with :func:`torchslim.quantize.quantize_` (the mode and
+    observer come from its plan). This is the hook ``torchslim.export`` calls for quantized models.
+
+    Raises:
+        ConfigError: the model is not quantized, or static/qat without calibration batches.
+    """
+    ortq = require("onnxruntime.quantization", "int8 ONNX Runtime export")
+    plan = quant_mode_of(model)
+    if plan is None:
+        raise ConfigError("export_onnx needs a model quantized with quantize_ (no 'quantize' plan recorded)")
+    cfg = plan["config"]
+    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    path = Path(path)
+    fp32 = path.with_name(path.stem + ".fp32.onnx")
+    export_fp32(float_twin(model), example, fp32)
+    if cfg["mode"] in ("dynamic", "weight-only"):
+        # only the layers torchslim quantized in these modes (Linear -> MatMul / Gemm); ORT's
+        # ConvInteger is slower than its fp32 conv
+        ortq.quantize_dynamic(
+            str(fp32), str(path), per_channel=True, weight_type=ortq.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    else:
+        if calibration is None:
+            raise ConfigError(f"mode={cfg['mode']!r} ONNX export needs calibration batches for ONNX Runtime's QDQ calibration")
+        n = calibration_batches or cfg.get("calibration_batches") or 16
+        batches = []
+        for b in calibration:
+            if len(batches) >= n:
+                break
+            batches.append(b[0] if isinstance(b, (tuple, list)) else b)
+        if not batches:
+            raise ConfigError("the calibration loader gave no batches")
+        method = getattr(ortq.CalibrationMethod, _ORT_METHOD.get(cfg.get("observer", "minmax"), "MinMax"))
+        overrides = torchslim_ranges(model, fp32) if cfg.get("act_bits", 8) == 8 else {}
+        ortq.quantize_static(
+            str(fp32), str(path), _Reader("input", batches), quant_format=ortq.QuantFormat.QDQ, per_channel=True,
+            activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8, calibrate_method=method,
+            extra_options={"TensorQuantOverrides": overrides} if overrides else None,
+        )
+    return {"onnx_fp32": str(fp32), "onnx": str(path)}
+
+
+def torchslim_ranges(model: nn.Module, fp32_path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
+    """ORT ``TensorQuantOverrides`` giving each quantized layer's input tensor torchslim's calibrated
+    scale / zero point (matched through the layer's weight initializer name)."""
+    import numpy as np
+    import onnx
+
+    from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+
+    params: dict[str, tuple[float, int]] = {}
+    for name, m in model.named_modules():
+        fq = getattr(m, "input_quant", None)
+        if isinstance(fq, FakeQuantize):
+            scale, zp = fq.scale, fq.zero_point
+        elif isinstance(fq, LSQFakeQuantize):
+            scale, zp = fq.qparams()
+        else:
+            continue
+        if scale.numel() == 1:
+            params[name] = (float(scale), int(torch.clamp(zp.round(), 0, 255)))
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        for suffix in (".parametrizations.weight.original", ".weight"):
+            if w.endswith(suffix) and w[: -len(suffix)] in params and node.input[0] not in overrides:
+                scale, zp = params[w[: -len(suffix)]]
+                value = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zp, dtype=np.uint8)}]
+                # ORT shares one scale through pooling / reshapes: set it on the whole chain up to the producer
+                t = node.input[0]
+                while True:
+                    overrides.setdefault(t, value)
+                    prev = producer.get(t)
+                    if prev is None or prev.op_type not in _PASS_THROUGH:
+                        break
+                    t = prev.input[0]
+                break
+    return overrides
+
+
+def ort_latency(path: str | os.PathLike[str], x: torch.Tensor, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
+    """Median ONNX Runtime latency of one forward (ms) on CPU with ``threads`` intra-op threads."""
+    ort = require("onnxruntime", "ONNX Runtime latency")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feed = {name: x.detach().cpu().numpy()}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ort_run(path: str | os.PathLike[str], x: torch.Tensor) -> torch.Tensor:
+    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) and return the first output."""
+    ort = require("onnxruntime", "ONNX Runtime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})[0])
+
+
+@torch.no_grad()
+def onnx_parity(model: nn.Module, files: dict[str, str], x: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB) of the ORT outputs against torchslim on ``x``: the int8 file vs the quantized
+    torch model, and the fp32 file vs its float twin (an export sanity check)."""
+    from torchslim.quantize.primitives import sqnr
+
+    was = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        quant = model(x.to(device)).float().cpu()
+    finally:
+        model.train(was)
+    twin = float_twin(model).cpu()
+    return {
+        "int8_vs_torch_quantized_db": sqnr(quant, ort_run(files["onnx"], x)),
+        "fp32_vs_torch_float_db": sqnr(twin(x.cpu()), ort_run(files["onnx_fp32"], x)),
+    }

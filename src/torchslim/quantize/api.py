@@ -1,0 +1,304 @@
+"""``quantize_(model, QuantConfig(...), calibration=loader)``: one verb for every quantization mode.
+
+Modes:
+
+* ``"weight-only"``: Linear weights stored as int8 (per channel) or packed int4 (per group);
+  activations stay float (:mod:`torchslim.quantize.weight_only`).
+* ``"dynamic"``: int8 Linear weights, activations quantized per batch at run time; the real
+  integer kernels come from ONNX Runtime (:func:`torchslim.quantize.export_onnx`).
+* ``"static"``: BN folded into convs, weights (per channel) and activations (per tensor,
+  calibrated on ``calibration`` batches with the chosen observer) fake-quantized.
+* ``"qat"``: the static structure, with quantizers that keep learning while you train
+  (:func:`qat_prepare_`, then :func:`qat_convert_`).
+
+Every call is recorded as a ``"quantize"`` plan, so ``ts.save`` / ``ts.load`` round-trip it.
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> from torchslim.quantize import QuantConfig, quantize_
+    >>> model = ts.create_model("zoo:lenet300")
+    >>> plan = quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=4))
+    >>> plan.layers
+    ['fc1', 'fc2', 'fc3']
+    >>> QuantConfig.from_dict(plan.config.to_dict()) == plan.config
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError, InputShapeError
+from torchslim.quantize import ptq
+from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.observers import OBSERVERS
+from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
+from torchslim.quantize.weight_only import QuantizedLinear
+from torchslim.saving import register_plan_kind
+
+__all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
+
+MODES = ("dynamic", "static", "weight-only", "qat")
+KIND = "quantize"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What :func:`quantize_` does.
+
+    Attributes:
+        mode: ``"dynamic"``, ``"static"``, ``"weight-only"`` or ``"qat"``.
+        bits: weight bits (2..8, or 16 as a near-identity).
+        act_bits: activation bits (static / qat).
+        granularity: weights ``"channel"`` (default), ``"tensor"`` or ``"group"``.
+        group_size: elements per group for ``granularity="group"``.
+        symmetric: symmetric weights (activations are always asymmetric unsigned).
+        observer: activation observer (``minmax``, ``moving_average``, ``percentile``, ``entropy``, ``mse``).
+        weight_observer: weight observer (``minmax`` or ``mse``).
+        calibration_batches: batches of ``calibration`` to observe (static).
+        fold_bn: fold BatchNorm into the preceding conv (static / qat).
+        lsq: ``None`` (observer + STE), ``"lsq"`` or ``"lsq+"`` learned step sizes (qat).
+        modules: globs of layers to quantize (``None``: every Conv/Linear; Linear only for
+            weight-only / dynamic).
+        skip: globs of layers to leave in float.
+        layer_bits: per-layer weight bits overriding ``bits`` (mixed precision, see
+            :func:`torchslim.quantize.mixed.allocate_bits`).
+    """
+
+    mode: str = "static"
+    bits: int = 8
+    act_bits: int = 8
+    granularity: str = "channel"
+    group_size: int = 128
+    symmetric: bool = True
+    observer: str = "minmax"
+    weight_observer: str = "minmax"
+    calibration_batches: int = 16
+    fold_bn: bool = True
+    lsq: str | None = None
+    modules: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
+    layer_bits: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"QuantConfig.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        check_bits(self.bits, "QuantConfig.bits")
+        check_bits(self.act_bits, "QuantConfig.act_bits")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"QuantConfig.granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"QuantConfig.group_size must be a positive integer; got {self.group_size!r}")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"QuantConfig.observer must be one of {', '.join(OBSERVERS)}; got {self.observer!r}")
+        if self.weight_observer not in ("minmax", "mse"):
+            raise ConfigError(f"QuantConfig.weight_observer must be 'minmax' or 'mse'; got {self.weight_observer!r}")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise ConfigError(f"QuantConfig.calibration_batches must be a positive integer; got {self.calibration_batches!r}")
+        if self.lsq not in (None, "lsq", "lsq+"):
+            raise ConfigError(f"QuantConfig.lsq must be None, 'lsq' or 'lsq+'; got {self.lsq!r}")
+        if self.lsq and self.mode != "qat":
+            raise ConfigError(f"QuantConfig.lsq={self.lsq!r} needs mode='qat' (learned step sizes are trained); got mode={self.mode!r}")
+        if self.mode in ("weight-only", "dynamic") and self.bits == 16:
+            raise ConfigError(f"mode={self.mode!r} stores integer weights of 2..8 bits; got bits=16")
+        if self.mode == "dynamic" and self.bits != 8:
+            raise ConfigError(f"mode='dynamic' runs int8 kernels: bits must be 8; got {self.bits}")
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict) or not all(isinstance(k, str) for k in self.layer_bits):
+                raise ConfigError(f"QuantConfig.layer_bits must map layer names to bits; got {self.layer_bits!r}")
+            for k, b in self.layer_bits.items():
+                check_bits(b, f"QuantConfig.layer_bits[{k!r}]")
+                if self.mode in ("weight-only", "dynamic") and b > 8:
+                    raise ConfigError(f"mode={self.mode!r} stores integer weights of 2..8 bits; got layer_bits[{k!r}]={b}")
+        for name in ("modules", "skip"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, str) or not all(isinstance(s, str) for s in v)):
+                raise ConfigError(f"QuantConfig.{name} must be a list of module-name globs; got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+
+    def weight_scheme(self, layer: str | None = None) -> QScheme:
+        bits = self.layer_bits.get(layer, self.bits) if self.layer_bits and layer is not None else self.bits
+        return QScheme(
+            bits=bits, symmetric=self.symmetric, signed=self.symmetric, granularity=self.granularity,
+            group_size=self.group_size, axis=0,
+        )
+
+    def act_scheme(self) -> QScheme:
+        return QScheme(bits=self.act_bits, symmetric=False, signed=False, granularity="tensor")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = list(self.modules) if self.modules is not None else None
+        d["skip"] = list(self.skip)
+        d["layer_bits"] = dict(self.layer_bits) if self.layer_bits is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class QuantPlan:
+    """What :func:`quantize_` did: the config, the quantized layers, the folded (conv, bn) pairs."""
+
+    config: QuantConfig
+    layers: list[str] = field(default_factory=list)
+    folded: list[list[str]] = field(default_factory=list)
+    calibration_batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "layers": list(self.layers), "folded": [list(p) for p in self.folded],
+            "calibration_batches": self.calibration_batches,
+        }
+
+
+def _first_batch(loader: Iterable[Any]) -> Any:
+    for batch in loader:
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
+    raise ConfigError("the calibration loader gave no batches; static quantization needs at least one")
+
+
+def _check_calibration(model: nn.Module, loader: Iterable[Any] | None, required: bool) -> Any:
+    """Run the float model on the first calibration batch (no change to the model) and return it."""
+    if loader is None:
+        if required:
+            raise ConfigError("mode='static' needs calibration data: pass calibration=<DataLoader or list of batches>")
+        return None
+    x = _first_batch(loader)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            ptq._call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
+    except (RuntimeError, ValueError) as exc:
+        raise InputShapeError(f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}") from exc
+    finally:
+        for m, t in was:
+            m.training = t
+    return x
+
+
+def _linear_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    layers = ptq.quantizable_layers(model, config.modules, config.skip)
+    linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+    if not linear:
+        raise ConfigError(f"mode={config.mode!r} quantizes Linear layers; the selection has only {sorted(layers)} (no Linear)")
+    if config.granularity == "group":
+        for n, m in linear.items():
+            if m.in_features % config.group_size:
+                raise ConfigError(
+                    f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; "
+                    f"pick a divisor or skip={n!r}"
+                )
+    return linear
+
+
+def _check_layer_bits(config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+    unknown = sorted(set(config.layer_bits or {}) - set(layers))
+    if unknown:
+        raise ConfigError(f"layer_bits names layers that are not quantized: {unknown}; quantized layers: {sorted(layers)}")
+
+
+def _swap_linear(model: nn.Module, names: Iterable[str], config: QuantConfig, from_float: bool) -> None:
+    dyn = config.mode == "dynamic"
+    for n in names:
+        scheme = config.weight_scheme(n)
+        lin = model.get_submodule(n)
+        if from_float:
+            new = QuantizedLinear.from_float(lin, scheme, dynamic_act=dyn)
+        else:
+            new = QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, dyn).to(lin.weight.device)
+        ptq._set(model, n, new)
+
+
+def _example(model: nn.Module, calib_x: Any) -> Any:
+    from torchslim.zoo.spec import example_inputs, model_info
+
+    if calib_x is not None:
+        return calib_x[:1] if isinstance(calib_x, torch.Tensor) else calib_x
+    if model_info(model) is not None:
+        return example_inputs(model)
+    raise ConfigError("BN folding needs example inputs: pass calibration data or build the model with ts.create_model")
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibration: Iterable[Any] | None = None) -> QuantPlan:
+    """Quantize ``model`` in place as ``config`` says; return the :class:`QuantPlan`.
+
+    Args:
+        model: any module with Conv/Linear layers (built by ``ts.create_model`` to be savable).
+        config: the :class:`QuantConfig` (default: static int8).
+        calibration: batches (tensors or ``(x, y)`` tuples) for static calibration; for QAT they
+            initialise the activation ranges.
+
+    Raises:
+        ConfigError: bad settings, nothing to quantize, no / empty calibration data for static.
+        InputShapeError: calibration batches that do not fit the model.
+        Bad input leaves the model unchanged.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
+    if any(isinstance(m, (QuantizedLinear, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
+        raise ConfigError("the model is already quantized; quantize the float model once")
+    plan = QuantPlan(config)
+    if config.mode in ("weight-only", "dynamic"):
+        layers = _linear_layers(model, config)
+        _check_layer_bits(config, layers)
+        _check_calibration(model, calibration, required=False)
+        _swap_linear(model, layers, config, from_float=True)
+        plan.layers = list(layers)
+    else:
+        selected = ptq.quantizable_layers(model, config.modules, config.skip)
+        _check_layer_bits(config, selected)
+        if config.granularity == "group":
+            raise ConfigError("granularity='group' is for weight-only mode; static / qat use 'channel' or 'tensor'")
+        calib_x = _check_calibration(model, calibration, required=config.mode == "static")
+        if config.fold_bn:
+            plan.folded = [list(p) for p in ptq.fold_batchnorm_(model, _example(model, calib_x))]
+        layers = ptq.quantizable_layers(model, config.modules, config.skip)
+        ptq.attach_quantizers_(
+            layers, {n: config.weight_scheme(n) for n in layers}, config.act_scheme(), weight_observer=config.weight_observer,
+            act_observer=config.observer, lsq=config.lsq,
+        )
+        plan.layers = list(layers)
+        if calibration is not None and not config.lsq:
+            plan.calibration_batches = ptq.calibrate_(model, calibration, config.calibration_batches)
+        if config.mode == "qat":
+            from torchslim.quantize.qat import set_qat_mode_
+
+            set_qat_mode_(model, True, observed=calibration is not None)
+        del selected
+    from torchslim.zoo.spec import record_plan
+
+    record_plan(model, {"kind": KIND, **plan.to_dict()})
+    return plan
+
+
+def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Re-create a saved quantization's structure on a freshly built model (weights load after)."""
+    config = QuantConfig.from_dict(plan["config"])
+    if config.mode in ("weight-only", "dynamic"):
+        _swap_linear(model, plan["layers"], config, from_float=False)
+        return
+    ptq.apply_fold(model, plan.get("folded", []))
+    layers = {n: model.get_submodule(n) for n in plan["layers"]}
+    ptq.attach_quantizers_(
+        layers, {n: config.weight_scheme(n) for n in layers}, config.act_scheme(), weight_observer=config.weight_observer,
+        act_observer=config.observer, lsq=config.lsq,
+    )
+
+
+register_plan_kind(KIND, replay_quantize)

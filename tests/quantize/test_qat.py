@@ -1,0 +1,51 @@
+"""QAT: prepare -> train in the shared loop -> convert; LSQ; save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.errors import ConfigError
+from torchslim.quantize import FakeQuantize, LSQFakeQuantize, qat_convert_, qat_prepare_
+
+
+@pytest.mark.parametrize("lsq", [None, "lsq", "lsq+"])
+def test_qat_trains_and_converts(tmp_path, lsq: str | None) -> None:
+    data = ts.load_data("synthetic:1x1x28x28:n=128")
+    model = ts.create_model("zoo:lenet5", data=data)
+    plan = qat_prepare_(model, bits=4, lsq=lsq)
+    assert plan.config.mode == "qat" and len(plan.layers) == 5
+    original = model.features[0].parametrizations.weight.original
+    snapshot = original.detach().clone()
+    result = ts.fit(model, data, ts.TrainConfig(epochs=1, lr=1e-3, optimizer="adam", device="cpu", max_steps_per_epoch=5), progress=False)
+    assert result.epochs_run == 1
+    assert not torch.equal(original.detach(), snapshot)  # the float weights behind the fake-quant learn
+    if lsq:
+        steps = [m for m in model.modules() if isinstance(m, LSQFakeQuantize)]
+        assert steps and all(bool(m.initialized) for m in steps)
+    assert qat_convert_(model)["frozen"] == 10
+    assert not any(getattr(m, "qat", False) for m in model.modules() if isinstance(m, FakeQuantize))
+    model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    y = model(x)
+    ts.save(model, tmp_path / "m")
+    assert torch.equal(ts.load(tmp_path / "m")(x), y)
+
+
+def test_qat_weight_ranges_follow_weights() -> None:
+    model = ts.create_model("zoo:lenet300")
+    qat_prepare_(model, bits=8)
+    model.train()
+    model(torch.randn(2, 1, 28, 28))
+    wq = model.fc1.parametrizations.weight[0]
+    with torch.no_grad():
+        model.fc1.parametrizations.weight.original.mul_(0.5)
+    model(torch.randn(2, 1, 28, 28))  # a training forward refreshes the weight scale
+    amax = model.fc1.parametrizations.weight.original.abs().amax(dim=1)
+    assert torch.allclose(wq.scale.flatten(), amax / 127.5, rtol=1e-4)
+
+
+def test_convert_without_prepare_raises() -> None:
+    with pytest.raises(ConfigError, match="qat_prepare_"):
+        qat_convert_(ts.create_model("zoo:lenet300"))

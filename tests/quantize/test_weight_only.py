@@ -1,0 +1,73 @@
+"""Weight-only int8 / int4: real file bytes, accuracy of the weights, save/load, dynamic mode + ONNX."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.errors import ConfigError
+from torchslim.quantize import QuantConfig, QuantizedLinear, quantize_, sqnr
+from torchslim.saving import write_weights
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512))
+
+
+@pytest.mark.parametrize(("bits", "granularity", "ratio"), [(8, "channel", 3.8), (4, "group", 7.0)])
+def test_file_is_really_smaller(tmp_path, bits: int, granularity: str, ratio: float) -> None:
+    model = _mlp()
+    write_weights(model, tmp_path / "fp32.safetensors")
+    x = torch.randn(4, 512)
+    y = model(x)
+    quantize_(model, QuantConfig(mode="weight-only", bits=bits, granularity=granularity, group_size=64))
+    write_weights(model, tmp_path / "q.safetensors")
+    measured = os.path.getsize(tmp_path / "fp32.safetensors") / os.path.getsize(tmp_path / "q.safetensors")
+    assert measured > ratio
+    assert sqnr(y, model(x)) > (30 if bits == 8 else 15)
+
+
+def test_weight_only_save_load_round_trip(tmp_path) -> None:
+    model = ts.create_model("zoo:lenet300")
+    plan = quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=4, symmetric=False))
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in plan.layers)
+    x = torch.randn(3, 1, 28, 28)
+    y = model(x)
+    ts.save(model, tmp_path / "m")
+    assert torch.equal(ts.load(tmp_path / "m")(x), y)
+
+
+def test_dynamic_mode_and_onnx_integer_kernels(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.quantize import export_onnx
+    from torchslim.quantize._onnx import ort_run
+
+    model = ts.create_model("zoo:lenet300").eval()
+    x = torch.randn(8, 1, 28, 28)
+    y = model(x)
+    quantize_(model, QuantConfig(mode="dynamic"))
+    assert sqnr(y, model(x)) > 25
+    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(files["onnx"]).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert sqnr(y, ort_run(files["onnx"], x)) > 25
+    assert os.path.getsize(files["onnx"]) * 3.5 < os.path.getsize(files["onnx_fp32"])
+
+
+def test_bad_weight_only_input_leaves_model_unchanged() -> None:
+    model = ts.create_model("zoo:lenet300")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="group_size"):  # 784 is not a multiple of 128
+        quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=128))
+    with pytest.raises(ConfigError, match="no Linear"):
+        quantize_(ts.create_model("zoo:lenet5"), QuantConfig(mode="weight-only", modules=("features.*",)))
+    with pytest.raises(ConfigError, match="bits must be 8"):
+        QuantConfig(mode="dynamic", bits=4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.fc1) is torch.nn.Linear
