@@ -16,6 +16,7 @@ from torchslim.binarize import BinarizeConfig, BinarizePlan, binarize_
 from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
+from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, export
 from torchslim.graph import trace
 from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
 from torchslim.profile import Comparison, Profile, compare, profile
@@ -70,6 +71,11 @@ __all__ = [
     "compare",
     "create_model",
     "errors",
+    "export",
+    "ExportError",
+    "ExportResult",
+    "ParityError",
+    "Tolerance",
     "evaluate",
     "example_inputs",
     "fit",

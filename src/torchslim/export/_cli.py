@@ -1,0 +1,182 @@
+"""``torchslim export MODEL --format onnx|torchscript|pt2 --out PATH``: write, run back, report parity.
+
+With one format and an ``--out`` that ends in a suffix, ``--out`` is the file; otherwise ``--out``
+is a directory that receives ``model.onnx`` / ``model.pt`` / ``model.pt2``. The exported files
+are checked against the PyTorch model (``--no-check`` skips it); ``--check-cpp`` also builds the
+C++ runner and checks the TorchScript file from C++, ``--isolated-ort`` runs the ONNX file in a
+process without PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+
+
+def register(sub: Any) -> None:
+    """Add the ``export`` verb to the ``torchslim`` parser."""
+    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export (.pt2) and check parity")
+    p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
+    p.add_argument("--format", help="onnx, torchscript or pt2; several separated by commas (default: from --out's suffix)")
+    p.add_argument("--out", required=True, help="output file (one format) or directory (model.<suffix> per format)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    p.add_argument("--data", help="data spec the model is built for (input channels/size, classes)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--no-check", action="store_true", help="do not run the exported files back")
+    p.add_argument("--tolerance", type=float, help="atol = rtol for the parity check (default per format)")
+    p.add_argument("--random-inputs", type=int, default=2, help="random input sets checked besides the example (default 2)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    p.add_argument("--static-batch", action="store_true", help="keep the example's batch size fixed (ONNX, pt2)")
+    p.add_argument("--method", default="auto", help="TorchScript capture: auto, trace or script (default auto)")
+    p.add_argument("--check-cpp", action="store_true", help="build the C++ runner (CMake + libtorch from the torch wheel) and check the TorchScript file from C++")
+    p.add_argument("--isolated-ort", action="store_true", help="also run the ONNX file with ONNX Runtime in a process without PyTorch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_export)
+
+
+def _targets(args: argparse.Namespace) -> dict[str, Path]:
+    from torchslim.errors import ConfigError
+    from torchslim.export._base import format_for_path, get_format
+
+    out = Path(args.out)
+    if args.format:
+        formats = [f.strip() for f in args.format.split(",") if f.strip()]
+        for f in formats:
+            get_format(f)
+        if len(set(formats)) != len(formats):
+            raise ConfigError(f"--format lists a format twice: {args.format!r}")
+    else:
+        by_suffix = format_for_path(out)
+        if by_suffix is None:
+            raise ConfigError(f"--format is required when --out ({args.out!r}) has no .onnx/.pt/.pt2 suffix; "
+                              "allowed: onnx, torchscript, pt2 (comma-separated for several)")
+        formats = [by_suffix]
+    if len(formats) == 1 and format_for_path(out) is not None:
+        return {formats[0]: out}
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a file; with several formats it must be a directory")
+    return {f: out / f"model{_SUFFIX.get(f, '.' + f)}" for f in formats}
+
+
+def format_is_dir(targets: dict[str, Path], out: str) -> bool:
+    """Whether ``--out`` names a directory that receives the files (not the file itself)."""
+    return any(path.parent == Path(out) for path in targets.values())
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _parity_entry(report: Any) -> dict[str, Any]:
+    d = report.to_dict()
+    return _finite({"max_abs": d["max_abs"], "max_rel": d["max_rel"], "tolerance": d["tolerance"], "ok": d["ok"],
+                    "cases": len(d["cases"])})
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torchslim as ts
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim.errors import ConfigError
+    from torchslim.export import export
+    from torchslim.export.torchscript import METHODS
+    from torchslim.zoo.spec import parse_input_shape
+
+    targets = _targets(args)  # everything is validated before the model is built
+    if args.method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {args.method!r}")
+    if args.random_inputs < 0:
+        raise ConfigError(f"--random-inputs must be >= 0; got {args.random_inputs}")
+    if args.check_cpp and "torchscript" not in targets:
+        raise ConfigError("--check-cpp checks the TorchScript file: add torchscript to --format")
+    if args.isolated_ort and "onnx" not in targets:
+        raise ConfigError("--isolated-ort checks the ONNX file: add onnx to --format")
+    if (args.check_cpp or args.isolated_ort) and args.no_check:
+        raise ConfigError("--check-cpp / --isolated-ort cannot be combined with --no-check")
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+
+    data = ts.load_data(args.data, seed=args.seed) if args.data else None
+    model = ts.create_model(args.model, data=data)
+    if shape is not None:
+        ts.set_example_inputs(model, shape)
+    inputs = ts.example_inputs(model)
+
+    results = {}
+    if len(targets) > 1 or format_is_dir(targets, args.out):
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    for fmt, path in targets.items():
+        results[fmt] = export(
+            model, inputs, path, format=fmt, check=not args.no_check, tolerance=args.tolerance,
+            random_inputs=args.random_inputs, dynamic_batch=not args.static_batch, opset=args.opset,
+            method=args.method, seed=args.seed,
+        )
+    extra: dict[str, Any] = {}
+    if args.check_cpp:
+        from torchslim.export._cpp import build_runner, check_cpp
+
+        binary = build_runner()
+        extra["torchscript-cpp"] = check_cpp(model, results["torchscript"].path, inputs, tolerance=args.tolerance,
+                                             random_inputs=args.random_inputs, binary=binary, seed=args.seed)
+    if args.isolated_ort:
+        from torchslim.export._isolated import load_onnx_isolated
+        from torchslim.export.parity import Tolerance, check_parity
+        from torchslim.graph._inputs import as_inputs
+
+        extra["onnx-isolated"] = check_parity(
+            model, load_onnx_isolated(results["onnx"].path), as_inputs(inputs), format="onnx-isolated",
+            tolerance=Tolerance.coerce(args.tolerance, (1e-4, 1e-4)), random_cases=args.random_inputs, seed=args.seed,
+        )
+
+    files: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    for fmt, r in results.items():
+        for name, p in r.files.items():
+            key = fmt if name == "model" else f"{fmt}:{name}"
+            files[key], sizes[key] = p, r.sizes[name]
+    parity = {fmt: _parity_entry(r.parity) for fmt, r in results.items() if r.parity is not None}
+    parity.update({name: _parity_entry(rep) for name, rep in extra.items()})
+    if args.json:
+        emit_json({"verb": "export", "model": args.model, "files": files, "sizes": sizes, "parity": parity,
+                   "exporters": {fmt: r.info for fmt, r in results.items()},
+                   "seconds": {fmt: r.seconds for fmt, r in results.items()}})
+    else:
+        _print_table(console_for(args), args.model, results, extra)
+    failed = [name for name, rep in extra.items() if not rep.ok]
+    if failed:
+        raise ConfigError(f"parity failed for {', '.join(failed)}: " + "; ".join(extra[n].summary() for n in failed))
+    return 0
+
+
+def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"export of {model}")
+    for col in ("format", "file", "size", "how", "max abs diff", "max rel diff", "tolerance (atol, rtol)", "parity"):
+        t.add_column(col)
+
+    def row(name: str, path: str, size: str, how: str, rep: Any) -> None:
+        if rep is None:
+            t.add_row(name, path, size, how, "-", "-", "-", "not checked")
+            return
+        verdict = "[green]ok[/green]" if rep.ok else "[red]MISMATCH[/red]"
+        t.add_row(name, path, size, how, f"{rep.max_abs:.3g}", f"{rep.max_rel:.3g}",
+                  f"{rep.tolerance.atol:g}, {rep.tolerance.rtol:g}", verdict)
+
+    for fmt, r in results.items():
+        how = ", ".join(f"{k}={v}" for k, v in r.info.items() if k in ("exporter", "opset", "dynamic_batch", "method"))
+        row(fmt, r.path.name, f"{r.size_bytes / 1e6:.2f} MB", how, r.parity)
+    for name, rep in extra.items():
+        path = results["torchscript" if name.startswith("torchscript") else "onnx"].path.name
+        row(name, path, "", "C++ libtorch" if name.startswith("torchscript") else "ORT, no torch in process", rep)
+    con.print(t)
