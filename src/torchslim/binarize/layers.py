@@ -113,6 +113,8 @@ def ste_sign(x: torch.Tensor) -> torch.Tensor:
         >>> x.grad.tolist()
         [0.0, 1.0, 1.0, 1.0, 0.0]
     """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return sign(x)  # plain ops: same values, and TorchScript / ONNX can trace them
     return _SignSTE.apply(x)
 
 
@@ -125,6 +127,8 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
         >>> x.grad.tolist()
         [0.0, 1.0, 2.0, 1.0]
     """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return sign(x)
     return _ApproxSign.apply(x)
 
 
