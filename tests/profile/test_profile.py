@@ -187,3 +187,22 @@ def test_meta_device_counts_without_running() -> None:
         x = torch.randn(1, 3, 224, 224)
     p = profile(model, Inputs((x,)), latency=False, size=False)
     assert abs(p.macs / 1e9 - 1.814) <= 0.0005
+
+
+def test_macs_by_precision_counts_declared_low_bit_modules() -> None:
+    class OneBit(nn.Linear):
+        torchslim_precision = (1, 1)
+
+    model = nn.Sequential(nn.Linear(8, 16), OneBit(16, 4))
+    p = profile(model, torch.randn(2, 8), latency=False, size=False)
+    assert p.macs_by_precision == {"float": 2 * 8 * 16, "w1a1": 2 * 16 * 4}
+    assert sum(p.macs_by_precision.values()) == p.macs
+
+
+def test_binarized_model_reports_binary_mac_share() -> None:
+    binarize = pytest.importorskip("torchslim.binarize")
+    model = ts.create_model("zoo:lenet5")
+    binarize.binarize_(model, binarize.BinarizeConfig(method="xnor"))
+    p = profile(model, latency=False, size=False)
+    assert p.macs_by_precision.get("w1a1", 0) > 0
+    assert sum(p.macs_by_precision.values()) == p.macs

@@ -168,6 +168,11 @@ class _BinaryLayer:
 
     # ----------------------------------------------------------------- what the layer computes
     @property
+    def torchslim_precision(self) -> tuple[int, int]:
+        """(weight bits, activation bits): the profiler groups MACs by it (``macs_by_precision``)."""
+        return (1, 1 if self.binary_activations else 32)
+
+    @property
     def binary_activations(self) -> bool:
         """Whether the inputs are binarized (all methods but ``"bwn"``)."""
         return self.method in ACTIVATION_METHODS

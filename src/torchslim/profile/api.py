@@ -78,6 +78,9 @@ class Profile:
     unsupported_ops: dict[str, int]
     layers: list[LayerProfile] = field(default_factory=list)
     input_shapes: list[list[int]] = field(default_factory=list)
+    # MACs by (weight, activation) bit widths, e.g. {"float": ..., "w1a1": ...}: modules declare
+    # their precision with a ``torchslim_precision = (weight_bits, activation_bits)`` attribute
+    macs_by_precision: dict[str, int] = field(default_factory=dict)
     ops: int = 0
     device: str = "cpu"
 
@@ -254,6 +257,12 @@ def profile(
         unsupported = Counter(op.name for op, c in zip(tr.ops, costs) if not c.supported)
         lat = measure_latency(model, inputs, warmup=warmup, runs=runs, min_time_s=min_time_s) if latency else None
 
+    modules = dict(model.named_modules())
+    by_precision: dict[str, int] = defaultdict(int)
+    for op, c in zip(tr.ops, costs):
+        if c.macs:
+            prec = getattr(modules.get(op.module), "torchslim_precision", None)
+            by_precision["float" if prec is None else f"w{prec[0]}a{prec[1]}"] += c.macs
     params = list(model.parameters())
     buffers = [b for b in model.buffers() if b is not None]
     with torch.no_grad():
@@ -273,6 +282,7 @@ def profile(
         unsupported_ops=dict(unsupported),
         layers=_layers(model, tr, costs),
         input_shapes=[list(t.shape) for t in inputs.tensors()],
+        macs_by_precision=dict(by_precision),
         ops=len(tr.ops),
         device=str(device),
     )

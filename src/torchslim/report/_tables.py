@@ -54,6 +54,9 @@ def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
     s.add_row("non-zero parameters", f"{p.nonzero_params:,}")
     s.add_row("MACs", f"{p.macs:,} ({human(p.macs)})")
     s.add_row("FLOPs", f"{p.flops:,} ({human(p.flops)})")
+    if set(p.macs_by_precision) - {"float"}:
+        total = max(p.macs, 1)
+        s.add_row("MACs by precision", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(p.macs_by_precision.items())))
     s.add_row("state (fp32 dense)", human(p.dense_fp32_bytes, "B"))
     s.add_row("weights file", human(p.size_bytes, "B"))
     s.add_row("peak activations", human(p.peak_activation_bytes, "B"))
