@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from torchslim._config import ConfigDict
 from torchslim._utils import evaluating
 from torchslim.binarize.layers import (
     ACTIVATION_METHODS,
@@ -60,7 +61,7 @@ def _flag(value: Any, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class BinarizeConfig:
+class BinarizeConfig(ConfigDict):
     """Which layers :func:`binarize_` makes binary, and how.
 
     Attributes:
@@ -119,31 +120,7 @@ class BinarizeConfig:
     def resolved_replace_relu(self) -> bool:
         return self.method in ACTIVATION_METHODS if self.replace_relu is None else self.replace_relu
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["modules"] = list(self.modules) if self.modules is not None else None
-        d["exclude"] = list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> BinarizeConfig:
-        """Build a config from a dict such as :meth:`to_dict` returns.
-
-        Raises:
-            ConfigError: not a mapping, unknown keys, or invalid values.
-        """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"BinarizeConfig.from_dict needs a mapping; got {type(values).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown BinarizeConfig keys {unknown}; known: {', '.join(names)}")
-        kwargs = dict(values)
-        for key in ("modules", "exclude"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "exclude")
 
 
 @dataclass

@@ -13,12 +13,13 @@ on the model, so ``ts.save`` / ``ts.load`` rebuild the factorized structure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
+from torchslim._config import ConfigDict
 from torchslim._utils import is_int, is_number
 from torchslim.errors import CheckpointError, ConfigError, SpecError
 from torchslim.lowrank import _plan
@@ -43,7 +44,7 @@ def _fraction(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class FactorizeConfig:
+class FactorizeConfig(ConfigDict):
     """How :func:`factorize_` chooses layers and ranks. Give exactly one of ``rank``,
     ``energy``, ``target_macs``, ``target_params``.
 
@@ -129,27 +130,7 @@ class FactorizeConfig:
         if not is_int(self.seed):
             raise ConfigError(f"FactorizeConfig.seed must be an integer; got {self.seed!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["modules"] = list(self.modules) if self.modules is not None else None
-        d["exclude"] = list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> FactorizeConfig:
-        """Build a config from a dict such as :meth:`to_dict` returns.
-
-        Raises:
-            ConfigError: not a mapping, unknown keys, or invalid values.
-        """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"FactorizeConfig.from_dict needs a mapping; got {type(values).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown FactorizeConfig field(s) {unknown}; allowed: {', '.join(names)}")
-        return cls(**dict(values))
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "exclude")
 
 
 @dataclass
