@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim import distributed as _dist
 from torchslim._train_callbacks import Callback, EarlyStopping, TrainState, _call
 from torchslim._train_checkpoint import _load_checkpoint, _save_checkpoint
+from torchslim._utils import evaluating
 from torchslim._utils import is_int as _is_int
 from torchslim._utils import is_number as _is_number
 from torchslim._utils import model_device as _model_device
@@ -235,24 +236,18 @@ def evaluate(
     else:
         raise ConfigError(f"evaluate needs a DataLoader or a Dataset; got {type(loader_or_dataset).__name__}")
     run_on = _model_device(model) if device is None else _resolve_device(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run_on)
     correct = torch.zeros((), dtype=torch.int64, device=run_on)
     unlabeled = torch.zeros((), dtype=torch.bool, device=run_on)
     n = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                inputs, targets = _pair(batch, run_on)
-                logits = _logits(model(inputs))
-                unlabeled |= (targets < 0).any()
-                loss_sum += F.cross_entropy(logits, targets.clamp(min=0), reduction="sum").double()
-                correct += (logits.argmax(dim=1) == targets).sum()
-                n += int(targets.shape[0])
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with evaluating(model), torch.no_grad():
+        for batch in loader:
+            inputs, targets = _pair(batch, run_on)
+            logits = _logits(model(inputs))
+            unlabeled |= (targets < 0).any()
+            loss_sum += F.cross_entropy(logits, targets.clamp(min=0), reduction="sum").double()
+            correct += (logits.argmax(dim=1) == targets).sum()
+            n += int(targets.shape[0])
     if n == 0:
         raise ConfigError("evaluate got no samples; pass a non-empty data set")
     if bool(unlabeled):

@@ -28,7 +28,8 @@ _ATTRS = (
 )
 
 
-def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(owning module, attribute name) of a qualified parameter/buffer name."""
     prefix, _, attr = name.rpartition(".")
     return (model.get_submodule(prefix) if prefix else model), attr
 
@@ -99,7 +100,7 @@ def slice_model_(
     seen: set[int] = set()
     for name, dims in keep.items():
         try:
-            module, attr = _resolve(model, name)
+            module, attr = resolve(model, name)
         except AttributeError as exc:
             raise ConfigError(f"{name!r} is not a parameter or buffer of the model") from exc
         old = getattr(module, attr, None)

@@ -16,6 +16,7 @@ from torch import nn
 
 from torchslim._registry import get_method, register_method
 from torchslim.graph.spaces import ChannelGroup, ChannelGroups
+from torchslim.graph.surgery import resolve
 
 __all__ = [
     "GroupImportance",
@@ -30,8 +31,7 @@ __all__ = [
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    prefix, _, attr = name.rpartition(".")
-    module = model.get_submodule(prefix) if prefix else model
+    module, attr = resolve(model, name)
     return getattr(module, attr)
 
 
