@@ -157,61 +157,43 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in default job: train LeNet-5 on real MNIST digits, prune half of its channels,
-    recover accuracy by distilling from the dense model, save, reload and compare."""
-    import copy
+def _demo_cache() -> Path:
+    root = os.environ.get("TORCHSLIM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                             os.path.expanduser("~/.cache"), "torchslim")
+    return Path(root) / "demo"
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The built-in default job: ``torchslim compress`` with recipe ``default`` on a zoo CNN trained on
+    the real MNIST subset (the dense model is trained once and cached)."""
     import torchslim as ts
+    from torchslim.recipe import compress, load_recipe
+    from torchslim.recipe._cli import print_summary
 
     con = _console(args)
-    out = Path(args.out)
+    say = (lambda msg: None) if args.quiet else (lambda msg: con.print(msg, highlight=False))
+    recipe = load_recipe(args.recipe)
     data = ts.load_data("mnist", seed=args.seed)
-    model = ts.create_model("zoo:lenet5", data=data)
-    con.print(f"[bold]1/4 train[/bold] zoo:lenet5 on mnist ({len(data.train)} train / {len(data.val)} val / "
-              f"{len(data.test)} test real digits)")
-    train_cfg = ts.TrainConfig(epochs=args.epochs, lr=0.05, optimizer="sgd", batch_size=64, seed=args.seed)
-    dense = ts.fit(model, data, train_cfg, checkpoint_dir=out.with_name(out.name + ".checkpoint"), resume=True,
-                   progress=not args.no_progress)
-    before = ts.profile(model)
-    teacher = copy.deepcopy(model)
-
-    con.print(f"[bold]2/4 prune[/bold] {args.ratio:.0%} of every channel group (L2 importance)")
-    plan = ts.prune_channels_(model, ratio=args.ratio, importance="l2")
-    pruned_acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
-
-    con.print(f"[bold]3/4 distill[/bold] from the dense model for {args.distill_epochs} epochs (Hinton KD)")
-    kd = ts.distill(model, teacher, data, ts.DistillConfig(loss="kd", train=ts.TrainConfig(
-        epochs=args.distill_epochs, lr=0.02, optimizer="sgd", batch_size=64, seed=args.seed)),
-        progress=not args.no_progress)
-
-    con.print(f"[bold]4/4 save, reload, measure[/bold] -> {out}")
-    ts.save(model, out)
-    reloaded = ts.load(out)
-    final_acc = ts.evaluate(reloaded, data.loader("test", batch_size=256))["accuracy"]
-    after = ts.profile(reloaded)
-    cmp = ts.compare(before, after)
-    payload = {
-        "model": "zoo:lenet5",
-        "data": "mnist",
-        "before": before.to_dict(),
-        "after": after.to_dict(),
-        "accuracy_before": dense.test_accuracy,
-        "accuracy_pruned": pruned_acc,
-        "accuracy_after": final_acc,
-        "prune": {"ratio": plan.ratio, "removed_channels": plan.removed_channels, "total_channels": plan.total_channels},
-        "distill": {"epochs": kd.train.epochs_run, "teacher_accuracy": kd.teacher_accuracy},
-        "comparison": cmp.to_dict(),
-        "files": {"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")},
-    }
+    cached = _demo_cache() / f"{args.model.replace(':', '-')}-mnist-e{args.epochs}-s{args.seed}"
+    if (cached / "plan.json").is_file():
+        say(f"dense {args.model} trained on mnist: cached in {cached}")
+        model = ts.load(cached)
+    else:
+        say(f"training the dense {args.model} on mnist ({len(data.train)} train / {len(data.val)} val / "
+            f"{len(data.test)} test real digits); cached in {cached} for the next run")
+        model = ts.create_model(args.model, data=data)
+        ts.fit(model, data, ts.TrainConfig(epochs=args.epochs, lr=0.02, optimizer="sgd", batch_size=64, seed=args.seed),
+               progress=not args.quiet)
+        model.to("cpu")
+        ts.save(model, cached)
+    out = Path(args.out)
+    resume = (out / "state.json").is_file() and not args.fresh
+    result = compress(model, recipe, data, out=out, resume=resume, force=not resume, progress=not args.quiet,
+                      log=say)
     if args.json:
-        _emit(args, payload)
+        _emit(args, result.report)
         return 0
-    con.print(cmp.table())
-    con.print(
-        f"test accuracy: dense {100 * dense.test_accuracy:.2f}% -> pruned {100 * pruned_acc:.2f}% -> "
-        f"after distillation {100 * final_acc:.2f}% (reloaded from {out})"
-    )
+    print_summary(result.report, con)
     return 0
 
 
@@ -290,14 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default=None, help="glob over zoo model names, e.g. 'resnet*'")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="the built-in default job: train, prune, distill, save LeNet-5 on real MNIST digits")
+    p = sub.add_parser("demo", help="the built-in default job: compress a CNN trained on real MNIST digits (recipe default)")
     _common(p, model=False)
-    p.add_argument("--epochs", type=int, default=4, help="dense training epochs (default 4)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to prune (default 0.5)")
-    p.add_argument("--distill-epochs", type=int, default=3, help="distillation epochs after pruning (default 3)")
+    p.add_argument("--model", default="zoo:conv2", help="zoo model to train and compress (default zoo:conv2)")
+    p.add_argument("--recipe", default="default", help="recipe name or YAML file (default: default)")
+    p.add_argument("--epochs", type=int, default=6, help="dense training epochs (default 6; cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "demo"))
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="rerun every stage even if --out holds a finished run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
     p.set_defaults(func=cmd_demo)
     _register_families(sub)
     return parser

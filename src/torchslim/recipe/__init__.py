@@ -1,0 +1,57 @@
+"""Recipes: chain every method family in one YAML file, run it with ``ts.compress``, get a report.
+
+Example:
+    >>> import torchslim as ts
+    >>> "default" in ts.list_recipes()
+    True
+    >>> r = ts.load_recipe("default")
+    >>> [s.kind for s in r.stages]
+    ['prune_channels', 'distill', 'quantize', 'export']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torchslim.recipe.runner import CompressResult, compress, measure
+from torchslim.recipe.schema import Goals, Recipe, RecipeError, Stage, parse_recipe, stage_kinds
+
+__all__ = ["CompressResult", "Goals", "Recipe", "RecipeError", "Stage", "compress", "list_recipes", "load_recipe",
+           "measure", "stage_kinds"]
+
+_BUILTIN = Path(__file__).parent / "builtin"
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes (``load_recipe(name)`` / ``--recipe NAME``)."""
+    return sorted(p.stem for p in _BUILTIN.glob("*.yaml"))
+
+
+def load_recipe(recipe: Any) -> Recipe:
+    """A validated :class:`Recipe` from a built-in name, a YAML file path, a dict or a Recipe.
+
+    Raises:
+        RecipeError: unknown name, unreadable file, invalid YAML, or a recipe that does not
+            validate (the message names the source, the stage and the field).
+    """
+    import yaml
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, "recipe")
+    if not isinstance(recipe, (str, Path)):
+        raise RecipeError(f"a recipe is a built-in name, a YAML path, a dict or a Recipe; got {type(recipe).__name__}")
+    path = Path(recipe)
+    if not path.is_file():
+        if str(recipe) in list_recipes():
+            path = _BUILTIN / f"{recipe}.yaml"
+        else:
+            raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; "
+                              f"built-in: {', '.join(list_recipes())}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {' '.join(str(exc).split())}") from None
+    return parse_recipe(raw, str(path) if path.parent != _BUILTIN else f"built-in recipe {path.stem!r}")

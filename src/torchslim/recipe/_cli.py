@@ -1,0 +1,95 @@
+"""CLI verb ``torchslim compress``: run a recipe on a model, write the model, its files and the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "print_summary"]
+
+
+def register(sub: Any) -> None:
+    """Add ``compress`` to the ``torchslim`` parser."""
+    p = sub.add_parser("compress", help="run a recipe (prune, distill, quantize, export, ...) and write a report")
+    p.add_argument("model", metavar="MODEL", help="model spec: zoo:NAME, torchvision:NAME, timm:NAME, file.py:factory, or a saved dir")
+    p.add_argument("--recipe", default="default", help="a built-in recipe name (see `torchslim list`) or a YAML file (default: default)")
+    p.add_argument("--data", help="data spec (mnist, digits, mnist1d, images, synthetic:SHAPE, file.py:factory)")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --resume or --force)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--no-latency", action="store_true", help="skip torch latency after each stage (ONNX timing still runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
+    p.add_argument("--json", action="store_true", help="print only the final JSON report on stdout")
+    p.set_defaults(func=_cmd_compress)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    from torchslim.errors import ConfigError
+
+    if args.resume and args.force:
+        raise ConfigError("--resume and --force contradict each other: resume keeps --out, force replaces it")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.force):
+        raise ConfigError(f"output directory {out} already exists; pass --resume to continue that run or --force to replace it")
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import torchslim as ts
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim.recipe import compress, load_recipe
+    from torchslim.zoo.spec import parse_input_shape
+
+    recipe = load_recipe(args.recipe)  # every recipe error before any work
+    need = recipe.needs_data()
+    if need and not args.data:
+        from torchslim.recipe import RecipeError
+
+        raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
+    _check_out(args)
+    con = console_for(args)
+    say = (lambda msg: None) if args.quiet else (lambda msg: con.print(msg, highlight=False))
+    data = ts.load_data(args.data, seed=recipe.seed) if args.data else None
+    model = ts.create_model(args.model, data=data)
+    if args.input_shape:
+        ts.set_example_inputs(model, parse_input_shape(args.input_shape))
+    result = compress(model, recipe, data, out=args.out,
+                      resume=args.resume, force=args.force, progress=not args.quiet, latency=not args.no_latency,
+                      log=say)
+    if args.json:
+        emit_json(result.report)
+        return 0
+    if not args.quiet:
+        print_summary(result.report, con)
+    return 0
+
+
+def print_summary(report: dict[str, Any], con: Any) -> None:
+    """The stage table, the deployed files, the goals and where the report is."""
+    from rich.table import Table
+
+    t = Table(title=f"{report['model']} · recipe {report['recipe']} (ratios to the original)")
+    for h in ("stage", "accuracy", "params", "MACs", "disk", "torch ms", "s"):
+        t.add_column(h, justify="left" if h == "stage" else "right")
+    for s in report["stages"]:
+        r = s["ratios"]
+        acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
+        lat = "-" if s["latency_ms"] is None else f"{s['latency_ms']:.2f}"
+        t.add_row(s["label"], acc, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
+                  f"{s.get('seconds', 0.0):.0f}")
+    con.print(t)
+    onnx = report.get("deployed", {}).get("onnx")
+    if onnx:
+        lat = ", ".join(f"batch {b}: {v['speedup']:.2f}x faster" for b, v in onnx["latency_ms"].items())
+        acc = ""
+        if onnx.get("accuracy") is not None:
+            acc = f"; accuracy in ONNX Runtime {100 * onnx['original_accuracy']:.2f}% -> {100 * onnx['accuracy']:.2f}%"
+        con.print(f"ONNX: {onnx['original_size_bytes'] / onnx['size_bytes']:.2f}x smaller on disk, {lat} in ONNX Runtime{acc}")
+    for g in report.get("goals", []):
+        value = "-" if g["value"] is None else f"{g['value']:.4f}"
+        mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
+        con.print(f"goal {g['name']} <= {g['target']}: {value} ({g['basis']}) {mark}")
+    con.print(f"report: {report['files']['report_html']} (also report.md, report.json)")

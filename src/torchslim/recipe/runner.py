@@ -1,0 +1,309 @@
+"""``ts.compress``: run a recipe stage by stage, checkpointing each, measuring each, resumable.
+
+The output directory holds::
+
+    resolved_recipe.yaml     the recipe with every default filled in
+    state.json               what has finished (rewritten atomically after every stage)
+    stages/00-original/      the original model (ts.save) - the teacher and the baseline
+    stages/01-<kind>/        each stage's model (ts.save) and the files it wrote (ONNX, .tslim)
+    model/                   the final model (ts.save)
+    report.json / report.md / report.html
+
+Every stage starts from the previous stage's checkpoint as ``ts.load`` rebuilds it, in a fresh run
+and in a resumed one alike, so a run stopped anywhere and resumed with ``resume=True`` ends with
+the same model and the same report figures as one that was never stopped (training inside a stage
+also resumes from its own checkpoint, bit for bit). The latency figures are re-measured, so only
+they vary with the machine's load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._utils import atomic_path
+from torchslim.errors import ConfigError
+from torchslim.recipe.schema import Recipe, RecipeError, stage_kinds
+
+__all__ = ["CompressResult", "compress", "measure"]
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns: the final model, the report dict, the output directory."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    out: Path
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.report
+
+    @property
+    def goals_met(self) -> bool:
+        """Whether every goal of the recipe was met (True when it set none)."""
+        return all(g["met"] for g in self.report.get("goals", []))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _deploy_size(checkpoint: Path) -> int:
+    """Bytes of the model's weights as deployed: masks baked in (sparse storage), via a fresh load."""
+    import torchslim as ts
+    from torchslim.profile.api import serialized_bytes
+    from torchslim.prune.masks import masked_weights
+
+    model = ts.load(checkpoint)
+    if masked_weights(model):
+        ts.finalize_(model)
+    return serialized_bytes(model)
+
+
+def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """Width, sparsity and weight bits of every layer with a weight matrix / kernel."""
+    from torchslim.zoo.spec import model_info
+
+    info = model_info(model)
+    qbits: dict[str, int] = {}
+    for plan in info.plans if info else []:
+        if plan.get("kind") == "quantize":
+            cfg = plan.get("config", {})
+            for layer in plan.get("layers", []):
+                qbits[layer] = (cfg.get("layer_bits") or {}).get(layer, cfg.get("bits", 8))
+        elif plan.get("kind") == "cluster":
+            for layer in plan.get("layers", []):
+                qbits[layer if isinstance(layer, str) else layer.get("name", "")] = plan.get("bits", 0)
+    rows = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not name or not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        prec = getattr(m, "torchslim_precision", None)
+        bits = prec[0] if prec else qbits.get(name, 32 if w.is_floating_point() else 8)
+        rows.append({
+            "name": name, "type": type(m).__name__, "out": int(w.shape[0]), "in": int(w.shape[1]),
+            "params": int(w.numel()), "sparsity": float((w == 0).sum()) / max(w.numel(), 1), "bits": int(bits),
+        })
+    return rows
+
+
+def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, latency: bool = True) -> dict[str, Any]:
+    """Accuracy (test split), params, MACs, bytes on disk and median latency of ``model``."""
+    import torchslim as ts
+
+    model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, like the ONNX Runtime timings: stable on a shared machine
+    try:
+        prof = ts.profile(model, latency=latency, min_time_s=0.3)
+    finally:
+        torch.set_num_threads(threads)
+    acc = None
+    if data is not None and data.labeled:
+        acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
+    size = _deploy_size(checkpoint) if checkpoint is not None else prof.size_bytes
+    return {
+        "accuracy": acc,
+        "params": prof.params,
+        "nonzero_params": prof.nonzero_params,
+        "macs": prof.macs,
+        "size_bytes": size,
+        "latency_ms": prof.latency_ms.median if prof.latency_ms else None,
+        "macs_by_precision": prof.macs_by_precision,
+        "profile": prof.to_dict() | {"layers": []},
+        "layers": _layer_rows(model),
+    }
+
+
+def _ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in ("params", "nonzero_params", "macs", "size_bytes", "latency_ms"):
+        a, b = row.get(key), base.get(key)
+        out[key] = (a / b) if a is not None and b else None
+    return out
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def _prepare_out(out: Path, recipe: Recipe, spec: str, data_spec: str | None, resume: bool, force: bool) -> dict[str, Any]:
+    state_path = out / STATE_FILE
+    fresh = {"version": STATE_VERSION, "recipe": recipe.to_dict(), "model": spec, "data": data_spec,
+             "original": None, "stages": []}
+    if out.exists() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not resume:
+            raise ConfigError(f"output directory {out} already exists; pass --resume (resume=True) to continue "
+                              "that run or --force (force=True) to replace it")
+        elif not state_path.is_file():
+            raise ConfigError(f"cannot resume: {out} exists but has no {STATE_FILE} (not a compress run); "
+                              "use another --out or --force")
+        else:
+            state = json.loads(state_path.read_text())
+            if state.get("recipe") != recipe.to_dict():
+                raise ConfigError(f"cannot resume {out}: it was started with another recipe "
+                                  f"(see {out / 'resolved_recipe.yaml'}); use the same recipe or --force")
+            if state.get("model") != spec or state.get("data") != data_spec:
+                raise ConfigError(f"cannot resume {out}: it was started on model {state.get('model')!r} with data "
+                                  f"{state.get('data')!r}, not {spec!r} / {data_spec!r}")
+            return state
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "resolved_recipe.yaml") as tmp:
+        tmp.write_text(recipe.to_yaml())
+    _write_json(state_path, fresh)
+    return fresh
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _resolve_inputs(model: Any, recipe: Any, data: Any) -> tuple[nn.Module, Recipe, Any, str, str | None]:
+    import torchslim as ts
+    from torchslim.recipe import load_recipe
+    from torchslim.zoo.spec import model_info
+
+    recipe = load_recipe(recipe)
+    data_spec = data if isinstance(data, str) else getattr(data, "spec", None)
+    if isinstance(data, str):
+        data = ts.load_data(data, seed=recipe.seed)
+    need = recipe.needs_data()
+    if need and data is None:
+        raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass data=... (--data SPEC)")
+    if isinstance(model, str):
+        model = ts.create_model(model, data=data)
+    info = model_info(model)
+    if info is None:
+        raise ConfigError(f"compress needs a model built by ts.create_model (or loaded with ts.load) so every stage can "
+                          f"be checkpointed without pickling; got a bare {type(model).__name__}")
+    return model, recipe, data, info.spec, data_spec
+
+
+def _preflight(model: nn.Module, recipe: Recipe) -> None:
+    """Module patterns of every stage must select something in the model: checked before any work."""
+    from torchslim.recipe._select import resolve_config
+
+    for stage in recipe.stages:
+        try:
+            resolve_config(model, stage.kind, stage.config)
+        except ConfigError as exc:
+            raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}): {exc}") from None
+
+
+def compress(
+    model: nn.Module | str,
+    recipe: Any,
+    data: Any = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    latency: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Run ``recipe`` on ``model`` and return the final model with its report.
+
+    Args:
+        model: an ``nn.Module`` built by ``ts.create_model`` / ``ts.load``, or a model spec. It is
+            not changed: every stage works on checkpoints in ``out``.
+        recipe: a built-in recipe name (``ts.list_recipes()``), a YAML file, a dict, or a ``Recipe``.
+        data: a ``DataBundle`` or a data spec; needed by stages that train or calibrate.
+        out: output directory (default: a new temporary directory).
+        resume: continue the run in ``out`` from its last finished stage.
+        force: replace an existing ``out``.
+        progress: progress bars while training.
+        latency: measure torch latency after every stage (ONNX Runtime latency is measured by
+            the ``export`` stage regardless).
+        log: where stage lines go (default: nowhere).
+
+    Raises:
+        RecipeError: the recipe is invalid, or needs data that was not given (before any work).
+        ConfigError: ``out`` exists without ``resume`` / ``force``; a resumed run's recipe differs.
+    """
+    import torchslim as ts
+    from torchslim.recipe._select import resolve_config
+    from torchslim.recipe.report import build_report, write_reports
+    from torchslim.recipe.stages import StageContext, runner_for
+
+    say = log or (lambda msg: None)
+    model, recipe, data, spec, data_spec = _resolve_inputs(model, recipe, data)
+    _preflight(model, recipe)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="torchslim-compress-"))
+    state = _prepare_out(out, recipe, spec, data_spec, resume, force)
+    stages_dir = out / "stages"
+    original_dir = stages_dir / "00-original" / "model"
+    if state["original"] is None:
+        say(f"measuring the original model {spec}")
+        ts.save(model, original_dir)
+        state["original"] = measure(ts.load(original_dir), data, original_dir, latency=latency)
+        _write_json(out / STATE_FILE, state)
+    teacher_cache: list[nn.Module] = []
+
+    def teacher() -> nn.Module:
+        if not teacher_cache:
+            teacher_cache.append(ts.load(original_dir).eval())
+        return teacher_cache[0]
+
+    done = {s["label"]: s for s in state["stages"]}
+    previous = original_dir
+    kinds = stage_kinds()
+    n = len(recipe.stages)
+    for stage in recipe.stages:
+        sdir = stages_dir / stage.label
+        if stage.label in done:
+            previous = sdir / "model"
+            say(f"[{stage.index}/{n}] {stage.kind}: finished earlier (resumed)")
+            continue
+        say(f"[{stage.index}/{n}] {stage.kind}: {kinds[stage.kind].help}")
+        torch.manual_seed(recipe.seed + stage.index)
+        current = ts.load(previous)
+        cfg = resolve_config(current, stage.kind, stage.config)
+        ctx = StageContext(data=data, teacher=teacher, finetune=recipe.finetune, seed=recipe.seed, dir=sdir,
+                           progress=progress, log=say)
+        sdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            current, extras = runner_for(stage.kind)(current, cfg, ctx)
+        except ConfigError as exc:
+            raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}): {exc}") from exc
+        seconds = time.perf_counter() - t0
+        current.to("cpu").eval()
+        ts.save(current, sdir / "model")
+        row = measure(ts.load(sdir / "model"), data, sdir / "model", latency=latency)
+        record = {"label": stage.label, "index": stage.index, "kind": stage.kind, "config": stage.config,
+                  "seconds": seconds, "files": dict(ctx.files), "extras": extras, **row}
+        state["stages"].append(record)
+        _write_json(out / STATE_FILE, state)
+        acc = "" if row["accuracy"] is None else f"accuracy {100 * row['accuracy']:.2f}%, "
+        base = state["original"]
+        say(f"    {acc}params {row['params'] / base['params']:.2f}x, MACs {row['macs'] / max(base['macs'], 1):.2f}x, "
+            f"size {row['size_bytes'] / base['size_bytes']:.2f}x ({seconds:.1f} s)")
+        previous = sdir / "model"
+    final = ts.load(previous)
+    ts.save(final, out / "model")
+    report = build_report(state, recipe)
+    files = write_reports(report, out)
+    report["files"].update(files)
+    _write_json(out / "report.json", report)
+    return CompressResult(model=final, report=report, out=out, files=report["files"])
+
