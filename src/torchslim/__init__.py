@@ -19,6 +19,7 @@ from torchslim.errors import TorchslimError
 from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, export
 from torchslim.graph import trace
 from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
+from torchslim.pack import ClusterConfig, ClusterPlan, PackResult, bake_, cluster_, pack, unpack
 from torchslim.profile import Comparison, Profile, compare, profile
 from torchslim.prune import (
     Budget,
@@ -31,6 +32,7 @@ from torchslim.prune import (
     sparsity_report,
 )
 from torchslim.quantize import QuantConfig, QuantPlan, qat_convert_, qat_prepare_, quantize_
+from torchslim.recipe import CompressResult, Recipe, compress, list_recipes, load_recipe
 from torchslim.saving import load, save
 from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
 from torchslim.zoo import create_model, example_inputs, list_models, set_example_inputs
@@ -69,6 +71,18 @@ __all__ = [
     "TrainResult",
     "__version__",
     "compare",
+    "ClusterConfig",
+    "ClusterPlan",
+    "PackResult",
+    "bake_",
+    "cluster_",
+    "pack",
+    "unpack",
+    "compress",
+    "CompressResult",
+    "Recipe",
+    "list_recipes",
+    "load_recipe",
     "create_model",
     "errors",
     "export",

@@ -35,6 +35,7 @@ _PLAN_MODULES: dict[str, str] = {
     "factorize": "torchslim.lowrank.api",
     "binarize": "torchslim.binarize.api",
     "quantize": "torchslim.quantize.api",
+    "cluster": "torchslim.pack.cluster",
 }
 _REPLAY: dict[str, Any] = {}
 

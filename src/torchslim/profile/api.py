@@ -104,6 +104,36 @@ class Profile:
         return f"{human(self.params)} params, {human(self.macs)} MACs{size}{lat}"
 
 
+@torch.no_grad()
+def _logical_params(model: nn.Module) -> tuple[int, int]:
+    """Parameters and non-zeros as the model computes with them.
+
+    A parametrized weight (a pruning mask, a shared-weight codebook) counts as the weight it
+    produces, not as the tensors behind it; integer weights with scales (weight-only
+    quantization) count as the float matrix they stand for. Meta tensors count as dense.
+    """
+    from torch.nn.utils import parametrize
+
+    def nz(t: torch.Tensor) -> int:
+        return t.numel() if t.is_meta else int(torch.count_nonzero(t))
+
+    behind: set[int] = set()
+    total = nonzero = 0
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for pname, plist in m.parametrizations.items():  # type: ignore[union-attr]
+                t = getattr(m, pname)
+                total, nonzero = total + t.numel(), nonzero + nz(t)
+                behind.update(id(p) for p in plist.parameters())
+        elif hasattr(m, "dequantized_weight") and hasattr(m, "in_features") and hasattr(m, "out_features"):
+            w = m.dequantized_weight()
+            total, nonzero = total + w.numel(), nonzero + nz(w)
+    for p in model.parameters():
+        if id(p) not in behind:
+            total, nonzero = total + p.numel(), nonzero + nz(p)
+    return total, nonzero
+
+
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights written as a safetensors file (tied tensors stored once)."""
     from torchslim.saving import write_weights
@@ -265,12 +295,10 @@ def profile(
             by_precision["float" if prec is None else f"w{prec[0]}a{prec[1]}"] += c.macs
     params = list(model.parameters())
     buffers = [b for b in model.buffers() if b is not None]
-    with torch.no_grad():
-        # meta tensors have shapes but no values: count them as dense
-        nonzero = sum(p.numel() if p.is_meta else int(torch.count_nonzero(p)) for p in params)
+    n_params, nonzero = _logical_params(model)
     state = params + buffers
     return Profile(
-        params=sum(p.numel() for p in params),
+        params=n_params,
         nonzero_params=nonzero,
         macs=sum(c.macs for c in costs),
         flops=sum(c.flops for c in costs),

@@ -90,6 +90,9 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     rows = []
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) and hasattr(m, "dequantized_weight"):  # int weights + scales
+            with torch.no_grad():
+                w = m.dequantized_weight()
         if not name or not isinstance(w, torch.Tensor) or w.dim() < 2:
             continue
         prec = getattr(m, "torchslim_precision", None)

@@ -220,10 +220,11 @@ def _suggest(word: str, allowed: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _explain(exc: pydantic.ValidationError, model: type[BaseModel], where: str) -> RecipeError:
-    """The first pydantic error as one line: where, which field, what is allowed."""
+def _explain(exc: pydantic.ValidationError, model: type[BaseModel], where: str, skip: int = 0) -> RecipeError:
+    """The first pydantic error as one line: where, which field, what is allowed (``skip`` drops
+    leading location parts already named in ``where``)."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"]][skip:]
     name = ".".join(loc) or "(value)"
     if err["type"] == "extra_forbidden":
         sub: Any = model
@@ -258,7 +259,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         if err["loc"] and err["loc"][0] == "goals" and len(err["loc"]) > 1:
-            raise _explain(exc, _Top, f"{source}: goals") from None
+            raise _explain(exc, Goals, f"{source}: goals", skip=1) from None
         raise _explain(exc, _Top, source) from None
     if top.version > SCHEMA_VERSION:
         raise RecipeError(f"{source}: recipe version {top.version} is newer than this torchslim reads ({SCHEMA_VERSION})")

@@ -339,14 +339,6 @@ _register_lottery()
 # --------------------------------------------------------------------------- cluster / pack (Deep Compression)
 
 
-class ClusterSchema(_Strict):
-    bits: int = 5
-    init: str = "linear"
-    modules: list[str] | None = None
-    skip: list[str] = pydantic.Field(default_factory=list)
-    seed: int = 0
-
-
 def _check_bits(cfg: dict[str, Any]) -> None:
     bits = cfg.get("bits")
     if bits is not None and not 1 <= bits <= 8:
@@ -356,12 +348,22 @@ def _check_bits(cfg: dict[str, Any]) -> None:
 def _run_cluster(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     from torchslim.pack import cluster_
 
-    plan = cluster_(model, cfg["bits"], init=cfg["init"], modules=cfg["modules"], skip=tuple(cfg["skip"]), seed=cfg["seed"])
-    return model, {"plan": plan.to_dict() if hasattr(plan, "to_dict") else str(plan)}
+    plan = cluster_(model, **_config_of("torchslim.pack.ClusterConfig", cfg).to_dict())
+    return model, {"plan": plan.to_dict()}
 
 
-_stage(StageKind("cluster", ClusterSchema, "weight sharing: per-layer k-means codebooks (Deep Compression)",
-                 check=_check_bits, reduces=("size",)), _run_cluster)
+def _register_cluster() -> None:
+    from torchslim.pack import ClusterConfig
+
+    def check(cfg: dict[str, Any]) -> None:
+        _check_bits(cfg)
+        _config_of("torchslim.pack.ClusterConfig", cfg)
+
+    _stage(StageKind("cluster", schema_from_dataclass(ClusterConfig), "weight sharing: per-layer k-means codebooks "
+                     "(Deep Compression)", check=check, reduces=("size",)), _run_cluster)
+
+
+_register_cluster()
 
 
 class PackSchema(_Strict):
@@ -375,7 +377,7 @@ def _run_pack(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple
     path = ctx.dir / "model.tslim"
     result = pack(model, path, bits=cfg["bits"], coder=cfg["coder"])
     ctx.files["tslim"] = str(path)
-    info = result.to_dict() if hasattr(result, "to_dict") else {}
+    info = result.to_dict()
     return model, {"packed_bytes": path.stat().st_size, **{k: v for k, v in info.items() if k != "path"}}
 
 

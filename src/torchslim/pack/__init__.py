@@ -1,0 +1,26 @@
+"""Deep-Compression packing: trained weight sharing, entropy coding, one ``.tslim`` file.
+
+- :func:`cluster_`: per-layer k-means codebooks (``2**bits`` shared values; pruned zeros stay
+  zero), trainable with ``ts.fit`` / ``ts.distill`` (gradients summed per cluster).
+- :func:`pack` / :func:`unpack`: the clustered model as codebooks plus ANS- (or Huffman-) coded
+  index and relative-position streams, checksummed; unpacked bit-exactly.
+- :func:`packed_size_bytes`: the packed size, for profiles and reports.
+"""
+
+from torchslim.pack.api import PackResult, pack, pack_result, packed_size_bytes, read_header, unpack
+from torchslim.pack.cluster import ClusterConfig, ClusterPlan, bake_, cluster_, clustered_layers, kmeans_1d
+
+__all__ = [
+    "ClusterConfig",
+    "ClusterPlan",
+    "PackResult",
+    "bake_",
+    "cluster_",
+    "clustered_layers",
+    "kmeans_1d",
+    "pack",
+    "pack_result",
+    "packed_size_bytes",
+    "read_header",
+    "unpack",
+]
