@@ -25,13 +25,16 @@ from torchslim.prune import (
     Budget,
     LotteryConfig,
     MaskCallback,
+    OneShotConfig,
     finalize_,
     prune_channels_,
     run_lottery,
+    sparsegpt_,
     sparsify_,
     sparsity_report,
+    wanda_,
 )
-from torchslim.quantize import QuantConfig, QuantPlan, qat_convert_, qat_prepare_, quantize_
+from torchslim.quantize import QuantConfig, QuantPlan, gptq_, qat_convert_, qat_prepare_, quantize_
 from torchslim.recipe import CompressResult, Recipe, compress, list_recipes, load_recipe
 from torchslim.saving import load, save
 from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
@@ -51,6 +54,10 @@ __all__ = [
     "run_lottery",
     "sparsify_",
     "sparsity_report",
+    "OneShotConfig",
+    "sparsegpt_",
+    "wanda_",
+    "gptq_",
     "Callback",
     "Comparison",
     "DataBundle",

@@ -36,6 +36,7 @@ _PLAN_MODULES: dict[str, str] = {
     "binarize": "torchslim.binarize.api",
     "quantize": "torchslim.quantize.api",
     "cluster": "torchslim.pack.cluster",
+    "prune_transformer": "torchslim.prune.heads",
 }
 _REPLAY: dict[str, Any] = {}
 
@@ -83,7 +84,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     from torchslim.zoo.spec import model_info
 
     info = model_info(model)
-    if info is None or info.kind not in ("torchvision", "timm", "zoo", "file"):
+    if info is None or info.kind not in ("torchvision", "timm", "zoo", "file", "pretrained"):
         raise ConfigError(
             f"cannot save {type(model).__name__}: it has no model spec to rebuild it from; "
             "create it with ts.create_model(spec) (a file.py:factory spec works for any model)"

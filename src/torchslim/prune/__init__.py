@@ -74,3 +74,29 @@ __all__ = [
     "sparsify_",
     "sparsity_report",
 ]
+
+# --- post-training (one-shot) pruning and transformer structure (heads, FFN neurons, layers) ---
+from torchslim.prune.heads import (  # noqa: E402
+    drop_layers_,
+    head_importance,
+    neuron_importance,
+    prune_ffn_,
+    prune_ffn_by_importance_,
+    prune_heads_,
+    prune_heads_by_importance_,
+)
+from torchslim.prune.sparsegpt import sparsegpt_  # noqa: E402
+from torchslim.prune.wanda import OneShotConfig, wanda_  # noqa: E402
+
+__all__ += [
+    "OneShotConfig",
+    "drop_layers_",
+    "head_importance",
+    "neuron_importance",
+    "prune_ffn_",
+    "prune_ffn_by_importance_",
+    "prune_heads_",
+    "prune_heads_by_importance_",
+    "sparsegpt_",
+    "wanda_",
+]

@@ -37,3 +37,7 @@ __all__ = [
     "LSQFakeQuantize",
     "QuantizedLinear",
 ]
+
+from torchslim.quantize.gptq import gptq_  # noqa: E402
+
+__all__ += ["gptq_"]

@@ -31,7 +31,7 @@ from torch import nn
 from torchslim._optional import require
 from torchslim.errors import ConfigError
 
-__all__ = ["float_twin", "export_fp32", "export_onnx", "ort_latency", "ort_run", "onnx_parity", "torchslim_ranges", "quant_mode_of"]
+__all__ = ["float_twin", "export_fp32", "input_names", "export_onnx", "ort_latency", "ort_run", "onnx_parity", "torchslim_ranges", "quant_mode_of"]
 
 _PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
 _ORT_METHOD = {"minmax": "MinMax", "moving_average": "MinMax", "mse": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -79,22 +79,56 @@ def export_fp32(model: nn.Module, example: tuple[Any, ...], path: str | os.PathL
     path.parent.mkdir(parents=True, exist_ok=True)
     example = tuple(t.detach().cpu() for t in example)
     model = model.cpu().eval()
-    names = [f"input{i}" if i else "input" for i in range(len(example))]
+    names = input_names(model, len(example))
+    # token inputs (2-D integer tensors, e.g. input_ids) also get a dynamic sequence length
+    tokens = [t.dim() == 2 and not t.is_floating_point() for t in example]
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
+        seq = torch.export.Dim("sequence", min=2, max=4096)
+        dyn = tuple({0: batch, 1: seq} if tok else {0: batch} for tok in tokens)
         with torch.no_grad():
             prog = torch.onnx.export(
                 model, example, dynamo=True, input_names=names, output_names=["output"],
-                dynamic_shapes=tuple({0: batch} for _ in example), optimize=True, verbose=False,
+                dynamic_shapes=dyn, optimize=True, verbose=False,
             )
         prog.save(str(path))
     except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
         with torch.no_grad():
             torch.onnx.export(
                 model, example, str(path), dynamo=False, input_names=names, output_names=["output"],
-                dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17,
+                dynamic_axes={n: ({0: "batch", 1: "sequence"} if tok else {0: "batch"}) for n, tok in zip(names, tokens)},
+                opset_version=17,
             )
     return path
+
+
+def input_names(model: nn.Module, n: int) -> list[str]:
+    """ONNX input names: the model's own ``input_names`` (e.g. a text encoder's ``input_ids``,
+    ``attention_mask``, ``token_type_ids``) when it declares ``n`` or more, else ``input``,
+    ``input1``, ..."""
+    declared = getattr(model, "input_names", None)
+    if isinstance(declared, (tuple, list)) and len(declared) >= n and all(isinstance(x, str) for x in declared):
+        return list(declared[:n])
+    return [f"input{i}" if i else "input" for i in range(n)]
+
+
+def _complete(model: nn.Module, x: Any) -> tuple[torch.Tensor, ...]:
+    """``x`` as a tuple of positional inputs; a lone tensor of a multi-input model is completed
+    with the model's remembered example inputs of the same shape (e.g. a text batch's mask)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    from torchslim.zoo.spec import model_info
+
+    info = model_info(model)
+    rest = info.example.args[1:] if info is not None else ()
+    if rest and all(isinstance(t, torch.Tensor) and t.shape == x.shape for t in rest):
+        return (x, *rest)
+    return (x,)
+
+
+def _feed(sess: Any, x: Any) -> dict[str, Any]:
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    return {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), xs)}
 
 
 class _Reader:
@@ -201,15 +235,14 @@ def torchslim_ranges(model: nn.Module, fp32_path: str | os.PathLike[str]) -> dic
     return overrides
 
 
-def ort_latency(path: str | os.PathLike[str], x: torch.Tensor, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
+def ort_latency(path: str | os.PathLike[str], x: torch.Tensor | tuple[torch.Tensor, ...], runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
     """Median ONNX Runtime latency of one forward (ms) on CPU with ``threads`` intra-op threads."""
     ort = require("onnxruntime", "ONNX Runtime latency")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    feed = {name: x.detach().cpu().numpy()}
+    feed = _feed(sess, x)
     for _ in range(warmup):
         sess.run(None, feed)
     times = []
@@ -221,11 +254,12 @@ def ort_latency(path: str | os.PathLike[str], x: torch.Tensor, runs: int = 20, w
     return times[len(times) // 2]
 
 
-def ort_run(path: str | os.PathLike[str], x: torch.Tensor) -> torch.Tensor:
-    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) and return the first output."""
+def ort_run(path: str | os.PathLike[str], x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Run an ONNX file on ``x`` (a tensor, or a tuple fed to the inputs in order) with ONNX Runtime
+    (CPU) and return the first output."""
     ort = require("onnxruntime", "ONNX Runtime")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})[0])
+    return torch.from_numpy(sess.run(None, _feed(sess, x))[0])
 
 
 @torch.no_grad()
@@ -234,15 +268,16 @@ def onnx_parity(model: nn.Module, files: dict[str, str], x: torch.Tensor) -> dic
     torch model, and the fp32 file vs its float twin (an export sanity check)."""
     from torchslim.quantize.primitives import sqnr
 
+    xs = _complete(model, x)
     was = model.training
     model.eval()
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        quant = model(x.to(device)).float().cpu()
+        quant = model(*(t.to(device) for t in xs)).float().cpu()
     finally:
         model.train(was)
     twin = float_twin(model).cpu()
     return {
-        "int8_vs_torch_quantized_db": sqnr(quant, ort_run(files["onnx"], x)),
-        "fp32_vs_torch_float_db": sqnr(twin(x.cpu()), ort_run(files["onnx_fp32"], x)),
+        "int8_vs_torch_quantized_db": sqnr(quant, ort_run(files["onnx"], xs)),
+        "fp32_vs_torch_float_db": sqnr(twin(*(t.cpu() for t in xs)), ort_run(files["onnx_fp32"], xs)),
     }

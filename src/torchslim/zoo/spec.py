@@ -1,6 +1,6 @@
 """Model specs: one string names any model torchslim can build.
 
-``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``, ``path/to/file.py:factory`` or a directory
+``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``, ``pretrained:NAME``, ``path/to/file.py:factory`` or a directory
 written by ``ts.save``. The built model remembers its spec and its example inputs
 (``model._torchslim``), so ``ts.example_inputs(model)`` and ``ts.save(model, dir)`` work on it.
 """
@@ -32,9 +32,9 @@ __all__ = [
     "set_example_inputs",
 ]
 
-_PREFIXES = ("torchvision", "timm", "zoo")
+_PREFIXES = ("torchvision", "timm", "zoo", "pretrained")
 ALLOWED = (
-    "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), "
+    "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), pretrained:minilm, "
     "path/to/file.py:factory, or a directory written by ts.save"
 )
 
@@ -323,6 +323,11 @@ def create_model(
             model, example, build = _timm(rest, classes, shape[0] if shape else None)
             if shape is not None:
                 example = Inputs((_randn(1, *shape),))
+        elif prefix == "pretrained":
+            from torchslim.zoo.pretrained import build_pretrained
+
+            model, example_args, build = build_pretrained(rest)
+            example = Inputs(example_args)
         else:
             model, example, build = _zoo(rest, shape, classes)
     elif text.endswith(".py") or ".py:" in text:
@@ -364,4 +369,8 @@ def rebuild(info: dict[str, Any]) -> nn.Module:
     if kind == "file":
         model, _, _ = _file(build["path"], build["factory"])
         return model
-    raise SpecError(f"cannot rebuild a model of kind {kind!r}; known kinds: torchvision, timm, zoo, file")
+    if kind == "pretrained":
+        from torchslim.zoo.pretrained import rebuild_pretrained
+
+        return rebuild_pretrained(build)
+    raise SpecError(f"cannot rebuild a model of kind {kind!r}; known kinds: torchvision, timm, zoo, pretrained, file")

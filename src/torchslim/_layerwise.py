@@ -1,0 +1,252 @@
+"""Layer-by-layer post-training compression: calibration statistics of every ``nn.Linear`` input.
+
+Wanda, SparseGPT and GPTQ all compress one Linear at a time from ``H = X^T X``, the Gram matrix
+of the layer's calibration inputs (Wanda needs only its diagonal, ``||X_j||^2``). Done
+*sequentially*, as the papers do, each layer sees the inputs produced by the layers already
+compressed before it, so errors do not compound unseen. :func:`run_layerwise` does this for any
+model, without knowing its block structure:
+
+1. one forward pass records the order in which the selected Linears run and which of them read
+   the very same input tensor (``query``/``key``/``value`` of an attention block form one group);
+2. for each group, in order, the calibration batches run forward until the group's input is seen
+   (a hook stops the pass there), ``H`` is accumulated, and ``process(name, module, stats)`` edits
+   the group's layers before the next group is measured.
+
+A calibration *batch* is a tensor (one positional input), an ``(inputs, targets)`` pair (the
+targets are ignored), a dict of keyword inputs (e.g. a tokenizer's output) or an
+:class:`~torchslim.graph._inputs.Inputs`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.graph._inputs import Inputs
+
+__all__ = ["LayerStats", "linear_layers", "materialize_batches", "run_layerwise"]
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer's input.
+
+    Attributes:
+        xtx: ``sum_n x_n x_n^T`` over every input row (tokens, samples), ``(in, in)``, float32
+            (``None`` when only the diagonal was asked for).
+        sq: ``sum_n x_n^2`` per input feature (the diagonal), ``(in,)``.
+        rows: the number of input rows ``n``.
+    """
+
+    xtx: torch.Tensor | None
+    sq: torch.Tensor
+    rows: int
+
+    def hessian(self) -> torch.Tensor:
+        """``2 X^T X / n``, the Hessian of the layer-wise squared error (SparseGPT / GPTQ)."""
+        if self.xtx is None:
+            raise ConfigError("these statistics were collected without the full X^T X")
+        return self.xtx * (2.0 / max(self.rows, 1))
+
+
+def linear_layers(model: nn.Module, modules: Sequence[str] | str | None = None, skip: Sequence[str] = ()) -> dict[str, nn.Linear]:
+    """Name -> ``nn.Linear`` for the layers selected by ``modules`` globs (all by default), minus ``skip``.
+
+    Raises:
+        ConfigError: the selection is empty; the message lists the model's Linear layers.
+    """
+    if isinstance(modules, str):
+        modules = [modules]
+    if isinstance(skip, str):
+        skip = [skip]
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if modules is not None and not any(fnmatch.fnmatchcase(name, p) for p in modules):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in skip):
+            continue
+        out[name] = m
+    if not out:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ConfigError(
+            f"modules={modules!r} skip={list(skip)!r} selects no nn.Linear; the model's are: {', '.join(names[:20]) or 'none'}"
+        )
+    return out
+
+
+def _as_call(batch: Any) -> Inputs:
+    if isinstance(batch, Inputs):
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return Inputs((batch,))
+    if isinstance(batch, dict):
+        return Inputs((), dict(batch))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return _as_call(batch[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return Inputs(tuple(batch))
+    raise ConfigError(
+        f"a calibration batch must be a tensor, an (inputs, targets) pair, a dict of keyword inputs or Inputs; "
+        f"got {type(batch).__name__}"
+    )
+
+
+def materialize_batches(calibration: Iterable[Any] | None, max_batches: int, method: str) -> list[Inputs]:
+    """The first ``max_batches`` calibration batches as :class:`Inputs`.
+
+    Raises:
+        ConfigError: no calibration given, or it yields no batch.
+    """
+    if calibration is None:
+        raise ConfigError(f"{method} needs calibration data: pass calibration= batches of model inputs (e.g. tokenized sentences)")
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ConfigError(f"calibration_batches must be a positive integer; got {max_batches!r}")
+    if isinstance(calibration, (torch.Tensor, dict, Inputs)):
+        calibration = [calibration]
+    out = []
+    for batch in calibration:
+        if len(out) >= max_batches:
+            break
+        out.append(_as_call(batch))
+    if not out:
+        raise ConfigError(f"{method} got no calibration batches (the calibration data is empty)")
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _run(model: nn.Module, batch: Inputs) -> None:
+    b = batch.to(_device(model))
+    try:
+        model(*b.args, **b.kwargs)
+    except _Stop:
+        pass
+
+
+def _groups(model: nn.Module, layers: dict[str, nn.Linear], first: Inputs) -> tuple[list[list[str]], set[str]]:
+    """Linears in execution order, grouped by shared input tensor; plus those called more than once."""
+    order: list[str] = []
+    inputs: list[torch.Tensor] = []
+    calls: dict[str, int] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+                inputs.append(args[0])
+
+        return hook
+
+    for n, m in layers.items():
+        handles.append(m.register_forward_pre_hook(hook_for(n)))
+    try:
+        with torch.no_grad():
+            _run(model, first)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for i, n in enumerate(order):
+        if groups and inputs[order.index(groups[-1][0])] is inputs[i]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    unused = sorted(set(layers) - set(order))
+    groups.extend([n] for n in unused)  # never called: statistics stay empty
+    return groups, {n for n, c in calls.items() if c > 1}
+
+
+def run_layerwise(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: list[Inputs],
+    process: Callable[[str, nn.Linear, LayerStats], None],
+    *,
+    full: bool = True,
+    sequential: bool = True,
+) -> list[str]:
+    """Collect input statistics for each layer and call ``process`` on it, in execution order.
+
+    Args:
+        model: run in eval mode under ``no_grad`` (its training flag is restored).
+        layers: the Linears to process (see :func:`linear_layers`).
+        batches: calibration batches (see :func:`materialize_batches`).
+        process: ``process(name, module, stats)`` edits the layer in place.
+        full: collect the full ``X^T X`` (SparseGPT, GPTQ); else only its diagonal (Wanda).
+        sequential: measure each group after the earlier groups were processed (the papers'
+            setting); ``False`` measures every layer once on the unmodified model (faster).
+
+    Returns:
+        The layer names in the order they were processed.
+    """
+    was = model.training
+    model.eval()
+    done: list[str] = []
+    try:
+        groups, repeated = _groups(model, layers, batches[0])
+        plan = groups if sequential else [[n for g in groups for n in g]]
+        for group in plan:
+            stats = _collect(model, {n: layers[n] for n in group}, batches, full, stop=sequential and not (set(group) & repeated))
+            for n in group:
+                process(n, layers[n], stats[n])
+                done.append(n)
+    finally:
+        model.train(was)
+    return done
+
+
+def _collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[Inputs], full: bool, stop: bool) -> dict[str, LayerStats]:
+    acc: dict[str, list[Any]] = {n: [None, None, 0] for n in layers}
+    last = list(layers)[-1]
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            a = acc[name]
+            sq = (x * x).sum(dim=0)
+            a[1] = sq if a[1] is None else a[1] + sq
+            if full:
+                xtx = x.T @ x
+                a[0] = xtx if a[0] is None else a[0] + xtx
+            a[2] += x.shape[0]
+            if stop and name == last:
+                raise _Stop
+
+        return hook
+
+    for n, m in layers.items():
+        handles.append(m.register_forward_pre_hook(hook_for(n)))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                _run(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, m in layers.items():
+        xtx, sq, rows = acc[n]
+        k = m.in_features
+        w = m.weight
+        if sq is None:
+            sq = torch.zeros(k, device=w.device)
+            xtx = torch.zeros(k, k, device=w.device) if full else None
+        out[n] = LayerStats(xtx, sq, rows)
+    return out

@@ -1,0 +1,506 @@
+"""Structured pruning of transformers: attention heads, FFN neurons and whole layers.
+
+Works on Hugging Face BERT-style encoders (``query``/``key``/``value`` + ``output.dense``) and
+Llama-style decoders (``q_proj``/``k_proj``/``v_proj``/``o_proj``, grouped-query attention),
+wherever they sit inside a model (e.g. :class:`~torchslim.zoo.pretrained.SentenceEncoder`).
+
+* Head importance (Michel et al. 2019): a gate ``g_h = 1`` multiplies each head's context
+  vector before the output projection; importance is ``|dL/dg_h|`` accumulated over calibration
+  batches. ``L`` is the user's ``loss_fn(output, batch)`` when given (a task loss, as in the
+  paper); otherwise a label-free sensitivity: ``L = <output, r>`` with a fresh Gaussian ``r``
+  per batch, whose squared gate gradient estimates ``||d output / d g_h||^2``. Scores are
+  normalised per layer (L2), as in the paper, then ranked globally.
+* FFN neurons: the same gates on the input of the down projection (``output.dense`` /
+  ``down_proj``), i.e. a first-order Taylor importance per intermediate neuron.
+* Layers: drop whole blocks from the model's layer list.
+
+Surgery slices the projection matrices (``q/k/v`` rows, ``o`` columns; for GQA whole key/value
+heads go when every query head of their group goes), so shapes really shrink. With GQA the
+remaining query heads must be spread evenly over the remaining key/value heads: importance-based
+pruning removes the same number from every group; an explicit head list that breaks this raises.
+Every edit is recorded as a ``"prune_transformer"`` plan, so ``ts.save`` / ``ts.load`` round-trip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._layerwise import materialize_batches
+from torchslim.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "AttentionSite",
+    "FFNSite",
+    "attention_sites",
+    "ffn_sites",
+    "head_importance",
+    "neuron_importance",
+    "prune_heads_",
+    "prune_ffn_",
+    "drop_layers_",
+    "prune_heads_by_importance_",
+    "prune_ffn_by_importance_",
+]
+
+KIND = "prune_transformer"
+
+
+@dataclass
+class AttentionSite:
+    """One attention block: its projections and head layout."""
+
+    name: str
+    module: nn.Module  # owner of num_attention_heads-like attributes
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // max(self.num_kv_heads, 1)
+
+
+@dataclass
+class FFNSite:
+    """One feed-forward block: the up projections (rows) and the down projection (columns)."""
+
+    name: str
+    up: list[nn.Linear]
+    down: nn.Linear
+
+    @property
+    def width(self) -> int:
+        return self.down.in_features
+
+
+def attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
+    """Every BERT-style or Llama-style attention block of ``model``, by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        sa, so = getattr(m, "self", None), getattr(m, "output", None)
+        if sa is not None and all(isinstance(getattr(sa, a, None), nn.Linear) for a in ("query", "key", "value")) and isinstance(
+            getattr(so, "dense", None), nn.Linear
+        ):
+            out[name] = AttentionSite(name, sa, sa.query, sa.key, sa.value, so.dense, int(sa.attention_head_size))
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            hd = getattr(m, "head_dim", None)
+            if hd is None:
+                continue
+            out[name] = AttentionSite(name, m, m.q_proj, m.k_proj, m.v_proj, m.o_proj, int(hd))
+    return out
+
+
+def ffn_sites(model: nn.Module) -> dict[str, FFNSite]:
+    """Every BERT-style (``intermediate.dense`` -> ``output.dense``) or Llama-style MLP, by name."""
+    out = {}
+    for name, m in model.named_modules():
+        inter, outp = getattr(m, "intermediate", None), getattr(m, "output", None)
+        if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(outp, "dense", None), nn.Linear):
+            out[name] = FFNSite(name, [inter.dense], outp.dense)
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            out[name] = FFNSite(name, [m.gate_proj, m.up_proj], m.down_proj)
+    return out
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    b = batch.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    return model(*b.args, **b.kwargs)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ConfigError(f"cannot find a tensor in the model output ({type(out).__name__}); pass loss_fn=")
+
+
+def _gate_importance(
+    model: nn.Module,
+    targets: Mapping[str, tuple[nn.Linear, int, int]],
+    calibration: Iterable[Any] | None,
+    batches: int,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """|dL/dg| of gates on the input of each ``targets[name] = (linear, units, unit_size)``."""
+    data = materialize_batches(calibration, batches, what)
+    gates = {n: torch.ones(units, requires_grad=True) for n, (_, units, _) in targets.items()}
+    acc = {n: torch.zeros(units) for n, (_, units, _) in targets.items()}
+    handles = []
+
+    def hook_for(name: str, size: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            g = gates[name].to(x.device, x.dtype)
+            shaped = x.reshape(*x.shape[:-1], -1, size) * g.reshape(-1, 1)
+            return (shaped.reshape(x.shape), *args[1:])
+
+        return hook
+
+    for n, (lin, _, size) in targets.items():
+        handles.append(lin.register_forward_pre_hook(hook_for(n, size)))
+    was = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for batch in data:
+            out = _call(model, batch)
+            if loss_fn is not None:
+                loss = loss_fn(out, batch)
+                power = 1
+            else:
+                t = _first_tensor(out)
+                loss = (t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum()
+                power = 2
+            grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+            for n, g in zip(gates, grads):
+                if g is not None:
+                    acc[n] += g.detach().abs().cpu() ** power
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return {n: (a.sqrt() if loss_fn is None else a) for n, a in acc.items()}
+
+
+def head_importance(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    *,
+    calibration_batches: int = 8,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    normalize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Michel et al. (2019) head importance per attention block: ``name -> (num_heads,)``.
+
+    Raises:
+        ConfigError: no attention block found, no or empty calibration data.
+    """
+    sites = attention_sites(model)
+    if not sites:
+        raise ConfigError("no BERT-style or Llama-style attention block found in the model")
+    scores = _gate_importance(
+        model, {n: (s.o, s.num_heads, s.head_dim) for n, s in sites.items()}, calibration, calibration_batches, loss_fn,
+        "head importance",
+    )
+    if normalize:
+        scores = {n: s / s.norm().clamp_min(1e-12) for n, s in scores.items()}
+    return scores
+
+
+def neuron_importance(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    *,
+    calibration_batches: int = 8,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """First-order (Taylor) importance of every FFN intermediate neuron: ``name -> (width,)``."""
+    sites = ffn_sites(model)
+    if not sites:
+        raise ConfigError("no BERT-style or Llama-style feed-forward block found in the model")
+    return _gate_importance(
+        model, {n: (s.down, s.width, 1) for n, s in sites.items()}, calibration, calibration_batches, loss_fn, "neuron importance"
+    )
+
+
+# --------------------------------------------------------------------------- surgery
+
+
+def _slice_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> tuple[nn.Parameter, nn.Parameter | None]:
+    w = lin.weight.detach().index_select(dim, keep.to(lin.weight.device)).clone()
+    b = lin.bias
+    if b is not None and dim == 0:
+        b = nn.Parameter(b.detach().index_select(0, keep.to(b.device)).clone(), requires_grad=b.requires_grad)
+    return nn.Parameter(w, requires_grad=lin.weight.requires_grad), b
+
+
+def _assign(lin: nn.Linear, w: nn.Parameter, b: nn.Parameter | None) -> None:
+    lin.weight = w
+    if b is not None:
+        lin.bias = b
+    lin.out_features, lin.in_features = w.shape
+
+
+def _head_plan(site: AttentionSite, heads: Sequence[int]) -> tuple[list[int], list[int], int]:
+    """(query heads kept, kv heads kept, new groups); raises on invalid input."""
+    n, nkv, groups = site.num_heads, site.num_kv_heads, site.groups
+    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n]
+    if bad:
+        raise ConfigError(f"{site.name}: head indices must be integers in [0, {n}); got {bad}")
+    drop = set(heads)
+    kept = [h for h in range(n) if h not in drop]
+    if not kept:
+        raise ConfigError(f"{site.name}: pruning heads {sorted(drop)} leaves zero of its {n} heads; keep at least one")
+    per_group = [sum(1 for h in kept if h // groups == j) for j in range(nkv)]
+    alive = [c for c in per_group if c]
+    if len(set(alive)) > 1:
+        raise ConfigError(
+            f"{site.name}: grouped-query attention ({n} query heads over {nkv} key/value heads) needs the same number of "
+            f"query heads left in every key/value group; this prune leaves {per_group} per group. Remove the same count "
+            "from every group, or whole groups"
+        )
+    kv_kept = [j for j, c in enumerate(per_group) if c]
+    return kept, kv_kept, alive[0]
+
+
+def _rows(units: Sequence[int], size: int) -> torch.Tensor:
+    return torch.tensor([u * size + i for u in units for i in range(size)], dtype=torch.long)
+
+
+def _apply_heads(site: AttentionSite, heads: Sequence[int]) -> None:
+    kept, kv_kept, groups = _head_plan(site, heads)
+    hd = site.head_dim
+    q_rows, kv_rows = _rows(kept, hd), _rows(kv_kept, hd)
+    new = {
+        "q": _slice_linear(site.q, q_rows, 0),
+        "k": _slice_linear(site.k, kv_rows, 0),
+        "v": _slice_linear(site.v, kv_rows, 0),
+        "o": _slice_linear(site.o, q_rows, 1),
+    }
+    for key, lin in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
+        _assign(lin, *new[key])
+    m = site.module
+    if hasattr(m, "num_attention_heads"):
+        m.num_attention_heads = len(kept)
+    if hasattr(m, "all_head_size"):
+        m.all_head_size = len(kept) * hd
+    if hasattr(m, "num_key_value_groups"):
+        m.num_key_value_groups = groups
+
+
+def prune_heads_(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Remove attention heads: ``heads = {attention block name: [head indices]}``, in place.
+
+    Every entry is checked before anything changes.
+
+    Returns:
+        Block name -> the number of query heads left.
+
+    Raises:
+        ConfigError: an unknown block, an index out of range, a prune leaving zero heads, or
+            (GQA) uneven query heads per key/value group. The model is unchanged then.
+    """
+    sites = attention_sites(model)
+    for name, hs in heads.items():
+        if name not in sites:
+            raise ConfigError(f"no attention block named {name!r}; the model's are: {', '.join(sites) or 'none'}")
+        _head_plan(sites[name], list(hs))
+    for name, hs in heads.items():
+        if hs:
+            _apply_heads(sites[name], list(hs))
+    _record(model, {"op": "heads", "heads": {n: sorted(int(h) for h in hs) for n, hs in heads.items() if hs}})
+    return {n: s.num_heads for n, s in attention_sites(model).items()}
+
+
+def prune_ffn_(model: nn.Module, neurons: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Remove FFN intermediate neurons: ``neurons = {block name: [indices]}``, in place.
+
+    Returns:
+        Block name -> the intermediate width left.
+
+    Raises:
+        ConfigError: unknown block, bad index, or a prune leaving zero neurons (model unchanged).
+    """
+    sites = ffn_sites(model)
+    keeps = {}
+    for name, idx in neurons.items():
+        if name not in sites:
+            raise ConfigError(f"no feed-forward block named {name!r}; the model's are: {', '.join(sites) or 'none'}")
+        width = sites[name].width
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < width]
+        if bad:
+            raise ConfigError(f"{name}: neuron indices must be integers in [0, {width}); got {bad[:5]}")
+        keep = [i for i in range(width) if i not in set(idx)]
+        if not keep:
+            raise ConfigError(f"{name}: pruning every one of its {width} neurons leaves none; keep at least one")
+        keeps[name] = torch.tensor(keep, dtype=torch.long)
+    for name, keep in keeps.items():
+        site = sites[name]
+        new_up = [_slice_linear(lin, keep, 0) for lin in site.up]
+        new_down = _slice_linear(site.down, keep, 1)
+        for lin, nb in zip(site.up, new_up):
+            _assign(lin, *nb)
+        _assign(site.down, *new_down)
+    _record(model, {"op": "ffn", "neurons": {n: sorted(int(i) for i in idx) for n, idx in neurons.items() if idx}})
+    return {n: s.width for n, s in ffn_sites(model).items()}
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "blocks") and len(m):
+            return name, m
+    raise ConfigError("no transformer layer list (a ModuleList named layer / layers / h / blocks) found in the model")
+
+
+def drop_layers_(model: nn.Module, layers: Sequence[int]) -> list[int]:
+    """Remove whole transformer blocks by index (of the model's layer list), in place.
+
+    Returns:
+        The original indices of the blocks left.
+
+    Raises:
+        ConfigError: bad index, or dropping every block (model unchanged).
+    """
+    name, blocks = _layer_list(model)
+    n = len(blocks)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"layer indices must be integers in [0, {n}); got {bad}")
+    keep = [i for i in range(n) if i not in set(layers)]
+    if not keep:
+        raise ConfigError(f"dropping layers {sorted(set(layers))} leaves none of the {n}; keep at least one")
+    kept = [blocks[i] for i in keep]
+    for i in range(n - 1, -1, -1):
+        del blocks[i]
+    for j, blk in enumerate(kept):
+        blocks.append(blk)
+        for m in blk.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = j
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "encoder", None), "config", None)
+    if cfg is not None and hasattr(cfg, "num_hidden_layers"):
+        cfg.num_hidden_layers = len(kept)
+    _record(model, {"op": "layers", "layers": sorted(set(int(i) for i in layers))})
+    return keep
+
+
+# --------------------------------------------------------------------------- by importance
+
+
+def _count(ratio: float, total: int, what: str) -> int:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(f"{what} ratio must be a number in [0, 1); got {ratio!r}")
+    return int(round(ratio * total))
+
+
+def prune_heads_by_importance_(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    ratio: float,
+    *,
+    calibration_batches: int = 8,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> dict[str, list[int]]:
+    """Prune the globally least important ``ratio`` of attention heads (Michel et al. 2019).
+
+    At least one head (GQA: one per surviving group, the same number per group) stays in every
+    block. Returns the pruned head indices per block.
+
+    Raises:
+        ConfigError: ratio outside [0, 1), no or empty calibration data (model unchanged).
+    """
+    sites = attention_sites(model)
+    total = sum(s.num_heads for s in sites.values())
+    n_prune = _count(ratio, total, "head")
+    scores = head_importance(model, calibration, calibration_batches=calibration_batches, loss_fn=loss_fn)
+    ranked = sorted((float(s[h]), name, h) for name, s in scores.items() for h in range(len(s)))
+    per_layer: dict[str, int] = {n: 0 for n in sites}
+    budget = n_prune
+    for _, name, _h in ranked:
+        if budget <= 0:
+            break
+        if per_layer[name] + 1 < sites[name].num_heads:
+            per_layer[name] += 1
+            budget -= 1
+    plan: dict[str, list[int]] = {}
+    for name, c in per_layer.items():
+        site, s = sites[name], scores[name]
+        if site.groups > 1:  # the same number from every key/value group
+            per_group = min(c // site.num_kv_heads, site.groups - 1)
+            drop = []
+            for j in range(site.num_kv_heads):
+                members = list(range(j * site.groups, (j + 1) * site.groups))
+                members.sort(key=lambda h: float(s[h]))
+                drop += members[:per_group]
+        else:
+            drop = sorted(range(site.num_heads), key=lambda h: float(s[h]))[:c]
+        if drop:
+            plan[name] = sorted(drop)
+    prune_heads_(model, plan)
+    return plan
+
+
+def prune_ffn_by_importance_(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    ratio: float,
+    *,
+    calibration_batches: int = 8,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    round_to: int = 1,
+) -> dict[str, list[int]]:
+    """Prune ``ratio`` of every FFN block's neurons, the least important first (per block).
+
+    ``round_to`` keeps the width a multiple of it. Returns the pruned indices per block.
+    """
+    sites = ffn_sites(model)
+    if not sites:
+        raise ConfigError("no BERT-style or Llama-style feed-forward block found in the model")
+    _count(ratio, 1, "neuron")
+    scores = neuron_importance(model, calibration, calibration_batches=calibration_batches, loss_fn=loss_fn)
+    plan = {}
+    for name, s in scores.items():
+        width = sites[name].width
+        keep_n = max(round_to, int(round((1 - ratio) * width / round_to)) * round_to)
+        drop = torch.argsort(s)[: max(width - keep_n, 0)].tolist()
+        if drop:
+            plan[name] = sorted(int(i) for i in drop)
+    prune_ffn_(model, plan)
+    return plan
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _record(model: nn.Module, plan: dict[str, Any]) -> None:
+    from torchslim.zoo.spec import model_info, record_plan
+
+    if model_info(model) is not None:
+        record_plan(model, {"kind": KIND, **plan})
+
+
+def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
+    op = plan.get("op")
+    try:
+        if op == "heads":
+            prune_heads_(model, plan["heads"])
+        elif op == "ffn":
+            prune_ffn_(model, plan["neurons"])
+        elif op == "layers":
+            drop_layers_(model, plan["layers"])
+        else:
+            raise CheckpointError(f"{KIND} plan has unknown op {op!r} (known: heads, ffn, layers)")
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot replay the saved {KIND} plan: {exc}") from exc
+
+
+def _register() -> None:
+    from torchslim.saving import register_plan_kind
+
+    register_plan_kind(KIND, _replay, module=__name__)
+
+
+_register()

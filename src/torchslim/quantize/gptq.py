@@ -1,0 +1,221 @@
+"""GPTQ: post-training weight quantization with second-order error compensation (Frantar et al. 2022).
+
+Each Linear layer's weight is quantized one input column at a time; the rounding error of
+column ``j`` is pushed onto the columns not yet quantized through the inverse Hessian of the
+layer-wise squared error, ``W[:, j+1:] -= (w_j - q_j) / [H^-1]_jj * [H^-1]_{j, j+1:}``, with
+``H = 2 X^T X / n`` from calibration inputs (dampened) and ``H^-1`` as its upper Cholesky factor,
+in lazy blocks of ``blocksize`` columns. Group-wise scales (``group_size`` consecutive inputs of
+a row share one) are chosen when the walk reaches the group, from the already-updated weights.
+Layers go in execution order, each measured on the outputs of the layers already quantized.
+
+The result is the same :class:`~torchslim.quantize.weight_only.QuantizedLinear` storage that
+``quantize_(model, QuantConfig(mode="weight-only", ...))`` produces (packed int4, fp16 scales),
+recorded as a weight-only ``"quantize"`` plan, so ``ts.save`` / ``ts.load``, ``export_onnx`` and
+profiling treat it exactly like round-to-nearest weight-only quantization; only the integers differ.
+
+Example:
+    >>> import torch
+    >>> from torchslim.quantize import QuantConfig
+    >>> from torchslim.quantize.gptq import gptq_
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> plan = gptq_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32),
+    ...              calibration=[torch.randn(64, 64)])
+    >>> plan.layers
+    ['0', '2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._layerwise import LayerStats, linear_layers, materialize_batches, run_layerwise
+from torchslim.errors import ConfigError
+from torchslim.quantize.api import QuantConfig, QuantPlan
+from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.primitives import QScheme, choose_qparams, pack_int4, qrange
+from torchslim.quantize.weight_only import QuantizedLinear
+
+__all__ = ["gptq_", "gptq_quantize", "rtn_quantize"]
+
+
+def _group_params(block: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point of a ``(rows, g)`` slice (scale rounded to the stored fp16)."""
+    lo = block.amin(dim=1, keepdim=True)
+    hi = block.amax(dim=1, keepdim=True)
+    scale, zp = choose_qparams(lo.float(), hi.float(), scheme)
+    return scale.half().double(), zp.double()
+
+
+def _group_size(scheme: QScheme, cols: int) -> int:
+    if scheme.granularity == "group":
+        if cols % scheme.group_size:
+            raise ConfigError(f"group_size={scheme.group_size} does not divide the layer's {cols} input features")
+        return scheme.group_size
+    if scheme.granularity == "channel":
+        return cols
+    raise ConfigError("GPTQ quantizes per channel or per group; granularity='tensor' is not supported")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QScheme, *, blocksize: int = 128, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ one ``(out, in)`` weight: ``(ints, scale, zero_point)``.
+
+    ``ints`` is ``(out, in)`` integers in the scheme's range; ``scale`` / ``zero_point`` are
+    ``(out, in // group, 1)``, so ``(ints - zp) * scale`` (grouped) is the dequantized weight.
+    """
+    from torchslim.prune.sparsegpt import inverse_hessian_factor
+
+    w = weight.detach().double().clone()
+    rows, cols = w.shape
+    gs = _group_size(scheme, cols)
+    qmin, qmax = qrange(scheme)
+    hinv = inverse_hessian_factor(hessian, damp)
+    dead = torch.diag(hessian) == 0
+    w[:, dead] = 0
+    ints = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    scales = torch.zeros(rows, cols // gs, 1, dtype=torch.float64, device=w.device)
+    zps = torch.zeros_like(scales)
+    scale = zp = None
+    if gs < cols and blocksize >= gs:  # a group never straddles two lazy blocks
+        blocksize = blocksize // gs * gs
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % gs == 0:  # parameters of the group starting here, from the updated weights
+                g_end = j + gs
+                block = torch.cat([w1[:, i:], w[:, i2:g_end]], dim=1)[:, :gs] if g_end > i2 else w1[:, i : i + gs]
+                scale, zp = _group_params(block, scheme)
+                scales[:, j // gs] = scale
+                zps[:, j // gs] = zp
+            col = w1[:, i : i + 1]
+            q = torch.clamp(torch.round(col / scale) + zp, qmin, qmax)
+            ints[:, j] = q.squeeze(1).to(torch.int32)
+            deq = (q - zp) * scale
+            e = (col - deq) / h1[i, i]
+            w1[:, i:] -= e @ h1[i : i + 1, i:]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return ints, scales.float(), zps.float()
+
+
+def rtn_quantize(weight: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with the same parameters and layout as :func:`gptq_quantize` (the baseline)."""
+    rows, cols = weight.shape
+    gs = _group_size(scheme, cols)
+    qmin, qmax = qrange(scheme)
+    v = weight.detach().double().reshape(rows, cols // gs, gs)
+    scale, zp = _group_params(v.reshape(-1, gs), scheme)
+    scale, zp = scale.reshape(rows, -1, 1), zp.reshape(rows, -1, 1)
+    q = torch.clamp(torch.round(v / scale) + zp, qmin, qmax)
+    return q.reshape(rows, cols).to(torch.int32), scale.float(), zp.float()
+
+
+def dequantize_grouped(ints: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """``(ints - zp) * scale`` back in ``(out, in)``."""
+    rows, cols = ints.shape
+    v = ints.double().reshape(rows, scale.shape[1], -1)
+    return ((v - zp.double()) * scale.double()).reshape(rows, cols).float()
+
+
+def _to_module(linear: nn.Linear, ints: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, scheme: QScheme) -> QuantizedLinear:
+    q = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme).to(linear.weight.device)
+    if scheme.bits <= 4:
+        src = ints - (0 if scheme.signed else 8)
+        q.qweight.copy_(pack_int4(src.to(torch.int8)))
+    else:
+        q.qweight.copy_(ints.reshape(q.qweight.shape).to(q.qweight.dtype))
+    q.scale.copy_(scale.reshape(q.scale.shape).half())
+    if not scheme.symmetric:
+        q.zero_point.copy_(zp.reshape(q.zero_point.shape).half())
+    if linear.bias is not None:
+        q.bias.data = linear.bias.detach().clone()
+    return q
+
+
+def gptq_(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    calibration: Iterable[Any] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    sequential: bool = True,
+) -> QuantPlan:
+    """Quantize ``model``'s Linear weights with GPTQ, in place (weight-only, packed storage).
+
+    Args:
+        model: its Linear layers (as ``config.modules`` / ``config.skip`` select) become
+            :class:`~torchslim.quantize.weight_only.QuantizedLinear`.
+        config: a ``QuantConfig(mode="weight-only", ...)``; default int4, groups of 128
+            (``layer_bits`` sets per-layer bits; ``calibration_batches`` caps the batches used).
+        calibration: batches of model inputs (tensors, ``(inputs, targets)`` pairs, dicts).
+        blocksize: columns per lazy-update block.
+        damp: Hessian dampening as a fraction of its mean diagonal.
+        sequential: measure each layer after the earlier ones were quantized.
+
+    Returns:
+        The :class:`~torchslim.quantize.api.QuantPlan` (recorded as a weight-only plan).
+
+    Raises:
+        ConfigError: a mode other than weight-only, tensor granularity, a group size that does
+            not divide a layer, an already-quantized model, no or empty calibration data. The
+            model is unchanged then.
+    """
+    config = config or QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=128)
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
+    if config.mode != "weight-only":
+        raise ConfigError(f"GPTQ is weight-only quantization: QuantConfig.mode must be 'weight-only'; got {config.mode!r}")
+    if config.granularity == "tensor":
+        raise ConfigError("GPTQ quantizes per channel or per group; use granularity='channel' or 'group'")
+    if any(isinstance(m, (QuantizedLinear, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
+        raise ConfigError("the model is already quantized; run GPTQ on the float model")
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ConfigError(f"blocksize must be a positive integer; got {blocksize!r}")
+    layers = linear_layers(model, config.modules, config.skip)
+    unknown = sorted(set(config.layer_bits or {}) - set(layers))
+    if unknown:
+        raise ConfigError(f"layer_bits names layers that are not quantized: {unknown}; quantized layers: {sorted(layers)}")
+    for n, m in layers.items():
+        if config.granularity == "group" and m.in_features % config.group_size:
+            raise ConfigError(f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; pick a divisor or skip={n!r}")
+    batches = materialize_batches(calibration, config.calibration_batches, "GPTQ")
+    backup = {n: m.weight.detach().clone() for n, m in layers.items()}
+    results: dict[str, QuantizedLinear] = {}
+
+    def process(name: str, module: nn.Linear, stats: LayerStats) -> None:
+        scheme = config.weight_scheme(name)
+        w = module.weight.detach()
+        h = stats.hessian().to(w.device) if stats.rows else torch.eye(w.shape[1], device=w.device)
+        ints, scale, zp = gptq_quantize(w, h, scheme, blocksize=blocksize, damp=damp)
+        q = _to_module(module, ints, scale, zp, scheme)
+        with torch.no_grad():  # later layers are measured on this layer's quantized output
+            module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))
+        results[name] = q
+
+    from torchslim.quantize.ptq import _set
+
+    try:
+        run_layerwise(model, layers, batches, process, full=True, sequential=sequential)
+    except BaseException:
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.copy_(backup[n])
+        raise
+    for n in layers:
+        _set(model, n, results[n])
+    plan = QuantPlan(config, layers=list(layers), calibration_batches=len(batches))
+    from torchslim.zoo.spec import record_plan
+
+    record_plan(model, {"kind": "quantize", **plan.to_dict(), "algorithm": "gptq"})
+    return plan
