@@ -140,7 +140,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     models = ts.list_models(args.pattern)
     datasets = ts.list_datasets()
     if args.json:
-        _emit(args, {"models": ["zoo:" + m for m in models], "datasets": datasets})
+        _emit(args, {"models": ["zoo:" + m for m in models], "datasets": datasets, "recipes": ts.list_recipes()})
         return 0
     from rich.table import Table
 
@@ -153,6 +153,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     con = _console(args)
     con.print(t)
     con.print("data specs: " + ", ".join(datasets))
+    con.print("recipes (torchslim compress --recipe NAME): " + ", ".join(ts.list_recipes()))
     con.print("model specs: torchvision:NAME, timm:NAME, zoo:NAME, path/to/file.py:factory, or a saved directory")
     return 0
 
@@ -189,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     resume = (out / "state.json").is_file() and not args.fresh
     result = compress(model, recipe, data, out=out, resume=resume, force=not resume, progress=not args.quiet,
-                      log=say)
+                      log=say, status=lambda text: con.status(text, spinner="dots"))
     if args.json:
         _emit(args, result.report)
         return 0

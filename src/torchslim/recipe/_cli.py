@@ -58,7 +58,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         ts.set_example_inputs(model, parse_input_shape(args.input_shape))
     result = compress(model, recipe, data, out=args.out,
                       resume=args.resume, force=args.force, progress=not args.quiet, latency=not args.no_latency,
-                      log=say)
+                      log=say, status=lambda text: con.status(text, spinner="dots"))
     if args.json:
         emit_json(result.report)
         return 0
@@ -83,7 +83,7 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
     con.print(t)
     onnx = report.get("deployed", {}).get("onnx")
     if onnx:
-        lat = ", ".join(f"batch {b}: {v['speedup']:.2f}x faster" for b, v in onnx["latency_ms"].items())
+        lat = ", ".join(f"batch {b}: {_speed(v['speedup'])}" for b, v in onnx["latency_ms"].items())
         acc = ""
         if onnx.get("accuracy") is not None:
             acc = f"; accuracy in ONNX Runtime {100 * onnx['original_accuracy']:.2f}% -> {100 * onnx['accuracy']:.2f}%"
@@ -93,3 +93,10 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
         mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
         con.print(f"goal {g['name']} <= {g['target']}: {value} ({g['basis']}) {mark}")
     con.print(f"report: {report['files']['report_html']} (also report.md, report.json)")
+
+
+def _speed(ratio: float | None) -> str:
+    """``original / compressed`` latency as words: "2.10x faster" or "1.60x slower"."""
+    if not ratio:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"

@@ -18,6 +18,7 @@ they vary with the machine's load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -223,6 +224,7 @@ def compress(
     progress: bool = True,
     latency: bool = True,
     log: Callable[[str], None] | None = None,
+    status: Callable[[str], Any] | None = None,
 ) -> CompressResult:
     """Run ``recipe`` on ``model`` and return the final model with its report.
 
@@ -238,6 +240,8 @@ def compress(
         latency: measure torch latency after every stage (ONNX Runtime latency is measured by
             the ``export`` stage regardless).
         log: where stage lines go (default: nowhere).
+        status: ``status(text)`` returns a context manager showing a live line while a step
+            without its own progress bar runs (e.g. ``rich.console.Console.status``).
 
     Raises:
         RecipeError: the recipe is invalid, or needs data that was not given (before any work).
@@ -249,6 +253,10 @@ def compress(
     from torchslim.recipe.stages import StageContext, runner_for
 
     say = log or (lambda msg: None)
+
+    def live(text: str) -> Any:
+        return status(text) if status is not None and progress else contextlib.nullcontext()
+
     model, recipe, data, spec, data_spec = _resolve_inputs(model, recipe, data)
     _preflight(model, recipe)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="torchslim-compress-"))
@@ -258,7 +266,8 @@ def compress(
     if state["original"] is None:
         say(f"measuring the original model {spec}")
         ts.save(model, original_dir)
-        state["original"] = measure(ts.load(original_dir), data, original_dir, latency=latency)
+        with live("measuring the original: accuracy, MACs, bytes, latency"):
+            state["original"] = measure(ts.load(original_dir), data, original_dir, latency=latency)
         _write_json(out / STATE_FILE, state)
     teacher_cache: list[nn.Module] = []
 
@@ -285,14 +294,16 @@ def compress(
                            progress=progress, log=say)
         sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        try:
-            current, extras = runner_for(stage.kind)(current, cfg, ctx)
+        try:  # stages that train show their own progress bars; the others a live line
+            with contextlib.nullcontext() if kinds[stage.kind].trains else live(f"{stage.label} running"):
+                current, extras = runner_for(stage.kind)(current, cfg, ctx)
         except ConfigError as exc:
             raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}): {exc}") from exc
         seconds = time.perf_counter() - t0
         current.to("cpu").eval()
         ts.save(current, sdir / "model")
-        row = measure(ts.load(sdir / "model"), data, sdir / "model", latency=latency)
+        with live(f"{stage.label} measuring: accuracy, MACs, bytes, latency"):
+            row = measure(ts.load(sdir / "model"), data, sdir / "model", latency=latency)
         record = {"label": stage.label, "index": stage.index, "kind": stage.kind, "config": stage.config,
                   "seconds": seconds, "files": dict(ctx.files), "extras": extras, **row}
         state["stages"].append(record)

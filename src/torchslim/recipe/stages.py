@@ -329,7 +329,7 @@ def _register_lottery() -> None:
     from torchslim.prune import LotteryConfig
 
     _stage(StageKind("lottery", schema_from_dataclass(LotteryConfig), "lottery ticket: iterative magnitude pruning with rewinding",
-                     needs_data=lambda c: True, check=_dataclass_check("torchslim.prune.LotteryConfig"), reduces=("size",)),
+                     needs_data=lambda c: True, trains=True, check=_dataclass_check("torchslim.prune.LotteryConfig"), reduces=("size",)),
            _run_lottery)
 
 

@@ -67,7 +67,7 @@ def _deployed_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                          f"{100 * (onnx['accuracy'] - onnx['original_accuracy']):+.2f} points"])
         for b, lat in onnx.get("latency_ms", {}).items():
             rows.append(["ONNX", f"ONNX Runtime latency, batch {b} (ms, 1 thread)", f"{lat['original']:.3f}",
-                         f"{lat['compressed']:.3f}", f"{lat['speedup']:.2f}x faster"])
+                         f"{lat['compressed']:.3f}", _speed(lat["speedup"])])
     tslim = report.get("deployed", {}).get("tslim")
     if tslim:
         base = report["before"]["size_bytes"]
@@ -239,3 +239,10 @@ def render_html(report: dict[str, Any]) -> str:
         f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in sorted(report["files"].items())
     ) + "</ul></body></html>")
     return "\n".join(parts)
+
+
+def _speed(ratio: float | None) -> str:
+    """``original / compressed`` latency as words: "2.10x faster" or "1.60x slower"."""
+    if not ratio:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
