@@ -161,11 +161,13 @@ class FPGMImportance(GroupImportance):
 
 @register_method("prune.importance", "taylor", description="first-order Taylor |w * dL/dw| (Molchanov 2017/2019)")
 class TaylorImportance(GroupImportance):
-    """First-order Taylor expansion of the loss: |sum over the channel of w * dL/dw|.
+    """First-order Taylor terms of the loss: sum over the channel's coupled weights of |w * dL/dw|.
 
     Needs gradients: ``prune_channels_(..., importance="taylor", data=loader)`` runs a few
-    batches and accumulates them. This is the weight form of Molchanov's criterion (2019),
-    equivalent to the activation x gradient form (2017) for the producing layer up to the bias.
+    batches and accumulates them. This is the weight form of Molchanov's criterion (2019) with
+    the per-weight terms summed in absolute value (an L1 norm of ``w * g``), not the square of
+    their signed sum that the paper uses per filter: terms of opposite sign within one channel do
+    not cancel, which ranks channels more stably from a few batches.
     """
 
     needs_gradients = True

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import evaluating
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize import ptq
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
@@ -178,16 +179,11 @@ def _check_calibration(model: nn.Module, loader: Iterable[Any] | None, required:
         return None
     x = _first_batch(loader)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             ptq._call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
     except (RuntimeError, ValueError) as exc:
         raise InputShapeError(f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}") from exc
-    finally:
-        for m, t in was:
-            m.training = t
     return x
 
 

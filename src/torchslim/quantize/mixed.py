@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import evaluating
 from torchslim.errors import ConfigError
 from torchslim.quantize.primitives import QScheme, check_bits, dequantize, quantize_tensor, sqnr
 from torchslim.quantize.ptq import _call, quantizable_layers
@@ -46,9 +47,7 @@ def layer_sensitivity(
     for b in bits:
         check_bits(b, "bits")
     layers = quantizable_layers(model, modules)
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with evaluating(model):
         ref = _call(model, inputs)
         out: dict[str, dict[int, float]] = {}
         for name, layer in layers.items():
@@ -59,9 +58,6 @@ def layer_sensitivity(
                 w.copy_(_weight_quant(saved, b))
                 out[name][b] = sqnr(ref, _call(model, inputs))
                 w.copy_(saved)
-    finally:
-        for m, t in was:
-            m.training = t
     return out
 
 

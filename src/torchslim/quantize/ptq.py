@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim._utils import evaluating
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.primitives import QScheme
@@ -80,16 +81,12 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs: Any) -> list[tuple[str,
             handles.append(m.register_forward_hook(conv_post))
         elif isinstance(m, _BN):
             handles.append(m.register_forward_pre_hook(bn_pre))
-    was = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             _call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, t in was:
-            m.training = t
     seen_conv: set[str] = set()
     out = []
     for c, b in pairs:
@@ -221,29 +218,26 @@ def calibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
     """
     fqs = [m for m in iter_fake_quants(model, inputs_only=True) if isinstance(m, FakeQuantize)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was = [(m, m.training) for m in model.modules()]
     n = 0
     for fq in fqs:
         fq.reset_observer()
         fq.observing = True
     try:
-        model.eval()
-        for batch in loader:
-            if n >= batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            try:
-                _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
-            except (RuntimeError, ValueError) as exc:
-                raise InputShapeError(
-                    f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}"
-                ) from exc
-            n += 1
+        with evaluating(model):
+            for batch in loader:
+                if n >= batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                try:
+                    _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
+                except (RuntimeError, ValueError) as exc:
+                    raise InputShapeError(
+                        f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}"
+                    ) from exc
+                n += 1
     finally:
         for fq in fqs:
             fq.observing = False
-        for m, t in was:
-            m.training = t
     if n == 0:
         raise ConfigError("the calibration loader gave no batches; static quantization needs at least one")
     for fq in fqs:
