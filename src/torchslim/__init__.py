@@ -37,6 +37,7 @@ from torchslim.prune import (
 from torchslim.quantize import QuantConfig, QuantPlan, gptq_, qat_convert_, qat_prepare_, quantize_
 from torchslim.recipe import CompressResult, Recipe, compress, list_recipes, load_recipe
 from torchslim.saving import load, save
+from torchslim.search import SearchConfig, SearchResult, search
 from torchslim.train import Callback, TrainConfig, TrainResult, evaluate, fit
 from torchslim.zoo import create_model, example_inputs, list_models, set_example_inputs
 
@@ -107,6 +108,9 @@ __all__ = [
     "load_data",
     "profile",
     "save",
+    "search",
+    "SearchConfig",
+    "SearchResult",
     "set_example_inputs",
     "trace",
 ]

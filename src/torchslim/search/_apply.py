@@ -1,0 +1,135 @@
+"""A searched configuration as recipe stages, applied to a model, and written as a recipe file.
+
+Trials and the final model run the same stages through :func:`apply_stages_`, so the recipe a
+search writes describes exactly what its trials evaluated (only the fine-tuning is longer).
+Stage order: ``prune_channels`` (per-module ``ratios``), ``finetune``, then ``quantize`` (post-
+training, on the fine-tuned weights; weight-only layers have no float weights left to train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchslim.errors import ConfigError
+
+__all__ = ["make_stages", "apply_stages_", "recipe_dict", "write_recipe"]
+
+
+def make_stages(
+    ratios: Mapping[str, float],
+    layer_bits: Mapping[str, int],
+    space: Any,
+    *,
+    importance: str,
+    ignore: Sequence[str],
+    finetune: Mapping[str, Any] | None,
+    quant_layers: Sequence[str] | None = None,
+    calibration_batches: int = 16,
+) -> list[dict[str, Any]]:
+    """The ordered stages of one configuration (each a one-key mapping, as in a recipe)."""
+    stages: list[dict[str, Any]] = []
+    prune = {k: float(v) for k, v in ratios.items() if v > 0}
+    if prune:
+        stage: dict[str, Any] = {"ratio": 0.0, "ratios": prune, "importance": importance}
+        if ignore:
+            stage["ignore"] = list(ignore)
+        stages.append({"prune_channels": stage})
+    if finetune:
+        stages.append({"finetune": dict(finetune)})
+    if space.quant_mode is not None:
+        q: dict[str, Any] = {"mode": space.quant_mode}
+        if space.fixed_bits is not None:
+            q["bits"] = int(space.fixed_bits)
+        else:
+            bits = {k: int(v) for k, v in layer_bits.items()}
+            q["bits"] = max(bits.values()) if bits else 8
+            q["layer_bits"] = {k: b for k, b in bits.items() if b != q["bits"]}
+            if not q["layer_bits"]:
+                del q["layer_bits"]
+        if quant_layers:
+            q["modules"] = list(quant_layers)
+        if space.quant_mode == "static":
+            q["calibration_batches"] = int(calibration_batches)
+        stages.append({"quantize": q})
+    return stages
+
+
+def apply_stages_(model: nn.Module, stages: Sequence[Mapping[str, Any]], data: Any, *, example_inputs: Any = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """Run ``stages`` on ``model`` in place; returns what each stage reported.
+
+    Raises:
+        ConfigError: a stage kind this runner does not know.
+    """
+    import torchslim as ts
+
+    info: dict[str, Any] = {}
+    for entry in stages:
+        ((kind, opts),) = entry.items()
+        if kind == "prune_channels":
+            plan = ts.prune_channels_(model, example_inputs, ratio=float(opts.get("ratio", 0.0)), ratios=dict(opts.get("ratios") or {}),
+                                      importance=opts.get("importance", "l2"), ignore=tuple(opts.get("ignore", ())))
+            info["prune_channels"] = {"removed_channels": plan.removed_channels, "total_channels": plan.total_channels,
+                                      "groups": plan.groups}
+        elif kind == "finetune":
+            result = ts.fit(model, data, ts.TrainConfig.from_dict(opts), progress=progress)
+            model.to("cpu")
+            info["finetune"] = {"epochs": result.epochs_run, "best_val_accuracy": result.best_val_accuracy}
+        elif kind == "quantize":
+            cfg = ts.QuantConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
+            calib = data.loader("train", batch_size=64) if cfg.mode == "static" else None
+            plan = ts.quantize_(model, cfg, calibration=calib)
+            info["quantize"] = {"layers": list(getattr(plan, "layers", []))}
+        else:
+            raise ConfigError(f"search stages are prune_channels, finetune and quantize; got {kind!r}")
+    return info
+
+
+def recipe_dict(
+    stages: Sequence[Mapping[str, Any]],
+    *,
+    name: str,
+    description: str,
+    seed: int,
+    budget: Mapping[str, float],
+) -> dict[str, Any]:
+    """A recipe (the ``torchslim compress`` format, version 1) holding ``stages``."""
+    recipe: dict[str, Any] = {"version": 1, "name": name, "description": description, "seed": int(seed),
+                              "stages": [dict(s) for s in stages]}
+    goals = {f"target_{k}": float(v) for k, v in budget.items() if k in ("macs", "size", "latency")}
+    if goals:
+        recipe["goals"] = goals
+    return recipe
+
+
+def write_recipe(path: str | Path, recipe: Mapping[str, Any]) -> Path:
+    """Write ``recipe`` as YAML (atomically); validate it with ``torchslim.recipe`` when that is installed."""
+    import yaml
+
+    from torchslim._utils import atomic_path
+
+    _validate(recipe)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(_plain(recipe), sort_keys=False, default_flow_style=False))
+    return path
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _validate(recipe: Mapping[str, Any]) -> None:
+    try:
+        from torchslim.recipe import load_recipe  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    load_recipe(_plain(recipe))

@@ -1,0 +1,134 @@
+"""CLI verb ``search``: budgeted compression search on Optuna.
+
+``torchslim search MODEL --data SPEC --budget macs=0.3 [--objective accuracy,latency] --trials N
+[--storage URL --study NAME] [--resume] --out DIR [--json]``
+
+Many workers: run the same command on any number of machines with one ``--storage
+postgresql://...`` and ``--study NAME`` (each with its own ``--out``); together they run ``--trials``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``search`` verb to the ``torchslim`` parser."""
+    p = sub.add_parser("search", help="search per-layer pruning ratios / bit widths for the best model within a budget")
+    p.add_argument("model", metavar="MODEL", help="model spec: zoo:NAME, torchvision:NAME, file.py:factory, or a saved dir")
+    p.add_argument("--data", required=True, help="labeled data spec (mnist, digits, mnist1d, synthetic:SHAPE, file.py:factory)")
+    p.add_argument("--budget", help="bounds as fractions of the original, e.g. macs=0.3 or macs=0.3,latency=0.5 "
+                   "(metrics: macs, params, size, latency)")
+    p.add_argument("--objective", default="accuracy",
+                   help="comma-separated metrics to optimise: accuracy (max), macs, params, size, latency (min); "
+                   "two or more give a Pareto front (NSGA-II). Default: accuracy")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default 20)")
+    p.add_argument("--storage", help="shared Optuna storage URL, e.g. postgresql://user@host:5432/db "
+                   "(default: sqlite in --out)")
+    p.add_argument("--study", help="study name (default torchslim-search)")
+    p.add_argument("--resume", action="store_true", help="continue the study of an existing --out")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --resume)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
+    p.add_argument("--max-ratio", type=float, default=0.9, help="largest pruning ratio a group may draw (default 0.9)")
+    p.add_argument("--step", type=float, default=0.05, help="spacing of the ratio choices (default 0.05)")
+    p.add_argument("--ignore", help="comma-separated module globs whose channels stay whole")
+    p.add_argument("--importance", default="l2", help="channel importance criterion (default l2)")
+    p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels in a group (default 1)")
+    p.add_argument("--bits", help="also search per-layer weight bits among these, e.g. 4,8")
+    p.add_argument("--quant-mode", default="weight-only", help="weight-only (Linear) or static (Conv+Linear)")
+    p.add_argument("--eval", dest="evaluation", default="finetune",
+                   help="how a trial recovers before validation: finetune, bn (BatchNorm recalibration) or none")
+    p.add_argument("--finetune-steps", type=int, default=20, help="SGD steps of each trial's fine-tune (default 20)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs of the recipe and best model (default 2)")
+    p.add_argument("--sampler", default="auto", help="auto, tpe, nsga2 or random")
+    p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE; NSGA-II population")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between trial heartbeats (default 10)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-best-model", action="store_true", help="do not build and save the best model")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_search)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _bits(text: str | None) -> tuple[int, ...] | None:
+    from torchslim.errors import ConfigError
+
+    parts = _split(text)
+    if parts is None:
+        return None
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--bits must be comma-separated integers such as 4,8; got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`SearchConfig` the flags describe (raises ``ConfigError`` when invalid)."""
+    from torchslim.search.api import SearchConfig
+
+    return SearchConfig(
+        objectives=args.objective,
+        budget=args.budget,
+        trials=args.trials,
+        max_ratio=args.max_ratio,
+        step=args.step,
+        ignore=_split(args.ignore) or (),
+        importance=args.importance,
+        min_channels=args.min_channels,
+        bits=_bits(args.bits),
+        quant_mode=args.quant_mode,
+        evaluation=args.evaluation,
+        finetune_steps=args.finetune_steps,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
+        final_epochs=args.final_epochs,
+        sampler=args.sampler,
+        startup_trials=args.startup_trials,
+        seed=args.seed,
+        heartbeat=args.heartbeat,
+        device=args.device,
+    )
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import torchslim as ts
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim.search.api import search
+    from torchslim.zoo.spec import parse_input_shape
+
+    cfg = config_from_args(args)
+    data = ts.load_data(args.data, seed=args.seed)
+    model = ts.create_model(args.model, data=data)
+    if args.input_shape:
+        ts.set_example_inputs(model, parse_input_shape(args.input_shape))
+    con = console_for(args)
+    result = search(model, data, out=args.out, storage=args.storage, study=args.study, resume=args.resume,
+                    config=cfg, best_model=not args.no_best_model, progress=not args.no_progress, console=con)
+    payload = {"model": args.model, "data": args.data, **result.to_dict()}
+    if args.json:
+        emit_json(payload)
+        return 0
+    con.print(f"trials: {result.trials}")
+    if result.best is not None:
+        b = result.best
+        con.print(f"best: trial {b['trial']} " + ", ".join(f"{k} {v:.4f}" for k, v in b["values"].items())
+                  + f" -> {b['recipe']}")
+        if "accuracy_after" in payload:
+            con.print(f"best model (test accuracy {100 * payload['accuracy_before']:.2f}% -> "
+                      f"{100 * payload['accuracy_after']:.2f}%) saved to {b.get('model', '-')}")
+    con.print(f"results in {args.out}")
+    return 0
