@@ -8,6 +8,7 @@ table of the README plus the paper's three claims checked against our numbers.
 
     python examples/lottery_ticket/run.py                 # ~10 minutes on one CPU core
     python examples/lottery_ticket/run.py --rounds 3 --seeds 1 --epochs 3   # a quick look
+    python examples/lottery_ticket/run.py --model zoo:conv2 --conv-rate 0.1 --lr 2e-4 --out examples/lottery_ticket/conv2
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ def main() -> None:
     p.add_argument("--rewind-iter", type=int, default=0)
     p.add_argument("--controls", default="reinit")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1.2e-3, help="Adam learning rate (paper: 1.2e-3 LeNet, 2e-4 Conv-2)")
+    p.add_argument("--conv-rate", type=float, default=None,
+                   help="per-round rate of the conv layers 'features.*' (paper: 0.1 for Conv-2/4/6)")
     p.add_argument("--out", default=str(HERE))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = ts.load_data(args.data)
+    overrides = {"features.*": args.conv_rate} if args.conv_rate is not None else {}
     cfg = LotteryConfig(rounds=args.rounds, rate=0.2, output_rate=0.1, seeds=args.seeds, epochs=args.epochs,
+                        lr=args.lr, overrides=overrides,
                         eval_every=args.eval_every, rewind_iter=args.rewind_iter,
                         controls=tuple(c for c in args.controls.split(",") if c), device="cpu")
     started = time.perf_counter()

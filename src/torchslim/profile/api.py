@@ -83,6 +83,8 @@ class Profile:
     macs_by_precision: dict[str, int] = field(default_factory=dict)
     ops: int = 0
     device: str = "cpu"
+    # bytes of the entropy-coded ``.tslim`` file (``ts.pack``) of a weight-shared model, else None
+    packed_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,6 +104,18 @@ class Profile:
         lat = f", {self.latency_ms.median:.2f} ms" if self.latency_ms else ""
         size = f", {human(self.size_bytes, 'B')}" if self.size_bytes is not None else ""
         return f"{human(self.params)} params, {human(self.macs)} MACs{size}{lat}"
+
+
+def _packed_bytes(model: nn.Module) -> int | None:
+    """What ``ts.pack`` would write for a clustered (weight-shared) model; None for any other."""
+    from torchslim.zoo.spec import model_info
+
+    info = model_info(model)
+    if info is None or not any(p.get("kind") == "cluster" for p in info.plans):
+        return None
+    from torchslim.pack import packed_size_bytes
+
+    return packed_size_bytes(model)
 
 
 @torch.no_grad()
@@ -305,6 +319,7 @@ def profile(
         state_bytes=sum(t.numel() * t.element_size() for t in state),
         dense_fp32_bytes=sum(t.numel() * 4 for t in state),
         size_bytes=serialized_bytes(model) if size else None,
+        packed_bytes=_packed_bytes(model) if size else None,
         peak_activation_bytes=tr.peak_activation_bytes,
         latency_ms=lat,
         unsupported_ops=dict(unsupported),

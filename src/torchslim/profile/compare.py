@@ -16,6 +16,7 @@ _METRICS = (
     "flops",
     "dense_fp32_bytes",
     "size_bytes",
+    "packed_bytes",
     "peak_activation_bytes",
 )
 

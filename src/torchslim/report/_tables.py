@@ -59,6 +59,8 @@ def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
         s.add_row("MACs by precision", ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(p.macs_by_precision.items())))
     s.add_row("state (fp32 dense)", human(p.dense_fp32_bytes, "B"))
     s.add_row("weights file", human(p.size_bytes, "B"))
+    if p.packed_bytes is not None:
+        s.add_row("packed (.tslim)", human(p.packed_bytes, "B"))
     s.add_row("peak activations", human(p.peak_activation_bytes, "B"))
     if p.latency_ms:
         lat = p.latency_ms
