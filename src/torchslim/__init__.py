@@ -16,7 +16,7 @@ from torchslim.binarize import BinarizeConfig, BinarizePlan, binarize_
 from torchslim.data import DataBundle, list_datasets, load_data
 from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
-from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, export
+from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, bench, export
 from torchslim.graph import trace
 from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
 from torchslim.pack import ClusterConfig, ClusterPlan, PackResult, bake_, cluster_, pack, unpack
@@ -94,6 +94,7 @@ __all__ = [
     "create_model",
     "errors",
     "export",
+    "bench",
     "ExportError",
     "ExportResult",
     "ParityError",

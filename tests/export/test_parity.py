@@ -179,8 +179,10 @@ def test_small_bert_exports_in_every_format(tmp_path):
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32)
     model = transformers.BertModel(config).eval()
-    ids = torch.randint(0, 120, (1, 12))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.randint(0, 120, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a padded sequence: the mask must reach every runtime's attention
+    inputs = {"input_ids": ids, "attention_mask": mask}
     for fmt in FORMATS:
         result = export(model, inputs, tmp_path / f"bert.{SUFFIX[fmt]}", random_inputs=1)
         assert result.parity.ok, result.parity.summary()

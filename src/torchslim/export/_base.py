@@ -67,7 +67,7 @@ class Format:
             (exporter, opset, dynamic batch...). Raises :class:`ExportError` when it cannot.
         load: ``load(path, device) -> callable`` running the artifact on an :class:`Inputs`
             and returning a list of output tensors (the parity check calls it).
-        tolerance: default ``(atol, rtol)`` of the parity check.
+        tolerance: default ``(atol, rtol)`` or ``(atol, rtol, steps)`` of the parity check.
         dynamic_batch: whether ``write`` makes the batch dimension dynamic by default, so
             the parity check also runs a batch size other than the example's.
         retry_options: option sets (passed to ``write`` as keywords) to export again with, in
@@ -78,7 +78,7 @@ class Format:
     suffixes: tuple[str, ...]
     write: Callable[..., dict[str, Any]]
     load: Callable[[Path, torch.device], Callable[[Inputs], list[torch.Tensor]]]
-    tolerance: tuple[float, float]
+    tolerance: tuple[float, ...]
     dynamic_batch: bool = False
     retry_options: tuple[dict[str, Any], ...] = ()
 
@@ -104,7 +104,7 @@ def register_format(fmt: Format, *, replace: bool = False) -> Format:
 
 def _ensure_builtin() -> None:
     # the built-in formats register at import of their modules
-    from torchslim.export import onnx, pt2, torchscript  # noqa: F401
+    from torchslim.export import onnx, pt2, quantized, torchscript  # noqa: F401
 
 
 def list_formats() -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["register"]
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "onnx-int8": ".int8.onnx"}
 
 
 def register(sub: Any) -> None:
@@ -38,6 +38,10 @@ def register(sub: Any) -> None:
     p.add_argument("--isolated-ort", action="store_true", help="also run the ONNX file with ONNX Runtime in a process without PyTorch")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_export)
+
+    from torchslim.export._bench_cli import register as register_bench
+
+    register_bench(sub)  # ``torchslim bench`` lives beside export (same family, same runtimes)
 
 
 def _targets(args: argparse.Namespace) -> dict[str, Path]:
@@ -162,7 +166,7 @@ def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str,
     from rich.table import Table
 
     t = Table(title=f"export of {model}")
-    for col in ("format", "file", "size", "how", "max abs diff", "max rel diff", "tolerance (atol, rtol)", "parity"):
+    for col in ("format", "file", "size", "how", "max abs diff", "max rel diff", "tolerance", "parity"):
         t.add_column(col)
 
     def row(name: str, path: str, size: str, how: str, rep: Any) -> None:
@@ -171,10 +175,11 @@ def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str,
             return
         verdict = "[green]ok[/green]" if rep.ok else "[red]MISMATCH[/red]"
         t.add_row(name, path, size, how, f"{rep.max_abs:.3g}", f"{rep.max_rel:.3g}",
-                  f"{rep.tolerance.atol:g}, {rep.tolerance.rtol:g}", verdict)
+                  rep.tolerance.describe(), verdict)
 
     for fmt, r in results.items():
-        how = ", ".join(f"{k}={v}" for k, v in r.info.items() if k in ("exporter", "opset", "dynamic_batch", "method"))
+        how = ", ".join(f"{k}={v}" for k, v in r.info.items()
+                        if k in ("exporter", "opset", "dynamic_batch", "method", "quantized"))
         row(fmt, r.path.name, f"{r.size_bytes / 1e6:.2f} MB", how, r.parity)
     for name, rep in extra.items():
         path = results["torchscript" if name.startswith("torchscript") else "onnx"].path.name

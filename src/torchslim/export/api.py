@@ -102,7 +102,7 @@ def _resolve(path: Any, format: str | None) -> tuple[Path, str]:
             )
         return p, by_suffix
     fmt = get_format(format).name
-    if by_suffix is not None and by_suffix != fmt:
+    if by_suffix is not None and by_suffix != fmt and not fmt.startswith(by_suffix + "-"):  # onnx-int8 is onnx
         raise ConfigError(f"path {str(p)!r} has the suffix of format {by_suffix!r} but format={format!r} was given")
     return p, fmt
 
@@ -154,6 +154,7 @@ def export(
     opset: int | None = None,
     method: str = "auto",
     seed: int = 0,
+    calibration: Any = None,
 ) -> ExportResult:
     """Write ``model`` at ``path`` in an inference format and check the file computes the same.
 
@@ -174,6 +175,13 @@ def export(
         opset: ONNX opset (default 18).
         method: TorchScript capture: ``"auto"``, ``"trace"`` or ``"script"``.
         seed: seed of the random inputs.
+        calibration: for models quantized in static / QAT mode exported to ONNX: batches
+            (input tensors or ``(input, target)`` pairs) ONNX Runtime calibrates the tensors
+            torchslim left in float on (default: random batches like the example inputs).
+
+    Quantized models: with format ``onnx``, a model quantized by ``ts.quantize_`` in static or
+    QAT mode is written as int8 QDQ ONNX (format ``"onnx-int8"``, see
+    :mod:`torchslim.export.quantized`) and checked in quantization steps of its output.
 
     Returns:
         An :class:`ExportResult` (files, sizes, exporter facts and the parity report).
@@ -199,7 +207,13 @@ def export(
     if path is None:
         raise ConfigError("export needs a path, e.g. export(model, inputs, 'model.onnx')")
     target, fmt_name = _resolve(path, format)
-    fmt = get_format(fmt_name)
+    from torchslim.export.quantized import QUANTIZED_ONNX, route
+
+    fmt = get_format(route(fmt_name, model))
+    # calibration goes to the quantized writer only (other formats' writers need not accept it)
+    quant_options = {"calibration": calibration, "seed": seed} if fmt.name == QUANTIZED_ONNX else {}
+    if calibration is not None and not quant_options:
+        raise ConfigError(f"calibration= is for quantized models exported to ONNX; {fmt.name} export does not use it")
     tol = Tolerance.coerce(tolerance, fmt.tolerance)
     if not is_int(random_inputs) or random_inputs < 0:
         raise ConfigError(f"random_inputs must be an integer >= 0; got {random_inputs!r}")
@@ -224,14 +238,14 @@ def export(
         with staging(target) as staged:
             info, report = _write_and_check(
                 model, inputs, staged, fmt, tol, check=check, random_cases=random_inputs, seed=seed,
-                options={"opset": opset, "dynamic_batch": dynamic_batch, "method": method},
+                options={"opset": opset, "dynamic_batch": dynamic_batch, "method": method, **quant_options},
             )
             if strict and report is not None and not report.ok:
                 bad = next(c for c in report.cases if not c.ok)
                 why = bad.problem or f"max abs diff {bad.max_abs:.3g} on the {bad.name} inputs"
                 raise ParityError(
                     f"{fmt.name} export of {type(model).__name__} does not match the model: {why} "
-                    f"(tolerance atol={tol.atol:g}, rtol={tol.rtol:g}); no file was written. "
+                    f"(tolerance {tol.describe()}); no file was written. "
                     "Pass a looser tolerance=, or strict=False to keep the file.",
                     report,
                 )

@@ -12,8 +12,13 @@ The differences reported per case and overall:
 * ``max_rel``: ``max_abs`` divided by the largest ``|pytorch|`` of that output (relative to the
   output's scale, so values near zero do not blow it up).
 
-A case passes when ``max_abs <= atol + rtol * max|pytorch|`` for every output, and shapes and
-dtypes match.
+A case passes when ``max_abs <= atol + rtol * max|pytorch| + steps * step`` for every output,
+and shapes and dtypes match. ``step`` is one quantization step of the PyTorch output's range,
+``(max - min) / (2**bits - 1)``: quantized exports (int8 QDQ ONNX) are checked in such steps,
+since ONNX Runtime's integer kernels round differently from the float simulation in PyTorch
+(and quantize tensors the simulation leaves in float). For those, each case also reports the
+SQNR of output 0 (dB) and, for ``(batch, classes)`` outputs, the share of rows whose top-1 class
+agrees.
 
 Example:
     >>> import torch
@@ -59,28 +64,48 @@ class ParityError(TorchslimError, ValueError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Allowed difference: ``max_abs <= atol + rtol * max|reference|`` per output.
+    """Allowed difference: ``max_abs <= atol + rtol * max|reference| + steps * step`` per output.
+
+    ``step`` is one ``bits``-bit quantization step of the reference output's range (see the
+    module docstring); ``steps=0`` (the default) leaves it out.
 
     Example:
         >>> Tolerance.from_dict(Tolerance(1e-4, 1e-3).to_dict())
-        Tolerance(atol=0.0001, rtol=0.001)
+        Tolerance(atol=0.0001, rtol=0.001, steps=0.0, bits=8)
+        >>> Tolerance(0, 0, steps=8).describe()
+        '8 quantization steps of the output range (8-bit)'
     """
 
     atol: float
     rtol: float
+    steps: float = 0.0
+    bits: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
+        for name in ("atol", "rtol", "steps"):
             value = getattr(self, name)
             if not is_number(value) or value < 0:
                 raise ConfigError(f"Tolerance.{name} must be a finite number >= 0; got {value!r}")
+        if not is_int(self.bits) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"Tolerance.bits must be an integer from 2 to 16; got {self.bits!r}")
 
-    def bound(self, scale: float) -> float:
-        """The allowed ``max_abs`` for an output whose largest magnitude is ``scale``."""
-        return self.atol + self.rtol * scale
+    def bound(self, scale: float, step: float = 0.0) -> float:
+        """The allowed ``max_abs`` for an output whose largest magnitude is ``scale`` and whose
+        range makes one quantization step ``step``."""
+        return self.atol + self.rtol * scale + self.steps * step
+
+    def describe(self) -> str:
+        """The tolerance in words, for messages."""
+        parts = [f"atol={self.atol:g}, rtol={self.rtol:g}"] if self.atol or self.rtol or not self.steps else []
+        if self.steps:
+            parts.append(f"{self.steps:g} quantization steps of the output range ({self.bits}-bit)")
+        return " + ".join(parts)
 
     def to_dict(self) -> dict[str, float]:
-        return {"atol": float(self.atol), "rtol": float(self.rtol)}
+        d = {"atol": float(self.atol), "rtol": float(self.rtol)}
+        if self.steps:
+            d.update(steps=float(self.steps), bits=int(self.bits))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Tolerance:
@@ -88,7 +113,8 @@ class Tolerance:
 
     @classmethod
     def coerce(cls, value: Any, default: tuple[float, float]) -> Tolerance:
-        """``None`` -> ``default``; a number -> the same atol and rtol; a pair; a dict; a Tolerance."""
+        """``None`` -> ``default``; a number -> the same atol and rtol; ``(atol, rtol)`` or
+        ``(atol, rtol, steps)``; a dict; a Tolerance."""
         if value is None:
             return cls(*default)
         if isinstance(value, Tolerance):
@@ -97,9 +123,10 @@ class Tolerance:
             return cls(float(value), float(value))
         if isinstance(value, dict):
             return cls.from_dict(value)
-        if isinstance(value, Sequence) and len(value) == 2 and not isinstance(value, str):
+        if isinstance(value, Sequence) and len(value) in (2, 3) and not isinstance(value, str):
             return cls(*value)
-        raise ConfigError(f"tolerance must be a number, (atol, rtol), a dict or a Tolerance; got {value!r}")
+        raise ConfigError(f"tolerance must be a number, (atol, rtol), (atol, rtol, steps), a dict or a Tolerance; "
+                          f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,9 @@ class ParityCase:
     max_rel: float
     ok: bool
     problem: str = ""  # shape/dtype/count mismatch or non-finite values, when there is one
+    max_steps: float | None = None  # max_abs in quantization steps of the output (steps tolerances)
+    sqnr_db: float | None = None  # SQNR of output 0 (steps tolerances)
+    top1_agreement: float | None = None  # share of rows with the same argmax ((batch, classes) outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,8 +171,16 @@ class ParityReport:
         verdict = "ok" if self.ok else "MISMATCH"
         return (
             f"{self.format}: {verdict} over {len(self.cases)} input sets, max abs diff {self.max_abs:.3g}, "
-            f"max rel diff {self.max_rel:.3g} (tolerance atol={self.tolerance.atol:g}, rtol={self.tolerance.rtol:g})"
+            f"max rel diff {self.max_rel:.3g}{self._quant_summary()} (tolerance {self.tolerance.describe()})"
         )
+
+    def _quant_summary(self) -> str:
+        steps = [c.max_steps for c in self.cases if c.max_steps is not None]
+        sqnr = [c.sqnr_db for c in self.cases if c.sqnr_db is not None]
+        top1 = [c.top1_agreement for c in self.cases if c.top1_agreement is not None]
+        text = f", max {max(steps):.2f} quantization steps" if steps else ""
+        text += f", min SQNR {min(sqnr):.1f} dB" if sqnr else ""
+        return text + (f", top-1 agreement {min(top1):.0%}" if top1 else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -200,7 +238,7 @@ def compare_outputs(
     if len(reference) != len(exported):
         return ParityCase(name, batch, math.inf, math.inf, False,
                           f"{len(exported)} outputs where the model gives {len(reference)}")
-    worst_abs = worst_rel = 0.0
+    worst_abs = worst_rel = worst_steps = 0.0
     ok, problem = True, ""
     for i, (ref, out) in enumerate(zip(reference, exported)):
         ref, out = ref.detach().cpu(), out.detach().cpu()
@@ -211,7 +249,7 @@ def compare_outputs(
             continue
         if ref.dtype == torch.bool or out.dtype == torch.bool:
             diff = float((ref != out).sum())
-            scale = 1.0
+            scale, step = 1.0, 0.0
         else:
             r, o = ref.double(), out.double()
             finite = torch.isfinite(r)
@@ -219,11 +257,36 @@ def compare_outputs(
                 ok, problem = False, problem or f"output {i} has inf/nan where the model's does not (or the reverse)"
             diff = float((r[finite] - o[finite]).abs().max()) if finite.any() else 0.0
             scale = float(r[finite].abs().max()) if finite.any() else 0.0
+            step = float(r[finite].max() - r[finite].min()) / (2**tolerance.bits - 1) if finite.any() else 0.0
         rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
-        if diff > tolerance.bound(scale):
+        if tolerance.steps:
+            worst_steps = max(worst_steps, diff / step if step > 0 else (0.0 if diff == 0 else math.inf))
+        if diff > tolerance.bound(scale, step):
             ok = False
-    return ParityCase(name, batch, worst_abs, worst_rel, ok, problem)
+    if not tolerance.steps:
+        return ParityCase(name, batch, worst_abs, worst_rel, ok, problem)
+    return ParityCase(name, batch, worst_abs, worst_rel, ok, problem, max_steps=worst_steps,
+                      sqnr_db=_sqnr_db(reference[0], exported[0]), top1_agreement=_top1(reference[0], exported[0]))
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float | None:
+    """``10 log10(sum ref^2 / sum (ref - out)^2)`` (inf when equal; None for non-float outputs)."""
+    if not ref.is_floating_point() or ref.numel() == 0:
+        return None
+    r, o = ref.detach().cpu().double(), out.detach().cpu().double()
+    noise = float(((r - o) ** 2).sum())
+    signal = float((r**2).sum())
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _top1(ref: torch.Tensor, out: torch.Tensor) -> float | None:
+    """Share of rows whose argmax agrees, for ``(batch, classes)`` outputs (None otherwise)."""
+    if ref.dim() != 2 or ref.shape[1] < 2 or not ref.is_floating_point():
+        return None
+    return float((ref.argmax(1).cpu() == out.argmax(1).cpu()).double().mean())
 
 
 def _reference(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:

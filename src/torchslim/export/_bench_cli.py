@@ -1,0 +1,64 @@
+"""``torchslim bench MODEL``: latency of the model in eager PyTorch, torch.compile, TorchScript and
+ONNX Runtime (CPU, XNNPACK), same inputs, same threads, interleaved round by round.
+
+Prints one table (median ms, p10-p90, latency / eager, max abs difference from eager) or, with
+``--json``, one object whose ``runtimes`` list has one entry per runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``bench`` verb to the ``torchslim`` parser."""
+    from torchslim.export.bench import RUNTIMES
+
+    p = sub.add_parser("bench", help="latency per runtime: eager, torch.compile, TorchScript, ONNX Runtime (CPU, XNNPACK)")
+    p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, pretrained:NAME, file.py:factory, or a saved dir")
+    p.add_argument("--data", help="data spec the model is built for (input channels/size, classes)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--batch-size", type=int, help="repeat the example inputs to this batch size (default: as remembered, usually 1)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every runtime (default 1)")
+    p.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES)} (default: all; eager is always timed)")
+    p.add_argument("--runs", type=int, default=20, help="timed rounds (each times every runtime once; default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per runtime first (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import torchslim as ts
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim.errors import ConfigError
+    from torchslim.export.bench import bench, parse_runtimes
+    from torchslim.zoo.spec import parse_input_shape
+
+    runtimes = parse_runtimes(args.runtimes)  # everything is checked before the model is built
+    for name, value, low in (("--threads", args.threads, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}; got {value}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+
+    torch.manual_seed(args.seed)
+    data = ts.load_data(args.data, seed=args.seed) if args.data else None
+    model = ts.create_model(args.model, data=data)
+    if shape is not None:
+        ts.set_example_inputs(model, shape)
+    inputs = ts.example_inputs(model, batch_size=args.batch_size)
+    result = bench(model, inputs, runtimes=runtimes, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    if args.json:
+        emit_json({"verb": "bench", "model": args.model, **result.to_dict()})
+    else:
+        console_for(args).print(result.table(title=(
+            f"{args.model}: latency per runtime, inputs {result.inputs}, {result.threads} thread(s), "
+            f"median of {result.runs} interleaved rounds after {result.warmup} warm-up")))
+    return 0
