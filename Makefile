@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.torchslim-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/torchslim/binarize/_xnor.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned to the releases this project supports (local mirror on our machines)

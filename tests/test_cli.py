@@ -144,16 +144,31 @@ def test_list(capsys) -> None:
     assert code == 0 and "zoo:lenet300" in d["models"] and "mnist" in d["datasets"]
 
 
-def test_demo_compresses_and_reloads(capsys, tmp_path) -> None:
+def test_demo_trains_once_then_compresses_with_the_default_recipe(capsys, tmp_path, monkeypatch) -> None:
+    import yaml
+
+    import torchslim as ts
+
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path / "cache"))
+    recipe = ts.load_recipe("default").to_dict()  # the default recipe at test size
+    recipe["finetune"].update(epochs=1, max_steps_per_epoch=4)
+    recipe["stages"][-1]["export"].update(batch_sizes=[1], runs=3)
+    path = tmp_path / "small-default.yaml"
+    path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "demo"
-    code, stdout, err = run(capsys, "demo", "--epochs", "1", "--distill-epochs", "1", "--out", str(out), "--json",
-                            "--no-progress")
+    argv = ["demo", "--model", "zoo:lenet5", "--epochs", "1", "--recipe", str(path), "--out", str(out), "--json", "--quiet"]
+    code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     d = json.loads(stdout)
-    assert d["after"]["params"] < 0.5 * d["before"]["params"]
-    assert d["after"]["macs"] < 0.6 * d["before"]["macs"]
-    assert d["after"]["size_bytes"] < d["before"]["size_bytes"]
-    for key in ("accuracy_before", "accuracy_pruned", "accuracy_after"):
-        assert 0.0 <= d[key] <= 1.0
-    assert d["accuracy_after"] > 0.5
-    assert os.path.isfile(out / "plan.json")
+    assert [s["kind"] for s in d["stages"]] == ["original", "prune_channels", "distill", "quantize", "export"]
+    assert d["after"]["params"] < 0.5 * d["before"]["params"] and d["after"]["macs"] < 0.6 * d["before"]["macs"]
+    assert os.path.isfile(d["files"]["onnx"]) and os.path.isfile(d["files"]["onnx_original"])
+    assert {g["name"] for g in d["goals"]} == {"max_accuracy_drop", "target_size", "target_latency"}
+    assert os.path.isfile(out / "report.html") and os.path.isfile(out / "model" / "plan.json")
+    cached = list((tmp_path / "cache" / "demo").iterdir())
+    assert len(cached) == 1 and (cached[0] / "plan.json").is_file()  # the dense model is cached
+    # a second run reuses the cached dense model and the finished run: same figures
+    code, stdout2, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(stdout2)["stages"] == d["stages"]
+

@@ -1,10 +1,18 @@
-"""Training checkpoints: model, optimizer, scheduler, history, callbacks and RNG state."""
+"""Training checkpoints: model, optimizer, scheduler, history, callbacks and RNG state.
+
+A checkpoint holds the model's *training* state. Layers whose ``state_dict`` is a compressed
+storage form that drops what only training needs (binary layers save packed signs, not their
+latent float weights) check :func:`training_state_active` and save their full state while a
+checkpoint is written, so that resuming is bit-identical.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +23,28 @@ from torchslim._train_callbacks import Callback, TrainState
 from torchslim.errors import CheckpointError
 
 _CHECKPOINT_FORMAT = "torchslim.train.checkpoint/1"
+_TRAINING_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar("torchslim_training_state", default=False)
+
+
+def training_state_active() -> bool:
+    """Whether a training checkpoint is being written (``state_dict`` should keep training state)."""
+    return _TRAINING_STATE.get()
+
+
+@contextlib.contextmanager
+def training_state() -> Iterator[None]:
+    """Within this block, ``state_dict()`` of compressing layers returns their full training state."""
+    token = _TRAINING_STATE.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_STATE.reset(token)
+
+
+def model_training_state(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` with every layer's full training state (see the module doc)."""
+    with training_state():
+        return model.state_dict()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -44,7 +74,7 @@ def _save_checkpoint(path: Path, state: TrainState, callbacks: list[Callback], b
         "format": _CHECKPOINT_FORMAT,
         "epochs_completed": len(state.history),
         "step": state.step,
-        "model": state.model.state_dict(),
+        "model": model_training_state(state.model),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "history": state.history,

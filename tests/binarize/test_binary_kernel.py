@@ -120,3 +120,54 @@ def test_pack_rows_equals_pack_signs(backend, k):
     x[0, 0] = 0.0
     x[1, -1] = -0.0  # both pack as +1
     assert torch.equal(pack_rows(x, backend), pack_signs(x, 64))
+
+
+@pytest.mark.parametrize("spec,shape", [("zoo:lenet5", (3, 1, 28, 28)), ("zoo:resnet20", (2, 3, 16, 16))])
+def test_fastest_route_gives_identical_outputs_and_records_a_route_per_shape(spec, shape):
+    model = ts.create_model(spec)
+    binarize_(model, BinarizeConfig(method="xnor"))
+    model.eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref, ref1 = model(x), model(x[:1])
+        set_backend_(model, "fastest")
+        assert torch.equal(model(x), ref)  # the measuring call
+        assert torch.equal(model(x), ref)  # the chosen routes
+        assert torch.equal(model(x[:1]), ref1)  # a new shape is measured again
+    for layer in binary_layers(model).values():
+        assert len(layer.routes) == 2 and set(layer.routes.values()) <= {"packed", "float"}
+    set_backend_(model, "fastest")
+    assert all(not layer.routes for layer in binary_layers(model).values())
+
+
+@pytest.mark.parametrize("slow", ["packed", "float"])
+def test_fastest_route_keeps_the_faster_one(monkeypatch, slow):
+    import time
+
+    from torchslim.binarize import BinaryLinear
+
+    layer = BinaryLinear.from_float(torch.nn.Linear(64, 8), "bnn").eval()
+    set_backend_(layer, "fastest")
+    calls = {"packed": 0, "float": 0}
+    kernel_op, float_product = layer._kernel_op, layer._float_product
+
+    def timed(name, fn):
+        def run(*args):
+            calls[name] += 1
+            if name == slow:
+                time.sleep(0.01)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(layer, "_kernel_op", timed("packed", kernel_op))
+    monkeypatch.setattr(layer, "_float_product", timed("float", float_product))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = F.linear(sign(x), sign(layer.weight)) * 64**-0.5 + layer.bias
+        assert torch.allclose(layer(x), ref, atol=1e-6)
+        assert list(layer.routes.values()) == ["float" if slow == "packed" else "packed"]
+        before = dict(calls)
+        layer(x)
+    fast = "float" if slow == "packed" else "packed"
+    assert calls[fast] == before[fast] + 1 and calls[slow] == before[slow]  # only the faster route runs now

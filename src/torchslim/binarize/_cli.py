@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-shortcut", action="store_true", help="bireal without its real-valued shortcuts")
     p.add_argument("--keep-relu", action="store_true", help="do not turn ReLU modules into Hardtanh")
     p.add_argument("--word-bits", type=int, default=32, help="bits per stored word, 32 or 64 (default 32)")
-    p.add_argument("--backend", default="float", help="inference path of the result: float, auto, c or torch (default float)")
+    p.add_argument("--backend", default="float", help="inference path of the result: float, auto, c, torch or fastest (default float)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -151,8 +151,10 @@ def binary_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def set_backend_(model: nn.Module, backend: str) -> int:
-    """Choose how the binary layers run in inference: ``"float"`` (simulation), or the packed
-    XNOR-popcount kernel with ``"auto"``, ``"c"`` or ``"torch"``. Returns the number of layers set.
+    """Choose how the binary layers run in inference: ``"float"`` (simulation), the packed
+    XNOR-popcount kernel with ``"auto"``, ``"c"`` or ``"torch"``, or ``"fastest"``: per layer and
+    input shape, whichever of the float op and the packed kernel (``"auto"``) measured faster at
+    first use. Returns the number of layers set.
 
     The kernel runs in eval mode under ``no_grad`` for layers with binary activations (BWN
     layers keep the float path); training always uses the float path. Outputs are identical.
@@ -169,6 +171,7 @@ def set_backend_(model: nn.Module, backend: str) -> int:
     layers = binary_layers(model)
     for layer in layers.values():
         layer.backend = backend
+        layer.routes.clear()
     return len(layers)
 
 

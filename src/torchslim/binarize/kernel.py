@@ -9,8 +9,9 @@ validity mask per patch row, ``dot = valid - 2 * popcount((a XOR b) AND mask)``.
 
 Two backends compute the same integers:
 
-- ``"c"``: a small C kernel with hardware popcount and OpenMP over rows
-  (:mod:`torchslim.binarize._ckernel`, built on first use; CPU only);
+- ``"c"``: a small C kernel with hardware popcount and OpenMP over rows (``_xnor.c``, built by
+  ``pip install``, or on first use when the install could not; see
+  :mod:`torchslim.binarize._ckernel`; CPU only);
 - ``"torch"``: vectorised torch bitwise ops with a SWAR popcount, chunked to bound memory;
   runs wherever torch does (CPU and CUDA).
 
@@ -61,7 +62,12 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
 
 
 def c_kernel_status() -> dict[str, object]:
-    """Whether the C backend is available here (``available``, ``path``, ``error``)."""
+    """Whether the C backend is available here and which object runs.
+
+    Keys: ``available``, ``source`` (``"installed"``: built by ``pip install``; ``"cache"``: built
+    on first use), ``path``, ``error`` (why it is unavailable) and ``installed_error`` (why the
+    installed object was not used).
+    """
     return _ckernel.status()
 
 

@@ -24,13 +24,17 @@ The product ``op(binarize(x), sign(W))`` has ±1 operands, so in float it is an 
 :mod:`~torchslim.binarize.kernel` computes the same integer with XNOR and popcount on packed
 bits. Set ``layer.backend`` to ``"auto"``, ``"c"`` or ``"torch"`` to use it in inference (eval
 mode under ``no_grad``); the default ``"float"`` is the float simulation. Outputs are identical.
+``"fastest"`` times both routes (float op vs packed kernel) the first time the layer sees an input
+shape and keeps the faster one for that shape: small layers, where im2col and packing cost more
+than the popcounts save, stay on the float op.
 
 Storage: the state dict (hence ``ts.save``'s file and the profiler's ``size_bytes``) holds
 ``weight::signs`` (one bit per weight, 32 or 64 to a word) and, for scaled methods,
 ``weight::scale`` (one float per output channel), never the latent weight. Loading gives the
 weight ``sign * scale``, which has the same signs and (computed in float64, exactly) the same
 ``alpha``, so a reloaded model computes exactly the same outputs; the latent magnitudes, which
-only matter to further training, are not kept.
+only matter to further training, are not kept. Training checkpoints (``ts.fit(...,
+checkpoint_dir=...)``) do keep the latent weight, so a resumed run is bit-identical.
 
 Example:
     >>> import torch
@@ -43,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._registry import register_method
+from torchslim._train_checkpoint import training_state_active
 from torchslim.binarize import kernel as _kernel
 from torchslim.binarize.packing import as_words64, check_packed, pack_signs, unpack_signs, word_dtype
 from torchslim.errors import CheckpointError, ConfigError
@@ -71,7 +77,8 @@ __all__ = [
 
 METHODS = ("bnn", "xnor", "bireal", "bwn")
 ACTIVATION_METHODS = ("bnn", "xnor", "bireal")  # methods that binarize activations too
-INFERENCE_BACKENDS = ("float", "auto", "c", "torch")
+INFERENCE_BACKENDS = ("float", "auto", "c", "torch", "fastest")
+_ROUTE_RUNS = 5  # timed runs of each route when "fastest" meets a new input shape
 SEP = "::"
 
 
@@ -164,6 +171,7 @@ class _BinaryLayer:
         self.shortcut = (method == "bireal") if shortcut is None else bool(shortcut)
         self.word_bits = int(word_bits)
         self.backend = "float"
+        self.routes: dict[tuple[Any, ...], str] = {}  # "fastest": input shape ... -> "packed" or "float"
         self._weight_cache: dict[str, tuple[Any, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- what the layer computes
@@ -239,12 +247,46 @@ class _BinaryLayer:
             y = y + self._shortcut(x, y)
         return y
 
+    @property
+    def _kernel_backend(self) -> str:
+        return "auto" if self.backend == "fastest" else self.backend
+
+    def _float_product(self, x: torch.Tensor) -> torch.Tensor:
+        return self._binary_op(self.binarize_input(x), self.binary_weight())
+
+    def _fastest_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ±1 product by the route measured fastest for this input (``None``: the float op)."""
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(), torch.get_num_threads())
+        route = self.routes.get(key)
+        if route == "float":
+            return None
+        if route == "packed":
+            return self._kernel_op(x, self.packed_words64())
+        y = self._kernel_op(x, self.packed_words64())  # first run: also packs and caches the weight
+        if y is None:
+            self.routes[key] = "float"
+            return None
+        self._float_product(x)  # warm-up
+        best = {"packed": float("inf"), "float": float("inf")}
+        for _ in range(_ROUTE_RUNS):
+            for name, fn in (("packed", lambda: self._kernel_op(x, self.packed_words64())), ("float", lambda: self._float_product(x))):
+                t0 = time.perf_counter()
+                fn()
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        self.routes[key] = "packed" if best["packed"] < best["float"] else "float"
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend != "float" and self.binary_activations and not self.training and not torch.is_grad_enabled():
-            y = self._kernel_op(x, self.packed_words64())
+            if self.backend == "fastest":
+                y = self._fastest_product(x)
+            else:
+                y = self._kernel_op(x, self.packed_words64())
             if y is not None:
                 return self._finish(x, y, self.weight_scale())
-        return self._finish(x, self._binary_op(self.binarize_input(x), self.binary_weight()), self.weight_scale())
+        return self._finish(x, self._float_product(x), self.weight_scale())
 
     # ----------------------------------------------------------------- packed weights
     def packed_signs(self, word_bits: int | None = None) -> torch.Tensor:
@@ -265,8 +307,8 @@ class _BinaryLayer:
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
         key = prefix + "weight"
-        if key not in destination:
-            return
+        if key not in destination or training_state_active():
+            return  # a training checkpoint keeps the latent weight: resuming must be bit-identical
         w = destination.pop(key).detach()
         destination[key + SEP + "signs"] = pack_signs(w.reshape(w.shape[0], -1), self.word_bits)
         if self.method != "bnn":
@@ -363,7 +405,7 @@ class BinaryLinear(_BinaryLayer, nn.Linear):
         return F.linear(xb, wb)
 
     def _kernel_op(self, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor | None:
-        return _kernel.binary_linear(x, words, self.in_features, backend=self.backend)
+        return _kernel.binary_linear(x, words, self.in_features, backend=self._kernel_backend)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._binary_repr()}"
@@ -449,7 +491,7 @@ class BinaryConv2d(_BinaryLayer, nn.Conv2d):
             return None
         return _kernel.binary_conv2d(
             x, words, self.weight.shape, stride=self.stride, padding=padding, dilation=self.dilation,
-            groups=self.groups, backend=self.backend,
+            groups=self.groups, backend=self._kernel_backend,
         )
 
     def extra_repr(self) -> str:

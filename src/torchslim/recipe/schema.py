@@ -19,13 +19,15 @@ naming the source, the stage and the field, with the closest allowed name as a s
 
 Example:
     >>> from torchslim.recipe import load_recipe
+    >>> from torchslim.errors import ConfigError
     >>> r = load_recipe({"stages": [{"quantize": {"mode": "dynamic"}}]})
     >>> [s.kind for s in r.stages]
     ['quantize']
-    >>> load_recipe({"stages": [{"quantize": {"bitz": 8}}]})
-    Traceback (most recent call last):
-    ...
-    torchslim.errors.ConfigError: recipe: stage 1 (quantize): unknown field 'bitz' (did you mean 'bits'?) ...
+    >>> try:
+    ...     load_recipe({"stages": [{"quantize": {"bitz": 8}}]})
+    ... except ConfigError as exc:
+    ...     print(str(exc).split(";")[0])
+    recipe: stage 1 (quantize): unknown field 'bitz' (did you mean 'bits'?)
 """
 
 from __future__ import annotations
