@@ -88,7 +88,8 @@ def main() -> None:
     print(f"- at {100 * r21['remaining']:.1f}% remaining: early stop at iter {r21['ticket_early_stop_iter']:.0f} vs dense "
           f"{res['dense_early_stop_iter']:.0f} ({100 * (1 - r21['ticket_early_stop_iter'] / res['dense_early_stop_iter']):+.0f}% sooner); paper: ~38% sooner")
     if "reinit_accuracy" in res["rounds"][0]:
-        for r in (closest(res["rounds"], 0.21), closest(res["rounds"], 0.07), res["rounds"][-1]):
+        picked = {r["round"]: r for r in (closest(res["rounds"], 0.21), closest(res["rounds"], 0.07), res["rounds"][-1])}
+        for r in picked.values():
             print(f"- at {100 * r['remaining']:.1f}% remaining: ticket {100 * r['ticket_accuracy']:.2f}% vs random re-init "
                   f"{100 * r['reinit_accuracy']:.2f}% ({100 * (r['ticket_accuracy'] - r['reinit_accuracy']):+.2f} points)")
 
