@@ -10,8 +10,12 @@ from torchslim.distill.api import DistillConfig, DistillResult, distill
 from torchslim.distill.losses import ATLoss, DistillLoss, HintLoss, KDLoss, TinyBERTLoss, kd_loss
 from torchslim.distill.mapping import auto_taps, map_by_depth, map_by_name
 from torchslim.distill.taps import FeatureTaps
+from torchslim.distill.tinybert import HiddenDistillResult, default_layer_map, distill_hidden_
 
 __all__ = [
+    "HiddenDistillResult",
+    "default_layer_map",
+    "distill_hidden_",
     "ATLoss",
     "DistillConfig",
     "DistillLoss",
