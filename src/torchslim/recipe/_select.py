@@ -21,6 +21,9 @@ PATTERN_FIELDS: dict[str, tuple[str, ...]] = {
     "binarize": ("modules", "exclude"),
     "quantize": ("modules", "skip", "layer_bits"),
     "cluster": ("modules", "skip"),
+    "wanda": ("modules", "skip"),
+    "sparsegpt": ("modules", "skip"),
+    "gptq": ("modules", "skip"),
 }
 
 

@@ -416,3 +416,154 @@ def _run_export(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tup
 
 _stage(StageKind("export", ExportSchema, "write ONNX / TorchScript / torch.export files, verified, timed vs the original",
                  check=_check_export), _run_export)
+
+
+# --------------------------------------------------------------------------- post-training methods for transformers
+
+
+def _text_or_data_calibration(ctx: StageContext) -> Any:
+    """Calibration batches: the run's data when it has any, else the bundled sentences (text models)."""
+    if ctx.data is not None:
+        return ctx.calibration()
+    from torchslim.data.sentences import calibration_batches
+
+    return calibration_batches()
+
+
+class OneShotSparsitySchema(_Strict):
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    calibration_batches: int = 32
+    modules: list[str] | None = None
+    skip: list[str] = pydantic.Field(default_factory=list)
+    sequential: bool = True
+
+
+class SparseGPTSchema(OneShotSparsitySchema):
+    blocksize: int = 128
+    damp: float = 0.01
+
+
+def _check_one_shot(cfg: dict[str, Any]) -> None:
+    from torchslim.prune.wanda import OneShotConfig
+
+    OneShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def _run_one_shot(method: str) -> Callable[..., tuple[nn.Module, dict[str, Any]]]:
+    def run(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+        if method == "wanda":
+            from torchslim.prune.wanda import wanda_ as fn
+        else:
+            from torchslim.prune.sparsegpt import sparsegpt_ as fn
+        values = dict(cfg)
+        sparsity = values.pop("sparsity")
+        plan = fn(model, sparsity, calibration=_text_or_data_calibration(ctx), **values)
+        return model, {"sparsity": plan.overall}
+
+    return run
+
+
+_stage(StageKind("wanda", OneShotSparsitySchema, "Wanda: |weight| x input-norm sparsity, layer by layer, no retraining",
+                 check=_check_one_shot, reduces=("size",)), _run_one_shot("wanda"))
+_stage(StageKind("sparsegpt", SparseGPTSchema, "SparseGPT: second-order one-shot sparsity with weight updates",
+                 check=_check_one_shot, reduces=("size",)), _run_one_shot("sparsegpt"))
+
+
+class GPTQSchema(_Strict):
+    bits: int = 4
+    group_size: int = 128
+    granularity: str = "group"
+    modules: list[str] | None = None
+    skip: list[str] = pydantic.Field(default_factory=list)
+    calibration_batches: int = 32
+    blocksize: int = 128
+    damp: float = 0.01
+    sequential: bool = True
+
+
+def _gptq_config(cfg: dict[str, Any]) -> Any:
+    from torchslim.quantize import QuantConfig
+
+    return QuantConfig(mode="weight-only", bits=cfg["bits"], granularity=cfg["granularity"], group_size=cfg["group_size"],
+                       modules=tuple(cfg["modules"]) if cfg["modules"] else None, skip=tuple(cfg["skip"]),
+                       calibration_batches=cfg["calibration_batches"])
+
+
+def _run_gptq(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.quantize.gptq import gptq_
+
+    plan = gptq_(model, _gptq_config(cfg), calibration=_text_or_data_calibration(ctx), blocksize=cfg["blocksize"],
+                 damp=cfg["damp"], sequential=cfg["sequential"])
+    return model, {"plan": plan.to_dict()}
+
+
+_stage(StageKind("gptq", GPTQSchema, "GPTQ: weight-only int4/int8 with second-order error compensation",
+                 check=lambda c: _gptq_config(c), reduces=("size",)), _run_gptq)
+
+
+class PruneHeadsSchema(_Strict):
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: list[int] = pydantic.Field(default_factory=list)
+    calibration_batches: int = 8
+    round_to: int = 8
+
+
+def _check_heads(cfg: dict[str, Any]) -> None:
+    for key in ("heads", "ffn"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"field {key!r} is the fraction to remove, in [0, 1); got {cfg[key]}")
+    if not (cfg["heads"] or cfg["ffn"] or cfg["layers"]):
+        raise ConfigError("nothing to prune: set 'heads', 'ffn' (fractions) or 'layers' (indices to drop)")
+
+
+def _run_prune_heads(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.prune.heads import drop_layers_, prune_ffn_by_importance_, prune_heads_by_importance_
+
+    calib = _text_or_data_calibration(ctx)
+    extras: dict[str, Any] = {}
+    if cfg["heads"]:
+        removed = prune_heads_by_importance_(model, calib, cfg["heads"], calibration_batches=cfg["calibration_batches"])
+        extras["heads_removed"] = {k: len(v) for k, v in removed.items()}
+    if cfg["ffn"]:
+        removed = prune_ffn_by_importance_(model, calib, cfg["ffn"], calibration_batches=cfg["calibration_batches"],
+                                           round_to=cfg["round_to"])
+        extras["ffn_removed"] = {k: len(v) for k, v in removed.items()}
+    if cfg["layers"]:
+        extras["layers_dropped"] = drop_layers_(model, cfg["layers"])
+    return model, extras
+
+
+_stage(StageKind("prune_heads", PruneHeadsSchema, "transformer heads / FFN neurons (data importance) / whole layers",
+                 check=_check_heads, reduces=("macs", "size", "latency")), _run_prune_heads)
+
+
+class DistillHiddenSchema(_Strict):
+    epochs: int = 4
+    lr: float = 5e-4
+    batch_size: int = 32
+    hidden_weight: float = 1.0
+    attention_weight: float = 0.0
+    output_weight: float = 10.0
+    freeze: list[str] = pydantic.Field(default_factory=lambda: ["*word_embeddings*"])
+    max_sentences: int | None = None
+
+
+def _run_distill_hidden(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.data.sentences import train_sentences
+    from torchslim.distill.tinybert import distill_hidden_
+
+    sentences = list(train_sentences())
+    if cfg["max_sentences"]:
+        sentences = sentences[: cfg["max_sentences"]]
+    values = {k: v for k, v in cfg.items() if k != "max_sentences"}
+    values["freeze"] = tuple(values["freeze"])
+    result = distill_hidden_(model, ctx.teacher(), sentences, seed=ctx.seed, **values)
+    import dataclasses
+
+    return model, {"result": dataclasses.asdict(result) if dataclasses.is_dataclass(result) else str(result)}
+
+
+_stage(StageKind("distill_hidden", DistillHiddenSchema, "TinyBERT-style hidden-state distillation on the bundled sentences",
+                 check=lambda c: None, trains=True), _run_distill_hidden)
