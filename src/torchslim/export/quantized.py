@@ -43,7 +43,7 @@ from torchslim.export._base import ExportError, Format, quiet, register_format
 from torchslim.export.onnx import load_onnx
 from torchslim.graph._inputs import Inputs
 
-__all__ = ["QUANTIZED_ONNX", "ROUTED_MODES", "quantized_mode", "route", "export_quantized_onnx"]
+__all__ = ["QUANTIZED_ONNX", "ROUTED_MODES", "quantized_mode", "route", "export_quantized_onnx", "quiet_quantizer"]
 
 QUANTIZED_ONNX = "onnx-int8"
 ROUTED_MODES = ("static", "qat")  # modes whose plain ONNX export would be a float simulation
@@ -66,7 +66,7 @@ def route(format: str, model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
+def quiet_quantizer() -> Iterator[None]:
     """ONNX Runtime's quantization tools log advice on the root logger; keep it off the console."""
     root = logging.getLogger()
     level = root.level
@@ -117,7 +117,7 @@ def export_quantized_onnx(
                           f"{inputs.describe()}", format=QUANTIZED_ONNX, reason="several inputs")
     batches = _calibration(inputs, calibration, seed) if mode in ROUTED_MODES else None
     try:
-        with _quiet_quantizer(), torch.no_grad():
+        with quiet_quantizer(), torch.no_grad():
             files = export_onnx(model, (tensors[0].detach().cpu(),), path, calibration=batches)
     except TorchslimError as exc:
         raise ExportError(f"{QUANTIZED_ONNX} export of {type(model).__name__} failed: {exc}", format=QUANTIZED_ONNX,

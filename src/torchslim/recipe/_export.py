@@ -10,14 +10,13 @@ test split in ONNX Runtime, so the report's accuracy is the deployed file's, not
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from torchslim.export.quantized import quiet_quantizer as _silenced
 
 __all__ = ["export_stage", "ort_accuracy"]
 
@@ -84,22 +83,6 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
             out["formats"][fmt] = {"size_bytes": result.size_bytes,
                                    "parity": None if result.parity is None else result.parity.to_dict()}
     return out
-
-
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    """Exporters print on stdout (which carries --json) and ONNX Runtime's quantizer logs advice
-    on the root logger: keep both out of the user's terminal."""
-    from torchslim.export._base import quiet
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with quiet():
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def _inputs_of(model: nn.Module) -> tuple[Any, ...]:
