@@ -67,7 +67,8 @@ def test_cli_json_recipe_model_and_resume(tmp_path: Path, capsys: pytest.Capture
 
 def test_multi_objective_front_is_non_dominated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, payload, err = _run(capsys, ["--objective", "accuracy,size", "--budget", "macs=0.8", "--trials", "4",
-                                       "--bits", "4,8", "--out", str(tmp_path / "m"), "--no-best-model", *FAST])
+                                       "--bits", "4,8", "--ranks", "0.5,1", "--out", str(tmp_path / "m"),
+                                       "--no-best-model", *FAST])
     assert code == 0, err
     front = [(p["values"]["accuracy"], p["values"]["size"]) for p in payload["pareto"]]
     assert front
@@ -76,6 +77,39 @@ def test_multi_objective_front_is_non_dominated(tmp_path: Path, capsys: pytest.C
     trials = json.loads((tmp_path / "m" / "trials.json").read_text())
     done = [t for t in trials if t["state"] == "complete"]
     assert done and all(set(t["layer_bits"]) == {"classifier.0", "classifier.2", "classifier.4"} for t in done)
+    assert all(set(t["ranks"]) == {"features.0", "features.3", "classifier.0", "classifier.2", "classifier.4"}
+               for t in done)
+    header = (tmp_path / "m" / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "rank:classifier.0" in header and "bits:classifier.0" in header
+
+
+def test_searched_ranks_go_into_the_recipe_and_compress_rebuilds_the_model(tmp_path: Path) -> None:
+    import yaml
+    from torch import nn
+
+    data = ts.load_data(DATA)
+    model = ts.create_model("zoo:lenet5")
+    cfg = SearchConfig(ranks=(0.5,), bits=(4, 8), finetune_steps=2, startup_trials=2, final_epochs=0)
+    result = search(model, data, budget="macs=0.3", trials=2, out=tmp_path / "r", config=cfg, progress=False)
+    best = result.study.trials[result.best["trial"]]
+    factorized = best.user_attrs["factorized"]
+    assert factorized and set(factorized) <= set(best.user_attrs["ranks"])
+    assert 0.3 * 0.98 <= best.user_attrs["metrics"]["macs"] <= 0.3  # channels repaired to the budget
+    recipe = yaml.safe_load(Path(result.best["recipe"]).read_text())
+    kinds = [next(iter(st)) for st in recipe["stages"]]
+    assert kinds[0] == "prune_channels" and kinds[-1] == "quantize" and "factorize" in kinds
+    stages = [st["factorize"] for st in recipe["stages"] if "factorize" in st]
+    assert len({(st["method"], st["rank"]) for st in stages}) == len(stages)  # one stage per method and rank
+    assert sorted(n for st in stages for n in st["modules"]) == sorted(factorized)  # exact names
+    # ts.compress of the written recipe rebuilt the very model the trial measured
+    assert result.report["best_model"]["built_by"] == "ts.compress"
+    base = ts.profile(model, latency=False, size=False).macs
+    assert result.report["after"]["macs"] / base == pytest.approx(best.user_attrs["metrics"]["macs"], rel=1e-9)
+    built = result.model
+    assert all(isinstance(built.get_submodule(name), nn.Sequential) for name in factorized)
+    bits = next(st["quantize"] for st in recipe["stages"] if "quantize" in st).get("layer_bits", {})
+    names = {n for n, _ in built.named_modules()}
+    assert set(bits) <= names  # a factorized layer's bits name the layers it became
 
 
 @pytest.mark.parametrize(
@@ -88,6 +122,9 @@ def test_multi_objective_front_is_non_dominated(tmp_path: Path, capsys: pytest.C
         (["--storage", "not-a-url"], "not a database URL"),
         (["--objective", "speed"], "not known"),
         (["--bits", "four"], "--bits"),
+        (["--ranks", "0.5,2"], "(0, 1]"),
+        (["--ranks", "half"], "--ranks"),
+        (["--ranks", "0.5", "--conv-rank-method", "cp"], "conv_rank_method"),
     ],
 )
 def test_bad_input_fails_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],

@@ -2,12 +2,18 @@
 
 Trials and the final model run the same stages through :func:`apply_stages_`, so the recipe a
 search writes describes exactly what its trials evaluated (only the fine-tuning is longer).
-Stage order: ``prune_channels`` (per-module ``ratios``), ``finetune``, then ``quantize`` (post-
-training, on the fine-tuned weights; weight-only layers have no float weights left to train).
+Stage order: ``prune_channels`` (per-module ``ratios``), one ``factorize`` per distinct
+(method, rank fraction) with the exact layer names (ranks are fractions of the pruned layers'
+full ranks), ``finetune``, then ``quantize`` (post-training, on the fine-tuned weights;
+weight-only layers have no float weights left to train). The layers a factorized layer becomes
+(``reduce``, ``core``, ``restore``) are quantized at the stage's default bit width.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +35,22 @@ def make_stages(
     finetune: Mapping[str, Any] | None,
     quant_layers: Sequence[str] | None = None,
     calibration_batches: int = 16,
+    factorized: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """The ordered stages of one configuration (each a one-key mapping, as in a recipe)."""
+    """The ordered stages of one configuration (each a one-key mapping, as in a recipe).
+
+    Args:
+        ratios: per-group pruning ratios (``prune_channels`` ``ratios``).
+        layer_bits: per-layer weight bits (original layer names; a factorized layer's become the
+            stage default, see the module docstring).
+        space: the :class:`~torchslim.search.space.SearchSpace` (quantization mode, rank methods).
+        importance, ignore: of the ``prune_channels`` stage.
+        finetune: ``finetune`` stage options, or None for none.
+        quant_layers: globs of the quantized layers.
+        calibration_batches: of a static ``quantize`` stage.
+        factorized: ``{layer: fraction of full rank}`` of the layers ``factorize_`` replaces
+            (the cost model's :meth:`~torchslim.search.cost.CostModel.factorized`).
+    """
     stages: list[dict[str, Any]] = []
     prune = {k: float(v) for k, v in ratios.items() if v > 0}
     if prune:
@@ -38,6 +58,12 @@ def make_stages(
         if ignore:
             stage["ignore"] = list(ignore)
         stages.append({"prune_channels": stage})
+    parts = set(factorized or {})  # layers that become an nn.Sequential of smaller ones
+    by_stage: dict[tuple[str, float], list[str]] = {}
+    for layer, fraction in (factorized or {}).items():
+        by_stage.setdefault((space.rank_method(layer), float(fraction)), []).append(layer)
+    for (method, fraction), layers in sorted(by_stage.items()):
+        stages.append({"factorize": {"method": method, "rank": fraction, "modules": sorted(layers)}})
     if finetune:
         stages.append({"finetune": dict(finetune)})
     if space.quant_mode is not None:
@@ -46,12 +72,20 @@ def make_stages(
             q["bits"] = int(space.fixed_bits)
         else:
             bits = {k: int(v) for k, v in layer_bits.items()}
-            q["bits"] = max(bits.values()) if bits else 8
-            q["layer_bits"] = {k: b for k, b in bits.items() if b != q["bits"]}
+            # The layers a factorized layer becomes take the stage's default bits: a recipe's names are
+            # checked against the original model, where they do not exist yet. The default is the
+            # width most factorized layers drew (else the widest), so most draws survive as drawn.
+            tied = Counter(b for k, b in bits.items() if k in parts)
+            q["bits"] = max(tied, key=lambda b: (tied[b], b)) if tied else max(bits.values(), default=8)
+            q["layer_bits"] = {k: b for k, b in bits.items() if k not in parts and b != q["bits"]}
             if not q["layer_bits"]:
                 del q["layer_bits"]
         if quant_layers:
-            q["modules"] = list(quant_layers)
+            mods = list(quant_layers)
+            for layer in sorted(parts):  # its name no longer names a Conv/Linear: select the layers it became
+                if any(fnmatch.fnmatchcase(layer, g) for g in quant_layers):
+                    mods.append(f"re:{re.escape(layer)}(\\..+)?")
+            q["modules"] = mods
         if space.quant_mode == "static":
             q["calibration_batches"] = int(calibration_batches)
         stages.append({"quantize": q})
@@ -75,18 +109,32 @@ def apply_stages_(model: nn.Module, stages: Sequence[Mapping[str, Any]], data: A
                                       importance=opts.get("importance", "l2"), ignore=tuple(opts.get("ignore", ())))
             info["prune_channels"] = {"removed_channels": plan.removed_channels, "total_channels": plan.total_channels,
                                       "groups": plan.groups}
+        elif kind == "factorize":
+            cfg = ts.FactorizeConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
+            plan = ts.factorize_(model, cfg, example_inputs=example_inputs)
+            done = info.setdefault("factorize", {"layers": [], "skipped": []})
+            done["layers"] += [x.name for x in plan.layers]
+            done["skipped"] += [x.name for x in plan.skipped]
         elif kind == "finetune":
             result = ts.fit(model, data, ts.TrainConfig.from_dict(opts), progress=progress)
             model.to("cpu")
             info["finetune"] = {"epochs": result.epochs_run, "best_val_accuracy": result.best_val_accuracy}
         elif kind == "quantize":
+            opts = _resolved(model, kind, opts)
             cfg = ts.QuantConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
             calib = data.loader("train", batch_size=64) if cfg.mode == "static" else None
             plan = ts.quantize_(model, cfg, calibration=calib)
             info["quantize"] = {"layers": list(getattr(plan, "layers", []))}
         else:
-            raise ConfigError(f"search stages are prune_channels, finetune and quantize; got {kind!r}")
+            raise ConfigError(f"search stages are prune_channels, factorize, finetune and quantize; got {kind!r}")
     return info
+
+
+def _resolved(model: nn.Module, kind: str, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """``opts`` with module patterns (globs, ``re:``) expanded to exact names, as ``ts.compress`` does."""
+    from torchslim.recipe._select import resolve_config
+
+    return resolve_config(model, kind, dict(opts))
 
 
 def recipe_dict(

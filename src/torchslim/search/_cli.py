@@ -40,6 +40,12 @@ def register(sub: Any) -> None:
     p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels in a group (default 1)")
     p.add_argument("--bits", help="also search per-layer weight bits among these, e.g. 4,8")
     p.add_argument("--quant-mode", default="weight-only", help="weight-only (Linear) or static (Conv+Linear)")
+    p.add_argument("--ranks", help="also search a per-layer rank among these fractions of full rank, "
+                   "e.g. 0.25,0.5,1.0 (1.0: leave the layer alone); Linear by SVD, Conv2d by --conv-rank-method")
+    p.add_argument("--rank-layers", help="comma-separated globs of the layers whose rank is searched "
+                   "(default: all)")
+    p.add_argument("--conv-rank-method", default="tucker",
+                   help="tucker (Tucker-2, default) or svd for Conv2d layers")
     p.add_argument("--eval", dest="evaluation", default="finetune",
                    help="how a trial recovers before validation: finetune, bn (BatchNorm recalibration) or none")
     p.add_argument("--finetune-steps", type=int, default=20, help="SGD steps of each trial's fine-tune (default 20)")
@@ -75,6 +81,19 @@ def _bits(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--bits must be comma-separated integers such as 4,8; got {text!r}") from None
 
 
+def _ranks(text: str | None) -> tuple[float, ...] | None:
+    from torchslim.errors import ConfigError
+
+    parts = _split(text)
+    if parts is None:
+        return None
+    try:
+        return tuple(float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--ranks must be comma-separated fractions of full rank such as 0.25,0.5,1.0; "
+                          f"got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`SearchConfig` the flags describe (raises ``ConfigError`` when invalid)."""
     from torchslim.search.api import SearchConfig
@@ -90,6 +109,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         min_channels=args.min_channels,
         bits=_bits(args.bits),
         quant_mode=args.quant_mode,
+        ranks=_ranks(args.ranks),
+        rank_layers=_split(args.rank_layers),
+        conv_rank_method=args.conv_rank_method,
         evaluation=args.evaluation,
         finetune_steps=args.finetune_steps,
         lr=args.lr,

@@ -51,6 +51,8 @@ def _trial_row(t: Any) -> dict[str, Any]:
         "metrics": t.user_attrs.get("metrics"),
         "ratios": t.user_attrs.get("ratios"),
         "layer_bits": t.user_attrs.get("layer_bits"),
+        "ranks": t.user_attrs.get("ranks"),
+        "factorized": t.user_attrs.get("factorized"),
         "params": t.params,
         "worker": t.user_attrs.get("worker"),
         "note": t.user_attrs.get("pruned_because") or t.system_attrs.get("fail_reason"),
@@ -69,14 +71,17 @@ def write_trials(trials: Sequence[Any], out: Path) -> dict[str, str]:
     metric_cols = sorted({k for r in rows for k in (r["metrics"] or {})})
     ratio_cols = sorted({k for r in rows for k in (r["ratios"] or {})})
     bit_cols = sorted({k for r in rows for k in (r["layer_bits"] or {})})
+    rank_cols = sorted({k for r in rows for k in (r["ranks"] or {})})
     with atomic_path(cpath) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["number", "state", *metric_cols, *[f"ratio:{k}" for k in ratio_cols],
-                    *[f"bits:{k}" for k in bit_cols], "note"])
+                    *[f"bits:{k}" for k in bit_cols], *[f"rank:{k}" for k in rank_cols], "note"])
         for r in rows:
             m, ra, b = r["metrics"] or {}, r["ratios"] or {}, r["layer_bits"] or {}
+            fz = r["factorized"] or {}  # the rank a layer really got (1.0: left alone)
             w.writerow([r["number"], r["state"], *[m.get(k, "") for k in metric_cols], *[ra.get(k, "") for k in ratio_cols],
-                        *[b.get(k, "") for k in bit_cols], r["note"] or ""])
+                        *[b.get(k, "") for k in bit_cols], *[fz.get(k, 1.0) if r["ranks"] else "" for k in rank_cols],
+                        r["note"] or ""])
     return {"trials_json": str(jpath), "trials_csv": str(cpath)}
 
 

@@ -1,7 +1,8 @@
 """``ts.search``: the most accurate compressed model for a budget, searched with Optuna.
 
-Each trial samples one pruning ratio per coupled channel group (and, if asked, one bit width per
-layer), scales the sample toward the MACs/params budget, compresses a copy of the model, recovers
+Each trial samples one pruning ratio per coupled channel group (and, if asked, one bit width and
+one rank fraction per layer), scales the channels toward the MACs/params budget (the cost model
+knows what the factorization saves), compresses a copy of the model, recovers
 it briefly (short fine-tune or BatchNorm recalibration), and reports validation accuracy with the
 measured costs. The study lives in an Optuna RDB storage (a SQLite file in the output directory by
 default; any number of workers can share a PostgreSQL one), so a stopped search resumes and a
@@ -31,6 +32,7 @@ from torchslim.errors import ConfigError, ModelRunError, TorchslimError
 from torchslim.search import _outputs
 from torchslim.search._apply import apply_stages_, make_stages, recipe_dict, write_recipe
 from torchslim.search._storage import STUDY_ATTR, open_storage, redact, sqlite_url, trial_counts
+from torchslim.search.cost import CostModel
 from torchslim.search.objectives import (
     bn_recalibrate_,
     directions,
@@ -42,7 +44,7 @@ from torchslim.search.objectives import (
     repair_metric,
     validation_accuracy,
 )
-from torchslim.search.space import CostModel, SearchSpace, build_space
+from torchslim.search.space import SearchSpace, build_space
 
 __all__ = ["SearchConfig", "SearchResult", "search", "DEFAULT_STUDY"]
 
@@ -69,6 +71,12 @@ class SearchConfig(ConfigDict):
         bits: bit widths to choose from per layer, e.g. ``(4, 8)``; ``None``: no quantization.
         quant_mode: ``"weight-only"`` (Linear layers) or ``"static"`` (Conv + Linear).
         quant_layers: globs of the layers whose bits are searched (default: all the mode takes).
+        ranks: fractions of full rank to choose from per Linear / Conv2d layer, e.g.
+            ``(0.25, 0.5, 1.0)`` (``1.0``: not factorized); ``None``: no factorization. Layers are
+            factorized after pruning, so a fraction is of the pruned layer's rank.
+        rank_layers: globs of the layers whose rank is searched (default: every Linear and
+            Conv2d with ``groups=1``).
+        conv_rank_method: ``"tucker"`` (Tucker-2) or ``"svd"`` for Conv2d layers (Linear: SVD).
         evaluation: ``"finetune"`` (``finetune_steps`` SGD steps), ``"bn"`` (BatchNorm
             recalibration over ``bn_batches`` batches) or ``"none"``; accuracy is then measured
             on the validation split.
@@ -94,6 +102,9 @@ class SearchConfig(ConfigDict):
     bits: tuple[int, ...] | None = None
     quant_mode: str = "weight-only"
     quant_layers: tuple[str, ...] | None = None
+    ranks: tuple[float, ...] | None = None
+    rank_layers: tuple[str, ...] | None = None
+    conv_rank_method: str = "tucker"
     evaluation: str = "finetune"
     finetune_steps: int = 20
     lr: float = 0.01
@@ -107,12 +118,12 @@ class SearchConfig(ConfigDict):
     heartbeat: int = 10
     device: str = "auto"
 
-    _tuple_fields = ("objectives", "ignore", "bits", "quant_layers")
+    _tuple_fields = ("objectives", "ignore", "bits", "quant_layers", "ranks", "rank_layers")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
         object.__setattr__(self, "budget", parse_budget(self.budget))
-        for name in ("ignore", "bits", "quant_layers"):
+        for name in ("ignore", "bits", "quant_layers", "ranks", "rank_layers"):
             v = getattr(self, name)
             if isinstance(v, str):
                 raise ConfigError(f"SearchConfig.{name} must be a list, not a string; got {v!r}")
@@ -128,6 +139,11 @@ class SearchConfig(ConfigDict):
             raise ConfigError(f"SearchConfig.lr must be a positive number; got {self.lr!r}")
         if self.evaluation not in EVALUATIONS:
             raise ConfigError(f"SearchConfig.evaluation must be one of {', '.join(EVALUATIONS)}; got {self.evaluation!r}")
+        from torchslim.search.space import _check_ranks
+
+        ranks = _check_ranks(self.ranks, self.conv_rank_method)
+        if ranks is not None:
+            object.__setattr__(self, "ranks", ranks)
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"SearchConfig.sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
         from torchslim.train import TrainConfig
@@ -198,9 +214,10 @@ class _Objective:
         trial.set_user_attr("worker", self.worker)
         choice = self.space.sample(trial)
         kept = self.cost.kept_for(choice["ratios"])
+        ranks = choice["ranks"]
         if self.repair is not None:
-            fixed = self.cost.repair(kept, self.repair, cfg.budget[self.repair], min_channels=cfg.min_channels,
-                                     grow=len(cfg.objectives) == 1)
+            fixed = self.cost.repair(kept, self.repair, cfg.budget[self.repair], ranks=ranks,
+                                     min_channels=cfg.min_channels, grow=len(cfg.objectives) == 1)
             if fixed is None:
                 trial.set_user_attr("pruned_because", f"{self.repair} budget cannot be met")
                 raise optuna.TrialPruned()
@@ -209,8 +226,12 @@ class _Objective:
         trial.set_user_attr("ratios", ratios)
         trial.set_user_attr("kept", {c.key: int(k) for c, k in zip(self.space.groups, kept)})
         trial.set_user_attr("layer_bits", choice["layer_bits"])
+        factorized = self.cost.factorized(kept, ranks)
+        if ranks:
+            trial.set_user_attr("ranks", ranks)
+            trial.set_user_attr("factorized", factorized)
         stages = make_stages(ratios, choice["layer_bits"], self.space, importance=cfg.importance, ignore=cfg.ignore,
-                             finetune=cfg.trial_finetune(), quant_layers=cfg.quant_layers)
+                             finetune=cfg.trial_finetune(), quant_layers=cfg.quant_layers, factorized=factorized)
         model = copy.deepcopy(self.model)
         head = [s for s in stages if "quantize" not in s]
         apply_stages_(model, head, self.data, example_inputs=self.inputs)
@@ -274,7 +295,7 @@ def search(
     progress: bool = True,
     console: Any = None,
 ) -> SearchResult:
-    """Search per-group pruning ratios (and per-layer bits) for the most accurate model in a budget.
+    """Search per-group pruning ratios (and per-layer bits and ranks) for the most accurate model in a budget.
 
     Args:
         model: the trained model; not modified (every trial works on a copy).
@@ -337,15 +358,18 @@ def search(
     inputs = example_inputs if example_inputs is not None else ts.example_inputs(model)
 
     space = build_space(model, inputs, max_ratio=cfg.max_ratio, step=cfg.step, ignore=cfg.ignore, bits=cfg.bits,
-                        quant_mode=cfg.quant_mode, quant_layers=cfg.quant_layers)
+                        quant_mode=cfg.quant_mode, quant_layers=cfg.quant_layers, ranks=cfg.ranks,
+                        rank_layers=cfg.rank_layers, conv_rank_method=cfg.conv_rank_method)
     cost = CostModel(model, inputs, space, cfg.ignore)
     rm = repair_metric(cfg.budget)
     if rm is not None:
-        floor = cost.min_cost(cfg.min_channels)[rm]
+        low = {c.layer: min(c.choices) for c in space.layer_ranks}
+        floor = cost.min_cost(cfg.min_channels, low)[rm]
         if floor > cfg.budget[rm]:
+            ranked = f" and factorizing at rank fraction {min(cfg.ranks)}" if low and cfg.ranks else ""
             raise ConfigError(
                 f"budget {rm}={cfg.budget[rm]} cannot be met: pruning every searched group down to "
-                f"min_channels={cfg.min_channels} still leaves {floor:.3f} of the original {rm} "
+                f"min_channels={cfg.min_channels}{ranked} still leaves {floor:.3f} of the original {rm} "
                 f"(allowed: {rm} >= {floor:.3f}, or lower min_channels)"
             )
 
@@ -384,7 +408,8 @@ def search(
 
         need_latency = "latency" in cfg.objectives or "latency" in cfg.budget
         base = measure(model, inputs)
-        lines.print(f"search: {len(space.groups)} channel groups, {len(space.layer_bits)} layer bit widths; "
+        lines.print(f"search: {len(space.groups)} channel groups, {len(space.layer_bits)} layer bit widths, "
+                    f"{len(space.layer_ranks)} layer ranks; "
                   f"budget {cfg.budget or 'none'}; objectives {', '.join(cfg.objectives)}; study {name!r} "
                   f"in {redact(url)}")
         objective = _Objective(model, inputs, data, cfg, space, cost, base, need_latency)
@@ -438,9 +463,7 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
     files.update(_outputs.write_trials(trials, out))
 
     def recipe_for(t: Any, path: Path) -> str:
-        stages = make_stages(t.user_attrs["ratios"], t.user_attrs.get("layer_bits") or {}, space,
-                             importance=cfg.importance, ignore=cfg.ignore, finetune=cfg.final_finetune(),
-                             quant_layers=cfg.quant_layers)
+        stages = _stages_of(t, space, cfg)
         m = t.user_attrs["metrics"]
         desc = (f"found by torchslim search (study {name!r}, trial {t.number}): budget {cfg.budget or 'none'}; "
                 + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
@@ -485,7 +508,7 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
         "objectives": list(cfg.objectives),
         "budget": dict(cfg.budget),
         "space": {"groups": [c.key for c in space.groups], "layer_bits": [c.layer for c in space.layer_bits],
-                  "left_whole": space.left_whole},
+                  "layer_ranks": [c.layer for c in space.layer_ranks], "left_whole": space.left_whole},
         "trials": counts,
         "pareto": pareto,
         "best": best_d,
@@ -500,6 +523,13 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
     return SearchResult(study=st, out=out, best=best_d, pareto=pareto, trials=counts, model=result_model, report=report)
 
 
+def _stages_of(t: Any, space: SearchSpace, cfg: SearchConfig) -> list[dict[str, Any]]:
+    """The stages of trial ``t`` with the final fine-tune (what its recipe holds)."""
+    return make_stages(t.user_attrs["ratios"], t.user_attrs.get("layer_bits") or {}, space, importance=cfg.importance,
+                       ignore=cfg.ignore, finetune=cfg.final_finetune(), quant_layers=cfg.quant_layers,
+                       factorized=t.user_attrs.get("factorized") or {})
+
+
 def _build_best(model: nn.Module, data: Any, inputs: Any, recipe_path: str, dest: Path, space: SearchSpace,
                 cfg: SearchConfig, best: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Apply the best recipe to a copy of the model (``ts.compress`` when the recipe runner is there)."""
@@ -511,14 +541,17 @@ def _build_best(model: nn.Module, data: Any, inputs: Any, recipe_path: str, dest
     except ImportError:
         compress = None
     if compress is not None:  # the recipe runner: the model goes to DEST/model beside its report
-        res = compress(copy.deepcopy(model), recipe_path, data=data, out=dest, progress=False, force=True,
+        work = copy.deepcopy(model)
+        try:
+            ts.example_inputs(work)
+        except TorchslimError:  # factorize_ sizes its layers with the inputs the model remembers
+            ts.set_example_inputs(work, inputs)
+        res = compress(work, recipe_path, data=data, out=dest, progress=False, force=True,
                        latency="latency" in cfg.objectives or "latency" in cfg.budget)
         built, how, saved = res.model, "ts.compress", dest / "model"
     else:
         built = copy.deepcopy(model)
-        stages = make_stages(best.user_attrs["ratios"], best.user_attrs.get("layer_bits") or {}, space,
-                             importance=cfg.importance, ignore=cfg.ignore, finetune=cfg.final_finetune(),
-                             quant_layers=cfg.quant_layers)
+        stages = _stages_of(best, space, cfg)
         apply_stages_(built, stages, data, example_inputs=inputs)
         built.to("cpu").eval()
         with atomic_path(dest) as tmp:

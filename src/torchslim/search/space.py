@@ -1,14 +1,16 @@
-"""The search space: one pruning choice per coupled channel group, optional per-layer bit widths.
+"""The search space: one pruning choice per coupled channel group, optional per-layer bits and ranks.
 
 Coupled layers share one choice because the channel-space analysis (``torchslim.graph.spaces``)
 puts them in one group: a residual stream, a conv and the BatchNorm and consumers it feeds. Each
 group is named by one of its producing modules, the key ``ts.prune_channels_(ratios=...)`` matches
 it by, so a sampled configuration becomes a recipe stage as it is.
 
-A sampled configuration is *repaired* toward the budget before it is evaluated: the kept
-fraction of every group is multiplied by one global factor, found by bisection on shape-only
-(meta-device) copies, until the MACs (or params) budget is met. The sampled per-group proportions
-survive; trials are not wasted on configurations that miss the budget.
+Optional per-layer ranks: each Linear / Conv2d may be factorized (``ts.factorize_``: SVD for
+Linear, Tucker-2 or SVD for Conv2d) keeping a sampled fraction of its full rank, taken *after*
+channel pruning (of the pruned layer's rank); ``1.0`` leaves the layer as it is.
+
+What a configuration costs, and how a sample is repaired toward the budget, is
+:class:`torchslim.search.cost.CostModel`.
 
 Example:
     >>> import torchslim as ts
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,10 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 
-__all__ = ["GroupChoice", "LayerBitsChoice", "SearchSpace", "CostModel", "build_space", "ratio_choices"]
+__all__ = ["GroupChoice", "LayerBitsChoice", "LayerRankChoice", "SearchSpace", "build_space", "ratio_choices",
+           "RANK_METHODS"]
+
+RANK_METHODS = ("tucker", "svd")  # factorizations of Conv2d the search may use (Linear: always svd)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,25 @@ class LayerBitsChoice:
         return f"bits:{self.layer}"
 
 
+@dataclass(frozen=True)
+class LayerRankChoice:
+    """One layer whose rank is searched: the fraction of its (pruned) full rank kept.
+
+    Attributes:
+        layer: the module name (a Linear, or a Conv2d with ``groups=1``).
+        choices: fractions in (0, 1]; ``1.0`` leaves the layer as it is.
+        method: the ``factorize_`` method: ``"svd"`` (Linear, or Conv2d as a matrix) or ``"tucker"``.
+    """
+
+    layer: str
+    choices: tuple[float, ...]
+    method: str
+
+    @property
+    def param(self) -> str:
+        return f"rank:{self.layer}"
+
+
 def ratio_choices(max_ratio: float, step: float) -> list[float]:
     """The discrete pruning ratios ``0, step, 2*step, ... <= max_ratio`` (rounded to 6 digits)."""
     n = int(math.floor(max_ratio / step + 1e-9))
@@ -85,6 +109,7 @@ class SearchSpace:
         max_ratio, step: sampled pruning ratios are ``0, step, ... <= max_ratio``.
         quant_mode: ``"weight-only"`` or ``"static"`` when bit widths are searched.
         fixed_bits: one bit width for every quantized layer when only one is allowed.
+        layer_ranks: one rank fraction per factorizable layer (empty without ``ranks``).
         left_whole: groups the analysis found but the search leaves alone (their pruning breaks
             the forward, or no producer name identifies them).
     """
@@ -96,19 +121,29 @@ class SearchSpace:
     quant_mode: str | None = None
     left_whole: list[int] = field(default_factory=list)
     fixed_bits: int | None = None  # one bit width for every quantized layer (nothing to search)
+    layer_ranks: list[LayerRankChoice] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.groups) + len(self.layer_bits)
+        """The number of choices a trial makes (a rank with one allowed fraction is not a choice)."""
+        return len(self.groups) + len(self.layer_bits) + sum(len(c.choices) > 1 for c in self.layer_ranks)
 
     def sample(self, trial: Any) -> dict[str, Any]:
-        """Ask ``trial`` (an Optuna trial) for every choice; returns ``{"ratios", "layer_bits"}``."""
+        """Ask ``trial`` (an Optuna trial) for every choice; returns ``{"ratios", "layer_bits", "ranks"}``."""
         ratios = {c.key: trial.suggest_float(c.param, 0.0, self.max_ratio, step=self.step) for c in self.groups}
         bits = {c.layer: trial.suggest_categorical(c.param, list(c.choices)) for c in self.layer_bits}
-        return {"ratios": ratios, "layer_bits": bits}
+        ranks = {c.layer: float(trial.suggest_categorical(c.param, list(c.choices))) for c in self.layer_ranks}
+        return {"ratios": ratios, "layer_bits": bits, "ranks": ranks}
+
+    def rank_method(self, layer: str) -> str:
+        """The ``factorize_`` method of a layer whose rank is searched."""
+        for c in self.layer_ranks:
+            if c.layer == layer:
+                return c.method
+        raise KeyError(layer)
 
     def signature(self) -> dict[str, Any]:
         """A JSON description, stored with the study so a resumed or joined study can be checked."""
-        return {
+        sig: dict[str, Any] = {
             "groups": [[c.key, c.size] for c in self.groups],
             "layer_bits": [[c.layer, list(c.choices)] for c in self.layer_bits],
             "max_ratio": self.max_ratio,
@@ -116,6 +151,9 @@ class SearchSpace:
             "quant_mode": self.quant_mode,
             "fixed_bits": self.fixed_bits,
         }
+        if self.layer_ranks:  # absent without ranks, so studies from before ranks existed still match
+            sig["layer_ranks"] = [[c.layer, list(c.choices), c.method] for c in self.layer_ranks]
+        return sig
 
     def table(self) -> Any:
         """A rich table of the choices."""
@@ -128,6 +166,8 @@ class SearchSpace:
             t.add_row(c.param, str(c.size), f"ratio 0..{self.max_ratio} step {self.step}", ", ".join(c.modules[:4]))
         for b in self.layer_bits:
             t.add_row(b.param, b.layer, "/".join(map(str, b.choices)) + " bits", "")
+        for r in self.layer_ranks:
+            t.add_row(r.param, r.layer, "/".join(f"{f:g}" for f in r.choices) + f" of full rank ({r.method})", "")
         return t
 
 
@@ -158,8 +198,11 @@ def build_space(
     bits: Sequence[int] | None = None,
     quant_mode: str = "weight-only",
     quant_layers: Sequence[str] | None = None,
+    ranks: Sequence[float] | None = None,
+    rank_layers: Sequence[str] | None = None,
+    conv_rank_method: str = "tucker",
 ) -> SearchSpace:
-    """The search space of ``model``: one ratio per coupled channel group (+ bit widths).
+    """The search space of ``model``: one ratio per coupled channel group (+ bit widths, ranks).
 
     Args:
         model: the model to compress; not modified.
@@ -171,12 +214,19 @@ def build_space(
         quant_mode: ``"weight-only"`` (Linear layers, packed integer weights) or ``"static"``
             (Conv and Linear, calibrated activations).
         quant_layers: globs of the layers whose bits are searched (default: every one the mode takes).
+        ranks: fractions of each layer's full rank to choose from per layer, e.g. ``(0.25, 0.5, 1.0)``
+            (``1.0``: leave the layer alone); ``None``: no factorization. Taken of the layer as
+            channel pruning left it.
+        rank_layers: globs of the Linear / Conv2d layers whose rank is searched (default: all with
+            ``groups=1`` and a full rank of at least 2).
+        conv_rank_method: how a Conv2d is factorized: ``"tucker"`` (Tucker-2) or ``"svd"``.
 
     Returns:
         A :class:`SearchSpace`.
 
     Raises:
-        ConfigError: bad settings, or nothing to search (no prunable group and no layer to quantize).
+        ConfigError: bad settings, or nothing to search (no prunable group, no layer to quantize or
+            factorize).
     """
     from torchslim.graph.spaces import analyse
     from torchslim.quantize.primitives import check_bits
@@ -195,6 +245,7 @@ def build_space(
             raise ConfigError(f"quant_mode must be 'weight-only' or 'static'; got {quant_mode!r}")
         if quant_mode == "weight-only" and max(bits) > 8:
             raise ConfigError(f"quant_mode='weight-only' stores 2..8-bit weights; got bits {list(bits)}")
+    rank_choices = _check_ranks(ranks, conv_rank_method)
     if example_inputs is None:
         from torchslim.zoo.spec import example_inputs as remembered
 
@@ -216,16 +267,61 @@ def build_space(
         layer_bits = [LayerBitsChoice(n, bits) for n in names] if len(bits) > 1 else []
         if len(bits) == 1 and not names:
             raise ConfigError(f"bits={list(bits)}: the model has no layer that quant_mode={quant_mode!r} quantizes")
+    layer_ranks: list[LayerRankChoice] = []
+    if rank_choices is not None:
+        layer_ranks = _rank_layers(model, rank_choices, rank_layers, conv_rank_method)
     space = SearchSpace(choices, layer_bits, float(max_ratio), float(step),
                         quant_mode if bits is not None else None, left,
-                        bits[0] if bits is not None and len(bits) == 1 else None)
+                        bits[0] if bits is not None and len(bits) == 1 else None, layer_ranks)
     if len(space) == 0:
         why = f"groups {left} are left whole" if left else "the analysis found no prunable channel group"
         raise ConfigError(
-            f"the search space is empty: {why} (model inputs/outputs are never pruned; ignore={list(ignore)}) "
-            "and no per-layer bit widths are searched (pass bits=(4, 8) to search them)"
+            f"the search space is empty: {why} (model inputs/outputs are never pruned; ignore={list(ignore)}), "
+            "no per-layer bit widths are searched (pass bits=(4, 8) to search them) and no ranks "
+            "(pass ranks=(0.25, 0.5, 1.0))"
         )
     return space
+
+
+def _check_ranks(ranks: Sequence[float] | None, method: str) -> tuple[float, ...] | None:
+    if method not in RANK_METHODS:
+        raise ConfigError(f"conv_rank_method must be one of {', '.join(RANK_METHODS)}; got {method!r}")
+    if ranks is None:
+        return None
+    if isinstance(ranks, str) or not isinstance(ranks, Sequence):
+        raise ConfigError(f"ranks must be a list of fractions of full rank in (0, 1], e.g. (0.25, 0.5, 1.0); "
+                          f"got {ranks!r}")
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ConfigError(f"ranks: {r!r} is not a fraction of full rank in (0, 1] (1.0 leaves a layer alone)")
+    out = tuple(sorted({round(float(r), 6) for r in ranks}))
+    if not out:
+        raise ConfigError("ranks must list at least one fraction of full rank, e.g. (0.25, 0.5, 1.0); or None")
+    return out
+
+
+def _rank_method(module: nn.Module, conv_method: str) -> Any:
+    """The ``factorize_`` method object for ``module`` (its registered strategy)."""
+    from torchslim._registry import get_method
+
+    return get_method("lowrank.method", "svd" if isinstance(module, nn.Linear) else conv_method)()
+
+
+def _rank_layers(model: nn.Module, choices: tuple[float, ...], globs: Sequence[str] | None,
+                 conv_method: str) -> list[LayerRankChoice]:
+    out = []
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if globs is not None and not any(fnmatch.fnmatchcase(name, g) for g in globs):
+            continue
+        method = _rank_method(m, conv_method)
+        if method.unsupported(m) is None and max(method.max_ranks(m)) >= 2:
+            out.append(LayerRankChoice(name, choices, method.name))
+    if not out:
+        raise ConfigError(f"ranks={list(choices)}: no Linear or Conv2d (groups=1, full rank >= 2) layer "
+                          f"{'matches rank_layers=' + repr(list(globs)) if globs is not None else 'in the model'}")
+    return out
 
 
 def _blocked_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str]) -> set[int]:
@@ -246,99 +342,3 @@ def _blocked_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str]
 def _index_importance(model: nn.Module, groups: Any, group: Any) -> torch.Tensor:
     """Importance for shape-only copies: channel index order (the values do not matter)."""
     return torch.arange(group.size, dtype=torch.float32)
-
-
-class CostModel:
-    """MACs and params of the pruned model for per-group kept counts, on shape-only copies.
-
-    Kept counts are what ``prune_channels_`` keeps for ratios ``(size - kept) / size`` (those
-    ratios are exact, so the real pruning keeps exactly these counts).
-    """
-
-    def __init__(self, model: nn.Module, example_inputs: Any, space: SearchSpace, ignore: Sequence[str] = ()) -> None:
-        from torchslim.graph.spaces import analyse, meta_copy, to_meta
-        from torchslim.profile import profile
-
-        self.model = model
-        self.space = space
-        self.cg = analyse(model, example_inputs, ignore=tuple(ignore))
-        self.by_id = {g.id: g for g in self.cg.groups}
-        self._meta = meta_copy(model) is not None
-        self.inputs = to_meta(example_inputs) if self._meta else example_inputs
-        base = profile(meta_copy(model) if self._meta else model, self.inputs, latency=False, size=False)
-        self.base = {"macs": float(base.macs), "params": float(base.params)}
-        self._cache: dict[tuple[int, ...], dict[str, float]] = {}
-
-    def cost(self, kept: Sequence[int]) -> dict[str, float]:
-        """``{"macs", "params"}`` as fractions of the original for these kept counts (one per choice)."""
-        key = tuple(int(k) for k in kept)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        from torchslim.graph.spaces import meta_copy
-        from torchslim.graph.surgery import slice_model_
-        from torchslim.profile import profile
-
-        removed: set[int] = set()
-        for c, k in zip(self.space.groups, key):
-            g = self.by_id[c.group]
-            removed.update(g.channels[k:])
-        trial = meta_copy(self.model) if self._meta else copy.deepcopy(self.model)
-        if removed:
-            slice_model_(trial, self.cg.keep_indices(removed))
-        p = profile(trial, self.inputs, latency=False, size=False)
-        out = {"macs": p.macs / max(self.base["macs"], 1.0), "params": p.params / max(self.base["params"], 1.0)}
-        self._cache[key] = out
-        return out
-
-    def kept_for(self, ratios: Mapping[str, float]) -> list[int]:
-        """Kept counts of sampled ratios (``floor(size * ratio)`` channels removed per group)."""
-        return [c.size - int(math.floor(c.size * float(ratios.get(c.key, 0.0)) + 1e-9)) for c in self.space.groups]
-
-    def floor_kept(self, min_channels: int) -> list[int]:
-        return [min(c.size, max(1, min_channels)) for c in self.space.groups]
-
-    def min_cost(self, min_channels: int) -> dict[str, float]:
-        """The cost when every searched group keeps only ``min_channels``: the most any budget can save."""
-        return self.cost(self.floor_kept(min_channels))
-
-    def repair(self, kept: Sequence[int], metric: str, fraction: float, *, min_channels: int = 1,
-               grow: bool = True, iters: int = 20) -> list[int] | None:
-        """Scale every kept fraction by one factor so ``metric`` lands at or just under ``fraction``.
-
-        Shrinks an over-budget configuration; with ``grow`` also widens one far under the budget.
-        Returns the repaired kept counts, or None when the budget cannot be met.
-        """
-        sizes = [c.size for c in self.space.groups]
-        floor = self.floor_kept(min_channels)
-
-        def scaled(s: float) -> list[int]:
-            return [min(n, max(f, int(round(k * s)))) for k, n, f in zip(kept, sizes, floor)]
-
-        def fits(s: float) -> bool:
-            return self.cost(scaled(s))[metric] <= fraction
-
-        now = self.cost(list(kept))[metric]
-        if now <= fraction and not grow:
-            return list(kept)
-        if now > fraction:
-            lo, hi = 0.0, 1.0  # fits(lo) is the floor, checked below
-            if not fits(lo):
-                return None
-        else:
-            lo, hi = 1.0, max(n / max(k, 1) for k, n in zip(kept, sizes))
-            if fits(hi):
-                return scaled(hi)
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 2e-3:
-                break
-        return scaled(lo)
-
-    def ratios_for(self, kept: Sequence[int]) -> dict[str, float]:
-        """The ``prune_channels_`` ratios that keep exactly these counts."""
-        return {c.key: (c.size - int(k)) / c.size for c, k in zip(self.space.groups, kept)}
