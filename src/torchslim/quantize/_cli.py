@@ -23,6 +23,9 @@ def register(sub: Any) -> None:
     p.add_argument("--observer", default=None, help="minmax, moving_average, percentile, entropy, mse")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--lsq", default=None, help="qat only: lsq or lsq+ (learned step sizes)")
+    p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="static / qat: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
@@ -39,6 +42,7 @@ def _config(args: argparse.Namespace) -> Any:
     return QuantConfig(
         mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
+        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
     )
 
 

@@ -167,10 +167,12 @@ def export_onnx(
     fp32 = path.with_name(path.stem + ".fp32.onnx")
     export_fp32(float_twin(model), example, fp32)
     if cfg["mode"] in ("dynamic", "weight-only"):
-        # only the layers torchslim quantized in these modes (Linear -> MatMul / Gemm); ORT's
-        # ConvInteger is slower than its fp32 conv
+        # the layers torchslim quantizes in these modes (Linear -> MatMul / Gemm) and embedding
+        # tables (Gather on a weight initializer: a third of a BERT's bytes); ORT's ConvInteger is
+        # slower than its fp32 conv, so convs stay float
         ortq.quantize_dynamic(
-            str(fp32), str(path), per_channel=True, weight_type=ortq.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            str(fp32), str(path), per_channel=True, weight_type=ortq.QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
         )
     else:
         if calibration is None:

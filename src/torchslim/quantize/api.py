@@ -69,6 +69,12 @@ class QuantConfig:
         skip: globs of layers to leave in float.
         layer_bits: per-layer weight bits overriding ``bits`` (mixed precision, see
             :func:`torchslim.quantize.mixed.allocate_bits`).
+        bias_correction: after calibration, correct every quantized layer's bias by its mean
+            output shift on the calibration batches (static; Nagel 2019, see
+            :mod:`torchslim.quantize.bias_correction`).
+        smoothquant_alpha: migrate activation outliers of Linear layers into their weights with
+            this migration strength in [0, 1] (SmoothQuant; static / qat with calibration data,
+            see :mod:`torchslim.quantize.smoothquant`); ``None``: off.
     """
 
     mode: str = "static"
@@ -85,6 +91,8 @@ class QuantConfig:
     modules: tuple[str, ...] | None = None
     skip: tuple[str, ...] = ()
     layer_bits: dict[str, int] | None = None
+    bias_correction: bool = False
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +124,16 @@ class QuantConfig:
                 check_bits(b, f"QuantConfig.layer_bits[{k!r}]")
                 if self.mode in ("weight-only", "dynamic") and b > 8:
                     raise ConfigError(f"mode={self.mode!r} stores integer weights of 2..8 bits; got layer_bits[{k!r}]={b}")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"QuantConfig.bias_correction must be True or False; got {self.bias_correction!r}")
+        if self.bias_correction and self.mode != "static":
+            raise ConfigError(f"QuantConfig.bias_correction=True needs mode='static' (it uses the calibration batches); got mode={self.mode!r}")
+        if self.smoothquant_alpha is not None:
+            a = self.smoothquant_alpha
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+                raise ConfigError(f"QuantConfig.smoothquant_alpha must be None or a number in [0, 1] (0.5 is usual); got {a!r}")
+            if self.mode not in ("static", "qat"):
+                raise ConfigError(f"QuantConfig.smoothquant_alpha needs mode='static' or 'qat' (it scales activations); got mode={self.mode!r}")
         for name in ("modules", "skip"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, str) or not all(isinstance(s, str) for s in v)):
@@ -151,17 +169,22 @@ class QuantConfig:
 
 @dataclass
 class QuantPlan:
-    """What :func:`quantize_` did: the config, the quantized layers, the folded (conv, bn) pairs."""
+    """What :func:`quantize_` did: the config, the quantized layers, the folded (conv, bn) pairs,
+    the bias-corrected layers and those that got a new bias."""
 
     config: QuantConfig
     layers: list[str] = field(default_factory=list)
     folded: list[list[str]] = field(default_factory=list)
     calibration_batches: int = 0
+    bias_corrected: list[str] = field(default_factory=list)
+    bias_added: list[str] = field(default_factory=list)
+    smoothed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "layers": list(self.layers), "folded": [list(p) for p in self.folded],
-            "calibration_batches": self.calibration_batches,
+            "calibration_batches": self.calibration_batches, "bias_corrected": list(self.bias_corrected),
+            "bias_added": list(self.bias_added), "smoothed": list(self.smoothed),
         }
 
 
@@ -262,9 +285,15 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
         if config.granularity == "group":
             raise ConfigError("granularity='group' is for weight-only mode; static / qat use 'channel' or 'tensor'")
         calib_x = _check_calibration(model, calibration, required=config.mode == "static")
+        if config.smoothquant_alpha is not None and calibration is None:
+            raise ConfigError("QuantConfig.smoothquant_alpha needs calibration data (input ranges): pass calibration=<batches>")
         if config.fold_bn:
             plan.folded = [list(p) for p in ptq.fold_batchnorm_(model, _example(model, calib_x))]
         layers = ptq.quantizable_layers(model, config.modules, config.skip)
+        if config.smoothquant_alpha is not None:
+            from torchslim.quantize.smoothquant import smooth_linears_
+
+            plan.smoothed = smooth_linears_(model, layers, calibration, config.calibration_batches, float(config.smoothquant_alpha))
         ptq.attach_quantizers_(
             layers, {n: config.weight_scheme(n) for n in layers}, config.act_scheme(), weight_observer=config.weight_observer,
             act_observer=config.observer, lsq=config.lsq,
@@ -272,6 +301,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
         plan.layers = list(layers)
         if calibration is not None and not config.lsq:
             plan.calibration_batches = ptq.calibrate_(model, calibration, config.calibration_batches)
+            if config.bias_correction:
+                from torchslim.quantize.bias_correction import bias_correct_
+
+                plan.bias_corrected, plan.bias_added = bias_correct_(model, layers, calibration, config.calibration_batches)
         if config.mode == "qat":
             from torchslim.quantize.qat import set_qat_mode_
 
@@ -291,10 +324,19 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
         return
     ptq.apply_fold(model, plan.get("folded", []))
     layers = {n: model.get_submodule(n) for n in plan["layers"]}
+    if plan.get("smoothed"):
+        from torchslim.quantize.smoothquant import attach_smoothing_
+
+        for n in plan["smoothed"]:
+            attach_smoothing_(model.get_submodule(n))
     ptq.attach_quantizers_(
         layers, {n: config.weight_scheme(n) for n in layers}, config.act_scheme(), weight_observer=config.weight_observer,
         act_observer=config.observer, lsq=config.lsq,
     )
+    if plan.get("bias_added"):
+        from torchslim.quantize.bias_correction import add_missing_biases_
+
+        add_missing_biases_(model, plan["bias_added"])
 
 
 register_plan_kind(KIND, replay_quantize)

@@ -34,7 +34,7 @@ __all__ = [
 
 _PREFIXES = ("torchvision", "timm", "zoo", "pretrained")
 ALLOWED = (
-    "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), pretrained:minilm, "
+    "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), pretrained:minilm|mnist_cnn|efficientnet_lite0, "
     "path/to/file.py:factory, or a directory written by ts.save"
 )
 
@@ -324,9 +324,15 @@ def create_model(
             if shape is not None:
                 example = Inputs((_randn(1, *shape),))
         elif prefix == "pretrained":
-            from torchslim.zoo.pretrained import build_pretrained
+            from torchslim.zoo import pretrained_vision
 
-            model, example_args, build = build_pretrained(rest)
+            pretrained_vision.check_pretrained_name(rest)
+            if pretrained_vision.is_vision(rest):  # image classifiers; text models in zoo.pretrained
+                model, example_args, build = pretrained_vision.build_pretrained_vision(rest)
+            else:
+                from torchslim.zoo.pretrained import build_pretrained
+
+                model, example_args, build = build_pretrained(rest)
             example = Inputs(example_args)
         else:
             model, example, build = _zoo(rest, shape, classes)
@@ -370,6 +376,10 @@ def rebuild(info: dict[str, Any]) -> nn.Module:
         model, _, _ = _file(build["path"], build["factory"])
         return model
     if kind == "pretrained":
+        from torchslim.zoo import pretrained_vision
+
+        if pretrained_vision.is_vision(str(build.get("name", ""))):
+            return pretrained_vision.rebuild_pretrained_vision(build)
         from torchslim.zoo.pretrained import rebuild_pretrained
 
         return rebuild_pretrained(build)
