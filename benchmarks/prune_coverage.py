@@ -5,7 +5,9 @@ For each model: build it (random weights), prune 50% of every channel group with
 and record MACs and params before/after and the time to analyse and prune. A failure is an open
 bug, reported in the table, never skipped.
 
-    python benchmarks/prune_coverage.py [--suite torchvision|timm|hf|all] [--models a,b]
+    python benchmarks/prune_coverage.py [--suite torchvision|timm|hf|all] [--models a,b] [--resume]
+
+--models reruns only the named models and keeps the other rows of the JSON.
 
 Prints a table and writes benchmarks/results/prune_coverage_<suite>.json (updated after every
 model, so a long run can be watched and resumed with --resume).
@@ -129,15 +131,18 @@ def main() -> int:
     ap.add_argument("--suite", default="torchvision", choices=["torchvision", "timm", "hf", "all"])
     ap.add_argument("--models", default="")
     ap.add_argument("--resume", action="store_true", help="skip models already in the JSON")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     args = ap.parse_args()
     path = os.path.join(os.path.dirname(__file__), "results", f"prune_coverage_{args.suite}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = []
-    if args.resume and os.path.exists(path):
-        rows = json.load(open(path))["rows"]
-    done = {r["model"] for r in rows}
     only = [m for m in args.models.split(",") if m]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if (args.resume or only) and os.path.exists(path):
+        rows = json.load(open(path))["rows"]
+    if only and not args.resume:  # rerun the named models, keep the other rows
+        rows = [r for r in rows if r["model"].split(":", 1)[-1] not in only and r["model"] not in only]
+    done = {r["model"] for r in rows}
+    torch.set_num_threads(max(1, args.threads))
     for name, model, inputs in models_for(args.suite, only):
         if name in done:
             continue

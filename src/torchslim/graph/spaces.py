@@ -216,8 +216,10 @@ class ChannelGroups:
 
 
 class _Analyser:
-    def __init__(self, tr: Trace, ignore: tuple[str, ...]) -> None:
+    def __init__(self, tr: Trace, ignore: tuple[str, ...], mha: dict[str, dict[str, Any]] | None = None) -> None:
         self.tr = tr
+        self.mha = mha or {}  # attention modules handled as a whole: name -> num_heads, head_dim
+        self.mha_heads: dict[str, np.ndarray] = {}
         self.uf = _UnionFind()
         self.layouts: dict[int, Layout] = {}
         self.ignore = ignore
@@ -335,9 +337,24 @@ class _Analyser:
     def run(self) -> None:
         for t in self.tr.inputs:
             self.layouts[t.id] = self.opaque_layout(t.shape)
+        mha_calls = {c.first_op: c for c in self.tr.module_calls if c.name in self.mha and c.last_op >= c.first_op}
+        if mha_calls:
+            self.last_use: dict[int, int] = {}
+            for op in self.tr.ops:
+                for t in op.tensor_args():
+                    self.last_use[t.id] = op.index
+            self.output_ids = {t.id for t in self.tr.outputs}
+        skip = -1
         for op in self.tr.ops:
+            if op.index <= skip:
+                continue
             if self.ignore and any(fnmatch.fnmatch(op.module, p) or op.module.startswith(p + ".") for p in self.ignore):
                 self.opaque_op(op)
+                continue
+            call = mha_calls.get(op.index)
+            if call is not None:
+                self.attention_call(call)
+                skip = call.last_op
                 continue
             rule = _RULES.get(op.packet)
             if rule is None:
@@ -382,11 +399,77 @@ class _Analyser:
 
         return {r: tuple(sorted(final(r, ()))) for r in direct}
 
+    def attention_call(self, call: Any) -> None:
+        """One ``nn.MultiheadAttention`` call as a whole: heads are channels (Q/K/V rows of a head,
+        the out-projection columns reading it), the input widths are the projections' columns, the
+        output width the out-projection's rows. Its internals (batch x heads merged in one dim) are
+        not analysed op by op; surgery keeps the module valid for any widths (``graph._mha``)."""
+        info = self.mha[call.name]
+        prefix = call.name + "." if call.name else ""
+        ops = self.tr.ops[call.first_op : call.last_op + 1]
+        inside = {o.id for op in ops for o in op.outputs}
+        own = {meta.id for n, meta in self.tr.params.items() if n.startswith(prefix)}
+        seen: set[int] = set()
+        ext: list[TensorMeta] = []
+        for op in ops:
+            for t in op.tensor_args():
+                if t.id in inside or t.id in own or t.id in seen or not t.is_floating:
+                    continue
+                seen.add(t.id)
+                ext.append(t)
+        qkv = [t for t in ext if len(t.shape) in (2, 3)][:3]
+        if not qkv:
+            return self._opaque_call(ops, inside)
+        heads = self.mha_heads.get(call.name)
+        hd = int(info["head_dim"])
+        if heads is None:
+            heads = self.mha_heads[call.name] = self.uf.new(int(info["num_heads"]))
+            for h in heads.tolist():
+                self.head_dims[h] = hd
+        per_head = np.repeat(heads, hd)
+        q, k, v = qkv[0], qkv[min(1, len(qkv) - 1)], qkv[-1]  # key is value when two are distinct
+        params = self.tr.params
+        if prefix + "in_proj_weight" in params:
+            w = params[prefix + "in_proj_weight"]
+            wl = self.layout(w)
+            self.uf.union_arrays(wl[0][0], np.tile(per_head, 3))
+            for x in {t.id: t for t in (q, k, v)}.values():
+                self.unite(self.layout(x)[-1], wl[1])
+            self.producers.append((w.param, 0))
+        else:
+            for part, x in (("q", q), ("k", k), ("v", v)):
+                w = params[f"{prefix}{part}_proj_weight"]
+                wl = self.layout(w)
+                self.uf.union_arrays(wl[0][0], per_head)
+                self.unite(self.layout(x)[-1], wl[1])
+                self.producers.append((w.param, 0))
+        if prefix + "in_proj_bias" in params:
+            self.uf.union_arrays(self.layout(params[prefix + "in_proj_bias"])[0][0], np.tile(per_head, 3))
+        ow = params[prefix + "out_proj.weight"]
+        ol = self.layout(ow)
+        self.uf.union_arrays(ol[1][0], per_head)
+        if prefix + "out_proj.bias" in params:
+            self.unite(self.layout(params[prefix + "out_proj.bias"])[0], ol[0])
+        self.producers.append((ow.param, 0))
+        width = len(ol[0][0])
+        for op in ops:
+            for o in op.outputs:
+                if self.last_use.get(o.id, -1) <= call.last_op and o.id not in self.output_ids:
+                    continue
+                if len(o.shape) == len(q.shape) and o.shape[-1] == width:
+                    self.layouts[o.id] = (*self.opaque_layout(o.shape[:-1]), ol[0])
+                else:
+                    self.layouts[o.id] = self.opaque_layout(o.shape)
+
+    def _opaque_call(self, ops: list[OpNode], inside: set[int]) -> None:
+        for op in ops:
+            self.opaque_op(op)
+
     def module_constraints(self) -> None:
-        # nn.MultiheadAttention checks query width == embed_dim == its projections' width, and
-        # splits that width into heads: keep everything it owns whole (head pruning is separate).
+        # Attention modules not handled as a whole (bias_k, add_zero_attn, subclasses): PyTorch
+        # checks query width == embed_dim == the projections' widths: keep everything they own whole.
         for mod, typ in self.tr.module_types.items():
-            if typ == "MultiheadAttention":
+            if typ == "MultiheadAttention" and mod not in self.mha:
                 for name, atoms in self.param_atoms.items():
                     if name.startswith(mod + ".") if mod else True:
                         for d in atoms:
@@ -674,6 +757,8 @@ def _expand(a: _Analyser, op: OpNode) -> None:
     for i, d in enumerate(xl):
         if x.shape[i] == out.shape[off + i]:
             lay[off + i] = d
+        else:  # broadcast: one index serves them all, it cannot be removed
+            a.freeze_dim(d)
     a.set(out, tuple(lay))
 
 
@@ -1044,6 +1129,17 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
     return out
 
 
+def _attention_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``nn.MultiheadAttention`` modules whose heads and widths can be pruned (no bias_k, no zero attn)."""
+    from torchslim.graph._mha import SlicedMultiheadAttention
+
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) in (nn.MultiheadAttention, SlicedMultiheadAttention) and m.bias_k is None and not m.add_zero_attn:
+            out[name] = {"num_heads": m.num_heads, "head_dim": m.head_dim}
+    return out
+
+
 def meta_copy(model: nn.Module) -> nn.Module | None:
     """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no data copied).
 
@@ -1098,12 +1194,13 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     if tr is None:
         with evaluating(model):
             tr = trace(model, example_inputs, grad=True)
-    a = _Analyser(tr, tuple(ignore))
+    a = _Analyser(tr, tuple(ignore), _attention_modules(model))
     a.run()
     drivers = a.resolve_drivers()
     grps = _build_groups(a, drivers)
+    head_dims = {a.uf.find(h): d for h, d in a.head_dims.items()}
     for g in grps:
-        g.head_dim = a.head_dims.get(g.channels[0]) if g.channels else None
+        g.head_dim = head_dims.get(g.channels[0]) if g.channels else None
     frozen = [n for n, dims in a.param_atoms.items() if all(d is None or not a.uf.roots(d).any() for d in dims)]
     return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start, drivers,
                          meta_ok=used_meta)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, ModelRunError
+from torchslim.graph._mha import sync_mha
 
 __all__ = ["slice_model_", "sync_module_attributes"]
 
@@ -25,6 +26,7 @@ KeepMap = Mapping[str, Sequence[torch.Tensor | Sequence[int] | None]]
 _ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
     "normalized_shape", "num_channels", "num_groups", "embedding_dim", "num_parameters", "nf", "nx",
+    "embed_dim", "kdim", "vdim", "num_heads",
 )
 
 
@@ -69,10 +71,21 @@ def sync_module_attributes(module: nn.Module) -> None:
         module.num_parameters = module.weight.shape[0]
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 linear
         module.nx, module.nf = module.weight.shape
+    elif isinstance(module, nn.MultiheadAttention):
+        sync_mha(module)
 
 
 def _snapshot(module: nn.Module) -> dict[str, Any]:
-    return {a: getattr(module, a) for a in _ATTRS if hasattr(module, a)}
+    snap = {a: getattr(module, a) for a in _ATTRS if hasattr(module, a)}
+    snap["__class__"] = type(module)
+    return snap
+
+
+def _restore(module: nn.Module, snap: dict[str, Any]) -> None:
+    module.__class__ = snap["__class__"]
+    for a, v in snap.items():
+        if a != "__class__":
+            setattr(module, a, v)
 
 
 def slice_model_(
@@ -124,6 +137,9 @@ def slice_model_(
         planned.append((module, attr, old, new.clone()))
 
     modules = {id(m): m for m, _, _, _ in planned}
+    for m in model.modules():  # attention modules: their out_proj may be all that changed
+        if isinstance(m, nn.MultiheadAttention) and any(id(c) in modules for c in m.modules()):
+            modules[id(m)] = m
     attrs_before = {mid: _snapshot(m) for mid, m in modules.items()}
     extra: list[tuple[nn.Module, str, Any]] = []
     for path, values in (attrs or {}).items():
@@ -160,8 +176,7 @@ def slice_model_(
             else:
                 module._buffers[attr] = old
         for mid, m in modules.items():
-            for a, v in attrs_before[mid].items():
-                setattr(m, a, v)
+            _restore(m, attrs_before[mid])
         for mod, a, v in extra:
             setattr(mod, a, v)
         if isinstance(exc, ConfigError):

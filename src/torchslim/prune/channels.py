@@ -26,7 +26,7 @@ from torchslim.prune.importance import accumulate_gradients, get_importance
 from torchslim.saving import register_plan_kind
 from torchslim.zoo.spec import record_plan
 
-__all__ = ["Budget", "ChannelPlan", "prune_channels_", "replay_channel_plan"]
+__all__ = ["Budget", "ChannelPlan", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
 
 KIND = "prune_channels"
 
@@ -83,6 +83,7 @@ class ChannelPlan:
     achieved: dict[str, float] = field(default_factory=dict)
     left_whole: list[int] = field(default_factory=list)  # groups whose removal breaks the forward
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module attributes set (head counts)
+    allocation: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, **asdict(self)}
@@ -114,6 +115,7 @@ def _choose(
     ratios: dict[str, float] | None,
     round_to: int,
     min_channels: int,
+    scale: dict[int, float] | None = None,
 ) -> tuple[set[int], list[dict[str, Any]]]:
     removed: set[int] = set()
     report = []
@@ -146,6 +148,8 @@ def _choose(
     # left over are handed out so the total moves one channel at a time as the ratio grows (a
     # budget search can then land within a channel of its target).
     want = [g.size * _group_ratio(g, ratio, ratios) for g in cg.groups]
+    if scale:  # latency-aware: groups where a MAC costs more time give more channels
+        want = [min(w * scale.get(g.id, 1.0), g.size * _MAX_SCALED_RATIO) for w, g in zip(want, cg.groups)]
     counts = [int(math.floor(w + 1e-9)) for w in want]
     extra = int(round(sum(want))) - sum(counts)
     by_rem = sorted(range(len(want)), key=lambda i: (counts[i] - want[i], i))
@@ -157,6 +161,102 @@ def _choose(
         removed.update(g.channels[i] for i in order)
         report.append({"id": g.id, "size": g.size, "kept": kept})
     return removed, report
+
+
+_MAX_SCALED_RATIO = 0.8  # latency-aware allocation never removes more than this fraction of a group
+
+
+def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, round_to: int = 8,
+                        runs: int = 20) -> dict[int, float]:
+    """Measured CPU seconds saved per MAC removed, per group, when half of the group is removed.
+
+    Every conv / linear / norm layer bound to a group is timed on its own, on an input of the
+    shape it sees in the model, whole and with the group's channels halved (kept widths rounded
+    to ``round_to``); the group's saving is the sum over its layers. Each distinct layer shape is
+    timed once (fastest of ``runs``, least disturbed by other load), at the current
+    ``torch.get_num_threads()``.
+    """
+    import time
+
+    from torchslim.graph._inputs import as_inputs, call_model
+
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, n=name: shapes.setdefault(n, tuple(args[0].shape)) and None))
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), as_inputs(inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    cache: dict[Any, tuple[float, int]] = {}
+
+    def cost(mod: nn.Module, shape: tuple[int, ...]) -> tuple[float, int]:
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            width = mod.weight.shape[1] * getattr(mod, "groups", 1) if mod.weight.dim() > 1 else mod.weight.shape[0]
+            shape = (shape[0], width, *shape[2:])
+        elif mod.weight is not None:
+            shape = (*shape[:-1], mod.weight.shape[-1])
+        key = (type(mod), tuple(mod.weight.shape) if mod.weight is not None else None, shape, getattr(mod, "stride", 0),
+               getattr(mod, "groups", 1))
+        if key not in cache:
+            x = torch.randn(shape)
+            with torch.no_grad():
+                out = mod(x)
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    mod(x)
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            w = mod.weight
+            macs = out.numel() * (w[0].numel() if w is not None and w.dim() > 1 else 0)
+            cache[key] = (times[0], macs)  # the minimum: what the kernel costs without the machine's noise
+        return cache[key]
+
+    out: dict[int, float] = {}
+    for g in cg.groups:
+        kept = _kept_count(g.size, 0.5, round_to, 1)
+        if kept == g.size:
+            continue
+        keep_all = cg.keep_indices(set(g.channels[kept:]))
+        owners = sorted({n.rpartition(".")[0] for n, _ in g.members})
+        saved_t = saved_macs = 0.0
+        for path in owners:
+            try:
+                mod = model.get_submodule(path) if path else model
+            except AttributeError:
+                continue
+            if not isinstance(mod, kinds) or path not in shapes or getattr(mod, "weight", None) is None:
+                continue
+            t_full, m_full = cost(mod, shapes[path])
+            small = copy.deepcopy(mod)
+            prefix = path + "."
+            sub = {n[len(prefix):]: k for n, k in keep_all.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
+            try:
+                slice_model_(small, sub)
+                t_small, m_small = cost(small, shapes[path])
+            except Exception:  # noqa: BLE001 - a layer we cannot time alone adds nothing
+                continue
+            saved_t += t_full - t_small
+            saved_macs += m_full - m_small
+        if saved_macs > 0:
+            out[g.id] = max(saved_t, 0.0) / saved_macs
+    return out
+
+
+def latency_scales(sens: dict[int, float], cg: ChannelGroups, power: float = 1.0) -> dict[int, float]:
+    """Per-group multipliers of the pruning ratio: (seconds per MAC / the median over groups) ** power,
+    clipped to [1/4, 4] so that timing noise never leaves a group whole or empties it."""
+    if not sens:
+        return {}
+    vals = sorted(sens.values())
+    mid = vals[len(vals) // 2] or max(vals) or 1.0
+    return {g.id: min(max((sens.get(g.id, mid) / mid) ** power, 0.25), 4.0) for g in cg.groups}
 
 
 def _trial(model: nn.Module, cg: ChannelGroups, inputs: Any) -> tuple[nn.Module, Any]:
@@ -198,24 +298,43 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_key_value_heads")
 _HEAD_WIDTHS = ("all_head_size", "inner_dim", "hidden_size_per_partition", "attn_dim")
+# widths some models keep as Python ints and reshape with (torchvision's ViT: ``reshape(n, self.hidden_dim, -1)``)
+_WIDTHS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "n_embd", "embed_dims")
+
+
+def _ancestors(owners: set[str]) -> set[str]:
+    out: set[str] = set()
+    for o in owners:
+        parts = o.split(".") if o else []
+        out.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    return out
 
 
 def _head_attrs(model: nn.Module, cg: ChannelGroups, report: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """New head counts / widths for the attention modules whose heads were pruned."""
+    """New head counts / widths for the modules whose heads or widths were pruned."""
     out: dict[str, dict[str, int]] = {}
     kept_of = {r["id"]: r["kept"] for r in report}
     for g in cg.groups:
         kept = kept_of.get(g.id, g.size)
-        if g.head_dim is None or kept == g.size:
+        if kept == g.size:
             continue
         owners = {n.rpartition(".")[0] for n, _ in g.members}
+        if g.head_dim is None:
+            for path in sorted(_ancestors(owners)):
+                mod = model.get_submodule(path) if path else model
+                if isinstance(mod, nn.MultiheadAttention):
+                    continue  # surgery sets its widths from its tensors
+                new = {a: kept for a in _WIDTHS if type(getattr(mod, a, None)) is int and getattr(mod, a) == g.size}
+                if new:
+                    out.setdefault(path, {}).update(new)
+            continue
         parents = {o.rpartition(".")[0] for o in owners} | {o.rpartition(".")[0].rpartition(".")[0] for o in owners}
         for path in sorted(parents):
             try:
                 mod = model.get_submodule(path) if path else model
             except AttributeError:
                 continue
-            new: dict[str, int] = {}
+            new = {}
             for a in _HEAD_COUNTS:
                 if getattr(mod, a, None) == g.size and isinstance(getattr(mod, a), int):
                     new[a] = kept
@@ -251,6 +370,7 @@ def prune_channels_(
     round_to: int = 1,
     min_channels: int = 1,
     data: Any = None,
+    allocation: str = "uniform",
 ) -> ChannelPlan:
     """Remove channels from ``model`` in place; shapes really shrink.
 
@@ -269,6 +389,10 @@ def prune_channels_(
         round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels).
         min_channels: never keep fewer channels than this in a group.
         data: labelled batches (an iterable of ``(x, y)``) for gradient-based criteria (``taylor``).
+        allocation: ``"uniform"`` (every group loses ``ratio``, or a budget's searched ratio) or
+            ``"latency"``: each group's ratio is scaled by the CPU time a MAC of it costs, measured
+            per layer on this machine (:func:`latency_sensitivity`), capped at 0.8; use it with a
+            ``target`` and ``round_to=8``.
 
     Returns:
         A :class:`ChannelPlan` (also recorded on the model for ``ts.save``).
@@ -293,6 +417,10 @@ def prune_channels_(
     for pattern, r in (ratios or {}).items():
         if not is_number(r) or not 0 <= r < 1:
             raise ConfigError(f"ratios[{pattern!r}] must be in [0, 1); got {r!r}")
+    if allocation not in ("uniform", "latency"):
+        raise ConfigError(f"allocation must be 'uniform' or 'latency'; got {allocation!r}")
+    if allocation == "latency" and global_ranking:
+        raise ConfigError("allocation='latency' sets per-group ratios itself: it cannot be combined with global_ranking")
     if not isinstance(round_to, int) or round_to < 1 or not isinstance(min_channels, int) or min_channels < 1:
         raise ConfigError(f"round_to and min_channels must be integers >= 1; got {round_to!r}, {min_channels!r}")
     crit = get_importance(importance)
@@ -320,6 +448,10 @@ def prune_channels_(
     if blocked:
         scores = [s for g, s in zip(cg.groups, scores) if g.id not in blocked]
         cg.groups = [g for g in cg.groups if g.id not in blocked]
+    scale: dict[int, float] = {}
+    if allocation == "latency":
+        scale = latency_scales(latency_sensitivity(model, cg, example_inputs, round_to=max(round_to, 8)), cg)
+        opts["scale"] = scale
 
     achieved: dict[str, float] = {}
     if target is not None:
@@ -357,6 +489,7 @@ def prune_channels_(
     slice_model_(model, keep, example_inputs=example_inputs, attrs=attrs)
 
     plan = ChannelPlan(
+        allocation=allocation,
         ratio=float(ratio),
         importance=importance if isinstance(importance, str) else type(importance).__name__,
         removed_channels=len(removed),

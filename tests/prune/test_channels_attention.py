@@ -1,0 +1,150 @@
+"""Head and width pruning through ``nn.MultiheadAttention``: zeroed heads prune without changing
+outputs (slow path and fused fast path), the module stays valid for both, plans replay."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+import torchslim as ts
+from torchslim.graph import groups
+from torchslim.graph._mha import SlicedMultiheadAttention
+from torchslim.graph.surgery import slice_model_
+from torchslim.prune.channels import prune_channels_
+
+
+def _encoder(batch_first: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64).eval()
+
+
+def _zero_heads_and_neurons(model: nn.Module, cg) -> set[int]:
+    """Zero the outgoing weights of heads 1 and 3 of every attention and of every third MLP neuron."""
+    removed: set[int] = set()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in cg.groups:
+            consumers = [(n, d) for n, d in g.members if d == 1 and params[n].dim() == 2]
+            if g.head_dim is not None:
+                take = [1, 3]
+            elif consumers and all(".out_proj." not in n for n, _ in consumers) and g.size == 64:
+                take = list(range(0, g.size, 3))
+            else:
+                continue
+            chans = {g.channels[i] for i in take}
+            for name, dim in consumers:
+                pos = [p for p, r in enumerate(cg.roots(name, dim).tolist()) if r in chans]
+                params[name].index_fill_(1, torch.tensor(pos), 0.0)
+            removed |= chans
+    return removed
+
+
+@pytest.mark.parametrize("make", [lambda: _encoder(True), lambda: _encoder(False), _vit], ids=["enc_bf", "enc", "vit"])
+def test_zeroed_heads_are_removed_without_changing_outputs(make) -> None:
+    model = make()
+    x = torch.randn(2, 3, 32, 32) if isinstance(model, VisionTransformer) else torch.randn(2, 7, 32)
+    cg = groups(model, x)
+    heads = [g for g in cg.groups if g.head_dim is not None]
+    assert len(heads) == 2 and all(g.size == 4 and g.head_dim == 8 for g in heads)
+    removed = _zero_heads_and_neurons(model, cg)
+    with torch.no_grad():
+        ref = model(x)  # fused fast path where PyTorch takes it
+    ref_slow = model(x)  # autograd on: the slow path
+    slice_model_(model, cg.keep_indices(removed), example_inputs=x)
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert all(type(m) is SlicedMultiheadAttention and m.num_heads == 2 for m in attn)
+    assert all(m.in_proj_weight.shape == (48, 32) and m.out_proj.weight.shape == (32, 16) for m in attn)
+    with torch.no_grad():
+        got = model(x)
+    assert (got - ref).abs().max().item() < 1e-5
+    assert (model(x) - ref_slow).abs().max().item() < 1e-5
+
+
+def test_attention_weights_and_masks_match_after_head_removal() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.out_proj.weight[:, 4:8] = 0  # head 1 contributes nothing
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 6, 16)
+    mask = torch.rand(5, 6) > 0.7
+    mask[:, 0] = False
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, -1] = True
+    ref, _ = mha(q, kv, kv, key_padding_mask=pad, attn_mask=mask)
+    keep = [i for i in range(48) if (i % 16) // 4 != 1]
+    slice_model_(mha, {"in_proj_weight": [torch.tensor(keep), None], "in_proj_bias": [torch.tensor(keep)],
+                       "out_proj.weight": [None, torch.tensor([i for i in range(16) if i // 4 != 1])]})
+    assert type(mha) is SlicedMultiheadAttention and mha.num_heads == 3 and mha.embed_dim == 16
+    got, w = mha(q, kv, kv, key_padding_mask=pad, attn_mask=mask)
+    assert (got - ref).abs().max().item() < 1e-5
+    assert w.shape == (2, 5, 6) and torch.allclose(w.sum(-1), torch.ones(2, 5))
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    a, _ = mha(q, q, q, attn_mask=causal, need_weights=False)
+    b, _ = mha(q, q, q, is_causal=True, attn_mask=causal, need_weights=True)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_consistent_widths_return_to_plain_attention_and_its_fast_path() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    rows = torch.tensor([i for i in range(48) if (i % 16) // 4 != 3])  # drop head 3 (q, k, v)
+    cols = torch.arange(12)  # and the residual width down to 12 = 3 heads x 4
+    keep = {"self_attn.in_proj_weight": [rows, cols], "self_attn.in_proj_bias": [rows],
+            "self_attn.out_proj.weight": [cols, cols], "self_attn.out_proj.bias": [cols],
+            "linear1.weight": [None, cols], "linear2.weight": [cols, None], "linear2.bias": [cols],
+            "norm1.weight": [cols], "norm1.bias": [cols], "norm2.weight": [cols], "norm2.bias": [cols]}
+    slice_model_(layer, keep)
+    assert type(layer.self_attn) is nn.MultiheadAttention
+    assert (layer.self_attn.embed_dim, layer.self_attn.num_heads, layer.self_attn.head_dim) == (12, 3, 4)
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x)
+    assert (fast - slow).abs().max().item() < 1e-5
+
+
+def test_failed_surgery_restores_attention_class_and_attributes() -> None:
+    model = _encoder(True)
+    x = torch.randn(2, 7, 32)
+    before = copy.deepcopy(model.state_dict())
+    keep = {"layers.0.self_attn.in_proj_weight": [torch.arange(24), None]}  # q/k/v rows out of step
+    with pytest.raises(ts.errors.ModelRunError):
+        slice_model_(model, keep, example_inputs=x)
+    attn = model.layers[0].self_attn
+    assert type(attn) is nn.MultiheadAttention and attn.num_heads == 4 and attn.embed_dim == 32
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_vit_half_ratio_prunes_heads_mlp_and_width_and_replays(tmp_path) -> None:
+    model = _vit()
+    x = torch.randn(1, 3, 32, 32)
+    before = ts.profile(model, x, latency=False, size=False).macs
+    plan = prune_channels_(model, x, ratio=0.5)
+    assert not plan.left_whole
+    assert model.hidden_dim == 16 and model.conv_proj.out_channels == 16
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            assert (m.num_heads, m.head_dim, m.embed_dim) == (2, 8, 16)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (1, 1000)
+    assert ts.profile(model, x, latency=False, size=False).macs <= 0.6 * before
+    # replay: the same plan on a fresh model gives the same shapes and, with the weights, outputs
+    fresh = _vit()
+    from torchslim.prune.channels import replay_channel_plan
+
+    replay_channel_plan(fresh, plan.to_dict())
+    fresh.load_state_dict(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
