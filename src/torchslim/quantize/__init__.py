@@ -10,6 +10,7 @@ from __future__ import annotations
 from torchslim.quantize import observers as observers  # registers the observers
 from torchslim.quantize._onnx import export_onnx
 from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
+from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.mixed import BitAllocation, allocate_bits, layer_sensitivity
 from torchslim.quantize.primitives import QScheme, dequantize, fake_quantize, quantize, quantize_tensor, sqnr
@@ -36,6 +37,7 @@ __all__ = [
     "FakeQuantize",
     "LSQFakeQuantize",
     "QuantizedLinear",
+    "QuantizedRNN",
 ]
 
 from torchslim.quantize.gptq import gptq_  # noqa: E402

@@ -52,6 +52,7 @@ def float_twin(model: nn.Module) -> nn.Module:
     (Parametrizations are switched off rather than removed: a deep copy shares the parametrized
     class with the original, and removing them would strip the original's ``weight`` property.)
     """
+    from torchslim.quantize.dynamic_rnn import QuantizedRNN
     from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
     from torchslim.quantize.ptq import _set
     from torchslim.quantize.weight_only import QuantizedLinear
@@ -65,6 +66,8 @@ def float_twin(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
             _set(twin, name, lin)
+        elif isinstance(m, QuantizedRNN):  # an ONNX LSTM / GRU node with the dequantized weights
+            _set(twin, name, m.to_float())
         elif isinstance(m, (FakeQuantize, LSQFakeQuantize)):
             m.enabled = False
             if isinstance(m, FakeQuantize):

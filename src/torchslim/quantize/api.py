@@ -5,7 +5,9 @@ Modes:
 * ``"weight-only"``: Linear weights stored as int8 (per channel) or packed int4 (per group);
   activations stay float (:mod:`torchslim.quantize.weight_only`).
 * ``"dynamic"``: int8 Linear weights, activations quantized per batch at run time; the real
-  integer kernels come from ONNX Runtime (:func:`torchslim.quantize.export_onnx`).
+  integer kernels come from ONNX Runtime (:func:`torchslim.quantize.export_onnx`). ``nn.LSTM`` /
+  ``nn.GRU`` layers get int8 weights too, their inputs and hidden states quantized at every step
+  (:mod:`torchslim.quantize.dynamic_rnn`).
 * ``"static"``: BN folded into convs, weights (per channel) and activations (per tensor,
   calibrated on ``calibration`` batches with the chosen observer) fake-quantized.
 * ``"qat"``: the static structure, with quantizers that keep learning while you train
@@ -36,6 +38,7 @@ from torch import nn
 from torchslim._utils import evaluating
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize import ptq
+from torchslim.quantize.dynamic_rnn import RNN_TYPES, QuantizedRNN, check_rnn_scheme
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.observers import OBSERVERS
 from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
@@ -65,7 +68,7 @@ class QuantConfig:
         fold_bn: fold BatchNorm into the preceding conv (static / qat).
         lsq: ``None`` (observer + STE), ``"lsq"`` or ``"lsq+"`` learned step sizes (qat).
         modules: globs of layers to quantize (``None``: every Conv/Linear; Linear only for
-            weight-only / dynamic).
+            weight-only; Linear, LSTM and GRU for dynamic).
         skip: globs of layers to leave in float.
         layer_bits: per-layer weight bits overriding ``bits`` (mixed precision, see
             :func:`torchslim.quantize.mixed.allocate_bits`).
@@ -211,13 +214,18 @@ def _check_calibration(model: nn.Module, loader: Iterable[Any] | None, required:
 
 
 def _linear_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    layers = ptq.quantizable_layers(model, config.modules, config.skip)
-    linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+    dyn = config.mode == "dynamic"
+    layers = ptq.quantizable_layers(model, config.modules, config.skip, ptq.QUANTIZABLE + (RNN_TYPES if dyn else ()))
+    linear = {n: m for n, m in layers.items() if isinstance(m, (nn.Linear, *(RNN_TYPES if dyn else ())))}
     if not linear:
-        raise ConfigError(f"mode={config.mode!r} quantizes Linear layers; the selection has only {sorted(layers)} (no Linear)")
+        what = "Linear/LSTM/GRU" if dyn else "Linear"
+        raise ConfigError(f"mode={config.mode!r} quantizes {what} layers; the selection has only {sorted(layers)} (no {what})")
+    for n, m in linear.items():
+        if isinstance(m, RNN_TYPES):
+            check_rnn_scheme(n, m, config.weight_scheme(n))
     if config.granularity == "group":
         for n, m in linear.items():
-            if m.in_features % config.group_size:
+            if isinstance(m, nn.Linear) and m.in_features % config.group_size:
                 raise ConfigError(
                     f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; "
                     f"pick a divisor or skip={n!r}"
@@ -236,6 +244,10 @@ def _swap_linear(model: nn.Module, names: Iterable[str], config: QuantConfig, fr
     for n in names:
         scheme = config.weight_scheme(n)
         lin = model.get_submodule(n)
+        if isinstance(lin, RNN_TYPES):
+            rnn = QuantizedRNN.from_float(lin, scheme, dynamic_act=dyn) if from_float else QuantizedRNN.empty_like(lin, scheme, dyn)
+            ptq._set(model, n, rnn)
+            continue
         if from_float:
             new = QuantizedLinear.from_float(lin, scheme, dynamic_act=dyn)
         else:
@@ -270,7 +282,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
-    if any(isinstance(m, (QuantizedLinear, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
+    if any(isinstance(m, (QuantizedLinear, QuantizedRNN, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
         raise ConfigError("the model is already quantized; quantize the float model once")
     plan = QuantPlan(config)
     if config.mode in ("weight-only", "dynamic"):

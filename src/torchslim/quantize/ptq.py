@@ -131,8 +131,12 @@ def fold_batchnorm_(model: nn.Module, example_inputs: Any) -> list[tuple[str, st
     return pairs
 
 
-def quantizable_layers(model: nn.Module, modules: Iterable[str] | None = None, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Conv/Linear layers selected by ``modules`` globs (all by default) minus ``skip`` globs.
+def quantizable_layers(
+    model: nn.Module, modules: Iterable[str] | None = None, skip: Iterable[str] = (),
+    types: tuple[type[nn.Module], ...] = QUANTIZABLE,
+) -> dict[str, nn.Module]:
+    """Layers of ``types`` (Conv/Linear by default) selected by ``modules`` globs (all by default) minus
+    ``skip`` globs.
 
     Raises:
         ConfigError: nothing selected.
@@ -141,7 +145,7 @@ def quantizable_layers(model: nn.Module, modules: Iterable[str] | None = None, s
     skip = list(skip)
     found = {}
     for name, m in model.named_modules():
-        if not isinstance(m, QUANTIZABLE) or not name:
+        if not isinstance(m, types) or not name:
             continue
         if modules is not None and not any(fnmatch.fnmatchcase(name, p) for p in modules):
             continue
@@ -149,8 +153,9 @@ def quantizable_layers(model: nn.Module, modules: Iterable[str] | None = None, s
             continue
         found[name] = m
     if not found:
-        allowed = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-        raise ConfigError(f"modules={modules!r} skip={skip!r} select no Conv/Linear layer; the model has: {', '.join(allowed) or 'none'}")
+        allowed = [n for n, m in model.named_modules() if isinstance(m, types) and n]
+        kinds = "Conv/Linear" if types == QUANTIZABLE else "/".join(t.__name__ for t in types)
+        raise ConfigError(f"modules={modules!r} skip={skip!r} select no {kinds} layer; the model has: {', '.join(allowed) or 'none'}")
     return found
 
 
