@@ -63,3 +63,8 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) == 0:
         for name, state in result.items():
             torch.save(state, out_dir / f"{name}.pt")
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together, before interpreter shutdown (not only in atexit)
+        dist.barrier()
+        dist.destroy_process_group()

@@ -64,8 +64,11 @@ def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path, capsys: 
     recipe = yaml.safe_load(Path(again["best"]["recipe"]).read_text())
     ratios = {k: v for k, v in best.user_attrs["ratios"].items() if v > 0}
     assert recipe["stages"][0]["prune_channels"]["ratios"] == ratios
-    finisher = max(range(2), key=lambda i: os.path.getmtime(tmp_path / f"w{i}" / "search.json"))
-    assert reports[finisher]["best"]["trial"] == best.number  # the last worker to finish saw every trial
+    # each worker reports the best of the trials it saw, which the study's best can only match or beat
+    by_number = {t.number: t for t in done}
+    for r in reports:
+        seen = by_number[r["best"]["trial"]]
+        assert r["best"]["values"]["accuracy"] == seen.values[0] <= best.values[0]
 
 
 def test_killed_worker_trial_is_failed_and_retried(postgres_url: str, tmp_path: Path) -> None:
