@@ -41,6 +41,12 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(tmp_path),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen only in full CI runs on a saturated 2-core machine: a rank aborts in C++ teardown
+        # (SIGABRT) although the same launch passes alone. Retried once, on a fresh port; any other
+        # failure, or the same abort twice, fails the test.
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = _script().run(tmp_path, "off")
     for name in ("fit", "distill", "resumed"):
