@@ -73,7 +73,10 @@ def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path, capsys: 
 
 def test_killed_worker_trial_is_failed_and_retried(postgres_url: str, tmp_path: Path) -> None:
     url, study = postgres_url, "kill"
-    victim = _worker(url, study, tmp_path / "victim", 1, "--heartbeat", "1", "--finetune-steps", "400",
+    # a trial long enough (1,200 steps on 5,600 training samples) that it is surely still running
+    # when the kill lands, even on a quiet machine
+    big = ("--data", "synthetic:1x1x28x28:n=8000")
+    victim = _worker(url, study, tmp_path / "victim", 1, *big, "--heartbeat", "1", "--finetune-steps", "1200",
                      "--batch-size", "4")
     killed = None
     deadline = time.time() + 120
@@ -98,7 +101,7 @@ def test_killed_worker_trial_is_failed_and_retried(postgres_url: str, tmp_path: 
     states = [t.state.name for t in _load(url, study).trials]
     assert states[killed] == "RUNNING", states  # dead, but nobody knows yet
     time.sleep(2.5)  # longer than the grace period (2 heartbeats)
-    rescuer = _worker(url, study, tmp_path / "rescuer", 1, "--heartbeat", "1", "--finetune-steps", "5")
+    rescuer = _worker(url, study, tmp_path / "rescuer", 1, *big, "--heartbeat", "1", "--finetune-steps", "5")
     out, err = rescuer.communicate(timeout=240)
     assert rescuer.returncode == 0, err
     trials = _load(url, study).trials
