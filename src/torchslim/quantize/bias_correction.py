@@ -31,8 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating
-from torchslim.errors import InputShapeError
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 
 __all__ = ["bias_correct_", "add_missing_biases_"]
@@ -75,7 +73,7 @@ def bias_correct_(model: nn.Module, layers: dict[str, nn.Module], loader: Iterab
     Raises:
         InputShapeError: a batch does not fit the model.
     """
-    from torchslim.quantize.ptq import _call
+    from torchslim.quantize.ptq import run_calibration
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -113,19 +111,8 @@ def bias_correct_(model: nn.Module, layers: dict[str, nn.Module], loader: Iterab
     for name, m in layers.items():
         handles.append(m.register_forward_pre_hook(pre(name), prepend=True))
         handles.append(m.register_forward_hook(post(name)))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    n = 0
     try:
-        with evaluating(model):
-            for batch in loader:
-                if n >= batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                try:
-                    _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
-                except (RuntimeError, ValueError) as exc:
-                    raise InputShapeError(f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}") from exc
-                n += 1
+        run_calibration(model, loader, batches)
     finally:
         for h in handles:
             h.remove()

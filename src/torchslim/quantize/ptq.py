@@ -212,6 +212,31 @@ def iter_fake_quants(model: nn.Module, inputs_only: bool = False) -> list[nn.Mod
 
 
 @torch.no_grad()
+def run_calibration(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
+    """Run up to ``batches`` batches of ``loader`` through ``model`` in eval mode (modes restored);
+    observers, hooks or fake-quant switches set by the caller see them. Returns the batches run.
+
+    Raises:
+        InputShapeError: a batch does not fit the model.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    n = 0
+    with evaluating(model):
+        for batch in loader:
+            if n >= batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            try:
+                _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
+            except (RuntimeError, ValueError) as exc:
+                raise InputShapeError(
+                    f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}"
+                ) from exc
+            n += 1
+    return n
+
+
+@torch.no_grad()
 def calibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
     """Run up to ``batches`` batches through the model with input observers on, then freeze them.
 
@@ -222,24 +247,11 @@ def calibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
         InputShapeError: a batch does not fit the model.
     """
     fqs = [m for m in iter_fake_quants(model, inputs_only=True) if isinstance(m, FakeQuantize)]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    n = 0
     for fq in fqs:
         fq.reset_observer()
         fq.observing = True
     try:
-        with evaluating(model):
-            for batch in loader:
-                if n >= batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                try:
-                    _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
-                except (RuntimeError, ValueError) as exc:
-                    raise InputShapeError(
-                        f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}"
-                    ) from exc
-                n += 1
+        n = run_calibration(model, loader, batches)
     finally:
         for fq in fqs:
             fq.observing = False

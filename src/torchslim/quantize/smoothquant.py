@@ -30,9 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating
-from torchslim.errors import InputShapeError
-
 __all__ = ["smooth_linears_", "attach_smoothing_"]
 
 
@@ -53,7 +50,7 @@ def attach_smoothing_(module: nn.Linear, scale: torch.Tensor | None = None) -> N
 
 @torch.no_grad()
 def _input_absmax(model: nn.Module, layers: dict[str, nn.Linear], loader: Iterable[Any], batches: int) -> dict[str, torch.Tensor]:
-    from torchslim.quantize.ptq import _call
+    from torchslim.quantize.ptq import run_calibration
 
     amax: dict[str, torch.Tensor] = {}
 
@@ -65,19 +62,8 @@ def _input_absmax(model: nn.Module, layers: dict[str, nn.Linear], loader: Iterab
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    n = 0
     try:
-        with evaluating(model):
-            for batch in loader:
-                if n >= batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                try:
-                    _call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
-                except (RuntimeError, ValueError) as exc:
-                    raise InputShapeError(f"calibration batch of shape {tuple(getattr(x, 'shape', ()))} does not fit the model: {exc}") from exc
-                n += 1
+        run_calibration(model, loader, batches)
     finally:
         for h in handles:
             h.remove()
