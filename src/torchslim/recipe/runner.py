@@ -62,16 +62,19 @@ class CompressResult:
 # --------------------------------------------------------------------------- measuring
 
 
-def _deploy_size(checkpoint: Path) -> int:
-    """Bytes of the model's weights as deployed: masks baked in (sparse storage), via a fresh load."""
+def _deploy_size(model: nn.Module, checkpoint: Path | None, measured: int | None) -> int | None:
+    """Bytes of the model's weights as deployed. A masked model is measured with its masks baked in
+    (sparse storage) on a fresh load of ``checkpoint`` (finalizing a copy would strip the shared
+    parametrized class); any other model is ``measured`` as it is."""
     import torchslim as ts
     from torchslim.profile.api import serialized_bytes
     from torchslim.prune.masks import masked_weights
 
-    model = ts.load(checkpoint)
-    if masked_weights(model):
-        ts.finalize_(model)
-    return serialized_bytes(model)
+    if checkpoint is None or not masked_weights(model):
+        return measured
+    fresh = ts.load(checkpoint)
+    ts.finalize_(fresh)
+    return serialized_bytes(fresh)
 
 
 def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -119,7 +122,7 @@ def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, late
     acc = None
     if data is not None and data.labeled:
         acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
-    size = _deploy_size(checkpoint) if checkpoint is not None else prof.size_bytes
+    size = _deploy_size(model, checkpoint, prof.size_bytes)
     return {
         "accuracy": acc,
         "params": prof.params,
