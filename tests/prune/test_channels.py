@@ -16,7 +16,7 @@ from torchslim.prune.channels import Budget, prune_channels_
 
 ZOO = ["lenet300", "lenet5", "conv4", "vgg11_bn", "resnet20", "mobilenetv2_small"]
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "densenet121", "convnext_tiny", "shufflenet_v2_x1_0",
-               "efficientnet_b0", "regnet_y_400mf", "squeezenet1_1", "googlenet"]
+               "efficientnet_b0", "regnet_y_400mf", "regnet_x_400mf", "squeezenet1_1", "googlenet", "swin_t"]
 
 
 def _macs(model: nn.Module) -> int:
@@ -53,7 +53,8 @@ def _zero_outgoing(model: nn.Module, cg, group, idx: list[int]) -> None:
 
 
 @pytest.mark.parametrize("spec", ["zoo:lenet5", "zoo:conv4", "zoo:vgg11_bn", "zoo:resnet20", "zoo:mobilenetv2_small",
-                                  "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:densenet121"])
+                                  "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:densenet121",
+                                  "torchvision:regnet_x_400mf"])
 def test_channels_with_zeroed_outgoing_weights_prune_without_changing_outputs(spec: str) -> None:
     model = ts.create_model(spec).eval()
     (x,) = ts.example_inputs(model, batch_size=2)

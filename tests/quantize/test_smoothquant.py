@@ -82,11 +82,88 @@ def test_smoothquant_bad_input_leaves_model_unchanged() -> None:
     with pytest.raises(ConfigError, match="smoothquant_alpha"):
         QuantConfig(mode="static", smoothquant_alpha=1.5)
     with pytest.raises(ConfigError, match="smoothquant_alpha"):
-        QuantConfig(mode="dynamic", smoothquant_alpha=0.5)
+        QuantConfig(mode="weight-only", smoothquant_alpha=0.5)
     model, _, _ = _data()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="calibration"):
         quantize_(model, QuantConfig(mode="qat", smoothquant_alpha=0.5))
+    with pytest.raises(ConfigError, match="calibration"):
+        quantize_(model, QuantConfig(mode="dynamic", smoothquant_alpha=0.5))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert QuantConfig.from_dict(QuantConfig(smoothquant_alpha=0.5).to_dict()) == QuantConfig(smoothquant_alpha=0.5)
+
+
+class _Siblings(nn.Module):
+    """Q, K and V reading one tensor with outlier channels, then an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.o = nn.Linear(64, 16)
+        gain = torch.ones(64)
+        gain[[5, 33]] = 40.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.gain
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 8.0, dim=-1)
+        return self.o(a @ self.v(h))
+
+
+def test_dynamic_smoothquant_improves_sqnr_and_shares_sibling_scales() -> None:
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    calib = [torch.randn(8, 12, 64) for _ in range(4)]
+    x = torch.randn(16, 12, 64)
+    with torch.no_grad():
+        ref = model(x)
+    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(plain, QuantConfig(mode="dynamic"))
+    plan = quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.75), calibration=calib)
+    # Q, K and V read the same tensor: one scale for the three; the output projection's input
+    # has no outlier channels, smoothing would not pay for its multiply there
+    assert plan.smoothed == ["q", "k", "v"] and not hasattr(smooth.o, "smooth_scale")
+    assert torch.equal(smooth.q.smooth_scale, smooth.k.smooth_scale) and torch.equal(smooth.q.smooth_scale, smooth.v.smooth_scale)
+    forced = copy.deepcopy(model)
+    layers = {n: getattr(forced, n) for n in ("q", "k", "v", "o")}
+    assert smooth_linears_(forced, layers, calib, 4, alpha=0.75, min_gain=0) == ["q", "k", "v", "o"]
+    assert not torch.equal(forced.q.smooth_scale, forced.o.smooth_scale)
+    with torch.no_grad():
+        gain = sqnr(ref, smooth(x)) - sqnr(ref, plain(x))
+    assert gain > 3.0  # dB
+
+
+def test_dynamic_smoothquant_save_load_and_onnx_has_one_shared_scaling(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.quantize import export_onnx
+    from torchslim.quantize._onnx import onnx_parity
+
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    calib = [torch.randn(8, 12, 64) for _ in range(4)]
+    quantize_(model, QuantConfig(mode="dynamic", smoothquant_alpha=0.75), calibration=calib)
+    x = calib[0][:2]
+    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    g = onnx.load(files["onnx_fp32"]).graph
+    # the smoothing of Q, K and V is one Mul by a per-channel constant, not 3 (merged on export)
+    scaled = [n for n in g.node if n.op_type in ("Mul", "Div") and "gain" not in n.input
+              and any(i.name in n.input and len(i.dims) == 1 and i.dims[0] == 64 for i in g.initializer)]
+    assert len(scaled) == 1
+    parity = onnx_parity(model, files, x)
+    assert parity["fp32_vs_torch_float_db"] > 60
+    assert parity["int8_vs_torch_quantized_db"] > 25
+
+
+def test_dynamic_smoothquant_save_load(tmp_path) -> None:
+    model = ts.create_model("zoo:lenet300", data="mnist")
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    plan = quantize_(model, QuantConfig(mode="dynamic", smoothquant_alpha=0.6), calibration=calib)
+    assert plan.smoothed
+    ts.save(model, tmp_path / "q")
+    loaded = ts.load(tmp_path / "q")
+    x = calib[0][:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -71,3 +71,17 @@ def test_bad_weight_only_input_leaves_model_unchanged() -> None:
         QuantConfig(mode="dynamic", bits=4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model.fc1) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_dequantized_weight_within_half_a_step(bits: int, signed: bool) -> None:
+    from torchslim.quantize.primitives import QScheme
+    from torchslim.quantize.weight_only import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    q = QuantizedLinear.from_float(lin, QScheme(bits=bits, symmetric=True, signed=signed, granularity="group", group_size=32))
+    step = q.scale.float().reshape(16, 2, 1).expand(16, 2, 32).reshape(16, 64)
+    # half a step, plus the fp16 rounding of the scale (relative 2**-11) times the largest integer
+    assert ((q.dequantized_weight() - lin.weight).abs() <= (0.5 + 2 ** (bits - 1) * 2**-11) * step).all()

@@ -554,7 +554,16 @@ def _conv(a: _Analyser, op: OpNode) -> None:
         a.unite(xl[1], wl[in_dim])
     elif not transposed and w.shape[1] == 1 and w.shape[0] == cin == groups:  # depthwise
         a.unite(xl[1], wl[0])
-    else:  # grouped: channel counts per group must stay equal (not pruned yet)
+    elif not transposed and len(xl[1]) == 1 and len(wl[0]) == 1 and len(wl[1]) == 1:
+        # grouped: every group must keep the same count, so position r of each group is one
+        # channel (pruning it removes that position from all groups; ``groups`` stays)
+        k, m = w.shape[1], w.shape[0] // groups
+        xa, wo = xl[1][0].reshape(groups, k), wl[0][0].reshape(groups, m)
+        for j in range(groups):
+            a.uf.union_arrays(xa[j], wl[1][0])
+            if j:
+                a.uf.union_arrays(wo[j], wo[0])
+    else:  # grouped with structured (product) dims: counts per group could not be kept equal
         a.freeze_dim(xl[1])
         a.freeze_dim(wl[0])
         a.freeze_dim(wl[1])
@@ -1179,6 +1188,7 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
             names the op and the module.
     """
     from torchslim._utils import evaluating
+    from torchslim.graph._swin import sliced_swin
 
     start = time.perf_counter()
     tr = None
@@ -1186,13 +1196,14 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     shadow = meta_copy(model)
     if shadow is not None:  # shapes only: no arithmetic, no memory for activations
         try:
-            with evaluating(shadow):
+            with evaluating(shadow), sliced_swin(shadow):
                 tr = trace(shadow, to_meta(example_inputs), grad=True)
             used_meta = True
         except Exception:  # noqa: BLE001 - data-dependent models need the real forward
             tr = None
     if tr is None:
-        with evaluating(model):
+        # Swin window attention is traced with the forward surgery gives it (graph._swin)
+        with evaluating(model), sliced_swin(model):
             tr = trace(model, example_inputs, grad=True)
     a = _Analyser(tr, tuple(ignore), _attention_modules(model))
     a.run()

@@ -18,6 +18,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph._mha import sync_mha
+from torchslim.graph._swin import swin_attention_types, switch_swin_
 
 __all__ = ["slice_model_", "sync_module_attributes"]
 
@@ -137,9 +138,13 @@ def slice_model_(
         planned.append((module, attr, old, new.clone()))
 
     modules = {id(m): m for m, _, _, _ in planned}
-    for m in model.modules():  # attention modules: their out_proj may be all that changed
-        if isinstance(m, nn.MultiheadAttention) and any(id(c) in modules for c in m.modules()):
+    swin = swin_attention_types()
+    swin_touched: list[str] = []
+    for name, m in model.named_modules():  # attention modules: their out_proj may be all that changed
+        if isinstance(m, (nn.MultiheadAttention, *swin)) and any(id(c) in modules for c in m.modules()):
             modules[id(m)] = m
+            if isinstance(m, swin):
+                swin_touched.append(name)
     attrs_before = {mid: _snapshot(m) for mid, m in modules.items()}
     extra: list[tuple[nn.Module, str, Any]] = []
     for path, values in (attrs or {}).items():
@@ -151,6 +156,7 @@ def slice_model_(
             extra.append((mod, a, getattr(mod, a, None)))
     datas_before = [(m, a, old, old.data) for m, a, old, _ in planned]
     try:
+        switch_swin_(model, set(swin_touched))  # widths no longer tied to the input (graph._swin)
         for module, attr, old, new in planned:
             if isinstance(old, nn.Parameter):
                 old.data = new

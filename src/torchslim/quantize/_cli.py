@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("--lsq", default=None, help="qat only: lsq or lsq+ (learned step sizes)")
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="static / qat: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5)")
+                   help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; needs --data)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
@@ -53,6 +53,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     config = _config(args)  # every setting checked before anything is built
     if config.mode in ("static", "qat") and not args.data:
         raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
+    if config.smoothquant_alpha is not None and not args.data:
+        raise ConfigError("--smoothquant needs --data SPEC (calibration batches give the activation ranges)")
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0; got {args.epochs}")
     args._quant_config = config

@@ -4,9 +4,12 @@
 stands for: BN folded, weights as the fake-quant originals / the dequantized integers) and
 ``<name>.onnx``, quantized for ONNX Runtime's integer kernels:
 
-* ``dynamic`` / ``weight-only``: ``onnxruntime.quantization.quantize_dynamic`` on MatMul / Gemm
-  (int8 weights per channel, activations quantized at run time: ``MatMulInteger``); the weights
-  it quantizes are the already-quantized ones dequantized, so int4 weight-only models become int8;
+* ``dynamic`` / 8-bit ``weight-only``: ``onnxruntime.quantization.quantize_dynamic`` on MatMul /
+  Gemm (int8 weights per channel, activations quantized at run time: ``MatMulInteger``); the
+  weights it quantizes are the already-quantized ones dequantized;
+* ``weight-only`` with 4-bit (or fewer) layers / tables: torchslim's own writer
+  (:mod:`torchslim.quantize._nbits`) ships the stored integers as ``MatMulNBits`` /
+  ``GatherBlockQuantized`` (ONNX Runtime's int4 kernels).
 * ``static`` / ``qat``: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel
   int8 weights, uint8 activations.
 
@@ -19,6 +22,7 @@ tensors ORT quantizes (layer outputs, pooling, adds) get ORT's calibration on th
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -30,6 +34,8 @@ from torch import nn
 
 from torchslim._optional import require
 from torchslim.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["float_twin", "export_fp32", "input_names", "export_onnx", "ort_latency", "ort_run", "onnx_parity", "torchslim_ranges", "quant_mode_of"]
 
@@ -52,6 +58,7 @@ def float_twin(model: nn.Module) -> nn.Module:
     (Parametrizations are switched off rather than removed: a deep copy shares the parametrized
     class with the original, and removing them would strip the original's ``weight`` property.)
     """
+    from torchslim.quantize._nbits import QuantizedEmbedding, float_embedding
     from torchslim.quantize.dynamic_rnn import QuantizedRNN
     from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
     from torchslim.quantize.ptq import _set
@@ -65,7 +72,13 @@ def float_twin(model: nn.Module) -> nn.Module:
                 lin.weight.copy_(m.dequantized_weight())
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
+            if hasattr(m, "smooth_scale"):  # SmoothQuant's input division travels with the layer
+                from torchslim.quantize.smoothquant import attach_smoothing_
+
+                attach_smoothing_(lin, m.smooth_scale.detach().clone())
             _set(twin, name, lin)
+        elif isinstance(m, QuantizedEmbedding):
+            _set(twin, name, float_embedding(m))
         elif isinstance(m, QuantizedRNN):  # an ONNX LSTM / GRU node with the dequantized weights
             _set(twin, name, m.to_float())
         elif isinstance(m, (FakeQuantize, LSQFakeQuantize)):
@@ -102,7 +115,63 @@ def export_fp32(model: nn.Module, example: tuple[Any, ...], path: str | os.PathL
                 dynamic_axes={n: ({0: "batch", 1: "sequence"} if tok else {0: "batch"}) for n, tok in zip(names, tokens)},
                 opset_version=17,
             )
+    merge_duplicate_nodes(path)
     return path
+
+
+def merge_duplicate_nodes(path: str | os.PathLike[str]) -> int:
+    """Common-subexpression elimination on the ONNX file at ``path``, in place; returns the
+    number of nodes removed.
+
+    Two nodes merge when they have the same op, domain and attributes and read the same tensors,
+    where two initializers with equal type, shape and bytes count as the same tensor. This is
+    what makes the three SmoothQuant divisions of Q, K and V (one shared scale, three buffers)
+    one Div, which ONNX Runtime's own CSE does not do (it compares initializers by name).
+    Nodes with subgraphs or several outputs are left alone.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    digest = {
+        i.name: f"init:{i.data_type}:{list(i.dims)}:" + hashlib.sha1(numpy_helper.to_array(i).tobytes()).hexdigest()
+        for i in graph.initializer
+    }
+    rename: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    keep = []
+    for node in graph.node:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+        if len(node.output) != 1 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            keep.append(node)
+            continue
+        key = (
+            node.op_type, node.domain, tuple(digest.get(x, x) for x in node.input),
+            tuple(a.SerializeToString(deterministic=True) for a in node.attribute),
+        )
+        if key in first and node.output[0] not in {o.name for o in graph.output}:
+            rename[node.output[0]] = first[key]
+            continue
+        first.setdefault(key, node.output[0])
+        keep.append(node)
+    removed = len(graph.node) - len(keep)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(keep)
+        kept_vi = [v for v in graph.value_info if v.name not in rename]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_vi)
+        used = {x for n in graph.node for x in n.input}
+        live = [i for i in graph.initializer if i.name in used or i.name in {o.name for o in graph.output}]
+        del graph.initializer[:]
+        graph.initializer.extend(live)
+        tmp = Path(str(path) + ".tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return removed
 
 
 def input_names(model: nn.Module, n: int) -> list[str]:
@@ -144,6 +213,13 @@ class _Reader:
         return None if x is None else {self.name: x.detach().cpu().numpy()}
 
 
+def _has_int4(model: nn.Module) -> bool:
+    from torchslim.quantize._nbits import QuantizedEmbedding
+    from torchslim.quantize.weight_only import QuantizedLinear
+
+    return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and m.scheme.bits <= 4 for m in model.modules())
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -169,7 +245,17 @@ def export_onnx(
     path = Path(path)
     fp32 = path.with_name(path.stem + ".fp32.onnx")
     export_fp32(float_twin(model), example, fp32)
-    if cfg["mode"] in ("dynamic", "weight-only"):
+    int4 = cfg["mode"] == "weight-only" and _has_int4(model)
+    if int4:
+        # our own writer: the 4-bit integers of every eligible layer / table become ONNX Runtime's
+        # MatMulNBits / GatherBlockQuantized inputs as they are (no re-quantization)
+        from torchslim.quantize._nbits import write_int4_onnx
+
+        report = write_int4_onnx(model, fp32, path, accuracy_level=4)  # int8 compute: ORT's fast CPU kernels
+        if report["left_float"]:
+            log.warning("int4 ONNX: %d quantized layer(s) shipped as float: %s", len(report["left_float"]),
+                        "; ".join(f"{k}: {v}" for k, v in report.get("why_float", {}).items()) or report["left_float"])
+    elif cfg["mode"] in ("dynamic", "weight-only"):
         # the layers torchslim quantizes in these modes (Linear -> MatMul / Gemm) and embedding
         # tables (Gather on a weight initializer: a third of a BERT's bytes); ORT's ConvInteger is
         # slower than its fp32 conv, so convs stay float

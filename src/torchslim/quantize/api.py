@@ -76,8 +76,12 @@ class QuantConfig:
             output shift on the calibration batches (static; Nagel 2019, see
             :mod:`torchslim.quantize.bias_correction`).
         smoothquant_alpha: migrate activation outliers of Linear layers into their weights with
-            this migration strength in [0, 1] (SmoothQuant; static / qat with calibration data,
-            see :mod:`torchslim.quantize.smoothquant`); ``None``: off.
+            this migration strength in [0, 1] (SmoothQuant; static, qat or dynamic, with
+            calibration data, see :mod:`torchslim.quantize.smoothquant`); ``None``: off.
+        embeddings: weight-only mode: also store every selected ``nn.Embedding`` table as
+            ``bits``-bit integers in groups of ``group_size`` along the hidden axis (symmetric;
+            bits 4 or 8), shipped to ONNX Runtime as ``GatherBlockQuantized``; a transformer's
+            word embeddings are often a third of its bytes or more.
     """
 
     mode: str = "static"
@@ -96,6 +100,7 @@ class QuantConfig:
     layer_bits: dict[str, int] | None = None
     bias_correction: bool = False
     smoothquant_alpha: float | None = None
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -131,12 +136,21 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.bias_correction must be True or False; got {self.bias_correction!r}")
         if self.bias_correction and self.mode != "static":
             raise ConfigError(f"QuantConfig.bias_correction=True needs mode='static' (it uses the calibration batches); got mode={self.mode!r}")
+        if not isinstance(self.embeddings, bool):
+            raise ConfigError(f"QuantConfig.embeddings must be True or False; got {self.embeddings!r}")
+        if self.embeddings and (self.mode != "weight-only" or self.bits not in (4, 8) or self.granularity != "group"):
+            raise ConfigError(
+                "QuantConfig.embeddings=True stores tables group-wise: it needs mode='weight-only', bits 4 or 8 and "
+                f"granularity='group'; got mode={self.mode!r}, bits={self.bits}, granularity={self.granularity!r}"
+            )
         if self.smoothquant_alpha is not None:
             a = self.smoothquant_alpha
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
                 raise ConfigError(f"QuantConfig.smoothquant_alpha must be None or a number in [0, 1] (0.5 is usual); got {a!r}")
-            if self.mode not in ("static", "qat"):
-                raise ConfigError(f"QuantConfig.smoothquant_alpha needs mode='static' or 'qat' (it scales activations); got mode={self.mode!r}")
+            if self.mode not in ("static", "qat", "dynamic"):
+                raise ConfigError(
+                    f"QuantConfig.smoothquant_alpha needs mode='static', 'qat' or 'dynamic' (it scales activations); got mode={self.mode!r}"
+                )
         for name in ("modules", "skip"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, str) or not all(isinstance(s, str) for s in v)):
@@ -182,12 +196,13 @@ class QuantPlan:
     bias_corrected: list[str] = field(default_factory=list)
     bias_added: list[str] = field(default_factory=list)
     smoothed: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "layers": list(self.layers), "folded": [list(p) for p in self.folded],
             "calibration_batches": self.calibration_batches, "bias_corrected": list(self.bias_corrected),
-            "bias_added": list(self.bias_added), "smoothed": list(self.smoothed),
+            "bias_added": list(self.bias_added), "smoothed": list(self.smoothed), "embeddings": list(self.embeddings),
         }
 
 
@@ -255,6 +270,53 @@ def _swap_linear(model: nn.Module, names: Iterable[str], config: QuantConfig, fr
         ptq._set(model, n, new)
 
 
+def embedding_tables(model: nn.Module, config: QuantConfig) -> dict[str, nn.Embedding]:
+    """The ``nn.Embedding`` tables ``config`` stores as integers (none unless ``config.embeddings``).
+
+    Raises:
+        ConfigError: ``group_size`` does not divide a selected table's width.
+    """
+    if not config.embeddings:
+        return {}
+    from fnmatch import fnmatchcase
+
+    out = {}
+    for n, m in model.named_modules():
+        if type(m) is not nn.Embedding or any(fnmatchcase(n, p) for p in config.skip):
+            continue
+        if config.modules is not None and not any(fnmatchcase(n, p) for p in config.modules):
+            continue
+        if m.embedding_dim % config.group_size:
+            raise ConfigError(f"group_size={config.group_size} does not divide {n}.embedding_dim={m.embedding_dim}; pick a divisor or skip={n!r}")
+        if m.max_norm is not None:
+            raise ConfigError(f"{n} renormalises its rows (max_norm={m.max_norm}); an integer table cannot; skip={n!r}")
+        out[n] = m
+    return out
+
+
+def swap_embeddings(model: nn.Module, names: Iterable[str], config: QuantConfig, from_float: bool) -> None:
+    """Replace the named tables by :class:`~torchslim.quantize._nbits.QuantizedEmbedding` (from the
+    float weights, or empty for ``ts.load`` to fill)."""
+    from torchslim.quantize._nbits import QuantizedEmbedding
+
+    scheme = QScheme(bits=config.bits, granularity="group", group_size=config.group_size, symmetric=True)
+    for n in names:
+        emb = model.get_submodule(n)
+        if from_float:
+            new = QuantizedEmbedding.from_float(emb, scheme)
+        else:
+            new = QuantizedEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, emb.padding_idx).to(emb.weight.device)
+        ptq._set(model, n, new)
+
+
+def _reattach_smoothing(model: nn.Module, names: Iterable[str], scales: dict[str, torch.Tensor]) -> None:
+    """Give the integer layers that replaced smoothed Linears their input division back."""
+    from torchslim.quantize.smoothquant import attach_smoothing_
+
+    for n in names:
+        attach_smoothing_(model.get_submodule(n), scales.get(n))
+
+
 def _example(model: nn.Module, calib_x: Any) -> Any:
     from torchslim.zoo.spec import example_inputs, model_info
 
@@ -288,9 +350,23 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
     if config.mode in ("weight-only", "dynamic"):
         layers = _linear_layers(model, config)
         _check_layer_bits(config, layers)
+        tables = embedding_tables(model, config)
         _check_calibration(model, calibration, required=False)
+        if config.smoothquant_alpha is not None:
+            if calibration is None:
+                raise ConfigError("QuantConfig.smoothquant_alpha needs calibration data (input ranges): pass calibration=<batches>")
+            from torchslim.quantize.smoothquant import smooth_linears_
+
+            plan.smoothed = smooth_linears_(
+                model, {n: model.get_submodule(n) for n in layers}, calibration, config.calibration_batches,
+                float(config.smoothquant_alpha),
+            )
+        scales = {n: model.get_submodule(n).smooth_scale for n in plan.smoothed}
         _swap_linear(model, layers, config, from_float=True)
+        _reattach_smoothing(model, plan.smoothed, scales)
+        swap_embeddings(model, tables, config, from_float=True)
         plan.layers = list(layers)
+        plan.embeddings = list(tables)
     else:
         selected = ptq.quantizable_layers(model, config.modules, config.skip)
         _check_layer_bits(config, selected)
@@ -333,6 +409,8 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
     config = QuantConfig.from_dict(plan["config"])
     if config.mode in ("weight-only", "dynamic"):
         _swap_linear(model, plan["layers"], config, from_float=False)
+        _reattach_smoothing(model, plan.get("smoothed", []), {})
+        swap_embeddings(model, plan.get("embeddings", []), config, from_float=False)
         return
     ptq.apply_fold(model, plan.get("folded", []))
     layers = {n: model.get_submodule(n) for n in plan["layers"]}

@@ -189,6 +189,9 @@ def gptq_(
     for n, m in layers.items():
         if config.granularity == "group" and m.in_features % config.group_size:
             raise ConfigError(f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; pick a divisor or skip={n!r}")
+    from torchslim.quantize.api import embedding_tables, swap_embeddings
+
+    tables = embedding_tables(model, config)
     batches = materialize_batches(calibration, config.calibration_batches, "GPTQ")
     backup = {n: m.weight.detach().clone() for n, m in layers.items()}
     results: dict[str, QuantizedLinear] = {}
@@ -214,7 +217,8 @@ def gptq_(
         raise
     for n in layers:
         _set(model, n, results[n])
-    plan = QuantPlan(config, layers=list(layers), calibration_batches=len(batches))
+    swap_embeddings(model, tables, config, from_float=True)  # tables: round to nearest
+    plan = QuantPlan(config, layers=list(layers), calibration_batches=len(batches), embeddings=list(tables))
     from torchslim.zoo.spec import record_plan
 
     record_plan(model, {"kind": "quantize", **plan.to_dict(), "algorithm": "gptq"})

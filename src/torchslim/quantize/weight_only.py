@@ -35,6 +35,7 @@ from torchslim.quantize.primitives import (
     fake_quantize,
     minmax,
     pack_int4,
+    qrange,
     quantize,
     unpack_int4,
     view,
@@ -103,7 +104,10 @@ class QuantizedLinear(nn.Module):
             ints = (ints + (0 if s.signed else 8)).reshape(vshape)
         else:
             ints = self.qweight.reshape(vshape)
-        zp = self.zero_point.float() if not s.symmetric else torch.zeros((), device=self.scale.device)
+        if not s.symmetric:
+            zp = self.zero_point.float()
+        else:  # symmetric: the zero point is implied (0 signed, the range's middle unsigned)
+            zp = torch.full((), 0.0 if s.signed else float(round((sum(qrange(s)) + 1) / 2)), device=self.scale.device)
         return dequantize(ints, self.scale.float(), zp, s, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
