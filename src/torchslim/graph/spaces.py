@@ -81,6 +81,15 @@ class _UnionFind:
         find = self.find
         return np.fromiter((find(x) for x in a.tolist()), dtype=np.int64, count=len(a))
 
+    def root_array(self) -> np.ndarray:
+        """The root of every atom at once (pointer jumping on a copy; the forest is unchanged)."""
+        p = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            q = p[p]
+            if np.array_equal(q, p):
+                return p
+            p = q
+
 
 def _size(dim: Dim) -> int:
     n = 1
@@ -1071,68 +1080,111 @@ _RULES: dict[str, Any] = {
 }
 
 
+def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on ``range(n)`` with edges ``u[i] -- v[i]``: a label per
+    node (the smallest node of its component), by min-label propagation with pointer jumping."""
+    labels = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return labels
+    while True:
+        m = np.minimum(labels[u], labels[v])
+        before = labels.copy()
+        np.minimum.at(labels, u, m)
+        np.minimum.at(labels, v, m)
+        while True:  # pointer jumping: every node straight to its current label's label
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+        if np.array_equal(labels, before):
+            return labels
+
+
 def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[ChannelGroup]:
-    uf = a.uf
-    roots_of: dict[str, list[np.ndarray | None]] = {}
-    for name, dims in a.param_atoms.items():
-        per = []
-        for d in dims:
-            if d is None:
-                per.append(None)
-                continue
-            r = uf.roots(d)
-            if drivers:
-                r = np.fromiter(((drivers[x][0] if drivers[x] else _FROZEN) if x in drivers else x for x in r.tolist()),
-                                dtype=np.int64, count=len(r))
-            per.append(r)
-        roots_of[name] = per
-    # second-level union: channels that a producer dim creates together form one group
-    gparent: dict[int, int] = {}
+    """Group the channels (union-find roots) that must be pruned together, vectorised: one root
+    array for all atoms, then components of "created by the same producer dim" edges."""
+    root = a.uf.root_array()
+    n = len(root)
+    if drivers:
+        drv = np.arange(n, dtype=np.int64)
+        for x, t in drivers.items():
+            drv[x] = t[0] if t else _FROZEN
+        root = drv[root]
+    roots_of: dict[str, list[np.ndarray | None]] = {
+        name: [None if d is None else root[d] for d in dims] for name, dims in a.param_atoms.items()
+    }
+    # sort keys of every channel: (rank, index) -- the producer that creates it first and its
+    # position there; channels no producer creates come after, ordered by (param name, dim)
+    unset = 1 << 40
+    krank = np.full(n, unset, dtype=np.int64)
+    kidx = np.zeros(n, dtype=np.int64)
+    eu: list[np.ndarray] = []
+    ev: list[np.ndarray] = []
 
-    def gfind(x: int) -> int:
-        while gparent.setdefault(x, x) != x:
-            gparent[x] = gparent[gparent[x]]
-            x = gparent[x]
-        return x
+    def claim(live: np.ndarray, rank: int) -> None:
+        first, pos = np.unique(live, return_index=True)
+        new = krank[first] == unset
+        krank[first[new]] = rank
+        kidx[first[new]] = pos[new]
 
-    order: dict[int, tuple[int, str, int, int]] = {}  # channel root -> (rank, producer, dim, index)
     producers = list(dict.fromkeys(a.producers))
     prod_set = set(producers)
     for rank, (name, d) in enumerate(producers):
         rs = roots_of.get(name, [None] * (d + 1))
         if d >= len(rs) or rs[d] is None:
             continue
-        live = [int(r) for r in rs[d] if r != _FROZEN]
-        for idx, r in enumerate(live):
-            order.setdefault(r, (rank, name, d, idx))
-        for r in live[1:]:
-            gparent[gfind(live[0])] = gfind(r)
+        live = rs[d][rs[d] != _FROZEN]
+        if len(live) == 0:
+            continue
+        claim(live, rank)
+        eu.append(np.full(len(live), live[0]))
+        ev.append(live)
+    fallback = sorted({(name, d) for name, rs in roots_of.items() for d, r in enumerate(rs) if r is not None})
+    fallback_rank = {key: len(producers) + 1 + i for i, key in enumerate(fallback)}
     for name, rs in roots_of.items():  # channels no producer creates: group by co-occurrence
         for d, r in enumerate(rs):
             if r is None:
                 continue
-            live = [int(x) for x in r if x != _FROZEN and int(x) not in order]
-            for x in live[1:]:
-                gparent[gfind(live[0])] = gfind(x)
-            for i, x in enumerate(live):
-                order.setdefault(x, (len(producers) + 1, name, d, i))
+            live = r[(r != _FROZEN) & (krank[r] == unset)]
+            if len(live) == 0:
+                continue
+            claim(live, fallback_rank[(name, d)])
+            eu.append(np.full(len(live), live[0]))
+            ev.append(live)
+    labels = _components(n, np.concatenate(eu) if eu else np.zeros(0, np.int64), np.concatenate(ev) if ev else np.zeros(0, np.int64))
     members: dict[int, set[tuple[str, int]]] = defaultdict(set)
-    chans: dict[int, set[int]] = defaultdict(set)
+    seen: list[np.ndarray] = []
     for name, rs in roots_of.items():
         for d, r in enumerate(rs):
             if r is None:
                 continue
-            for x in set(int(v) for v in r.tolist()) - {_FROZEN}:
-                g = gfind(x)
-                chans[g].add(x)
+            xs = np.unique(r)
+            xs = xs[xs != _FROZEN]
+            if len(xs) == 0:
+                continue
+            seen.append(xs)
+            for g in np.unique(labels[xs]).tolist():
                 members[g].add((name, d))
+    chans = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
     out = []
-    for g, cs in chans.items():
-        mem = sorted(members[g])
-        prods = [m for m in mem if m in prod_set]
-        mods = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n, _ in mem})
-        out.append(ChannelGroup(0, sorted(cs, key=lambda c: order.get(c, (1 << 30, "", 0, c))), mem, prods, mods))
-    out.sort(key=lambda grp: order.get(grp.channels[0], (1 << 30, "", 0, 0))[:1] + (grp.channels[0],))
+    if len(chans):
+        key_rank = np.where(krank[chans] == unset, 1 << 41, krank[chans])
+        key_idx = np.where(krank[chans] == unset, chans, kidx[chans])
+        by = np.lexsort((chans, key_idx, key_rank, labels[chans]))  # by group, then channel order
+        chans, glab = chans[by], labels[chans[by]]
+        cuts = np.flatnonzero(np.diff(glab)) + 1
+        for cs in np.split(chans, cuts):
+            g = int(labels[cs[0]])
+            mem = sorted(members[g])
+            prods = [m for m in mem if m in prod_set]
+            mods = sorted({nm.rsplit(".", 1)[0] if "." in nm else "" for nm, _ in mem})
+            out.append(ChannelGroup(0, [int(c) for c in cs.tolist()], mem, prods, mods))
+
+    def first_key(grp: ChannelGroup) -> tuple[int, int]:  # groups no producer creates tie on rank
+        c = grp.channels[0]
+        return (min(int(krank[c]), len(producers) + 1), c)
+
+    out.sort(key=first_key)
     for i, grp in enumerate(out):
         grp.id = i
     return out
