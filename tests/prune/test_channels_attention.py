@@ -148,3 +148,36 @@ def test_vit_half_ratio_prunes_heads_mlp_and_width_and_replays(tmp_path) -> None
     model.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs() -> None:
+    """GPT-2 splits its fused QKV projection with ``split(self.split_size)``: head pruning must
+    rewrite ``split_size`` with ``num_heads`` (it was left whole before), and removing heads whose
+    outgoing weights are zero leaves the logits unchanged."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=16,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    cg = groups(model, (ids,))
+    heads = [g for g in cg.groups if g.head_dim is not None]
+    assert len(heads) == 2 and all(g.size == 4 and g.head_dim == 8 for g in heads)
+    removed: set[int] = set()
+    with torch.no_grad():
+        for g in heads:  # heads 1 and 3: zero their rows of c_proj (Conv1D weight is (in, out))
+            chans = {g.channels[1], g.channels[3]}
+            for name, dim in g.members:
+                if name.endswith("c_proj.weight") and dim == 0:
+                    pos = [p for p, r in enumerate(cg.roots(name, 0).tolist()) if r in chans]
+                    dict(model.named_parameters())[name].index_fill_(0, torch.tensor(pos), 0.0)
+            removed |= chans
+        ref = model(ids).logits
+    from torchslim.prune.channels import _head_attrs
+
+    attrs = _head_attrs(model, cg, [{"id": g.id, "size": g.size, "kept": 2} for g in heads])
+    slice_model_(model, cg.keep_indices(removed), example_inputs=(ids,), attrs=attrs)
+    for block in model.transformer.h:
+        assert block.attn.num_heads == 2 and block.attn.split_size == 16
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max().item() < 1e-5

@@ -297,7 +297,7 @@ def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Ten
 
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_key_value_heads")
-_HEAD_WIDTHS = ("all_head_size", "inner_dim", "hidden_size_per_partition", "attn_dim")
+_HEAD_WIDTHS = ("all_head_size", "inner_dim", "hidden_size_per_partition", "attn_dim", "split_size")
 # widths some models keep as Python ints and reshape with (torchvision's ViT: ``reshape(n, self.hidden_dim, -1)``)
 _WIDTHS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "n_embd", "embed_dims")
 

@@ -78,6 +78,9 @@ class QuantConfig:
         smoothquant_alpha: migrate activation outliers of Linear layers into their weights with
             this migration strength in [0, 1] (SmoothQuant; static, qat or dynamic, with
             calibration data, see :mod:`torchslim.quantize.smoothquant`); ``None``: off.
+        smoothquant_min_gain: smooth a layer only if that divides its simulated int8 error on
+            the first calibration batch by at least this much (each smoothed input costs one
+            multiply at run time; 0 smooths all).
         embeddings: weight-only mode: also store every selected ``nn.Embedding`` table as
             ``bits``-bit integers in groups of ``group_size`` along the hidden axis (symmetric;
             bits 4 or 8), shipped to ONNX Runtime as ``GatherBlockQuantized``; a transformer's
@@ -100,6 +103,7 @@ class QuantConfig:
     layer_bits: dict[str, int] | None = None
     bias_correction: bool = False
     smoothquant_alpha: float | None = None
+    smoothquant_min_gain: float = 1.25
     embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -136,6 +140,9 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.bias_correction must be True or False; got {self.bias_correction!r}")
         if self.bias_correction and self.mode != "static":
             raise ConfigError(f"QuantConfig.bias_correction=True needs mode='static' (it uses the calibration batches); got mode={self.mode!r}")
+        g = self.smoothquant_min_gain
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf"):
+            raise ConfigError(f"QuantConfig.smoothquant_min_gain must be a number >= 0 (1.25 default); got {g!r}")
         if not isinstance(self.embeddings, bool):
             raise ConfigError(f"QuantConfig.embeddings must be True or False; got {self.embeddings!r}")
         if self.embeddings and (self.mode != "weight-only" or self.bits not in (4, 8) or self.granularity != "group"):
@@ -360,6 +367,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
             plan.smoothed = smooth_linears_(
                 model, {n: model.get_submodule(n) for n in layers}, calibration, config.calibration_batches,
                 float(config.smoothquant_alpha),
+                min_gain=float(config.smoothquant_min_gain),
             )
         scales = {n: model.get_submodule(n).smooth_scale for n in plan.smoothed}
         _swap_linear(model, layers, config, from_float=True)
@@ -381,7 +389,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
         if config.smoothquant_alpha is not None:
             from torchslim.quantize.smoothquant import smooth_linears_
 
-            plan.smoothed = smooth_linears_(model, layers, calibration, config.calibration_batches, float(config.smoothquant_alpha))
+            plan.smoothed = smooth_linears_(
+                model, layers, calibration, config.calibration_batches, float(config.smoothquant_alpha),
+                min_gain=float(config.smoothquant_min_gain),
+            )
         ptq.attach_quantizers_(
             layers, {n: config.weight_scheme(n) for n in layers}, config.act_scheme(), weight_observer=config.weight_observer,
             act_observer=config.observer, lsq=config.lsq,
