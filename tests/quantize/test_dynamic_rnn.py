@@ -166,3 +166,32 @@ def test_bad_rnn_input_leaves_model_unchanged() -> None:
     quantize_(model, QuantConfig(mode="dynamic"))
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_(model, QuantConfig(mode="dynamic"))
+
+
+def test_lstm_onnx_export_is_int8_with_dynamic_batch(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.quantize import QuantConfig, export_onnx, quantize_
+    from torchslim.quantize._onnx import onnx_parity
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(32, 64, num_layers=2, batch_first=True)
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    x = torch.randn(4, 12, 32)
+    quantize_(model, QuantConfig(mode="dynamic"))
+    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(files["onnx"]).graph.node]
+    assert ops.count("DynamicQuantizeLSTM") == 2 and "LSTM" not in ops  # ONNX Runtime's int8 LSTM kernel
+    assert os.path.getsize(files["onnx_fp32"]) > 3 * os.path.getsize(files["onnx"])
+    parity = onnx_parity(model, files, x)  # batch 4 through a file exported at batch 1
+    assert parity["fp32_vs_torch_float_db"] > 80
+    assert parity["int8_vs_torch_quantized_db"] > 35

@@ -99,6 +99,10 @@ def export_fp32(model: nn.Module, example: tuple[Any, ...], path: str | os.PathL
     # token inputs (2-D integer tensors, e.g. input_ids) also get a dynamic sequence length
     tokens = [t.dim() == 2 and not t.is_floating_point() for t in example]
     try:
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            # torch.export specialises the batch of an RNN's zero initial state; the TorchScript
+            # exporter writes a batch-dynamic ONNX LSTM / GRU node (which ORT can quantize)
+            raise NotImplementedError("RNN: use the TorchScript exporter")
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("sequence", min=2, max=4096)
         dyn = tuple({0: batch, 1: seq} if tok else {0: batch} for tok in tokens)
@@ -261,7 +265,7 @@ def export_onnx(
         # slower than its fp32 conv, so convs stay float
         ortq.quantize_dynamic(
             str(fp32), str(path), per_channel=True, weight_type=ortq.QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+            op_types_to_quantize=["MatMul", "Gemm", "Gather", "LSTM"],
         )
     else:
         if calibration is None:
