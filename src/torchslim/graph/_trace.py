@@ -123,9 +123,42 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _fast_meta(func, args, kwargs) if func in _MEMO_OPS else None
+        if out is None:
+            out = func(*args, **kwargs)
         self.tracer.record(func, args, kwargs, out)
         return out
+
+
+# Norms whose meta kernels are Python decompositions (a ResNet-152's 155 batch norms were a third
+# of its shape-only trace): outputs never alias inputs, so on meta tensors their output shapes are
+# computed once per signature and later calls get fresh meta tensors of those shapes.
+_MEMO_OPS = {torch.ops.aten.native_batch_norm.default, torch.ops.aten.native_layer_norm.default,
+             torch.ops.aten.native_group_norm.default}
+_META_MEMO: dict[Any, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]] = {}
+
+
+def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    key: list[Any] = [func]
+    for a in (*args, *kwargs.items()):
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "meta":
+                return None
+            key.append((tuple(a.shape), a.stride(), a.dtype))
+        elif isinstance(a, (int, float, bool, str, type(None))) or (isinstance(a, (list, tuple)) and all(
+                isinstance(v, (int, float, bool)) for v in a)):
+            key.append(a if not isinstance(a, list) else tuple(a))
+        else:
+            return None
+    k = tuple(key)
+    spec = _META_MEMO.get(k)
+    if spec is None:
+        out = func(*args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        _META_MEMO[k] = [(tuple(o.shape), o.stride(), o.dtype) for o in outs]
+        return out
+    made = tuple(torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in spec)
+    return made if len(made) > 1 else made[0]
 
 
 class _Tracer:

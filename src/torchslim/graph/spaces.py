@@ -42,48 +42,78 @@ _FROZEN = 0
 
 
 class _UnionFind:
+    """Union-find over integer atoms (0 is the frozen atom). The root of a set is always its
+    smallest atom, so the frozen atom wins and otherwise the oldest; whole arrays are united at
+    once (numpy), which is what the channel analysis does almost exclusively."""
+
     def __init__(self) -> None:
-        self.parent: list[int] = [0]
+        self._p = np.zeros(1024, dtype=np.int64)
+        self.n = 1
+
+    @property
+    def parent(self) -> np.ndarray:
+        return self._p[: self.n]
 
     def new(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
+        start, stop = self.n, self.n + n
+        if stop > len(self._p):
+            grown = np.zeros(max(2 * len(self._p), stop), dtype=np.int64)
+            grown[: self.n] = self._p[: self.n]
+            self._p = grown
+        ids = np.arange(start, stop, dtype=np.int64)
+        self._p[start:stop] = ids
+        self.n = stop
+        return ids
 
     def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if ra == _FROZEN or (rb != _FROZEN and ra < rb):
-            ra, rb = rb, ra
-        self.parent[ra] = rb  # the frozen root always wins; otherwise the older atom
-
-    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        if a is b:
-            return
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x != y:
-                self.union(x, y)
-
-    def freeze(self, a: np.ndarray) -> None:
-        for x in np.unique(a).tolist():
-            if x != _FROZEN:
-                self.union(x, _FROZEN)
+        p = self._p
+        root = a
+        while p[root] != root:
+            root = int(p[root])
+        while p[a] != root:  # path compression
+            p[a], a = root, int(p[a])
+        return int(root)
 
     def roots(self, a: np.ndarray) -> np.ndarray:
-        find = self.find
-        return np.fromiter((find(x) for x in a.tolist()), dtype=np.int64, count=len(a))
+        p = self._p
+        r = p[a]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                break
+            r = rr
+        p[a] = r  # path compression
+        return r
+
+    def union(self, a: int, b: int) -> None:
+        self.union_arrays(np.array([a], dtype=np.int64), np.array([b], dtype=np.int64))
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a is b or len(a) == 0:
+            return
+        ra, rb = self.roots(np.asarray(a, dtype=np.int64)), self.roots(np.asarray(b, dtype=np.int64))
+        differ = ra != rb
+        if not differ.any():
+            return
+        ra, rb = ra[differ], rb[differ]
+        hi, lo = np.maximum(ra, rb), np.minimum(ra, rb)
+        order = np.sort(hi)
+        if len(order) < 2 or (order[1:] != order[:-1]).all():
+            # each root gets at most one (smaller) parent: linking directly keeps a forest whose
+            # roots are their trees' smallest atoms
+            self._p[hi] = lo
+            return
+        nodes = np.unique(np.concatenate([ra, rb]))  # sorted: a component's smallest label is its root
+        labels = _components(len(nodes), np.searchsorted(nodes, ra), np.searchsorted(nodes, rb))
+        self._p[nodes] = nodes[labels]
+
+    def freeze(self, a: np.ndarray) -> None:
+        if len(a):
+            self._p[self.roots(np.asarray(a, dtype=np.int64))] = _FROZEN  # roots under the frozen atom
 
     def root_array(self) -> np.ndarray:
         """The root of every atom at once (pointer jumping on a copy; the forest is unchanged)."""
-        p = np.asarray(self.parent, dtype=np.int64)
+        p = self._p[: self.n].copy()
         while True:
             q = p[p]
             if np.array_equal(q, p):
