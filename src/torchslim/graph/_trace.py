@@ -116,6 +116,29 @@ class Trace:
         )
 
 
+def _map(fn: Any, x: Any) -> Any:
+    """``tree_map`` for what ATen ops take and return (tensors, scalars, lists and tuples of them):
+    a third of the trace's time went to the generic pytree machinery."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if type(x) is tuple or type(x) is list:
+        return type(x)(_map(fn, v) for v in x)
+    if isinstance(x, (tuple, list, dict)):  # named tuples, dicts: the generic path
+        return tree_map(fn, x)
+    return x
+
+
+def _flat(x: Any) -> list[Any]:
+    if type(x) is tuple or type(x) is list:
+        out: list[Any] = []
+        for v in x:
+            out.extend(_flat(v))
+        return out
+    if isinstance(x, (tuple, list, dict)):
+        return tree_flatten(x)[0]
+    return [x]
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, tracer: _Tracer) -> None:
         super().__init__()
@@ -252,8 +275,8 @@ class _Tracer:
         def out_meta(x: Any) -> Any:
             return self.meta(x, producer=index) if isinstance(x, torch.Tensor) else x
 
-        margs, mkwargs = tree_map(in_meta, (tuple(args), dict(kwargs)))
-        outs, _ = tree_flatten(tree_map(out_meta, out))
+        margs, mkwargs = _map(in_meta, tuple(args)), {k: _map(in_meta, v) for k, v in kwargs.items()}
+        outs = _flat(_map(out_meta, out))
         module = self.stack[-1] if self.stack else ""
         self.ops.append(OpNode(index, func, margs, mkwargs, [o for o in outs if isinstance(o, TensorMeta)], module))
 
@@ -273,7 +296,7 @@ class _Tracer:
         if self.call_stack:
             call = self.call_stack.pop()
             call.last_op = len(self.ops) - 1
-            leaves, _ = tree_flatten(output)
+            leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
             call.output_shapes = [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor) and not x.is_nested]
 
 

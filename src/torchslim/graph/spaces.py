@@ -21,6 +21,8 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1183,19 +1185,17 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
             ev.append(live)
     labels = _components(n, np.concatenate(eu) if eu else np.zeros(0, np.int64), np.concatenate(ev) if ev else np.zeros(0, np.int64))
     members: dict[int, set[tuple[str, int]]] = defaultdict(set)
-    seen: list[np.ndarray] = []
-    for name, rs in roots_of.items():
-        for d, r in enumerate(rs):
-            if r is None:
-                continue
-            xs = np.unique(r)
-            xs = xs[xs != _FROZEN]
-            if len(xs) == 0:
-                continue
-            seen.append(xs)
-            for g in np.unique(labels[xs]).tolist():
-                members[g].add((name, d))
+    dims_list = [(name, d, r) for name, rs in roots_of.items() for d, r in enumerate(rs) if r is not None and len(r)]
+    seen = [r for _, _, r in dims_list]
+    if dims_list:  # which groups each bound dim touches: one unique over (dim, group) pairs
+        owner = np.repeat(np.arange(len(dims_list), dtype=np.int64), [len(r) for r in seen])
+        flat = np.concatenate(seen)
+        live = flat != _FROZEN
+        pairs = np.unique(owner[live] * n + labels[flat[live]])
+        for i, g in zip((pairs // n).tolist(), (pairs % n).tolist()):
+            members[g].add((dims_list[i][0], dims_list[i][1]))
     chans = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+    chans = chans[chans != _FROZEN]
     out = []
     if len(chans):
         key_rank = np.where(krank[chans] == unset, 1 << 41, krank[chans])
@@ -1208,7 +1208,7 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
             mem = sorted(members[g])
             prods = [m for m in mem if m in prod_set]
             mods = sorted({nm.rsplit(".", 1)[0] if "." in nm else "" for nm, _ in mem})
-            out.append(ChannelGroup(0, [int(c) for c in cs.tolist()], mem, prods, mods))
+            out.append(ChannelGroup(0, cs.tolist(), mem, prods, mods))
 
     def first_key(grp: ChannelGroup) -> tuple[int, int]:  # groups no producer creates tie on rank
         c = grp.channels[0]
@@ -1229,6 +1229,31 @@ def _attention_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
         if type(m) in (nn.MultiheadAttention, SlicedMultiheadAttention) and m.bias_k is None and not m.add_zero_attn:
             out[name] = {"num_heads": m.num_heads, "head_dim": m.head_dim}
     return out
+
+
+@contextmanager
+def params_on_meta(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every parameter and buffer of ``model`` is a ``meta`` tensor of the same
+    shape (tied tensors stay tied); the originals are put back on exit, whatever happens. Cheaper
+    than :func:`meta_copy` (no deep copy), for a trace that runs the model once."""
+    memo: dict[int, torch.Tensor] = {}
+    saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    try:
+        for mod in model.modules():
+            for table in (mod._parameters, mod._buffers):
+                for k, t in list(table.items()):
+                    if t is None:
+                        continue
+                    m = memo.get(id(t))
+                    if m is None:
+                        mt = t.detach().to("meta")
+                        m = memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+                    saved.append((table, k, t))
+                    table[k] = m
+        yield
+    finally:
+        for table, k, t in reversed(saved):
+            table[k] = t
 
 
 def meta_copy(model: nn.Module) -> nn.Module | None:
@@ -1275,14 +1300,12 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     start = time.perf_counter()
     tr = None
     used_meta = False
-    shadow = meta_copy(model)
-    if shadow is not None:  # shapes only: no arithmetic, no memory for activations
-        try:
-            with evaluating(shadow), sliced_swin(shadow):
-                tr = trace(shadow, to_meta(example_inputs), grad=True)
-            used_meta = True
-        except Exception:  # noqa: BLE001 - data-dependent models need the real forward
-            tr = None
+    try:  # shapes only: no arithmetic, no memory for activations, no copy of the model
+        with params_on_meta(model), evaluating(model), sliced_swin(model):
+            tr = trace(model, to_meta(example_inputs), grad=True)
+        used_meta = True
+    except Exception:  # noqa: BLE001 - data-dependent models need the real forward
+        tr = None
     if tr is None:
         # Swin window attention is traced with the forward surgery gives it (graph._swin)
         with evaluating(model), sliced_swin(model):
