@@ -3,8 +3,9 @@
 Part 1 (speed): ResNet-50 and ViT-B/16 (torchvision, random weights, 224 px, batch 1) are pruned to
 50% of their MACs
 
-- with torchslim: ``ts.prune_channels_(model, x, target=ts.Budget(macs=0.5))``, with ``round_to=8``, and
-  with ``allocation="latency", round_to=8`` (per-group ratios scaled by measured seconds per MAC);
+- with torchslim: ``ts.prune_channels_(model, x, target=ts.Budget(macs=0.5))``, with ``round_to=8``
+  and 32, and with ``allocation="latency"`` at ``round_to=8`` and 32 (per-group ratios scaled by
+  measured seconds per MAC);
 - with Torch-Pruning: ``MagnitudePruner`` + group L2 importance, ``pruning_ratio=1.0`` split into
   ``--tp-steps`` linear iterative steps, stepping until the model is at or below 50% of its MACs
   (Torch-Pruning's own "progressive pruning" recipe), plus a ``round_to=8`` variant. On ViT the
@@ -143,8 +144,8 @@ def speed(arch: str, args: argparse.Namespace, console: Console) -> list[dict]:
     macs0, params0 = cost(dense, x)
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {}}
-    recipes = [("torchslim", "ts", 1), ("torchslim round_to=8", "ts", 8),
-               ("torchslim latency-aware round_to=8", "ts-lat", 8),
+    recipes = [("torchslim", "ts", 1), ("torchslim round_to=8", "ts", 8), ("torchslim round_to=32", "ts", 32),
+               ("torchslim latency-aware round_to=8", "ts-lat", 8), ("torchslim latency-aware round_to=32", "ts-lat", 32),
                ("Torch-Pruning", "tp", None), ("Torch-Pruning round_to=8", "tp", 8)]
     for label, tool, rt in recipes:
         console.print(f"[dim]{arch}: pruning with {label} ...[/dim]")
