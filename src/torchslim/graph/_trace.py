@@ -273,7 +273,14 @@ class _Tracer:
             return self.meta(x) if isinstance(x, torch.Tensor) else x
 
         def out_meta(x: Any) -> Any:
-            return self.meta(x, producer=index) if isinstance(x, torch.Tensor) else x
+            if not isinstance(x, torch.Tensor):
+                return x
+            tid = self.ids.get(x)
+            if tid is not None and self.metas[tid].shape != tuple(x.shape):
+                # an in-place op changed the shape (transpose_, squeeze_...): from here on the
+                # same tensor object is a new value, produced by this op
+                del self.ids[x]
+            return self.meta(x, producer=index)
 
         margs, mkwargs = _map(in_meta, tuple(args)), {k: _map(in_meta, v) for k, v in kwargs.items()}
         outs = _flat(_map(out_meta, out))

@@ -394,7 +394,10 @@ class _Analyser:
                 continue
             call = mha_calls.get(op.index)
             if call is not None:
-                self.attention_call(call)
+                if self.mha[call.name].get("kind") == "rnn":
+                    self.rnn_call(call)
+                else:
+                    self.attention_call(call)
                 skip = call.last_op
                 continue
             rule = _RULES.get(op.packet)
@@ -499,6 +502,66 @@ class _Analyser:
                     continue
                 if len(o.shape) == len(q.shape) and o.shape[-1] == width:
                     self.layouts[o.id] = (*self.opaque_layout(o.shape[:-1]), ol[0])
+                else:
+                    self.layouts[o.id] = self.opaque_layout(o.shape)
+
+    def rnn_call(self, call: Any) -> None:
+        """One ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` call as a whole. Its hidden channels are one
+        space shared by every layer and direction (so ``h_n`` stays one tensor of equal widths):
+        channel ``j`` is row ``j`` of every gate block of ``weight_ih`` / ``weight_hh`` / biases,
+        column ``j`` of ``weight_hh`` and of the next layer's ``weight_ih`` (once per direction).
+        The input features are ``weight_ih_l0``'s columns."""
+        info = self.mha[call.name]
+        prefix = call.name + "." if call.name else ""
+        ops = self.tr.ops[call.first_op : call.last_op + 1]
+        inside = {o.id for op in ops for o in op.outputs}
+        own = {meta.id for n, meta in self.tr.params.items() if n.startswith(prefix)}
+        ext: list[TensorMeta] = []
+        seen: set[int] = set()
+        for op in ops:
+            for t in op.tensor_args():
+                if t.id in inside or t.id in own or t.id in seen or not t.is_floating:
+                    continue
+                seen.add(t.id)
+                ext.append(t)
+        hidden, gates, layers, dirs = int(info["hidden_size"]), int(info["gates"]), int(info["num_layers"]), int(info["dirs"])
+        params = self.tr.params
+        if not ext or any(f"{prefix}weight_ih_l{k}{sfx}" not in params for k in range(layers)
+                          for sfx in ("", "_reverse")[:dirs]):
+            return self._opaque_call(ops, inside)
+        hid = self.mha_heads.get(call.name)
+        if hid is None:
+            hid = self.mha_heads[call.name] = self.uf.new(hidden)
+        x = ext[0]
+        for k in range(layers):
+            for sfx in ("", "_reverse")[:dirs]:
+                w_ih = params[f"{prefix}weight_ih_l{k}{sfx}"]
+                w_hh = params[f"{prefix}weight_hh_l{k}{sfx}"]
+                li, lh = self.layout(w_ih), self.layout(w_hh)
+                self.uf.union_arrays(li[0][0], np.tile(hid, gates))
+                self.uf.union_arrays(lh[0][0], np.tile(hid, gates))
+                self.uf.union_arrays(lh[1][0], hid)
+                if k == 0:
+                    self.unite(self.layout(x)[-1], li[1])
+                else:
+                    self.uf.union_arrays(li[1][0], np.tile(hid, dirs))
+                for b in (f"{prefix}bias_ih_l{k}{sfx}", f"{prefix}bias_hh_l{k}{sfx}"):
+                    if b in params:
+                        self.uf.union_arrays(self.layout(params[b])[0][0], np.tile(hid, gates))
+                self.producers.append((w_ih.param, 0))
+        for t in ext[1:]:  # initial states given by the caller: (layers * dirs, batch, hidden)
+            if len(t.shape) >= 1 and t.shape[-1] == hidden:
+                self.uf.union_arrays(_atoms(self.layout(t)[-1]), hid)
+            else:
+                self.freeze(t)
+        for op in ops:
+            for o in op.outputs:
+                if self.last_use.get(o.id, -1) <= call.last_op and o.id not in self.output_ids:
+                    continue
+                if len(o.shape) >= 2 and o.shape[-1] == hidden * dirs:
+                    self.layouts[o.id] = (*self.opaque_layout(o.shape[:-1]), (np.tile(hid, dirs),))
+                elif len(o.shape) >= 2 and o.shape[-1] == hidden:
+                    self.layouts[o.id] = (*self.opaque_layout(o.shape[:-1]), (hid.copy(),))
                 else:
                     self.layouts[o.id] = self.opaque_layout(o.shape)
 
@@ -730,9 +793,9 @@ def _permute(a: _Analyser, op: OpNode) -> None:
     x = op.args[0]
     xl = a.layout(x)
     n = len(xl)
-    if op.packet == "t":
+    if op.packet in ("t", "t_"):
         perm = list(range(n))[::-1]
-    elif op.packet == "transpose":
+    elif op.packet in ("transpose", "transpose_"):
         d0, d1 = int(op.args[1]) % max(n, 1), int(op.args[2]) % max(n, 1)
         perm = list(range(n))
         perm[d0], perm[d1] = perm[d1], perm[d0]
@@ -1010,14 +1073,18 @@ _RULES: dict[str, Any] = {
     "native_group_norm": _group_norm,
     "embedding": _embedding,
     "t": _permute,
+    "t_": _permute,
     "transpose": _permute,
+    "transpose_": _permute,
     "permute": _permute,
     "view": _view,
     "_unsafe_view": _view,
     "reshape": _view,
     "_reshape_alias": _view,
     "unsqueeze": _unsqueeze,
+    "unsqueeze_": _unsqueeze,
     "squeeze": _unsqueeze,
+    "squeeze_": _unsqueeze,
     "expand": _expand,
     "select": _select,
     "slice": _slice,
@@ -1224,10 +1291,14 @@ def _attention_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``nn.MultiheadAttention`` modules whose heads and widths can be pruned (no bias_k, no zero attn)."""
     from torchslim.graph._mha import SlicedMultiheadAttention
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    gates = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
     for name, m in model.named_modules():
         if type(m) in (nn.MultiheadAttention, SlicedMultiheadAttention) and m.bias_k is None and not m.add_zero_attn:
             out[name] = {"num_heads": m.num_heads, "head_dim": m.head_dim}
+        elif type(m) in (nn.LSTM, nn.GRU, nn.RNN) and getattr(m, "proj_size", 0) == 0:
+            out[name] = {"kind": "rnn", "hidden_size": m.hidden_size, "gates": gates[m.mode], "num_layers": m.num_layers,
+                         "dirs": 2 if m.bidirectional else 1}
     return out
 
 

@@ -27,7 +27,7 @@ KeepMap = Mapping[str, Sequence[torch.Tensor | Sequence[int] | None]]
 _ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
     "normalized_shape", "num_channels", "num_groups", "embedding_dim", "num_parameters", "nf", "nx",
-    "embed_dim", "kdim", "vdim", "num_heads",
+    "embed_dim", "kdim", "vdim", "num_heads", "input_size", "hidden_size",
 )
 
 
@@ -74,6 +74,10 @@ def sync_module_attributes(module: nn.Module) -> None:
         module.nx, module.nf = module.weight.shape
     elif isinstance(module, nn.MultiheadAttention):
         sync_mha(module)
+    elif isinstance(module, nn.RNNBase) and hasattr(module, "weight_ih_l0"):
+        module.input_size = module.weight_ih_l0.shape[1]
+        module.hidden_size = module.weight_hh_l0.shape[1]
+        module._init_flat_weights()  # the cached list of (same) parameters, re-read
 
 
 def _snapshot(module: nn.Module) -> dict[str, Any]:
