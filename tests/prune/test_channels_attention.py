@@ -181,3 +181,38 @@ def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs() -> Non
         assert block.attn.num_heads == 2 and block.attn.split_size == 16
     with torch.no_grad():
         assert (model(ids).logits - ref).abs().max().item() < 1e-5
+
+
+def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows() -> None:
+    """Llama's eager/SDPA path repeats each key/value head for its query heads (expand + reshape):
+    a key/value head and its query heads are one prunable unit; zeroing the out-projection columns
+    of those query heads and removing the unit keeps the outputs; the config's head counts and FFN
+    width follow a uniform pruning."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=100)
+    model = tf.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    cg = groups(model, (ids,))
+    heads = [g for g in cg.groups if g.head_dim is not None]
+    assert len(heads) == 2 and all(g.size == 2 and g.head_dim == 16 for g in heads)
+    removed: set[int] = set()
+    with torch.no_grad():
+        for g in heads:  # key/value head 1 of each layer: query heads 2 and 3 read it
+            chans = {g.channels[1]}
+            name = next(n for n, d in g.members if n.endswith("o_proj.weight") and d == 1)
+            pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in chans]
+            assert len(pos) == 32  # two query heads of 16
+            dict(model.named_parameters())[name].index_fill_(1, torch.tensor(pos), 0.0)
+            removed |= chans
+        ref = model(ids).last_hidden_state
+    slice_model_(model, cg.keep_indices(removed), example_inputs=(ids,))
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.v_proj.out_features == 16
+    with torch.no_grad():
+        assert (model(ids).last_hidden_state - ref).abs().max().item() < 1e-5
+    fresh = tf.LlamaModel(cfg).eval()
+    plan = prune_channels_(fresh, (ids,), ratio=0.5)
+    assert plan.config == {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+    assert (fresh.config.num_attention_heads, fresh.config.num_key_value_heads, fresh.config.intermediate_size) == (2, 1, 64)

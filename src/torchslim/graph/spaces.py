@@ -333,6 +333,19 @@ class _Analyser:
             single, product = (a, b) if len(a) == 1 else (b, a)
             self.derive(single[0], product)
             return product
+        # two products factored differently, e.g. (batch, query heads) against (batch, kv heads,
+        # repeats) in grouped-query attention: unite the leading factors that line up, then the
+        # rest as one single factor derived from the other's product (query head i goes with
+        # key/value head i // repeats)
+        i = 0
+        while i < min(len(a), len(b)) - 1 and len(a[i]) == len(b[i]):
+            self.uf.union_arrays(a[i], b[i])
+            i += 1
+        ta, tb = a[i:], b[i:]
+        if len(ta) == 1 or len(tb) == 1:
+            single, product = (ta, tb) if len(ta) == 1 else (tb, ta)
+            self.derive(single[0], product)
+            return (*a[:i], *product)
         self.freeze_dim(a)
         self.freeze_dim(b)
         return self.opaque(_size(a))

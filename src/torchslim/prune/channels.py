@@ -13,6 +13,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ class ChannelPlan:
     achieved: dict[str, float] = field(default_factory=dict)
     left_whole: list[int] = field(default_factory=list)  # groups whose removal breaks the forward
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module attributes set (head counts)
+    config: dict[str, int] = field(default_factory=dict)  # transformers config fields rewritten
     allocation: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
@@ -486,7 +488,9 @@ def prune_channels_(
     removed, report = _choose(model, cg, scores, float(ratio), **opts)
     keep = cg.keep_indices(removed)
     attrs = _head_attrs(model, cg, report)
+    widths_before = _config_widths(model)
     slice_model_(model, keep, example_inputs=example_inputs, attrs=attrs)
+    config_fields = sync_config_(model, widths_before)
 
     plan = ChannelPlan(
         allocation=allocation,
@@ -500,6 +504,7 @@ def prune_channels_(
         achieved=achieved,
         left_whole=sorted(blocked),
         attrs=attrs,
+        config=config_fields,
     )
     if keep:
         record_plan(model, plan.to_dict())
@@ -508,7 +513,68 @@ def prune_channels_(
 
 def replay_channel_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     """Re-create a saved channel pruning on a freshly built model (shapes only)."""
+    before = _config_widths(model)
     slice_model_(model, plan.get("keep", {}), attrs=plan.get("attrs") or None)
+    sync_config_(model, before)
+
+
+# transformers config fields -> the module attributes (head counts) that carry them per layer
+_CONFIG_HEADS = {
+    "num_attention_heads": ("num_attention_heads", "num_heads"),
+    "n_head": ("num_heads", "n_head"),
+    "num_heads": ("num_heads",),
+    "num_key_value_heads": ("num_key_value_heads",),
+}
+_CONFIG_WIDTHS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+
+
+def _config_widths(model: nn.Module) -> dict[str, Any]:
+    """Before surgery: each integer width/head field of ``model.config`` (transformers) and the
+    modules that realise it (Linear layers producing / reading that width; head-count attributes)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return {}
+    out: dict[str, Any] = {}
+    for f, attrs in _CONFIG_HEADS.items():
+        v = getattr(cfg, f, None)
+        if type(v) is not int:
+            continue
+        getters = [partial(getattr, m, a) for m in model.modules() for a in attrs
+                   if m is not model and type(getattr(m, a, None)) is int and getattr(m, a) == v]
+        if not getters and f in ("num_attention_heads", "num_key_value_heads"):
+            # Llama-style attention infers its head count from the projection: rows // head_dim
+            proj = "q_proj" if f == "num_attention_heads" else "k_proj"
+            getters = [partial(_rows_per, m, proj) for m in model.modules()
+                       if type(getattr(m, "head_dim", None)) is int and isinstance(getattr(m, proj, None), nn.Linear)
+                       and _rows_per(m, proj) == v]
+        if getters:
+            out[f] = (v, getters)
+    for f in _CONFIG_WIDTHS:
+        v = getattr(cfg, f, None)
+        if type(v) is int and v > 1:
+            getters = [partial(getattr, m, "out_features" if m.out_features == v else "in_features")
+                       for m in model.modules() if isinstance(m, nn.Linear) and v in (m.out_features, m.in_features)]
+            if getters:
+                out[f] = (v, getters)
+    return out
+
+
+def _rows_per(module: nn.Module, proj: str) -> int:
+    return getattr(module, proj).out_features // module.head_dim
+
+
+def sync_config_(model: nn.Module, before: dict[str, Any]) -> dict[str, int]:
+    """After surgery: rewrite each field of ``model.config`` whose modules all changed to one
+    common new value (uniform pruning across layers: heads, FFN width); a field whose layers now
+    differ keeps its value (per-layer widths live in the saved plan). Returns the fields set."""
+    cfg = getattr(model, "config", None)
+    changed: dict[str, int] = {}
+    for f, (old, getters) in before.items():
+        new = {get() for get in getters}
+        if len(new) == 1 and (v := new.pop()) != old:
+            setattr(cfg, f, v)
+            changed[f] = v
+    return changed
 
 
 register_plan_kind(KIND, replay_channel_plan, module=__name__)
