@@ -321,3 +321,56 @@ def test_accuracy_level_4_stays_close_and_bad_level_is_refused(tmp_path: Path) -
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
     with pytest.raises(ConfigError, match="accuracy_level"):
         write_int4_onnx(model, fp32, tmp_path / "x.onnx", accuracy_level=7)
+
+
+def test_quantize_api_embeddings_flag_ships_int4_onnx(tmp_path: Path) -> None:
+    from torchslim.quantize import QuantConfig, export_onnx, quantize_
+
+    torch.manual_seed(0)
+    model = Net(bias=True).eval()
+    idx = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        ref = model(idx)
+    with pytest.raises(ConfigError, match="embeddings"):
+        QuantConfig(mode="dynamic", embeddings=True)
+    plan = quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32, embeddings=True))
+    assert plan.embeddings == ["emb"] and isinstance(model.emb, QuantizedEmbedding)
+    files = export_onnx(model, (idx[:1],), tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(files["onnx"]).graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 1
+    assert os.path.getsize(files["onnx_fp32"]) > 4 * os.path.getsize(files["onnx"])
+    got = torch.from_numpy(_ort(Path(files["onnx"]), idx))
+    with torch.no_grad():
+        q = model(idx)
+    assert (got - q).abs().max().item() < 0.05 * q.abs().max().item()  # int8 compute inside MatMulNBits
+    assert (q - ref).abs().max().item() < 0.2 * ref.abs().max().item()
+
+
+def test_int4_embeddings_save_load_replays(tmp_path: Path) -> None:
+    import torchslim as ts
+    from torchslim.quantize import QuantConfig, quantize_
+
+    src = tmp_path / "tiny.py"
+    src.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(300, 64)\n"
+        "        self.fc = torch.nn.Linear(64, 8)\n"
+        "    def forward(self, idx):\n"
+        "        return self.fc(self.emb(idx))\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net()\n"
+        "def example_inputs():\n"
+        "    return (torch.randint(0, 300, (1, 5)),)\n"
+    )
+    model = ts.create_model(f"{src}:build")
+    quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32, embeddings=True))
+    ts.save(model, tmp_path / "saved")
+    loaded = ts.load(tmp_path / "saved")
+    assert isinstance(loaded.emb, QuantizedEmbedding)
+    idx = torch.randint(0, 300, (3, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))

@@ -26,6 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; needs --data)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="weight-only: also store nn.Embedding tables as integers (bits 4 or 8, groups of --group-size)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
@@ -42,7 +44,7 @@ def _config(args: argparse.Namespace) -> Any:
     return QuantConfig(
         mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
-        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
+        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant, embeddings=args.embeddings,
     )
 
 
