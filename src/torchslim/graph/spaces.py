@@ -1253,11 +1253,14 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
         ev.append(live)
     fallback = sorted({(name, d) for name, rs in roots_of.items() for d, r in enumerate(rs) if r is not None})
     fallback_rank = {key: len(producers) + 1 + i for i, key in enumerate(fallback)}
-    for name, rs in roots_of.items():  # channels no producer creates: group by co-occurrence
-        for d, r in enumerate(rs):
-            if r is None:
-                continue
-            live = r[(r != _FROZEN) & (krank[r] == unset)]
+    dims_list = [(name, d, r) for name, rs in roots_of.items() for d, r in enumerate(rs) if r is not None and len(r)]
+    seen = [r for _, _, r in dims_list]
+    if dims_list:  # channels no producer creates: group by co-occurrence, dim by dim in order
+        owner = np.repeat(np.arange(len(dims_list), dtype=np.int64), [len(r) for r in seen])
+        flat = np.concatenate(seen)
+        for i in np.unique(owner[(flat != _FROZEN) & (krank[flat] == unset)]).tolist():
+            name, d, r = dims_list[i]
+            live = r[(r != _FROZEN) & (krank[r] == unset)]  # earlier dims may have claimed some
             if len(live) == 0:
                 continue
             claim(live, fallback_rank[(name, d)])
@@ -1265,11 +1268,7 @@ def _build_groups(a: _Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Cha
             ev.append(live)
     labels = _components(n, np.concatenate(eu) if eu else np.zeros(0, np.int64), np.concatenate(ev) if ev else np.zeros(0, np.int64))
     members: dict[int, set[tuple[str, int]]] = defaultdict(set)
-    dims_list = [(name, d, r) for name, rs in roots_of.items() for d, r in enumerate(rs) if r is not None and len(r)]
-    seen = [r for _, _, r in dims_list]
     if dims_list:  # which groups each bound dim touches: one unique over (dim, group) pairs
-        owner = np.repeat(np.arange(len(dims_list), dtype=np.int64), [len(r) for r in seen])
-        flat = np.concatenate(seen)
         live = flat != _FROZEN
         pairs = np.unique(owner[live] * n + labels[flat[live]])
         for i, g in zip((pairs // n).tolist(), (pairs % n).tolist()):
