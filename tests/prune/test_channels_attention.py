@@ -216,3 +216,33 @@ def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows() -> None:
     plan = prune_channels_(fresh, (ids,), ratio=0.5)
     assert plan.config == {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
     assert (fresh.config.num_attention_heads, fresh.config.num_key_value_heads, fresh.config.intermediate_size) == (2, 1, 64)
+
+
+def test_timm_fused_qkv_heads_prune_without_changing_outputs() -> None:
+    """timm's ``qkv.reshape(B, N, 3, num_heads, head_dim)``: head h of Q, K and V is one unit
+    (the "3" is not a head count); zeroed heads are removed exactly and num_heads follows."""
+    timm = pytest.importorskip("timm")
+    from torchslim.prune.channels import _head_attrs
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cg = groups(model, x)
+    heads = [g for g in cg.groups if g.head_dim is not None]
+    assert [(g.size, g.head_dim) for g in heads] == [(4, 16), (4, 16)]
+    removed: set[int] = set()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in heads:
+            chans = {g.channels[1]}
+            name = next(n for n, d in g.members if n.endswith("attn.proj.weight") and d == 1)
+            pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in chans]
+            params[name].index_fill_(1, torch.tensor(pos), 0.0)
+            removed |= chans
+        ref = model(x)
+    attrs = _head_attrs(model, cg, [{"id": g.id, "size": g.size, "kept": g.size - 1} for g in heads])
+    slice_model_(model, cg.keep_indices(removed), example_inputs=x, attrs=attrs)
+    assert model.blocks[0].attn.num_heads == 3 and model.blocks[0].attn.qkv.out_features == 144
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max().item() < 1e-5

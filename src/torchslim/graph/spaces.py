@@ -366,6 +366,19 @@ class _Analyser:
     def split_heads(self, atoms: np.ndarray, sizes: list[int]) -> list[Dim]:
         """A channel dim reshaped into (heads, head_dim, ...): heads become new prunable atoms,
         the inner dims are frozen (pruning head_dim would change the attention scale)."""
+        if len(sizes) == 3 and sizes[0] in (2, 3) and sizes[1] > 1:
+            # a fused projection reshaped into (parts, heads, head_dim), parts being q/k/v or k/v
+            # (timm: ``qkv.reshape(B, N, 3, num_heads, head_dim)``): head h of every part is one unit
+            parts, n_heads, inner = sizes
+            heads = self.uf.new(n_heads)
+            for h in heads.tolist():
+                self.head_dims[h] = inner
+            if (self.uf.roots(atoms) == _FROZEN).any():
+                self.uf.freeze(heads)
+            else:
+                for i, atom in enumerate(atoms.tolist()):
+                    self.derived[atom] = (int(heads[(i // inner) % n_heads]),)
+            return [self.opaque(parts), (heads,), self.opaque(inner)]
         inner = int(np.prod(sizes[1:]))
         heads = self.uf.new(sizes[0])
         for h in heads.tolist():
