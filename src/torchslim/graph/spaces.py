@@ -1067,6 +1067,24 @@ def _freeze_all(a: _Analyser, op: OpNode) -> None:
     a.opaque_op(op)
 
 
+def _index(a: _Analyser, op: OpNode) -> None:
+    """``x[..., idx, ...]`` with one index tensor (e.g. Swin's relative-position table
+    ``table[index]``): the indexed dim's positions are picked by data, so it is frozen; the other
+    dims keep their channels. Several index tensors: everything frozen."""
+    x, indices = op.args[0], op.args[1] if len(op.args) > 1 else None
+    if not isinstance(x, TensorMeta) or not isinstance(indices, (list, tuple)):
+        return _freeze_all(a, op)
+    given = [i for i, t in enumerate(indices) if t is not None]
+    out = op.outputs[0]
+    if len(given) != 1 or not isinstance(indices[given[0]], TensorMeta):
+        return _freeze_all(a, op)
+    k, idx = given[0], indices[given[0]]
+    xl = list(a.layout(x))
+    a.freeze_dim(xl[k])
+    lay = (*xl[:k], *(a.opaque(n) for n in idx.shape), *xl[k + 1 :])
+    a.set(out, lay if len(lay) == len(out.shape) else a.opaque_layout(out.shape))
+
+
 def _along_dim_same(a: _Analyser, op: OpNode) -> None:
     # softmax/cumsum/roll/flip along one dim: that dim's indices interact, so it is frozen
     x = op.args[0]
@@ -1172,7 +1190,7 @@ _RULES: dict[str, Any] = {
     "rnn_relu": _freeze_all,
     "mkldnn_rnn_layer": _freeze_all,
     "_cudnn_rnn": _freeze_all,
-    "index": _freeze_all,
+    "index": _index,
     "gather": _freeze_all,
     "as_strided": _freeze_all,
     "as_strided_": _freeze_all,
