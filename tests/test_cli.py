@@ -171,4 +171,12 @@ def test_demo_trains_once_then_compresses_with_the_default_recipe(capsys, tmp_pa
     code, stdout2, err = run(capsys, *argv)
     assert code == 0, err
     assert json.loads(stdout2)["stages"] == d["stages"]
+    # a run left by another recipe (or an older version's resolved defaults) starts over instead of
+    # refusing to resume
+    state = json.loads((out / "state.json").read_text())
+    state["recipe"]["stages"][0]["prune_channels"]["ratio"] = 0.123
+    (out / "state.json").write_text(json.dumps(state))
+    code, stdout3, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((out / "state.json").read_text())["recipe"] == ts.load_recipe(path).to_dict()
 

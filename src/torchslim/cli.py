@@ -189,6 +189,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ts.save(model, cached)
     out = Path(args.out)
     resume = (out / "state.json").is_file() and not args.fresh
+    if resume:
+        import json
+
+        try:
+            previous = json.loads((out / "state.json").read_text()).get("recipe")
+        except (OSError, ValueError):
+            previous = None
+        if previous != recipe.to_dict():  # another recipe, or this version resolves it differently
+            say(f"{out} holds a run of another recipe (or an older torchslim's defaults): starting it over")
+            resume = False
     result = compress(model, recipe, data, out=out, resume=resume, force=not resume, progress=not args.quiet,
                       log=say, status=lambda text: con.status(text, spinner="dots"))
     if args.json:
