@@ -178,6 +178,8 @@ def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if spec is None:
         out = func(*args, **kwargs)
         outs = out if isinstance(out, tuple) else (out,)
+        if len(_META_MEMO) > 20_000:  # a long search traces many widths: keep the memo bounded
+            _META_MEMO.clear()
         _META_MEMO[k] = [(tuple(o.shape), o.stride(), o.dtype) for o in outs]
         return out
     made = tuple(torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in spec)
