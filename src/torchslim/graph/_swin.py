@@ -54,12 +54,14 @@ def _window_attention(mod: Any, x: Tensor, position_bias: Tensor, logit_scale: T
 
     heads = mod.num_heads
     head_dim = mod.qkv.weight.shape[0] // (3 * heads)
-    qkv_bias = mod.qkv.bias
-    if logit_scale is not None and qkv_bias is not None:  # V2: keys carry no bias
-        third = qkv_bias.numel() // 3
-        qkv_bias = torch.cat([qkv_bias[:third], torch.zeros_like(qkv_bias[third : 2 * third]), qkv_bias[2 * third :]])
-    qkv = F.linear(x, mod.qkv.weight, qkv_bias).reshape(b * n_win, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    v2_bias = logit_scale is not None and mod.qkv.bias is not None
+    qkv = F.linear(x, mod.qkv.weight, None if v2_bias else mod.qkv.bias)
+    q, k, v = qkv.reshape(b * n_win, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if v2_bias:
+        # V2: the keys carry no bias. Added per part after the split (zeroing the middle third of
+        # the bias by position would pin every channel of the projection in place)
+        bq, _, bv = mod.qkv.bias.reshape(3, heads, 1, head_dim).unbind(0)
+        q, v = q + bq, v + bv
     if logit_scale is not None:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()

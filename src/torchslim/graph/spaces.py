@@ -994,7 +994,10 @@ def _stack(a: _Analyser, op: OpNode) -> None:
 def _reduce(a: _Analyser, op: OpNode) -> None:
     x, out = op.args[0], op.outputs[0]
     xl = a.layout(x)
-    dims = op.args[1] if len(op.args) > 1 else None
+    # the reduced dims: argument 1 (sum, mean, amax, var...), argument 2 for linalg_vector_norm
+    # (x, ord, dim, keepdim), or a keyword
+    pos = 2 if op.packet == "linalg_vector_norm" else 1
+    dims = op.args[pos] if len(op.args) > pos else op.kwargs.get("dim")
     if isinstance(dims, int):
         dims = [dims]
     if not dims or not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
