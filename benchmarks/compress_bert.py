@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from quantize_minilm import ort_quality, time_interleaved  # ONNX Runtime helpers shared by both benchmarks
 
 import torchslim as ts
 from torchslim.data.sentences import (
     calibration_batches,
     evaluate_encoder,
-    paraphrase_pairs,
-    recall_at_1,
     train_sentences,
 )
 from torchslim.distill.tinybert import distill_hidden_
@@ -49,7 +46,7 @@ from torchslim.prune.wanda import wanda_
 from torchslim.quantize import QuantConfig, quantize_
 from torchslim.quantize._onnx import export_fp32, float_twin
 from torchslim.quantize.gptq import gptq_
-from torchslim.zoo.pretrained import SentenceEncoder, tokenize
+from torchslim.zoo.pretrained import tokenize
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
@@ -108,44 +105,9 @@ def onnx_file(model: torch.nn.Module, tmp: Path, name: str, quant: str) -> Path:
     return q
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def ort_evaluate(path: Path, ref: dict[str, Any], n_pairs: int | None) -> dict[str, float]:
     """Mean cosine / recall@1 of the embeddings ONNX Runtime computes from the file (what ships)."""
-    a, b = paraphrase_pairs(n_pairs)
-    sess = _session(path)
-    embs = []
-    for i in range(0, len(a + b), 64):
-        batch = tokenize("minilm", (a + b)[i : i + 64])
-        embs.append(torch.from_numpy(sess.run(None, {k: batch[k].numpy() for k in SentenceEncoder.input_names})[0]))
-    emb = torch.cat(embs)
-    cos = F.cosine_similarity(emb, ref["embeddings"], dim=-1)
-    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "recall_at_1": recall_at_1(emb[: len(a)], emb[len(a) :])}
-
-
-def time_interleaved(files: dict[str, Path], feeds: dict[int, dict[str, Any]], rounds: int) -> dict[str, dict[int, float]]:
-    """Median latency (ms) of every file at every batch size, all timed round by round in turn."""
-    sessions = {k: _session(p) for k, p in files.items()}
-    for s in sessions.values():  # warm-up
-        for f in feeds.values():
-            s.run(None, f)
-            s.run(None, f)
-    times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in feeds} for k in files}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for b, f in feeds.items():
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times[k][b].append((time.perf_counter() - t0) * 1000)
-    return {k: {b: statistics.median(v) for b, v in per.items()} for k, per in times.items()}
+    return ort_quality(path, ref["embeddings"], n_pairs)
 
 
 # --------------------------------------------------------------------------- main

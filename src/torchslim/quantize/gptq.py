@@ -36,7 +36,7 @@ from torchslim._layerwise import LayerStats, linear_layers, materialize_batches,
 from torchslim.errors import ConfigError
 from torchslim.quantize.api import QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
-from torchslim.quantize.primitives import QScheme, choose_qparams, pack_int4, qrange
+from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
 from torchslim.quantize.weight_only import QuantizedLinear
 
 __all__ = ["gptq_", "gptq_quantize", "rtn_quantize"]
@@ -127,21 +127,6 @@ def dequantize_grouped(ints: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     return ((v - zp.double()) * scale.double()).reshape(rows, cols).float()
 
 
-def _to_module(linear: nn.Linear, ints: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, scheme: QScheme) -> QuantizedLinear:
-    q = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme).to(linear.weight.device)
-    if scheme.bits <= 4:
-        src = ints - (0 if scheme.signed else 8)
-        q.qweight.copy_(pack_int4(src.to(torch.int8)))
-    else:
-        q.qweight.copy_(ints.reshape(q.qweight.shape).to(q.qweight.dtype))
-    q.scale.copy_(scale.reshape(q.scale.shape).half())
-    if not scheme.symmetric:
-        q.zero_point.copy_(zp.reshape(q.zero_point.shape).half())
-    if linear.bias is not None:
-        q.bias.data = linear.bias.detach().clone()
-    return q
-
-
 def gptq_(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -201,7 +186,7 @@ def gptq_(
         w = module.weight.detach()
         h = stats.hessian().to(w.device) if stats.rows else torch.eye(w.shape[1], device=w.device)
         ints, scale, zp = gptq_quantize(w, h, scheme, blocksize=blocksize, damp=damp)
-        q = _to_module(module, ints, scale, zp, scheme)
+        q = QuantizedLinear.from_ints(module, ints, scale, zp, scheme)
         with torch.no_grad():  # later layers are measured on this layer's quantized output
             module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))
         results[name] = q

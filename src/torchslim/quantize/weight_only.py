@@ -78,11 +78,20 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, linear: nn.Linear, scheme: QScheme, dynamic_act: bool = False) -> QuantizedLinear:
         """Round-to-nearest quantization of ``linear``'s weight (min-max range per scale)."""
         w = linear.weight.detach().float()
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, dynamic_act).to(w.device)
         lo, hi = minmax(w, scheme)
         scale, zp = choose_qparams(lo, hi, scheme)
         scale = scale.half().float()  # quantize against the scale actually stored
-        ints = quantize(w, scale, zp, scheme)
+        return cls.from_ints(linear, quantize(w, scale, zp, scheme), scale, zp, scheme, dynamic_act)
+
+    @classmethod
+    @torch.no_grad()
+    def from_ints(
+        cls, linear: nn.Linear, ints: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme,
+        dynamic_act: bool = False,
+    ) -> QuantizedLinear:
+        """Store given integers (in the scheme's range; any shape with ``out * in`` elements), their
+        scales and zero points for ``linear`` (whose bias is copied), packing 4-bit values."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, dynamic_act).to(linear.weight.device)
         if scheme.bits <= 4:
             packed_src = ints.to(torch.int16) - (0 if scheme.signed else 8)  # unsigned 0..15 -> -8..7
             q.qweight.copy_(pack_int4(packed_src.to(torch.int8)))
@@ -90,7 +99,7 @@ class QuantizedLinear(nn.Module):
             q.qweight.copy_(ints.reshape(q.qweight.shape).to(q.qweight.dtype))
         q.scale.copy_(scale.reshape(q.scale.shape).half())
         if not scheme.symmetric:
-            q.zero_point.copy_(zp.reshape(q.zero_point.shape).half())
+            q.zero_point.copy_(zero_point.reshape(q.zero_point.shape).half())
         if linear.bias is not None:
             q.bias.data = linear.bias.detach().clone()
         return q
