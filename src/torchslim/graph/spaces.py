@@ -469,12 +469,9 @@ class _Analyser:
 
         return {r: tuple(sorted(final(r, ()))) for r in direct}
 
-    def attention_call(self, call: Any) -> None:
-        """One ``nn.MultiheadAttention`` call as a whole: heads are channels (Q/K/V rows of a head,
-        the out-projection columns reading it), the input widths are the projections' columns, the
-        output width the out-projection's rows. Its internals (batch x heads merged in one dim) are
-        not analysed op by op; surgery keeps the module valid for any widths (``graph._mha``)."""
-        info = self.mha[call.name]
+    def _call_parts(self, call: Any) -> tuple[str, list[OpNode], set[int], list[TensorMeta]]:
+        """A module call handled as a whole: its parameter prefix, its ops, the ids they produce,
+        and the float tensors it reads from outside (inputs, states; not its own parameters)."""
         prefix = call.name + "." if call.name else ""
         ops = self.tr.ops[call.first_op : call.last_op + 1]
         inside = {o.id for op in ops for o in op.outputs}
@@ -487,6 +484,15 @@ class _Analyser:
                     continue
                 seen.add(t.id)
                 ext.append(t)
+        return prefix, ops, inside, ext
+
+    def attention_call(self, call: Any) -> None:
+        """One ``nn.MultiheadAttention`` call as a whole: heads are channels (Q/K/V rows of a head,
+        the out-projection columns reading it), the input widths are the projections' columns, the
+        output width the out-projection's rows. Its internals (batch x heads merged in one dim) are
+        not analysed op by op; surgery keeps the module valid for any widths (``graph._mha``)."""
+        info = self.mha[call.name]
+        prefix, ops, inside, ext = self._call_parts(call)
         qkv = [t for t in ext if len(t.shape) in (2, 3)][:3]
         if not qkv:
             return self._opaque_call(ops, inside)
@@ -538,18 +544,7 @@ class _Analyser:
         column ``j`` of ``weight_hh`` and of the next layer's ``weight_ih`` (once per direction).
         The input features are ``weight_ih_l0``'s columns."""
         info = self.mha[call.name]
-        prefix = call.name + "." if call.name else ""
-        ops = self.tr.ops[call.first_op : call.last_op + 1]
-        inside = {o.id for op in ops for o in op.outputs}
-        own = {meta.id for n, meta in self.tr.params.items() if n.startswith(prefix)}
-        ext: list[TensorMeta] = []
-        seen: set[int] = set()
-        for op in ops:
-            for t in op.tensor_args():
-                if t.id in inside or t.id in own or t.id in seen or not t.is_floating:
-                    continue
-                seen.add(t.id)
-                ext.append(t)
+        prefix, ops, inside, ext = self._call_parts(call)
         hidden, gates, layers, dirs = int(info["hidden_size"]), int(info["gates"]), int(info["num_layers"]), int(info["dirs"])
         params = self.tr.params
         if not ext or any(f"{prefix}weight_ih_l{k}{sfx}" not in params for k in range(layers)
