@@ -80,7 +80,7 @@ class QuantConfig:
             calibration data, see :mod:`torchslim.quantize.smoothquant`); ``None``: off.
         smoothquant_min_gain: smooth a layer only if that divides its simulated int8 error on
             the first calibration batch by at least this much (each smoothed input costs one
-            multiply at run time; 0 smooths all).
+            multiply at run time; 3 by default, about 5 dB; 0 smooths all).
         embeddings: weight-only mode: also store every selected ``nn.Embedding`` table as
             ``bits``-bit integers in groups of ``group_size`` along the hidden axis (symmetric;
             bits 4 or 8), shipped to ONNX Runtime as ``GatherBlockQuantized``; a transformer's
@@ -103,7 +103,7 @@ class QuantConfig:
     layer_bits: dict[str, int] | None = None
     bias_correction: bool = False
     smoothquant_alpha: float | None = None
-    smoothquant_min_gain: float = 1.25
+    smoothquant_min_gain: float = 3.0
     embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -142,7 +142,7 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.bias_correction=True needs mode='static' (it uses the calibration batches); got mode={self.mode!r}")
         g = self.smoothquant_min_gain
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf"):
-            raise ConfigError(f"QuantConfig.smoothquant_min_gain must be a number >= 0 (1.25 default); got {g!r}")
+            raise ConfigError(f"QuantConfig.smoothquant_min_gain must be a number >= 0 (3 default); got {g!r}")
         if not isinstance(self.embeddings, bool):
             raise ConfigError(f"QuantConfig.embeddings must be True or False; got {self.embeddings!r}")
         if self.embeddings and (self.mode != "weight-only" or self.bits not in (4, 8) or self.granularity != "group"):

@@ -21,7 +21,8 @@ Example:
     >>> import torch
     >>> from torchslim.quantize import QuantConfig, quantize_
     >>> m = torch.nn.Sequential(torch.nn.Linear(8, 4))
-    >>> calib = [torch.randn(16, 8) for _ in range(2)]
+    >>> outlier = torch.tensor([1.0] * 7 + [50.0])  # input channel 7 runs 50x larger
+    >>> calib = [torch.randn(16, 8) * outlier for _ in range(2)]
     >>> plan = quantize_(m, QuantConfig(mode="static", smoothquant_alpha=0.5), calibration=calib)
     >>> plan.smoothed, m[0].smooth_scale.shape
     (['0'], torch.Size([8]))
@@ -138,7 +139,7 @@ def _int8_error(x: torch.Tensor, w: torch.Tensor) -> float:
 @torch.no_grad()
 def smooth_linears_(
     model: nn.Module, layers: dict[str, nn.Module], loader: Iterable[Any], batches: int, alpha: float,
-    min_gain: float = 1.25,
+    min_gain: float = 3.0,
 ) -> list[str]:
     """Migrate activation outliers of every float ``nn.Linear`` in ``layers`` into its weight.
 
@@ -146,8 +147,10 @@ def smooth_linears_(
     Layers that read the same input tensor (Q, K and V of an attention block) share one scale,
     computed from the largest weight of the group in each input channel, as in the paper. A group
     is smoothed only if that divides its simulated int8 error (on the first calibration batch) by
-    at least ``min_gain`` (1.25, about 1 dB): elsewhere the extra multiply would cost time for
-    nothing (``min_gain=0`` smooths every layer).
+    at least ``min_gain`` (3, about 5 dB): each smoothed input costs one multiply at run time, and
+    a layer that gains little is not worth it (all-MiniLM-L6-v2: the default smooths 25 of 36
+    layers, two fifths of the multiplied elements of smoothing all, for 0.997 embedding cosine
+    against 0.998; ``min_gain=0`` smooths every layer).
 
     Returns:
         The names of the smoothed layers (those the calibration batches reached).
