@@ -40,8 +40,8 @@ def test_smoothing_keeps_float_outputs() -> None:
     model, calib, x = _data()
     ref = model(x)
     m = copy.deepcopy(model)
-    done = smooth_linears_(m, {"fc1": m.fc1, "fc2": m.fc2}, calib, 4, alpha=0.5)
-    assert done == ["fc1", "fc2"]
+    done, folded = smooth_linears_(m, {"fc1": m.fc1, "fc2": m.fc2}, calib, 4, alpha=0.5)
+    assert done == ["fc1", "fc2"] and folded == {}
     assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -127,7 +127,7 @@ def test_dynamic_smoothquant_improves_sqnr_and_shares_sibling_scales() -> None:
     assert torch.equal(smooth.q.smooth_scale, smooth.k.smooth_scale) and torch.equal(smooth.q.smooth_scale, smooth.v.smooth_scale)
     forced = copy.deepcopy(model)
     layers = {n: getattr(forced, n) for n in ("q", "k", "v", "o")}
-    assert smooth_linears_(forced, layers, calib, 4, alpha=0.75, min_gain=0) == ["q", "k", "v", "o"]
+    assert smooth_linears_(forced, layers, calib, 4, alpha=0.75, min_gain=0) == (["q", "k", "v", "o"], {})
     assert not torch.equal(forced.q.smooth_scale, forced.o.smooth_scale)
     with torch.no_grad():
         gain = sqnr(ref, smooth(x)) - sqnr(ref, plain(x))
@@ -165,5 +165,88 @@ def test_dynamic_smoothquant_save_load(tmp_path) -> None:
     ts.save(model, tmp_path / "q")
     loaded = ts.load(tmp_path / "q")
     x = calib[0][:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class _Block(nn.Module):
+    """A pre-LN block (ViT / GPT layout: each LayerNorm feeds only its Linears) followed by a
+    post-LN one (BERT layout: the LayerNorm's output also feeds the residual). The norms' gains
+    give their outputs outlier channels."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.post = nn.Linear(c, c)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln2, self.ln3):
+                ln.weight[[4, 20, 50]] = 30.0
+                ln.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 8.0, dim=-1)
+        x = x + self.o(a @ self.v(h))
+        x = x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+        y = self.ln3(x)
+        return y + self.post(y)  # post-LN: y is read by the Linear and by the residual
+
+
+def test_smoothing_folds_into_a_layernorm_that_feeds_only_its_linears(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.quantize import export_onnx
+    from torchslim.quantize._onnx import onnx_parity
+
+    torch.manual_seed(0)
+    model = _Block().eval()
+    calib = [torch.randn(8, 12, 64) for _ in range(4)]
+    x = torch.randn(16, 12, 64)
+    with torch.no_grad():
+        ref = model(x)
+    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(plain, QuantConfig(mode="dynamic"))
+    plan = quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.75, smoothquant_min_gain=1.25), calibration=calib)
+    # ln1 -> q/k/v and ln2 -> fc1 fold (free); ln3 also feeds the residual: the fold is undone
+    # and post gets a multiply instead
+    assert plan.smoothed_into_norm == {"q": "ln1", "k": "ln1", "v": "ln1", "fc1": "ln2"}
+    assert "post" in plan.smoothed and not set(plan.smoothed) & set(plan.smoothed_into_norm)
+    assert torch.equal(smooth.ln3.weight, model.ln3.weight) and torch.equal(smooth.ln3.bias, model.ln3.bias)
+    assert not torch.equal(smooth.ln1.weight, model.ln1.weight)
+    assert not any(hasattr(getattr(smooth, n), "smooth_scale") for n in ("q", "k", "v", "fc1"))
+    with torch.no_grad():
+        assert sqnr(ref, smooth(x)) - sqnr(ref, plain(x)) > 3.0  # dB
+    # float outputs unchanged by the folds (the float twin of the quantized model is exported)
+    folded = copy.deepcopy(model)
+    done, into = smooth_linears_(folded, {n: getattr(folded, n) for n in ("q", "k", "v", "fc1")}, calib, 4, alpha=0.75)
+    assert done == [] and into == {"q": "ln1", "k": "ln1", "v": "ln1", "fc1": "ln2"}
+    with torch.no_grad():
+        assert torch.allclose(folded(x), ref, rtol=1e-4, atol=1e-4)
+    # the ONNX graph has one smoothing multiply (post's), none for the folded layers
+    files = export_onnx(smooth, (x[:1],), tmp_path / "m.onnx")
+    g = onnx.load(files["onnx_fp32"]).graph
+    scaled = [n for n in g.node if n.op_type in ("Mul", "Div")
+              and any(i.name in n.input and len(i.dims) == 1 and i.dims[0] == 64 for i in g.initializer)]
+    assert len(scaled) == 1
+    assert onnx_parity(smooth, files, x)["int8_vs_torch_quantized_db"] > 25
+
+
+def test_folded_smoothing_on_timm_vit_saves_and_loads(tmp_path) -> None:
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = ts.create_model("timm:vit_tiny_patch16_224").eval()
+    calib = [torch.randn(2, 3, 224, 224) for _ in range(2)]
+    plan = quantize_(model, QuantConfig(mode="dynamic", smoothquant_alpha=0.5, smoothquant_min_gain=0), calibration=calib)
+    # every block's norm1 -> qkv and norm2 -> fc1 fold; proj / fc2 / head get a multiply
+    assert len(plan.smoothed_into_norm) == 24
+    assert plan.smoothed_into_norm["blocks.3.attn.qkv"] == "blocks.3.norm1"
+    assert plan.smoothed_into_norm["blocks.3.mlp.fc1"] == "blocks.3.norm2"
+    assert "blocks.3.attn.proj" in plan.smoothed and "blocks.3.attn.qkv" not in plan.smoothed
+    ts.save(model, tmp_path / "q")
+    loaded = ts.load(tmp_path / "q")
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -194,7 +194,8 @@ class QuantConfig:
 @dataclass
 class QuantPlan:
     """What :func:`quantize_` did: the config, the quantized layers, the folded (conv, bn) pairs,
-    the bias-corrected layers and those that got a new bias."""
+    the bias-corrected layers and those that got a new bias, the SmoothQuant layers with an input
+    multiply (``smoothed``) and those whose division went into a norm (``{layer: norm}``)."""
 
     config: QuantConfig
     layers: list[str] = field(default_factory=list)
@@ -203,13 +204,15 @@ class QuantPlan:
     bias_corrected: list[str] = field(default_factory=list)
     bias_added: list[str] = field(default_factory=list)
     smoothed: list[str] = field(default_factory=list)
+    smoothed_into_norm: dict[str, str] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "layers": list(self.layers), "folded": [list(p) for p in self.folded],
             "calibration_batches": self.calibration_batches, "bias_corrected": list(self.bias_corrected),
-            "bias_added": list(self.bias_added), "smoothed": list(self.smoothed), "embeddings": list(self.embeddings),
+            "bias_added": list(self.bias_added), "smoothed": list(self.smoothed),
+            "smoothed_into_norm": dict(self.smoothed_into_norm), "embeddings": list(self.embeddings),
         }
 
 
@@ -364,7 +367,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
                 raise ConfigError("QuantConfig.smoothquant_alpha needs calibration data (input ranges): pass calibration=<batches>")
             from torchslim.quantize.smoothquant import smooth_linears_
 
-            plan.smoothed = smooth_linears_(
+            plan.smoothed, plan.smoothed_into_norm = smooth_linears_(
                 model, {n: model.get_submodule(n) for n in layers}, calibration, config.calibration_batches,
                 float(config.smoothquant_alpha),
                 min_gain=float(config.smoothquant_min_gain),
@@ -389,7 +392,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
         if config.smoothquant_alpha is not None:
             from torchslim.quantize.smoothquant import smooth_linears_
 
-            plan.smoothed = smooth_linears_(
+            plan.smoothed, plan.smoothed_into_norm = smooth_linears_(
                 model, layers, calibration, config.calibration_batches, float(config.smoothquant_alpha),
                 min_gain=float(config.smoothquant_min_gain),
             )
