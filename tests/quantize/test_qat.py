@@ -49,3 +49,41 @@ def test_qat_weight_ranges_follow_weights() -> None:
 def test_convert_without_prepare_raises() -> None:
     with pytest.raises(ConfigError, match="qat_prepare_"):
         qat_convert_(ts.create_model("zoo:lenet300"))
+
+
+def test_qat_after_pruning_with_distillation(tmp_path) -> None:
+    """Prune channels, prepare QAT, train with KD from the unpruned float model, convert: the
+    pruned shapes stay, the weights behind the fake-quant learn, save/load replays prune then
+    quantize, and the int8 ONNX file matches the torch model."""
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantize import export_onnx
+    from torchslim.quantize._onnx import onnx_parity
+
+    torch.manual_seed(0)
+    data = ts.load_data("synthetic:1x1x28x28:n=128")
+    teacher = ts.create_model("zoo:lenet5", data=data).eval()
+    student = ts.create_model("zoo:lenet5", data=data)
+    student.load_state_dict(teacher.state_dict())
+    ts.prune_channels_(student, ratio=0.5)
+    widths = [m.out_channels for m in student.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths != [m.out_channels for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+    calib = [x for x, _ in data.loader("train", 32)][:2]
+    plan = qat_prepare_(student, bits=4, calibration=calib)
+    assert plan.config.mode == "qat"
+    original = student.features[0].parametrizations.weight.original
+    snapshot = original.detach().clone()
+    cfg = ts.DistillConfig(train=ts.TrainConfig(epochs=1, lr=1e-3, optimizer="adam", device="cpu", max_steps_per_epoch=5))
+    result = ts.distill(student, teacher, data, cfg, progress=False)
+    assert result.train.epochs_run == 1
+    assert not torch.equal(original.detach(), snapshot)  # the KD gradient reaches the weights through the STE
+    assert [m.out_channels for m in student.modules() if isinstance(m, torch.nn.Conv2d)] == widths
+    qat_convert_(student)
+    student.eval()
+    x = calib[0][:8]
+    with torch.no_grad():
+        y = student(x)
+    ts.save(student, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ts.load(tmp_path / "m")(x), y)
+    files = export_onnx(student, (x[:1],), tmp_path / "m.onnx", calibration=calib)
+    assert onnx_parity(student, files, x)["int8_vs_torch_quantized_db"] > 20
