@@ -102,6 +102,23 @@ def _interleaved_latency(paths: dict[str, Path], x: torch.Tensor, rounds: int, p
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _kernel_graph(path: Path) -> dict[str, int]:
+    """The ops ONNX Runtime runs for a file after its graph optimizer (QDQ pairs become
+    QLinearConv, QLinearAdd, ...), counted by type."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return dict(sorted(collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node).items()))
+
+
 def _ort_logits(path: Path, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
     return torch.cat([ort_run(path, x[i : i + batch]) for i in range(0, len(x), batch)])
 
@@ -176,7 +193,11 @@ def _imagenet_row(spec: str, tmp: Path, observers: list[str], rounds: int) -> di
             r["sqnr_db"] = sqnr(ref, out)
             r["size_ratio"] = files["fp32"].stat().st_size / r["bytes"]
             r["speedup"] = lat["fp32"] / lat[k]
+            r["kernel_graph"] = _kernel_graph(p)
         row[k] = r
+    # the same kernels in the same numbers: speed differences between the int8 files are noise
+    row["same_kernel_graph_as_ort"] = {k: r["kernel_graph"] == row["ort"]["kernel_graph"]
+                                       for k, r in row.items() if isinstance(r, dict) and "kernel_graph" in r and k != "ort"}
     return row
 
 
@@ -263,7 +284,7 @@ def _print(result: dict[str, Any]) -> None:
         t.add_column(c)
     for row in result["imagenet"]:
         for k, r in row.items():
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or "bytes" not in r:
                 continue
             t.add_row(
                 row["model"], k, f"{r['bytes'] / 1e6:.2f}", f"{r.get('size_ratio', 1.0):.2f}", f"{r['ms']:.2f}",
@@ -271,6 +292,10 @@ def _print(result: dict[str, Any]) -> None:
                 f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "-",
             )
     con.print(t)
+    for row in result["imagenet"]:
+        same = row.get("same_kernel_graph_as_ort", {})
+        print(f"{row['model']}: ORT-optimized kernel graph identical to quantize_static's: "
+              + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))
     t = Table(title="MNIST test split (1,000 real digits): accuracy, static int8")
     for c in ("model", "fp32", "int8 torch", "ORT fp32", "ORT int8 torchslim", "ORT int8 quantize_static",
               "drop (points)", "ONNX x smaller"):
