@@ -50,6 +50,17 @@ def test_static_cli_with_data(tmp_path, capsys) -> None:
     assert ts.load(out)(torch.randn(1, 1, 28, 28)).shape == (1, 10)
 
 
+def test_dynamic_smoothquant_cli_min_gain(tmp_path, capsys) -> None:
+    payload = _run(capsys, [
+        "quantize", "zoo:lenet300", "--mode", "dynamic", "--smoothquant", "0.5", "--smoothquant-min-gain", "0",
+        "--data", "synthetic:1x1x28x28:n=32", "--calibration-batches", "1", "--out", str(tmp_path / "d"), "--json",
+        "--no-latency", "--no-progress",
+    ])
+    q = payload["quantize"]
+    assert q["config"]["smoothquant_min_gain"] == 0
+    assert q["smoothed"] == ["fc1", "fc2", "fc3"] and q["smoothed_into_norm"] == {}  # min gain 0: every layer
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -58,6 +69,8 @@ def test_static_cli_with_data(tmp_path, capsys) -> None:
         (["--mode", "int8"], "mode"),
         (["--observer", "kl"], "observer"),
         (["--mode", "weight-only", "--bits", "4", "--group-size", "128"], "group_size"),
+        (["--mode", "dynamic", "--smoothquant", "0.5", "--smoothquant-min-gain", "-1", "--data", "synthetic:1x1x28x28:n=8"],
+         "smoothquant_min_gain"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, capsys, args: list[str], needle: str) -> None:

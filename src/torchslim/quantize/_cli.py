@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; needs --data)")
+    p.add_argument("--smoothquant-min-gain", type=float, default=3.0, metavar="G",
+                   help="smooth a layer with an input multiply only if that divides its simulated int8 error by G "
+                        "(default 3; 0 smooths all; folds into a LayerNorm/RMSNorm are free and always taken)")
     p.add_argument("--embeddings", action="store_true",
                    help="weight-only: also store nn.Embedding tables as integers (bits 4 or 8, groups of --group-size)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
@@ -44,7 +47,8 @@ def _config(args: argparse.Namespace) -> Any:
     return QuantConfig(
         mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
-        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant, embeddings=args.embeddings,
+        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
+        smoothquant_min_gain=args.smoothquant_min_gain, embeddings=args.embeddings,
     )
 
 
