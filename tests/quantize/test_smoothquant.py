@@ -4,6 +4,7 @@ int8 SQNR better on activations with outlier channels, save/load and ONNX round 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -111,16 +112,23 @@ class _Siblings(nn.Module):
         return self.o(a @ self.v(h))
 
 
-def test_dynamic_smoothquant_improves_sqnr_and_shares_sibling_scales() -> None:
-    torch.manual_seed(0)
-    model = _Siblings().eval()
+def _dynamic_pair(model: nn.Module, **smoothing: float) -> tuple[Any, ...]:
+    """``model`` quantized dynamic int8 twice, plain and with SmoothQuant; with the calibration
+    batches, held-out inputs, float reference outputs and the smoothed copy's plan."""
     calib = [torch.randn(8, 12, 64) for _ in range(4)]
     x = torch.randn(16, 12, 64)
     with torch.no_grad():
         ref = model(x)
     plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
     quantize_(plain, QuantConfig(mode="dynamic"))
-    plan = quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.75), calibration=calib)
+    plan = quantize_(smooth, QuantConfig(mode="dynamic", **smoothing), calibration=calib)
+    return calib, x, ref, plain, smooth, plan
+
+
+def test_dynamic_smoothquant_improves_sqnr_and_shares_sibling_scales() -> None:
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    calib, x, ref, plain, smooth, plan = _dynamic_pair(model, smoothquant_alpha=0.75)
     # Q, K and V read the same tensor: one scale for the three; the output projection's input
     # has no outlier channels, smoothing would not pay for its multiply there
     assert plan.smoothed == ["q", "k", "v"] and not hasattr(smooth.o, "smooth_scale")
@@ -203,13 +211,7 @@ def test_smoothing_folds_into_a_layernorm_that_feeds_only_its_linears(tmp_path) 
 
     torch.manual_seed(0)
     model = _Block().eval()
-    calib = [torch.randn(8, 12, 64) for _ in range(4)]
-    x = torch.randn(16, 12, 64)
-    with torch.no_grad():
-        ref = model(x)
-    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
-    quantize_(plain, QuantConfig(mode="dynamic"))
-    plan = quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.75, smoothquant_min_gain=1.25), calibration=calib)
+    calib, x, ref, plain, smooth, plan = _dynamic_pair(model, smoothquant_alpha=0.75, smoothquant_min_gain=1.25)
     # ln1 -> q/k/v and ln2 -> fc1 fold (free); ln3 also feeds the residual: the fold is undone
     # and post gets a multiply instead
     assert plan.smoothed_into_norm == {"q": "ln1", "k": "ln1", "v": "ln1", "fc1": "ln2"}
