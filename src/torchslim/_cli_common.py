@@ -80,16 +80,20 @@ def run_model_verb(
     args: argparse.Namespace,
     verb: str,
     apply: Callable[[nn.Module, VerbContext], dict[str, Any] | None],
+    *,
+    load_data: bool = True,
 ) -> int:
     """Build MODEL, profile it, ``apply`` the change, profile again, save, report.
 
     ``apply(model, ctx)`` changes ``model`` in place (and may fine-tune it on ``ctx.data``);
     it returns the verb's own JSON extras (or None) and may add entries to ``ctx.files``.
+    ``load_data=False``: ``--data`` is not a data-set spec the verb reads itself (``ctx.data``
+    is None, no accuracy is reported).
     """
     import torchslim as ts
     from torchslim.zoo.spec import parse_input_shape
 
-    data = ts.load_data(args.data, seed=args.seed) if args.data else None
+    data = ts.load_data(args.data, seed=args.seed) if args.data and load_data else None
     model = ts.create_model(args.model, data=data)
     if args.input_shape:
         ts.set_example_inputs(model, parse_input_shape(args.input_shape))

@@ -61,6 +61,23 @@ def test_dynamic_smoothquant_cli_min_gain(tmp_path, capsys) -> None:
     assert q["smoothed"] == ["fc1", "fc2", "fc3"] and q["smoothed_into_norm"] == {}  # min gain 0: every layer
 
 
+def test_text_encoder_smoothquant_cli_with_sentences(tmp_path, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "minilm"
+    payload = _run(capsys, [
+        "quantize", "pretrained:minilm", "--mode", "dynamic", "--smoothquant", "0.75", "--data", "sentences:16",
+        "--out", str(out), "--json", "--no-latency", "--no-progress",
+    ])
+    assert payload["data"] == "sentences:16" and payload["accuracy_after"] is None
+    assert payload["quantize"]["smoothed"]  # calibrated on the bundled sentences
+    assert payload["onnx_bytes"]["onnx"] * 3 < payload["onnx_bytes"]["onnx_fp32"]
+    assert payload["onnx_parity"]["fp32_vs_torch_float_db"] > 60
+    loaded = ts.load(out)
+    ids = ts.example_inputs(loaded)
+    with torch.no_grad():
+        assert loaded(*ids).shape[-1] == 384
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -71,6 +88,9 @@ def test_dynamic_smoothquant_cli_min_gain(tmp_path, capsys) -> None:
         (["--mode", "weight-only", "--bits", "4", "--group-size", "128"], "group_size"),
         (["--mode", "dynamic", "--smoothquant", "0.5", "--smoothquant-min-gain", "-1", "--data", "synthetic:1x1x28x28:n=8"],
          "smoothquant_min_gain"),
+        (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences:0"], "sentences:N"),
+        (["--mode", "static", "--data", "sentences"], "--mode dynamic or weight-only"),
+        (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences"], "pretrained text encoder"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, capsys, args: list[str], needle: str) -> None:

@@ -25,7 +25,8 @@ def register(sub: Any) -> None:
     p.add_argument("--lsq", default=None, help="qat only: lsq or lsq+ (learned step sizes)")
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; needs --data)")
+                   help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; "
+                        "needs --data; text encoders: --data sentences[:N])")
     p.add_argument("--smoothquant-min-gain", type=float, default=3.0, metavar="G",
                    help="smooth a layer with an input multiply only if that divides its simulated int8 error by G "
                         "(default 3; 0 smooths all; folds into a LayerNorm/RMSNorm are free and always taken)")
@@ -57,6 +58,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.errors import ConfigError
 
     config = _config(args)  # every setting checked before anything is built
+    args._sentences = _sentences_spec(args.data, config.mode)
     if config.mode in ("static", "qat") and not args.data:
         raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
     if config.smoothquant_alpha is not None and not args.data:
@@ -64,7 +66,32 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0; got {args.epochs}")
     args._quant_config = config
-    return run_model_verb(args, "quantize", _apply_quantize)
+    return run_model_verb(args, "quantize", _apply_quantize, load_data=args._sentences is None)
+
+
+def _sentences_spec(spec: str | None, mode: str) -> int | None:
+    """``--data sentences[:N]``: calibrate a text encoder (``pretrained:minilm``) on the first
+    ``N`` (default 128) bundled training sentences; ``None`` for any other spec."""
+    from torchslim.errors import ConfigError
+
+    if not spec or spec.split(":")[0] != "sentences":
+        return None
+    parts = spec.split(":")
+    if len(parts) > 2 or (len(parts) == 2 and not (parts[1].isdigit() and 0 < int(parts[1]) <= 2400)):
+        raise ConfigError(f"data spec {spec!r}: use sentences or sentences:N with N from 1 to 2400 (bundled training sentences)")
+    if mode not in ("dynamic", "weight-only"):
+        raise ConfigError(f"--data sentences calibrates text encoders in --mode dynamic or weight-only; got --mode {mode}")
+    return int(parts[1]) if len(parts) == 2 else 128
+
+
+def _text_calibration(model: Any, args: argparse.Namespace) -> list[Any]:
+    from torchslim.data.sentences import calibration_batches, calibration_sentences
+    from torchslim.errors import ConfigError
+    from torchslim.zoo.pretrained import SentenceEncoder
+
+    if not isinstance(model, SentenceEncoder) or not args.model.startswith("pretrained:"):
+        raise ConfigError(f"--data sentences needs a pretrained text encoder (e.g. pretrained:minilm); got {args.model}")
+    return calibration_batches(calibration_sentences(args._sentences), model=args.model.split(":", 1)[1])
 
 
 def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
@@ -72,7 +99,10 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     from torchslim.quantize import export_onnx, qat_convert_, qat_prepare_, quantize_
 
     args, config = ctx.args, ctx.args._quant_config
-    calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None else None
+    if args._sentences is not None:
+        calibration: Any = _text_calibration(model, args)
+    else:
+        calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None else None
     extras: dict[str, Any] = {}
     if config.mode == "qat":
         plan = qat_prepare_(model, config, calibration=calibration if not config.lsq else None)
@@ -93,7 +123,7 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
         from torchslim.quantize._onnx import onnx_parity
 
         x = example[0] if isinstance(example, tuple) else example
-        if calibration is not None:
+        if calibration is not None and args._sentences is None:
             x = next(iter(calibration))[0]
         extras["onnx_parity"] = onnx_parity(model, files, x)
     return extras
