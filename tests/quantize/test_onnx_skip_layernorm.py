@@ -97,3 +97,25 @@ def test_dynamic_int8_export_keeps_residual_layernorms_unfused(tmp_path) -> None
     assert "SkipLayerNormalization" not in _fused_ops(files["onnx"], tmp_path)
     parity = onnx_parity(model, files, x)
     assert parity["int8_vs_torch_quantized_db"] > 25
+
+
+def test_pass_leaves_external_weights_in_place(tmp_path) -> None:
+    """Weights stored beside the graph (large models) are not loaded or moved by the pass."""
+    c = 256
+    rng = np.random.default_rng(0)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", c]) for n in ("x", "y")]
+    inits = [numpy_helper.from_array(rng.random((c, c), dtype=np.float32), "w"),
+             numpy_helper.from_array(np.ones(c, np.float32), "g"), numpy_helper.from_array(np.zeros(c, np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "x"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    data_bytes = (tmp_path / "m.data").read_bytes()
+    feed = {"x": rng.standard_normal((2, 3, c), dtype=np.float32)}
+    before = _run(path, feed)[0]
+    assert avoid_skip_layernorm_fusion(path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".data")) == ["m.data", "m.onnx"]
+    assert (tmp_path / "m.data").read_bytes() == data_bytes
+    assert path.stat().st_size < 10_000  # the graph alone: the weights were not inlined
+    np.testing.assert_allclose(_run(path, feed)[0], before, rtol=1e-3, atol=1e-3)

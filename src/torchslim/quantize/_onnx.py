@@ -196,7 +196,7 @@ def avoid_skip_layernorm_fusion(path: str | os.PathLike[str]) -> int:
     import onnx
 
     path = Path(path)
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # nodes only: weights stored beside stay there
     graph = model.graph
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
