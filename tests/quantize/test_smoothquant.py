@@ -252,3 +252,37 @@ def test_folded_smoothing_on_timm_vit_saves_and_loads(tmp_path) -> None:
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_smoothing_folds_into_llama_rmsnorms() -> None:
+    """transformers Llama (RMSNorm, pre-norm, grouped-query attention): q/k/v fold into
+    input_layernorm and gate/up into post_attention_layernorm; float logits unchanged."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if type(mod).__name__ == "LlamaRMSNorm":
+                mod.weight[[3, 30]] = 20.0  # outlier channels, as trained LLMs have
+    calib = [torch.randint(0, 128, (4, 16)) for _ in range(3)]
+    x = torch.randint(0, 128, (4, 16))
+    with torch.no_grad():
+        ref = model(x).logits
+    folded = copy.deepcopy(model)
+    layers = {n: m for n, m in folded.named_modules() if isinstance(m, nn.Linear)}
+    done, into = smooth_linears_(folded, layers, calib, 3, alpha=0.5, min_gain=0)
+    for i in range(2):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            assert into[f"model.layers.{i}.{proj}"] == f"model.layers.{i}.input_layernorm"
+        for proj in ("mlp.gate_proj", "mlp.up_proj"):
+            assert into[f"model.layers.{i}.{proj}"] == f"model.layers.{i}.post_attention_layernorm"
+    assert not set(done) & set(into)
+    with torch.no_grad():
+        assert torch.allclose(folded(x).logits, ref, rtol=1e-4, atol=1e-4)
+    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(plain, QuantConfig(mode="dynamic"))
+    quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.5), calibration=calib)
+    with torch.no_grad():
+        assert sqnr(ref, smooth(x).logits) > sqnr(ref, plain(x).logits) + 3.0  # dB
