@@ -286,3 +286,21 @@ def test_smoothing_folds_into_llama_rmsnorms() -> None:
     quantize_(smooth, QuantConfig(mode="dynamic", smoothquant_alpha=0.5), calibration=calib)
     with torch.no_grad():
         assert sqnr(ref, smooth(x).logits) > sqnr(ref, plain(x).logits) + 3.0  # dB
+
+
+def test_fold_check_holds_with_a_shuffling_loader() -> None:
+    """The fold is checked on one fixed batch: a loader that shuffles does not make every fold
+    look wrong."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = _Block().eval()
+    loader = DataLoader(TensorDataset(torch.randn(64, 12, 64)), batch_size=8, shuffle=True)
+    x = torch.randn(4, 12, 64)
+    with torch.no_grad():
+        ref = model(x)
+    layers = {n: getattr(model, n) for n in ("q", "k", "v", "fc1", "post")}
+    done, into = smooth_linears_(model, layers, loader, 4, alpha=0.75, min_gain=0)
+    assert into == {"q": "ln1", "k": "ln1", "v": "ln1", "fc1": "ln2"} and done == ["post"]
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, rtol=1e-4, atol=1e-4)

@@ -164,7 +164,7 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def _model_outputs(model: nn.Module, loader: Iterable[Any]) -> list[torch.Tensor]:
-    """The model's floating outputs on the first calibration batch."""
+    """The model's floating outputs on the first batch of ``loader``."""
     from torchslim.quantize.ptq import run_calibration
 
     got: list[torch.Tensor] = []
@@ -232,7 +232,8 @@ def smooth_linears_(
     if not linears:
         return [], {}
     amax, groups, sample, producer = _input_absmax(model, linears, loader, batches)
-    reference = _model_outputs(model, loader) if producer else []
+    probe = [next(iter(loader))] if producer else []  # one fixed batch (a shuffling loader would differ per pass)
+    reference = _model_outputs(model, probe) if producer else []
     done: list[str] = []
     folded: dict[str, str] = {}
     for group in groups:
@@ -248,7 +249,7 @@ def smooth_linears_(
             gain = _int8_error(x, w) / max(_int8_error(x / sx, w * sx), 1e-30)
         norm = producer.get(group[0])
         if norm is not None and all(producer.get(n) == norm for n in group) and (gain > 1 or min_gain == 0):
-            if _fold_into_norm(model, model.get_submodule(norm), [linears[n] for n in group], s, reference, loader):
+            if _fold_into_norm(model, model.get_submodule(norm), [linears[n] for n in group], s, reference, probe):
                 folded.update({n: norm for n in group})
                 continue
         if min_gain > 0 and gain < min_gain:
@@ -263,17 +264,17 @@ def smooth_linears_(
 
 @torch.no_grad()
 def _fold_into_norm(
-    model: nn.Module, norm: nn.Module, group: list[nn.Linear], s: torch.Tensor, reference: list[torch.Tensor], loader: Iterable[Any]
+    model: nn.Module, norm: nn.Module, group: list[nn.Linear], s: torch.Tensor, reference: list[torch.Tensor], probe: list[Any]
 ) -> bool:
     """Divide ``norm``'s weight (and bias) by ``s`` and multiply the group's weights by it; keep
-    that only if the model's outputs on the first calibration batch still match ``reference``."""
+    that only if the model's outputs on the ``probe`` batch still match ``reference``."""
     params = [norm.weight] + ([norm.bias] if getattr(norm, "bias", None) is not None else [])
     saved = [p.detach().clone() for p in params] + [m.weight.detach().clone() for m in group]
     for p in params:
         p.div_(s.to(p.device, p.dtype))
     for m in group:
         m.weight.mul_(s.to(m.weight.device, m.weight.dtype).unsqueeze(0))
-    if _same_outputs(reference, _model_outputs(model, loader)):
+    if _same_outputs(reference, _model_outputs(model, probe)):
         return True
     for p, old in zip(params + [m.weight for m in group], saved):
         p.copy_(old)
