@@ -13,3 +13,38 @@ os.environ.setdefault("TORCHSLIM_CACHE", os.path.join(os.path.dirname(__file__),
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def _zero_channels(model: torch.nn.Module, cg, name: str, dim: int, chans: set[int]) -> list[int]:
+    """Zero the slices of parameter ``name`` along ``dim`` that carry any of the channels
+    ``chans`` (channel ids of ``cg``); return their positions."""
+    pos = [p for p, r in enumerate(cg.roots(name, dim).tolist()) if r in chans]
+    with torch.no_grad():
+        model.get_parameter(name).index_fill_(dim, torch.tensor(pos, dtype=torch.long), 0.0)
+    return pos
+
+
+@pytest.fixture
+def zero_channels():
+    """``zero_channels(model, cg, name, dim, chans)``: zero what reads or writes the chosen
+    channels in one weight, so that slicing those channels out must leave the outputs as they are."""
+    return _zero_channels
+
+
+@pytest.fixture
+def zero_heads():
+    """``zero_heads(model, cg, heads, picks, suffix, dim=1)``: in every head group, zero the
+    out-projection slices (members ending in ``suffix`` on ``dim``) of the heads at ``picks``;
+    return the channels of those heads."""
+
+    def zero(model: torch.nn.Module, cg, heads, picks: list[int], suffix: str, dim: int = 1) -> set[int]:
+        removed: set[int] = set()
+        for g in heads:
+            chans = {g.channels[i] for i in picks}
+            for name, d in g.members:
+                if d == dim and name.endswith(suffix):
+                    _zero_channels(model, cg, name, dim, chans)
+            removed |= chans
+        return removed
+
+    return zero

@@ -60,7 +60,7 @@ def test_swin_half_ratio_prunes_residual_streams(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["swin_t", "swin_v2_t"])
-def test_zeroed_heads_prune_without_changing_outputs(arch: str) -> None:
+def test_zeroed_heads_prune_without_changing_outputs(arch: str, zero_heads) -> None:
     """Head h of Q, K, V, its relative-position bias (V1: a table column; V2: a row of the bias MLP's
     last layer and its logit scale) go together; heads whose out-projection columns are zero go
     without changing the output."""
@@ -74,15 +74,8 @@ def test_zeroed_heads_prune_without_changing_outputs(arch: str) -> None:
     cg = groups(model, x)
     heads = [g for g in cg.groups if g.head_dim is not None]
     assert heads and all(g.head_dim == 32 for g in heads)
-    removed: set[int] = set()
-    params = dict(model.named_parameters())
+    removed = zero_heads(model, cg, heads, [0], "attn.proj.weight")
     with torch.no_grad():
-        for g in heads:
-            chans = {g.channels[0]}
-            name = next(n for n, d in g.members if n.endswith("attn.proj.weight") and d == 1)
-            pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in chans]
-            params[name].index_fill_(1, torch.tensor(pos), 0.0)
-            removed |= chans
         ref = model(x)
     attrs = _head_attrs(model, cg, [{"id": g.id, "size": g.size, "kept": g.size - 1} for g in heads])
     slice_model_(model, cg.keep_indices(removed), example_inputs=x, attrs=attrs)

@@ -28,35 +28,33 @@ def _vit() -> nn.Module:
     return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64).eval()
 
 
-def _zero_heads_and_neurons(model: nn.Module, cg) -> set[int]:
+def _zero_heads_and_neurons(model: nn.Module, cg, zero_channels) -> set[int]:
     """Zero the outgoing weights of heads 1 and 3 of every attention and of every third MLP neuron."""
     removed: set[int] = set()
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for g in cg.groups:
-            consumers = [(n, d) for n, d in g.members if d == 1 and params[n].dim() == 2]
-            if g.head_dim is not None:
-                take = [1, 3]
-            elif consumers and all(".out_proj." not in n for n, _ in consumers) and g.size == 64:
-                take = list(range(0, g.size, 3))
-            else:
-                continue
-            chans = {g.channels[i] for i in take}
-            for name, dim in consumers:
-                pos = [p for p, r in enumerate(cg.roots(name, dim).tolist()) if r in chans]
-                params[name].index_fill_(1, torch.tensor(pos), 0.0)
-            removed |= chans
+    for g in cg.groups:
+        consumers = [(n, d) for n, d in g.members if d == 1 and params[n].dim() == 2]
+        if g.head_dim is not None:
+            take = [1, 3]
+        elif consumers and all(".out_proj." not in n for n, _ in consumers) and g.size == 64:
+            take = list(range(0, g.size, 3))
+        else:
+            continue
+        chans = {g.channels[i] for i in take}
+        for name, dim in consumers:
+            zero_channels(model, cg, name, dim, chans)
+        removed |= chans
     return removed
 
 
 @pytest.mark.parametrize("make", [lambda: _encoder(True), lambda: _encoder(False), _vit], ids=["enc_bf", "enc", "vit"])
-def test_zeroed_heads_are_removed_without_changing_outputs(make) -> None:
+def test_zeroed_heads_are_removed_without_changing_outputs(make, zero_channels) -> None:
     model = make()
     x = torch.randn(2, 3, 32, 32) if isinstance(model, VisionTransformer) else torch.randn(2, 7, 32)
     cg = groups(model, x)
     heads = [g for g in cg.groups if g.head_dim is not None]
     assert len(heads) == 2 and all(g.size == 4 and g.head_dim == 8 for g in heads)
-    removed = _zero_heads_and_neurons(model, cg)
+    removed = _zero_heads_and_neurons(model, cg, zero_channels)
     with torch.no_grad():
         ref = model(x)  # fused fast path where PyTorch takes it
     ref_slow = model(x)  # autograd on: the slow path
@@ -150,7 +148,7 @@ def test_vit_half_ratio_prunes_heads_mlp_and_width_and_replays(tmp_path) -> None
         assert torch.equal(fresh(x), model(x))
 
 
-def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs() -> None:
+def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs(zero_heads) -> None:
     """GPT-2 splits its fused QKV projection with ``split(self.split_size)``: head pruning must
     rewrite ``split_size`` with ``num_heads`` (it was left whole before), and removing heads whose
     outgoing weights are zero leaves the logits unchanged."""
@@ -163,15 +161,8 @@ def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs() -> Non
     cg = groups(model, (ids,))
     heads = [g for g in cg.groups if g.head_dim is not None]
     assert len(heads) == 2 and all(g.size == 4 and g.head_dim == 8 for g in heads)
-    removed: set[int] = set()
+    removed = zero_heads(model, cg, heads, [1, 3], "c_proj.weight", dim=0)  # rows: Conv1D weight is (in, out)
     with torch.no_grad():
-        for g in heads:  # heads 1 and 3: zero their rows of c_proj (Conv1D weight is (in, out))
-            chans = {g.channels[1], g.channels[3]}
-            for name, dim in g.members:
-                if name.endswith("c_proj.weight") and dim == 0:
-                    pos = [p for p, r in enumerate(cg.roots(name, 0).tolist()) if r in chans]
-                    dict(model.named_parameters())[name].index_fill_(0, torch.tensor(pos), 0.0)
-            removed |= chans
         ref = model(ids).logits
     from torchslim.prune.channels import _head_attrs
 
@@ -183,7 +174,7 @@ def test_gpt2_heads_prune_with_split_size_and_zeroed_heads_keep_outputs() -> Non
         assert (model(ids).logits - ref).abs().max().item() < 1e-5
 
 
-def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows() -> None:
+def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows(zero_channels) -> None:
     """Llama's eager/SDPA path repeats each key/value head for its query heads (expand + reshape):
     a key/value head and its query heads are one prunable unit; zeroing the out-projection columns
     of those query heads and removing the unit keeps the outputs; the config's head counts and FFN
@@ -198,14 +189,12 @@ def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows() -> None:
     heads = [g for g in cg.groups if g.head_dim is not None]
     assert len(heads) == 2 and all(g.size == 2 and g.head_dim == 16 for g in heads)
     removed: set[int] = set()
+    for g in heads:  # key/value head 1 of each layer: query heads 2 and 3 read it
+        chans = {g.channels[1]}
+        name = next(n for n, d in g.members if n.endswith("o_proj.weight") and d == 1)
+        assert len(zero_channels(model, cg, name, 1, chans)) == 32  # two query heads of 16
+        removed |= chans
     with torch.no_grad():
-        for g in heads:  # key/value head 1 of each layer: query heads 2 and 3 read it
-            chans = {g.channels[1]}
-            name = next(n for n, d in g.members if n.endswith("o_proj.weight") and d == 1)
-            pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in chans]
-            assert len(pos) == 32  # two query heads of 16
-            dict(model.named_parameters())[name].index_fill_(1, torch.tensor(pos), 0.0)
-            removed |= chans
         ref = model(ids).last_hidden_state
     slice_model_(model, cg.keep_indices(removed), example_inputs=(ids,))
     attn = model.layers[0].self_attn
@@ -218,7 +207,7 @@ def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows() -> None:
     assert (fresh.config.num_attention_heads, fresh.config.num_key_value_heads, fresh.config.intermediate_size) == (2, 1, 64)
 
 
-def test_timm_fused_qkv_heads_prune_without_changing_outputs() -> None:
+def test_timm_fused_qkv_heads_prune_without_changing_outputs(zero_heads) -> None:
     """timm's ``qkv.reshape(B, N, 3, num_heads, head_dim)``: head h of Q, K and V is one unit
     (the "3" is not a head count); zeroed heads are removed exactly and num_heads follows."""
     timm = pytest.importorskip("timm")
@@ -231,15 +220,8 @@ def test_timm_fused_qkv_heads_prune_without_changing_outputs() -> None:
     cg = groups(model, x)
     heads = [g for g in cg.groups if g.head_dim is not None]
     assert [(g.size, g.head_dim) for g in heads] == [(4, 16), (4, 16)]
-    removed: set[int] = set()
-    params = dict(model.named_parameters())
+    removed = zero_heads(model, cg, heads, [1], "attn.proj.weight")
     with torch.no_grad():
-        for g in heads:
-            chans = {g.channels[1]}
-            name = next(n for n, d in g.members if n.endswith("attn.proj.weight") and d == 1)
-            pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in chans]
-            params[name].index_fill_(1, torch.tensor(pos), 0.0)
-            removed |= chans
         ref = model(x)
     attrs = _head_attrs(model, cg, [{"id": g.id, "size": g.size, "kept": g.size - 1} for g in heads])
     slice_model_(model, cg.keep_indices(removed), example_inputs=x, attrs=attrs)

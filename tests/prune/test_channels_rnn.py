@@ -37,7 +37,7 @@ CASES = [(nn.LSTM, 1, False), (nn.LSTM, 2, True), (nn.GRU, 2, True), (nn.GRU, 1,
 
 
 @pytest.mark.parametrize("kind,layers,bidirectional", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_zeroed_hidden_channels_prune_without_changing_outputs(kind: type, layers: int, bidirectional: bool) -> None:
+def test_zeroed_hidden_channels_prune_without_changing_outputs(kind: type, layers: int, bidirectional: bool, zero_channels) -> None:
     torch.manual_seed(0)
     model = Tagger(kind, layers, bidirectional).eval()
     x = torch.randn(3, 9, 16)
@@ -47,11 +47,10 @@ def test_zeroed_hidden_channels_prune_without_changing_outputs(kind: type, layer
     g = hidden[0]
     take = {g.channels[i] for i in (1, 5, 6, 17)}
     params = dict(model.named_parameters())
-    with torch.no_grad():  # everything that reads those hidden channels: recurrent, next layer, head
-        for name, dim in g.members:
-            if dim == 1 and params[name].dim() == 2:
-                pos = [p for p, r in enumerate(cg.roots(name, 1).tolist()) if r in take]
-                params[name].index_fill_(1, torch.tensor(pos), 0.0)
+    for name, dim in g.members:  # everything that reads those hidden channels: recurrent, next layer, head
+        if dim == 1 and params[name].dim() == 2:
+            zero_channels(model, cg, name, 1, take)
+    with torch.no_grad():
         ref = model(x)
     slice_model_(model, cg.keep_indices(take), example_inputs=x)
     assert model.rnn.hidden_size == 20 and model.rnn.weight_hh_l0.shape[1] == 20
