@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; "
                         "needs --data; text encoders: --data sentences[:N])")
-    p.add_argument("--smoothquant-min-gain", type=float, default=3.0, metavar="G",
+    p.add_argument("--smoothquant-min-gain", type=float, default=None, metavar="G",
                    help="smooth a layer with an input multiply only if that divides its simulated int8 error by G "
                         "(default 3; 0 smooths all; folds into a LayerNorm/RMSNorm are free and always taken)")
     p.add_argument("--embeddings", action="store_true",
@@ -45,11 +45,11 @@ def _config(args: argparse.Namespace) -> Any:
 
     granularity = args.granularity or ("group" if args.mode == "weight-only" and args.bits <= 4 else "channel")
     observer = args.observer or ("moving_average" if args.mode == "qat" else "minmax")
+    given = {} if args.smoothquant_min_gain is None else {"smoothquant_min_gain": args.smoothquant_min_gain}
     return QuantConfig(
         mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
-        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
-        smoothquant_min_gain=args.smoothquant_min_gain, embeddings=args.embeddings,
+        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant, embeddings=args.embeddings, **given,
     )
 
 
@@ -72,13 +72,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _sentences_spec(spec: str | None, mode: str) -> int | None:
     """``--data sentences[:N]``: calibrate a text encoder (``pretrained:minilm``) on the first
     ``N`` (default 128) bundled training sentences; ``None`` for any other spec."""
+    from torchslim.data.sentences import train_sentences
     from torchslim.errors import ConfigError
 
     if not spec or spec.split(":")[0] != "sentences":
         return None
     parts = spec.split(":")
-    if len(parts) > 2 or (len(parts) == 2 and not (parts[1].isdigit() and 0 < int(parts[1]) <= 2400)):
-        raise ConfigError(f"data spec {spec!r}: use sentences or sentences:N with N from 1 to 2400 (bundled training sentences)")
+    most = len(train_sentences())
+    if len(parts) > 2 or (len(parts) == 2 and not (parts[1].isdigit() and 0 < int(parts[1]) <= most)):
+        raise ConfigError(f"data spec {spec!r}: use sentences or sentences:N with N from 1 to {most} (bundled training sentences)")
     if mode not in ("dynamic", "weight-only"):
         raise ConfigError(f"--data sentences calibrates text encoders in --mode dynamic or weight-only; got --mode {mode}")
     return int(parts[1]) if len(parts) == 2 else 128
