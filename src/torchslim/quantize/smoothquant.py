@@ -232,8 +232,11 @@ def smooth_linears_(
     if not linears:
         return [], {}
     amax, groups, sample, producer = _input_absmax(model, linears, loader, batches)
-    probe = [next(iter(loader))] if producer else []  # one fixed batch (a shuffling loader would differ per pass)
-    reference = _model_outputs(model, probe) if producer else []
+    probe: list[Any] = []  # folds are checked on one fixed batch (a shuffling loader differs per pass)
+    reference: list[torch.Tensor] = []
+    if producer:
+        probe = [next(iter(loader))]
+        reference = _model_outputs(model, probe)
     done: list[str] = []
     folded: dict[str, str] = {}
     for group in groups:
