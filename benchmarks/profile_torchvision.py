@@ -25,7 +25,7 @@ import torchvision
 from rich.console import Console
 from rich.table import Table
 
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 from torchslim.profile import profile
 
 

@@ -14,7 +14,7 @@ model, without knowing its block structure:
 
 A calibration *batch* is a tensor (one positional input), an ``(inputs, targets)`` pair (the
 targets are ignored), a dict of keyword inputs (e.g. a tokenizer's output) or an
-:class:`~torchslim.graph._inputs.Inputs`.
+:class:`~torchslim.graph.inputs.Inputs`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["LayerStats", "linear_layers", "materialize_batches", "run_layerwise"]
 

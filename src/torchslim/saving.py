@@ -18,7 +18,7 @@ from torch import nn
 
 from torchslim._utils import atomic_path
 from torchslim.errors import CheckpointError, ConfigError, SpecError
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "write_weights", "register_plan_kind", "replay_plan"]
 

@@ -60,7 +60,7 @@ def test_torchvision_model_round_trips(tmp_path):
 def test_onnx_runs_in_a_process_without_torch(resnet20):
     from torchslim.export._isolated import load_onnx_isolated
     from torchslim.export.parity import Tolerance, check_parity
-    from torchslim.graph._inputs import as_inputs
+    from torchslim.graph.inputs import as_inputs
 
     model, result = resnet20
     report = check_parity(model, load_onnx_isolated(result.path), as_inputs(ts.example_inputs(model)),

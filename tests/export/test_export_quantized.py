@@ -10,7 +10,7 @@ from torchslim.errors import ConfigError
 from torchslim.export import ExportError, Tolerance, export
 from torchslim.export.onnx import load_onnx
 from torchslim.export.parity import check_parity, compare_outputs
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

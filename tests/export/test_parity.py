@@ -15,7 +15,7 @@ from torchslim.export import ExportError, Format, ParityError, Tolerance, export
 from torchslim.export._base import _FORMATS
 from torchslim.export.parity import compare_outputs, random_inputs
 from torchslim.export.torchscript import export_torchscript, load_torchscript
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 

@@ -188,7 +188,7 @@ def _forward_order(model: nn.Module, names: list[str], example_inputs: Any) -> l
         if info is None or not info.example.args and not info.example.kwargs:
             return names
         example_inputs = info.example
-    from torchslim.graph._inputs import as_inputs, call_model
+    from torchslim.graph.inputs import as_inputs, call_model
 
     modules = dict(model.named_modules())
     seen: list[str] = []

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, TorchslimError
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = [
     "ExportError",

@@ -135,7 +135,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.isolated_ort:
         from torchslim.export._isolated import load_onnx_isolated
         from torchslim.export.parity import Tolerance, check_parity
-        from torchslim.graph._inputs import as_inputs
+        from torchslim.graph.inputs import as_inputs
 
         extra["onnx-isolated"] = check_parity(
             model, load_onnx_isolated(results["onnx"].path), as_inputs(inputs), format="onnx-isolated",

@@ -30,7 +30,7 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.export._base import ExportError
 from torchslim.export.parity import ParityReport, Tolerance, check_parity
-from torchslim.graph._inputs import Inputs, as_inputs
+from torchslim.graph.inputs import Inputs, as_inputs
 
 __all__ = ["SOURCES", "build_runner", "run_runner", "check_cpp", "write_tensors", "read_tensors"]
 

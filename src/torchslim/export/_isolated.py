@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from torchslim.export._base import ExportError
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["load_onnx_isolated"]
 

@@ -31,7 +31,7 @@ from torchslim.export._base import (
     tensor_leaves,
 )
 from torchslim.export.parity import ParityError, ParityReport, Tolerance, check_parity
-from torchslim.graph._inputs import Inputs, as_inputs, call_model
+from torchslim.graph.inputs import Inputs, as_inputs, call_model
 
 __all__ = ["ExportResult", "export"]
 

@@ -49,7 +49,7 @@ from torch import nn
 from torchslim._utils import evaluating, is_int, model_device
 from torchslim.errors import ConfigError, type_error
 from torchslim.export._base import failure_reason, tensor_leaves
-from torchslim.graph._inputs import Inputs, as_inputs, call_model
+from torchslim.graph.inputs import Inputs, as_inputs, call_model
 
 __all__ = ["RUNTIMES", "BenchRow", "BenchResult", "bench", "parse_runtimes"]
 

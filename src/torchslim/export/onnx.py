@@ -10,7 +10,7 @@ result records that (``exporter: "torchscript"`` with ``fallback_reason``).
 Example:
     >>> import torch, torchslim as ts
     >>> from torchslim.export.onnx import export_onnx
-    >>> from torchslim.graph._inputs import Inputs
+    >>> from torchslim.graph.inputs import Inputs
     >>> import tempfile, pathlib
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
     >>> with tempfile.TemporaryDirectory() as d:
@@ -40,7 +40,7 @@ from torchslim.export._base import (
     register_format,
     tensor_leaves,
 )
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "load_onnx", "ONNX"]
 

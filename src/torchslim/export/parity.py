@@ -41,7 +41,7 @@ from torch import nn
 from torchslim._utils import evaluating, is_int, is_number
 from torchslim.errors import ConfigError, TorchslimError
 from torchslim.export._base import batched, tensor_leaves
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = [
     "ParityCase",

@@ -7,7 +7,7 @@ runs it back.
 Example:
     >>> import torch, tempfile, pathlib
     >>> from torchslim.export.pt2 import export_pt2
-    >>> from torchslim.graph._inputs import Inputs
+    >>> from torchslim.graph.inputs import Inputs
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
     >>> with tempfile.TemporaryDirectory() as d:
     ...     export_pt2(model, Inputs((torch.randn(1, 4),)), pathlib.Path(d) / "m.pt2")["dynamic_batch"]
@@ -33,7 +33,7 @@ from torchslim.export._base import (
     register_format,
     tensor_leaves,
 )
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["export_program", "export_pt2", "load_pt2", "PT2"]
 

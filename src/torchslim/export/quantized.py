@@ -41,7 +41,7 @@ from torch import nn
 
 from torchslim.export._base import ExportError, Format, quiet, register_format
 from torchslim.export.onnx import load_onnx
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["QUANTIZED_ONNX", "ROUTED_MODES", "quantized_mode", "route", "export_quantized_onnx", "quiet_quantizer"]
 

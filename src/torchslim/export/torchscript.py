@@ -10,7 +10,7 @@ warnings are reported, and the parity check on random inputs tells whether it st
 Example:
     >>> import torch, tempfile, pathlib
     >>> from torchslim.export.torchscript import export_torchscript
-    >>> from torchslim.graph._inputs import Inputs
+    >>> from torchslim.graph.inputs import Inputs
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
     >>> with tempfile.TemporaryDirectory() as d:
     ...     export_torchscript(model, Inputs((torch.randn(1, 4),)), pathlib.Path(d) / "m.pt")["method"]
@@ -29,7 +29,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 from torchslim.export._base import ExportError, Format, failure_reason, register_format, tensor_leaves
-from torchslim.graph._inputs import Inputs
+from torchslim.graph.inputs import Inputs
 
 __all__ = ["METHODS", "export_torchscript", "load_torchscript", "TORCHSCRIPT"]
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import UnsupportedOpError
-from torchslim.graph._trace import OpNode, TensorMeta, Trace, trace
+from torchslim.graph.tracer import OpNode, TensorMeta, Trace, trace
 from torchslim.profile._formulas import _pointwise
 
 __all__ = ["ChannelGroup", "ChannelGroups", "groups", "analyse"]
@@ -1389,7 +1389,7 @@ def meta_copy(model: nn.Module) -> nn.Module | None:
 
 def to_meta(example_inputs: Any) -> Any:
     """The same inputs as meta tensors (shapes and dtypes kept)."""
-    from torchslim.graph._inputs import as_inputs
+    from torchslim.graph.inputs import as_inputs
 
     return as_inputs(example_inputs).to("meta")
 

@@ -175,7 +175,7 @@ def slice_model_(
                 setattr(mod, a, v)
         if example_inputs is not None:
             from torchslim._utils import evaluating
-            from torchslim.graph._inputs import as_inputs, call_model
+            from torchslim.graph.inputs import as_inputs, call_model
 
             with evaluating(model), torch.no_grad():
                 call_model(model, as_inputs(example_inputs))

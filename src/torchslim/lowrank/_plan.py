@@ -118,7 +118,7 @@ def geometry(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Any)
     """Where each layer runs on ``inputs`` (summed over calls), from one hooked forward."""
     if inputs is None:
         return {n: conv_geometry_default(m) for n, m in layers}
-    from torchslim.graph._inputs import as_inputs, call_model
+    from torchslim.graph.inputs import as_inputs, call_model
 
     acc: dict[str, list[int]] = {n: [0, 0, 0] for n, _ in layers}
 

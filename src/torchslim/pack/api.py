@@ -374,7 +374,7 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
 
 
 def _example_inputs(meta: dict[str, Any], stored: dict[str, torch.Tensor], p: Path) -> Any:
-    from torchslim.graph._inputs import Inputs
+    from torchslim.graph.inputs import Inputs
 
     gen = torch.Generator().manual_seed(0)
 

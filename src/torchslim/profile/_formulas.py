@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from torchslim.graph._trace import OpNode, TensorMeta
+from torchslim.graph.tracer import OpNode, TensorMeta
 
 __all__ = ["Cost", "op_cost"]
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
-from torchslim.graph._inputs import Inputs, as_inputs, call_model
-from torchslim.graph._trace import trace
+from torchslim.graph.inputs import Inputs, as_inputs, call_model
+from torchslim.graph.tracer import trace
 from torchslim.profile._formulas import op_cost
 
 __all__ = ["LayerProfile", "LatencyStats", "Profile", "profile", "measure_latency", "serialized_bytes"]

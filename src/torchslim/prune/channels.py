@@ -180,7 +180,7 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
     """
     import time
 
-    from torchslim.graph._inputs import as_inputs, call_model
+    from torchslim.graph.inputs import as_inputs, call_model
 
     kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
     shapes: dict[str, tuple[int, ...]] = {}

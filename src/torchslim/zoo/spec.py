@@ -20,7 +20,7 @@ from torch import nn
 
 from torchslim._optional import require
 from torchslim.errors import ConfigError, InputShapeError, SpecError, TorchslimError, type_error
-from torchslim.graph._inputs import Inputs, as_inputs
+from torchslim.graph.inputs import Inputs, as_inputs
 
 __all__ = [
     "ModelInfo",

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torchslim.graph._inputs import Inputs, as_inputs, call_model
+from torchslim.graph.inputs import Inputs, as_inputs, call_model
 
 __all__ = ["TensorMeta", "OpNode", "ModuleCall", "Trace", "trace"]
 
