@@ -32,7 +32,7 @@ def test_default_selects_every_layer_of_the_kinds():
     [
         (["0"], None, ["0"]),  # exact name
         (["2"], None, ["2.0"]),  # a container selects what is inside it
-        (["?"], None, ["0", "4"]),  # glob
+        (["?"], None, ["0", "2.0", "4"]),  # glob (it matches the container "2" too)
         (["re:[04]"], None, ["0", "4"]),  # regex, matched in full
         (None, ["re:2\\..*"], ["0", "4"]),
         (None, "4", ["0", "2.0"]),  # one string is one pattern
