@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "model_device", "atomic_path", "is_int", "is_number"]
+__all__ = ["evaluating", "model_device", "num_threads", "atomic_path", "is_int", "is_number"]
 
 
 @contextlib.contextmanager
@@ -31,6 +31,39 @@ def evaluating(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[int]:
+    """Run the block with ``n`` torch intra-op threads and restore the previous count after.
+
+    ``None`` keeps the current setting. Yields the thread count in force inside the block.
+
+    Raises:
+        ConfigError: ``n`` is not an integer >= 1.
+
+    Example:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> with num_threads(1) as n:
+        ...     n, torch.get_num_threads()
+        (1, 1)
+        >>> torch.get_num_threads() == before
+        True
+    """
+    if n is not None and (not is_int(n) or n < 1):
+        from torchslim.errors import ConfigError
+
+        raise ConfigError(f"threads must be an integer >= 1 or None; got {n!r}")
+    saved = torch.get_num_threads()
+    if n is None or n == saved:
+        yield saved
+        return
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(saved)
 
 
 def model_device(model: nn.Module) -> torch.device:
