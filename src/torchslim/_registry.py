@@ -1,12 +1,25 @@
-"""One registry of named methods per family, listable like timm's ``list_models``.
+"""One registry of everything torchslim can be asked for by name.
 
-Families register their strategy objects (importance criteria, observers, rank selectors,
-schedules, losses, ...) at import::
+Every family fills it when its package is imported (the package's ``__init__`` imports its
+modules, and each module registers what it defines), so a new method, plan kind, export format,
+recipe stage or CLI verb is one decorated object in one file::
 
-    @register_method("prune.importance", "l1", description="sum of |w| over the group")
+    @register("method", "prune.importance.l1", family="prune.importance", description="sum of |w|")
     class L1Importance: ...
 
-``ts.list_methods("prune")`` lists every name registered under ``prune`` or ``prune.*``.
+Kinds (:data:`KINDS`):
+
+    method         strategy objects of a family: importance criteria, observers, rank selectors,
+                   losses, ... (``register_method`` / ``get_method`` / ``ts.list_methods``)
+    plan           how to replay a saved plan on a rebuilt model (``_modelinfo.register_plan_kind``)
+    export_format  writers of ``ts.export``
+    recipe_stage   stages a recipe may name
+    cli_verb       ``torchslim VERB`` parsers (each ``*/_cli.py`` registers its own)
+    model          model spec resolvers (``zoo:``, ``torchvision:``, a saved directory, ...)
+    dataset        data spec resolvers (``mnist``, ``synthetic:SHAPE``, ``file.py:factory``, ...)
+
+A lookup first makes sure every family is registered by importing the package once (the root
+imports every family), so callers never keep tables of module names.
 """
 
 from __future__ import annotations
@@ -14,77 +27,198 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from torchslim.errors import ConfigError
 
-__all__ = ["MethodEntry", "register_method", "get_method", "list_methods"]
+__all__ = [
+    "KINDS",
+    "Entry",
+    "register",
+    "lookup",
+    "entries",
+    "MethodEntry",
+    "register_method",
+    "get_method",
+    "list_methods",
+]
 
 T = TypeVar("T")
 
-# family prefix -> modules whose import registers that family's methods
-_FAMILY_MODULES: dict[str, tuple[str, ...]] = {
-    "prune": ("torchslim.prune",),
-    "quantize": ("torchslim.quantize",),
-    "binarize": ("torchslim.binarize",),
-    "distill": ("torchslim.distill",),
-    "lowrank": ("torchslim.lowrank",),
-    "pack": ("torchslim.pack",),
+KINDS: tuple[str, ...] = ("method", "plan", "export_format", "recipe_stage", "cli_verb", "model", "dataset")
+_LABEL = {
+    "method": "method",
+    "plan": "plan kind",
+    "export_format": "export format",
+    "recipe_stage": "recipe stage",
+    "cli_verb": "CLI verb",
+    "model": "model spec kind",
+    "dataset": "data set",
 }
 
 
 @dataclass(frozen=True)
-class MethodEntry:
-    family: str
+class Entry:
+    """One registered object: ``kind`` and ``name`` identify it (names are unique per kind)."""
+
+    kind: str
     name: str
     obj: Any
+    family: str = ""
     description: str = ""
+    meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def short_name(self) -> str:
+        """The name without its family prefix (``'l1'`` for ``'prune.importance.l1'``)."""
+        prefix = self.family + "."
+        return self.name[len(prefix):] if self.family and self.name.startswith(prefix) else self.name
 
 
-_REGISTRY: dict[tuple[str, str], MethodEntry] = {}
+MethodEntry = Entry  # the old name of an entry of kind "method"
+
+_ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+_loaded = False
 
 
-def register_method(family: str, name: str, *, description: str = "") -> Callable[[T], T]:
-    """Decorator: register ``obj`` as method ``name`` of ``family`` (e.g. ``'prune.importance'``)."""
-
-    def deco(obj: T) -> T:
-        _REGISTRY[(family, name)] = MethodEntry(family, name, obj, description or (obj.__doc__ or "").strip().split("\n")[0])
-        return obj
-
-    return deco
+def _check_kind(kind: str) -> None:
+    if kind not in _ENTRIES:
+        raise ConfigError(f"unknown registry kind {kind!r}; allowed: {', '.join(KINDS)}")
 
 
-def _load(family: str | None) -> None:
-    for prefix, modules in _FAMILY_MODULES.items():
-        if family is None or family == prefix or family.startswith(prefix + "."):
-            for m in modules:
-                try:
-                    importlib.import_module(m)
-                except ModuleNotFoundError as exc:
-                    if not (exc.name and m.startswith(exc.name)):
-                        raise
+def _same(a: Any, b: Any) -> bool:
+    """The same object, or the same definition imported again (a module reloaded)."""
+    if a is b:
+        return True
+    qa = (getattr(a, "__module__", None), getattr(a, "__qualname__", None))
+    return qa[1] is not None and qa == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
+def register(
+    kind: str,
+    name: str,
+    obj: Any = None,
+    *,
+    family: str = "",
+    description: str = "",
+    replace: bool = False,
+    **meta: Any,
+) -> Any:
+    """Register ``obj`` as ``name`` of ``kind``; without ``obj`` returns a decorator.
+
+    Args:
+        kind: one of :data:`KINDS`.
+        name: unique within ``kind``.
+        obj: the object (class, function, resolver, ...); omitted, ``register`` decorates.
+        family: the family or group it belongs to (``"prune"``, ``"prune.importance"``, ...).
+        description: one line; defaults to the first line of ``obj``'s docstring.
+        replace: replace an existing entry of that name instead of refusing it.
+        **meta: anything the kind's users read (e.g. a CLI verb's ``order``).
+
+    Returns:
+        ``obj`` itself (so ``register`` works as a decorator).
+
+    Raises:
+        ConfigError: an unknown kind, or ``name`` already registered (and ``replace`` not set).
+
+    Example:
+        >>> from torchslim._registry import lookup
+        >>> entry = lookup("method", "prune.importance.l1")  # registered by ``@register_method``
+        >>> entry.family, entry.short_name
+        ('prune.importance', 'l1')
+    """
+    _check_kind(kind)
+
+    def deco(target: T) -> T:
+        table = _ENTRIES[kind]
+        old = table.get(name)
+        if old is not None and not replace and not _same(old.obj, target):
+            raise ConfigError(
+                f"{_LABEL[kind]} {name!r} is already registered (by {_where(old.obj)}); "
+                f"pick another name or pass replace=True"
+            )
+        doc = description or (getattr(target, "__doc__", None) or "").strip().split("\n")[0]
+        table[name] = Entry(kind, name, target, family, doc, MappingProxyType(dict(meta)))
+        return target
+
+    return deco if obj is None else deco(obj)
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _ensure_loaded() -> None:
+    """Import the package once: its root imports every family, and every family registers itself."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        importlib.import_module("torchslim")
+
+
+def _unknown(kind: str, name: str, known: list[str], what: str | None = None) -> ConfigError:
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ConfigError(f"unknown {what or _LABEL[kind]} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+
+
+def lookup(kind: str, name: str) -> Entry:
+    """The entry registered as ``name`` of ``kind``.
+
+    Raises:
+        ConfigError: an unknown kind or name; the message suggests the closest known name and
+            lists every known one.
+    """
+    _check_kind(kind)
+    entry = _ENTRIES[kind].get(name)
+    if entry is None:
+        _ensure_loaded()
+        entry = _ENTRIES[kind].get(name)
+    if entry is None:
+        raise _unknown(kind, name, sorted(_ENTRIES[kind]))
+    return entry
+
+
+def _in_family(entry: Entry, family: str | None) -> bool:
+    return family is None or entry.family == family or entry.family.startswith(family + ".")
+
+
+def entries(kind: str, family: str | None = None, pattern: str = "*") -> list[Entry]:
+    """Every entry of ``kind`` (of ``family`` or its sub-families; names matching the glob
+    ``pattern``), sorted by name."""
+    _check_kind(kind)
+    _ensure_loaded()
+    return [
+        e for _, e in sorted(_ENTRIES[kind].items())
+        if _in_family(e, family) and fnmatch.fnmatch(e.name, pattern)
+    ]
+
+
+# ---- methods: the original API, kept -----------------------------------------------------------
+def register_method(family: str, name: str, *, description: str = "", replace: bool = False) -> Callable[[T], T]:
+    """Decorator: register ``obj`` as method ``name`` of ``family`` (e.g. ``'prune.importance'``).
+
+    The entry is kind ``"method"`` named ``'family.name'``.
+    """
+    return register("method", f"{family}.{name}", family=family, description=description, replace=replace)
 
 
 def get_method(family: str, name: str) -> Any:
     """The object registered as ``name`` in ``family``; a ``ConfigError`` lists the known names."""
-    _load(family)
-    entry = _REGISTRY.get((family, name))
+    full = f"{family}.{name}"
+    entry = _ENTRIES["method"].get(full)
     if entry is None:
-        known = sorted(n for f, n in _REGISTRY if f == family)
-        near = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"unknown {family} method {name!r}{hint} (known: {', '.join(known) or 'none'})")
+        _ensure_loaded()
+        entry = _ENTRIES["method"].get(full)
+    if entry is None:
+        known = sorted(e.short_name for e in _ENTRIES["method"].values() if e.family == family)
+        raise _unknown("method", name, known, what=f"{family} method")
     return entry.obj
 
 
 def list_methods(family: str | None = None, pattern: str = "*") -> list[str]:
     """``'family.name'`` of every registered method under ``family`` (all when None), sorted."""
-    _load(family)
-    out = []
-    for (f, n) in _REGISTRY:
-        if family is None or f == family or f.startswith(family + "."):
-            if fnmatch.fnmatch(n, pattern):
-                out.append(f"{f}.{n}")
-    return sorted(out)
+    return [e.name for e in entries("method", family) if fnmatch.fnmatch(e.short_name, pattern)]
