@@ -10,6 +10,7 @@ from torchslim.profile.api import (
     serialized_bytes,
 )
 from torchslim.profile.compare import CompareRow, Comparison, compare
+from torchslim.profile.latency import Timing, measure, measure_pair, speedup
 
 __all__ = [
     "Comparison",
@@ -18,9 +19,13 @@ __all__ = [
     "LatencyStats",
     "LayerProfile",
     "Profile",
+    "Timing",
     "compare",
+    "measure",
     "measure_latency",
+    "measure_pair",
     "op_cost",
     "profile",
     "serialized_bytes",
+    "speedup",
 ]

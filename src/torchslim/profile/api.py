@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,10 +19,10 @@ import torch
 from torch import nn
 
 from torchslim._utils import evaluating, model_device
-from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
 from torchslim.graph.tracer import trace
 from torchslim.profile._formulas import op_cost
+from torchslim.profile.latency import Timing, measure
 
 __all__ = ["LayerProfile", "LatencyStats", "Profile", "profile", "measure_latency", "serialized_bytes"]
 
@@ -43,7 +42,8 @@ class LayerProfile:
 
 @dataclass
 class LatencyStats:
-    """Wall-clock latency of one forward, in milliseconds."""
+    """Wall-clock latency of one forward, in milliseconds: the median of the timed runs, with
+    their spread (p10/p25/p75/p90), the threads in force and the CPU."""
 
     median: float
     mean: float
@@ -57,6 +57,18 @@ class LatencyStats:
     threads: int
     batch_size: int
     device: str
+    p25: float | None = None
+    p75: float | None = None
+    cpu: str = ""
+
+    @classmethod
+    def from_timing(cls, t: Timing, *, batch_size: int) -> LatencyStats:
+        """The profile's view of one :class:`~torchslim.profile.latency.Timing`."""
+        times = t.times_ms
+        return cls(median=t.median_ms, mean=statistics.fmean(times), std=statistics.pstdev(times),
+                   p10=t.quantile(0.1), p90=t.quantile(0.9), min=min(times), max=max(times), runs=t.runs,
+                   warmup=t.warmup, threads=t.threads, batch_size=batch_size, device=t.device, p25=t.p25_ms,
+                   p75=t.p75_ms, cpu=t.cpu)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,52 +178,24 @@ def measure_latency(
     runs: int | None = None,
     min_time_s: float = 1.0,
     max_runs: int = 200,
+    threads: int | None = None,
 ) -> LatencyStats:
     """Median latency of ``model(example_inputs)`` after warm-up, under ``no_grad``.
 
-    When ``runs`` is None, the number of timed runs is chosen so the timing takes about
-    ``min_time_s`` seconds (at least 5, at most ``max_runs``). The model is run as it is
-    (its mode is not changed); CUDA work is synchronised around each run.
+    Timed by :func:`torchslim.profile.latency.measure` (the one timer). When ``runs`` is None,
+    the number of timed runs is chosen so the timing takes about ``min_time_s`` seconds (at
+    least 5, at most ``max_runs``). The model is run as it is (its mode is not changed); CUDA
+    work is synchronised around each run.
+
+    Raises:
+        ConfigError: ``warmup`` < 0, ``runs`` < 1 or ``threads`` < 1. Nothing ran.
     """
-    if warmup < 0 or (runs is not None and runs < 1):
-        raise ConfigError(f"warmup must be >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
     device = model_device(model)
     inputs = as_inputs(example_inputs).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
     with torch.no_grad():
-        for _ in range(max(warmup, 0)):
-            call_model(model, inputs)
-        sync()
-        target = runs
-        while True:
-            t0 = time.perf_counter()
-            model(*inputs.args, **inputs.kwargs)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if target is None and len(times) == 1:
-                target = int(min(max_runs, max(5, min_time_s * 1e3 / max(times[0], 1e-3))))
-            if len(times) >= target:
-                break
-    ordered = sorted(times)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return LatencyStats(
-        median=statistics.median(times),
-        mean=statistics.fmean(times),
-        std=statistics.pstdev(times),
-        p10=pct(0.1),
-        p90=pct(0.9),
-        min=ordered[0],
-        max=ordered[-1],
-        runs=len(times),
-        warmup=warmup,
-        threads=torch.get_num_threads(),
-        batch_size=inputs.batch_size,
-        device=str(device),
-    )
+        t = measure(lambda: call_model(model, inputs), runs=runs, warmup=warmup, threads=threads, sync=device,
+                    min_time_s=min_time_s, max_runs=max_runs)
+    return LatencyStats.from_timing(t, batch_size=inputs.batch_size)
 
 
 def _layers(model: nn.Module, tr: Any, costs: list[Any]) -> list[LayerProfile]:
@@ -263,6 +247,7 @@ def profile(
     runs: int | None = None,
     min_time_s: float = 1.0,
     inference: bool = True,
+    threads: int | None = None,
 ) -> Profile:
     """Profile ``model`` on ``example_inputs``.
 
@@ -273,6 +258,8 @@ def profile(
         latency: also time the forward (median of repeated runs after ``warmup``).
         size: also write the weights to a temporary safetensors file and report its bytes.
         warmup, runs, min_time_s: latency settings (see :func:`measure_latency`).
+        threads: torch intra-op threads for the latency runs (restored after); ``None`` keeps
+            the current setting. The result's ``latency_ms.threads`` states what was used.
         inference: profile in eval mode under ``no_grad`` (as deployed). With ``False`` the
             model is traced in its current mode with autograd on.
 
@@ -299,7 +286,8 @@ def profile(
         tr = trace(model, inputs, grad=not inference)
         costs = [op_cost(op) for op in tr.ops]
         unsupported = Counter(op.name for op, c in zip(tr.ops, costs) if not c.supported)
-        lat = measure_latency(model, inputs, warmup=warmup, runs=runs, min_time_s=min_time_s) if latency else None
+        lat = (measure_latency(model, inputs, warmup=warmup, runs=runs, min_time_s=min_time_s, threads=threads)
+               if latency else None)
 
     modules = dict(model.named_modules())
     by_precision: dict[str, int] = defaultdict(int)
