@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
 import time
 import warnings
@@ -46,10 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating, is_int, model_device
+from torchslim._utils import evaluating, is_int, model_device, num_threads
 from torchslim.errors import ConfigError, type_error
 from torchslim.export._base import failure_reason, tensor_leaves
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
+from torchslim.profile.latency import cpu_name, measure_interleaved
 
 __all__ = ["RUNTIMES", "BenchRow", "BenchResult", "bench", "parse_runtimes"]
 
@@ -343,15 +343,11 @@ def bench(
         example_inputs = remembered(model)
     inputs = as_inputs(example_inputs).to(model_device(model))
 
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with evaluating(model), torch.no_grad():
-            call_model(model, inputs)  # a model that does not run gets the usual readable error
-            rows = _measure(model, inputs, names, threads, runs, warmup)
-    finally:
-        torch.set_num_threads(saved_threads)
-    env: dict[str, Any] = {"torch": torch.__version__, "interop_threads": torch.get_num_interop_threads()}
+    with num_threads(threads), evaluating(model), torch.no_grad():
+        call_model(model, inputs)  # a model that does not run gets the usual readable error
+        rows = _measure(model, inputs, names, threads, runs, warmup)
+    env: dict[str, Any] = {"torch": torch.__version__, "interop_threads": torch.get_num_interop_threads(),
+                           "cpu": cpu_name()}
     try:
         import onnxruntime as ort
 
@@ -403,16 +399,9 @@ def _measure(model: nn.Module, inputs: Inputs, names: tuple[str, ...], threads: 
             problems[name] = ("failed", failure_reason(exc))
             del runners[name]
 
-    order = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in order}
-    for k in range(runs):
-        shift = k % len(order)
-        for name in order[shift:] + order[:shift]:  # rotated each round: no runtime is always first
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-
-    eager_ms = statistics.median(times["eager"])
+    # one call of each per round, the order rotated each round: no runtime is always first
+    timings = measure_interleaved(runners, runs=runs, warmup=0, rotate=True)
+    eager_ms = timings["eager"].median_ms
     rows = []
     for name in names:
         if name in problems:
@@ -420,16 +409,11 @@ def _measure(model: nn.Module, inputs: Inputs, names: tuple[str, ...], threads: 
             rows.append(BenchRow(name, status, prepare_s=prepare.get(name, 0.0), reason=reason,
                                  info=infos.get(name, {})))
             continue
-        ts_ = sorted(times[name])
-        median = statistics.median(ts_)
+        t = timings[name]
+        median = t.median_ms
         rows.append(BenchRow(
-            name, "ok", median_ms=median, p10_ms=_quantile(ts_, 0.1), p90_ms=_quantile(ts_, 0.9),
+            name, "ok", median_ms=median, p10_ms=t.quantile(0.1), p90_ms=t.quantile(0.9),
             ratio_to_eager=1.0 if name == "eager" else median / eager_ms, max_abs_diff=diffs[name],
             prepare_s=prepare[name], info=infos[name],
         ))
     return rows
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[idx]
