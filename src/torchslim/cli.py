@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
@@ -215,32 +217,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
 
 
-# Verb modules of the method families: each defines register(subparsers). A family that has not
-# landed yet is simply absent.
-_FAMILY_VERBS = (
-    "torchslim.prune._cli",
-    "torchslim.quantize._cli",
-    "torchslim.binarize._cli",
-    "torchslim.distill._cli",
-    "torchslim.lowrank._cli",
-    "torchslim.pack._cli",
-    "torchslim.export._cli",
-    "torchslim.search._cli",
-    "torchslim.recipe._cli",
-)
+def _register_verbs(sub: Any) -> None:
+    """Every ``cli_verb`` of the registry, in ``order``: the verbs below and each family's ``_cli``."""
+    from torchslim._registry import entries
 
-
-def _register_families(sub: Any) -> None:
-    import importlib
-
-    for name in _FAMILY_VERBS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):  # the family itself is not there
-                continue
-            raise
-        module.register(sub)
+    for entry in sorted(entries("cli_verb"), key=lambda e: (e.meta.get("order", 100), e.name)):
+        entry.obj(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
+    _register_verbs(sub)
+    return parser
 
+
+def _register_core(sub: Any) -> None:
+    """The verbs of the core: profile, train, list, demo."""
     p = sub.add_parser("profile", help="params, MACs, FLOPs, bytes, memory and latency of a model")
     _common(p)
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several: separate with ';')")
@@ -293,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="rerun every stage even if --out holds a finished run")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
     p.set_defaults(func=cmd_demo)
-    _register_families(sub)
-    return parser
+
+
+_register_entry("cli_verb", "core", _register_core, family="core", order=0, verbs=("profile", "train", "list", "demo"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Example:
     ['features.3', 'classifier.0', 'classifier.2']
 """
 
+from torchslim.binarize import _cli  # noqa: E402,F401  (registers the binarize CLI verbs)
 from torchslim.binarize._summary import BinaryLayerSummary, BinarySummary, summary
 from torchslim.binarize.api import BinarizeConfig, BinarizePlan, binarize_, binary_layers, set_backend_
 from torchslim.binarize.kernel import binary_conv2d, binary_linear, c_kernel_status, xnor_matmul

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -142,3 +144,7 @@ def _teacher(spec: str, data: Any) -> Any:
     import torchslim as ts
 
     return ts.create_model(spec, data=data)
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "binarize", register, family="binarize", order=30, verbs=("binarize",))

@@ -6,6 +6,7 @@ all work) with a registered loss: Hinton KD (``"kd"``), FitNets hints (``"hint"`
 transfer (``"at"``) or TinyBERT layer matching (``"tinybert"``).
 """
 
+from torchslim.distill import _cli  # noqa: E402,F401  (registers the distill CLI verbs)
 from torchslim.distill.api import DistillConfig, DistillResult, distill
 from torchslim.distill.losses import ATLoss, DistillLoss, HintLoss, KDLoss, TinyBERTLoss, kd_loss
 from torchslim.distill.mapping import auto_taps, map_by_depth, map_by_name

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 _LOSSES = ("kd", "hint", "at", "tinybert")
@@ -96,3 +98,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         }
 
     return run_model_verb(args, "distill", apply)
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "distill", register, family="distill", order=40, verbs=("distill",))

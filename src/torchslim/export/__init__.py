@@ -4,7 +4,9 @@
 ``format=``), runs it back in its own runtime on the example and random inputs, and returns an
 :class:`ExportResult` holding the files, their sizes and the :class:`ParityReport`. Other formats
 (e.g. quantized QDQ ONNX) plug in with :func:`register_format`; models quantized by
-``ts.quantize_`` (static / QAT) go to int8 QDQ ONNX (:mod:`torchslim.export.quantized`).
+``ts.quantize_`` (static / QAT) go to int8 QDQ ONNX (:mod:`torchslim.export.quantized`), written by
+the one integer writer :func:`export_integer_onnx` (int8 QDQ, dynamic int8, int4), which families
+feed through :func:`register_onnx_lowering` and :func:`register_integer_scheme`.
 :func:`bench` times a model in eager PyTorch, ``torch.compile``, TorchScript and ONNX Runtime.
 
 Example:
@@ -16,9 +18,18 @@ Example:
     ('torchscript', 'trace', True)
 """
 
+from torchslim.export import _cli  # noqa: E402,F401  (registers the export CLI verbs)
 from torchslim.export._base import ExportError, Format, get_format, list_formats, register_format
 from torchslim.export.api import ExportResult, export
 from torchslim.export.bench import BenchResult, BenchRow, bench  # the function shadows the module name
+from torchslim.export.onnx import export_onnx
+from torchslim.export.onnx_int import (
+    IntegerScheme,
+    OnnxLowering,
+    export_integer_onnx,
+    register_integer_scheme,
+    register_onnx_lowering,
+)
 from torchslim.export.parity import (
     ParityCase,
     ParityError,
@@ -34,6 +45,8 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Format",
+    "IntegerScheme",
+    "OnnxLowering",
     "ParityCase",
     "ParityError",
     "ParityReport",
@@ -41,8 +54,12 @@ __all__ = [
     "bench",
     "check_parity",
     "export",
+    "export_integer_onnx",
+    "export_onnx",
     "get_format",
     "list_formats",
     "random_inputs",
     "register_format",
+    "register_integer_scheme",
+    "register_onnx_lowering",
 ]

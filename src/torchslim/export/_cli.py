@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "onnx-int8": ".int8.onnx"}
@@ -185,3 +187,7 @@ def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str,
         path = results["torchscript" if name.startswith("torchscript") else "onnx"].path.name
         row(name, path, "", "C++ libtorch" if name.startswith("torchscript") else "ORT, no torch in process", rep)
     con.print(t)
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "export", register, family="export", order=70, verbs=("export", "bench"))

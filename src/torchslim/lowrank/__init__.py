@@ -13,6 +13,7 @@ Example:
     ['features.2']
 """
 
+from torchslim.lowrank import _cli  # noqa: E402,F401  (registers the lowrank CLI verbs)
 from torchslim.lowrank.api import (
     METHODS,
     FactorizeConfig,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -130,3 +132,7 @@ def _result_dict(result: Any) -> Any:
     import dataclasses
 
     return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else str(result)
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "factorize", register, family="lowrank", order=50, verbs=("factorize",))

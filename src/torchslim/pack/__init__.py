@@ -7,6 +7,7 @@
 - :func:`packed_size_bytes`: the packed size, for profiles and reports.
 """
 
+from torchslim.pack import _cli  # noqa: E402,F401  (registers the pack CLI verbs)
 from torchslim.pack.api import PackResult, pack, pack_result, packed_size_bytes, read_header, unpack
 from torchslim.pack.cluster import ClusterConfig, ClusterPlan, bake_, cluster_, clustered_layers, kmeans_1d
 

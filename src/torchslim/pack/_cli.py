@@ -17,6 +17,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -187,3 +189,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
         return 0
     console_for(args).print(f"unpacked {args.file} to {out}")
     return 0
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "pack", register, family="pack", order=60, verbs=("pack", "unpack"))

@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 # --- post-training (one-shot) pruning and transformer structure (heads, FFN neurons, layers) ---
+from torchslim.prune import _cli  # noqa: E402,F401  (registers the prune CLI verbs)
 from torchslim.prune.heads import (  # noqa: E402
     drop_layers_,
     head_importance,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -149,3 +151,7 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
     con.print(t)
     con.print(f"wrote {files['lottery']}" + (f" and {files['plot']}" if "plot" in files else ""))
     return 0
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "prune", register, family="prune", order=10, verbs=("prune", "sparsify", "lottery"))

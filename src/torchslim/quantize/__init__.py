@@ -1,14 +1,15 @@
 """Quantization: primitives, observers, fake-quant (STE, LSQ), PTQ, QAT, weight-only, ONNX Runtime int8.
 
 The public verbs are :func:`quantize_` (with a :class:`QuantConfig`), :func:`qat_prepare_` and
-:func:`qat_convert_`; :func:`export_onnx` writes the fp32 and the int8 ONNX files that ONNX
-Runtime runs with integer kernels.
+:func:`qat_convert_`. Integer ONNX files (int8 QDQ, dynamic int8, int4) are written by
+``ts.export`` / :func:`torchslim.export.export_integer_onnx`, through the lowerings
+:mod:`torchslim.quantize.onnx_lowering` registers (``export_onnx`` here is its deprecated name).
 """
 
 from __future__ import annotations
 
 from torchslim.quantize import observers as observers  # registers the observers
-from torchslim.quantize._onnx import export_onnx
+from torchslim.quantize.onnx_lowering import export_onnx  # registers the ONNX lowerings; the name is deprecated
 from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
@@ -40,6 +41,7 @@ __all__ = [
     "QuantizedRNN",
 ]
 
+from torchslim.quantize import _cli  # noqa: E402,F401  (registers the quantize CLI verbs)
 from torchslim.quantize.gptq import gptq_  # noqa: E402
 
 __all__ += ["gptq_"]

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -129,3 +131,7 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
             x = next(iter(calibration))[0]
         extras["onnx_parity"] = onnx_parity(model, files, x)
     return extras
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "quantize", register, family="quantize", order=20, verbs=("quantize",))

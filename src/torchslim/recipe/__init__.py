@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torchslim.recipe import _cli  # noqa: E402,F401  (registers the recipe CLI verbs)
 from torchslim.recipe.runner import CompressResult, compress, measure
 from torchslim.recipe.schema import Goals, Recipe, RecipeError, Stage, parse_recipe, stage_kinds
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register", "print_summary"]
 
 
@@ -100,3 +102,7 @@ def _speed(ratio: float | None) -> str:
     if not ratio:
         return "-"
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "compress", register, family="recipe", order=90, verbs=("compress",))

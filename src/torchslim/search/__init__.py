@@ -7,6 +7,7 @@ best model. The study lives in SQLite in the output directory (resumable) or in 
 (``storage="postgresql://..."``) that any number of workers join.
 """
 
+from torchslim.search import _cli  # noqa: E402,F401  (registers the search CLI verbs)
 from torchslim.search.api import DEFAULT_STUDY, SearchConfig, SearchResult, search
 from torchslim.search.cost import CostModel
 from torchslim.search.objectives import METRICS, bn_recalibrate_, parse_budget, parse_objectives

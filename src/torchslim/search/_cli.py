@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchslim._registry import register as _register_entry
+
 __all__ = ["register"]
 
 
@@ -154,3 +156,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                       f"{100 * payload['accuracy_after']:.2f}%) saved to {b.get('model', '-')}")
     con.print(f"results in {args.out}")
     return 0
+
+
+# the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
+_register_entry("cli_verb", "search", register, family="search", order=80, verbs=("search",))
