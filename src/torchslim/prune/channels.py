@@ -175,12 +175,11 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
     Every conv / linear / norm layer bound to a group is timed on its own, on an input of the
     shape it sees in the model, whole and with the group's channels halved (kept widths rounded
     to ``round_to``); the group's saving is the sum over its layers. Each distinct layer shape is
-    timed once (fastest of ``runs``, least disturbed by other load), at the current
-    ``torch.get_num_threads()``.
+    timed once (median of ``runs`` after one warm-up call, by the one timer
+    :func:`torchslim.profile.latency.measure`), at the current ``torch.get_num_threads()``.
     """
-    import time
-
     from torchslim.graph.inputs import as_inputs, call_model
+    from torchslim.profile.latency import measure
 
     kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -208,16 +207,11 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
         if key not in cache:
             x = torch.randn(shape)
             with torch.no_grad():
-                out = mod(x)
-                times = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    mod(x)
-                    times.append(time.perf_counter() - t0)
-            times.sort()
+                out = mod(x)  # also the warm-up call
+                seconds = measure(lambda: mod(x), runs=runs, warmup=0).median_ms / 1e3
             w = mod.weight
             macs = out.numel() * (w[0].numel() if w is not None and w.dim() > 1 else 0)
-            cache[key] = (times[0], macs)  # the minimum: what the kernel costs without the machine's noise
+            cache[key] = (seconds, macs)
         return cache[key]
 
     out: dict[int, float] = {}
