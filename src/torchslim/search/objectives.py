@@ -179,24 +179,30 @@ def paired_latency(reference: nn.Module, model: nn.Module, example_inputs: Any, 
                    min_time_s: float = 0.05) -> tuple[float, float]:
     """Median latencies (ms) of ``model`` and ``reference``, measured side by side.
 
-    The two are timed in alternating rounds, so a machine whose load drifts during a search
-    slows both alike and their ratio stays honest. Both run in eval mode under ``no_grad``.
+    The two are timed call by call, interleaved (``profile.latency.measure_pair``), so a machine
+    whose load drifts during a search slows both alike and their ratio stays honest; each gets
+    the median of its runs (the one statistic of every torchslim latency). The number of runs
+    is chosen so each model runs about ``rounds * min_time_s`` seconds (at least ``5 * rounds``,
+    at most 200). Both run in eval mode under ``no_grad``.
 
     Returns:
         ``(model_ms, reference_ms)``.
     """
-    import statistics
+    from torchslim._utils import evaluating, model_device
+    from torchslim.graph.inputs import as_inputs, call_model
+    from torchslim.profile.latency import measure, measure_pair
 
-    from torchslim._utils import evaluating
-    from torchslim.profile.api import measure_latency
-
-    mine: list[float] = []
-    ref: list[float] = []
-    with evaluating(reference), evaluating(model):
-        for _ in range(rounds):
-            ref.append(measure_latency(reference, example_inputs, min_time_s=min_time_s).median)
-            mine.append(measure_latency(model, example_inputs, min_time_s=min_time_s).median)
-    return statistics.median(mine), statistics.median(ref)
+    device = model_device(model)
+    ref_in = as_inputs(example_inputs).to(model_device(reference))
+    mine_in = as_inputs(example_inputs).to(device)
+    with evaluating(reference), evaluating(model), torch.no_grad():
+        run_ref = lambda: call_model(reference, ref_in)  # noqa: E731
+        run_mine = lambda: call_model(model, mine_in)  # noqa: E731
+        probe = max(measure(run_ref, runs=1, warmup=1, sync=device).median_ms, 1e-3)
+        runs = int(min(200, max(5 * rounds, rounds * min_time_s * 1e3 / probe)))
+        ref, mine = measure_pair(run_ref, run_mine, runs=runs, warmup=2, sync=device,
+                                 runtimes=("reference", "model"))
+    return mine.median_ms, ref.median_ms
 
 
 def fractions(absolute: Mapping[str, float], base: Mapping[str, float]) -> dict[str, float]:
