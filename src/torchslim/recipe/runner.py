@@ -113,12 +113,8 @@ def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, late
     import torchslim as ts
 
     model.eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread, like the ONNX Runtime timings: stable on a shared machine
-    try:
-        prof = ts.profile(model, latency=latency, min_time_s=0.3)
-    finally:
-        torch.set_num_threads(threads)
+    # one thread, like the ONNX Runtime timings: stable on a shared machine
+    prof = ts.profile(model, latency=latency, min_time_s=0.3, threads=1)
     acc = None
     if data is not None and data.labeled:
         acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
