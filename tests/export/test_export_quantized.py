@@ -93,3 +93,89 @@ def test_cli_exports_a_saved_static_model_as_int8(tmp_path, capsys, static_cnn):
     payload = json.loads(capsys.readouterr().out)
     assert payload["exporters"]["onnx"]["quantized"] == "static" and payload["parity"]["onnx"]["ok"] is True
     assert payload["parity"]["onnx"]["tolerance"]["steps"] == 16.0 and out.is_file()
+
+
+def test_dynamic_and_int4_models_go_through_the_one_writer(tmp_path):
+    """``format="onnx-int8"`` of a dynamic / int4 weight-only model: the integer ops the
+    quantize family's registered scheme asks for (the export package never imports quantize)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    dyn = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    ts.quantize_(dyn, ts.QuantConfig(mode="dynamic"))
+    result = export(dyn, x, tmp_path / "dyn.onnx", format="onnx-int8")
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert result.info["quantized"] == "dynamic" and {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert result.parity.ok
+
+    int4 = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    ts.quantize_(int4, ts.QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32))
+    result = export(int4, x, tmp_path / "int4.onnx", format="onnx-int8")
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert result.info["quantized"] == "weight-only" and ops.count("MatMulNBits") == 2 and "MatMul" not in ops
+    assert result.parity.ok
+    # a dynamic model's plain ONNX stays the float simulation (only static / QAT are routed)
+    assert export(dyn, x, tmp_path / "plain.onnx").format == "onnx"
+
+
+class _ToyInt4(torch.nn.Module):
+    """A module of no torchslim family: a Linear whose weight is symmetric int4 in groups of 32."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        w = torch.randn(rows, cols)
+        scale = w.reshape(rows, cols // 32, 32).abs().amax(-1) / 7
+        self.register_buffer("ints", (w.reshape(rows, -1, 32) / scale[..., None]).round().clamp(-8, 7).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def weight(self) -> torch.Tensor:
+        return (self.ints.float() * self.scale[..., None]).reshape(self.scale.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight())
+
+
+def test_a_plugin_registers_its_lowering_and_ts_export_writes_integers(tmp_path, monkeypatch):
+    """What a family does to get integer ONNX: register a lowering per module type and a scheme reader."""
+    import numpy as np
+
+    from torchslim.export import onnx_int
+    from torchslim.export.onnx_nbits import Int4Weight
+
+    monkeypatch.setattr(onnx_int, "_LOWERINGS", dict(onnx_int._LOWERINGS))
+    monkeypatch.setattr(onnx_int, "_SCHEMES", list(onnx_int._SCHEMES))
+
+    def as_linear(m: _ToyInt4) -> torch.nn.Module:
+        lin = torch.nn.Linear(m.ints.shape[1] * 32, m.ints.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(m.weight())
+        return lin
+
+    def as_int4(m: _ToyInt4) -> Int4Weight:
+        ints = m.ints.reshape(m.ints.shape[0], -1).numpy().astype(np.uint8) & 0xF
+        rows, cols = ints.shape
+        packed = (ints.reshape(-1)[0::2] | (ints.reshape(-1)[1::2] << 4)).astype(np.uint8)
+        return Int4Weight(rows=rows, cols=cols, block=32, packed=packed, scale=m.scale.numpy(), zero_point=None,
+                          weight=m.weight().detach().numpy())
+
+    onnx_int.register_onnx_lowering(_ToyInt4, onnx_int.OnnxLowering(float_module=as_linear, int4_weight=as_int4))
+    onnx_int.register_integer_scheme(
+        lambda model: onnx_int.IntegerScheme(mode="toy", kind="int4")
+        if any(isinstance(m, _ToyInt4) for m in model.modules()) else None
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_ToyInt4(64, 64), torch.nn.ReLU(), _ToyInt4(16, 64)).eval()
+    x = torch.randn(2, 64)
+    result = ts.export(model, x, tmp_path / "toy.onnx", format="onnx-int8")
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert result.info["quantized"] == "toy" and ops.count("MatMulNBits") == 2 and "MatMul" not in ops
+    assert result.parity.ok, result.parity.summary()
+
+
+def test_quantize_export_onnx_is_a_deprecated_name_of_the_one_writer(tmp_path, static_cnn):
+    from torchslim.quantize import export_onnx
+
+    model, calib = static_cnn
+    with pytest.warns(DeprecationWarning, match="export_integer_onnx"):
+        files = export_onnx(model, (calib[0][:1],), tmp_path / "m.onnx", calibration=calib)
+    ops = {n.op_type for n in onnx.load(files["onnx"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and (tmp_path / "m.fp32.onnx").is_file()

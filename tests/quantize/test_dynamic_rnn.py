@@ -172,8 +172,9 @@ def test_lstm_onnx_export_is_int8_with_dynamic_batch(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from torchslim.quantize import QuantConfig, export_onnx, quantize_
-    from torchslim.quantize._onnx import onnx_parity
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize import QuantConfig, quantize_
+    from torchslim.quantize.onnx_lowering import onnx_parity
 
     class Tagger(torch.nn.Module):
         def __init__(self) -> None:
@@ -188,7 +189,7 @@ def test_lstm_onnx_export_is_int8_with_dynamic_batch(tmp_path) -> None:
     model = Tagger().eval()
     x = torch.randn(4, 12, 32)
     quantize_(model, QuantConfig(mode="dynamic"))
-    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(model, (x[:1],), tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(files["onnx"]).graph.node]
     assert ops.count("DynamicQuantizeLSTM") == 2 and "LSTM" not in ops  # ONNX Runtime's int8 LSTM kernel
     assert os.path.getsize(files["onnx_fp32"]) > 3 * os.path.getsize(files["onnx"])

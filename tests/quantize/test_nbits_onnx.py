@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.errors import ConfigError
-from torchslim.quantize._nbits import QuantizedEmbedding, float_embedding, write_int4_onnx
-from torchslim.quantize._onnx import export_fp32, float_twin
+from torchslim.export.onnx import export_fp32
+from torchslim.export.onnx_int import export_integer_onnx, float_twin, write_int4_onnx
+from torchslim.quantize.embedding import QuantizedEmbedding, float_embedding
 from torchslim.quantize.primitives import QScheme
 from torchslim.quantize.weight_only import QuantizedLinear
 
@@ -324,7 +325,7 @@ def test_accuracy_level_4_stays_close_and_bad_level_is_refused(tmp_path: Path) -
 
 
 def test_quantize_api_embeddings_flag_ships_int4_onnx(tmp_path: Path) -> None:
-    from torchslim.quantize import QuantConfig, export_onnx, quantize_
+    from torchslim.quantize import QuantConfig, quantize_
 
     torch.manual_seed(0)
     model = Net(bias=True).eval()
@@ -335,7 +336,7 @@ def test_quantize_api_embeddings_flag_ships_int4_onnx(tmp_path: Path) -> None:
         QuantConfig(mode="dynamic", embeddings=True)
     plan = quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32, embeddings=True))
     assert plan.embeddings == ["emb"] and isinstance(model.emb, QuantizedEmbedding)
-    files = export_onnx(model, (idx[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(model, (idx[:1],), tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(files["onnx"]).graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 1
     assert os.path.getsize(files["onnx_fp32"]) > 4 * os.path.getsize(files["onnx"])

@@ -9,14 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.quantize import QuantConfig, export_onnx, quantize_
+from torchslim.export.onnx_int import export_integer_onnx
+from torchslim.quantize import QuantConfig, quantize_
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from torchslim.quantize._onnx import avoid_skip_layernorm_fusion, onnx_parity  # noqa: E402
+from torchslim.export.onnx_passes import avoid_skip_layernorm_fusion  # noqa: E402
+from torchslim.quantize.onnx_lowering import onnx_parity  # noqa: E402
 
 
 def _fused_ops(path, tmp_path) -> list[str]:
@@ -88,7 +90,7 @@ def test_dynamic_int8_export_keeps_residual_layernorms_unfused(tmp_path) -> None
     model = _PostLN().eval()
     quantize_(model, QuantConfig(mode="dynamic"))
     x = torch.randn(4, 10, 32)
-    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(model, (x[:1],), tmp_path / "m.onnx")
     fp32_ops = [n.op_type for n in onnx.load(files["onnx_fp32"]).graph.node]
     int8_ops = [n.op_type for n in onnx.load(files["onnx"]).graph.node]
     assert "Sum" not in fp32_ops  # the float file keeps the plain graph

@@ -88,13 +88,13 @@ def test_static_onnx_runs_int8_and_agrees(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import ort_run
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.export.ort import ort_run
 
     model = ts.create_model("zoo:lenet5").eval()
     calib = [torch.randn(8, 1, 28, 28) for _ in range(4)]
     quantize_(model, QuantConfig(mode="static"), calibration=calib)
-    files = export_onnx(model, (calib[0][:1],), tmp_path / "m.onnx", calibration=calib)
+    files = export_integer_onnx(model, (calib[0][:1],), tmp_path / "m.onnx", calibration=calib)
     graph = onnx.load(files["onnx"]).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}

@@ -56,8 +56,8 @@ def test_qat_after_pruning_with_distillation(tmp_path) -> None:
     pruned shapes stay, the weights behind the fake-quant learn, save/load replays prune then
     quantize, and the int8 ONNX file matches the torch model."""
     pytest.importorskip("onnxruntime")
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import onnx_parity
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize.onnx_lowering import onnx_parity
 
     torch.manual_seed(0)
     data = ts.load_data("synthetic:1x1x28x28:n=128")
@@ -85,5 +85,5 @@ def test_qat_after_pruning_with_distillation(tmp_path) -> None:
     ts.save(student, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(ts.load(tmp_path / "m")(x), y)
-    files = export_onnx(student, (x[:1],), tmp_path / "m.onnx", calibration=calib)
+    files = export_integer_onnx(student, (x[:1],), tmp_path / "m.onnx", calibration=calib)
     assert onnx_parity(student, files, x)["int8_vs_torch_quantized_db"] > 20

@@ -62,8 +62,8 @@ def test_smoothquant_improves_int8_sqnr_on_outliers(alpha: float) -> None:
 
 def test_smoothquant_save_load_and_onnx(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import onnx_parity
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize.onnx_lowering import onnx_parity
 
     model = ts.create_model("zoo:lenet300", data="mnist")
     calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
@@ -73,7 +73,7 @@ def test_smoothquant_save_load_and_onnx(tmp_path) -> None:
     x = calib[0][:4]
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
-    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx", calibration=calib)
+    files = export_integer_onnx(model, (x[:1],), tmp_path / "m.onnx", calibration=calib)
     parity = onnx_parity(model, files, x)
     assert parity["fp32_vs_torch_float_db"] > 60
     assert parity["int8_vs_torch_quantized_db"] > 20
@@ -146,15 +146,15 @@ def test_dynamic_smoothquant_save_load_and_onnx_has_one_shared_scaling(tmp_path)
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import onnx_parity
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize.onnx_lowering import onnx_parity
 
     torch.manual_seed(0)
     model = _Siblings().eval()
     calib = [torch.randn(8, 12, 64) for _ in range(4)]
     quantize_(model, QuantConfig(mode="dynamic", smoothquant_alpha=0.75), calibration=calib)
     x = calib[0][:2]
-    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(model, (x[:1],), tmp_path / "m.onnx")
     g = onnx.load(files["onnx_fp32"]).graph
     # the smoothing of Q, K and V is one Mul by a per-channel constant, not 3 (merged on export)
     scaled = [n for n in g.node if n.op_type in ("Mul", "Div") and "gain" not in n.input
@@ -206,8 +206,8 @@ def test_smoothing_folds_into_a_layernorm_that_feeds_only_its_linears(tmp_path) 
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import onnx_parity
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize.onnx_lowering import onnx_parity
 
     torch.manual_seed(0)
     model = _Block().eval()
@@ -228,7 +228,7 @@ def test_smoothing_folds_into_a_layernorm_that_feeds_only_its_linears(tmp_path) 
     with torch.no_grad():
         assert torch.allclose(folded(x), ref, rtol=1e-4, atol=1e-4)
     # the ONNX graph has one smoothing multiply (post's), none for the folded layers
-    files = export_onnx(smooth, (x[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(smooth, (x[:1],), tmp_path / "m.onnx")
     g = onnx.load(files["onnx_fp32"]).graph
     scaled = [n for n in g.node if n.op_type in ("Mul", "Div")
               and any(i.name in n.input and len(i.dims) == 1 and i.dims[0] == 64 for i in g.initializer)]

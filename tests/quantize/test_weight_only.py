@@ -45,15 +45,15 @@ def test_dynamic_mode_and_onnx_integer_kernels(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from torchslim.quantize import export_onnx
-    from torchslim.quantize._onnx import ort_run
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.export.ort import ort_run
 
     model = ts.create_model("zoo:lenet300").eval()
     x = torch.randn(8, 1, 28, 28)
     y = model(x)
     quantize_(model, QuantConfig(mode="dynamic"))
     assert sqnr(y, model(x)) > 25
-    files = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    files = export_integer_onnx(model, (x[:1],), tmp_path / "m.onnx")
     ops = {n.op_type for n in onnx.load(files["onnx"]).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
     assert sqnr(y, ort_run(files["onnx"], x)) > 25

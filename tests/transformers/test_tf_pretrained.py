@@ -77,7 +77,8 @@ def test_onnx_inputs_named_like_the_tokenizer(tmp_path) -> None:
     model = pretrained.SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
     ids = torch.randint(1, 128, (1, 7))
     example = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-    from torchslim.quantize._onnx import export_fp32, ort_run
+    from torchslim.export.onnx import export_fp32
+    from torchslim.export.ort import ort_run
 
     path = export_fp32(model, example, tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

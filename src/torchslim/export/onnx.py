@@ -7,6 +7,10 @@ pins it, in which case the export is static and says why. Weights are stored ins
 Only where the dynamo exporter fails is the older TorchScript-based exporter tried, and the
 result records that (``exporter: "torchscript"`` with ``fallback_reason``).
 
+:func:`export_fp32` is the float file the integer writer (:mod:`torchslim.export.onnx_int`)
+starts from: named inputs (a text encoder's ``input_ids``...), a dynamic batch (and sequence,
+for token inputs) and duplicate nodes merged.
+
 Example:
     >>> import torch, torchslim as ts
     >>> from torchslim.export.onnx import export_onnx
@@ -21,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +45,10 @@ from torchslim.export._base import (
     register_format,
     tensor_leaves,
 )
+from torchslim.export.onnx_passes import merge_duplicate_nodes
 from torchslim.graph.inputs import Inputs
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "load_onnx", "ONNX"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "export_fp32", "input_names", "load_onnx", "ONNX"]
 
 DEFAULT_OPSET = 18
 # protobuf refuses messages over 2 GiB; keep a margin for the graph itself
@@ -198,6 +204,58 @@ def load_onnx(path: Path, device: torch.device | None = None) -> Callable[[Input
         return [torch.from_numpy(o) for o in session.run(None, feed)]
 
     return run
+
+
+def input_names(model: nn.Module, n: int) -> list[str]:
+    """ONNX input names: the model's own ``input_names`` (e.g. a text encoder's ``input_ids``,
+    ``attention_mask``, ``token_type_ids``) when it declares ``n`` or more, else ``input``,
+    ``input1``, ..."""
+    declared = getattr(model, "input_names", None)
+    if isinstance(declared, (tuple, list)) and len(declared) >= n and all(isinstance(x, str) for x in declared):
+        return list(declared[:n])
+    return [f"input{i}" if i else "input" for i in range(n)]
+
+
+def export_fp32(model: nn.Module, example: tuple[Any, ...], path: str | os.PathLike[str]) -> Path:
+    """Export ``model`` (float, moved to CPU) to ONNX at ``path`` with a dynamic batch dimension.
+
+    Inputs are named by :func:`input_names` and the output ``output``; 2-D integer inputs (token
+    ids, masks) also get a dynamic sequence length. The dynamo exporter is tried first (with
+    onnxscript's optimizer), the TorchScript-based one (opset 17) where it fails or the model
+    holds an RNN (the TorchScript exporter writes a batch-dynamic LSTM / GRU node). Duplicate
+    nodes are merged afterwards (:func:`~torchslim.export.onnx_passes.merge_duplicate_nodes`).
+    """
+    require("onnx", "ONNX export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = tuple(t.detach().cpu() for t in example)
+    model = model.cpu().eval()
+    names = input_names(model, len(example))
+    # token inputs (2-D integer tensors, e.g. input_ids) also get a dynamic sequence length
+    tokens = [t.dim() == 2 and not t.is_floating_point() for t in example]
+    try:
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            # torch.export specialises the batch of an RNN's zero initial state; the TorchScript
+            # exporter writes a batch-dynamic ONNX LSTM / GRU node (which ORT can quantize)
+            raise NotImplementedError("RNN: use the TorchScript exporter")
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        seq = torch.export.Dim("sequence", min=2, max=4096)
+        dyn = tuple({0: batch, 1: seq} if tok else {0: batch} for tok in tokens)
+        with torch.no_grad():
+            prog = torch.onnx.export(
+                model, example, dynamo=True, input_names=names, output_names=["output"],
+                dynamic_shapes=dyn, optimize=True, verbose=False,
+            )
+        prog.save(str(path))
+    except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
+        with torch.no_grad():
+            torch.onnx.export(
+                model, example, str(path), dynamo=False, input_names=names, output_names=["output"],
+                dynamic_axes={n: ({0: "batch", 1: "sequence"} if tok else {0: "batch"}) for n, tok in zip(names, tokens)},
+                opset_version=17,
+            )
+    merge_duplicate_nodes(path)
+    return path
 
 
 ONNX = register_format(

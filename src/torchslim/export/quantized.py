@@ -2,12 +2,13 @@
 
 A model quantized by ``ts.quantize_`` in ``static`` or ``qat`` mode simulates int8 in float
 (fake-quant modules); a plain ONNX export would keep that simulation in float, as large and slow
-as the original. ``ts.export`` therefore routes such a model, when the format is ``onnx``, to the
-format ``"onnx-int8"``, which writes the file with the quantize family's hook
-(:func:`torchslim.quantize.export_onnx`: the float twin exported, then ONNX Runtime's QDQ
-quantization with torchslim's calibrated input ranges for every quantized layer, so ONNX Runtime
-runs integer kernels). Dynamic and weight-only models can be exported this way by passing
-``format="onnx-int8"`` (ONNX Runtime's dynamic quantization of MatMul / Gemm).
+as the original. ``ts.export`` therefore routes a model whose registered
+:class:`~torchslim.export.onnx_int.IntegerScheme` is ``static``, when the format is ``onnx``, to
+the format ``"onnx-int8"``, which writes the file with the one integer writer
+(:func:`torchslim.export.onnx_int.export_integer_onnx`: the float twin exported, then ONNX
+Runtime's QDQ quantization with the model's calibrated input ranges for every quantized layer,
+so ONNX Runtime runs integer kernels). Dynamic and weight-only models can be exported this way
+by passing ``format="onnx-int8"`` (dynamic int8 MatMul / Gemm, or int4 MatMulNBits).
 
 Tensors torchslim leaves in float (layer outputs, residual adds) are quantized by ONNX Runtime
 from calibration batches: ``calibration=`` passed to ``ts.export`` (an iterable of input
@@ -30,52 +31,39 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim.export._base import ExportError, Format, quiet, register_format
+from torchslim.errors import TorchslimError
+from torchslim.export._base import ExportError, Format, register_format
 from torchslim.export.onnx import load_onnx
+from torchslim.export.onnx_int import export_integer_onnx, integer_scheme, quiet_quantizer
 from torchslim.graph.inputs import Inputs
 
-__all__ = ["QUANTIZED_ONNX", "ROUTED_MODES", "quantized_mode", "route", "export_quantized_onnx", "quiet_quantizer"]
+__all__ = ["QUANTIZED_ONNX", "quantized_mode", "route", "export_quantized_onnx", "quiet_quantizer"]
 
 QUANTIZED_ONNX = "onnx-int8"
-ROUTED_MODES = ("static", "qat")  # modes whose plain ONNX export would be a float simulation
 _RANDOM_BATCHES, _RANDOM_BATCH_SIZE = 4, 8
 
 
 def quantized_mode(model: nn.Module) -> str | None:
-    """The mode of the last ``ts.quantize_`` applied to ``model`` (None if it was never quantized)."""
-    from torchslim.quantize._onnx import quant_mode_of
-
-    plan = quant_mode_of(model)
-    return None if plan is None else str(plan.get("config", {}).get("mode"))
+    """The mode ``model`` was quantized in, as its integer scheme names it (None if not quantized)."""
+    scheme = integer_scheme(model)
+    return None if scheme is None else scheme.mode
 
 
 def route(format: str, model: nn.Module) -> str:
-    """The format to write: ``"onnx-int8"`` for ``"onnx"`` and a static / QAT quantized model."""
-    if format == "onnx" and quantized_mode(model) in ROUTED_MODES:
-        return QUANTIZED_ONNX
+    """The format to write: ``"onnx-int8"`` for ``"onnx"`` and a model whose integer scheme is
+    ``static`` (a static / QAT quantized model, whose plain ONNX would simulate int8 in float)."""
+    if format == "onnx":
+        scheme = integer_scheme(model)
+        if scheme is not None and scheme.kind == "static":
+            return QUANTIZED_ONNX
     return format
-
-
-@contextlib.contextmanager
-def quiet_quantizer() -> Iterator[None]:
-    """ONNX Runtime's quantization tools log advice on the root logger; keep it off the console."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with quiet():
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def _calibration(inputs: Inputs, calibration: Iterable[Any] | None, seed: int) -> list[Any]:
@@ -90,10 +78,10 @@ def _calibration(inputs: Inputs, calibration: Iterable[Any] | None, seed: int) -
 def export_quantized_onnx(
     model: nn.Module, inputs: Inputs, path: Path, *, calibration: Iterable[Any] | None = None, seed: int = 0, **_: Any
 ) -> dict[str, Any]:
-    """Write a quantized ``model`` as int8 ONNX at ``path`` through :func:`torchslim.quantize.export_onnx`.
+    """Write a quantized ``model`` as integer ONNX at ``path`` through :func:`export_integer_onnx`.
 
-    The float twin the hook writes beside ``path`` (``<stem>.fp32.onnx``) is removed; call the
-    hook directly to keep it.
+    The float twin the writer puts beside ``path`` (``<stem>.fp32.onnx``) is removed; call the
+    writer directly to keep it.
 
     Returns:
         ``{"exporter": "onnxruntime.quantization", "quantized": mode, "dynamic_batch": True,
@@ -101,13 +89,10 @@ def export_quantized_onnx(
 
     Raises:
         ExportError: the model was not quantized, or has other than one positional tensor input
-            (the hook's calibration feeds one input), or the hook failed.
+            (calibration feeds one input), or the writer failed.
     """
-    from torchslim.errors import TorchslimError
-    from torchslim.quantize import export_onnx
-
-    mode = quantized_mode(model)
-    if mode is None:
+    scheme = integer_scheme(model)
+    if scheme is None:
         raise ExportError(f"{QUANTIZED_ONNX} export needs a model quantized with ts.quantize_; "
                           f"{type(model).__name__} was not (use format='onnx')", format=QUANTIZED_ONNX,
                           reason="not quantized")
@@ -115,15 +100,15 @@ def export_quantized_onnx(
     if inputs.kwargs or len(inputs.args) != 1 or len(tensors) != 1:
         raise ExportError(f"{QUANTIZED_ONNX} export supports models with one positional tensor input; got "
                           f"{inputs.describe()}", format=QUANTIZED_ONNX, reason="several inputs")
-    batches = _calibration(inputs, calibration, seed) if mode in ROUTED_MODES else None
+    batches = _calibration(inputs, calibration, seed) if scheme.kind == "static" else None
     try:
         with quiet_quantizer(), torch.no_grad():
-            files = export_onnx(model, (tensors[0].detach().cpu(),), path, calibration=batches)
+            files = export_integer_onnx(model, (tensors[0].detach().cpu(),), path, calibration=batches)
     except TorchslimError as exc:
         raise ExportError(f"{QUANTIZED_ONNX} export of {type(model).__name__} failed: {exc}", format=QUANTIZED_ONNX,
                           reason=str(exc)) from exc
     Path(files["onnx_fp32"]).unlink(missing_ok=True)
-    info: dict[str, Any] = {"exporter": "onnxruntime.quantization", "quantized": mode, "dynamic_batch": True}
+    info: dict[str, Any] = {"exporter": "onnxruntime.quantization", "quantized": scheme.mode, "dynamic_batch": True}
     if batches is not None:
         info["calibration"] = "random" if calibration is None else "given"
         info["qdq"] = True

@@ -100,7 +100,8 @@ def _text_calibration(model: Any, args: argparse.Namespace) -> list[Any]:
 
 def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     import torchslim as ts
-    from torchslim.quantize import export_onnx, qat_convert_, qat_prepare_, quantize_
+    from torchslim.export.onnx_int import export_integer_onnx
+    from torchslim.quantize import qat_convert_, qat_prepare_, quantize_
 
     args, config = ctx.args, ctx.args._quant_config
     if args._sentences is not None:
@@ -121,10 +122,10 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     if not args.no_onnx:
         onnx_dir = ctx.staging  # moved into --out beside the saved model
         example = ts.example_inputs(model)
-        files = export_onnx(model, example, onnx_dir / "model.onnx", calibration=calibration)
+        files = export_integer_onnx(model, example, onnx_dir / "model.onnx", calibration=calibration)
         ctx.files.update(files)
         extras["onnx_bytes"] = {k: Path(v).stat().st_size for k, v in files.items()}
-        from torchslim.quantize._onnx import onnx_parity
+        from torchslim.quantize.onnx_lowering import onnx_parity
 
         x = example[0] if isinstance(example, tuple) else example
         if calibration is not None and args._sentences is None:

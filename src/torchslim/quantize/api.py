@@ -5,7 +5,7 @@ Modes:
 * ``"weight-only"``: Linear weights stored as int8 (per channel) or packed int4 (per group);
   activations stay float (:mod:`torchslim.quantize.weight_only`).
 * ``"dynamic"``: int8 Linear weights, activations quantized per batch at run time; the real
-  integer kernels come from ONNX Runtime (:func:`torchslim.quantize.export_onnx`). ``nn.LSTM`` /
+  integer kernels come from ONNX Runtime (:func:`torchslim.export.export_integer_onnx`). ``nn.LSTM`` /
   ``nn.GRU`` layers get int8 weights too, their inputs and hidden states quantized at every step
   (:mod:`torchslim.quantize.dynamic_rnn`).
 * ``"static"``: BN folded into convs, weights (per channel) and activations (per tensor,
@@ -305,9 +305,9 @@ def embedding_tables(model: nn.Module, config: QuantConfig) -> dict[str, nn.Embe
 
 
 def swap_embeddings(model: nn.Module, names: Iterable[str], config: QuantConfig, from_float: bool) -> None:
-    """Replace the named tables by :class:`~torchslim.quantize._nbits.QuantizedEmbedding` (from the
+    """Replace the named tables by :class:`~torchslim.quantize.embedding.QuantizedEmbedding` (from the
     float weights, or empty for ``ts.load`` to fill)."""
-    from torchslim.quantize._nbits import QuantizedEmbedding
+    from torchslim.quantize.embedding import QuantizedEmbedding
 
     scheme = QScheme(bits=config.bits, granularity="group", group_size=config.group_size, symmetric=True)
     for n in names:

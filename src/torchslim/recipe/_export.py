@@ -3,7 +3,7 @@
 ONNX is written for the compressed model and, the same way, for the original model
 (``onnx_original``), so the report's ONNX Runtime latencies are measured side by side in one
 run: the two sessions alternate, several rounds, and each gets the best of its round medians.
-A quantized model goes to ONNX as int8 QDQ (``torchslim.quantize.export_onnx``); anything else
+A quantized model goes to ONNX as integers (``torchslim.export.export_integer_onnx``); anything else
 through the same float exporter the original uses. The compressed ONNX file is also scored on the
 test split in ONNX Runtime, so the report's accuracy is the deployed file's, not only torch's.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.export.quantized import quiet_quantizer as _silenced
+from torchslim.export.onnx_int import quiet_quantizer as _silenced
 
 __all__ = ["export_stage", "ort_accuracy"]
 
@@ -41,7 +41,7 @@ def ort_accuracy(path: str | Path, loader: Any) -> float:
 
 
 def _paired_latency(a: str, b: str, x: torch.Tensor, runs: int, rounds: int = 3) -> tuple[float, float]:
-    from torchslim.quantize._onnx import ort_latency
+    from torchslim.export.ort import ort_latency
 
     la, lb = [], []
     for _ in range(rounds):  # alternate so both see the same machine load
@@ -52,7 +52,9 @@ def _paired_latency(a: str, b: str, x: torch.Tensor, runs: int, rounds: int = 3)
 
 def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     import torchslim as ts
-    from torchslim.quantize._onnx import export_fp32, ort_run, quant_mode_of
+    from torchslim.export.onnx import export_fp32
+    from torchslim.export.onnx_int import export_integer_onnx, integer_scheme
+    from torchslim.export.ort import ort_run
 
     model = model.cpu().eval()
     example = ts.example_inputs(model)
@@ -61,11 +63,9 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
     for fmt in cfg["formats"]:
         if fmt == "onnx":
             path = ctx.dir / "model.onnx"
-            if quant_mode_of(model) is not None:
-                from torchslim.quantize import export_onnx
-
+            if integer_scheme(model) is not None:
                 with _silenced():
-                    files = export_onnx(model, args, path, calibration=ctx.calibration())
+                    files = export_integer_onnx(model, args, path, calibration=ctx.calibration())
                 ctx.files["onnx"] = files["onnx"]
                 ctx.files["onnx_fp32"] = files["onnx_fp32"]
             else:

@@ -1,0 +1,75 @@
+"""ONNX Runtime on CPU: sessions, one run, timings (the timer is :mod:`torchslim.profile.latency`).
+
+Inputs are a tensor or a tuple of tensors, fed to the graph's inputs in order; outputs come back
+as CPU tensors.
+
+Example:
+    >>> import torch, tempfile, pathlib
+    >>> from torchslim.export.onnx import export_fp32
+    >>> model = torch.nn.Linear(4, 2).eval()
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = export_fp32(model, (torch.randn(1, 4),), pathlib.Path(d) / "m.onnx")
+    ...     y = ort_run(path, torch.ones(3, 4))
+    ...     t = ort_timing(path, torch.ones(3, 4), runs=3, warmup=1)
+    >>> bool(torch.allclose(y, model(torch.ones(3, 4)), atol=1e-5)), t.runtime, t.runs
+    (True, 'onnxruntime', 3)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchslim._optional import require
+from torchslim.profile.latency import Timing, measure
+
+__all__ = ["ort_session", "ort_feed", "ort_runner", "ort_run", "ort_timing", "ort_latency"]
+
+Tensors = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime ``InferenceSession`` on ``path`` (CPU provider).
+
+    ``threads``: intra-op threads (inter-op pinned to 1); ``None`` leaves ONNX Runtime's defaults.
+    """
+    ort = require("onnxruntime", "ONNX Runtime")
+    if threads is None:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_feed(session: Any, x: Tensors) -> dict[str, Any]:
+    """The feed of ``session`` for ``x``: a tensor, or tensors given to the graph inputs in order."""
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    return {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), xs)}
+
+
+def ort_runner(path: str | os.PathLike[str], x: Tensors, threads: int | None = 1) -> Callable[[], Any]:
+    """A no-argument function running ``path`` once on ``x`` (to time, e.g. with ``measure_pair``)."""
+    session = ort_session(path, threads)
+    feed = ort_feed(session, x)
+    return lambda: session.run(None, feed)
+
+
+def ort_run(path: str | os.PathLike[str], x: Tensors) -> torch.Tensor:
+    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) and return the first output."""
+    session = ort_session(path)
+    return torch.from_numpy(session.run(None, ort_feed(session, x))[0])
+
+
+def ort_timing(path: str | os.PathLike[str], x: Tensors, runs: int = 20, warmup: int = 3, threads: int = 1) -> Timing:
+    """ONNX Runtime latency of one forward on CPU with ``threads`` intra-op threads
+    (:func:`torchslim.profile.latency.measure`: median and spread, threads stated)."""
+    return measure(ort_runner(path, x, threads), runs=runs, warmup=warmup, threads=threads, runtime="onnxruntime")
+
+
+def ort_latency(path: str | os.PathLike[str], x: Tensors, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
+    """Median ONNX Runtime latency of one forward (ms): :func:`ort_timing`'s ``median_ms``."""
+    return ort_timing(path, x, runs=runs, warmup=warmup, threads=threads).median_ms

@@ -1,0 +1,179 @@
+"""``QuantizedEmbedding``: an ``nn.Embedding`` whose table is stored as int4 or int8 integers.
+
+Group-wise symmetric scales along the hidden axis; :func:`float_embedding` is its float twin.
+Int4 tables ship in ONNX as ONNX Runtime's ``GatherBlockQuantized`` holding these very integers
+(:mod:`torchslim.quantize.onnx_lowering`, written by :mod:`torchslim.export.onnx_nbits`).
+
+Example:
+    >>> import torch
+    >>> from torchslim.quantize.primitives import QScheme
+    >>> emb = torch.nn.Embedding(100, 64)
+    >>> q = QuantizedEmbedding.from_float(emb, QScheme(bits=4, granularity="group", group_size=32))
+    >>> q.qweight.dtype, q.qweight.numel(), tuple(q.scale.shape)
+    (torch.uint8, 3200, (100, 2))
+    >>> idx = torch.tensor([[1, 5, 99]])
+    >>> bool(torch.equal(q(idx), q.dequantized_weight()[idx]))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.quantize.primitives import QScheme, choose_qparams, minmax, pack_int4, quantize, unpack_int4
+
+__all__ = ["QuantizedEmbedding", "float_embedding"]
+
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+
+
+# --------------------------------------------------------------------------- QuantizedEmbedding
+
+
+def _check_embedding_scheme(scheme: QScheme, embedding_dim: int) -> None:
+    if not isinstance(scheme, QScheme):
+        raise ConfigError(f"QuantizedEmbedding needs a QScheme; got {type(scheme).__name__}")
+    if scheme.bits not in (4, 8):
+        raise ConfigError(f"QuantizedEmbedding bits must be 4 or 8; got {scheme.bits}")
+    if scheme.granularity != "group":
+        raise ConfigError(f"QuantizedEmbedding needs granularity='group' (groups along the hidden axis); got {scheme.granularity!r}")
+    if not (scheme.symmetric and scheme.signed):
+        raise ConfigError(
+            "QuantizedEmbedding is symmetric signed only (symmetric=True, signed=True); "
+            f"got symmetric={scheme.symmetric}, signed={scheme.signed}"
+        )
+    if embedding_dim % scheme.group_size:
+        raise ConfigError(
+            f"QuantizedEmbedding group_size={scheme.group_size} does not divide embedding_dim={embedding_dim}; "
+            "use a divisor of the embedding dimension"
+        )
+
+
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32, positive) rounded *up* to fp16, so that ``x <= result`` and values quantized
+    against the stored scale stay within half a step of the original."""
+    if bool((x > _FP16_MAX).any()):
+        raise ConfigError(
+            f"an embedding group's scale {float(x.max()):.4g} exceeds the fp16 range ({_FP16_MAX}); "
+            "the table's values are too large for fp16 scales"
+        )
+    h = x.clamp(min=_FP16_TINY).half()
+    low = h.float() < x
+    return torch.where(low, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose table is stored as int4 (two per byte) or int8 integers.
+
+    Groups of ``scheme.group_size`` consecutive columns of a row share one fp16 scale,
+    symmetric signed: ``table[r, c] = qweight[r, c] * scale[r, c // group_size]``.
+
+    Buffers: ``qweight`` (int4: ``uint8`` of ``ceil(rows * cols / 2)`` bytes, packed row-major by
+    :func:`~torchslim.quantize.primitives.pack_int4`; int8: ``int8`` of shape ``(rows, cols)``) and
+    ``scale`` (``float16``, ``(rows, cols / group_size)``). ``forward`` dequantizes only the rows it
+    looks up and returns float32.
+
+    ``QuantizedEmbedding(num_embeddings, embedding_dim, scheme, padding_idx)`` builds the empty
+    structure (zeros / unit scales) for loading a state dict; :meth:`from_float` quantizes a table.
+
+    Raises:
+        ConfigError: bits not 4 or 8, not a symmetric signed group scheme, or a group size that
+            does not divide ``embedding_dim``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QScheme, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ConfigError(f"QuantizedEmbedding needs positive sizes; got num_embeddings={num_embeddings}, embedding_dim={embedding_dim}")
+        _check_embedding_scheme(scheme, embedding_dim)
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ConfigError(f"padding_idx={padding_idx} is outside [-{num_embeddings}, {num_embeddings - 1}]")
+            padding_idx = padding_idx % num_embeddings
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scheme = scheme
+        n = num_embeddings * embedding_dim
+        if scheme.bits == 4:
+            self.register_buffer("qweight", torch.zeros(math.ceil(n / 2), dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings, embedding_dim // scheme.group_size, dtype=torch.float16))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, emb: nn.Embedding, scheme: QScheme) -> QuantizedEmbedding:
+        """Round-to-nearest quantization of ``emb``'s table: one scale ``max|x| / half-range`` per
+        group, stored as fp16 (rounded up, so no value moves by more than half a step) and used
+        as stored to compute the integers.
+
+        Raises:
+            ConfigError: see the class doc; also ``max_norm`` embeddings (their forward rewrites
+                the table, which an integer table cannot follow).
+        """
+        if getattr(emb, "max_norm", None) is not None:
+            raise ConfigError("QuantizedEmbedding cannot quantize an nn.Embedding with max_norm (its forward renormalizes the table)")
+        w = emb.weight.detach().float()
+        rows, cols = w.shape
+        q = cls(rows, cols, scheme, emb.padding_idx).to(w.device)
+        lo, hi = minmax(w, scheme)
+        scale, zp = choose_qparams(lo, hi, scheme)  # symmetric signed: max|x| / half-range, zero point 0
+        scale = _fp16_at_least(scale)
+        ints = quantize(w, scale.float(), zp, scheme)  # int8, (rows, groups, group_size)
+        if scheme.bits == 4:
+            q.qweight.copy_(pack_int4(ints))
+        else:
+            q.qweight.copy_(ints.reshape(rows, cols))
+        q.scale.copy_(scale.reshape(q.scale.shape))
+        return q
+
+    def _int_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The integers of the table rows ``rows`` (all rows when ``None``) as int8 ``(n, cols)``."""
+        cols = self.embedding_dim
+        if self.scheme.bits == 8:
+            return self.qweight if rows is None else self.qweight[rows]
+        if rows is None:
+            return unpack_int4(self.qweight, self.num_embeddings * cols).reshape(self.num_embeddings, cols)
+        if cols % 2 == 0:  # each row is whole bytes: gather the bytes, then split nibbles
+            packed = self.qweight.view(self.num_embeddings, cols // 2)[rows]
+            nib = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(rows.numel(), cols).to(torch.int8)
+        else:  # rows straddle bytes: gather nibble by nibble
+            pos = rows.unsqueeze(1) * cols + torch.arange(cols, device=rows.device)
+            byte = self.qweight[pos // 2]
+            nib = torch.where(pos % 2 == 0, byte & 0xF, byte >> 4).to(torch.int8)
+        return torch.where(nib > 7, nib - 16, nib)
+
+    def _dequantize(self, ints: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        g = self.scheme.group_size
+        n = ints.shape[0]
+        return (ints.float().reshape(n, -1, g) * scale.float().unsqueeze(-1)).reshape(n, self.embedding_dim)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 table ``(num_embeddings, embedding_dim)`` the integers stand for."""
+        return self._dequantize(self._int_rows(None), self.scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Look up ``idx`` (any shape of integer indices): ``idx.shape + (embedding_dim,)``, float32.
+        Only the looked-up rows are dequantized."""
+        flat = idx.reshape(-1).long()
+        flat = torch.where(flat < 0, flat + self.num_embeddings, flat)
+        out = self._dequantize(self._int_rows(flat), self.scale[flat])
+        return out.reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{s.bits} group={s.group_size}{pad}"
+
+
+def float_embedding(q: QuantizedEmbedding) -> nn.Embedding:
+    """The float twin of ``q``: an ``nn.Embedding`` holding the dequantized table (what the int4
+    ONNX writer recognizes in the exported graph)."""
+    emb = nn.Embedding(q.num_embeddings, q.embedding_dim, padding_idx=q.padding_idx, device=q.scale.device)
+    with torch.no_grad():
+        emb.weight.copy_(q.dequantized_weight())
+    return emb
