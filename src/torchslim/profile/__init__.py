@@ -7,6 +7,7 @@ from torchslim.profile.api import (
     Profile,
     measure_latency,
     profile,
+    register_size_estimator,
     serialized_bytes,
 )
 from torchslim.profile.compare import CompareRow, Comparison, compare
@@ -26,6 +27,7 @@ __all__ = [
     "measure_pair",
     "op_cost",
     "profile",
+    "register_size_estimator",
     "serialized_bytes",
     "speedup",
 ]

@@ -12,6 +12,7 @@ import os
 import statistics
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,12 +20,22 @@ import torch
 from torch import nn
 
 from torchslim._utils import evaluating, model_device
+from torchslim.errors import ConfigError, SpecError
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
 from torchslim.graph.tracer import trace
 from torchslim.profile._formulas import op_cost
 from torchslim.profile.latency import Timing, measure
 
-__all__ = ["LayerProfile", "LatencyStats", "Profile", "profile", "measure_latency", "serialized_bytes"]
+__all__ = [
+    "LayerProfile",
+    "LatencyStats",
+    "Profile",
+    "SIZE_FIELDS",
+    "measure_latency",
+    "profile",
+    "register_size_estimator",
+    "serialized_bytes",
+]
 
 
 @dataclass
@@ -105,29 +116,57 @@ class Profile:
 
     def table(self, max_layers: int | None = 60) -> Any:
         """Per-layer rich table followed by totals."""
-        from torchslim.report._tables import profile_table
+        from torchslim.profile.tables import profile_table
 
         return profile_table(self, max_layers=max_layers)
 
     def summary(self) -> str:
         """One line: params, MACs, size, latency."""
-        from torchslim.report._tables import human
+        from torchslim.profile.tables import human
 
         lat = f", {self.latency_ms.median:.2f} ms" if self.latency_ms else ""
         size = f", {human(self.size_bytes, 'B')}" if self.size_bytes is not None else ""
         return f"{human(self.params)} params, {human(self.macs)} MACs{size}{lat}"
 
 
-def _packed_bytes(model: nn.Module) -> int | None:
-    """What ``ts.pack`` would write for a clustered (weight-shared) model; None for any other."""
-    from torchslim.zoo.spec import model_info
+SizeEstimator = Callable[[nn.Module], int | None]
+SIZE_FIELDS = ("packed_bytes",)  # the Profile fields a size estimator may fill
+_SIZE_ESTIMATORS: dict[str, SizeEstimator] = {}
 
-    info = model_info(model)
-    if info is None or not any(p.get("kind") == "cluster" for p in info.plans):
-        return None
-    from torchslim.pack import packed_size_bytes
 
-    return packed_size_bytes(model)
+def register_size_estimator(field_name: str, estimator: SizeEstimator) -> None:
+    """Let a package above profile fill a size field of every :class:`Profile`.
+
+    Profiling imports nothing above it; a family that knows another size (``pack``: the bytes
+    of the ``.tslim`` file) registers its function when it is imported. ``estimator(model)``
+    returns bytes, or ``None`` when it does not apply to the model. Registering again replaces.
+
+    Raises:
+        ConfigError: ``field_name`` is not one of :data:`SIZE_FIELDS`, or ``estimator`` is not callable.
+    """
+    if field_name not in SIZE_FIELDS:
+        raise ConfigError(f"unknown size field {field_name!r}; allowed: {', '.join(SIZE_FIELDS)}")
+    if not callable(estimator):
+        raise ConfigError(f"estimator must be callable (model -> bytes or None); got {estimator!r}")
+    _SIZE_ESTIMATORS[field_name] = estimator
+
+
+def _estimated_sizes(model: nn.Module) -> dict[str, int | None]:
+    return {name: (fn(model) if (fn := _SIZE_ESTIMATORS.get(name)) else None) for name in SIZE_FIELDS}
+
+
+def _remembered_inputs(model: nn.Module) -> Any:
+    """The example inputs recorded on a model built from a spec (``model._torchslim.example``).
+
+    Read without importing the record's module (it sits above profile).
+    """
+    example = getattr(model.__dict__.get("_torchslim"), "example", None)
+    if example is None or not (example.args or example.kwargs):
+        raise SpecError(
+            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
+            "or pass example_inputs explicitly"
+        )
+    return example
 
 
 @torch.no_grad()
@@ -161,12 +200,15 @@ def _logical_params(model: nn.Module) -> tuple[int, int]:
 
 
 def serialized_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights written as a safetensors file (tied tensors stored once)."""
-    from torchslim.saving import write_weights
+    """Bytes of the model's weights written as a safetensors file (tied tensors stored once).
+
+    The same file ``ts.save`` writes as its weights (``safetensors.torch.save_model``).
+    """
+    from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory(prefix="torchslim-size-") as tmp:
         path = os.path.join(tmp, "model.safetensors")
-        write_weights(model, path)
+        save_model(model, path)
         return os.path.getsize(path)
 
 
@@ -276,9 +318,7 @@ def profile(
         (55, 50)
     """
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
-
-        example_inputs = remembered(model)
+        example_inputs = _remembered_inputs(model)
     device = model_device(model)
     inputs: Inputs = as_inputs(example_inputs).to(device)
 
@@ -307,7 +347,7 @@ def profile(
         state_bytes=sum(t.numel() * t.element_size() for t in state),
         dense_fp32_bytes=sum(t.numel() * 4 for t in state),
         size_bytes=serialized_bytes(model) if size else None,
-        packed_bytes=_packed_bytes(model) if size else None,
+        **(_estimated_sizes(model) if size else dict.fromkeys(SIZE_FIELDS)),
         peak_activation_bytes=tr.peak_activation_bytes,
         latency_ms=lat,
         unsupported_ops=dict(unsupported),

@@ -47,7 +47,7 @@ class Comparison:
         return {r.metric: {"before": r.before, "after": r.after, "ratio": r.ratio} for r in self.rows}
 
     def table(self) -> Any:
-        from torchslim.report._tables import compare_table
+        from torchslim.profile.tables import compare_table
 
         return compare_table(self)
 

@@ -1,5 +1,9 @@
-"""Readable tables (rich) and number formatting for reports."""
+"""Readable tables (rich) and number formatting for reports.
 
-from torchslim.report._tables import compare_table, human, profile_table
+The profile and comparison tables are defined with the profile (:mod:`torchslim.profile.tables`)
+and re-exported here.
+"""
+
+from torchslim.profile.tables import compare_table, human, profile_table
 
 __all__ = ["compare_table", "human", "profile_table"]

@@ -1,4 +1,8 @@
-"""Rich tables for profiles and comparisons."""
+"""Rich tables for profiles and comparisons (``Profile.table()``, ``Comparison.table()``).
+
+They live with the profile they render, so profiling depends on nothing above it; ``report``
+imports them from here.
+"""
 
 from __future__ import annotations
 
@@ -64,10 +68,13 @@ def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
     s.add_row("peak activations", human(p.peak_activation_bytes, "B"))
     if p.latency_ms:
         lat = p.latency_ms
+        spread = (f"p25 {lat.p25:.3f}, p75 {lat.p75:.3f}" if lat.p25 is not None and lat.p75 is not None
+                  else f"p10 {lat.p10:.3f}, p90 {lat.p90:.3f}")
+        cpu = f", {lat.cpu}" if lat.cpu else ""
         s.add_row(
             "latency",
-            f"{lat.median:.3f} ms median (p10 {lat.p10:.3f}, p90 {lat.p90:.3f}; "
-            f"{lat.runs} runs, {lat.threads} threads, batch {lat.batch_size}, {lat.device})",
+            f"{lat.median:.3f} ms median ({spread}; "
+            f"{lat.runs} runs, {lat.threads} threads, batch {lat.batch_size}, {lat.device}{cpu})",
         )
     s.add_row("inputs", ", ".join("x".join(map(str, sh)) for sh in p.input_shapes))
     if p.unsupported_ops:
