@@ -5,13 +5,60 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "model_device", "num_threads", "atomic_path", "is_int", "is_number"]
+__all__ = [
+    "atomic_path",
+    "evaluating",
+    "is_int",
+    "is_number",
+    "logits_of",
+    "mode",
+    "model_device",
+    "num_threads",
+    "saved_modes",
+    "training",
+]
+
+
+def saved_modes(model: nn.Module) -> Callable[[], None]:
+    """Remember every module's train/eval flag; the returned function puts them all back.
+
+    Module by module, unlike ``model.train(was)``, which would overwrite a mode a submodule
+    holds on purpose (a frozen BatchNorm inside a training model). For code whose restore point
+    is not one block; elsewhere use :func:`mode`, :func:`evaluating` or :func:`training`.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = m[1].eval()
+        >>> restore = saved_modes(m)
+        >>> _ = m.train()
+        >>> restore(); m.training, m[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+
+    def restore() -> None:
+        for m, was in modes:
+            m.training = was
+
+    return restore
+
+
+@contextlib.contextmanager
+def mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """``model.train(train)`` for the block; every module's own mode restored after, even on error."""
+    restore = saved_modes(model)
+    model.train(train)
+    try:
+        yield model
+    finally:
+        restore()
 
 
 @contextlib.contextmanager
@@ -19,18 +66,41 @@ def evaluating(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore every module's own mode after.
 
     Restores even when the block raises, module by module (a model may mix modes on purpose,
-    e.g. frozen BatchNorm inside a training model).
+    e.g. frozen BatchNorm inside a training model). With ``enabled=False`` nothing changes.
     """
     if not enabled:
         yield model
         return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with mode(model, False):
         yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
+
+
+def training(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Put ``model`` in train mode for the block; every module's own mode restored after."""
+    return mode(model, True)
+
+
+def logits_of(outputs: Any, keys: tuple[str, ...] = ("logits",)) -> Any:
+    """The logits tensor in a model's output.
+
+    A tensor is returned as is; a tuple or list gives its first item; a mapping or an object
+    (a Hugging Face ``ModelOutput``) gives the first of ``keys`` it holds as a tensor. Anything
+    else is returned unchanged (the caller's loss then says what it got).
+
+    Example:
+        >>> t = torch.zeros(2, 3)
+        >>> all(logits_of(o) is t for o in (t, (t, None), {"logits": t}))
+        True
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0] if outputs else outputs
+    for key in keys:
+        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return outputs
 
 
 @contextlib.contextmanager
