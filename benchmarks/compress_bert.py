@@ -44,12 +44,14 @@ from torchslim.data.sentences import (
     train_sentences,
 )
 from torchslim.distill.tinybert import distill_hidden_
+from torchslim.export.onnx import export_fp32
+from torchslim.export.onnx_int import float_twin
+from torchslim.export.onnx_passes import avoid_skip_layernorm_fusion
 from torchslim.lowrank.api import FactorizeConfig, factorize_
 from torchslim.prune.heads import drop_layers_, prune_ffn_by_importance_, prune_heads_by_importance_
 from torchslim.prune.sparsegpt import sparsegpt_
 from torchslim.prune.wanda import wanda_
 from torchslim.quantize import QuantConfig, quantize_
-from torchslim.quantize._onnx import avoid_skip_layernorm_fusion, export_fp32, float_twin
 from torchslim.quantize.gptq import gptq_
 from torchslim.zoo.pretrained import tokenize
 

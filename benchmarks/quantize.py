@@ -9,7 +9,7 @@ Everything is measured in one run, ONNX Runtime on CPU with 1 intra-op thread:
 
    * ``ort``: ONNX Runtime's ``quantize_static`` alone (QDQ, per-channel int8 weights, uint8
      activations, its own MinMax calibration);
-   * ``ts-<observer>``: ``ts.quantize_(static)`` + ``export_onnx`` (the same ORT QDQ writer, with
+   * ``ts-<observer>``: ``ts.quantize_(static)`` + ``export_integer_onnx`` (the same ORT QDQ writer, with
      torchslim's calibrated ranges on every Conv/Gemm input); ``+bc``: with bias correction.
 
    Reported: file bytes, median latency (batch 1) with the three sessions timed in interleaved
@@ -47,8 +47,10 @@ import torch
 
 import torchslim as ts
 from torchslim._utils import atomic_path
-from torchslim.quantize import QuantConfig, export_onnx, qat_convert_, qat_prepare_, quantize_, sqnr
-from torchslim.quantize._onnx import export_fp32, ort_run
+from torchslim.export.onnx import export_fp32
+from torchslim.export.onnx_int import export_integer_onnx
+from torchslim.export.ort import ort_run
+from torchslim.quantize import QuantConfig, qat_convert_, qat_prepare_, quantize_, sqnr
 
 
 # ---- ONNX Runtime helpers ---------------------------------------------------------------------
@@ -181,7 +183,7 @@ def _imagenet_row(spec: str, tmp: Path, observers: list[str], rounds: int) -> di
             mode="static", observer=obs.split("+")[0], calibration_batches=len(calib), bias_correction=obs.endswith("+bc")
         )
         quantize_(q, cfg, calibration=calib)
-        files[f"ts-{obs}"] = Path(export_onnx(q, (x1,), tmp / f"{tag}.ts-{obs}.onnx", calibration=calib)["onnx"])
+        files[f"ts-{obs}"] = Path(export_integer_onnx(q, (x1,), tmp / f"{tag}.ts-{obs}.onnx", calibration=calib)["onnx"])
     ref = _ort_logits(fp32, held)
     row: dict[str, Any] = {"model": spec, "held_out_crops": len(held), "calibration_crops": sum(len(b) for b in calib)}
     lat = _interleaved_latency(files, x1, rounds)
@@ -208,7 +210,7 @@ def _mnist_static(name: str, model: torch.nn.Module, data: Any, tmp: Path) -> di
     batches = [b[0] for _, b in zip(range(16), calib)]
     q = copy.deepcopy(model)
     quantize_(q, QuantConfig(mode="static"), calibration=calib)
-    files = export_onnx(q, ts.example_inputs(q), tmp / f"{name}.onnx", calibration=calib)
+    files = export_integer_onnx(q, ts.example_inputs(q), tmp / f"{name}.onnx", calibration=calib)
     fp32, ts_int8 = Path(files["onnx_fp32"]), Path(files["onnx"])
     ort_int8 = _ort_quantize_static(fp32, tmp / f"{name}.ort.onnx", batches)
     r = {

@@ -9,7 +9,7 @@ Rows:
 * the per-channel file again after torchslim's ``avoid_skip_layernorm_fusion`` graph pass (which
   every torchslim integer file gets): the same graph as torchslim's int8 file less the smoothing,
   to show how much of the speed comes from that pass alone;
-* torchslim dynamic int8 (``ts.quantize_(mode="dynamic")`` + ``export_onnx``), without and with
+* torchslim dynamic int8 (``ts.quantize_(mode="dynamic")`` + ``export_integer_onnx``), without and with
   SmoothQuant scale migration (alpha 0.75, calibrated on 128 training sentences that are not
   among the evaluation pairs), on the layers where it divides the simulated int8 error by 3 (the
   default ``smoothquant_min_gain``) or by 1.25 (more layers, more multiplies);
@@ -50,8 +50,10 @@ import torch.nn.functional as F
 import torchslim as ts
 from torchslim._utils import atomic_path
 from torchslim.data.sentences import calibration_batches, evaluate_encoder, paraphrase_pairs, recall_at_1
-from torchslim.quantize import QuantConfig, export_onnx, quantize_
-from torchslim.quantize._onnx import avoid_skip_layernorm_fusion, export_fp32, float_twin
+from torchslim.export.onnx import export_fp32
+from torchslim.export.onnx_int import export_integer_onnx, float_twin
+from torchslim.export.onnx_passes import avoid_skip_layernorm_fusion
+from torchslim.quantize import QuantConfig, quantize_
 from torchslim.zoo.pretrained import SentenceEncoder, tokenize
 
 RESULTS = Path(__file__).parent / "results"
@@ -195,7 +197,7 @@ def main() -> int:
         plan = build(m)
         secs = time.time() - t0
         torch_cos = evaluate_encoder(m, ref, n_pairs=n_pairs)["mean_cosine"]
-        paths = export_onnx(m, example, tmp / f"ts{len(rows)}.onnx")
+        paths = export_integer_onnx(m, example, tmp / f"ts{len(rows)}.onnx")
         add(name, Path(paths["onnx"]), {"quantize_s": round(secs, 1), "torch_mean_cosine": torch_cos,
                                         "smoothed_layers": len(getattr(plan, "smoothed", []) or [])})
 

@@ -396,7 +396,7 @@ class ExportSchema(_Strict):
 
 
 def _check_export(cfg: dict[str, Any]) -> None:
-    from torchslim.export._base import list_formats
+    from torchslim.export import list_formats
 
     known = list_formats()
     for f in cfg["formats"]:
