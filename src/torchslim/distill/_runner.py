@@ -11,34 +11,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchslim._utils import model_device
+from torchslim._utils import evaluating, logits_of, model_device
 from torchslim.distill.losses import DistillLoss
 from torchslim.distill.taps import FeatureTaps
 
 __all__ = ["frozen", "TeacherRunner", "Distiller", "logits_of"]
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits in a model's outputs: the tensor, a tuple's first item, or ``.logits``."""
-    if isinstance(outputs, (tuple, list)) and outputs:
-        return outputs[0]
-    return getattr(outputs, "logits", outputs)
-
-
 @contextmanager
 def frozen(teacher: nn.Module) -> Iterator[nn.Module]:
     """Teacher in eval mode with ``requires_grad=False`` for the block; modes, flags and device restored."""
-    modes = [(m, m.training) for m in teacher.modules()]
     flags = [(p, p.requires_grad) for p in teacher.parameters()]
     device = model_device(teacher)
-    teacher.eval()
     teacher.requires_grad_(False)
     try:
-        yield teacher
+        with evaluating(teacher):
+            yield teacher
     finally:
         teacher.to(device)
-        for module, mode in modes:
-            module.training = mode
         for param, flag in flags:
             param.requires_grad_(flag)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating
+from torchslim._utils import evaluating, logits_of
 from torchslim.errors import ConfigError
 
 __all__ = ["map_by_depth", "map_by_name", "map_layers", "auto_taps", "MAPPINGS"]
@@ -119,7 +119,7 @@ def auto_taps(model: nn.Module, inputs: Any, kind: str = "features") -> list[str
     finally:
         for handle in handles:
             handle.remove()
-    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+    out = logits_of(out)
     modules = dict(model.named_modules())
     out_ptr = out.data_ptr() if isinstance(out, torch.Tensor) else -1
     taps: list[str] = []

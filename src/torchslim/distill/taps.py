@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import logits_of
 from torchslim.errors import ConfigError
 
 __all__ = ["FeatureTaps", "parse_tap", "resolve_taps"]
@@ -84,13 +85,8 @@ def _select(output: Any, index: int | None, name: str) -> torch.Tensor:
                 f"{type(output).__name__}" + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
             )
         output = output[index]
-    elif isinstance(output, (tuple, list)):
-        output = output[0]
     else:
-        for attr in ("last_hidden_state", "logits"):
-            if hasattr(output, attr):
-                output = getattr(output, attr)
-                break
+        output = logits_of(output, keys=("last_hidden_state", "logits"))
     if not isinstance(output, torch.Tensor):
         raise ConfigError(f"tap {name!r} captured {type(output).__name__}, not a tensor; pick a module that returns one")
     return output

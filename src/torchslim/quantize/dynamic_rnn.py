@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchslim._utils import model_device
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize.primitives import (
     QScheme,
@@ -146,7 +147,7 @@ class QuantizedRNN(nn.Module):
     def empty_like(cls, rnn: nn.Module, scheme: QScheme, dynamic_act: bool = False) -> QuantizedRNN:
         """A zero-filled :class:`QuantizedRNN` with ``rnn``'s structure (its weights load afterwards)."""
         check_rnn_scheme(type(rnn).__name__, rnn, scheme)
-        device = next((p.device for p in rnn.parameters()), torch.device("cpu"))
+        device = model_device(rnn)
         return cls(
             rnn.mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
             rnn.bidirectional, getattr(rnn, "proj_size", 0), scheme, dynamic_act,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import evaluating, model_device, training
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -136,16 +137,14 @@ def bn_recalibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> in
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     done = 0
     try:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches seen
-        model.train()
-        with torch.no_grad():
+        with training(model), torch.no_grad():
             for batch in loader:
                 if done >= batches:
                     break
@@ -155,8 +154,6 @@ def bn_recalibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> in
     finally:
         for m, mom in momenta:
             m.momentum = mom
-        for m, mode in modes:
-            m.training = mode
     return done
 
 
@@ -188,7 +185,6 @@ def paired_latency(reference: nn.Module, model: nn.Module, example_inputs: Any, 
     Returns:
         ``(model_ms, reference_ms)``.
     """
-    from torchslim._utils import evaluating, model_device
     from torchslim.graph.inputs import as_inputs, call_model
     from torchslim.profile.latency import measure, measure_pair
 

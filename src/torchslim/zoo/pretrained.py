@@ -200,18 +200,14 @@ def embed(
     model: nn.Module, sentences: Sequence[str], *, name: str = "minilm", batch_size: int = 64, max_length: int | None = None
 ) -> torch.Tensor:
     """Embeddings of ``sentences`` from a (possibly compressed) text model, in batches, in eval mode."""
-    from torchslim._utils import model_device
+    from torchslim._utils import evaluating, model_device
 
     device = model_device(model)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         chunks = []
         for i in range(0, len(sentences), batch_size):
             batch = tokenize(name, list(sentences[i : i + batch_size]), max_length=max_length)
             chunks.append(model(*(batch[k].to(device) for k in SentenceEncoder.input_names)).float().cpu())
-    finally:
-        model.train(was)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
