@@ -24,7 +24,7 @@ The product ``op(binarize(x), sign(W))`` has ±1 operands, so in float it is an 
 :mod:`~torchslim.binarize.kernel` computes the same integer with XNOR and popcount on packed
 bits. Set ``layer.backend`` to ``"auto"``, ``"c"`` or ``"torch"`` to use it in inference (eval
 mode under ``no_grad``); the default ``"float"`` is the float simulation. Outputs are identical.
-``"fastest"`` times both routes (float op vs packed kernel) the first time the layer sees an input
+``"fastest"`` times both routes (float op vs packed kernel, interleaved, median) the first time the layer sees an input
 shape and keeps the faster one for that shape: small layers, where im2col and packing cost more
 than the popcounts save, stay on the float op.
 
@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._registry import register_method
-from torchslim._train_checkpoint import training_state_active
+from torchslim.train.checkpoint import training_state_active
 from torchslim.binarize import kernel as _kernel
 from torchslim.binarize.packing import as_words64, check_packed, pack_signs, unpack_signs, word_dtype
 from torchslim.errors import CheckpointError, ConfigError
+from torchslim.profile.latency import measure_pair
 
 __all__ = [
     "METHODS",
@@ -267,15 +267,9 @@ class _BinaryLayer:
             self.routes[key] = "float"
             return None
         self._float_product(x)  # warm-up
-        best = {"packed": float("inf"), "float": float("inf")}
-        for _ in range(_ROUTE_RUNS):
-            for name, fn in (("packed", lambda: self._kernel_op(x, self.packed_words64())), ("float", lambda: self._float_product(x))):
-                t0 = time.perf_counter()
-                fn()
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        self.routes[key] = "packed" if best["packed"] < best["float"] else "float"
+        packed, dense = measure_pair(lambda: self._kernel_op(x, self.packed_words64()), lambda: self._float_product(x),
+                                     runs=_ROUTE_RUNS, warmup=0, sync=x.device, runtimes=("packed", "float"))
+        self.routes[key] = "packed" if packed.median_ms < dense.median_ms else "float"
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
