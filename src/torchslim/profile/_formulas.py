@@ -9,9 +9,9 @@ Conventions (the ones torchvision's published ``_ops`` and most papers use):
   op (elementwise ops, activations), per input element of reductions and pooling, and a small
   fixed count per element for normalisation and softmax (documented in ``_FLOPS_PER_ELEMENT``).
 
-Ops are sorted into: a formula (here), pointwise (PyTorch's ``Tag.pointwise``), free (views,
-copies, creation, indexing, integer results) or *unsupported*. Unsupported ops are reported by
-name, never silently counted as zero.
+Ops are sorted into: a formula (here), pointwise (``graph.optable.is_pointwise``, the table the
+channel analysis reads too), free (views, copies, creation, indexing, integer results) or
+*unsupported*. Unsupported ops are reported by name, never silently counted as zero.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-import torch
-
+from torchslim.graph.optable import is_pointwise
 from torchslim.graph.tracer import OpNode, TensorMeta
 
 __all__ = ["Cost", "op_cost"]
@@ -304,24 +303,6 @@ def _is_view(func: Any) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
-# Elementwise ops PyTorch does not tag as pointwise.
-_ELEMENTWISE = {"hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "silu", "silu_", "mish", "mish_",
-                "gelu", "gelu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus", "hardtanh",
-                "hardtanh_", "leaky_relu", "leaky_relu_", "rrelu", "threshold", "threshold_", "glu",
-                "log_sigmoid_forward", "softshrink", "hardshrink", "prelu"}
-
-
-def _pointwise(func: Any) -> bool:
-    if torch.Tag.pointwise in func.tags or func._schema.name.split("::")[-1] in _ELEMENTWISE:
-        return True
-    name = func._schema.name.split("::")[-1]
-    if name.endswith("_") and func.namespace == "aten":  # in-place variants are not always tagged
-        base = getattr(torch.ops.aten, name[:-1], None)
-        overload = getattr(base, func._overloadname, None) or getattr(base, "default", None)
-        return overload is not None and torch.Tag.pointwise in overload.tags
-    return False
-
-
 def op_cost(op: OpNode) -> Cost:
     """MACs and FLOPs of one recorded op; ``supported=False`` when no rule covers it."""
     packet = op.packet
@@ -339,7 +320,7 @@ def op_cost(op: OpNode) -> Cost:
         return Cost(flops=per * n)
     if packet in _FREE or _is_view(op.func):
         return Cost()
-    if _pointwise(op.func):
+    if is_pointwise(op.func):
         out = op.outputs[0] if op.outputs else None
         if out is None or not out.is_floating:
             return Cost()  # comparisons / masks / integer arithmetic are bookkeeping
