@@ -8,6 +8,7 @@ channels one producer creates into a :class:`~torchslim.graph.channel_groups.Cha
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from typing import Any
@@ -16,16 +17,20 @@ import numpy as np
 from torch import nn
 
 from torchslim._utils import evaluating
+from torchslim.errors import InputShapeError, ModelRunError, TorchslimError
 from torchslim.graph._swin import sliced_swin
 from torchslim.graph.analyser import Analyser
 from torchslim.graph.channel_groups import ChannelGroup, ChannelGroups
+from torchslim.graph.inputs import remembered_inputs
 from torchslim.graph.meta import params_on_meta, to_meta
 from torchslim.graph.rules import run
 from torchslim.graph.rules_modules import whole_modules
-from torchslim.graph.tracer import trace
+from torchslim.graph.tracer import Trace, trace
 from torchslim.graph.unionfind import FROZEN, components
 
-__all__ = ["analyse", "build_groups", "groups"]
+__all__ = ["META_FAILURES", "analyse", "build_groups", "groups"]
+
+log = logging.getLogger(__name__)
 
 
 def build_groups(a: Analyser, drivers: dict[int, tuple[int, ...]]) -> list[ChannelGroup]:
@@ -116,8 +121,63 @@ def build_groups(a: Analyser, drivers: dict[int, tuple[int, ...]]) -> list[Chann
 
 
 
+# What a shape-only (meta) trace legitimately raises. The forward runs through
+# graph.inputs.call_model, which wraps what it raises in ModelRunError / InputShapeError with the
+# original as __cause__; the original is what is checked (a torchslim error is never one):
+#   NotImplementedError  an op with no meta kernel ("... with Meta tensors, but there was no fake
+#                        impl or Meta kernel registered"), an output size that depends on values
+#                        (nonzero, boolean-mask indexing, unique), or data read back (.tolist(), .cpu())
+#   RuntimeError         a value read from a meta tensor (.item(), bool(t), int(t): "cannot be
+#                        called on meta tensors"; an ``if`` on a tensor), an output size that depends
+#                        on values (repeat_interleave), a tensor the forward makes on a real device
+#                        meeting the meta ones, or a parameter that cannot be moved to meta
+#   TypeError            a meta tensor handed to numpy ("can't convert meta device type tensor"):
+#                        only with "meta" in its message, any other TypeError is a bug
+# The real forward then traces the model. Anything else propagates.
+META_FAILURES: tuple[type[Exception], ...] = (NotImplementedError, RuntimeError)
+
+
+def _meta_failure(exc: Exception) -> BaseException | None:
+    """What made the meta trace fail, when it is a failure the real forward gets past; else None."""
+    cause = exc.__cause__ if isinstance(exc, (ModelRunError, InputShapeError)) and exc.__cause__ else exc
+    if isinstance(cause, TorchslimError):
+        return None
+    if isinstance(cause, META_FAILURES) or (isinstance(cause, TypeError) and "meta" in str(cause)):
+        return cause
+    return None
+
+
+def _meta_trace(model: nn.Module, example_inputs: Any) -> tuple[Trace | None, str | None]:
+    """A shape-only trace (no arithmetic, no memory for activations, no copy of the model), or
+    (None, why it could not be taken) for a model whose forward needs values."""
+    try:
+        with params_on_meta(model), evaluating(model), sliced_swin(model):
+            return trace(model, to_meta(example_inputs), grad=True), None
+    except Exception as exc:
+        cause = _meta_failure(exc)
+        if cause is None:
+            raise
+        reason = _fallback_reason(exc, cause)
+    log.info("channel analysis of %s: %s", type(model).__name__, reason)
+    return None, reason
+
+
+def _fallback_reason(exc: Exception, cause: BaseException) -> str:
+    op, module = getattr(exc, "op", None), getattr(exc, "module", None)  # set by trace()
+    at = f" at {op}" if op else ""
+    where = f" in module '{module or '(top level)'}'" if module is not None else ""
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return (f"the shape-only (meta) trace failed{at}{where}: {type(cause).__name__}: {first_line}; "
+            "traced the real forward instead")
+
+
 def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
     """Trace ``model`` (eval mode, autograd on, so no fused kernels hide structure) and find its groups.
+
+    The trace is shape-only (parameters and inputs on the ``meta`` device) when the forward allows
+    it; a forward that needs values (data-dependent shapes or branches, ops with no meta kernel)
+    is traced for real instead, and ``meta_fallback`` on the result says why (also logged at
+    INFO on ``torchslim.graph.build``).
 
     Args:
         model: any module that runs eagerly; not modified (its mode is restored).
@@ -127,16 +187,11 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     Raises:
         UnsupportedOpError: an op with no channel rule touches prunable channels; the message
             names the op and the module.
+        InputShapeError, ModelRunError: the forward raised (on the real inputs, or on meta ones
+            with an error a shape-only run does not explain, see ``META_FAILURES``).
     """
     start = time.perf_counter()
-    tr = None
-    used_meta = False
-    try:  # shapes only: no arithmetic, no memory for activations, no copy of the model
-        with params_on_meta(model), evaluating(model), sliced_swin(model):
-            tr = trace(model, to_meta(example_inputs), grad=True)
-        used_meta = True
-    except Exception:  # noqa: BLE001 - data-dependent models need the real forward
-        tr = None
+    tr, fallback = _meta_trace(model, example_inputs)
     if tr is None:
         # Swin window attention is traced with the forward surgery gives it (graph._swin)
         with evaluating(model), sliced_swin(model):
@@ -150,11 +205,21 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
         g.head_dim = head_dims.get(g.channels[0]) if g.channels else None
     frozen = [n for n, dims in a.param_atoms.items() if all(d is None or not a.uf.roots(d).any() for d in dims)]
     return ChannelGroups(grps, tr, a.param_atoms, a.uf, frozen, time.perf_counter() - start, drivers,
-                         meta_ok=used_meta)
+                         meta_ok=fallback is None, meta_fallback=fallback)
 
 
 def groups(model: nn.Module, example_inputs: Any = None, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
     """The coupled channel groups of ``model``: ``print(ts.graph.groups(m, x))`` lists them.
+
+    Args:
+        model: any module that runs eagerly; not modified.
+        example_inputs: a tensor, tuple or dict of inputs; None takes the inputs the model
+            remembers (``ts.create_model`` records them).
+        ignore: module names or globs whose ops are not analysed; their channels stay whole.
+
+    Raises:
+        SpecError: no example inputs given and the model remembers none.
+        UnsupportedOpError: an op with no channel rule touches prunable channels.
 
     Example:
         >>> import torch, torchslim as ts
@@ -164,7 +229,5 @@ def groups(model: nn.Module, example_inputs: Any = None, *, ignore: tuple[str, .
         [(8, [('0.weight', 0)])]
     """
     if example_inputs is None:
-        from torchslim._modelinfo import example_inputs as remembered
-
-        example_inputs = remembered(model)
+        example_inputs = remembered_inputs(model)
     return analyse(model, example_inputs, ignore=ignore)

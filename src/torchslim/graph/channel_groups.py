@@ -53,6 +53,7 @@ class ChannelGroups:
     seconds: float
     drivers: dict[int, tuple[int, ...]] = field(default_factory=dict)  # derived root -> driver roots
     meta_ok: bool = False  # the model runs on the meta device (shape-only trials are possible)
+    meta_fallback: str | None = None  # why the trace ran the real forward instead (None: it did not)
 
     def roots(self, name: str, dim: int) -> np.ndarray:
         """Channel (union-find root) of every index of a bound tensor's dimension, cached."""

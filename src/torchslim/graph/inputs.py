@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.errors import InputShapeError, ModelRunError, type_error
+from torchslim._utils import model_device
+from torchslim.errors import InputShapeError, ModelRunError, SpecError, type_error
 
-__all__ = ["Inputs", "as_inputs", "call_model"]
+__all__ = ["Inputs", "as_inputs", "call_model", "remembered_inputs"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,24 @@ def as_inputs(example_inputs: Any) -> Inputs:
     if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
         return Inputs(tuple(example_inputs))
     raise type_error("example_inputs", example_inputs, "a Tensor, a tuple/list of inputs or a dict of keyword inputs")
+
+
+def remembered_inputs(model: nn.Module) -> Inputs:
+    """The example inputs a model remembers (``ts.create_model`` records them), on its device.
+
+    The record (``model._torchslim``, see ``torchslim._modelinfo``) sits above the graph, so it is
+    read here by its one attribute, ``example`` (an :class:`Inputs`), without importing it.
+
+    Raises:
+        SpecError: the model remembers no example inputs; pass them explicitly.
+    """
+    example = getattr(model.__dict__.get("_torchslim"), "example", None)
+    if not isinstance(example, Inputs) or not (example.args or example.kwargs):
+        raise SpecError(
+            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
+            "or pass example_inputs explicitly"
+        )
+    return example.to(model_device(model))
 
 
 # Messages PyTorch raises when a tensor's shape does not fit a layer.

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torchslim.errors import InputShapeError, ModelRunError
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
 
 __all__ = ["TensorMeta", "OpNode", "ModuleCall", "Trace", "trace"]
@@ -146,9 +147,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = _fast_meta(func, args, kwargs) if func in _MEMO_OPS else None
-        if out is None:
-            out = func(*args, **kwargs)
+        try:
+            out = _fast_meta(func, args, kwargs) if func in _MEMO_OPS else None
+            if out is None:
+                out = func(*args, **kwargs)
+        except Exception:
+            self.tracer.failed_op = str(func)  # named by the error trace() raises
+            raise
+        self.tracer.failed_op = None  # the forward caught that one: it was not what failed
         self.tracer.record(func, args, kwargs, out)
         return out
 
@@ -194,6 +200,7 @@ class _Tracer:
         self.stack: list[str] = []
         self.call_stack: list[ModuleCall] = []
         self.failed_in: list[str] = []  # innermost module whose forward raised (for the message)
+        self.failed_op: str | None = None  # the ATen op that raised, e.g. "aten.nonzero.default"
         self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.meta_ids: dict[int, int] = {}  # id(meta tensor) -> tensor id (the tensors are held below)
         self.meta_refs: list[torch.Tensor] = []
@@ -344,7 +351,10 @@ def trace(
 
     Raises:
         InputShapeError: the inputs do not fit the model.
-        ModelRunError: the model's forward raised; the message names the module.
+        ModelRunError: the model's forward raised; the message names the module. Either error's
+            ``op`` attribute names the ATen op that raised (None when the forward's own Python
+            code did), ``module`` the innermost module running ("" for the top level, None
+            when unknown), and ``__cause__`` is what the forward raised.
 
     Example:
         >>> import torch, torchslim as ts
@@ -380,6 +390,10 @@ def trace(
     try:
         with torch.set_grad_enabled(grad), _Recorder(tracer):
             output = call_model(model, inputs, where=tracer.failed_in)
+    except (InputShapeError, ModelRunError) as exc:
+        exc.op = tracer.failed_op
+        exc.module = tracer.failed_in[-1] if tracer.failed_in else None
+        raise
     finally:
         for h in handles:
             h.remove()
