@@ -115,3 +115,15 @@ __all__ = [
     "set_example_inputs",
     "trace",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # moved modules keep their old names for one release
+    if name == "distributed":
+        import warnings
+
+        from torchslim.train import distributed
+
+        warnings.warn("torchslim.distributed moved to torchslim.train.distributed", DeprecationWarning, stacklevel=2)
+        return distributed
+    raise AttributeError(f"module 'torchslim' has no attribute {name!r}")

@@ -2,20 +2,35 @@
 
 No pickles: ``plan.json`` says how to build the original architecture (the model spec) and
 lists the compression plans applied to it, in order; ``load`` rebuilds the architecture,
-replays every plan (so pruned shapes, factorised layers etc. come back), then loads the
-weights strictly. ``example_inputs.safetensors`` keeps the model's example inputs.
+replays every plan (so pruned shapes, factorised layers etc. come back; both with
+:func:`torchslim._modelinfo.rebuild`), then loads the weights strictly.
+``example_inputs.safetensors`` keeps the model's example inputs.
+
+A saved directory is itself a model spec: this module registers it as the ``"saved"`` model
+source, so ``ts.create_model(DIR)`` loads it without the zoo knowing about saving.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim._modelinfo import (
+    ModelSource,
+    attach,
+    model_info,
+    rebuild,
+    rebuildable,
+    register_plan_kind,
+    replay_plan,
+)
+from torchslim._registry import register
 from torchslim._utils import atomic_path
 from torchslim.errors import CheckpointError, ConfigError, SpecError
 from torchslim.graph.inputs import Inputs
@@ -27,42 +42,6 @@ VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 INPUTS_FILE = "example_inputs.safetensors"
-
-# plan kind -> module that registers its replay function when imported (families add theirs)
-_PLAN_MODULES: dict[str, str] = {
-    "prune_channels": "torchslim.prune.channels",
-    "sparsify": "torchslim.prune.masks",
-    "factorize": "torchslim.lowrank.api",
-    "binarize": "torchslim.binarize.api",
-    "quantize": "torchslim.quantize.api",
-    "cluster": "torchslim.pack.cluster",
-    "prune_transformer": "torchslim.prune.heads",
-}
-_REPLAY: dict[str, Any] = {}
-
-
-def register_plan_kind(kind: str, replay: Any, module: str | None = None) -> None:
-    """Register how to replay a plan of ``kind`` onto a freshly built model (``replay(model, plan)``)."""
-    _REPLAY[kind] = replay
-    if module:
-        _PLAN_MODULES[kind] = module
-
-
-def replay_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Re-apply one saved plan (structure only; weights are loaded afterwards)."""
-    kind = plan.get("kind")
-    if kind not in _REPLAY and kind in _PLAN_MODULES:
-        import importlib
-
-        importlib.import_module(_PLAN_MODULES[kind])
-    fn = _REPLAY.get(kind)
-    if fn is None:
-        raise CheckpointError(
-            f"saved model uses a plan of kind {kind!r}, which this torchslim does not know "
-            f"(known: {', '.join(sorted(set(_REPLAY) | set(_PLAN_MODULES))) or 'none'}); upgrade torchslim"
-        )
-    fn(model, plan)
-
 
 def write_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write the model's parameters and buffers as safetensors (tied tensors stored once)."""
@@ -81,10 +60,8 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         ConfigError: the model has no spec (build it with ``ts.create_model``), so it could not
             be rebuilt without pickling it.
     """
-    from torchslim.zoo.spec import model_info
-
     info = model_info(model)
-    if info is None or info.kind not in ("torchvision", "timm", "zoo", "file", "pretrained"):
+    if info is None or not rebuildable(info.kind):
         raise ConfigError(
             f"cannot save {type(model).__name__}: it has no model spec to rebuild it from; "
             "create it with ts.create_model(spec) (a file.py:factory spec works for any model)"
@@ -117,8 +94,6 @@ def load(directory: str | os.PathLike[str], map_location: str | torch.device = "
     """
     from safetensors.torch import load_file, load_model
 
-    from torchslim.zoo.spec import ModelInfo, _attach, rebuild
-
     d = Path(directory)
     plan_path = d / PLAN_FILE
     if not plan_path.is_file() or not (d / WEIGHTS_FILE).is_file():
@@ -131,13 +106,10 @@ def load(directory: str | os.PathLike[str], map_location: str | torch.device = "
         raise CheckpointError(f"{plan_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if int(meta.get("version", 0)) > VERSION:
         raise CheckpointError(f"{d} was written by a newer torchslim (format version {meta['version']} > {VERSION})")
-    info = meta["model"]
     try:
-        model = rebuild(info)
+        model = rebuild(meta["model"])
     except SpecError as exc:
         raise CheckpointError(f"cannot rebuild the model saved in {d}: {exc}") from exc
-    for plan in info.get("plans", []):
-        replay_plan(model, plan)
     try:
         missing, unexpected = load_model(model, str(d / WEIGHTS_FILE), strict=True, device=str(map_location))
     except (RuntimeError, OSError, ValueError) as exc:
@@ -149,7 +121,12 @@ def load(directory: str | os.PathLike[str], map_location: str | torch.device = "
         kws = meta.get("example_inputs", {}).get("kwargs", [])
         example = Inputs(tuple(ts[f"arg{i}"] for i in range(n)), {k: ts[f"kw.{k}"] for k in kws})
     model.eval()
-    return _attach(
-        model,
-        ModelInfo(spec=info["spec"], kind=info["kind"], build=info["build"], example=example, plans=list(info.get("plans", []))),
-    )
+    return attach(model, replace(model_info(model), example=example))
+
+
+def _create_saved(text: str, *, input_shape: Any = None, num_classes: int | None = None) -> nn.Module:
+    return load(text)
+
+
+register("model", "saved", ModelSource(_create_saved, claims=lambda text: Path(text).is_dir(), priority=-10),
+         family="saving", description="a directory written by ts.save")

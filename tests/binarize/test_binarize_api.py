@@ -21,7 +21,7 @@ from torchslim.binarize import (
     summary,
 )
 from torchslim.errors import ConfigError
-from torchslim.zoo.spec import model_info
+from torchslim._modelinfo import model_info
 
 METHODS = ["bnn", "xnor", "bireal", "bwn"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim import distributed as tsdist
+from torchslim.train import distributed as tsdist
 from torchslim.errors import ConfigError
 from torchslim.train import TrainConfig, fit
 
@@ -65,7 +65,7 @@ def test_sampler_shards_the_one_process_batches():
     from torch.utils.data import TensorDataset
 
     from torchslim.data import DataBundle
-    from torchslim.train import _epoch_seed
+    from torchslim.train.loop import _epoch_seed
 
     rows = TensorDataset(torch.arange(24), torch.zeros(24, dtype=torch.long))
     bundle = DataBundle("idx", "idx", rows, rows, rows, (1,), 1, True)

@@ -9,7 +9,7 @@ import torch
 import torchslim as ts
 from torchslim.errors import SpecError
 from torchslim.zoo import pretrained_vision
-from torchslim.zoo.spec import model_info
+from torchslim._modelinfo import model_info
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from torchslim.binarize.layers import (
     BinaryLinear,
 )
 from torchslim.errors import CheckpointError, ConfigError
-from torchslim.saving import register_plan_kind
+from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["BinarizeConfig", "BinarizePlan", "binarize_", "binary_layers", "set_backend_", "PLAN_KIND"]
 
@@ -182,7 +182,7 @@ def _forward_order(model: nn.Module, names: list[str], example_inputs: Any) -> l
     """``names`` in the order their modules first run on ``example_inputs`` (registration order
     when there are no inputs or the forward fails; modules that never run go last)."""
     if example_inputs is None:
-        from torchslim.zoo.spec import model_info
+        from torchslim._modelinfo import model_info
 
         info = model_info(model)
         if info is None or not info.example.args and not info.example.kwargs:
@@ -309,7 +309,7 @@ def binarize_(model: nn.Module, config: BinarizeConfig | None = None, *, example
     layers, kept = _select(model, cfg, example_inputs)
     activations = _relus(model) if cfg.resolved_replace_relu else []
     _apply(model, cfg, layers, activations)
-    from torchslim.zoo.spec import model_info, record_plan
+    from torchslim._modelinfo import model_info, record_plan
 
     if model_info(model) is not None:
         record_plan(model, {"kind": PLAN_KIND, "config": cfg.to_dict(), "layers": list(layers), "activations": list(activations)})

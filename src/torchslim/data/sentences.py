@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._registry import lookup
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -42,6 +43,12 @@ __all__ = [
 ]
 
 SENTENCES_FILE = Path(__file__).with_name("sentences.jsonl")
+
+
+def _text() -> Any:
+    """The tokenizer and embedder of the ``pretrained:`` text models (``zoo.pretrained``): the zoo
+    registers them with its ``pretrained`` model source, as this layer sits below the zoo."""
+    return lookup("model", "pretrained").meta["text_helpers"]()
 
 
 @lru_cache(maxsize=1)
@@ -85,8 +92,7 @@ def calibration_batches(
     Raises:
         ConfigError: ``sentences`` is empty or holds only blank strings.
     """
-    from torchslim.zoo.pretrained import tokenize, tokenizer
-
+    text_models = _text()
     if sentences is None:
         sentences = calibration_sentences()
     if isinstance(sentences, str):
@@ -99,9 +105,12 @@ def calibration_batches(
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
-    tok = tokenizer(model)
+    tok = text_models.tokenizer(model)
     text.sort(key=lambda s: len(tok.tokenize(s)))
-    return [tokenize(model, text[i : i + batch_size], max_length=max_length) for i in range(0, len(text), batch_size)]
+    return [
+        text_models.tokenize(model, text[i : i + batch_size], max_length=max_length)
+        for i in range(0, len(text), batch_size)
+    ]
 
 
 def recall_at_1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,10 +142,8 @@ def evaluate_encoder(
         "recall_drop", "pairs", "embeddings"}`` (``embeddings``: the model's, to pass back
         as ``reference`` later; the cosine entries are ``None`` without a reference).
     """
-    from torchslim.zoo.pretrained import embed
-
     a, b = paraphrase_pairs(n_pairs)
-    emb = embed(model, a + b, name=name, batch_size=batch_size)
+    emb = _text().embed(model, a + b, name=name, batch_size=batch_size)
     out: dict[str, Any] = {"pairs": len(a), "recall_at_1": recall_at_1(emb[: len(a)], emb[len(a) :]), "embeddings": emb}
     if reference is None:
         out.update(mean_cosine=None, min_cosine=None, reference_recall_at_1=None, recall_drop=None)

@@ -287,7 +287,7 @@ def distill(
     runner = TeacherRunner(teacher, t_taps, cache=config.cache_teacher)
     with frozen(teacher), s_taps, t_taps:
         if config.cache_teacher:
-            from torchslim.train import _resolve_device
+            from torchslim.train import resolve_device as _resolve_device
 
             runner.build_cache(data.train, _resolve_device(config.train.device))
         wrapper = Distiller(student, loss, s_taps, runner, n)

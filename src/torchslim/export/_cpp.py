@@ -179,7 +179,7 @@ def check_cpp(model: nn.Module, model_path: str | os.PathLike[str], example_inpu
         ExportError: the runner cannot be built or fails.
     """
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
+        from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
     inputs = as_inputs(example_inputs).to("cpu")

@@ -220,7 +220,7 @@ def export(
     if opset is not None and (not is_int(opset) or not 7 <= opset <= 25):
         raise ConfigError(f"opset must be an integer ONNX opset between 7 and 25; got {opset!r}")
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
+        from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
     inputs: Inputs = as_inputs(example_inputs).to(model_device(model))

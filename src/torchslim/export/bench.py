@@ -338,7 +338,7 @@ def bench(
     names = parse_runtimes(runtimes)
     threads = _check_args(threads, runs, warmup)
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
+        from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
     inputs = as_inputs(example_inputs).to(model_device(model))

@@ -48,7 +48,7 @@ def _has_glob(text: str) -> bool:
 
 def factorized_prefixes(model: nn.Module) -> list[str]:
     """Names of layers an earlier ``factorize_`` replaced (their insides are not re-factorized)."""
-    from torchslim.zoo.spec import model_info
+    from torchslim._modelinfo import model_info
 
     info = model_info(model)
     out: list[str] = []

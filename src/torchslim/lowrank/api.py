@@ -23,7 +23,7 @@ from torchslim._config import ConfigDict
 from torchslim._utils import is_int, is_number
 from torchslim.errors import CheckpointError, ConfigError, SpecError
 from torchslim.lowrank import _plan
-from torchslim.saving import register_plan_kind
+from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["FactorizeConfig", "FactorizePlan", "LayerFactorization", "SkippedLayer", "factorize_", "METHODS"]
 
@@ -207,7 +207,7 @@ class FactorizePlan:
 def _inputs_for(model: nn.Module, example_inputs: Any) -> Any:
     if example_inputs is not None:
         return example_inputs
-    from torchslim.zoo.spec import example_inputs as remembered
+    from torchslim._modelinfo import example_inputs as remembered
 
     try:
         return remembered(model)
@@ -319,7 +319,7 @@ def factorize_(model: nn.Module, config: FactorizeConfig, example_inputs: Any = 
     if macs_total is not None:
         plan.macs_after = macs_total - sum(x.macs_before - x.macs_after for x in plan.layers)
     if plan.layers:
-        from torchslim.zoo.spec import record_plan
+        from torchslim._modelinfo import record_plan
 
         record_plan(model, plan.record())
     return plan

@@ -91,7 +91,7 @@ class PackResult:
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
-    from torchslim.zoo.spec import model_info
+    from torchslim._modelinfo import model_info
 
     info = model_info(model)
     if info is None or info.kind not in ("torchvision", "timm", "zoo", "file"):
@@ -126,7 +126,7 @@ def _prepared(model: nn.Module, bits: int | None) -> nn.Module:
 
 def _example_meta(model: nn.Module, raw: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Float example inputs are kept as their shape (rebuilt as seeded randn), others stored raw."""
-    from torchslim.zoo.spec import model_info
+    from torchslim._modelinfo import model_info
 
     info = model_info(model)
     ex = info.example if info is not None else None
@@ -322,10 +322,11 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
         CheckpointError: the file is missing, not a ``.tslim`` file, from a newer format version,
             truncated or corrupted (checksums), or does not fit the rebuilt architecture.
     """
+    from dataclasses import replace
+
     from safetensors.torch import load as st_load
 
-    from torchslim.saving import replay_plan
-    from torchslim.zoo.spec import ModelInfo, _attach, rebuild
+    from torchslim._modelinfo import attach, model_info, rebuild
 
     p = Path(path)
     cont = read_container(p)
@@ -335,11 +336,9 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
         raise CheckpointError(f"{p}: unknown coder {coder!r} (known: {', '.join(coding.CODERS)})")
     info = h.get("model") or {}
     try:
-        model = rebuild(info)
+        model = rebuild(info)  # the architecture with every plan replayed, as ts.load does
     except SpecError as exc:
         raise CheckpointError(f"cannot rebuild the model packed in {p}: {exc}") from exc
-    for plan in info.get("plans", []):
-        replay_plan(model, plan)
     try:
         raw = st_load(cont.streams.get(_RAW, b"")) if cont.streams.get(_RAW) else {}
     except Exception as exc:  # safetensors raises its own error types
@@ -368,9 +367,7 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
         raise CheckpointError(f"the tensors in {p} do not fit the rebuilt model: {exc}") from exc
     model.to(map_location).eval()
     example = _example_inputs(h.get("example_inputs") or {}, example_raw, p)
-    plans = list(info.get("plans", []))
-    return _attach(model, ModelInfo(spec=info.get("spec", ""), kind=info.get("kind", ""), build=info.get("build", {}),
-                                    example=example, plans=plans))
+    return attach(model, replace(model_info(model), example=example))
 
 
 def _example_inputs(meta: dict[str, Any], stored: dict[str, torch.Tensor], p: Path) -> Any:

@@ -382,7 +382,7 @@ def cluster_(
     for name, module, b, indices, codebook, numel, nonzero, used in work:
         _attach(module, indices, codebook)
         plan.layers[f"{name}.weight"] = {"bits": b, "numel": numel, "nonzero": nonzero, "clusters_used": used}
-    from torchslim.zoo.spec import model_info, record_plan
+    from torchslim._modelinfo import model_info, record_plan
 
     if model_info(model) is not None:
         record_plan(model, {"kind": PLAN_KIND, "action": "cluster", "layers": {n: v["bits"] for n, v in plan.layers.items()},
@@ -399,7 +399,7 @@ def bake_(model: nn.Module) -> list[str]:
     layers = sorted(clustered_layers(model))
     _bake(model, layers)
     if layers:
-        from torchslim.zoo.spec import model_info, record_plan
+        from torchslim._modelinfo import model_info, record_plan
 
         if model_info(model) is not None:
             record_plan(model, {"kind": PLAN_KIND, "action": "bake", "layers": layers})
@@ -436,7 +436,7 @@ def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
 
 
 def _register() -> None:
-    from torchslim.saving import register_plan_kind
+    from torchslim._modelinfo import register_plan_kind
 
     register_plan_kind(PLAN_KIND, _replay, __name__)
 

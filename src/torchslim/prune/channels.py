@@ -24,8 +24,8 @@ from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.surgery import slice_model_
 from torchslim.prune.importance import accumulate_gradients, get_importance
-from torchslim.saving import register_plan_kind
-from torchslim.zoo.spec import record_plan
+from torchslim._modelinfo import register_plan_kind
+from torchslim._modelinfo import record_plan
 
 __all__ = ["Budget", "ChannelPlan", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
 
@@ -421,7 +421,7 @@ def prune_channels_(
         raise ConfigError(f"round_to and min_channels must be integers >= 1; got {round_to!r}, {min_channels!r}")
     crit = get_importance(importance)
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
+        from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
 

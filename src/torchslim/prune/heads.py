@@ -476,7 +476,7 @@ def prune_ffn_by_importance_(
 
 
 def _record(model: nn.Module, plan: dict[str, Any]) -> None:
-    from torchslim.zoo.spec import model_info, record_plan
+    from torchslim._modelinfo import model_info, record_plan
 
     if model_info(model) is not None:
         record_plan(model, {"kind": KIND, **plan})
@@ -498,7 +498,7 @@ def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
 
 
 def _register() -> None:
-    from torchslim.saving import register_plan_kind
+    from torchslim._modelinfo import register_plan_kind
 
     register_plan_kind(KIND, _replay, module=__name__)
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._train_callbacks import Callback, TrainState
+from torchslim.train.callbacks import Callback, TrainState
 from torchslim._utils import atomic_path, is_int
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import MaskCallback, _split, get_mask, prunable_weights, set_masks_, sparsify_

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim._registry import get_method
-from torchslim._train_callbacks import Callback, TrainState
+from torchslim.train.callbacks import Callback, TrainState
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.prune import _sparse_io
 from torchslim.prune.unstructured import (
@@ -440,7 +440,7 @@ def sparsify_(
     )
     new = set_masks_(model, masks)
     if new:
-        from torchslim.zoo.spec import model_info, record_plan
+        from torchslim._modelinfo import model_info, record_plan
 
         if model_info(model) is not None:
             record_plan(model, {"kind": "sparsify", "action": "mask", "layers": sorted(new)})
@@ -469,7 +469,7 @@ def finalize_(model: nn.Module, storage: str = "auto") -> SparsityReport:
     layers = masked_weights(model)
     _finalize_layers(model, sorted(layers), storage)
     if layers:
-        from torchslim.zoo.spec import model_info, record_plan
+        from torchslim._modelinfo import model_info, record_plan
 
         if model_info(model) is not None:
             record_plan(model, {"kind": "sparsify", "action": "finalize", "layers": sorted(layers), "storage": storage})
@@ -503,7 +503,7 @@ def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
 
 
 def _register() -> None:
-    from torchslim.saving import register_plan_kind
+    from torchslim._modelinfo import register_plan_kind
 
     register_plan_kind("sparsify", _replay)
 

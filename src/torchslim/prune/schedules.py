@@ -33,7 +33,7 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torchslim._train_callbacks import TrainState
+from torchslim.train.callbacks import TrainState
 from torchslim._utils import is_int, is_number
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import MaskCallback, _original, _split, prunable_weights, sparsify_

@@ -160,7 +160,7 @@ def one_shot_prune_(
                 _original(m, "weight").copy_(backup[n])
         raise
     if new:
-        from torchslim.zoo.spec import model_info, record_plan
+        from torchslim._modelinfo import model_info, record_plan
 
         if model_info(model) is not None:
             record_plan(model, {"kind": "sparsify", "action": "mask", "layers": sorted(new)})

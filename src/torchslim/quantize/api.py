@@ -43,7 +43,7 @@ from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.observers import OBSERVERS
 from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
 from torchslim.quantize.weight_only import QuantizedLinear
-from torchslim.saving import register_plan_kind
+from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
 
@@ -328,7 +328,7 @@ def _reattach_smoothing(model: nn.Module, names: Iterable[str], scales: dict[str
 
 
 def _example(model: nn.Module, calib_x: Any) -> Any:
-    from torchslim.zoo.spec import example_inputs, model_info
+    from torchslim._modelinfo import example_inputs, model_info
 
     if calib_x is not None:
         return calib_x[:1] if isinstance(calib_x, torch.Tensor) else calib_x
@@ -412,7 +412,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibratio
 
             set_qat_mode_(model, True, observed=calibration is not None)
         del selected
-    from torchslim.zoo.spec import record_plan
+    from torchslim._modelinfo import record_plan
 
     record_plan(model, {"kind": KIND, **plan.to_dict()})
     return plan

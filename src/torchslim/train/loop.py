@@ -34,15 +34,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchslim import distributed as _dist
-from torchslim._train_callbacks import Callback, EarlyStopping, TrainState, _call
-from torchslim._train_checkpoint import _load_checkpoint, _save_checkpoint
 from torchslim._utils import evaluating
 from torchslim._utils import is_int as _is_int
 from torchslim._utils import is_number as _is_number
 from torchslim._utils import model_device as _model_device
 from torchslim.data import DataBundle, load_data
 from torchslim.errors import ConfigError
+from torchslim.train import distributed as _dist
+from torchslim.train.callbacks import Callback, EarlyStopping, TrainState, _call
+from torchslim.train.checkpoint import _load_checkpoint, _save_checkpoint
 
 __all__ = [
     "TrainConfig",
@@ -53,6 +53,7 @@ __all__ = [
     "fit",
     "evaluate",
     "seed_everything",
+    "resolve_device",
 ]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
@@ -154,7 +155,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; refuse CUDA on a machine without it."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,6 +165,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
             f"device {str(device)!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'"
         )
     return resolved
+
+
+_resolve_device = resolve_device  # the old private name
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -235,7 +239,7 @@ def evaluate(
         loader = DataLoader(loader_or_dataset, batch_size=batch_size, shuffle=False)
     else:
         raise ConfigError(f"evaluate needs a DataLoader or a Dataset; got {type(loader_or_dataset).__name__}")
-    run_on = _model_device(model) if device is None else _resolve_device(device)
+    run_on = _model_device(model) if device is None else resolve_device(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run_on)
     correct = torch.zeros((), dtype=torch.int64, device=run_on)
     unlabeled = torch.zeros((), dtype=torch.bool, device=run_on)
@@ -322,7 +326,7 @@ def _train_epoch(
         loader = state.data.loader(
             "train", config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, state.epoch)
         )
-    else:  # this process's rows of the same global batches (see torchslim.distributed)
+    else:  # this process's rows of the same global batches (see torchslim.train.distributed)
         loader = _dist.shard_loader(state.data.train, config.batch_size, config.seed, state.epoch, env)
     steps = (
         len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
@@ -434,7 +438,7 @@ def fit(
         resume: Continue from ``checkpoint_dir/last.pt`` if it exists (else start fresh).
         progress: Show a progress bar on stderr (rank 0 only in a distributed run).
         distributed: ``"auto"``: data-parallel (DistributedDataParallel, see
-            :mod:`torchslim.distributed`) when launched by ``torchrun`` with ``WORLD_SIZE > 1``;
+            :mod:`torchslim.train.distributed`) when launched by ``torchrun`` with ``WORLD_SIZE > 1``;
             ``"ddp"``/``True``: require such a launch; ``"off"``/``False``: never. In a distributed
             run ``config.batch_size`` is the global batch (each of ``P`` processes takes
             ``batch_size / P`` rows), so the updates equal those of a one-process run; only rank
@@ -467,7 +471,7 @@ def fit(
             )
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs a checkpoint_dir to resume from")
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     env = _dist.setup(distributed, device)
     try:
         result = _fit(model, data, config, callbacks, loss_fn, optimizer, checkpoint_dir, resume, progress, env)
@@ -490,7 +494,7 @@ def _fit(
     progress: bool,
     env: _dist.DistEnv | None,
 ) -> TrainResult:
-    device = _resolve_device(config.device) if env is None else env.device
+    device = resolve_device(config.device) if env is None else env.device
     if env is not None:
         _dist.per_process_batch(config.batch_size, env)  # fail before training on a bad split
     seed_everything(config.seed)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchslim._train_callbacks import Callback, TrainState
 from torchslim.errors import CheckpointError
+from torchslim.train.callbacks import Callback, TrainState
 
 _CHECKPOINT_FORMAT = "torchslim.train.checkpoint/1"
 _TRAINING_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar("torchslim_training_state", default=False)

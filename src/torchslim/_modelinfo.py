@@ -1,0 +1,223 @@
+"""The record of what was applied to a model, and how to rebuild a model from it.
+
+A model built from a spec (``ts.create_model``) carries a :class:`ModelInfo` (``model._torchslim``):
+the spec, how to build the same architecture again, its example inputs and the plans applied
+to it since, in order. Every in-place verb that changes structure appends its plan with
+:func:`record_plan` and registers how to replay it with :func:`register_plan_kind`.
+:func:`rebuild` turns a saved record back into the same architecture (weights left at their
+initial values); ``ts.load`` and ``ts.unpack`` both start from it and then load their weights.
+
+Who builds which kind of model is not known here: each kind of model spec (``zoo:``,
+``torchvision:``, a saved directory, ...) is a :class:`ModelSource` registered under kind
+``"model"`` by the layer that owns it (the zoo, ``saving``).
+
+Example:
+    >>> import torch
+    >>> from torchslim._modelinfo import model_info, record_plan, set_example_inputs
+    >>> m = set_example_inputs(torch.nn.Linear(4, 2), torch.zeros(1, 4))
+    >>> record_plan(m, {"kind": "sparsify", "layers": {}})
+    >>> model_info(m).kind, [p["kind"] for p in model_info(m).plans]
+    ('custom', ['sparsify'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._registry import entries, lookup, register
+from torchslim._utils import model_device
+from torchslim.errors import CheckpointError, ConfigError, InputShapeError, SpecError
+from torchslim.graph.inputs import Inputs, as_inputs
+
+__all__ = [
+    "ModelInfo",
+    "ModelSource",
+    "model_info",
+    "attach",
+    "record_plan",
+    "example_inputs",
+    "set_example_inputs",
+    "register_plan_kind",
+    "replay_plan",
+    "rebuild",
+    "rebuildable",
+]
+
+
+@dataclass
+class ModelInfo:
+    """What a model remembers about how it was made."""
+
+    spec: str  # the spec string it was built from
+    kind: str  # the model source that built it: torchvision | timm | zoo | pretrained | file | custom
+    build: dict[str, Any]  # everything needed to build the same architecture again
+    example: Inputs  # default example inputs (batch 1)
+    plans: list[dict[str, Any]] = field(default_factory=list)  # compression plans applied, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "build": self.build, "plans": self.plans}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One kind of model spec, registered as ``register("model", NAME, ModelSource(...))``.
+
+    Attributes:
+        create: ``create(text, input_shape=..., num_classes=...)`` with ``text`` the spec after
+            ``NAME:`` (the whole spec for a source that ``claims`` it); returns
+            ``(model, example Inputs, build dict)``, or a finished model that already carries
+            its :class:`ModelInfo` (a saved directory).
+        rebuild: ``rebuild(build) -> nn.Module``: the architecture again from the ``build``
+            dict ``create`` returned; None when models of this kind are never saved as such.
+        claims: for a spec without a ``NAME:`` prefix: does this source take ``text``?
+        priority: sources that claim are asked in this order; below 0 before the prefixes.
+    """
+
+    create: Callable[..., Any]
+    rebuild: Callable[[dict[str, Any]], nn.Module] | None = None
+    claims: Callable[[str], bool] | None = None
+    priority: int = 0
+
+
+def model_info(model: nn.Module) -> ModelInfo | None:
+    """The :class:`ModelInfo` of a model built by ``ts.create_model`` (None otherwise)."""
+    return model.__dict__.get("_torchslim")
+
+
+def attach(model: nn.Module, info: ModelInfo) -> nn.Module:
+    """Make ``info`` the record of ``model`` (replacing any) and return ``model``."""
+    model.__dict__["_torchslim"] = info
+    return model
+
+
+def record_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Append a JSON-serialisable plan (``{"kind": ..., ...}``) to the model's history.
+
+    ``ts.save`` writes the history to ``plan.json`` and ``ts.load`` replays it, in order, on the
+    rebuilt architecture before loading weights. Every in-place verb that changes structure calls this.
+    """
+    if "kind" not in plan:
+        raise ConfigError(f"a plan needs a 'kind' key; got keys {sorted(plan)}")
+    info = model_info(model)
+    if info is None:
+        info = ModelInfo(spec="", kind="custom", build={}, example=Inputs())
+        attach(model, info)
+    info.plans.append(plan)
+
+
+def set_example_inputs(model: nn.Module, inputs: Any) -> nn.Module:
+    """Make ``inputs`` the model's remembered example inputs (adds a ``custom`` record if needed)."""
+    info = model_info(model)
+    new = as_inputs(inputs)
+    if info is None:
+        attach(model, ModelInfo(spec="", kind="custom", build={}, example=new))
+    else:
+        attach(model, replace(info, example=new))
+    return model
+
+
+def example_inputs(model: nn.Module, batch_size: int | None = None) -> tuple[Any, ...] | dict[str, Any]:
+    """The example inputs the model remembers, on the model's device.
+
+    Returns a tuple of positional inputs, or a dict when the model takes keyword inputs.
+    With ``batch_size``, the batch-1 inputs are repeated along their first dimension.
+
+    Raises:
+        SpecError: the model was not built by ``ts.create_model`` and has no example inputs
+            (pass them explicitly, or call ``ts.set_example_inputs(model, x)``).
+    """
+    info = model_info(model)
+    if info is None:
+        raise SpecError(
+            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
+            "or pass example_inputs explicitly"
+        )
+    inputs = info.example.to(model_device(model))
+    if batch_size is not None:
+        if batch_size < 1:
+            raise InputShapeError(f"batch_size must be >= 1, got {batch_size}")
+
+        def grow(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() > 0:
+                return x[:1].expand(batch_size, *x.shape[1:]).contiguous()
+            return x
+
+        args, kwargs = torch.utils._pytree.tree_map(grow, (inputs.args, inputs.kwargs))
+        inputs = Inputs(tuple(args), dict(kwargs))
+    return dict(inputs.kwargs) if inputs.kwargs and not inputs.args else tuple(inputs.args)
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+def register_plan_kind(kind: str, replay: Callable[[nn.Module, dict[str, Any]], None], module: str | None = None) -> None:
+    """Register how to replay a plan of ``kind`` onto a freshly built model (``replay(model, plan)``).
+
+    A registry entry of kind ``"plan"``; the module that defines it registers it when imported
+    (``module`` is accepted for compatibility and ignored: the registry loads every family).
+    """
+    parts = str(getattr(replay, "__module__", "")).split(".")
+    register("plan", kind, replay, family=parts[1] if len(parts) > 1 else "")
+
+
+def replay_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
+    """Re-apply one saved plan (structure only; weights are loaded afterwards).
+
+    Raises:
+        CheckpointError: a plan kind this torchslim does not know.
+    """
+    kind = plan.get("kind")
+    try:
+        fn = lookup("plan", str(kind)).obj
+    except ConfigError:
+        known = ", ".join(e.name for e in entries("plan")) or "none"
+        raise CheckpointError(
+            f"saved model uses a plan of kind {kind!r}, which this torchslim does not know "
+            f"(known: {known}); upgrade torchslim"
+        ) from None
+    fn(model, plan)
+
+
+# ---- rebuild -------------------------------------------------------------------------------------
+def _source(kind: str) -> ModelSource | None:
+    try:
+        return lookup("model", kind).obj
+    except ConfigError:
+        return None
+
+
+def rebuildable(kind: str) -> bool:
+    """Whether a model whose record has ``kind`` can be rebuilt (so saved, packed, reloaded)."""
+    source = _source(kind)
+    return source is not None and source.rebuild is not None
+
+
+def rebuild(info: ModelInfo | Mapping[str, Any], example: Inputs | None = None) -> nn.Module:
+    """The architecture a record describes, every plan replayed on it; weights left initial.
+
+    Args:
+        info: a :class:`ModelInfo` or its ``to_dict()`` (as saved in ``plan.json``).
+        example: the example inputs the rebuilt model remembers (none by default).
+
+    Returns:
+        The model, carrying a copy of ``info`` (so ``ts.save`` works on it again).
+
+    Raises:
+        SpecError: the record's kind cannot be rebuilt (or its source fails).
+        CheckpointError: a plan of a kind this torchslim does not know.
+    """
+    record = info.to_dict() if isinstance(info, ModelInfo) else dict(info)
+    kind = str(record.get("kind"))
+    build = dict(record.get("build") or {})
+    source = _source(kind)
+    if source is None or source.rebuild is None:
+        known = ", ".join(e.name for e in entries("model") if e.obj.rebuild is not None)
+        raise SpecError(f"cannot rebuild a model of kind {kind!r}; known kinds: {known}")
+    model = source.rebuild(build)
+    plans = [dict(p) for p in record.get("plans") or []]
+    for plan in plans:
+        replay_plan(model, plan)
+    return attach(model, ModelInfo(str(record.get("spec", "")), kind, build, example or Inputs(), plans))
