@@ -77,3 +77,53 @@ def test_load_errors(tmp_path) -> None:
     (out / "plan.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not fit"):
         ts.load(out)
+
+
+@pytest.fixture
+def probe_plan():
+    """A plan kind that adds a module (so weights load only when the plan is replayed)."""
+    from torchslim import _registry
+    from torchslim._modelinfo import register_plan_kind
+
+    calls: list[str] = []
+
+    def replay(model: torch.nn.Module, plan: dict) -> None:
+        calls.append(plan["tag"])
+        model.add_module("probe", torch.nn.Linear(2, plan["width"]))
+
+    register_plan_kind("test_probe", replay)
+    yield calls
+    _registry._ENTRIES["plan"].pop("test_probe", None)
+
+
+def test_load_and_unpack_rebuild_alike(tmp_path, probe_plan) -> None:
+    """ts.load and ts.unpack both rebuild through _modelinfo.rebuild: architecture, every plan replayed."""
+    from torchslim._modelinfo import model_info, rebuild, record_plan
+
+    model = ts.create_model("zoo:lenet300", data="mnist")
+    model.add_module("probe", torch.nn.Linear(2, 3))
+    record_plan(model, {"kind": "test_probe", "tag": "applied", "width": 3})
+    fresh = rebuild(model_info(model))
+    assert probe_plan == ["applied"] and fresh.probe.out_features == 3
+    assert model_info(fresh).plans == model_info(model).plans and model_info(fresh).example.args == ()
+
+    loaded = ts.load(ts.save(model, tmp_path / "m"))
+    ts.pack(model, tmp_path / "m.tslim", bits=8)
+    unpacked = ts.unpack(tmp_path / "m.tslim")
+    assert probe_plan == ["applied"] * 3  # rebuild, load, unpack: each replayed the plan once
+    assert torch.equal(loaded.probe.weight, model.probe.weight)
+    assert [p["kind"] for p in model_info(unpacked).plans] == ["test_probe", "cluster"]  # pack clusters a copy
+    assert unpacked.probe.weight.shape == model.probe.weight.shape
+    for other in (loaded, unpacked):
+        assert model_info(other).plans[0] == {"kind": "test_probe", "tag": "applied", "width": 3}
+        assert ts.example_inputs(other)[0].shape == ts.example_inputs(model)[0].shape
+
+
+def test_unknown_plan_kind_is_a_checkpoint_error(tmp_path) -> None:
+    model = ts.create_model("zoo:lenet300", data="mnist")
+    d = ts.save(model, tmp_path / "m")
+    meta = json.loads((d / "plan.json").read_text())
+    meta["model"]["plans"] = [{"kind": "prune_channel"}]
+    (d / "plan.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="plan of kind 'prune_channel'.*known: .*prune_channels"):
+        ts.load(d)
