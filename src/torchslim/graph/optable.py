@@ -25,10 +25,10 @@ __all__ = ["ELEMENTWISE", "is_pointwise", "op_name"]
 
 # Elementwise ops PyTorch does not tag as pointwise (activations, mostly), by ATen name.
 ELEMENTWISE: frozenset[str] = frozenset({
-    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "silu", "silu_", "mish", "mish_", "gelu", "gelu_",
-    "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus", "hardtanh", "hardtanh_", "leaky_relu",
-    "leaky_relu_", "rrelu", "threshold", "threshold_", "glu", "log_sigmoid_forward", "softshrink", "hardshrink",
-    "prelu",
+    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "silu", "silu_", "mish", "mish_",
+    "gelu", "gelu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus", "hardtanh",
+    "hardtanh_", "leaky_relu", "leaky_relu_", "rrelu", "threshold", "threshold_", "glu",
+    "log_sigmoid_forward", "softshrink", "hardshrink", "prelu",
 })
 
 

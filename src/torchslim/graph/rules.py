@@ -3,8 +3,9 @@
 The rules are looked up by the op's *packet* (its ATen name without overload): layers
 (:mod:`~torchslim.graph.rules_layers`), views and slices (:mod:`~torchslim.graph.rules_shape`),
 generic kinds (:mod:`~torchslim.graph.rules_elementwise`). An op no table names is elementwise
-when it is pointwise (:func:`~torchslim.graph.optable.is_pointwise`), frozen when it makes no floating tensor, and otherwise
-:func:`~torchslim.graph.rules_elementwise.unknown` (an error when it touches live channels).
+when it is pointwise (:func:`~torchslim.graph.optable.is_pointwise`), frozen when it makes no
+floating tensor, and otherwise :func:`~torchslim.graph.rules_elementwise.unknown` (an error when
+it touches live channels).
 Attention and recurrent modules are taken as a whole (:mod:`~torchslim.graph.rules_modules`).
 """
 

@@ -19,6 +19,7 @@ __all__ = ["RULES", "elementwise", "freeze_all", "frozen_op", "same", "unknown"]
 
 
 def same(a: Analyser, op: OpNode) -> None:
+    """Copies, casts, dropouts: the output has its first tensor input's layout."""
     x = next((t for t in op.args if isinstance(t, TensorMeta)), None)
     if x is None:
         return frozen_op(a, op)
@@ -28,11 +29,13 @@ def same(a: Analyser, op: OpNode) -> None:
 
 
 def frozen_op(a: Analyser, op: OpNode) -> None:
+    """Creation ops and integer results: outputs opaque, inputs untouched."""
     for o in op.outputs:
         a.layouts[o.id] = a.opaque_layout(o.shape)
 
 
 def unknown(a: Analyser, op: OpNode) -> None:
+    """An op with no rule: refused when it reads live channels, else like :func:`frozen_op`."""
     live = [t for t in op.tensor_args() if t.is_floating and any(not is_frozen(d) for d in a.layout(t))]
     if live:
         raise UnsupportedOpError(
@@ -44,6 +47,7 @@ def unknown(a: Analyser, op: OpNode) -> None:
 
 
 def elementwise(a: Analyser, op: OpNode) -> None:
+    """Elementwise ops (broadcasting): the inputs' channels are united, broadcast dims frozen."""
     out = op.outputs[0] if op.outputs else None
     if out is None:
         return
@@ -66,6 +70,7 @@ def elementwise(a: Analyser, op: OpNode) -> None:
 
 
 def freeze_all(a: Analyser, op: OpNode) -> None:
+    """Ops whose channels cannot be followed: every input frozen, outputs opaque."""
     a.opaque_op(op)
 
 
