@@ -2,7 +2,7 @@
 
 ONNX is written for the compressed model and, the same way, for the original model
 (``onnx_original``), so the report's ONNX Runtime latencies are measured side by side in one
-run: the two sessions alternate, several rounds, and each gets the best of its round medians.
+run: the two sessions alternate call by call and each gets the median of its runs.
 A quantized model goes to ONNX as integers (``torchslim.export.export_integer_onnx``); anything else
 through the same float exporter the original uses. The compressed ONNX file is also scored on the
 test split in ONNX Runtime, so the report's accuracy is the deployed file's, not only torch's.
@@ -41,13 +41,14 @@ def ort_accuracy(path: str | Path, loader: Any) -> float:
 
 
 def _paired_latency(a: str, b: str, x: torch.Tensor, runs: int, rounds: int = 3) -> tuple[float, float]:
-    from torchslim.export.ort import ort_latency
+    """Median ONNX Runtime latencies (ms) of files ``a`` and ``b``, one thread, timed interleaved
+    (``profile.latency.measure_pair``: A, B, A, B, ... ``runs * rounds`` times each)."""
+    from torchslim.export.ort import ort_runner
+    from torchslim.profile.latency import measure_pair
 
-    la, lb = [], []
-    for _ in range(rounds):  # alternate so both see the same machine load
-        la.append(ort_latency(a, x, runs=runs, warmup=3, threads=1))
-        lb.append(ort_latency(b, x, runs=runs, warmup=3, threads=1))
-    return min(la), min(lb)
+    ta, tb = measure_pair(ort_runner(a, x, threads=1), ort_runner(b, x, threads=1), runs=runs * rounds, warmup=3, threads=1,
+                          runtimes=("original", "compressed"))
+    return ta.median_ms, tb.median_ms
 
 
 def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
