@@ -8,8 +8,19 @@
 """
 
 from torchslim.pack import _cli  # noqa: E402,F401  (registers the pack CLI verbs)
-from torchslim.pack.api import PackResult, pack, pack_result, packed_size_bytes, read_header, unpack
+from torchslim.pack.api import (
+    PackResult,
+    pack,
+    pack_result,
+    packed_size_bytes,
+    packed_size_if_clustered,
+    read_header,
+    unpack,
+)
 from torchslim.pack.cluster import ClusterConfig, ClusterPlan, bake_, cluster_, clustered_layers, kmeans_1d
+from torchslim.profile import register_size_estimator
+
+register_size_estimator("packed_bytes", packed_size_if_clustered)  # ts.profile's packed_bytes
 
 __all__ = [
     "ClusterConfig",

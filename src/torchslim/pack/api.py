@@ -260,6 +260,19 @@ def packed_size_bytes(model: nn.Module, bits: int | None = None, coder: str = "a
     return len(data)
 
 
+def packed_size_if_clustered(model: nn.Module) -> int | None:
+    """:func:`packed_size_bytes` of a clustered (weight-shared) model; ``None`` for any other.
+
+    Registered as ``ts.profile``'s ``packed_bytes`` estimator when ``torchslim.pack`` is imported.
+    """
+    from torchslim._modelinfo import model_info
+
+    info = model_info(model)
+    if info is None or not any(p.get("kind") == "cluster" for p in info.plans):
+        return None
+    return packed_size_bytes(model)
+
+
 def pack_result(model: nn.Module, bits: int | None = None, coder: str = "ans") -> PackResult:
     """The :class:`PackResult` of packing ``model`` (nothing is written; ``path`` is ``None``)."""
     return _encode(_prepared(model, bits), coder)[1]
