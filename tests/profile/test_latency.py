@@ -143,3 +143,22 @@ def test_to_dict_and_speedup():
     d = t.to_dict()
     assert d["median_ms"] == 2.0 and d["spread_ms"] == 1.5 and d["threads"] == 2 and d["cpu"] == "x"
     assert speedup(t, Timing(0.0, 0.0, 0.0, 1, 0, 1, "x")) == float("inf")
+
+
+def test_cuda_device_synchronizes_that_device(monkeypatch):
+    seen: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(device))
+    t = measure(lambda: None, runs=2, warmup=1, sync="cuda:0")
+    assert seen == [torch.device("cuda:0")] * 3  # after the warm-up, then before each clock stop
+    assert t.device == "cuda:0"
+    seen.clear()
+    measure(lambda: None, runs=2, warmup=1, sync=torch.device("cpu"))
+    assert seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_times_a_cuda_model():
+    model = torch.nn.Linear(64, 64).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    t = measure(lambda: model(x), runs=5, warmup=2, sync=x.device)
+    assert t.runs == 5 and t.median_ms > 0 and t.device.startswith("cuda")
