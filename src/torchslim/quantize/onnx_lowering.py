@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import evaluating, model_device
 from torchslim.export.onnx_int import (
     IntegerScheme,
     OnnxLowering,
@@ -209,13 +210,9 @@ def onnx_parity(model: nn.Module, files: dict[str, str], x: Any) -> dict[str, fl
     ``files`` is what :func:`~torchslim.export.onnx_int.export_integer_onnx` returned.
     """
     xs = _complete(model, x)
-    was = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with evaluating(model):
+        device = model_device(model)
         quant = model(*(t.to(device) for t in xs)).float().cpu()
-    finally:
-        model.train(was)
     twin = float_twin(model).cpu()
     return {
         "int8_vs_torch_quantized_db": sqnr(quant, ort_run(files["onnx"], xs)),
