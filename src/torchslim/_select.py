@@ -6,7 +6,8 @@ Every verb that acts on some of a model's layers takes the same two arguments:
 * ``skip``: layers to leave alone, even if ``modules`` selects them.
 
 A pattern is an exact module name (``"layer4.0.conv1"``), a glob (``"layer4.*"``, ``"*.fc?"``)
-or a regular expression after ``re:`` (``"re:features\\.\\d+"``, matched in full). A pattern
+or a regular expression after ``re:`` (``"re:features\\.\\d+"``, matched in full); ``""`` is the
+model itself (the ops its own ``forward`` calls). A pattern
 that names a container also selects everything inside it: ``"layer4"`` selects
 ``"layer4.0.conv1"``. A pattern that selects no module of the model is refused before any work,
 with the nearest module names as suggestions.
@@ -68,8 +69,8 @@ def _compile(pattern: str) -> Callable[[str], bool]:
 
 
 def _check_one(pattern: Any, field: str) -> str:
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{field}: module patterns must be non-empty strings ({HINT}); got {pattern!r}")
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{field}: module patterns must be strings ({HINT}); got {pattern!r}")
     _compile(pattern)
     return pattern
 
@@ -123,7 +124,7 @@ def check_patterns(patterns: Iterable[str] | None, names: Iterable[str], field: 
     names = [n for n in names if n]
     for p in patterns:
         _check_one(p, field)
-        if any(matches(n, p) for n in names):
+        if p == "" or any(matches(n, p) for n in names):  # "": the model itself (ops of its own forward)
             continue
         close = difflib.get_close_matches(p.removeprefix("re:"), names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""

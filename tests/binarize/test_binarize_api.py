@@ -51,8 +51,11 @@ def _same(model: nn.Module, snap: tuple) -> bool:
 
 
 def test_config_round_trip_and_validation():
-    cfg = BinarizeConfig(method="xnor", modules=["features.*"], exclude="classifier.0", scale_activations=True, word_bits=64)
-    assert cfg.modules == ("features.*",) and cfg.exclude == ("classifier.0",)
+    cfg = BinarizeConfig(method="xnor", modules=["features.*"], skip="classifier.0", scale_activations=True, word_bits=64)
+    assert cfg.modules == ("features.*",) and cfg.skip == ("classifier.0",)
+    with pytest.warns(DeprecationWarning, match="exclude is deprecated, use skip="):
+        old = BinarizeConfig(method="xnor", modules=["features.*"], exclude="classifier.0", scale_activations=True, word_bits=64)
+    assert old == cfg and "exclude" not in old.to_dict()
     assert BinarizeConfig.from_dict(cfg.to_dict()) == cfg
     for bad, match in [
         ({"method": "ternary"}, "bnn, xnor, bireal, bwn"),
@@ -63,7 +66,7 @@ def test_config_round_trip_and_validation():
     ]:
         with pytest.raises(ConfigError, match=match):
             BinarizeConfig(**bad)
-    with pytest.raises(ConfigError, match="unknown BinarizeConfig keys"):
+    with pytest.raises(ConfigError, match="unknown BinarizeConfig field"):
         BinarizeConfig.from_dict({"method": "bnn", "bits": 1})
     assert BinarizeConfig(method="bireal").resolved_shortcut and not BinarizeConfig(method="xnor").resolved_shortcut
     assert BinarizeConfig(method="bnn").resolved_replace_relu and not BinarizeConfig(method="bwn").resolved_replace_relu
@@ -113,7 +116,7 @@ def test_forward_order_decides_first_and_last():
     "cfg,match",
     [
         (BinarizeConfig(modules=["conv1d"]), "Conv1d, which has no binary form"),
-        (BinarizeConfig(modules=["nothing*"]), "matches no module"),
+        (BinarizeConfig(modules=["nothing*"]), "selects no module"),
         (BinarizeConfig(modules=["fc"]), "no layer to binarize"),  # fc is the last layer, kept
     ],
 )
@@ -140,7 +143,9 @@ def test_binarizing_twice_has_nothing_left_and_changes_nothing():
 
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="BinarizeConfig"):
-        binarize_(nn.Linear(2, 2), {"method": "bnn"})
+        binarize_(nn.Linear(2, 2), "bnn")
+    with pytest.raises(ConfigError, match="unknown BinarizeConfig field 'methd' \\(did you mean 'method'"):
+        binarize_(nn.Linear(2, 2), methd="bnn")
     with pytest.raises(ConfigError, match="float, auto, c, torch"):
         set_backend_(nn.Linear(2, 2), "gpu")
 

@@ -52,7 +52,7 @@ def test_pack_then_unpack(tmp_path, capsys) -> None:
         (["--coder", "zip"], "coder"),
         (["--init", "kmeans"], "init"),
         (["--finetune-epochs", "1"], "--data"),
-        (["--modules", "conv*"], "select no"),
+        (["--modules", "conv*"], "selects no"),
     ],
 )
 def test_pack_bad_input_exits_2(tmp_path, capsys, args: list[str], needle: str) -> None:

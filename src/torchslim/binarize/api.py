@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 
 from torchslim._config import ConfigDict
+from torchslim._modelinfo import register_plan_kind
+from torchslim._select import matches, select_modules
 from torchslim._utils import evaluating
 from torchslim.binarize.layers import (
     ACTIVATION_METHODS,
@@ -38,7 +39,6 @@ from torchslim.binarize.layers import (
     BinaryLinear,
 )
 from torchslim.errors import CheckpointError, ConfigError
-from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["BinarizeConfig", "BinarizePlan", "binarize_", "binary_layers", "set_backend_", "PLAN_KIND"]
 
@@ -72,7 +72,8 @@ class BinarizeConfig(ConfigDict):
         modules: ``None`` for every Linear/Conv2d layer, or names / globs (``"features.*"``).
             A named layer of another type (Conv1d, ConvTranspose...) is an error: it has no
             binary form here.
-        exclude: Globs of layers to leave in full precision.
+        skip: Names, globs or ``re:`` patterns of layers to leave in full precision
+            (``exclude`` is its deprecated old name).
         scale_activations: XNOR-Net's activation scale ``K`` (``"xnor"`` only).
         shortcut: Real-valued shortcut around each binary layer; ``None``: on for ``"bireal"``.
         replace_relu: Turn ``nn.ReLU``/``nn.ReLU6`` modules into ``nn.Hardtanh`` (the sign of a
@@ -81,7 +82,7 @@ class BinarizeConfig(ConfigDict):
         word_bits: Bits per stored word of packed signs, 32 or 64.
 
     Example:
-        >>> cfg = BinarizeConfig(method="bireal", exclude=("features.0",))
+        >>> cfg = BinarizeConfig(method="bireal", skip=("features.0",))
         >>> BinarizeConfig.from_dict(cfg.to_dict()) == cfg
         True
     """
@@ -90,13 +91,16 @@ class BinarizeConfig(ConfigDict):
     keep_first: bool = True
     keep_last: bool = True
     modules: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
     scale_activations: bool = False
     shortcut: bool | None = None
     replace_relu: bool | None = None
     word_bits: int = 32
 
+    exclude: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
+
     def __post_init__(self) -> None:
+        self._take_renamed()
         if self.method not in METHODS:
             raise ConfigError(f"BinarizeConfig.method must be one of {', '.join(METHODS)}; got {self.method!r}")
         for name in ("keep_first", "keep_last", "scale_activations"):
@@ -108,7 +112,7 @@ class BinarizeConfig(ConfigDict):
             raise ConfigError(f"BinarizeConfig.scale_activations is an XNOR-Net option; method {self.method!r} does not take it")
         if self.modules is not None:
             object.__setattr__(self, "modules", _names(self.modules, "modules"))
-        object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        object.__setattr__(self, "skip", _names(self.skip, "skip"))
         if self.word_bits not in (32, 64) or isinstance(self.word_bits, bool):
             raise ConfigError(f"BinarizeConfig.word_bits must be 32 or 64; got {self.word_bits!r}")
 
@@ -120,7 +124,8 @@ class BinarizeConfig(ConfigDict):
     def resolved_replace_relu(self) -> bool:
         return self.method in ACTIVATION_METHODS if self.replace_relu is None else self.replace_relu
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "exclude")
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
+    _renamed: ClassVar[dict[str, str]] = {"exclude": "skip"}
 
 
 @dataclass
@@ -210,14 +215,15 @@ def _forward_order(model: nn.Module, names: list[str], example_inputs: Any) -> l
 
 
 def _select(model: nn.Module, cfg: BinarizeConfig, example_inputs: Any) -> tuple[list[str], dict[str, str]]:
+    select_modules(model, cfg.modules, cfg.skip, kinds=None)  # a pattern that selects nothing: refused first
     all_layers = [n for n, m in model.named_modules() if isinstance(m, _CANDIDATES) and not isinstance(m, BINARY_TYPES) and n]
     already = [n for n, m in model.named_modules() if isinstance(m, BINARY_TYPES)]
     modules = dict(model.named_modules())
     if cfg.modules is not None:
         chosen = []
         for pat in cfg.modules:
-            hits = [n for n in all_layers + already if fnmatch.fnmatchcase(n, pat)]
-            other = [n for n, m in modules.items() if n and fnmatch.fnmatchcase(n, pat) and n not in hits]
+            hits = [n for n in all_layers + already if matches(n, pat)]
+            other = [n for n, m in modules.items() if n and matches(n, pat) and n not in hits]
             if not hits:
                 kinds = sorted({type(modules[n]).__name__ for n in other})
                 why = f"it names {', '.join(kinds)} modules, which have no binary form (Linear and Conv2d do)" if other else "it matches no module"
@@ -240,7 +246,7 @@ def _select(model: nn.Module, cfg: BinarizeConfig, example_inputs: Any) -> tuple
     for n in chosen:
         if n in kept:
             continue
-        if any(fnmatch.fnmatchcase(n, pat) for pat in cfg.exclude):
+        if any(matches(n, pat) for pat in cfg.skip):
             kept[n] = "excluded"
         elif n in already:
             kept[n] = "already binary"
@@ -250,7 +256,7 @@ def _select(model: nn.Module, cfg: BinarizeConfig, example_inputs: Any) -> tuple
             kept[n] = "not selected" if isinstance(modules[n], (nn.Linear, nn.Conv2d)) else f"{type(modules[n]).__name__} has no binary form"
     if not layers:
         reasons = ", ".join(f"{n}: {r}" for n, r in kept.items()) or "the model has no Linear/Conv2d layer"
-        raise ConfigError(f"no layer to binarize ({reasons}); check modules=, exclude=, keep_first= and keep_last=")
+        raise ConfigError(f"no layer to binarize ({reasons}); check modules=, skip=, keep_first= and keep_last=")
     return layers, kept
 
 
@@ -279,7 +285,9 @@ def _apply(model: nn.Module, cfg: BinarizeConfig, layers: Sequence[str], activat
         _set_module(model, n, m)
 
 
-def binarize_(model: nn.Module, config: BinarizeConfig | None = None, *, example_inputs: Any = None) -> BinarizePlan:
+def binarize_(
+    model: nn.Module, config: BinarizeConfig | None = None, *, example_inputs: Any = None, **overrides: Any
+) -> BinarizePlan:
     """Replace ``model``'s Linear / Conv2d layers by binary ones, in place.
 
     The binary layers share the replaced layers' ``weight`` and ``bias`` Parameters (they become
@@ -292,6 +300,7 @@ def binarize_(model: nn.Module, config: BinarizeConfig | None = None, *, example
         model: changed in place.
         config: a :class:`BinarizeConfig` (default: XNOR-Net, first and last layers kept).
         example_inputs: inputs to find the forward order of the layers.
+        overrides: :class:`BinarizeConfig` fields to change (``binarize_(model, method="bireal")``).
 
     Returns:
         A :class:`BinarizePlan`.
@@ -301,9 +310,7 @@ def binarize_(model: nn.Module, config: BinarizeConfig | None = None, *, example
             padding modes other than zeros), or no layer left to binarize. The model is
             unchanged then.
     """
-    cfg = BinarizeConfig() if config is None else config
-    if not isinstance(cfg, BinarizeConfig):
-        raise ConfigError(f"config must be a BinarizeConfig; got {type(cfg).__name__}")
+    cfg = BinarizeConfig.build(config, **overrides)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"binarize_ needs an nn.Module; got {type(model).__name__}")
     layers, kept = _select(model, cfg, example_inputs)

@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 from torch import nn
 
 from torchslim._config import ConfigDict
+from torchslim._modelinfo import register_plan_kind
+from torchslim._select import select_modules
 from torchslim._utils import is_int, is_number
 from torchslim.errors import CheckpointError, ConfigError, SpecError
 from torchslim.lowrank import _plan
-from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["FactorizeConfig", "FactorizePlan", "LayerFactorization", "SkippedLayer", "factorize_", "METHODS"]
 
@@ -62,14 +63,15 @@ class FactorizeConfig(ConfigDict):
         target_params: The same for parameters.
         scope: ``"layer"`` or ``"model"`` (only with a target).
         modules: ``None`` for every layer the method applies to, or names / globs (``"features.*"``).
-        exclude: Globs of layers to leave alone.
+        skip: Names, globs or ``re:`` patterns of layers to leave alone (``exclude`` is its
+            deprecated old name).
         only_if_smaller: Leave a layer alone (and list it in ``plan.skipped``) when its
             factorized form would not have fewer MACs and fewer parameters.
         max_iter: Iterations of CP-ALS (Tucker-2's HOOI uses at most 50).
         seed: Seed of CP-ALS's random initial columns.
 
     Example:
-        >>> cfg = FactorizeConfig(method="tucker", rank="vbmf", exclude=("features.0",))
+        >>> cfg = FactorizeConfig(method="tucker", rank="vbmf", skip=("features.0",))
         >>> FactorizeConfig.from_dict(cfg.to_dict()) == cfg
         True
     """
@@ -81,12 +83,15 @@ class FactorizeConfig(ConfigDict):
     target_params: float | None = None
     scope: str = "layer"
     modules: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
     only_if_smaller: bool = True
     max_iter: int = 100
     seed: int = 0
 
+    exclude: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
+
     def __post_init__(self) -> None:
+        self._take_renamed()
         if self.method not in METHODS:
             raise ConfigError(f"FactorizeConfig.method must be one of {', '.join(METHODS)}; got {self.method!r}")
         given = [k for k in ("rank", "energy", "target_macs", "target_params") if getattr(self, k) is not None]
@@ -122,7 +127,7 @@ class FactorizeConfig(ConfigDict):
             raise ConfigError("FactorizeConfig.scope='model' needs target_macs= or target_params=")
         if self.modules is not None:
             object.__setattr__(self, "modules", _names(self.modules, "modules"))
-        object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        object.__setattr__(self, "skip", _names(self.skip, "skip"))
         if not isinstance(self.only_if_smaller, bool):
             raise ConfigError(f"FactorizeConfig.only_if_smaller must be True or False; got {self.only_if_smaller!r}")
         if not is_int(self.max_iter) or self.max_iter < 1:
@@ -130,7 +135,8 @@ class FactorizeConfig(ConfigDict):
         if not is_int(self.seed):
             raise ConfigError(f"FactorizeConfig.seed must be an integer; got {self.seed!r}")
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "exclude")
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
+    _renamed: ClassVar[dict[str, str]] = {"exclude": "skip"}
 
 
 @dataclass
@@ -215,7 +221,9 @@ def _inputs_for(model: nn.Module, example_inputs: Any) -> Any:
         return None
 
 
-def factorize_(model: nn.Module, config: FactorizeConfig, example_inputs: Any = None) -> FactorizePlan:
+def factorize_(
+    model: nn.Module, config: FactorizeConfig | None = None, example_inputs: Any = None, **overrides: Any
+) -> FactorizePlan:
     """Replace layers of ``model`` in place by factorized ``nn.Sequential`` blocks.
 
     Every decision is made and every decomposition computed before the model is touched, so
@@ -224,10 +232,12 @@ def factorize_(model: nn.Module, config: FactorizeConfig, example_inputs: Any = 
 
     Args:
         model: The model; changed in place.
-        config: A :class:`FactorizeConfig`.
+        config: A :class:`FactorizeConfig` (or a dict of its fields).
         example_inputs: Inputs to learn each layer's spatial size (exact MACs). Defaults to the
             inputs the model remembers (``ts.create_model``); without any, MACs are estimated
             per output position and model-scope MACs targets are refused.
+        overrides: :class:`FactorizeConfig` fields: ``factorize_(model, method="svd", rank=8)``
+            is ``factorize_(model, FactorizeConfig(method="svd", rank=8))``.
 
     Returns:
         A :class:`FactorizePlan`.
@@ -247,10 +257,10 @@ def factorize_(model: nn.Module, config: FactorizeConfig, example_inputs: Any = 
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factorize_ needs an nn.Module; got {type(model).__name__}")
-    if not isinstance(config, FactorizeConfig):
-        raise ConfigError(f"factorize_ needs a FactorizeConfig; got {type(config).__name__}")
+    config = FactorizeConfig.build(config, **overrides)
+    select_modules(model, config.modules, config.skip, kinds=None)  # a pattern that selects nothing: refused first
     method = _plan.METHODS[config.method]
-    chosen, skipped_types = _plan.select(model, method, config.modules, config.exclude)
+    chosen, skipped_types = _plan.select(model, method, config.modules, config.skip)
     inputs = _inputs_for(model, example_inputs)
     metric = 0 if config.target_macs is not None else 1
     if config.scope == "model" and metric == 0 and inputs is None:

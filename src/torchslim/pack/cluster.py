@@ -24,9 +24,7 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -35,6 +33,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim._config import ConfigDict
+from torchslim._masks import WeightMask
+from torchslim._select import as_patterns, check_patterns, first_match, select_modules
 from torchslim._utils import is_int
 from torchslim.errors import CheckpointError, ConfigError
 
@@ -217,11 +217,10 @@ class ClusterConfig(ConfigDict):
         check_bits(self.bits)
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if isinstance(self.modules, str) or isinstance(self.skip, str):
-            object.__setattr__(self, "modules", (self.modules,) if isinstance(self.modules, str) else self.modules)
-            object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else self.skip)
-        for pat in (*(self.modules or ()), *self.skip, *self.layer_bits):
-            _check_pattern(pat)
+        object.__setattr__(self, "modules", as_patterns(self.modules, "modules"))
+        object.__setattr__(self, "skip", as_patterns(self.skip, "skip", none_ok=False))
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits or {}))
+        as_patterns(tuple(self.layer_bits), "layer_bits")
         for pat, b in self.layer_bits.items():
             check_bits(b, f"layer_bits[{pat!r}]")
         if not is_int(self.seed):
@@ -252,32 +251,13 @@ class ClusterPlan:
         return asdict(self)
 
 
-def _check_pattern(pat: Any) -> None:
-    if not isinstance(pat, str) or not pat:
-        raise ConfigError(f"module patterns must be non-empty strings (names, globs or 're:<regex>'); got {pat!r}")
-    if pat.startswith("re:"):
-        try:
-            re.compile(pat[3:])
-        except re.error as exc:
-            raise ConfigError(f"module pattern {pat!r} is not a valid regular expression: {exc}") from exc
-
-
-def _matches(name: str, pat: str) -> bool:
-    if pat.startswith("re:"):
-        return re.fullmatch(pat[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pat)
-
-
 def _select(model: nn.Module, cfg: ClusterConfig) -> dict[str, tuple[nn.Module, int]]:
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, CLUSTERABLE)}
+    check_patterns(tuple(cfg.layer_bits), [n for n, _ in model.named_modules()], "layer_bits")
     chosen = {}
-    for name, module in candidates.items():
-        if cfg.modules is not None and not any(_matches(name, p) for p in cfg.modules):
-            continue
-        if any(_matches(name, p) for p in cfg.skip):
-            continue
-        bits = next((b for p, b in cfg.layer_bits.items() if _matches(name, p)), cfg.bits)
-        chosen[name] = (module, bits)
+    for name in select_modules(model, cfg.modules, cfg.skip, kinds=CLUSTERABLE):
+        pattern = first_match(name, cfg.layer_bits)
+        chosen[name] = (candidates[name], cfg.bits if pattern is None else cfg.layer_bits[pattern])
     if not chosen:
         raise ConfigError(
             f"modules={list(cfg.modules) if cfg.modules is not None else None!r}, skip={list(cfg.skip)!r} select no "
@@ -288,8 +268,6 @@ def _select(model: nn.Module, cfg: ClusterConfig) -> dict[str, tuple[nn.Module, 
             raise ConfigError(f"{name}.weight is already clustered; bake_ it first or leave it out with skip=")
         plist = getattr(module, "parametrizations", None)
         if plist is not None and "weight" in plist:
-            from torchslim.prune.masks import WeightMask
-
             others = [type(p).__name__ for p in plist["weight"] if not isinstance(p, WeightMask)]
             if others:
                 raise ConfigError(
@@ -326,14 +304,8 @@ def _attach(module: nn.Module, indices: torch.Tensor, codebook: torch.Tensor) ->
 
 def cluster_(
     model: nn.Module,
-    bits: int = 5,
-    *,
-    init: str = "linear",
-    modules: Sequence[str] | str | None = None,
-    skip: Sequence[str] | str = (),
-    layer_bits: dict[str, int] | None = None,
-    seed: int = 0,
-    max_iter: int = 300,
+    config: ClusterConfig | Mapping[str, Any] | int | None = None,
+    **overrides: Any,
 ) -> ClusterPlan:
     """Share weights: cluster every selected layer's non-zero weights to ``2**bits`` values, in place.
 
@@ -344,6 +316,9 @@ def cluster_(
 
     Args:
         model: changed in place.
+        config: a :class:`ClusterConfig` (or a dict of its fields); an integer is ``bits`` (the
+            older call form ``cluster_(model, 6)``).
+        overrides: :class:`ClusterConfig` fields, e.g. ``cluster_(model, bits=6, skip=["fc3"])``:
         bits: index bits, 1..8 (the paper: 8 for conv layers, 5 for fc layers of AlexNet/VGG;
             6 bits for LeNet-300-100's fc layers).
         init: ``"linear"``, ``"density"`` or ``"random"`` centroid initialisation (paper, section 3.2).
@@ -361,10 +336,11 @@ def cluster_(
         ConfigError: bits outside 1..8, an unknown init, a bad pattern, nothing selected, or a
             layer already clustered / parametrized otherwise. The model is unchanged then.
     """
-    cfg = ClusterConfig(
-        bits=bits, init=init, modules=tuple([modules] if isinstance(modules, str) else modules) if modules is not None else None,
-        skip=tuple([skip] if isinstance(skip, str) else skip), layer_bits=dict(layer_bits or {}), seed=seed, max_iter=max_iter,
-    )
+    if config is not None and not isinstance(config, (ClusterConfig, Mapping)):
+        if "bits" in overrides:
+            raise ConfigError("cluster_: bits given twice (positionally and as bits=)")
+        config, overrides = None, {"bits": config, **overrides}
+    cfg = ClusterConfig.build(config, **overrides)
     chosen = _select(model, cfg)
     work = []
     with torch.no_grad():  # compute everything first; attach only when every layer succeeded

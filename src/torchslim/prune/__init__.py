@@ -10,7 +10,8 @@ Example:
 
 # --- unstructured sparsity ---
 # --- structured (channel) pruning ---
-from torchslim.prune.channels import Budget, ChannelPlan, prune_channels_
+from torchslim.prune.channels import ChannelPlan, prune_channels_
+from torchslim.prune.config import Budget, PruneConfig, SparsifyConfig
 from torchslim.prune.importance import GroupImportance, get_importance
 from torchslim.prune.lottery import LotteryConfig, LotteryResult, find_ticket, run_lottery
 from torchslim.prune.masks import (
@@ -42,6 +43,7 @@ __all__ = [
     "Budget",
     "ChannelPlan",
     "GroupImportance",
+    "PruneConfig",
     "get_importance",
     "prune_channels_",
     # --- unstructured sparsity ---
@@ -58,6 +60,7 @@ __all__ = [
     "PolynomialDecay",
     "PruningSchedule",
     "RandomScores",
+    "SparsifyConfig",
     "SNIP",
     "SparsityPlan",
     "SparsityReport",

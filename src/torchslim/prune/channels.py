@@ -10,7 +10,6 @@ recorded on the model, so ``ts.save`` / ``ts.load`` rebuild the pruned architect
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -19,55 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import is_number
+from torchslim._modelinfo import record_plan, register_plan_kind
+from torchslim._select import matches, renamed_argument, select_modules
 from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.surgery import slice_model_
+from torchslim.prune.config import Budget, PruneConfig
 from torchslim.prune.importance import accumulate_gradients, get_importance
-from torchslim._modelinfo import register_plan_kind
-from torchslim._modelinfo import record_plan
 
-__all__ = ["Budget", "ChannelPlan", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
+__all__ = ["Budget", "ChannelPlan", "PruneConfig", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
 
 KIND = "prune_channels"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What the pruned model may cost, as a fraction of the original (e.g. ``macs=0.5``).
-
-    Exactly one of ``macs``, ``params`` or ``latency`` (fractions in (0, 1]).
-    """
-
-    macs: float | None = None
-    params: float | None = None
-    latency: float | None = None
-    tolerance: float = 0.02
-
-    def __post_init__(self) -> None:
-        given = {k: v for k, v in (("macs", self.macs), ("params", self.params), ("latency", self.latency)) if v is not None}
-        if len(given) != 1:
-            raise ConfigError(f"Budget needs exactly one of macs, params or latency; got {sorted(given) or 'none'}")
-        (k, v), = given.items()
-        if not is_number(v) or not 0 < v <= 1:
-            raise ConfigError(f"Budget {k} must be a fraction in (0, 1] of the original; got {v!r}")
-        if not is_number(self.tolerance) or not 0 < self.tolerance < 0.5:
-            raise ConfigError(f"Budget tolerance must be in (0, 0.5); got {self.tolerance!r}")
-
-    @property
-    def metric(self) -> str:
-        return "macs" if self.macs is not None else "params" if self.params is not None else "latency"
-
-    @property
-    def fraction(self) -> float:
-        return float(getattr(self, self.metric))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Budget:
-        return cls(**d)
 
 
 @dataclass
@@ -91,6 +52,23 @@ class ChannelPlan:
         return {"kind": KIND, **asdict(self)}
 
 
+def _is_config(value: Any) -> bool:
+    if isinstance(value, PruneConfig):
+        return True
+    names = set(PruneConfig.field_names())
+    return isinstance(value, dict) and all(isinstance(k, str) and k in names for k in value)
+
+
+def _left_whole(model: nn.Module, cfg: PruneConfig) -> tuple[str, ...]:
+    """The module patterns whose channels stay whole: ``skip``, and every layer ``modules`` leaves out."""
+    select_modules(model, cfg.modules, cfg.skip, kinds=None)  # a pattern that selects nothing: refused
+    if cfg.modules is None:
+        return tuple(cfg.skip)
+    chosen = set(select_modules(model, cfg.modules, None, kinds=None))
+    others = [n for n, m in model.named_modules() if n and n not in chosen and next(m.parameters(False), None) is not None]
+    return (*cfg.skip, *others)
+
+
 def _kept_count(size: int, ratio: float, round_to: int, min_channels: int) -> int:
     kept = size - int(math.floor(size * ratio + 1e-9))
     if round_to > 1:
@@ -102,7 +80,7 @@ def _group_ratio(group: Any, ratio: float, ratios: dict[str, float] | None) -> f
     if ratios:
         for pattern, r in ratios.items():
             mods = [n.rpartition(".")[0] for n, _ in (group.producers or group.members)]
-            if any(fnmatch.fnmatch(m, pattern) for m in mods):
+            if any(matches(m, pattern) for m in mods):
                 return r
     return ratio
 
@@ -355,46 +333,32 @@ def _measure(model: nn.Module, inputs: Any, metric: str) -> float:
 
 def prune_channels_(
     model: nn.Module,
-    example_inputs: Any = None,
+    config: PruneConfig | dict[str, Any] | None = None,
     *,
-    ratio: float | None = None,
-    target: Budget | None = None,
-    importance: str | Any = "l2",
-    global_ranking: bool = False,
-    ratios: dict[str, float] | None = None,
-    ignore: tuple[str, ...] | list[str] = (),
-    round_to: int = 1,
-    min_channels: int = 1,
+    example_inputs: Any = None,
     data: Any = None,
-    allocation: str = "uniform",
+    **overrides: Any,
 ) -> ChannelPlan:
     """Remove channels from ``model`` in place; shapes really shrink.
 
     Args:
         model: the model; modified in place (same module objects, smaller tensors).
+        config: a :class:`~torchslim.prune.PruneConfig` (or a dict of its fields). The old call
+            form ``prune_channels_(model, example_inputs, ratio=...)`` still works: a second
+            argument that is not a config is taken as the example inputs.
         example_inputs: inputs for the trace (default: the model's remembered inputs).
-        ratio: fraction of each group's channels to remove, in [0, 1).
-        target: a :class:`Budget` instead of ``ratio``: the ratio (global or per group) is
-            searched until the pruned model's MACs/params/latency is within the budget's tolerance.
-        importance: a registered criterion (``l1``, ``l2``, ``bn_scale``, ``fpgm``, ``taylor``,
-            ``lamp``, ``random``) or a callable ``(model, groups, group) -> scores``.
-        global_ranking: rank channels across groups (scores normalised per group) instead of
-            removing ``ratio`` of every group.
-        ratios: per-module ratios by name or glob of the producing module, e.g. ``{"layer4.*": 0.7}``.
-        ignore: modules (names or globs) whose channels are left whole.
-        round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels).
-        min_channels: never keep fewer channels than this in a group.
         data: labelled batches (an iterable of ``(x, y)``) for gradient-based criteria (``taylor``).
-        allocation: ``"uniform"`` (every group loses ``ratio``, or a budget's searched ratio) or
-            ``"latency"``: each group's ratio is scaled by the CPU time a MAC of it costs, measured
-            per layer on this machine (:func:`latency_sensitivity`), capped at 0.8; use it with a
-            ``target`` and ``round_to=8``.
+        overrides: :class:`~torchslim.prune.PruneConfig` fields (``ratio=0.5``, ``target=``,
+            ``importance=``, ``global_ranking=``, ``ratios=``, ``modules=``, ``skip=``,
+            ``round_to=``, ``min_channels=``, ``allocation=``); ``ignore=`` is the deprecated
+            name of ``skip=``.
 
     Returns:
         A :class:`ChannelPlan` (also recorded on the model for ``ts.save``).
 
     Raises:
-        ConfigError: bad ratio, unknown criterion, a budget that cannot be met. The model is unchanged.
+        ConfigError: bad ratio, unknown criterion or field, a module pattern that selects
+            nothing, a budget that cannot be met. The model is unchanged.
         UnsupportedOpError: an op with no channel rule; the model is unchanged.
 
     Example:
@@ -404,27 +368,25 @@ def prune_channels_(
         >>> m.fc1.out_features, m.fc2.out_features, m.fc3.out_features
         (150, 50, 10)
     """
-    if (ratio is None) == (target is None):
+    if config is not None and not _is_config(config):
+        if example_inputs is not None:
+            raise ConfigError("prune_channels_: example inputs given twice (positionally and as example_inputs=)")
+        example_inputs, config = config, None
+    if "ignore" in overrides:
+        overrides["skip"] = renamed_argument(overrides.get("skip", ()), overrides.pop("ignore"), old_name="ignore",
+                                             new_name="skip", where="prune_channels_", default=())
+    cfg = PruneConfig.build(config, **overrides)
+    if (cfg.ratio is None) == (cfg.target is None):
         raise ConfigError("give exactly one of ratio= (a fraction in [0, 1)) or target=ts.Budget(...)")
-    if ratio is not None and (not is_number(ratio) or not 0 <= ratio < 1):
-        raise ConfigError(f"ratio must be a fraction in [0, 1); got {ratio!r}")
-    if target is not None and not isinstance(target, Budget):
-        raise ConfigError(f"target must be a ts.Budget, got {type(target).__name__}")
-    for pattern, r in (ratios or {}).items():
-        if not is_number(r) or not 0 <= r < 1:
-            raise ConfigError(f"ratios[{pattern!r}] must be in [0, 1); got {r!r}")
-    if allocation not in ("uniform", "latency"):
-        raise ConfigError(f"allocation must be 'uniform' or 'latency'; got {allocation!r}")
-    if allocation == "latency" and global_ranking:
-        raise ConfigError("allocation='latency' sets per-group ratios itself: it cannot be combined with global_ranking")
-    if not isinstance(round_to, int) or round_to < 1 or not isinstance(min_channels, int) or min_channels < 1:
-        raise ConfigError(f"round_to and min_channels must be integers >= 1; got {round_to!r}, {min_channels!r}")
+    ratio, target, importance, allocation = cfg.ratio, cfg.target, cfg.importance, cfg.allocation
+    global_ranking, ratios, round_to, min_channels = cfg.global_ranking, cfg.ratios, cfg.round_to, cfg.min_channels
     crit = get_importance(importance)
     if example_inputs is None:
         from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
 
+    ignore = _left_whole(model, cfg)
     cg = analyse(model, example_inputs, ignore=ignore)
     if getattr(crit, "needs_gradients", False):
         if data is None:

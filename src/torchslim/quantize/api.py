@@ -29,13 +29,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating
+from torchslim._config import ConfigDict
+from torchslim._modelinfo import register_plan_kind
+from torchslim._select import Selector, as_patterns, select_modules
+from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize import ptq
 from torchslim.quantize.dynamic_rnn import RNN_TYPES, QuantizedRNN, check_rnn_scheme
@@ -43,7 +46,6 @@ from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.observers import OBSERVERS
 from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
 from torchslim.quantize.weight_only import QuantizedLinear
-from torchslim._modelinfo import register_plan_kind
 
 __all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
 
@@ -52,7 +54,7 @@ KIND = "quantize"
 
 
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(ConfigDict):
     """What :func:`quantize_` does.
 
     Attributes:
@@ -158,12 +160,8 @@ class QuantConfig:
                 raise ConfigError(
                     f"QuantConfig.smoothquant_alpha needs mode='static', 'qat' or 'dynamic' (it scales activations); got mode={self.mode!r}"
                 )
-        for name in ("modules", "skip"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, str) or not all(isinstance(s, str) for s in v)):
-                raise ConfigError(f"QuantConfig.{name} must be a list of module-name globs; got {v!r}")
-            if v is not None:
-                object.__setattr__(self, name, tuple(v))
+        object.__setattr__(self, "modules", as_patterns(self.modules, "QuantConfig.modules"))
+        object.__setattr__(self, "skip", as_patterns(self.skip, "QuantConfig.skip", none_ok=False))
 
     def weight_scheme(self, layer: str | None = None) -> QScheme:
         bits = self.layer_bits.get(layer, self.bits) if self.layer_bits and layer is not None else self.bits
@@ -174,21 +172,6 @@ class QuantConfig:
 
     def act_scheme(self) -> QScheme:
         return QScheme(bits=self.act_bits, symmetric=False, signed=False, granularity="tensor")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modules"] = list(self.modules) if self.modules is not None else None
-        d["skip"] = list(self.skip)
-        d["layer_bits"] = dict(self.layer_bits) if self.layer_bits is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -229,7 +212,7 @@ def _check_calibration(model: nn.Module, loader: Iterable[Any] | None, required:
             raise ConfigError("mode='static' needs calibration data: pass calibration=<DataLoader or list of batches>")
         return None
     x = _first_batch(loader)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     try:
         with evaluating(model), torch.no_grad():
             ptq._call(model, x.to(device) if isinstance(x, torch.Tensor) else x)
@@ -288,13 +271,10 @@ def embedding_tables(model: nn.Module, config: QuantConfig) -> dict[str, nn.Embe
     """
     if not config.embeddings:
         return {}
-    from fnmatch import fnmatchcase
-
+    selected = Selector(config.modules, config.skip)
     out = {}
     for n, m in model.named_modules():
-        if type(m) is not nn.Embedding or any(fnmatchcase(n, p) for p in config.skip):
-            continue
-        if config.modules is not None and not any(fnmatchcase(n, p) for p in config.modules):
+        if type(m) is not nn.Embedding or not selected(n):
             continue
         if m.embedding_dim % config.group_size:
             raise ConfigError(f"group_size={config.group_size} does not divide {n}.embedding_dim={m.embedding_dim}; pick a divisor or skip={n!r}")
@@ -337,23 +317,26 @@ def _example(model: nn.Module, calib_x: Any) -> Any:
     raise ConfigError("BN folding needs example inputs: pass calibration data or build the model with ts.create_model")
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None, *, calibration: Iterable[Any] | None = None) -> QuantPlan:
+def quantize_(
+    model: nn.Module, config: QuantConfig | None = None, *, calibration: Iterable[Any] | None = None, **overrides: Any
+) -> QuantPlan:
     """Quantize ``model`` in place as ``config`` says; return the :class:`QuantPlan`.
 
     Args:
         model: any module with Conv/Linear layers (built by ``ts.create_model`` to be savable).
-        config: the :class:`QuantConfig` (default: static int8).
+        config: the :class:`QuantConfig` (default: static int8), or a dict of its fields.
         calibration: batches (tensors or ``(x, y)`` tuples) for static calibration; for QAT they
             initialise the activation ranges.
+        overrides: :class:`QuantConfig` fields to change: ``quantize_(model, bits=4)`` is
+            ``quantize_(model, QuantConfig(bits=4))``; with ``config``, ``config.replace(bits=4)``.
 
     Raises:
         ConfigError: bad settings, nothing to quantize, no / empty calibration data for static.
         InputShapeError: calibration batches that do not fit the model.
         Bad input leaves the model unchanged.
     """
-    config = config or QuantConfig()
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
+    config = QuantConfig.build(config, **overrides)
+    select_modules(model, config.modules, config.skip, kinds=None)  # a pattern that selects nothing: refused now
     if any(isinstance(m, (QuantizedLinear, QuantizedRNN, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
         raise ConfigError("the model is already quantized; quantize the float model once")
     plan = QuantPlan(config)
