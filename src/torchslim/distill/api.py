@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._config import ConfigDict
 from torchslim._registry import get_method, list_methods
 from torchslim._utils import evaluating, model_device
 from torchslim._utils import is_number as _is_number
@@ -51,7 +52,7 @@ def _names(value: Any, field_name: str) -> tuple[str, ...] | None:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(ConfigDict):
     """How :func:`distill` trains the student: a frozen value that round-trips to JSON.
 
     Attributes:
@@ -124,28 +125,6 @@ class DistillConfig:
         for name in ("temperature", "alpha", "feature_weight"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict (``train`` nested)."""
-        out = dataclasses.asdict(self)
-        for name in ("taps", "teacher_taps", "attention_taps", "teacher_attention_taps"):
-            out[name] = list(out[name]) if out[name] is not None else None
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DistillConfig:
-        """Build a config from a dict such as :meth:`to_dict` returns (missing keys keep defaults).
-
-        Raises:
-            ConfigError: Not a mapping, unknown keys, or an invalid value.
-        """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"DistillConfig.from_dict needs a mapping; got {type(values).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown DistillConfig field(s) {unknown}; allowed: {', '.join(names)}")
-        return cls(**dict(values))
 
 
 @dataclass

@@ -7,13 +7,13 @@ learn each layer's geometry, and returns decisions that ``api.factorize_`` then 
 from __future__ import annotations
 
 import difflib
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim._select import matches
 from torchslim._utils import evaluating
 from torchslim.errors import ConfigError
 from torchslim.lowrank._base import Factorization, Geometry, conv_geometry_default, energy_rank
@@ -74,8 +74,8 @@ def select(
     else:
         picked = []
         for pat in modules:
-            if _has_glob(pat):
-                hits = [n for n in named if n and fnmatch.fnmatchcase(n, pat)]
+            if _has_glob(pat) or pat.startswith("re:"):
+                hits = [n for n in named if n and matches(n, pat)]
                 if not hits:
                     raise ConfigError(f"modules pattern {pat!r} matches no submodule of {type(model).__name__}")
                 picked += [n for n in hits if isinstance(named[n], method.layer_types)]
@@ -94,7 +94,7 @@ def select(
     skipped: list[tuple[str, nn.Module, str]] = []
     seen: set[str] = set()
     for n in picked:
-        if n in seen or any(fnmatch.fnmatchcase(n, e) for e in exclude):
+        if n in seen or any(matches(n, e) for e in exclude):
             continue
         seen.add(n)
         if any(n.startswith(p + ".") for p in done):
@@ -109,7 +109,7 @@ def select(
         what = "the selected modules" if modules is not None else type(model).__name__
         raise ConfigError(
             f"method {method.name!r} found no layer to factorize in {what} (it applies to {kinds} "
-            f"with groups=1; skipped: {len(skipped)}); check modules=/exclude= or pick another method"
+            f"with groups=1; skipped: {len(skipped)}); check modules=/skip= or pick another method"
         )
     return chosen, skipped
 
@@ -166,7 +166,7 @@ def fixed_ranks(method: Factorization, cand: Candidate, rank: int | float | str)
         raise ConfigError(
             f"rank={rank} is larger than layer {cand.name!r} allows with method {method.name!r} "
             f"(at most {max(top)} for its {shape} weight); give a smaller rank, a fraction such as "
-            "rank=0.5, or leave the layer out with exclude="
+            "rank=0.5, or leave the layer out with skip="
         )
     return tuple(min(rank, t) for t in top)
 

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import json
 import math
@@ -38,12 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.train.callbacks import Callback, TrainState
+from torchslim._config import ConfigDict
 from torchslim._utils import atomic_path, is_int
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import MaskCallback, _split, get_mask, prunable_weights, set_masks_, sparsify_
 from torchslim.prune.schedules import layer_rates
 from torchslim.prune.unstructured import RandomScores, select_masks, valid_sparsity
+from torchslim.train.callbacks import Callback, TrainState
 
 __all__ = ["LotteryConfig", "LotteryResult", "run_lottery", "find_ticket", "plot_lottery"]
 
@@ -51,7 +51,7 @@ CONTROLS = ("reinit", "random_mask")
 
 
 @dataclass(frozen=True)
-class LotteryConfig:
+class LotteryConfig(ConfigDict):
     """Settings of a lottery-ticket experiment (defaults: the paper's LeNet-300-100 recipe).
 
     Attributes:
@@ -120,22 +120,6 @@ class LotteryConfig:
 
         return TrainConfig(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, batch_size=self.batch_size,
                            lr_schedule="constant", seed=seed, device=self.device)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["controls"] = list(self.controls)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LotteryConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown LotteryConfig field(s) {unknown}; allowed: {', '.join(sorted(names))}")
-        values = dict(values)
-        if "controls" in values:
-            values["controls"] = tuple(values["controls"])
-        return cls(**values)
 
 
 @dataclass

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim._utils import evaluating
+from torchslim._select import select_modules
+from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.primitives import QScheme
@@ -143,15 +143,7 @@ def quantizable_layers(
     """
     modules = list(modules) if modules is not None else None
     skip = list(skip)
-    found = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, types) or not name:
-            continue
-        if modules is not None and not any(fnmatch.fnmatchcase(name, p) for p in modules):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in skip):
-            continue
-        found[name] = m
+    found = {name: model.get_submodule(name) for name in select_modules(model, modules, skip, kinds=types)}
     if not found:
         allowed = [n for n, m in model.named_modules() if isinstance(m, types) and n]
         kinds = "Conv/Linear" if types == QUANTIZABLE else "/".join(t.__name__ for t in types)
@@ -219,7 +211,7 @@ def run_calibration(model: nn.Module, loader: Iterable[Any], batches: int) -> in
     Raises:
         InputShapeError: a batch does not fit the model.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     n = 0
     with evaluating(model):
         for batch in loader:
