@@ -1,7 +1,8 @@
 """Layer-by-layer post-training compression: calibration statistics of every ``nn.Linear`` input.
 
 Wanda, SparseGPT and GPTQ all compress one Linear at a time from ``H = X^T X``, the Gram matrix
-of the layer's calibration inputs (Wanda needs only its diagonal, ``||X_j||^2``). Done
+of the layer's calibration inputs (Wanda needs only its diagonal, ``||X_j||^2``, which is also
+collected for convolutions: ``X_j`` is input channel ``j`` over every position). Done
 *sequentially*, as the papers do, each layer sees the inputs produced by the layers already
 compressed before it, so errors do not compound unseen. :func:`run_layerwise` does this for any
 model, without knowing its block structure:
@@ -11,6 +12,9 @@ model, without knowing its block structure:
 2. for each group, in order, the calibration batches run forward until the group's input is seen
    (a hook stops the pass there), ``H`` is accumulated, and ``process(name, module, stats)`` edits
    the group's layers before the next group is measured.
+
+The second-order math SparseGPT (a family of ``prune``) and GPTQ (of ``quantize``) share lives
+here too: :meth:`LayerStats.hessian` and :func:`inverse_hessian_factor`.
 
 A calibration *batch* is a tensor (one positional input), an ``(inputs, targets)`` pair (the
 targets are ignored), a dict of keyword inputs (e.g. a tokenizer's output) or an
@@ -27,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs
 
-__all__ = ["LayerStats", "linear_layers", "materialize_batches", "run_layerwise"]
+__all__ = ["LayerStats", "inverse_hessian_factor", "linear_layers", "materialize_batches", "run_layerwise"]
 
 
 @dataclass
@@ -48,11 +53,63 @@ class LayerStats:
     sq: torch.Tensor
     rows: int
 
-    def hessian(self) -> torch.Tensor:
-        """``2 X^T X / n``, the Hessian of the layer-wise squared error (SparseGPT / GPTQ)."""
+    def hessian(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``2 X^T X / n``, the Hessian of the layer-wise squared error (SparseGPT / GPTQ).
+
+        A layer the calibration data never reached (``rows == 0``) gets the identity, which makes
+        SparseGPT fall back to magnitude and GPTQ to rounding to nearest.
+        """
         if self.xtx is None:
             raise ConfigError("these statistics were collected without the full X^T X")
-        return self.xtx * (2.0 / max(self.rows, 1))
+        if self.rows == 0:
+            return torch.eye(self.xtx.shape[0], device=device if device is not None else self.xtx.device)
+        h = self.xtx * (2.0 / self.rows)
+        return h if device is None else h.to(device)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, in float64 for stability.
+
+    Input features that never fired (zero diagonal) get a diagonal of 1 so ``H`` stays invertible.
+    Used by SparseGPT and GPTQ to spread one column's error over the columns not yet visited.
+
+    Raises:
+        ConfigError: ``H`` is not positive definite even after dampening it 10^5 times more.
+
+    Example:
+        >>> f = inverse_hessian_factor(torch.eye(2) * 4, damp=0.0)
+        >>> [round(v, 3) for v in torch.diag(f).tolist()]
+        [0.5, 0.5]
+    """
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    lam = damp * torch.mean(torch.diag(h))
+    idx = torch.arange(h.shape[0], device=h.device)
+    for attempt in range(6):
+        try:
+            hd = h.clone()
+            hd[idx, idx] += lam * (10**attempt) if lam > 0 else 1e-8 * (10**attempt)
+            chol = torch.linalg.cholesky(hd)
+            inv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(inv, upper=True)
+        except RuntimeError:  # not positive definite: dampen more
+            continue
+    raise ConfigError("SparseGPT/GPTQ: the calibration Hessian is not positive definite even with strong dampening")
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_channels if isinstance(module, _CONVS) else module.in_features
+
+
+def _feature_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as ``(rows, features)``: features last for a Linear, channels for a conv."""
+    if isinstance(module, _CONVS):
+        x = x.movedim(1, -1)
+    return x.detach().reshape(-1, x.shape[-1]).float()
 
 
 def linear_layers(model: nn.Module, modules: Sequence[str] | str | None = None, skip: Sequence[str] = ()) -> dict[str, nn.Linear]:
@@ -125,19 +182,15 @@ class _Stop(Exception):
     pass
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def _run(model: nn.Module, batch: Inputs) -> None:
-    b = batch.to(_device(model))
+    b = batch.to(model_device(model))
     try:
         model(*b.args, **b.kwargs)
     except _Stop:
         pass
 
 
-def _groups(model: nn.Module, layers: dict[str, nn.Linear], first: Inputs) -> tuple[list[list[str]], set[str]]:
+def _groups(model: nn.Module, layers: dict[str, nn.Module], first: Inputs) -> tuple[list[list[str]], set[str]]:
     """Linears in execution order, grouped by shared input tensor; plus those called more than once."""
     order: list[str] = []
     inputs: list[torch.Tensor] = []
@@ -174,7 +227,7 @@ def _groups(model: nn.Module, layers: dict[str, nn.Linear], first: Inputs) -> tu
 
 def run_layerwise(
     model: nn.Module,
-    layers: dict[str, nn.Linear],
+    layers: dict[str, nn.Module],
     batches: list[Inputs],
     process: Callable[[str, nn.Linear, LayerStats], None],
     *,
@@ -188,17 +241,19 @@ def run_layerwise(
         layers: the Linears to process (see :func:`linear_layers`).
         batches: calibration batches (see :func:`materialize_batches`).
         process: ``process(name, module, stats)`` edits the layer in place.
-        full: collect the full ``X^T X`` (SparseGPT, GPTQ); else only its diagonal (Wanda).
+        full: collect the full ``X^T X`` (SparseGPT, GPTQ); else only its diagonal (Wanda;
+            convolutions may then be among ``layers``: their statistics are per input channel).
         sequential: measure each group after the earlier groups were processed (the papers'
             setting); ``False`` measures every layer once on the unmodified model (faster).
 
     Returns:
         The layer names in the order they were processed.
     """
-    was = model.training
-    model.eval()
+    convs = [n for n, m in layers.items() if isinstance(m, _CONVS)]
+    if full and convs:
+        raise ConfigError(f"the full X^T X is collected for Linear layers only; {convs[0]} is a convolution")
     done: list[str] = []
-    try:
+    with evaluating(model):
         groups, repeated = _groups(model, layers, batches[0])
         plan = groups if sequential else [[n for g in groups for n in g]]
         for group in plan:
@@ -206,19 +261,17 @@ def run_layerwise(
             for n in group:
                 process(n, layers[n], stats[n])
                 done.append(n)
-    finally:
-        model.train(was)
     return done
 
 
-def _collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[Inputs], full: bool, stop: bool) -> dict[str, LayerStats]:
+def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[Inputs], full: bool, stop: bool) -> dict[str, LayerStats]:
     acc: dict[str, list[Any]] = {n: [None, None, 0] for n in layers}
     last = list(layers)[-1]
     handles = []
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = _feature_rows(module, args[0])
             a = acc[name]
             sq = (x * x).sum(dim=0)
             a[1] = sq if a[1] is None else a[1] + sq
@@ -243,7 +296,7 @@ def _collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[Input
     out = {}
     for n, m in layers.items():
         xtx, sq, rows = acc[n]
-        k = m.in_features
+        k = _in_features(m)
         w = m.weight
         if sq is None:
             sq = torch.zeros(k, device=w.device)

@@ -132,6 +132,35 @@ def test_wanda_scores_and_per_row_sparsity(lenet):
     assert torch.equal(keep, expected)
 
 
+def test_one_wanda_sparsify_criterion_equals_wanda_(lenet):
+    """``sparsify_(method="wanda")`` and ``wanda_`` are one implementation: measured on the
+    unpruned model (``sequential=False``), both prune exactly the same weights, N:M included."""
+    from torchslim.prune.wanda import wanda_
+
+    calib = _calib()
+    for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+        a, b = copy.deepcopy(lenet), copy.deepcopy(lenet)
+        sparsify_(a, sparsity, method="wanda", pattern=pattern, calibration=calib)
+        wanda_(b, sparsity, pattern=pattern, calibration=calib, sequential=False)
+        for name in ("fc1", "fc2", "fc3"):
+            assert torch.equal(get_mask(getattr(a, name)), get_mask(getattr(b, name))), (pattern, name)
+
+
+def test_wanda_on_convolutions_scores_input_channels():
+    """For a convolution ``X_j`` is input channel ``j`` over every position and kernel tap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    calib = [torch.randn(4, 3, 12, 12) * torch.tensor([0.1, 1.0, 5.0]).reshape(1, 3, 1, 1)]
+    ref = copy.deepcopy(model)
+    sparsify_(model, 0.5, method="wanda", calibration=calib, modules=["2"])
+    h = ref[1](ref[0](calib[0]))
+    norms = h.detach().transpose(0, 1).reshape(8, -1).norm(dim=1)
+    score = (ref[2].weight.detach().abs() * norms.reshape(1, -1, 1, 1)).movedim(1, -1).reshape(4, -1)
+    expected = torch.ones_like(score, dtype=torch.bool)
+    expected.scatter_(1, score.topk(36, dim=1, largest=False).indices, False)
+    assert torch.equal(get_mask(model[2]), expected.reshape(4, 3, 3, 8).movedim(-1, 1))
+
+
 def test_wanda_refuses_global_scope(lenet):
     with pytest.raises(ConfigError, match="layer"):
         sparsify_(lenet, 0.5, method="wanda", calibration=_calib(), scope="global")

@@ -138,3 +138,75 @@ def test_llama_ffn_pruning_runs() -> None:
     prune_ffn_(model, {name: list(range(0, 96, 2))})
     assert ffn_sites(model)[name].width == 48
     assert model(_ids()).logits.shape == (2, 10, 96)
+
+
+@pytest.mark.parametrize("make, picks", [(_bert, [0, 2]), (_llama, [1, 6])], ids=["bert", "llama_gqa"])
+def test_removed_heads_match_zeroed_heads(make, picks: list[int]) -> None:
+    """Zeroing what a head writes (its output-projection columns) and removing the head give the
+    same outputs: the one surgery cuts exactly that head's rows and columns (GQA: one query head
+    of each key/value group, so the key/value heads stay)."""
+    model = make()
+    ids = _ids()
+    sites = attention_sites(model)
+    with torch.no_grad():
+        for site in sites.values():
+            for h in picks:
+                site.o.weight[:, h * site.head_dim : (h + 1) * site.head_dim] = 0
+        out = model(ids)
+    ref = getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out.last_hidden_state
+    before = {n: (s.num_heads, s.num_kv_heads) for n, s in sites.items()}
+    left = prune_heads_(model, {n: picks for n in sites})
+    for n, site in attention_sites(model).items():
+        assert left[n] == site.num_heads == before[n][0] - 2
+        gqa = before[n][1] < before[n][0]
+        assert site.num_kv_heads == (before[n][1] if gqa else site.num_heads)
+        assert site.o.in_features == site.q.out_features == site.num_heads * site.head_dim
+    with torch.no_grad():
+        out = model(ids)
+    got = getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out.last_hidden_state
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+_FACTORY = '''
+import torch, transformers
+
+
+def build():
+    torch.manual_seed(0)
+    cfg = transformers.{cls}Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=8, {extra})
+    return transformers.{cls}Model(cfg{args}).eval()
+
+
+def example_inputs():
+    return (torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(0)),)
+'''
+
+
+@pytest.mark.parametrize("cls", ["Bert", "Llama"])
+def test_prune_transformer_plans_save_load_and_replay_to_identical_outputs(tmp_path, cls: str) -> None:
+    """Heads, FFN neurons and layers removed, saved as ``prune_transformer`` plans, loaded: the
+    rebuilt model replays them through the same surgery and gives identical outputs."""
+    import json
+
+    import torchslim as ts
+
+    extra = "num_key_value_heads=2, max_position_embeddings=64" if cls == "Llama" else ""
+    args = ", add_pooling_layer=False" if cls == "Bert" else ""
+    path = tmp_path / "tiny.py"
+    path.write_text(_FACTORY.format(cls=cls, extra=extra, args=args))
+    model = ts.create_model(f"{path}:build")
+    ids = ts.example_inputs(model)[0]
+    sites = list(attention_sites(model))
+    prune_heads_(model, {sites[0]: [0, 4] if cls == "Llama" else [1, 2, 5], sites[2]: [0, 1, 2, 3]})
+    prune_ffn_(model, {next(iter(ffn_sites(model))): list(range(0, 96, 3))})
+    drop_layers_(model, [1])
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    saved = ts.save(model, tmp_path / "pruned")
+    kinds = [(p["kind"], p.get("op")) for p in json.loads((saved / "plan.json").read_text())["model"]["plans"]]
+    assert kinds[-3:] == [("prune_transformer", "heads"), ("prune_transformer", "ffn"), ("prune_transformer", "layers")]
+    loaded = ts.load(saved)
+    assert [s.num_heads for s in attention_sites(loaded).values()] == [s.num_heads for s in attention_sites(model).values()]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, ref)

@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim._utils import evaluating, is_int, is_number, model_device
+from torchslim._utils import evaluating, is_int, is_number, logits_of, model_device, saved_modes
 from torchslim.errors import ConfigError
+from torchslim.graph.blocks import attention_sites, layer_list
 
 __all__ = ["HiddenDistillResult", "distill_hidden_", "default_layer_map"]
 
@@ -93,18 +94,14 @@ def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int
 
 
 def _blocks(model: nn.Module, who: str) -> nn.ModuleList:
-    from torchslim.prune.heads import _layer_list
-
     try:
-        return _layer_list(model)[1]
+        return layer_list(model)[1]
     except ConfigError as exc:
         raise ConfigError(f"the {who}: {exc}") from None
 
 
 def _attention(model: nn.Module, who: str) -> list[tuple[nn.Linear, nn.Linear, int]]:
     """(query, key, head_dim) of every BERT-style attention block, in layer order."""
-    from torchslim.prune.heads import attention_sites
-
     sites = list(attention_sites(model).values())
     if not sites or any(not hasattr(s.module, "query") for s in sites):
         raise ConfigError(
@@ -174,14 +171,10 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, head_dim: int, mask: torc
 
 
 def _tensor_of(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("last_hidden_state", "logits"):
-        if isinstance(getattr(out, key, None), torch.Tensor):
-            return getattr(out, key)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"cannot find a tensor in the model output ({type(out).__name__})")
+    t = logits_of(out, keys=("last_hidden_state", "logits"))
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"cannot find a tensor in the model output ({type(out).__name__})")
+    return t
 
 
 def _check(name: str, value: Any, low: float, *, integer: bool = False, strict: bool = True) -> None:
@@ -311,7 +304,7 @@ def distill_hidden_(
     for p in frozen:
         p.requires_grad_(False)
     result = HiddenDistillResult(epochs=0, steps=0, layer_map=dict(layer_map), trained_parameters=sum(p.numel() for p in trained))
-    modes = [(m, m.training) for m in student.modules()]
+    restore_modes = saved_modes(student)
     gen = torch.Generator().manual_seed(seed)
     try:
         moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
@@ -366,7 +359,6 @@ def distill_hidden_(
         t_rec.remove()
         for p in frozen:
             p.requires_grad_(True)
-        for mod, mode in modes:
-            mod.training = mode
+        restore_modes()
     result.seconds = time.time() - t0
     return result

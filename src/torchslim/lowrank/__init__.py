@@ -14,6 +14,7 @@ Example:
 """
 
 from torchslim.lowrank import _cli  # noqa: E402,F401  (registers the lowrank CLI verbs)
+from torchslim.lowrank._plan import geometry as layer_geometry  # noqa: I001  (public: search costs layers with it)
 from torchslim.lowrank.api import (
     METHODS,
     FactorizeConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "cp_reconstruct",
     "energy_rank",
     "factorize_",
+    "layer_geometry",
     "separable_factors",
     "separable_reconstruct",
     "spatial_reconstruct",

@@ -14,17 +14,20 @@ wherever they sit inside a model (e.g. :class:`~torchslim.zoo.pretrained.Sentenc
   ``down_proj``), i.e. a first-order Taylor importance per intermediate neuron.
 * Layers: drop whole blocks from the model's layer list.
 
-Surgery slices the projection matrices (``q/k/v`` rows, ``o`` columns; for GQA whole key/value
-heads go when every query head of their group goes), so shapes really shrink. With GQA the
-remaining query heads must be spread evenly over the remaining key/value heads: importance-based
-pruning removes the same number from every group; an explicit head list that breaks this raises.
-Every edit is recorded as a ``"prune_transformer"`` plan, so ``ts.save`` / ``ts.load`` round-trip it.
+This module holds the importance only. The blocks are found by :mod:`torchslim.graph.blocks`,
+which also turns a list of heads (or neurons) into the indices to keep of every projection
+(``q/k/v`` rows, ``o`` columns; for GQA whole key/value heads go when every query head of their
+group goes); the graph's one transactional surgery, :func:`torchslim.graph.surgery.slice_model_`
+(the one :func:`torchslim.prune.prune_channels_` uses), cuts them, so shapes really shrink. With
+GQA the remaining query heads must be spread evenly over the remaining key/value heads:
+importance-based pruning removes the same number from every group; an explicit head list that
+breaks this raises. Every edit is recorded as a ``"prune_transformer"`` plan (the heads, neurons
+or layers removed), replayed by the same surgery, so ``ts.save`` / ``ts.load`` round-trip it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +35,17 @@ from torch import nn
 
 from torchslim._layerwise import materialize_batches
 from torchslim.errors import CheckpointError, ConfigError
+from torchslim.graph.blocks import (
+    AttentionSite,
+    FFNSite,
+    attention_sites,
+    ffn_sites,
+    head_keep,
+    head_layout,
+    layer_list,
+    neuron_keep,
+)
+from torchslim.graph.surgery import slice_model_
 
 __all__ = [
     "AttentionSite",
@@ -48,73 +62,6 @@ __all__ = [
 ]
 
 KIND = "prune_transformer"
-
-
-@dataclass
-class AttentionSite:
-    """One attention block: its projections and head layout."""
-
-    name: str
-    module: nn.Module  # owner of num_attention_heads-like attributes
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    head_dim: int
-
-    @property
-    def num_heads(self) -> int:
-        return self.q.out_features // self.head_dim
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k.out_features // self.head_dim
-
-    @property
-    def groups(self) -> int:
-        return self.num_heads // max(self.num_kv_heads, 1)
-
-
-@dataclass
-class FFNSite:
-    """One feed-forward block: the up projections (rows) and the down projection (columns)."""
-
-    name: str
-    up: list[nn.Linear]
-    down: nn.Linear
-
-    @property
-    def width(self) -> int:
-        return self.down.in_features
-
-
-def attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
-    """Every BERT-style or Llama-style attention block of ``model``, by module name."""
-    out = {}
-    for name, m in model.named_modules():
-        sa, so = getattr(m, "self", None), getattr(m, "output", None)
-        if sa is not None and all(isinstance(getattr(sa, a, None), nn.Linear) for a in ("query", "key", "value")) and isinstance(
-            getattr(so, "dense", None), nn.Linear
-        ):
-            out[name] = AttentionSite(name, sa, sa.query, sa.key, sa.value, so.dense, int(sa.attention_head_size))
-        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            hd = getattr(m, "head_dim", None)
-            if hd is None:
-                continue
-            out[name] = AttentionSite(name, m, m.q_proj, m.k_proj, m.v_proj, m.o_proj, int(hd))
-    return out
-
-
-def ffn_sites(model: nn.Module) -> dict[str, FFNSite]:
-    """Every BERT-style (``intermediate.dense`` -> ``output.dense``) or Llama-style MLP, by name."""
-    out = {}
-    for name, m in model.named_modules():
-        inter, outp = getattr(m, "intermediate", None), getattr(m, "output", None)
-        if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(outp, "dense", None), nn.Linear):
-            out[name] = FFNSite(name, [inter.dense], outp.dense)
-        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
-            out[name] = FFNSite(name, [m.gate_proj, m.up_proj], m.down_proj)
-    return out
 
 
 # --------------------------------------------------------------------------- importance
@@ -226,75 +173,14 @@ def neuron_importance(
     )
 
 
-# --------------------------------------------------------------------------- surgery
-
-
-def _slice_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> tuple[nn.Parameter, nn.Parameter | None]:
-    w = lin.weight.detach().index_select(dim, keep.to(lin.weight.device)).clone()
-    b = lin.bias
-    if b is not None and dim == 0:
-        b = nn.Parameter(b.detach().index_select(0, keep.to(b.device)).clone(), requires_grad=b.requires_grad)
-    return nn.Parameter(w, requires_grad=lin.weight.requires_grad), b
-
-
-def _assign(lin: nn.Linear, w: nn.Parameter, b: nn.Parameter | None) -> None:
-    lin.weight = w
-    if b is not None:
-        lin.bias = b
-    lin.out_features, lin.in_features = w.shape
-
-
-def _head_plan(site: AttentionSite, heads: Sequence[int]) -> tuple[list[int], list[int], int]:
-    """(query heads kept, kv heads kept, new groups); raises on invalid input."""
-    n, nkv, groups = site.num_heads, site.num_kv_heads, site.groups
-    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n]
-    if bad:
-        raise ConfigError(f"{site.name}: head indices must be integers in [0, {n}); got {bad}")
-    drop = set(heads)
-    kept = [h for h in range(n) if h not in drop]
-    if not kept:
-        raise ConfigError(f"{site.name}: pruning heads {sorted(drop)} leaves zero of its {n} heads; keep at least one")
-    per_group = [sum(1 for h in kept if h // groups == j) for j in range(nkv)]
-    alive = [c for c in per_group if c]
-    if len(set(alive)) > 1:
-        raise ConfigError(
-            f"{site.name}: grouped-query attention ({n} query heads over {nkv} key/value heads) needs the same number of "
-            f"query heads left in every key/value group; this prune leaves {per_group} per group. Remove the same count "
-            "from every group, or whole groups"
-        )
-    kv_kept = [j for j, c in enumerate(per_group) if c]
-    return kept, kv_kept, alive[0]
-
-
-def _rows(units: Sequence[int], size: int) -> torch.Tensor:
-    return torch.tensor([u * size + i for u in units for i in range(size)], dtype=torch.long)
-
-
-def _apply_heads(site: AttentionSite, heads: Sequence[int]) -> None:
-    kept, kv_kept, groups = _head_plan(site, heads)
-    hd = site.head_dim
-    q_rows, kv_rows = _rows(kept, hd), _rows(kv_kept, hd)
-    new = {
-        "q": _slice_linear(site.q, q_rows, 0),
-        "k": _slice_linear(site.k, kv_rows, 0),
-        "v": _slice_linear(site.v, kv_rows, 0),
-        "o": _slice_linear(site.o, q_rows, 1),
-    }
-    for key, lin in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
-        _assign(lin, *new[key])
-    m = site.module
-    if hasattr(m, "num_attention_heads"):
-        m.num_attention_heads = len(kept)
-    if hasattr(m, "all_head_size"):
-        m.all_head_size = len(kept) * hd
-    if hasattr(m, "num_key_value_groups"):
-        m.num_key_value_groups = groups
+# --------------------------------------------------------------------------- removal (the graph's surgery)
 
 
 def prune_heads_(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """Remove attention heads: ``heads = {attention block name: [head indices]}``, in place.
 
-    Every entry is checked before anything changes.
+    Every entry is checked before anything changes; the graph's surgery
+    (:func:`~torchslim.graph.surgery.slice_model_`) then removes them all at once.
 
     Returns:
         Block name -> the number of query heads left.
@@ -304,13 +190,19 @@ def prune_heads_(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> dict[s
             (GQA) uneven query heads per key/value group. The model is unchanged then.
     """
     sites = attention_sites(model)
+    keep: dict[str, Any] = {}
+    attrs: dict[str, dict[str, int]] = {}
     for name, hs in heads.items():
         if name not in sites:
             raise ConfigError(f"no attention block named {name!r}; the model's are: {', '.join(sites) or 'none'}")
-        _head_plan(sites[name], list(hs))
-    for name, hs in heads.items():
+        hs = list(hs)
+        head_layout(sites[name], hs)
         if hs:
-            _apply_heads(sites[name], list(hs))
+            k, a = head_keep(sites[name], hs)
+            keep.update(k)
+            attrs.update(a)
+    if keep:
+        slice_model_(model, keep, attrs=attrs)
     _record(model, {"op": "heads", "heads": {n: sorted(int(h) for h in hs) for n, hs in heads.items() if hs}})
     return {n: s.num_heads for n, s in attention_sites(model).items()}
 
@@ -325,34 +217,16 @@ def prune_ffn_(model: nn.Module, neurons: Mapping[str, Sequence[int]]) -> dict[s
         ConfigError: unknown block, bad index, or a prune leaving zero neurons (model unchanged).
     """
     sites = ffn_sites(model)
-    keeps = {}
+    keep: dict[str, Any] = {}
     for name, idx in neurons.items():
         if name not in sites:
             raise ConfigError(f"no feed-forward block named {name!r}; the model's are: {', '.join(sites) or 'none'}")
-        width = sites[name].width
-        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < width]
-        if bad:
-            raise ConfigError(f"{name}: neuron indices must be integers in [0, {width}); got {bad[:5]}")
-        keep = [i for i in range(width) if i not in set(idx)]
-        if not keep:
-            raise ConfigError(f"{name}: pruning every one of its {width} neurons leaves none; keep at least one")
-        keeps[name] = torch.tensor(keep, dtype=torch.long)
-    for name, keep in keeps.items():
-        site = sites[name]
-        new_up = [_slice_linear(lin, keep, 0) for lin in site.up]
-        new_down = _slice_linear(site.down, keep, 1)
-        for lin, nb in zip(site.up, new_up):
-            _assign(lin, *nb)
-        _assign(site.down, *new_down)
+        if idx:
+            keep.update(neuron_keep(sites[name], list(idx)))
+    if keep:
+        slice_model_(model, keep)
     _record(model, {"op": "ffn", "neurons": {n: sorted(int(i) for i in idx) for n, idx in neurons.items() if idx}})
     return {n: s.width for n, s in ffn_sites(model).items()}
-
-
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "blocks") and len(m):
-            return name, m
-    raise ConfigError("no transformer layer list (a ModuleList named layer / layers / h / blocks) found in the model")
 
 
 def drop_layers_(model: nn.Module, layers: Sequence[int]) -> list[int]:
@@ -364,7 +238,7 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> list[int]:
     Raises:
         ConfigError: bad index, or dropping every block (model unchanged).
     """
-    name, blocks = _layer_list(model)
+    name, blocks = layer_list(model)
     n = len(blocks)
     bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
     if bad:

@@ -1,10 +1,12 @@
 """Reversible weight masks: ``sparsify_``, ``finalize_`` and ``sparsity_report``.
 
-A mask is a :mod:`torch.nn.utils.parametrize` parametrization (:class:`WeightMask`) holding a
-boolean buffer: the module's ``weight`` becomes ``original * mask``, where ``original`` is the
-*same* ``Parameter`` object as before (optimizers keep working). Pruned entries of the original
-are also set to zero, so profiles count the real non-zeros, and :class:`MaskCallback` keeps them
-at zero through momentum / Adam steps. Masks can be changed again (schedules raise the sparsity
+A mask is a :mod:`torch.nn.utils.parametrize` parametrization (:class:`WeightMask`, defined in
+:mod:`torchslim._masks` with :func:`set_masks_`, :func:`get_mask`, :func:`masked_weights` and
+:func:`reapply_masks_`, which this module re-exports) holding a boolean buffer: the module's
+``weight`` becomes ``original * mask``, where ``original`` is the *same* ``Parameter`` object
+as before (optimizers keep working). Pruned entries of the original are also set to zero, so
+profiles count the real non-zeros, and :class:`MaskCallback` keeps them at zero through momentum
+/ Adam steps. Masks can be changed again (schedules raise the sparsity
 step by step) until :func:`finalize_` bakes them in: the parametrizations go, the zeros stay,
 and the model's state dict then stores each sparse weight compressed (bitmask or CSR, see
 :mod:`torchslim.prune._sparse_io`), so ``ts.save`` writes a file that is really smaller.
@@ -28,8 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,18 +38,29 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim._masks import (
+    WeightMask,
+    get_mask,
+    mask_module,
+    masked_weights,
+    original,
+    reapply_masks_,
+    set_masks_,
+    split_name,
+)
 from torchslim._registry import get_method
-from torchslim.train.callbacks import Callback, TrainState
+from torchslim._select import Selector, matches
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.prune import _sparse_io
+from torchslim.prune.config import SparsifyConfig
 from torchslim.prune.unstructured import (
     Criterion,
     ScoreContext,
     check_pattern,
     parse_pattern,
     select_masks,
-    valid_sparsity,
 )
+from torchslim.train.callbacks import Callback, TrainState
 
 __all__ = [
     "WeightMask",
@@ -70,40 +81,10 @@ __all__ = [
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class WeightMask(nn.Module):
-    """Parametrization ``w -> w * mask`` with the mask as a boolean buffer (saved in the state dict)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask.detach().to(torch.bool).clone())
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
-
-
-# --------------------------------------------------------------------------- finding weights
-
-
-def _split(name: str) -> tuple[str, str]:
-    module, _, pname = name.rpartition(".")
-    return module, pname
-
-
-def _mask_module(module: nn.Module, pname: str) -> WeightMask | None:
-    plist = getattr(module, "parametrizations", None)
-    if plist is None or pname not in plist:
-        return None
-    for p in plist[pname]:
-        if isinstance(p, WeightMask):
-            return p
-    return None
-
-
-def _original(module: nn.Module, pname: str) -> torch.Tensor:
-    plist = getattr(module, "parametrizations", None)
-    if plist is not None and pname in plist:
-        return plist[pname].original
-    return getattr(module, pname)
+# the mask parametrization itself lives below the families (torchslim._masks), shared with pack
+_split = split_name
+_mask_module = mask_module
+_original = original
 
 
 def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
@@ -121,7 +102,7 @@ def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = Non
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES) or not isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
-        if modules is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in modules):
+        if modules is not None and not any(matches(name, pat) for pat in modules):
             continue
         found[f"{name}.weight" if name else "weight"] = module
     if not found:
@@ -130,67 +111,6 @@ def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = Non
             f"modules={modules!r} selects no Linear/Conv layer to prune; the model's are: {', '.join(allowed) or 'none'}"
         )
     return found
-
-
-def masked_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """``"layer.weight"`` -> module for every weight that carries a :class:`WeightMask`."""
-    out = {}
-    for name, module in model.named_modules():
-        plist = getattr(module, "parametrizations", None)
-        if plist is None:
-            continue
-        for pname in plist:
-            if _mask_module(module, pname) is not None:
-                out[f"{name}.{pname}" if name else pname] = module
-    return out
-
-
-def get_mask(module: nn.Module, pname: str = "weight") -> torch.Tensor | None:
-    """The boolean keep-mask of ``module.<pname>`` (``None`` when it has none)."""
-    m = _mask_module(module, pname)
-    return None if m is None else m.mask
-
-
-def set_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
-    """Put keep-masks on weights (``"layer.weight"`` -> bool tensor) and zero the pruned originals.
-
-    Registers a :class:`WeightMask` where there is none yet; returns the names that got a new one.
-    Shapes are checked for every entry before anything changes.
-
-    Raises:
-        ConfigError: unknown name or a mask of the wrong shape.
-    """
-    modules = dict(model.named_modules())
-    targets = []
-    for name, mask in masks.items():
-        mname, pname = _split(name)
-        module = modules.get(mname)
-        if module is None or not isinstance(getattr(module, pname, None), torch.Tensor):
-            raise ConfigError(f"no weight named {name!r} in the model")
-        if tuple(mask.shape) != tuple(getattr(module, pname).shape):
-            raise ConfigError(f"mask for {name} has shape {tuple(mask.shape)}; the weight has {tuple(getattr(module, pname).shape)}")
-        targets.append((name, module, pname, mask))
-    new = []
-    with torch.no_grad():
-        for name, module, pname, mask in targets:
-            original = _original(module, pname)
-            mask = mask.to(device=original.device, dtype=torch.bool)
-            holder = _mask_module(module, pname)
-            if holder is None:
-                parametrize.register_parametrization(module, pname, WeightMask(mask))
-                new.append(name)
-            else:
-                holder.mask.copy_(mask)
-            original.mul_(mask)
-    return new
-
-
-def reapply_masks_(model: nn.Module) -> None:
-    """Zero every masked original again (after an optimizer step moved it through momentum)."""
-    with torch.no_grad():
-        for name, module in masked_weights(model).items():
-            pname = _split(name)[1]
-            _original(module, pname).mul_(get_mask(module, pname))
 
 
 class MaskCallback(Callback):
@@ -348,7 +268,7 @@ def _rates(names: Iterable[str], sparsity: float | None, overrides: Mapping[str,
     for name in names:
         layer = _split(name)[0]
         for pat, value in overrides.items():
-            if fnmatch.fnmatchcase(layer, pat) or fnmatch.fnmatchcase(name, pat):
+            if matches(layer, pat) or matches(name, pat):
                 rates[name] = value
                 overridden.add(name)
                 break
@@ -359,17 +279,10 @@ def _rates(names: Iterable[str], sparsity: float | None, overrides: Mapping[str,
 
 def sparsify_(
     model: nn.Module,
-    sparsity: float | None = None,
+    config: SparsifyConfig | Mapping[str, Any] | float | None = None,
     *,
-    method: str | Criterion = "magnitude",
-    scope: str = "layer",
-    pattern: str = "unstructured",
-    block: Sequence[int] | None = None,
-    modules: Sequence[str] | str | None = None,
-    overrides: Mapping[str, float] | None = None,
     calibration: Any = None,
-    calibration_batches: int = 8,
-    seed: int = 0,
+    **overrides: Any,
 ) -> SparsityPlan:
     """Mask the smallest-scoring weights of ``model``'s Linear/Conv layers, in place.
 
@@ -380,49 +293,38 @@ def sparsify_(
 
     Args:
         model: changed in place (weights get :class:`WeightMask` parametrizations).
-        sparsity: fraction of weights to prune, in [0, 1]; for N:M leave it ``None``.
-        method: ``"magnitude"``, ``"random"``, ``"lamp"``, ``"movement"``, ``"wanda"``, ``"snip"``
-            or a :class:`~torchslim.prune.unstructured.Criterion` instance (e.g. a
-            :class:`~torchslim.prune.unstructured.Movement` holding accumulated scores).
-        scope: ``"layer"`` or ``"global"``.
-        pattern: ``"unstructured"``, ``"N:M"`` such as ``"2:4"``, ``"block"`` or ``"block:RxC"``.
-        block: block shape ``(rows, cols)`` for ``pattern="block"`` (default ``(1, 4)``).
-        modules: module names or globs to prune (all Linear/Conv layers by default).
-        overrides: per-layer sparsity, glob of module name -> value (pruned layer-wise).
+        config: a :class:`~torchslim.prune.SparsifyConfig` (or a dict of its fields); a number
+            is the sparsity (the older call form ``sparsify_(model, 0.9)``).
         calibration: batches for ``wanda`` (inputs) and ``snip`` / one-shot ``movement`` (labeled).
-        calibration_batches: at most this many calibration batches.
-        seed: seed of the ``random`` criterion.
+        overrides: :class:`~torchslim.prune.SparsifyConfig` fields: ``sparsity`` (fraction in
+            [0, 1]; ``None`` for N:M), ``method``, ``scope``, ``pattern``, ``block``, ``modules``,
+            ``skip``, ``overrides`` (per-layer sparsity by pattern), ``calibration_batches``, ``seed``.
 
     Returns:
         A :class:`SparsityPlan` with the sparsity reached per weight.
 
     Raises:
-        ConfigError: sparsity outside [0, 1]; an unknown method, scope or pattern; N > M; a layer
-            whose shape the pattern cannot divide; a method that needs calibration without it.
-            The model is unchanged then.
+        ConfigError: sparsity outside [0, 1]; an unknown method, scope, pattern or field; N > M; a
+            layer whose shape the pattern cannot divide; a module pattern that selects nothing; a
+            method that needs calibration without it. The model is unchanged then.
     """
-    pat = parse_pattern(pattern, block)
-    if pat.kind == "nm":
-        if sparsity is not None and not math.isclose(valid_sparsity(sparsity), pat.sparsity or 0.0):
-            raise ConfigError(f"pattern {pat} prunes exactly {pat.sparsity:g} of the weights; got sparsity={sparsity!r} (leave it out)")
-        sparsity = pat.sparsity
-    elif sparsity is None:
-        raise ConfigError(f"sparsify_ needs sparsity= a number in [0, 1] for pattern {pat}")
-    else:
-        sparsity = valid_sparsity(sparsity)
-    if scope not in ("layer", "global"):
-        raise ConfigError(f"scope must be 'layer' or 'global'; got {scope!r}")
-    overrides = dict(overrides or {})
-    for key, value in overrides.items():
-        valid_sparsity(value, f"overrides[{key!r}]")
-    if not isinstance(calibration_batches, int) or calibration_batches < 1:
-        raise ConfigError(f"calibration_batches must be a positive integer; got {calibration_batches!r}")
+    if config is not None and not isinstance(config, (SparsifyConfig, Mapping)):
+        if "sparsity" in overrides:
+            raise ConfigError("sparsify_: sparsity given twice (positionally and as sparsity=)")
+        config, overrides = None, {"sparsity": config, **overrides}
+    cfg = SparsifyConfig.build(config, **overrides)
+    pat = parse_pattern(cfg.pattern, cfg.block)
+    sparsity, scope, overrides, calibration_batches = cfg.sparsity, cfg.scope, dict(cfg.overrides), cfg.calibration_batches
+    method, seed, modules = cfg.method, cfg.seed, cfg.modules
     name, criterion = _criterion(method, seed)
     if criterion.needs_calibration and calibration is None:
         raise ConfigError(f"method {name!r} needs calibration data: pass calibration= a DataLoader of batches")
     if scope == "global" and not criterion.comparable_across_layers:
         raise ConfigError(f"method {name!r} scores are not comparable across layers; use scope='layer'")
-    targets = prunable_weights(model, modules)
+    Selector(modules, cfg.skip).check(n for n, _ in model.named_modules())  # a pattern selecting nothing: refused
+    targets = {w: m for w, m in prunable_weights(model, modules).items() if not any(matches(_split(w)[0], p) for p in cfg.skip)}
+    if not targets:
+        raise ConfigError(f"skip={list(cfg.skip)!r} leaves no Linear/Conv layer to prune")
     for wname, module in targets.items():
         check_pattern(wname, getattr(module, _split(wname)[1]).shape, pat)
     rates, overridden = _rates(targets, sparsity, overrides)

@@ -29,35 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._layerwise import LayerStats
-from torchslim.errors import ConfigError
+from torchslim._layerwise import LayerStats, inverse_hessian_factor
 from torchslim.prune.masks import SparsityPlan
 from torchslim.prune.unstructured import Pattern
 from torchslim.prune.wanda import OneShotConfig, one_shot_prune_
 
 __all__ = ["sparsegpt_", "sparsegpt_prune", "inverse_hessian_factor"]
-
-
-def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, in float64 for stability.
-
-    Input features that never fired (zero diagonal) get a diagonal of 1 so ``H`` stays invertible.
-    """
-    h = h.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    lam = damp * torch.mean(torch.diag(h))
-    idx = torch.arange(h.shape[0], device=h.device)
-    for attempt in range(6):
-        try:
-            hd = h.clone()
-            hd[idx, idx] += lam * (10**attempt) if lam > 0 else 1e-8 * (10**attempt)
-            chol = torch.linalg.cholesky(hd)
-            inv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(inv, upper=True)
-        except RuntimeError:  # not positive definite: dampen more
-            continue
-    raise ConfigError("SparseGPT/GPTQ: the calibration Hessian is not positive definite even with strong dampening")
 
 
 @torch.no_grad()
@@ -119,10 +96,7 @@ def sparsegpt_prune(
 
 
 def _sparsegpt_layer(weight: torch.Tensor, stats: LayerStats, config: OneShotConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    if stats.rows == 0:  # never called on the calibration data: fall back to magnitude inside SparseGPT
-        h = torch.eye(weight.shape[1], device=weight.device)
-    else:
-        h = stats.hessian().to(weight.device)
+    h = stats.hessian(weight.device)  # the identity for a layer never called: magnitude inside SparseGPT
     return sparsegpt_prune(weight, h, config.rate, config.parsed_pattern, blocksize=config.blocksize, damp=config.damp)
 
 

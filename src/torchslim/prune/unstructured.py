@@ -440,7 +440,10 @@ class Wanda(Criterion):
     """Wanda: ``|w_ij| * ||X_j||_2`` with input-feature norms from calibration batches.
 
     As in the paper, weights compete within each output row (layer scope). For convolutions
-    ``X_j`` is input channel ``j`` over all positions.
+    ``X_j`` is input channel ``j`` over all positions. The scores come from
+    :func:`torchslim.prune.wanda.wanda_scores` on :func:`~torchslim.prune.wanda.input_norms`
+    (every layer measured on the unpruned model); :func:`~torchslim.prune.wanda.wanda_` is the
+    same Wanda run layer by layer.
     """
 
     needs_calibration = True
@@ -449,42 +452,12 @@ class Wanda(Criterion):
 
     def scores(self, weights: Mapping[str, torch.Tensor], ctx: ScoreContext | None = None) -> Scores:
         ctx = _need(ctx, "wanda", labels=False)
-        model, modules = ctx.model, ctx.modules
-        assert model is not None and modules is not None
-        from torchslim._utils import model_device
+        assert ctx.model is not None and ctx.modules is not None
+        # the one Wanda (prune.wanda) builds on this module's patterns: imported when scoring
+        from torchslim.prune.wanda import input_norms, wanda_scores
 
-        device = model_device(model)
-        sq: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0].detach().float()
-                dims = [d for d in range(x.dim()) if d != (1 if x.dim() > 2 else x.dim() - 1)]
-                contrib = (x**2).sum(dim=dims)
-                sq[name] = contrib if name not in sq else sq[name] + contrib
-
-            return hook
-
-        for n in weights:
-            handles.append(modules[n].register_forward_pre_hook(hook_for(n)))
-        seen = 0
-        try:
-            with torch.no_grad():
-                for inputs, _ in _batches(ctx.calibration, ctx.max_batches):
-                    model(inputs.to(device))
-                    seen += 1
-        finally:
-            for h in handles:
-                h.remove()
-        if seen == 0:
-            raise ConfigError("method 'wanda' got no calibration batches")
-        out = {}
-        for n, w in weights.items():
-            norms = sq.get(n, torch.ones(w.shape[1] if w.dim() > 1 else w.shape[0], device=w.device)).sqrt()
-            shape = [1, -1] + [1] * (w.dim() - 2) if w.dim() > 1 else [-1]
-            out[n] = w.detach().abs() * norms.to(w.dtype).reshape(shape)
-        return out
+        sq = input_norms(ctx.model, {n: ctx.modules[n] for n in weights}, ctx.calibration, ctx.max_batches)
+        return {n: wanda_scores(w, sq[n]).to(w.dtype) for n, w in weights.items()}
 
 
 def valid_sparsity(value: Any, what: str = "sparsity") -> float:

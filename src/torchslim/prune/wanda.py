@@ -6,6 +6,11 @@ output row (unstructured) or the lowest ``M - N`` of every ``M`` consecutive inp
 2:4). There is no weight update and no retraining. Layers are pruned in execution order, each
 measured on the outputs of the layers already pruned (``sequential=True``, as in the paper's code).
 
+This is torchslim's one Wanda: :func:`wanda_scores` is the score, :func:`input_norms` measures
+``||X_j||^2`` through the layer-by-layer machinery (:mod:`torchslim._layerwise`), and the
+``"wanda"`` criterion of :func:`torchslim.prune.sparsify_` calls both (all layers measured on the
+unpruned model, as one criterion among the others).
+
 The result is the same reversible mask state :func:`torchslim.prune.sparsify_` leaves (a
 ``"sparsify"`` plan, so ``ts.save`` / ``ts.load``, ``finalize_`` and ``sparsity_report`` work).
 
@@ -21,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,7 +39,7 @@ from torchslim.errors import ConfigError
 from torchslim.prune.masks import SparsityPlan, _original, set_masks_
 from torchslim.prune.unstructured import Pattern, check_pattern, nm_mask, parse_pattern, valid_sparsity
 
-__all__ = ["OneShotConfig", "wanda_", "wanda_mask", "one_shot_prune_"]
+__all__ = ["OneShotConfig", "input_norms", "one_shot_prune_", "wanda_", "wanda_mask", "wanda_scores"]
 
 METHODS = ("wanda", "sparsegpt")
 
@@ -104,6 +109,47 @@ class OneShotConfig(ConfigDict):
         return float(pat.sparsity if pat.kind == "nm" else self.sparsity)  # type: ignore[arg-type]
 
 
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's score of every weight, ``|W_ij| * ||X_j||_2``, from ``sq_norms[j] = ||X_j||^2``.
+
+    ``j`` indexes dimension 1 of the weight: a Linear's input features, a convolution's input
+    channels (the score then covers every kernel position of that channel). Float32.
+
+    Example:
+        >>> wanda_scores(torch.tensor([[1.0, -2.0]]), torch.tensor([9.0, 1.0])).tolist()
+        [[3.0, 2.0]]
+    """
+    norms = sq_norms.detach().float().clamp_min(0).sqrt().to(weight.device)
+    shape = [1, -1] + [1] * (weight.dim() - 2) if weight.dim() > 1 else [-1]
+    return weight.detach().abs().float() * norms.reshape(shape)
+
+
+def input_norms(
+    model: nn.Module, layers: Mapping[str, nn.Module], calibration: Iterable[Any] | None, max_batches: int
+) -> dict[str, torch.Tensor]:
+    """``||X_j||^2`` of every input feature (channel) of each layer, on the unpruned ``model``.
+
+    Args:
+        layers: name -> Linear or convolution.
+        calibration: batches of model inputs (see :func:`torchslim._layerwise.materialize_batches`).
+        max_batches: at most this many batches.
+
+    Returns:
+        name -> ``(in_features,)``; a layer the batches never reach gets ones (Wanda is then magnitude).
+
+    Raises:
+        ConfigError: no or empty calibration data.
+    """
+    batches = materialize_batches(calibration, max_batches, "wanda")
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, module: nn.Module, stats: LayerStats) -> None:
+        out[name] = stats.sq if stats.rows else torch.ones_like(stats.sq)
+
+    run_layerwise(model, dict(layers), batches, keep, full=False, sequential=False)
+    return out
+
+
 def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
     """Keep-mask of a ``(out, in)`` weight from Wanda scores ``|W| * sqrt(sq_norms)``.
 
@@ -115,7 +161,7 @@ def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, sparsity: float, pa
         >>> wanda_mask(w, torch.tensor([4.0, 1.0, 9.0, 0.0]), 0.5, Pattern()).int().tolist()
         [[1, 0, 1, 0]]
     """
-    score = weight.detach().abs().float() * sq_norms.float().clamp_min(0).sqrt().reshape(1, -1)
+    score = wanda_scores(weight, sq_norms)
     if pattern.kind == "nm":
         return nm_mask(score, pattern.n, pattern.m)
     k = round(sparsity * weight.shape[1])
@@ -171,7 +217,8 @@ def one_shot_prune_(
 
 
 def _wanda_layer(weight: torch.Tensor, stats: LayerStats, config: OneShotConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = wanda_mask(weight, stats.sq.to(weight.device), config.rate, config.parsed_pattern)
+    sq = stats.sq if stats.rows else torch.ones_like(stats.sq)  # never reached: magnitude
+    keep = wanda_mask(weight, sq, config.rate, config.parsed_pattern)
     return weight, keep
 
 

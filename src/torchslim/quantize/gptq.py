@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._layerwise import LayerStats, linear_layers, materialize_batches, run_layerwise
+from torchslim._layerwise import (
+    LayerStats,
+    inverse_hessian_factor,
+    linear_layers,
+    materialize_batches,
+    run_layerwise,
+)
 from torchslim.errors import ConfigError
 from torchslim.quantize.api import QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
@@ -69,8 +75,6 @@ def gptq_quantize(
     ``ints`` is ``(out, in)`` integers in the scheme's range; ``scale`` / ``zero_point`` are
     ``(out, in // group, 1)``, so ``(ints - zp) * scale`` (grouped) is the dequantized weight.
     """
-    from torchslim.prune.sparsegpt import inverse_hessian_factor
-
     w = weight.detach().double().clone()
     rows, cols = w.shape
     gs = _group_size(scheme, cols)
@@ -184,7 +188,7 @@ def gptq_(
     def process(name: str, module: nn.Linear, stats: LayerStats) -> None:
         scheme = config.weight_scheme(name)
         w = module.weight.detach()
-        h = stats.hessian().to(w.device) if stats.rows else torch.eye(w.shape[1], device=w.device)
+        h = stats.hessian(w.device)  # the identity for a layer never called: round to nearest
         ints, scale, zp = gptq_quantize(w, h, scheme, blocksize=blocksize, damp=damp)
         q = QuantizedLinear.from_ints(module, ints, scale, zp, scheme)
         with torch.no_grad():  # later layers are measured on this layer's quantized output

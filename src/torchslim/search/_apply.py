@@ -99,31 +99,35 @@ def apply_stages_(model: nn.Module, stages: Sequence[Mapping[str, Any]], data: A
     Raises:
         ConfigError: a stage kind this runner does not know.
     """
-    import torchslim as ts
+    from torchslim.lowrank import FactorizeConfig, factorize_
+    from torchslim.prune import prune_channels_
+    from torchslim.quantize import QuantConfig, quantize_
+    from torchslim.train import TrainConfig, fit
 
     info: dict[str, Any] = {}
     for entry in stages:
         ((kind, opts),) = entry.items()
         if kind == "prune_channels":
-            plan = ts.prune_channels_(model, example_inputs, ratio=float(opts.get("ratio", 0.0)), ratios=dict(opts.get("ratios") or {}),
-                                      importance=opts.get("importance", "l2"), ignore=tuple(opts.get("ignore", ())))
+            skip = tuple(opts.get("skip", opts.get("ignore", ())))  # a stage written before skip= says ignore
+            plan = prune_channels_(model, example_inputs=example_inputs, ratio=float(opts.get("ratio", 0.0)),
+                                   ratios=dict(opts.get("ratios") or {}), importance=opts.get("importance", "l2"), skip=skip)
             info["prune_channels"] = {"removed_channels": plan.removed_channels, "total_channels": plan.total_channels,
                                       "groups": plan.groups}
         elif kind == "factorize":
-            cfg = ts.FactorizeConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
-            plan = ts.factorize_(model, cfg, example_inputs=example_inputs)
+            cfg = FactorizeConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
+            plan = factorize_(model, cfg, example_inputs=example_inputs)
             done = info.setdefault("factorize", {"layers": [], "skipped": []})
             done["layers"] += [x.name for x in plan.layers]
             done["skipped"] += [x.name for x in plan.skipped]
         elif kind == "finetune":
-            result = ts.fit(model, data, ts.TrainConfig.from_dict(opts), progress=progress)
+            result = fit(model, data, TrainConfig.from_dict(opts), progress=progress)
             model.to("cpu")
             info["finetune"] = {"epochs": result.epochs_run, "best_val_accuracy": result.best_val_accuracy}
         elif kind == "quantize":
             opts = _resolved(model, kind, opts)
-            cfg = ts.QuantConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
+            cfg = QuantConfig(**{k: (tuple(v) if k == "modules" else v) for k, v in opts.items()})
             calib = data.loader("train", batch_size=64) if cfg.mode == "static" else None
-            plan = ts.quantize_(model, cfg, calibration=calib)
+            plan = quantize_(model, cfg, calibration=calib)
             info["quantize"] = {"layers": list(getattr(plan, "layers", []))}
         else:
             raise ConfigError(f"search stages are prune_channels, factorize, finetune and quantize; got {kind!r}")
@@ -131,10 +135,22 @@ def apply_stages_(model: nn.Module, stages: Sequence[Mapping[str, Any]], data: A
 
 
 def _resolved(model: nn.Module, kind: str, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """``opts`` with module patterns (globs, ``re:``) expanded to exact names, as ``ts.compress`` does."""
-    from torchslim.recipe._select import resolve_config
+    """``opts`` of a ``quantize`` stage with ``layer_bits`` keyed by exact layer names.
 
-    return resolve_config(model, kind, dict(opts))
+    ``modules`` / ``skip`` stay patterns (names, globs, ``re:``): ``quantize_`` selects with the
+    one module selector (:mod:`torchslim._select`) itself; ``layer_bits`` names layers exactly,
+    so a pattern key is expanded here with the same matching (earlier keys win on overlaps) over
+    the model's layers (modules without children). A pattern that selects nothing is refused.
+    """
+    from torchslim._select import check_patterns, first_match
+
+    cfg = dict(opts)
+    bits = cfg.get("layer_bits")
+    if kind == "quantize" and bits:
+        leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+        check_patterns(list(bits), [n for n, _ in model.named_modules()], "layer_bits")
+        cfg["layer_bits"] = {n: bits[p] for n in leaves if (p := first_match(n, bits)) is not None}
+    return cfg
 
 
 def recipe_dict(

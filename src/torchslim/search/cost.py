@@ -64,10 +64,10 @@ class CostModel:
         self._methods: dict[str, Any] = {}
         self._geometry: dict[str, Any] = {}
         if space.layer_ranks:
-            from torchslim.lowrank._plan import geometry  # the very geometry factorize_ costs layers with
+            from torchslim.lowrank import layer_geometry  # the very geometry factorize_ costs layers with
 
             layers = [(c.layer, shadow.get_submodule(c.layer)) for c in space.layer_ranks]
-            self._geometry = geometry(shadow, layers, self.inputs)
+            self._geometry = layer_geometry(shadow, layers, self.inputs)
         self._cache: dict[Any, tuple[dict[str, float], dict[str, float]]] = {}
 
     @staticmethod
