@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from torchslim._layerwise import materialize_batches
+from torchslim._utils import logits_of, model_device, saved_modes
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.graph.blocks import (
     AttentionSite,
@@ -68,19 +69,15 @@ KIND = "prune_transformer"
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
-    b = batch.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    b = batch.to(model_device(model))
     return model(*b.args, **b.kwargs)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"cannot find a tensor in the model output ({type(out).__name__}); pass loss_fn=")
+    t = logits_of(out, keys=("logits", "last_hidden_state"))
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"cannot find a tensor in the model output ({type(out).__name__}); pass loss_fn=")
+    return t
 
 
 def _gate_importance(
@@ -108,9 +105,9 @@ def _gate_importance(
 
     for n, (lin, _, size) in targets.items():
         handles.append(lin.register_forward_pre_hook(hook_for(n, size)))
-    was = model.training
-    model.eval()
     gen = torch.Generator().manual_seed(0)
+    restore = saved_modes(model)
+    model.eval()
     try:
         for batch in data:
             out = _call(model, batch)
@@ -128,7 +125,7 @@ def _gate_importance(
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        restore()
     return {n: (a.sqrt() if loss_fn is None else a) for n, a in acc.items()}
 
 

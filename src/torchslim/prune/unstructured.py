@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._masks import original
 from torchslim._registry import register_method
-from torchslim._utils import is_int, is_number
+from torchslim._utils import evaluating, is_int, is_number, logits_of, model_device
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -341,12 +342,6 @@ def _batches(calibration: Any, limit: int) -> Iterable[tuple[Any, Any]]:
             yield batch, None
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return getattr(out, "logits", out)
-
-
 def _need(ctx: ScoreContext | None, method: str, labels: bool) -> ScoreContext:
     if ctx is None or ctx.calibration is None or ctx.model is None or ctx.modules is None:
         what = "labeled (inputs, targets) batches" if labels else "batches of inputs"
@@ -358,34 +353,21 @@ def _weight_grads(ctx: ScoreContext, weights: Mapping[str, torch.Tensor], method
     """Sum over calibration batches of dL/dw (cross-entropy) for each named weight."""
     model = ctx.model
     assert model is not None and ctx.modules is not None  # checked by _need
-    from torchslim._utils import model_device
-
     device = model_device(model)
     grads = {n: torch.zeros_like(w) for n, w in weights.items()}
-    effective = {}
-    for n in weights:
-        module, pname = ctx.modules[n], n.rsplit(".", 1)[-1]
-        effective[n] = (module, pname)
-    params = {}
-    for n, (module, pname) in effective.items():
-        parametrized = getattr(module, "parametrizations", None)
-        params[n] = parametrized[pname].original if parametrized is not None and pname in parametrized else getattr(module, pname)
-    was_training = model.training
-    model.eval()
+    params = {n: original(ctx.modules[n], n.rsplit(".", 1)[-1]) for n in weights}  # the stored tensor, not w * mask
     seen = 0
-    try:
+    with evaluating(model):
         for inputs, targets in _batches(ctx.calibration, ctx.max_batches):
             if targets is None:
                 raise ConfigError(f"method {method!r} needs labeled calibration batches (inputs, targets)")
             tensors = [p for p in params.values()]
-            loss = F.cross_entropy(_logits(model(inputs.to(device))), targets.to(device))
+            loss = F.cross_entropy(logits_of(model(inputs.to(device))), targets.to(device))
             gs = torch.autograd.grad(loss, tensors, allow_unused=True)
             for n, g in zip(params, gs):
                 if g is not None:
                     grads[n] += g.detach()
             seen += 1
-    finally:
-        model.train(was_training)
     if seen == 0:
         raise ConfigError(f"method {method!r} got no calibration batches")
     return grads
