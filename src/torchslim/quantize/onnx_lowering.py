@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -220,14 +219,7 @@ def onnx_parity(model: nn.Module, files: dict[str, str], x: Any) -> dict[str, fl
     }
 
 
-def export_onnx(
-    model: nn.Module,
-    example_inputs: Any,
-    path: str | os.PathLike[str],
-    *,
-    calibration: Iterable[Any] | None = None,
-    calibration_batches: int | None = None,
-) -> dict[str, str]:
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> dict[str, str]:
     """Deprecated: use :func:`torchslim.export.onnx_int.export_integer_onnx` (same arguments and result)."""
     warnings.warn(
         "torchslim.quantize.export_onnx is deprecated; use torchslim.export.export_integer_onnx "
@@ -235,5 +227,4 @@ def export_onnx(
         DeprecationWarning,
         stacklevel=2,
     )
-    return export_integer_onnx(model, example_inputs, path, calibration=calibration,
-                               calibration_batches=calibration_batches)
+    return export_integer_onnx(model, example_inputs, path, **options)
