@@ -94,3 +94,16 @@ def test_unknown_model_kind_cannot_be_rebuilt() -> None:
     assert rebuildable("zoo") and not rebuildable("saved") and not rebuildable("custom")
     with pytest.raises(SpecError, match="cannot rebuild a model of kind 'custom'; known kinds: file, pretrained"):
         rebuild({"kind": "custom", "build": {}})
+
+
+def test_a_cli_verb_is_one_registration(scratch, capsys) -> None:
+    """A verb registered under kind cli_verb appears in `torchslim` (no table in cli.py to edit)."""
+    from torchslim.cli import main
+
+    def add(sub) -> None:
+        p = sub.add_parser("hello-test", help="say hello")
+        p.set_defaults(func=lambda args: print("hello") or 0)
+
+    register("cli_verb", "hello-test", add, family="test", order=999, verbs=("hello-test",))
+    scratch.append(("cli_verb", "hello-test"))
+    assert main(["hello-test"]) == 0 and capsys.readouterr().out == "hello\n"
