@@ -21,7 +21,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim._config import ConfigDict
 from torchslim._utils import evaluating
 from torchslim._utils import is_int as _is_int
 from torchslim._utils import is_number as _is_number
+from torchslim._utils import logits_of as _logits
 from torchslim._utils import model_device as _model_device
 from torchslim.data import DataBundle, load_data
 from torchslim.errors import ConfigError
@@ -65,7 +67,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """How :func:`fit` trains: a small frozen value, checked when built, that round-trips to JSON.
 
     Attributes:
@@ -107,25 +109,6 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be {allowed}; got {value!r}")
             if name in ("lr", "momentum", "weight_decay", "grad_clip") and value is not None:
                 object.__setattr__(self, name, float(value))  # ints become floats
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build a config from a dict such as :meth:`to_dict` returns (missing keys keep defaults).
-
-        Raises:
-            ConfigError: ``values`` is not a mapping, has unknown keys, or holds an invalid value.
-        """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"TrainConfig.from_dict needs a mapping; got {type(values).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; allowed: {', '.join(names)}")
-        return cls(**dict(values))
 
 
 def _valid_device(device: Any) -> bool:
@@ -193,13 +176,6 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-def _logits(outputs: Any) -> Any:
-    """The logits in a model's outputs: the tensor itself, a tuple's first item, or ``.logits``."""
-    if isinstance(outputs, (tuple, list)) and outputs:
-        return outputs[0]
-    return getattr(outputs, "logits", outputs)
 
 
 def _pair(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
