@@ -264,3 +264,17 @@ def test_csr_inference_matches_dense(lenet):
     assert isinstance(fast.fc1, CSRLinear) and isinstance(fast.fc3, nn.Linear)  # fc3 is dense
     x = _x(lenet)
     assert torch.allclose(fast(*x), lenet.eval()(*x), atol=1e-5)
+
+
+def test_one_mask_parametrization_shared_with_pack(lenet):
+    """prune's masks are the infra-level ``torchslim._masks`` ones (pack recognises them without
+    importing prune): clustering a masked layer keeps its pruned zeros."""
+    from torchslim import _masks
+    from torchslim.pack import cluster_
+    from torchslim.prune import masks
+
+    assert masks.WeightMask is _masks.WeightMask and masks.set_masks_ is _masks.set_masks_
+    sparsify_(lenet, 0.8, modules="fc1")
+    zeros = lenet.fc1.weight == 0
+    cluster_(lenet, bits=3, modules=["fc1"])
+    assert torch.equal(lenet.fc1.weight == 0, zeros)
