@@ -291,9 +291,19 @@ def test_distill_loss_trains_student(name: str, digits: Any, tmp_path: Path) -> 
 # ---------------------------------------------------------------------------- export formats
 
 
+def _quantized_cnn(digits: Any) -> nn.Module:
+    model = _cnn(digits)
+    ts.quantize_(model, ts.QuantConfig(mode="static"), calibration=_calibration(digits))
+    return model
+
+
+# formats that take something other than a float model; every other format exports _cnn
+EXPORT_MODELS: dict[str, Callable[[Any], nn.Module]] = {"onnx-int8": _quantized_cnn}
+
+
 @pytest.mark.parametrize("fmt", [e.name for e in entries("export_format")])
 def test_export_format_writes_a_file_that_matches_eager(fmt: str, digits: Any, tmp_path: Path) -> None:
-    model = _cnn(digits)
+    model = EXPORT_MODELS.get(fmt, _cnn)(digits)
     result = ts.export(model, ts.example_inputs(model), tmp_path / "model", format=fmt)
     files = result.files if hasattr(result, "files") else [result.path]
     assert files and all(Path(f).stat().st_size > 0 for f in (files.values() if isinstance(files, dict) else files))

@@ -38,6 +38,7 @@ __all__ = [
     "KINDS",
     "Entry",
     "register",
+    "unregister",
     "lookup",
     "entries",
     "MethodEntry",
@@ -163,6 +164,13 @@ def _unknown(kind: str, name: str, known: list[str], what: str | None = None) ->
     near = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     return ConfigError(f"unknown {what or _LABEL[kind]} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+
+
+def unregister(kind: str, name: str) -> Entry | None:
+    """Remove ``name`` of ``kind`` and return its entry (None if it was not there): for tests and
+    plug-ins that registered something for a while."""
+    _check_kind(kind)
+    return _ENTRIES[kind].pop(name, None)
 
 
 def lookup(kind: str, name: str) -> Entry:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import torchslim as ts
+from torchslim._registry import unregister
 from torchslim.errors import ConfigError, TorchslimError
 from torchslim.export import ExportError, Format, ParityError, Tolerance, export, register_format
-from torchslim.export._base import _FORMATS
 from torchslim.export.parity import compare_outputs, random_inputs
 from torchslim.export.torchscript import export_torchscript, load_torchscript
 from torchslim.graph.inputs import Inputs
@@ -72,7 +72,7 @@ def broken_format():
 
     fmt = register_format(Format("broken-test", (".broken",), export_torchscript, load, (1e-5, 1e-5)))
     yield fmt
-    _FORMATS.pop(fmt.name)
+    unregister("export_format", fmt.name)
 
 
 def test_parity_failure_raises_and_keeps_no_file(tmp_path, broken_format):
@@ -92,8 +92,10 @@ def test_parity_failure_raises_and_keeps_no_file(tmp_path, broken_format):
 
 
 def test_register_format_refuses_a_taken_name(broken_format):
+    import dataclasses
+
     with pytest.raises(ConfigError, match="already registered"):
-        register_format(broken_format)
+        register_format(dataclasses.replace(broken_format, tolerance=(1.0, 1.0)))
 
 
 # ---------------------------------------------------------------------------- compressed models

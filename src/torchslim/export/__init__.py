@@ -19,6 +19,10 @@ Example:
 """
 
 from torchslim.export import _cli  # noqa: E402,F401  (registers the export CLI verbs)
+from torchslim.export import onnx as _onnx  # noqa: F401  (each format module registers its format)
+from torchslim.export import pt2 as _pt2  # noqa: F401
+from torchslim.export import quantized as _quantized  # noqa: F401
+from torchslim.export import torchscript as _torchscript  # noqa: F401
 from torchslim.export._base import ExportError, Format, get_format, list_formats, register_format
 from torchslim.export.api import ExportResult, export
 from torchslim.export.bench import BenchResult, BenchRow, bench  # the function shadows the module name

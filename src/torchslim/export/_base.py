@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._registry import entries, register
 from torchslim.errors import ConfigError, TorchslimError
 from torchslim.graph.inputs import Inputs
 
@@ -83,34 +84,32 @@ class Format:
     retry_options: tuple[dict[str, Any], ...] = ()
 
 
-_FORMATS: dict[str, Format] = {}
-
-
 def register_format(fmt: Format, *, replace: bool = False) -> Format:
     """Make ``fmt`` available to ``ts.export(..., format=fmt.name)`` and ``torchslim export``.
 
-    This is the extension point for formats built elsewhere (e.g. a QDQ ONNX writer for
-    quantized models registers ``Format("onnx-qdq", ...)`` with its own loader and a tolerance
-    in quantization steps).
+    The format becomes an ``"export_format"`` entry of the one registry (``torchslim._registry``);
+    this is the extension point for formats built elsewhere (e.g. a QDQ ONNX writer for quantized
+    models registers ``Format("onnx-qdq", ...)`` with its own loader and a tolerance in
+    quantization steps).
 
     Raises:
         ConfigError: the name is taken (pass ``replace=True`` to override on purpose).
     """
-    if fmt.name in _FORMATS and not replace:
-        raise ConfigError(f"export format {fmt.name!r} is already registered; pass replace=True to override it")
-    _FORMATS[fmt.name] = fmt
+    register("export_format", fmt.name, fmt, family="export", description=f"{fmt.name} ({', '.join(fmt.suffixes)})",
+             replace=replace)
     return fmt
 
 
-def _ensure_builtin() -> None:
+def _formats() -> dict[str, Format]:
     # the built-in formats register at import of their modules
     from torchslim.export import onnx, pt2, quantized, torchscript  # noqa: F401
+
+    return {e.name: e.obj for e in entries("export_format")}
 
 
 def list_formats() -> list[str]:
     """Names of the registered formats."""
-    _ensure_builtin()
-    return sorted(_FORMATS)
+    return sorted(_formats())
 
 
 def get_format(name: str) -> Format:
@@ -119,17 +118,16 @@ def get_format(name: str) -> Format:
     Raises:
         ConfigError: unknown name (the message lists the known ones).
     """
-    _ensure_builtin()
-    if not isinstance(name, str) or name not in _FORMATS:
-        raise ConfigError(f"export format {name!r} is not supported; allowed: {', '.join(sorted(_FORMATS))}")
-    return _FORMATS[name]
+    formats = _formats()
+    if not isinstance(name, str) or name not in formats:
+        raise ConfigError(f"export format {name!r} is not supported; allowed: {', '.join(sorted(formats))}")
+    return formats[name]
 
 
 def format_for_path(path: Path) -> str | None:
     """The format whose suffix ``path`` ends with (None when no format claims it)."""
-    _ensure_builtin()
     suffix = path.suffix.lower()
-    for fmt in _FORMATS.values():
+    for fmt in _formats().values():
         if suffix in fmt.suffixes:
             return fmt.name
     return None
