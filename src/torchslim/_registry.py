@@ -17,6 +17,8 @@ Kinds (:data:`KINDS`):
     cli_verb       ``torchslim VERB`` parsers (each ``*/_cli.py`` registers its own)
     model          model spec resolvers (``zoo:``, ``torchvision:``, a saved directory, ...)
     dataset        data spec resolvers (``mnist``, ``synthetic:SHAPE``, ``file.py:factory``, ...)
+    finalizer      what makes a family's reversible edits permanent (``ts.finalize_``): a function
+                   ``(model) -> result``, or None when nothing of its kind is on the model
 
 A lookup first makes sure every family is registered by importing the package once (the root
 imports every family), so callers never keep tables of module names.
@@ -39,6 +41,7 @@ __all__ = [
     "Entry",
     "register",
     "unregister",
+    "import_modules",
     "lookup",
     "entries",
     "MethodEntry",
@@ -49,7 +52,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-KINDS: tuple[str, ...] = ("method", "plan", "export_format", "recipe_stage", "cli_verb", "model", "dataset")
+KINDS: tuple[str, ...] = (
+    "method", "plan", "export_format", "recipe_stage", "cli_verb", "model", "dataset", "finalizer",
+)
 _LABEL = {
     "method": "method",
     "plan": "plan kind",
@@ -58,6 +63,7 @@ _LABEL = {
     "cli_verb": "CLI verb",
     "model": "model spec kind",
     "dataset": "data set",
+    "finalizer": "finalizer",
 }
 
 
@@ -164,6 +170,18 @@ def _unknown(kind: str, name: str, known: list[str], what: str | None = None) ->
     near = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     return ConfigError(f"unknown {what or _LABEL[kind]} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+
+
+def import_modules(package: str, path: Any) -> list[str]:
+    """Import every public module of ``package`` (its ``__path__`` is ``path``): called at the end
+    of a family's ``__init__``, so a new file that registers a method is found without editing
+    any other file. Private modules (``_x.py``) are imported by whoever uses them."""
+    import pkgutil
+
+    names = sorted(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 def unregister(kind: str, name: str) -> Entry | None:

@@ -31,3 +31,7 @@ __all__ = [
     "map_by_depth",
     "map_by_name",
 ]
+
+from torchslim._registry import import_modules as _import_modules  # noqa: E402
+
+_import_modules(__name__, __path__)  # every public module registers what it defines: a new method is one new file

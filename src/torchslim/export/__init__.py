@@ -67,3 +67,7 @@ __all__ = [
     "register_integer_scheme",
     "register_onnx_lowering",
 ]
+
+from torchslim._registry import import_modules as _import_modules  # noqa: E402
+
+_import_modules(__name__, __path__)  # every public module registers what it defines: a new method is one new file

@@ -9,11 +9,13 @@ The public verbs are :func:`quantize_` (with a :class:`QuantConfig`), :func:`qat
 from __future__ import annotations
 
 from torchslim.quantize import observers as observers  # registers the observers
-from torchslim.quantize.onnx_lowering import export_onnx  # registers the ONNX lowerings; the name is deprecated
 from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.mixed import BitAllocation, allocate_bits, layer_sensitivity
+from torchslim.quantize.onnx_lowering import (
+    export_onnx,  # registers the ONNX lowerings; the name is deprecated
+)
 from torchslim.quantize.primitives import QScheme, dequantize, fake_quantize, quantize, quantize_tensor, sqnr
 from torchslim.quantize.qat import qat_convert_, qat_prepare_
 from torchslim.quantize.weight_only import QuantizedLinear
@@ -45,3 +47,7 @@ from torchslim.quantize import _cli  # noqa: E402,F401  (registers the quantize 
 from torchslim.quantize.gptq import gptq_  # noqa: E402
 
 __all__ += ["gptq_"]
+
+from torchslim._registry import import_modules as _import_modules  # noqa: E402
+
+_import_modules(__name__, __path__)  # every public module registers what it defines: a new method is one new file
