@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from torchslim._utils import evaluating, model_device
-from torchslim.errors import ConfigError, SpecError
-from torchslim.graph.inputs import Inputs, as_inputs, call_model
+from torchslim.errors import ConfigError
+from torchslim.graph.inputs import Inputs, as_inputs, call_model, remembered_inputs
 from torchslim.graph.tracer import trace
 from torchslim.profile._formulas import op_cost
 from torchslim.profile.latency import Timing, measure
@@ -153,20 +153,6 @@ def register_size_estimator(field_name: str, estimator: SizeEstimator) -> None:
 
 def _estimated_sizes(model: nn.Module) -> dict[str, int | None]:
     return {name: (fn(model) if (fn := _SIZE_ESTIMATORS.get(name)) else None) for name in SIZE_FIELDS}
-
-
-def _remembered_inputs(model: nn.Module) -> Any:
-    """The example inputs recorded on a model built from a spec (``model._torchslim.example``).
-
-    Read without importing the record's module (it sits above profile).
-    """
-    example = getattr(model.__dict__.get("_torchslim"), "example", None)
-    if example is None or not (example.args or example.kwargs):
-        raise SpecError(
-            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
-            "or pass example_inputs explicitly"
-        )
-    return example
 
 
 @torch.no_grad()
@@ -318,7 +304,7 @@ def profile(
         (55, 50)
     """
     if example_inputs is None:
-        example_inputs = _remembered_inputs(model)
+        example_inputs = remembered_inputs(model)
     device = model_device(model)
     inputs: Inputs = as_inputs(example_inputs).to(device)
 
