@@ -221,19 +221,14 @@ def _onnx_file(model: nn.Module, inputs: Inputs, workdir: Path, cache: dict[str,
 
 
 def _ort_runner(path: Path, inputs: Inputs, threads: int, provider: str) -> Runner:
-    import onnxruntime as ort
+    from torchslim.export.ort import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
     if provider == _XNNPACK:
         # XNNPACK runs its own thread pool; ONNX Runtime's is left at one thread so the two do not compete
-        opts.intra_op_num_threads = 1
         providers: list[Any] = [(_XNNPACK, {"intra_op_num_threads": str(threads)}), "CPUExecutionProvider"]
+        session = ort_session(path, 1, providers=providers)
     else:
-        opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     tensors = inputs.tensors()
     if inputs.kwargs and set(inputs.kwargs) == set(names):  # keyword inputs: feed by name

@@ -185,10 +185,9 @@ def load_onnx(path: Path, device: torch.device | None = None) -> Callable[[Input
     Inputs are fed in order (every tensor of the positional then keyword inputs) and the
     outputs come back as CPU tensors.
     """
-    ort = require("onnxruntime", "running ONNX exports")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from torchslim.export.ort import ort_session
+
+    session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
 
     def run(inputs: Inputs) -> list[torch.Tensor]:

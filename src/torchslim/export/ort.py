@@ -31,18 +31,20 @@ __all__ = ["ort_session", "ort_feed", "ort_runner", "ort_run", "ort_timing", "or
 Tensors = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime ``InferenceSession`` on ``path`` (CPU provider).
+def ort_session(path: str | os.PathLike[str], threads: int | None = None, *, providers: list[Any] | None = None) -> Any:
+    """An ONNX Runtime ``InferenceSession`` on ``path``: the one place torchslim opens a session.
 
     ``threads``: intra-op threads (inter-op pinned to 1); ``None`` leaves ONNX Runtime's defaults.
+    ``providers``: execution providers in order (default: the CPU provider). Runtime warnings are
+    not printed (severity 3: errors only).
     """
     ort = require("onnxruntime", "ONNX Runtime")
-    if threads is None:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def ort_feed(session: Any, x: Tensors) -> dict[str, Any]:
