@@ -23,7 +23,6 @@ targets are ignored), a dict of keyword inputs (e.g. a tokenizer's output) or an
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._select import select_modules
 from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs
@@ -112,31 +112,26 @@ def _feature_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
-def linear_layers(model: nn.Module, modules: Sequence[str] | str | None = None, skip: Sequence[str] = ()) -> dict[str, nn.Linear]:
-    """Name -> ``nn.Linear`` for the layers selected by ``modules`` globs (all by default), minus ``skip``.
+def linear_layers(
+    model: nn.Module, modules: Sequence[str] | str | None = None, skip: Sequence[str] | str | None = ()
+) -> dict[str, nn.Linear]:
+    """Name -> ``nn.Linear`` for the layers ``modules`` selects (all by default), minus ``skip``.
+
+    Patterns are those of :func:`torchslim._select.select_modules`: exact names, globs or
+    ``re:`` regexes; a container's name selects the Linears inside it.
 
     Raises:
-        ConfigError: the selection is empty; the message lists the model's Linear layers.
+        ConfigError: a pattern that selects no module of the model (with the nearest name), or an
+            empty selection (the message lists the model's Linear layers). The model is untouched.
     """
-    if isinstance(modules, str):
-        modules = [modules]
-    if isinstance(skip, str):
-        skip = [skip]
-    out = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        if modules is not None and not any(fnmatch.fnmatchcase(name, p) for p in modules):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in skip):
-            continue
-        out[name] = m
-    if not out:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = select_modules(model, modules, skip, kinds=(nn.Linear,))
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ConfigError(
-            f"modules={modules!r} skip={list(skip)!r} selects no nn.Linear; the model's are: {', '.join(names[:20]) or 'none'}"
+            f"modules={modules!r} skip={skip!r} selects no nn.Linear; "
+            f"the model's are: {', '.join(linears[:20]) or 'none'}"
         )
-    return out
+    return {n: model.get_submodule(n) for n in names}
 
 
 def _as_call(batch: Any) -> Inputs:

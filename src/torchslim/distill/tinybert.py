@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._select import as_patterns, check_patterns, matches
 from torchslim._utils import evaluating, is_int, is_number, logits_of, model_device, saved_modes
 from torchslim.errors import ConfigError
 from torchslim.graph.blocks import attention_sites, layer_list
@@ -54,6 +54,11 @@ from torchslim.graph.blocks import attention_sites, layer_list
 __all__ = ["HiddenDistillResult", "distill_hidden_", "default_layer_map"]
 
 _CACHE_LIMIT_BYTES = 1 << 30
+_DEFAULT_FREEZE: tuple[str, ...] = ("*word_embeddings*",)
+
+
+def _param_and_module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_modules() if n]
 
 
 @dataclass
@@ -199,7 +204,7 @@ def distill_hidden_(
     hidden_weight: float = 1.0,
     attention_weight: float = 0.0,
     output_weight: float = 10.0,
-    freeze: Sequence[str] = ("*word_embeddings*",),
+    freeze: Sequence[str] = _DEFAULT_FREEZE,
     dropout: bool = False,
     cache_teacher: bool = True,
     tokenizer_name: str = "minilm",
@@ -222,9 +227,11 @@ def distill_hidden_(
         hidden_weight: weight of the hidden-state MSE (summed over mapped blocks).
         attention_weight: weight of the attention-map MSE (BERT-style blocks only; 0 = off).
         output_weight: weight of ``1 - cosine`` between the student's and teacher's outputs.
-        freeze: glob patterns of student parameter names kept fixed (default the word-embedding
-            table: the text only touches a fraction of the vocabulary, and moving those rows
-            alone would tear them from the rest).
+        freeze: student parameters kept fixed, by parameter or module name, glob or ``re:``
+            pattern (a module's name freezes all its parameters). Not a selection of layers to
+            compress, hence its own name. Default: the word-embedding table (the text only touches
+            a fraction of the vocabulary, and moving those rows alone would tear them from the
+            rest); a pattern given that names nothing in the student is refused before training.
         dropout: keep the student's dropout on while training (off by default: the target is
             the teacher's deterministic output, not a regularised fit).
         cache_teacher: compute the teacher's targets once (when they fit in 1 GiB).
@@ -250,8 +257,10 @@ def distill_hidden_(
         raise ConfigError(f"warmup must be a fraction in [0, 1); got {warmup!r}")
     if not (hidden_weight or attention_weight or output_weight):
         raise ConfigError("hidden_weight, attention_weight and output_weight are all 0: nothing to distill")
-    if isinstance(freeze, str):
-        freeze = [freeze]
+    default_freeze = freeze == _DEFAULT_FREEZE
+    freeze = as_patterns(freeze, "freeze", none_ok=False)
+    if not default_freeze:  # the default fits BERT-like students; one the user names must exist
+        check_patterns(freeze, _param_and_module_names(student), "freeze")
     s_blocks, t_blocks = _blocks(student, "student"), _blocks(teacher, "teacher")
     if layer_map is None:
         layer_map = default_layer_map(len(s_blocks), len(t_blocks))
@@ -270,14 +279,14 @@ def distill_hidden_(
     if attention_weight and (max(layer_map) >= len(s_attn) or max(layer_map.values()) >= len(t_attn)):
         raise ConfigError("attention_weight > 0 needs one attention block per transformer block in both models")
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    trained = [p for n, p in params if not any(fnmatch.fnmatchcase(n, f) for f in freeze)]
+    trained = [p for n, p in params if not any(matches(n, f) for f in freeze)]
     if not trained:
         raise ConfigError(f"freeze={list(freeze)!r} leaves no trainable student parameter")
     batches = _as_batches(data, batch_size, max_length, tokenizer_name)
 
     t0 = time.time()
     device = model_device(student)
-    frozen = [p for n, p in params if any(fnmatch.fnmatchcase(n, f) for f in freeze)]
+    frozen = [p for n, p in params if any(matches(n, f) for f in freeze)]
     s_rec = _Recorder(s_blocks, list(layer_map), [s_attn[i] for i in layer_map] if s_attn else [])
     t_rec = _Recorder(t_blocks, sorted(set(layer_map.values())), t_attn)
 

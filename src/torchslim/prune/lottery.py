@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from torchslim._config import ConfigDict
+from torchslim._select import as_patterns, check_patterns, first_match
 from torchslim._utils import atomic_path, is_int
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import MaskCallback, _split, get_mask, prunable_weights, set_masks_, sparsify_
@@ -58,7 +58,8 @@ class LotteryConfig(ConfigDict):
         rounds: pruning rounds after the dense run.
         rate: fraction of each layer's remaining weights pruned per round.
         output_rate: rate of the output layer (the last prunable layer); ``None``: ``rate / 2``.
-        overrides: module-name glob -> rate, for other layers with their own rate.
+        overrides: module name, glob or ``re:`` pattern -> rate, for layers with their own rate
+            (a pattern that selects no module of the model is refused before training).
         rewind_iter: reset to the weights after this many iterations (0: to initialisation).
         seeds: number of seeds (``seed``, ``seed + 1``, ...); results are means with per-seed values.
         seed: first seed.
@@ -105,6 +106,7 @@ class LotteryConfig(ConfigDict):
         object.__setattr__(self, "rate", rate)
         if self.output_rate is not None:
             object.__setattr__(self, "output_rate", valid_sparsity(self.output_rate, "LotteryConfig.output_rate"))
+        as_patterns(list(dict(self.overrides)), "LotteryConfig.overrides")
         for k, v in dict(self.overrides).items():
             valid_sparsity(v, f"LotteryConfig.overrides[{k!r}]")
         object.__setattr__(self, "overrides", dict(self.overrides))
@@ -269,10 +271,11 @@ def _factory(model: str | nn.Module | Callable[[], nn.Module], data: Any) -> Cal
 
 
 def _rates(model: nn.Module, cfg: LotteryConfig) -> dict[str, float]:
+    check_patterns(cfg.overrides, (n for n, _ in model.named_modules()), "LotteryConfig.overrides")
     names = list(prunable_weights(model))
     rates = layer_rates(names, cfg.rate, cfg.overrides)
     last = names[-1]
-    if not any(fnmatch.fnmatchcase(_split(last)[0], g) for g in cfg.overrides):
+    if first_match(_split(last)[0], cfg.overrides) is None:
         rates[last] = cfg.output_rate if cfg.output_rate is not None else cfg.rate / 2
     return rates
 

@@ -29,10 +29,10 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torchslim._select import as_patterns, check_patterns, first_match, matches
 from torchslim.train.callbacks import TrainState
 from torchslim._utils import is_int, is_number
 from torchslim.errors import ConfigError
@@ -54,8 +54,13 @@ class PruningSchedule(MaskCallback):
     """Base of the schedules: which sparsity at which step, and how to prune.
 
     Args:
-        method, scope, pattern, block, modules, calibration, seed: as :func:`sparsify_`.
-        overrides: glob of module name -> that layer's final sparsity (or rate, for iterative).
+        method, scope, pattern, block, modules, skip, calibration, seed: as :func:`sparsify_`
+            (``modules`` / ``skip``: names, globs or ``re:`` patterns).
+        overrides: module name, glob or ``re:`` pattern -> that layer's final sparsity (or rate,
+            for iterative).
+
+    A pattern of ``modules``, ``skip`` or ``overrides`` that selects no module of the model is
+    refused when training begins, before the first step.
 
     Attributes:
         history_: one ``{"step", "epoch", "sparsity", "overall"}`` per pruning step.
@@ -69,6 +74,7 @@ class PruningSchedule(MaskCallback):
         pattern: str = "unstructured",
         block: Sequence[int] | None = None,
         modules: Sequence[str] | str | None = None,
+        skip: Sequence[str] | str | None = None,
         overrides: Mapping[str, float] | None = None,
         calibration: Any = None,
         seed: int = 0,
@@ -77,10 +83,12 @@ class PruningSchedule(MaskCallback):
         if scope not in ("layer", "global"):
             raise ConfigError(f"scope must be 'layer' or 'global'; got {scope!r}")
         self.overrides = dict(overrides or {})
+        as_patterns(list(self.overrides), "overrides")
         for key, value in self.overrides.items():
             valid_sparsity(value, f"overrides[{key!r}]")
         self.method, self.scope, self.pattern, self.block = method, scope, pattern, block
-        self.modules, self.calibration, self.seed = modules, calibration, seed
+        self.modules, self.skip = as_patterns(modules, "modules"), as_patterns(skip, "skip") or ()
+        self.calibration, self.seed = calibration, seed
         self.criterion_: Any = Movement() if method == "movement" else method
         self.history_: list[dict[str, Any]] = []
 
@@ -92,15 +100,24 @@ class PruningSchedule(MaskCallback):
         """Prune ``state.model`` to ``sparsity`` (and ``overrides``) now."""
         plan = sparsify_(
             state.model, sparsity, method=self.criterion_, scope=self.scope, pattern=self.pattern,
-            block=self.block, modules=self.modules, overrides=overrides, calibration=self.calibration,
-            seed=self.seed,
+            block=self.block, modules=self.modules, skip=self.skip, overrides=overrides,
+            calibration=self.calibration, seed=self.seed,
         )
         self.history_.append({"step": state.step, "epoch": state.epoch, "sparsity": sparsity, "overall": plan.overall})
+
+    def on_train_begin(self, state: TrainState) -> None:
+        names = [n for n, _ in state.model.named_modules()]
+        check_patterns(self.modules, names, "modules")
+        check_patterns(self.skip, names, "skip")
+        check_patterns(list(self.overrides), names, "overrides")
+        super().on_train_begin(state)
 
     def on_after_backward(self, state: TrainState) -> None:
         if isinstance(self.criterion_, Movement):
             weights, grads = {}, {}
             for name, module in prunable_weights(state.model, self.modules).items():
+                if any(matches(_split(name)[0], p) for p in self.skip):
+                    continue
                 original = _original(module, _split(name)[1])
                 weights[name], grads[name] = original, original.grad
             self.criterion_.accumulate(weights, grads)
@@ -248,9 +265,13 @@ class IterativePruning(PruningSchedule):
 
 
 def layer_rates(names: Sequence[str], rate: float, overrides: Mapping[str, float]) -> dict[str, float]:
-    """Per-weight rate: the first override whose glob matches the module name, else ``rate``."""
+    """Per-weight rate: the first override whose pattern selects the module, else ``rate``.
+
+    Patterns are those of :func:`torchslim._select.matches` (names, globs, ``re:``; a container
+    selects what is inside it).
+    """
     out = {}
     for name in names:
-        module = _split(name)[0]
-        out[name] = next((v for g, v in overrides.items() if fnmatch.fnmatchcase(module, g)), rate)
+        key = first_match(_split(name)[0], overrides)
+        out[name] = rate if key is None else overrides[key]
     return out

@@ -108,7 +108,7 @@ def sparsegpt_(
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 32,
     modules: Sequence[str] | str | None = None,
-    skip: Sequence[str] = (),
+    skip: Sequence[str] | str = (),
     sequential: bool = True,
     blocksize: int = 128,
     damp: float = 0.01,
@@ -121,7 +121,8 @@ def sparsegpt_(
         pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
         calibration: batches of model inputs (tensors, ``(inputs, targets)`` pairs, dicts).
         calibration_batches: at most this many batches.
-        modules, skip: globs selecting the Linear layers (all by default).
+        modules, skip: names, globs or ``re:`` patterns selecting the Linear layers (all by
+            default; see :func:`torchslim._select.select_modules`).
         sequential: measure each layer after the earlier ones were pruned.
         blocksize: columns per lazy-update block.
         damp: Hessian dampening as a fraction of its mean diagonal.
@@ -133,10 +134,7 @@ def sparsegpt_(
         ConfigError: bad settings, a layer the pattern cannot divide, no or empty calibration
             data. The model is unchanged then.
     """
-    if isinstance(modules, str):
-        modules = (modules,)
     config = OneShotConfig(
-        "sparsegpt", sparsity, pattern, calibration_batches, tuple(modules) if modules is not None else None, tuple(skip),
-        sequential, blocksize, damp,
+        "sparsegpt", sparsity, pattern, calibration_batches, modules, skip, sequential, blocksize, damp
     )
     return one_shot_prune_(model, config, calibration, _sparsegpt_layer)

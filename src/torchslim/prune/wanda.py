@@ -35,6 +35,7 @@ from torch import nn
 
 from torchslim._config import ConfigDict
 from torchslim._layerwise import LayerStats, linear_layers, materialize_batches, run_layerwise
+from torchslim._select import as_patterns
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import SparsityPlan, _original, set_masks_
 from torchslim.prune.unstructured import Pattern, check_pattern, nm_mask, parse_pattern, valid_sparsity
@@ -53,8 +54,8 @@ class OneShotConfig(ConfigDict):
         sparsity: fraction of each layer's weights to prune, in [0, 1] (``None`` for N:M).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
         calibration_batches: at most this many calibration batches.
-        modules: globs of Linear layers to prune (all by default).
-        skip: globs of Linear layers to leave dense.
+        modules: names, globs or ``re:`` patterns of the Linear layers to prune (all by default).
+        skip: names, globs or ``re:`` patterns of Linear layers to leave dense.
         sequential: measure each layer on the already-pruned earlier layers' outputs.
         blocksize: SparseGPT columns per lazy-update block.
         damp: SparseGPT dampening, a fraction of the Hessian's mean diagonal.
@@ -91,12 +92,8 @@ class OneShotConfig(ConfigDict):
                 raise ConfigError(f"OneShotConfig.{name} must be a positive integer; got {v!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
             raise ConfigError(f"OneShotConfig.damp must be a number in [0, 1); got {self.damp!r}")
-        for name in ("modules", "skip"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, str) or not all(isinstance(s, str) for s in v)):
-                raise ConfigError(f"OneShotConfig.{name} must be a list of module-name globs; got {v!r}")
-            if v is not None:
-                object.__setattr__(self, name, tuple(v))
+        object.__setattr__(self, "modules", as_patterns(self.modules, "OneShotConfig.modules"))
+        object.__setattr__(self, "skip", as_patterns(self.skip, "OneShotConfig.skip") or ())
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -230,7 +227,7 @@ def wanda_(
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 32,
     modules: Sequence[str] | str | None = None,
-    skip: Sequence[str] = (),
+    skip: Sequence[str] | str = (),
     sequential: bool = True,
 ) -> SparsityPlan:
     """Prune ``model``'s Linear layers with Wanda on calibration batches, in place.
@@ -242,7 +239,8 @@ def wanda_(
         calibration: batches of model inputs: tensors, ``(inputs, targets)`` pairs, or dicts of
             keyword inputs (a tokenizer's output).
         calibration_batches: at most this many batches.
-        modules, skip: globs selecting the Linear layers (all by default).
+        modules, skip: names, globs or ``re:`` patterns selecting the Linear layers (all by
+            default; see :func:`torchslim._select.select_modules`).
         sequential: measure each layer after the earlier ones were pruned.
 
     Returns:
@@ -252,9 +250,5 @@ def wanda_(
         ConfigError: bad sparsity / pattern, a layer the pattern cannot divide, no or empty
             calibration data. The model is unchanged then.
     """
-    if isinstance(modules, str):
-        modules = (modules,)
-    config = OneShotConfig(
-        "wanda", sparsity, pattern, calibration_batches, tuple(modules) if modules is not None else None, tuple(skip), sequential
-    )
+    config = OneShotConfig("wanda", sparsity, pattern, calibration_batches, modules, skip, sequential)
     return one_shot_prune_(model, config, calibration, _wanda_layer)
