@@ -11,6 +11,7 @@ Example:
 """
 
 from torchslim import errors
+from torchslim._finalize import finalize_
 from torchslim._registry import list_methods
 from torchslim.binarize import BinarizeConfig, BinarizePlan, binarize_
 from torchslim.data import DataBundle, list_datasets, load_data
@@ -26,7 +27,8 @@ from torchslim.prune import (
     LotteryConfig,
     MaskCallback,
     OneShotConfig,
-    finalize_,
+    PruneConfig,
+    SparsifyConfig,
     prune_channels_,
     run_lottery,
     sparsegpt_,
@@ -50,6 +52,8 @@ __all__ = [
     "Budget",
     "LotteryConfig",
     "MaskCallback",
+    "PruneConfig",
+    "SparsifyConfig",
     "finalize_",
     "prune_channels_",
     "run_lottery",

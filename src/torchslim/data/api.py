@@ -20,7 +20,7 @@ from torchslim.data._file import is_file_spec, load_file_bundle
 from torchslim.data._split import check_split, split_indices
 from torchslim.errors import ConfigError, SpecError
 
-__all__ = ["DataBundle", "DataSource", "load_data", "list_datasets"]
+__all__ = ["DataBundle", "DataSource", "load_data", "list_datasets", "batches_of"]
 _FORMS = (
     "mnist, digits, mnist1d, images[:SIZE] (e.g. images:160), "
     "synthetic:SHAPE[:classes=N][:n=M] (e.g. synthetic:1x3x224x224 or synthetic:3x32x32:classes=100:n=256), "
@@ -234,3 +234,25 @@ register("dataset", "synthetic", DataSource(_load_synthetic), family="data",
          description="synthetic:SHAPE[:classes=N][:n=M]: standard-normal samples, random labels")
 register("dataset", "file", DataSource(_load_file, claims=is_file_spec), family="data",
          description="path/to/file.py:factory: a DataBundle, a dict of splits or one data set of yours")
+
+
+def batches_of(data: Any = None, calibration: Any = None, *, where: str = "data", batch_size: int = 64) -> Any:
+    """The batches a verb reads from its ``data=`` argument (``calibration=`` is its older name).
+
+    A :class:`DataBundle` gives its train split's loader (``batch_size`` a batch, not shuffled);
+    any other iterable of batches (or None) is returned as it is.
+
+    Raises:
+        ConfigError: both ``data`` and ``calibration`` given.
+
+    Example:
+        >>> batches_of([1, 2]), batches_of(None, [3], where="quantize_")
+        ([1, 2], [3])
+    """
+    if data is not None and calibration is not None:
+        raise ConfigError(f"{where}: data= and calibration= are the same argument (calibration= is its old name); "
+                          "pass only data=")
+    data = calibration if data is None else data
+    if isinstance(data, DataBundle):
+        return data.loader("train", batch_size, shuffle=False)
+    return data

@@ -9,7 +9,8 @@ gradients of all weights of a cluster into its centroid, and the shared train lo
 (``ts.fit``, ``ts.distill``) fine-tunes the centroids with no special callback, as the paper does.
 
 The step is recorded as a ``"cluster"`` plan, so ``ts.save`` / ``ts.load`` round-trip a clustered
-model; :func:`bake_` turns the shared weights back into plain tensors holding only codebook values.
+model; :func:`bake_clusters` (``ts.finalize_``; ``bake_`` is its deprecated name) turns the shared
+weights back into plain tensors holding only codebook values.
 
 Example:
     >>> import torch, torchslim as ts
@@ -47,6 +48,7 @@ __all__ = [
     "kmeans_1d",
     "cluster_",
     "bake_",
+    "bake_clusters",
     "clustered_layers",
     "index_dtype",
 ]
@@ -367,18 +369,35 @@ def cluster_(
 
 
 def bake_(model: nn.Module) -> list[str]:
+    """Deprecated: ``ts.finalize_(model)`` (or ``ts.finalize_(model, kinds=["clusters"])``).
+
+    Makes every shared weight a plain tensor again and returns the baked weight names.
+    """
+    import warnings
+
+    warnings.warn("bake_ is deprecated, use ts.finalize_(model) (kinds=['clusters'] for the clusters only); "
+                  "bake_ goes in the next release", DeprecationWarning, stacklevel=2)
+    return bake_clusters(model) or []
+
+
+def bake_clusters(model: nn.Module) -> list[str] | None:
     """Make every shared weight a plain tensor again (its values stay the codebook values).
 
     Training afterwards updates weights one by one again (the sharing is gone); use this to hand
-    the model to code that does not expect parametrizations. Returns the baked weight names.
+    the model to code that does not expect parametrizations. This is the ``"clusters"`` finalizer
+    of ``ts.finalize_``.
+
+    Returns:
+        The baked weight names, or None when no weight of ``model`` is clustered.
     """
     layers = sorted(clustered_layers(model))
+    if not layers:
+        return None
     _bake(model, layers)
-    if layers:
-        from torchslim._modelinfo import model_info, record_plan
+    from torchslim._modelinfo import model_info, record_plan
 
-        if model_info(model) is not None:
-            record_plan(model, {"kind": PLAN_KIND, "action": "bake", "layers": layers})
+    if model_info(model) is not None:
+        record_plan(model, {"kind": PLAN_KIND, "action": "bake", "layers": layers})
     return layers
 
 
@@ -415,6 +434,9 @@ def _register() -> None:
     from torchslim._modelinfo import register_plan_kind
 
     register_plan_kind(PLAN_KIND, _replay, __name__)
+    from torchslim._finalize import register_finalizer
+
+    register_finalizer("clusters", bake_clusters, family="pack", order=20)
 
 
 _register()

@@ -104,3 +104,19 @@ __all__ += [
     "sparsegpt_",
     "wanda_",
 ]
+
+
+def _finalize_masks(model: "nn.Module", storage: str = "auto") -> SparsityReport | None:  # noqa: F821,UP037
+    """Bake pruning masks into their weights, stored sparse (``finalize_``); None without masks."""
+    had = bool(masked_weights(model))
+    report = finalize_(model, storage)  # checks ``storage`` even when there is nothing to bake
+    return report if had else None
+
+
+def _register_finalizer() -> None:
+    from torchslim._finalize import register_finalizer
+
+    register_finalizer("masks", _finalize_masks, family="prune", order=30, options=("storage",))
+
+
+_register_finalizer()

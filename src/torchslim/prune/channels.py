@@ -347,7 +347,8 @@ def prune_channels_(
             form ``prune_channels_(model, example_inputs, ratio=...)`` still works: a second
             argument that is not a config is taken as the example inputs.
         example_inputs: inputs for the trace (default: the model's remembered inputs).
-        data: labelled batches (an iterable of ``(x, y)``) for gradient-based criteria (``taylor``).
+        data: labelled batches for gradient-based criteria (``taylor``): a ``DataBundle`` (its train
+            split) or any iterable of ``(x, y)``.
         overrides: :class:`~torchslim.prune.PruneConfig` fields (``ratio=0.5``, ``target=``,
             ``importance=``, ``global_ranking=``, ``ratios=``, ``modules=``, ``skip=``,
             ``round_to=``, ``min_channels=``, ``allocation=``); ``ignore=`` is the deprecated

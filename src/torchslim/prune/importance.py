@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchslim._registry import get_method, register_method
+from torchslim.data import batches_of
 from torchslim.graph.spaces import ChannelGroup, ChannelGroups
 from torchslim.graph.surgery import resolve
 
@@ -207,7 +208,11 @@ def get_importance(name: str | GroupImportance, **kwargs: Any) -> GroupImportanc
 
 
 def accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Any = None, max_batches: int = 8) -> dict[str, torch.Tensor]:
-    """Sum of parameter gradients over up to ``max_batches`` labelled batches (model not changed)."""
+    """Sum of parameter gradients over up to ``max_batches`` labelled batches (model not changed).
+
+    ``batches``: a ``DataBundle`` (its train split) or any iterable of ``(x, y)`` batches.
+    """
+    batches = batches_of(batches, where="prune_channels_")
     loss_fn = loss_fn or nn.functional.cross_entropy
     from torchslim._utils import evaluating, model_device
 

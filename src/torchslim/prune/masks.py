@@ -50,6 +50,7 @@ from torchslim._masks import (
 )
 from torchslim._registry import get_method
 from torchslim._select import Selector, matches
+from torchslim.data import batches_of
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.prune import _sparse_io
 from torchslim.prune.config import SparsifyConfig
@@ -281,6 +282,7 @@ def sparsify_(
     model: nn.Module,
     config: SparsifyConfig | Mapping[str, Any] | float | None = None,
     *,
+    data: Any = None,
     calibration: Any = None,
     **overrides: Any,
 ) -> SparsityPlan:
@@ -295,7 +297,9 @@ def sparsify_(
         model: changed in place (weights get :class:`WeightMask` parametrizations).
         config: a :class:`~torchslim.prune.SparsifyConfig` (or a dict of its fields); a number
             is the sparsity (the older call form ``sparsify_(model, 0.9)``).
-        calibration: batches for ``wanda`` (inputs) and ``snip`` / one-shot ``movement`` (labeled).
+        data: batches for ``wanda`` (inputs) and ``snip`` / one-shot ``movement`` (labeled): a
+            ``DataBundle`` (its train split) or any iterable of batches.
+        calibration: the old name of ``data`` (still accepted).
         overrides: :class:`~torchslim.prune.SparsifyConfig` fields: ``sparsity`` (fraction in
             [0, 1]; ``None`` for N:M), ``method``, ``scope``, ``pattern``, ``block``, ``modules``,
             ``skip``, ``overrides`` (per-layer sparsity by pattern), ``calibration_batches``, ``seed``.
@@ -308,6 +312,7 @@ def sparsify_(
             layer whose shape the pattern cannot divide; a module pattern that selects nothing; a
             method that needs calibration without it. The model is unchanged then.
     """
+    calibration = batches_of(data, calibration, where="sparsify_")
     if config is not None and not isinstance(config, (SparsifyConfig, Mapping)):
         if "sparsity" in overrides:
             raise ConfigError("sparsify_: sparsity given twice (positionally and as sparsity=)")
@@ -318,7 +323,7 @@ def sparsify_(
     method, seed, modules = cfg.method, cfg.seed, cfg.modules
     name, criterion = _criterion(method, seed)
     if criterion.needs_calibration and calibration is None:
-        raise ConfigError(f"method {name!r} needs calibration data: pass calibration= a DataLoader of batches")
+        raise ConfigError(f"method {name!r} needs calibration data: pass data= a DataBundle or a DataLoader of batches")
     if scope == "global" and not criterion.comparable_across_layers:
         raise ConfigError(f"method {name!r} scores are not comparable across layers; use scope='layer'")
     Selector(modules, cfg.skip).check(n for n, _ in model.named_modules())  # a pattern selecting nothing: refused

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from torchslim._layerwise import LayerStats, inverse_hessian_factor
+from torchslim.data import batches_of
 from torchslim.prune.masks import SparsityPlan
 from torchslim.prune.unstructured import Pattern
 from torchslim.prune.wanda import OneShotConfig, one_shot_prune_
@@ -105,6 +106,7 @@ def sparsegpt_(
     sparsity: float | None = None,
     *,
     pattern: str = "unstructured",
+    data: Any = None,
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 32,
     modules: Sequence[str] | str | None = None,
@@ -119,6 +121,8 @@ def sparsegpt_(
         model: changed in place: surviving weights are updated, pruned ones masked.
         sparsity: fraction of each layer to prune (unstructured); leave ``None`` for ``"N:M"``.
         pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
+        data: the batches (a ``DataBundle``: its train split; or any iterable of batches);
+            ``calibration=`` is its old name, still accepted.
         calibration: batches of model inputs (tensors, ``(inputs, targets)`` pairs, dicts).
         calibration_batches: at most this many batches.
         modules, skip: names, globs or ``re:`` patterns selecting the Linear layers (all by
@@ -134,6 +138,7 @@ def sparsegpt_(
         ConfigError: bad settings, a layer the pattern cannot divide, no or empty calibration
             data. The model is unchanged then.
     """
+    calibration = batches_of(data, calibration, where="sparsegpt_")
     config = OneShotConfig(
         "sparsegpt", sparsity, pattern, calibration_batches, modules, skip, sequential, blocksize, damp
     )

@@ -36,6 +36,7 @@ from torch import nn
 from torchslim._config import ConfigDict
 from torchslim._layerwise import LayerStats, linear_layers, materialize_batches, run_layerwise
 from torchslim._select import as_patterns
+from torchslim.data import batches_of
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import SparsityPlan, _original, set_masks_
 from torchslim.prune.unstructured import Pattern, check_pattern, nm_mask, parse_pattern, valid_sparsity
@@ -224,6 +225,7 @@ def wanda_(
     sparsity: float | None = None,
     *,
     pattern: str = "unstructured",
+    data: Any = None,
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 32,
     modules: Sequence[str] | str | None = None,
@@ -236,6 +238,8 @@ def wanda_(
         model: changed in place (masks on the selected Linear weights).
         sparsity: fraction of each row to prune (unstructured); leave ``None`` for ``"N:M"``.
         pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
+        data: the batches (a ``DataBundle``: its train split; or any iterable of batches);
+            ``calibration=`` is its old name, still accepted.
         calibration: batches of model inputs: tensors, ``(inputs, targets)`` pairs, or dicts of
             keyword inputs (a tokenizer's output).
         calibration_batches: at most this many batches.
@@ -250,5 +254,6 @@ def wanda_(
         ConfigError: bad sparsity / pattern, a layer the pattern cannot divide, no or empty
             calibration data. The model is unchanged then.
     """
+    calibration = batches_of(data, calibration, where="wanda_")
     config = OneShotConfig("wanda", sparsity, pattern, calibration_batches, modules, skip, sequential)
     return one_shot_prune_(model, config, calibration, _wanda_layer)

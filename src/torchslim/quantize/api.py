@@ -39,6 +39,7 @@ from torchslim._config import ConfigDict
 from torchslim._modelinfo import register_plan_kind
 from torchslim._select import Selector, as_patterns, select_modules
 from torchslim._utils import evaluating, model_device
+from torchslim.data import batches_of
 from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize import ptq
 from torchslim.quantize.dynamic_rnn import RNN_TYPES, QuantizedRNN, check_rnn_scheme
@@ -318,13 +319,20 @@ def _example(model: nn.Module, calib_x: Any) -> Any:
 
 
 def quantize_(
-    model: nn.Module, config: QuantConfig | None = None, *, calibration: Iterable[Any] | None = None, **overrides: Any
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    data: Any = None,
+    calibration: Iterable[Any] | None = None,
+    **overrides: Any,
 ) -> QuantPlan:
     """Quantize ``model`` in place as ``config`` says; return the :class:`QuantPlan`.
 
     Args:
         model: any module with Conv/Linear layers (built by ``ts.create_model`` to be savable).
         config: the :class:`QuantConfig` (default: static int8), or a dict of its fields.
+        data: the batches (a ``DataBundle``: its train split; or any iterable of batches);
+            ``calibration=`` is its old name, still accepted.
         calibration: batches (tensors or ``(x, y)`` tuples) for static calibration; for QAT they
             initialise the activation ranges.
         overrides: :class:`QuantConfig` fields to change: ``quantize_(model, bits=4)`` is
@@ -335,6 +343,7 @@ def quantize_(
         InputShapeError: calibration batches that do not fit the model.
         Bad input leaves the model unchanged.
     """
+    calibration = batches_of(data, calibration, where="quantize_")
     config = QuantConfig.build(config, **overrides)
     select_modules(model, config.modules, config.skip, kinds=None)  # a pattern that selects nothing: refused now
     if any(isinstance(m, (QuantizedLinear, QuantizedRNN, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):

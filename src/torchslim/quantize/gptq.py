@@ -39,6 +39,7 @@ from torchslim._layerwise import (
     materialize_batches,
     run_layerwise,
 )
+from torchslim.data import batches_of
 from torchslim.errors import ConfigError
 from torchslim.quantize.api import QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
@@ -135,6 +136,7 @@ def gptq_(
     model: nn.Module,
     config: QuantConfig | None = None,
     *,
+    data: Any = None,
     calibration: Iterable[Any] | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
@@ -147,6 +149,8 @@ def gptq_(
             :class:`~torchslim.quantize.weight_only.QuantizedLinear`.
         config: a ``QuantConfig(mode="weight-only", ...)``; default int4, groups of 128
             (``layer_bits`` sets per-layer bits; ``calibration_batches`` caps the batches used).
+        data: the batches (a ``DataBundle``: its train split; or any iterable of batches);
+            ``calibration=`` is its old name, still accepted.
         calibration: batches of model inputs (tensors, ``(inputs, targets)`` pairs, dicts).
         blocksize: columns per lazy-update block.
         damp: Hessian dampening as a fraction of its mean diagonal.
@@ -160,6 +164,7 @@ def gptq_(
             not divide a layer, an already-quantized model, no or empty calibration data. The
             model is unchanged then.
     """
+    calibration = batches_of(data, calibration, where="gptq_")
     config = config or QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=128)
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")

@@ -1,4 +1,4 @@
-"""Quantization-aware training: ``qat_prepare_`` -> train with any loop / schedule -> ``qat_convert_``.
+"""Quantization-aware training: ``qat_prepare_`` -> train with any loop / schedule -> ``ts.finalize_``.
 
 ``qat_prepare_`` builds the static-quantization structure (BN folded, weight and input
 fake-quant) with quantizers in training mode: observer-based ones refresh their ranges on every
@@ -6,15 +6,15 @@ training forward (weights: the current weights' range; activations: the configur
 ``moving_average`` by default), LSQ / LSQ+ ones learn their step sizes by gradient descent. In
 eval mode the frozen ranges are used, so ``ts.evaluate`` during training sees the quantized model.
 Train with :func:`torchslim.fit` (or your own loop, distillation included), then call
-``qat_convert_`` to freeze every range.
+``ts.finalize_`` to freeze every range (``qat_convert_`` is its deprecated name).
 
 Example:
     >>> import torch, torchslim as ts
-    >>> from torchslim.quantize import qat_prepare_, qat_convert_
+    >>> from torchslim.quantize import qat_prepare_
     >>> model = ts.create_model("zoo:lenet300")
     >>> plan = qat_prepare_(model, bits=4)
     >>> _ = model(torch.randn(8, 1, 28, 28)).sum().backward()  # one training step's forward/backward
-    >>> qat_convert_(model)["frozen"]
+    >>> ts.finalize_(model)["qat"]["frozen"]
     6
 """
 
@@ -25,10 +25,11 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.data import batches_of
 from torchslim.errors import ConfigError
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 
-__all__ = ["qat_prepare_", "qat_convert_", "set_qat_mode_"]
+__all__ = ["qat_prepare_", "qat_convert_", "freeze_qat_", "set_qat_mode_"]
 
 
 def set_qat_mode_(model: nn.Module, on: bool, observed: bool = False) -> int:
@@ -45,16 +46,24 @@ def set_qat_mode_(model: nn.Module, on: bool, observed: bool = False) -> int:
 
 
 def qat_prepare_(
-    model: nn.Module, config: Any = None, *, calibration: Iterable[Any] | None = None, **overrides: Any
+    model: nn.Module,
+    config: Any = None,
+    *,
+    data: Any = None,
+    calibration: Iterable[Any] | None = None,
+    **overrides: Any,
 ) -> Any:
     """Insert trainable fake-quant (mode ``"qat"``); returns the :class:`~torchslim.quantize.QuantPlan`.
 
     Args:
         config: a :class:`~torchslim.quantize.QuantConfig` (its mode is forced to ``"qat"``);
             default: 8-bit weights and activations with the ``moving_average`` observer.
+        data: the batches (a ``DataBundle``: its train split; or any iterable of batches);
+            ``calibration=`` is its old name, still accepted.
         calibration: optional batches that initialise the activation ranges before training.
         overrides: QuantConfig fields to change (``bits=4``, ``lsq="lsq"``...).
     """
+    calibration = batches_of(data, calibration, where="qat_prepare_")
     from dataclasses import replace
 
     from torchslim.quantize.api import QuantConfig, quantize_
@@ -69,19 +78,46 @@ def qat_prepare_(
 
 
 def qat_convert_(model: nn.Module) -> dict[str, Any]:
-    """Freeze every quantizer (ranges and learned steps stay as trained); the model is then static.
+    """Deprecated: ``ts.finalize_(model)`` (or ``ts.finalize_(model, kinds=["qat"])``).
 
-    Returns ``{"frozen": number of quantizers}``.
+    Freezes every quantizer and returns ``{"frozen": number of quantizers}``.
 
     Raises:
         ConfigError: the model has no QAT quantizers.
     """
+    import warnings
+
+    warnings.warn("qat_convert_ is deprecated, use ts.finalize_(model) (kinds=['qat'] for the quantizers only); "
+                  "qat_convert_ goes in the next release", DeprecationWarning, stacklevel=2)
+    done = freeze_qat_(model)
+    if done is None:
+        raise ConfigError("the model has no fake-quant modules; call qat_prepare_ first")
+    return done
+
+
+def freeze_qat_(model: nn.Module) -> dict[str, Any] | None:
+    """Freeze every quantizer (ranges and learned steps stay as trained); the model is then static.
+
+    This is the ``"qat"`` finalizer of ``ts.finalize_``.
+
+    Returns:
+        ``{"frozen": number of quantizers}``, or None when the model has no QAT quantizers.
+    """
     quantizers = [m for m in model.modules() if isinstance(m, (FakeQuantize, LSQFakeQuantize))]
     if not quantizers:
-        raise ConfigError("the model has no fake-quant modules; call qat_prepare_ first")
+        return None
     set_qat_mode_(model, False)
     for m in quantizers:
         if isinstance(m, LSQFakeQuantize):
             m.scale.requires_grad_(False)
             m.offset.requires_grad_(False)
     return {"frozen": len(quantizers)}
+
+
+def _register_finalizer() -> None:
+    from torchslim._finalize import register_finalizer
+
+    register_finalizer("qat", freeze_qat_, family="quantize", order=10)
+
+
+_register_finalizer()

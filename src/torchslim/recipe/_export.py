@@ -52,13 +52,14 @@ def _paired_latency(a: str, b: str, x: torch.Tensor, runs: int, rounds: int = 3)
 
 
 def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    import torchslim as ts
+    from torchslim._modelinfo import example_inputs
+    from torchslim.export import export
     from torchslim.export.onnx import export_fp32
     from torchslim.export.onnx_int import export_integer_onnx, integer_scheme
     from torchslim.export.ort import ort_run
 
     model = model.cpu().eval()
-    example = ts.example_inputs(model)
+    example = example_inputs(model)
     args = _inputs_of(model)
     out: dict[str, Any] = {"formats": {}}
     for fmt in cfg["formats"]:
@@ -79,7 +80,7 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
             ctx.files["onnx_original"] = str(original)
             out["formats"]["onnx"] = _onnx_figures(model, ctx, cfg, ort_run)
         else:
-            result = ts.export(model, example, ctx.dir / f"model.{_suffix(fmt)}", format=fmt, check=cfg["check"])
+            result = export(model, example, ctx.dir / f"model.{_suffix(fmt)}", format=fmt, check=cfg["check"])
             ctx.files[fmt] = str(result.path)
             out["formats"][fmt] = {"size_bytes": result.size_bytes,
                                    "parity": None if result.parity is None else result.parity.to_dict()}
@@ -87,10 +88,10 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
 
 
 def _inputs_of(model: nn.Module) -> tuple[Any, ...]:
-    import torchslim as ts
+    from torchslim._modelinfo import example_inputs
     from torchslim.errors import ConfigError
 
-    ex = ts.example_inputs(model)
+    ex = example_inputs(model)
     if isinstance(ex, dict):
         raise ConfigError("the export stage needs a model with positional inputs; use `torchslim export` for keyword inputs")
     return tuple(ex)

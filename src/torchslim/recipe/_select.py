@@ -11,21 +11,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 
-__all__ = ["match_modules", "expand_patterns", "expand_keys", "PATTERN_FIELDS"]
-
-# stage kind -> config fields holding module patterns (lists) or pattern-keyed dicts
-PATTERN_FIELDS: dict[str, tuple[str, ...]] = {
-    "prune_channels": ("ratios", "ignore"),
-    "sparsify": ("modules", "overrides"),
-    "factorize": ("modules", "exclude"),
-    "binarize": ("modules", "exclude"),
-    "quantize": ("modules", "skip", "layer_bits"),
-    "cluster": ("modules", "skip"),
-    "wanda": ("modules", "skip"),
-    "sparsegpt": ("modules", "skip"),
-    "gptq": ("modules", "skip"),
-}
-
+__all__ = ["match_modules", "expand_patterns", "expand_keys", "resolve_config"]
 
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
@@ -65,9 +51,12 @@ def expand_keys(model: nn.Module, mapping: Mapping[str, Any], field: str) -> dic
 
 
 def resolve_config(model: nn.Module, kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with every module pattern replaced by the exact names it selects in ``model``."""
+    """``config`` with every module pattern replaced by the exact names it selects in ``model``
+    (the fields holding patterns are the stage kind's ``patterns``)."""
+    from torchslim.recipe.schema import stage_kinds
+
     cfg = dict(config)
-    for f in PATTERN_FIELDS.get(kind, ()):
+    for f in stage_kinds()[kind].patterns:
         value = cfg.get(f)
         if not value:
             continue

@@ -32,9 +32,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +46,12 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from torchslim._config import config_defaults, jsonable
+from torchslim._registry import entries, register
 from torchslim.errors import ConfigError
 
-__all__ = ["Goals", "Recipe", "Stage", "StageKind", "register_stage", "stage_kinds", "RecipeError", "SCHEMA_VERSION"]
+__all__ = ["Goals", "Recipe", "Stage", "StageKind", "register_stage", "stage_kinds", "schema_from_config",
+           "RecipeError", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -63,7 +69,11 @@ class _Strict(BaseModel):
 
 @dataclass(frozen=True)
 class StageKind:
-    """One kind of stage: its schema, whether it needs data, and what builds its config."""
+    """One kind of stage: its schema, its runner, whether it needs data, and what it can shrink.
+
+    Stage kinds live in the registry (kind ``"recipe_stage"``); :func:`stage_kinds` reads them.
+    Built-in ones are declared with :func:`torchslim.recipe.stages.stage`, one decorated runner each.
+    """
 
     name: str
     schema: type[BaseModel]
@@ -73,27 +83,46 @@ class StageKind:
     check: Callable[[dict[str, Any]], None] | None = None
     trains: bool = False  # fills missing training settings from the recipe's ``finetune``
     reduces: tuple[str, ...] = ()  # what it can shrink: "macs", "size", "latency"
+    # ``run(model, config, ctx) -> (model, extras)`` (see :mod:`torchslim.recipe.stages`)
+    run: Callable[..., Any] | None = None
+    config: type | None = None  # the family config the schema is generated from (None: the verb has none)
+    patterns: tuple[str, ...] = ()  # fields holding module patterns, expanded to exact names before the run
+    own_defaults: tuple[str, ...] = ()  # fields whose recipe default deliberately differs from ``config``'s
 
 
-_KINDS: dict[str, StageKind] = {}
+_order = iter(range(1 << 30))
 
 
 def register_stage(kind: StageKind, *, replace: bool = False) -> StageKind:
-    """Add a stage kind (its runner is registered in :mod:`torchslim.recipe.stages`)."""
-    if kind.name in _KINDS and not replace:
-        raise ConfigError(f"stage kind {kind.name!r} is already registered")
-    _KINDS[kind.name] = kind
+    """Add a stage kind to the registry (kind ``"recipe_stage"``; usually through ``stages.stage``).
+
+    Raises:
+        ConfigError: a stage of that name is already registered and ``replace`` is not set.
+    """
+    register("recipe_stage", kind.name, kind, family="recipe", description=kind.help, replace=replace,
+             runner=kind.run, schema=kind.schema, order=next(_order))
     return kind
 
 
 def stage_kinds() -> dict[str, StageKind]:
-    """All known stage kinds by name."""
+    """All known stage kinds by name, in the order they were registered."""
     from torchslim.recipe import stages  # noqa: F401  (registers the built-in kinds)
 
-    return dict(_KINDS)
+    found = sorted(entries("recipe_stage"), key=lambda e: e.meta.get("order", 0))
+    return {e.name: e.obj for e in found}
 
 
 _MODELS: dict[type, type[BaseModel]] = {}
+
+
+def _schema_type(tp: Any) -> Any:
+    """``tp`` with every dataclass (also inside ``X | None``) replaced by its strict schema."""
+    if dataclasses.is_dataclass(tp):
+        return schema_from_dataclass(tp)  # type: ignore[arg-type]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = tuple(_schema_type(a) for a in typing.get_args(tp))
+        return typing.Union[args]  # noqa: UP007  (built from a tuple)
+    return tp
 
 
 def schema_from_dataclass(cls: type, *, drop: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> type[BaseModel]:
@@ -101,32 +130,95 @@ def schema_from_dataclass(cls: type, *, drop: tuple[str, ...] = (), extra: dict[
 
     Nested config dataclasses become nested strict models, so a misspelt key deep inside
     (``distill.train.epohcs``) is caught too. ``extra`` adds fields: ``name -> (type, default)``.
+    A :class:`~torchslim._config.ConfigDict`'s old (renamed) field names are left out.
     """
     key = cls if not drop and not extra else None
     if key is not None and key in _MODELS:
         return _MODELS[key]
-    hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in drop:
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            tp = schema_from_dataclass(tp)  # type: ignore[arg-type]
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = pydantic.Field(default_factory=f.default_factory)
-        else:
-            default = ...
-        if dataclasses.is_dataclass(hints[f.name]) and f.default_factory is not dataclasses.MISSING:
-            default = pydantic.Field(default_factory=tp)
-        fields[f.name] = (tp, default)
-    fields.update(extra or {})
-    model = pydantic.create_model(f"{cls.__name__}Stage", __base__=_Strict, **fields)
+    model = schema_from_config(cls, drop=drop, extra=extra)
     if key is not None:
         _MODELS[key] = model
     return model
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (dict, list, set)) or dataclasses.is_dataclass(value):
+        return pydantic.Field(default_factory=lambda: copy.deepcopy(value))
+    return value
+
+
+def schema_from_config(
+    cls: type,
+    *,
+    fields: tuple[str, ...] | None = None,
+    drop: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    renamed: dict[str, str] | None = None,
+    optional: bool = False,
+    base: type[BaseModel] | None = None,
+    name: str | None = None,
+) -> type[BaseModel]:
+    """The strict schema of a recipe stage, generated from its family config class.
+
+    Field names, types and defaults come from ``cls`` (the one place defaults live).
+
+    Args:
+        cls: a config dataclass (usually a :class:`~torchslim._config.ConfigDict`).
+        fields: take only these fields (default: every field).
+        drop: leave these fields out.
+        defaults: stage-specific defaults for some fields (types still from ``cls``).
+        extra: recipe-only fields on top: ``name -> (type, default)``.
+        renamed: old recipe field name -> config field name; the old name still validates, with a
+            ``DeprecationWarning`` (the config's own ``_renamed`` fields are added).
+        optional: every field ``None`` by default (unset: filled from elsewhere, e.g. ``finetune``).
+        base: the pydantic base class (default: strict, frozen, unknown keys forbidden).
+        name: the schema's class name.
+    """
+    hints = typing.get_type_hints(cls)
+    names = cls.field_names() if hasattr(cls, "field_names") else [f.name for f in dataclasses.fields(cls)]
+    values = {**config_defaults(cls), **(defaults or {})}
+    spec: dict[str, Any] = {}
+    for f in names:
+        if f in drop or (fields is not None and f not in fields):
+            continue
+        tp = _schema_type(hints[f])
+        if optional:
+            spec[f] = (tp | None, None)
+        elif f in values:
+            value = values[f]
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                spec[f] = (tp, pydantic.Field(default_factory=lambda v=value, t=tp: t.model_validate(jsonable(v))))
+            else:
+                spec[f] = (tp, _default(value))
+        else:
+            spec[f] = (tp, ...)
+    spec.update(extra or {})
+    old = {**getattr(cls, "_renamed", {}), **(renamed or {})}
+    old = {k: v for k, v in old.items() if v in spec}
+    validators = {"_renamed_fields": pydantic.model_validator(mode="before")(_renamer(old))} if old else None
+    model = pydantic.create_model(name or f"{cls.__name__}Stage", __base__=base or _Strict,
+                                  __validators__=validators, **spec)  # type: ignore[call-overload]
+    model.__doc__ = f"Recipe stage fields generated from :class:`{cls.__module__}.{cls.__qualname__}`."
+    return model
+
+
+def _renamer(old: dict[str, str]) -> Callable[[Any, Any], Any]:
+    def move(cls: Any, data: Any) -> Any:
+        if not isinstance(data, Mapping) or not any(k in data for k in old):
+            return data
+        data = dict(data)
+        for was, now in old.items():
+            if was not in data:
+                continue
+            if now in data:
+                raise ValueError(f"{was!r} is the old name of {now!r}; give only {now!r}")
+            warnings.warn(f"recipe field {was!r} is deprecated, use {now!r} (same meaning); {was!r} goes in the next release",
+                          DeprecationWarning, stacklevel=2)
+            data[now] = data.pop(was)
+        return data
+
+    return classmethod(move)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- recipe

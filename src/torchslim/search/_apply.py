@@ -56,7 +56,7 @@ def make_stages(
     if prune:
         stage: dict[str, Any] = {"ratio": 0.0, "ratios": prune, "importance": importance}
         if ignore:
-            stage["ignore"] = list(ignore)
+            stage["skip"] = list(ignore)
         stages.append({"prune_channels": stage})
     parts = set(factorized or {})  # layers that become an nn.Sequential of smaller ones
     by_stage: dict[tuple[str, float], list[str]] = {}

@@ -1,0 +1,57 @@
+"""Recipe stages that write files: pack (.tslim) and export (ONNX / TorchScript / torch.export)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.export import list_formats
+from torchslim.pack import pack
+from torchslim.recipe._export import export_stage
+from torchslim.recipe.schema import _Strict
+from torchslim.recipe.stages import StageContext, signature_defaults, stage
+from torchslim.recipe.stages_quantize import check_bits
+
+__all__: list[str] = []
+
+# ``pack`` has no config: its keyword defaults are the schema's
+PackSchema = pydantic.create_model("PackStage", __base__=_Strict, **signature_defaults(pack, "bits", "coder"))
+
+
+@stage("pack", schema=PackSchema, check=check_bits, reduces=("size",),
+       description="entropy-coded single-file packing (.tslim)")
+def run_pack(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    path = ctx.dir / "model.tslim"
+    result = pack(model, path, bits=cfg["bits"], coder=cfg["coder"])
+    ctx.files["tslim"] = str(path)
+    info = result.to_dict()
+    return model, {"packed_bytes": path.stat().st_size, **{k: v for k, v in info.items() if k != "path"}}
+
+
+class ExportSchema(_Strict):
+    """The export stage (recipe-only: which files, checked, timed how)."""
+
+    formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
+    check: bool = True
+    batch_sizes: list[int] = pydantic.Field(default_factory=lambda: [1, 32])
+    runs: int = 50
+
+
+def _check_export(cfg: dict[str, Any]) -> None:
+    known = list_formats()
+    for f in cfg["formats"]:
+        if f not in known:
+            raise ConfigError(f"field 'formats': unknown format {f!r}; allowed: {', '.join(known)}")
+    if not cfg["formats"]:
+        raise ConfigError("field 'formats' is empty; allowed: " + ", ".join(known))
+    if any(b < 1 for b in cfg["batch_sizes"]) or cfg["runs"] < 1:
+        raise ConfigError("fields 'batch_sizes' and 'runs' must be positive integers")
+
+
+@stage("export", schema=ExportSchema, check=_check_export,
+       description="write ONNX / TorchScript / torch.export files, verified, timed vs the original")
+def run_export(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    return model, export_stage(model, cfg, ctx)
