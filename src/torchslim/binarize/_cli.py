@@ -21,10 +21,18 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     """Add the ``binarize`` verb to the ``torchslim`` parser."""
     from torchslim._cli_common import add_model_verb_args
+    from torchslim.binarize import BinarizeConfig
+    from torchslim.distill import DistillConfig
+    from torchslim.train import TrainConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    bd = BinarizeConfig.defaults()
+    dd = DistillConfig.defaults()
+    td = TrainConfig.defaults()
 
     p = sub.add_parser("binarize", help="binary networks (BNN, XNOR-Net, Bi-Real, BWN) saved bit-packed")
     add_model_verb_args(p)
-    p.add_argument("--method", default="xnor", help="bnn, xnor, bireal or bwn (default xnor)")
+    p.add_argument("--method", default=bd["method"], help="bnn, xnor, bireal or bwn (default xnor)")
     p.add_argument("--epochs", type=int, default=0, help="training epochs on --data after binarizing (default 0)")
     p.add_argument("--teacher", help="distill from this model (spec) while training; needs torchslim.distill")
     p.add_argument("--binarize-first", action="store_true", help="binarize the first layer too (kept fp32 by default)")
@@ -34,15 +42,15 @@ def register(sub: Any) -> None:
     p.add_argument("--scale-activations", action="store_true", help="XNOR-Net activation scaling K (xnor only)")
     p.add_argument("--no-shortcut", action="store_true", help="bireal without its real-valued shortcuts")
     p.add_argument("--keep-relu", action="store_true", help="do not turn ReLU modules into Hardtanh")
-    p.add_argument("--word-bits", type=int, default=32, help="bits per stored word, 32 or 64 (default 32)")
+    p.add_argument("--word-bits", type=int, default=bd["word_bits"], help="bits per stored word, 32 or 64 (default 32)")
     p.add_argument("--backend", default="float", help="inference path of the result: float, auto, c, torch or fastest (default float)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=td["batch_size"])
     p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature with --teacher (default 4)")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term with --teacher (default 0.9)")
-    p.add_argument("--device", default="auto", help="training device: auto, cpu, cuda (default auto)")
+    p.add_argument("--temperature", type=float, default=dd["temperature"], help="KD temperature with --teacher (default 4)")
+    p.add_argument("--alpha", type=float, default=dd["alpha"], help="weight of the KD term with --teacher (default 0.9)")
+    p.add_argument("--device", default=td["device"], help="training device: auto, cpu, cuda (default auto)")
     p.set_defaults(func=_cmd_binarize)
 
 

@@ -22,23 +22,29 @@ _LOSSES = ("kd", "hint", "at", "tinybert")
 def register(sub: Any) -> None:
     """Add the ``distill`` verb to the ``torchslim`` parser."""
     from torchslim._cli_common import add_model_verb_args
+    from torchslim.distill import DistillConfig
+    from torchslim.train import TrainConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    dd = DistillConfig.defaults()
+    td = TrainConfig.defaults()
 
     p = sub.add_parser("distill", help="train a student model against a teacher (knowledge distillation)")
     add_model_verb_args(p, data_required=True)
     p.add_argument("--teacher", required=True, help="teacher model spec (e.g. a directory written by ts.save)")
     p.add_argument("--epochs", type=int, required=True, help="training epochs")
-    p.add_argument("--loss", default="kd", help=f"one of {', '.join(_LOSSES)} (default kd)")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD softmax temperature (default 4)")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft KD term in [0, 1] (default 0.9)")
+    p.add_argument("--loss", default=dd["loss"], help=f"one of {', '.join(_LOSSES)} (default kd)")
+    p.add_argument("--temperature", type=float, default=dd["temperature"], help="KD softmax temperature (default 4)")
+    p.add_argument("--alpha", type=float, default=dd["alpha"], help="weight of the soft KD term in [0, 1] (default 0.9)")
     p.add_argument("--feature-weight", type=float, help="weight of the feature term (hint/at/tinybert)")
     p.add_argument("--taps", help="comma-separated student modules to tap (default: automatic)")
     p.add_argument("--teacher-taps", help="comma-separated teacher modules to tap (default: automatic)")
     p.add_argument("--cache-teacher", action="store_true", help="run the teacher once and train on its cached outputs")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--optimizer", default="sgd", help="sgd, adam or adamw (default sgd)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    p.add_argument("--lr", type=float, default=td["lr"])
+    p.add_argument("--optimizer", default=td["optimizer"], help="sgd, adam or adamw (default sgd)")
+    p.add_argument("--batch-size", type=int, default=td["batch_size"], help="global batch size (default 64)")
     p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--device", default=td["device"], help="auto, cpu, cuda (default auto)")
     p.set_defaults(func=_cmd_distill)
 
 

@@ -17,7 +17,13 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     """Add the ``factorize`` verb to the ``torchslim`` parser."""
     from torchslim._cli_common import add_model_verb_args
+    from torchslim.lowrank import FactorizeConfig
     from torchslim.lowrank.api import METHODS
+    from torchslim.train import TrainConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    fd = FactorizeConfig.defaults()
+    td = TrainConfig.defaults()
 
     p = sub.add_parser(
         "factorize", help="replace layers by low-rank factorized ones (SVD, Tucker-2, CP, spatial SVD, separable)"
@@ -29,17 +35,17 @@ def register(sub: Any) -> None:
     g.add_argument("--energy", type=float, help="keep this fraction (0, 1] of the squared singular values")
     g.add_argument("--target-macs", type=float, help="keep at most this fraction (0, 1] of the MACs")
     g.add_argument("--target-params", type=float, help="keep at most this fraction (0, 1] of the parameters")
-    p.add_argument("--scope", default="layer", help="layer or model: where a --target-* applies (default layer)")
+    p.add_argument("--scope", default=fd["scope"], help="layer or model: where a --target-* applies (default layer)")
     p.add_argument("--modules", help="comma-separated module names/globs (default: every layer the method takes)")
     p.add_argument("--exclude", help="comma-separated globs of layers to leave alone")
     p.add_argument("--keep-larger", action="store_true", help="factorize even layers whose factorized form is larger")
-    p.add_argument("--max-iter", type=int, default=100, help="CP-ALS iterations (default 100)")
+    p.add_argument("--max-iter", type=int, default=fd["max_iter"], help="CP-ALS iterations (default 100)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after factorizing")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=td["batch_size"])
     p.add_argument("--max-steps", type=int, help="at most this many steps per fine-tuning epoch")
-    p.add_argument("--device", default="auto", help="device for fine-tuning: auto, cpu, cuda (default auto)")
+    p.add_argument("--device", default=td["device"], help="device for fine-tuning: auto, cpu, cuda (default auto)")
     p.set_defaults(func=_cmd_factorize)
 
 

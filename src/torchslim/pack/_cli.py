@@ -24,11 +24,18 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add the ``pack`` and ``unpack`` verbs to the ``torchslim`` parser."""
+    from torchslim.pack import ClusterConfig
+    from torchslim.train import TrainConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    cd = ClusterConfig.defaults()
+    td = TrainConfig.defaults()
+
     p = sub.add_parser("pack", help="Deep-Compression packing: weight sharing + entropy coding into one .tslim file")
     p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
     p.add_argument("--out", required=True, help="the packed file to write, e.g. model.tslim")
     p.add_argument("--bits", type=int, help="index bits per weight, 1..8 (default 5 when MODEL is not clustered yet)")
-    p.add_argument("--init", default="linear", help="centroid initialisation: linear, density or random (default linear)")
+    p.add_argument("--init", default=cd["init"], help="centroid initialisation: linear, density or random (default linear)")
     p.add_argument("--modules", help="comma-separated layer names/globs/re: patterns to cluster (default: all Linear/Conv)")
     p.add_argument("--skip", help="comma-separated layer names/globs/re: patterns to keep unclustered")
     p.add_argument("--coder", default="ans", help="entropy coder: ans, range or huffman (default ans)")
@@ -36,11 +43,11 @@ def register(sub: Any) -> None:
     p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of centroid fine-tuning on --data (default 0)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=td["batch_size"])
     p.add_argument("--max-steps", type=int, help="at most this many fine-tuning steps per epoch")
-    p.add_argument("--device", default="auto", help="fine-tuning device: auto, cpu, cuda (default auto)")
+    p.add_argument("--device", default=td["device"], help="fine-tuning device: auto, cpu, cuda (default auto)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=cd["seed"])
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement in the before/after profiles")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -23,35 +23,43 @@ def register(sub: Any) -> None:
 
 def _register_sparse(sub: Any) -> None:
     from torchslim._cli_common import add_model_verb_args
+    from torchslim.prune.config import SparsifyConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    sd = SparsifyConfig.defaults()
 
     p = sub.add_parser("sparsify", help="unstructured / N:M / block sparsity with masks, then compressed storage")
     add_model_verb_args(p)
     p.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1] (not for N:M)")
-    p.add_argument("--method", default="magnitude", help="magnitude, random, lamp, movement, wanda, snip")
-    p.add_argument("--scope", default="layer", help="layer or global (default layer)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4), block or block:RxC")
+    p.add_argument("--method", default=sd["method"], help="magnitude, random, lamp, movement, wanda, snip")
+    p.add_argument("--scope", default=sd["scope"], help="layer or global (default layer)")
+    p.add_argument("--pattern", default=sd["pattern"], help="unstructured, N:M (e.g. 2:4), block or block:RxC")
     p.add_argument("--modules", help="comma-separated module names/globs to prune (default: all Linear/Conv)")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches of --data for wanda/snip/movement")
+    p.add_argument("--calibration-batches", type=int, default=sd["calibration_batches"], help="batches of --data for wanda/snip/movement")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune with masks on --data after pruning")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--storage", default="auto", help="how sparse weights are saved: auto, bitmask, csr, dense")
     p.add_argument("--no-finalize", action="store_true", help="keep the masks (reversible) instead of baking them in")
     p.set_defaults(func=_cmd_sparsify)
+    from torchslim.prune.lottery import LotteryConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    ld = LotteryConfig.defaults()
 
     p = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with reset / rewinding")
     add_model_verb_args(p, data_required=True)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--rate", type=float, default=0.2, help="fraction of each layer's remaining weights pruned per round")
+    p.add_argument("--rounds", type=int, default=ld["rounds"])
+    p.add_argument("--rate", type=float, default=ld["rate"], help="fraction of each layer's remaining weights pruned per round")
     p.add_argument("--output-rate", type=float, help="rate of the output layer (default: rate / 2)")
-    p.add_argument("--rewind-iter", type=int, default=0, help="rewind to the weights of this iteration (0: reset to init)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1.2e-3)
-    p.add_argument("--batch-size", type=int, default=60)
-    p.add_argument("--eval-every", type=int, default=25, help="iterations between evaluations (early stopping)")
-    p.add_argument("--controls", default="reinit", help="comma list of reinit, random_mask (or 'none')")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--rewind-iter", type=int, default=ld["rewind_iter"], help="rewind to the weights of this iteration (0: reset to init)")
+    p.add_argument("--seeds", type=int, default=ld["seeds"])
+    p.add_argument("--epochs", type=int, default=ld["epochs"])
+    p.add_argument("--lr", type=float, default=ld["lr"])
+    p.add_argument("--batch-size", type=int, default=ld["batch_size"])
+    p.add_argument("--eval-every", type=int, default=ld["eval_every"], help="iterations between evaluations (early stopping)")
+    p.add_argument("--controls", default=",".join(ld["controls"]), help="comma list of reinit, random_mask (or 'none')")
+    p.add_argument("--device", default=ld["device"])
     p.set_defaults(func=_cmd_lottery)
 
 

@@ -70,17 +70,22 @@ def _apply(args: argparse.Namespace) -> Any:
 
 def register_channels(sub: Any) -> None:
     """Add the ``prune`` verb."""
+    from torchslim.prune.config import PruneConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    pd = PruneConfig.defaults()
+
     p = sub.add_parser("prune", help="structured pruning: remove channels so shapes (and MACs) really shrink")
     add_model_verb_args(p)
     p.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     p.add_argument("--target-macs", type=float, help="keep this fraction of the MACs (e.g. 0.5)")
     p.add_argument("--target-params", type=float, help="keep this fraction of the parameters")
     p.add_argument("--target-latency", type=float, help="keep this fraction of the measured latency")
-    p.add_argument("--importance", default="l2", help="l1, l2, bn_scale, fpgm, taylor, lamp, random (default l2)")
+    p.add_argument("--importance", default=pd["importance"], help="l1, l2, bn_scale, fpgm, taylor, lamp, random (default l2)")
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     p.add_argument("--ignore", action="append", metavar="PATTERN", help="module name or glob to leave whole (repeatable)")
-    p.add_argument("--round-to", type=int, default=1, help="kept widths rounded up to a multiple of this")
-    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--round-to", type=int, default=pd["round_to"], help="kept widths rounded up to a multiple of this")
+    p.add_argument("--min-channels", type=int, default=pd["min_channels"])
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after pruning")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
     p.set_defaults(func=lambda args: run_model_verb(args, "prune", _apply(args)))

@@ -14,17 +14,21 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     """Add ``quantize`` to the ``torchslim`` parser."""
     from torchslim._cli_common import add_model_verb_args
+    from torchslim.quantize.api import QuantConfig
+
+    # flag defaults are the configs' (the one place defaults live)
+    qd = QuantConfig.defaults()
 
     p = sub.add_parser("quantize", help="quantize (dynamic, static, weight-only int8/int4, QAT) and write int8 ONNX")
     add_model_verb_args(p)
-    p.add_argument("--mode", default="static", help="dynamic, static, weight-only or qat (default static)")
-    p.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bits for static / qat (default 8)")
+    p.add_argument("--mode", default=qd["mode"], help="dynamic, static, weight-only or qat (default static)")
+    p.add_argument("--bits", type=int, default=qd["bits"], help="weight bits, 2..8 (default 8)")
+    p.add_argument("--act-bits", type=int, default=qd["act_bits"], help="activation bits for static / qat (default 8)")
     p.add_argument("--granularity", default=None, help="channel (default), tensor, or group (weight-only)")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=qd["group_size"])
     p.add_argument("--observer", default=None, help="minmax, moving_average, percentile, entropy, mse")
-    p.add_argument("--calibration-batches", type=int, default=16)
-    p.add_argument("--lsq", default=None, help="qat only: lsq or lsq+ (learned step sizes)")
+    p.add_argument("--calibration-batches", type=int, default=qd["calibration_batches"])
+    p.add_argument("--lsq", default=qd["lsq"], help="qat only: lsq or lsq+ (learned step sizes)")
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="static / qat / dynamic: SmoothQuant scale migration for Linear inputs (alpha in [0, 1], e.g. 0.5; "
@@ -101,7 +105,7 @@ def _text_calibration(model: Any, args: argparse.Namespace) -> list[Any]:
 def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     import torchslim as ts
     from torchslim.export.onnx_int import export_integer_onnx
-    from torchslim.quantize import qat_convert_, qat_prepare_, quantize_
+    from torchslim.quantize import qat_prepare_, quantize_
 
     args, config = ctx.args, ctx.args._quant_config
     if args._sentences is not None:
@@ -115,7 +119,7 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
             cfg = ts.TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed, max_steps_per_epoch=args.max_steps)
             result = ts.fit(model, ctx.data, cfg, progress=not args.no_progress)
             extras["qat"] = {"epochs": result.epochs_run, "history": result.history}
-        qat_convert_(model)
+        ts.finalize_(model, kinds=["qat"])
     else:
         plan = quantize_(model, config, calibration=calibration)
     extras["quantize"] = plan.to_dict()
