@@ -145,3 +145,26 @@ def test_no_deprecation_warning_on_the_new_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         wanda_(_mlp(), 0.5, calibration=_calib(), modules=["0"], skip=[])
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+
+
+def test_build_space_refuses_an_unknown_name_and_takes_the_old_name_with_a_warning():
+    from torchslim.search import SearchConfig
+    from torchslim.search.space import build_space
+
+    m, x = _convnet(), torch.randn(1, 3, 8, 8)
+    m(x)
+    before = _state(m)
+    for kw in ({"skip": ["2.0"]}, {"quant_layers": ["re:conv"], "bits": (4, 8)}, {"rank_layers": "9", "ranks": (0.5, 1.0)}):
+        with pytest.raises(ConfigError, match="selects no module"):
+            build_space(m, x, **kw)
+    assert _unchanged(m, before)
+    with pytest.warns(DeprecationWarning, match="ignore= is deprecated, use skip="):
+        old = build_space(m, x, ignore=["5"])
+    assert [c.key for c in old.groups] == [c.key for c in build_space(m, x, skip="re:5").groups]
+    with pytest.warns(DeprecationWarning, match="SearchConfig.ignore is deprecated"):
+        assert SearchConfig(ignore=("2",)).skip == ("2",)

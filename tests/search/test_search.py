@@ -142,7 +142,7 @@ def test_empty_space_fails_before_any_trial(tmp_path: Path) -> None:
     model = ts.create_model("zoo:lenet300", input_shape=(8,))
     data = ts.load_data("synthetic:1x8:n=40")
     with pytest.raises(ConfigError, match="empty"):
-        search(model, data, out=tmp_path / "e", config=SearchConfig(ignore=("*",), trials=1), progress=False,
+        search(model, data, out=tmp_path / "e", config=SearchConfig(skip=("*",), trials=1), progress=False,
                example_inputs=torch.randn(1, 8))
     assert not (tmp_path / "e").exists()
 

@@ -11,8 +11,7 @@ Attention and recurrent modules are taken as a whole (:mod:`~torchslim.graph.rul
 
 from __future__ import annotations
 
-import fnmatch
-
+from torchslim._select import matches
 from torchslim.graph import rules_elementwise, rules_layers, rules_shape
 from torchslim.graph.analyser import Analyser, Rule
 from torchslim.graph.optable import is_pointwise
@@ -53,7 +52,7 @@ def run(a: Analyser) -> None:
     for op in tr.ops:
         if op.index <= skip:
             continue
-        if a.ignore and any(fnmatch.fnmatch(op.module, p) or op.module.startswith(p + ".") for p in a.ignore):
+        if a.ignore and any(matches(op.module, p) for p in a.ignore):
             a.opaque_op(op)
             continue
         call = calls.get(op.index)

@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         trials=args.trials,
         max_ratio=args.max_ratio,
         step=args.step,
-        ignore=_split(args.ignore) or (),
+        skip=_split(args.ignore) or (),
         importance=args.importance,
         min_channels=args.min_channels,
         bits=_bits(args.bits),

@@ -65,16 +65,19 @@ class SearchConfig(ConfigDict):
         trials: finished trials (complete + pruned) the study should hold; a resumed study or a
             worker joining one runs only the missing ones.
         max_ratio, step: each group's pruning ratio is drawn from ``0, step, ..., max_ratio``.
-        ignore: module globs whose channels stay whole.
+        skip: module names, globs or ``re:`` patterns whose channels stay whole (``ignore`` is
+            its deprecated old name).
         importance: channel importance criterion of ``prune_channels_``.
         min_channels: no group is pruned below this many channels (also when repairing).
         bits: bit widths to choose from per layer, e.g. ``(4, 8)``; ``None``: no quantization.
         quant_mode: ``"weight-only"`` (Linear layers) or ``"static"`` (Conv + Linear).
-        quant_layers: globs of the layers whose bits are searched (default: all the mode takes).
+        quant_layers: names, globs or ``re:`` patterns of the layers whose bits are searched
+            (default: all the mode takes).
         ranks: fractions of full rank to choose from per Linear / Conv2d layer, e.g.
             ``(0.25, 0.5, 1.0)`` (``1.0``: not factorized); ``None``: no factorization. Layers are
             factorized after pruning, so a fraction is of the pruned layer's rank.
-        rank_layers: globs of the layers whose rank is searched (default: every Linear and
+        rank_layers: names, globs or ``re:`` patterns of the layers whose rank is searched
+            (default: every Linear and
             Conv2d with ``groups=1``).
         conv_rank_method: ``"tucker"`` (Tucker-2) or ``"svd"`` for Conv2d layers (Linear: SVD).
         evaluation: ``"finetune"`` (``finetune_steps`` SGD steps), ``"bn"`` (BatchNorm
@@ -96,7 +99,7 @@ class SearchConfig(ConfigDict):
     trials: int = 20
     max_ratio: float = 0.9
     step: float = 0.05
-    ignore: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
     importance: str = "l2"
     min_channels: int = 1
     bits: tuple[int, ...] | None = None
@@ -118,12 +121,16 @@ class SearchConfig(ConfigDict):
     heartbeat: int = 10
     device: str = "auto"
 
-    _tuple_fields = ("objectives", "ignore", "bits", "quant_layers", "ranks", "rank_layers")
+    ignore: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
+
+    _tuple_fields = ("objectives", "skip", "bits", "quant_layers", "ranks", "rank_layers")
+    _renamed = {"ignore": "skip"}
 
     def __post_init__(self) -> None:
+        self._take_renamed()
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
         object.__setattr__(self, "budget", parse_budget(self.budget))
-        for name in ("ignore", "bits", "quant_layers", "ranks", "rank_layers"):
+        for name in ("skip", "bits", "quant_layers", "ranks", "rank_layers"):
             v = getattr(self, name)
             if isinstance(v, str):
                 raise ConfigError(f"SearchConfig.{name} must be a list, not a string; got {v!r}")
@@ -230,7 +237,7 @@ class _Objective:
         if ranks:
             trial.set_user_attr("ranks", ranks)
             trial.set_user_attr("factorized", factorized)
-        stages = make_stages(ratios, choice["layer_bits"], self.space, importance=cfg.importance, ignore=cfg.ignore,
+        stages = make_stages(ratios, choice["layer_bits"], self.space, importance=cfg.importance, ignore=cfg.skip,
                              finetune=cfg.trial_finetune(), quant_layers=cfg.quant_layers, factorized=factorized)
         model = copy.deepcopy(self.model)
         head = [s for s in stages if "quantize" not in s]
@@ -358,10 +365,10 @@ def search(
     lines = con if progress else Console(stderr=True, quiet=True)  # one line per trial
     inputs = example_inputs if example_inputs is not None else remembered_inputs(model)
 
-    space = build_space(model, inputs, max_ratio=cfg.max_ratio, step=cfg.step, ignore=cfg.ignore, bits=cfg.bits,
+    space = build_space(model, inputs, max_ratio=cfg.max_ratio, step=cfg.step, skip=cfg.skip, bits=cfg.bits,
                         quant_mode=cfg.quant_mode, quant_layers=cfg.quant_layers, ranks=cfg.ranks,
                         rank_layers=cfg.rank_layers, conv_rank_method=cfg.conv_rank_method)
-    cost = CostModel(model, inputs, space, cfg.ignore)
+    cost = CostModel(model, inputs, space, cfg.skip)
     rm = repair_metric(cfg.budget)
     if rm is not None:
         low = {c.layer: min(c.choices) for c in space.layer_ranks}
@@ -527,7 +534,7 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
 def _stages_of(t: Any, space: SearchSpace, cfg: SearchConfig) -> list[dict[str, Any]]:
     """The stages of trial ``t`` with the final fine-tune (what its recipe holds)."""
     return make_stages(t.user_attrs["ratios"], t.user_attrs.get("layer_bits") or {}, space, importance=cfg.importance,
-                       ignore=cfg.ignore, finetune=cfg.final_finetune(), quant_layers=cfg.quant_layers,
+                       ignore=cfg.skip, finetune=cfg.final_finetune(), quant_layers=cfg.quant_layers,
                        factorized=t.user_attrs.get("factorized") or {})
 
 

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._select import as_patterns, check_patterns, matches, renamed_argument
 from torchslim.errors import ConfigError
 
 __all__ = ["GroupChoice", "LayerBitsChoice", "LayerRankChoice", "SearchSpace", "build_space", "ratio_choices",
@@ -194,13 +194,14 @@ def build_space(
     *,
     max_ratio: float = 0.9,
     step: float = 0.05,
-    ignore: Sequence[str] = (),
+    skip: Sequence[str] | str = (),
     bits: Sequence[int] | None = None,
     quant_mode: str = "weight-only",
     quant_layers: Sequence[str] | None = None,
     ranks: Sequence[float] | None = None,
     rank_layers: Sequence[str] | None = None,
     conv_rank_method: str = "tucker",
+    ignore: Sequence[str] | None = None,
 ) -> SearchSpace:
     """The search space of ``model``: one ratio per coupled channel group (+ bit widths, ranks).
 
@@ -209,15 +210,19 @@ def build_space(
         example_inputs: inputs for the trace (default: the model's remembered inputs).
         max_ratio: largest pruning ratio a group may draw, in (0, 1).
         step: spacing of the ratio choices (e.g. 0.05 or 0.1).
-        ignore: module names or globs whose channels the search leaves whole.
+        skip: module names, globs or ``re:`` patterns whose channels the search leaves whole
+            (the ``skip=`` of :func:`~torchslim.prune.prune_channels_`; ``ignore=`` is its
+            deprecated old name).
         bits: bit widths to choose from per layer (e.g. ``(4, 8)``); ``None``: no quantization.
         quant_mode: ``"weight-only"`` (Linear layers, packed integer weights) or ``"static"``
             (Conv and Linear, calibrated activations).
-        quant_layers: globs of the layers whose bits are searched (default: every one the mode takes).
+        quant_layers: names, globs or ``re:`` patterns of the layers whose bits are searched
+            (default: every one the mode takes).
         ranks: fractions of each layer's full rank to choose from per layer, e.g. ``(0.25, 0.5, 1.0)``
             (``1.0``: leave the layer alone); ``None``: no factorization. Taken of the layer as
             channel pruning left it.
-        rank_layers: globs of the Linear / Conv2d layers whose rank is searched (default: all with
+        rank_layers: names, globs or ``re:`` patterns of the Linear / Conv2d layers whose rank is
+            searched (default: all with
             ``groups=1`` and a full rank of at least 2).
         conv_rank_method: how a Conv2d is factorized: ``"tucker"`` (Tucker-2) or ``"svd"``.
 
@@ -246,6 +251,12 @@ def build_space(
         if quant_mode == "weight-only" and max(bits) > 8:
             raise ConfigError(f"quant_mode='weight-only' stores 2..8-bit weights; got bits {list(bits)}")
     rank_choices = _check_ranks(ranks, conv_rank_method)
+    skip = renamed_argument(skip, ignore, old_name="ignore", new_name="skip", where="build_space", default=())
+    ignore = as_patterns(skip, "skip") or ()  # below: the graph's name for the same list
+    quant_layers, rank_layers = as_patterns(quant_layers, "quant_layers"), as_patterns(rank_layers, "rank_layers")
+    names = [n for n, _ in model.named_modules()]
+    for field_name, patterns in (("skip", ignore), ("quant_layers", quant_layers), ("rank_layers", rank_layers)):
+        check_patterns(patterns, names, field_name)  # before any trace
     if example_inputs is None:
         from torchslim._modelinfo import example_inputs as remembered
 
@@ -263,7 +274,7 @@ def build_space(
     if bits is not None:
         names = _quantizable(model, quant_mode)
         if quant_layers is not None:
-            names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in quant_layers)]
+            names = [n for n in names if any(matches(n, p) for p in quant_layers)]
         layer_bits = [LayerBitsChoice(n, bits) for n in names] if len(bits) > 1 else []
         if len(bits) == 1 and not names:
             raise ConfigError(f"bits={list(bits)}: the model has no layer that quant_mode={quant_mode!r} quantizes")
@@ -276,7 +287,7 @@ def build_space(
     if len(space) == 0:
         why = f"groups {left} are left whole" if left else "the analysis found no prunable channel group"
         raise ConfigError(
-            f"the search space is empty: {why} (model inputs/outputs are never pruned; ignore={list(ignore)}), "
+            f"the search space is empty: {why} (model inputs/outputs are never pruned; skip={list(ignore)}), "
             "no per-layer bit widths are searched (pass bits=(4, 8) to search them) and no ranks "
             "(pass ranks=(0.25, 0.5, 1.0))"
         )
@@ -313,7 +324,7 @@ def _rank_layers(model: nn.Module, choices: tuple[float, ...], globs: Sequence[s
     for name, m in model.named_modules():
         if not name or not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
-        if globs is not None and not any(fnmatch.fnmatchcase(name, g) for g in globs):
+        if globs is not None and not any(matches(name, g) for g in globs):
             continue
         method = _rank_method(m, conv_method)
         if method.unsupported(m) is None and max(method.max_ranks(m)) >= 2:
@@ -333,7 +344,7 @@ def _blocked_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str]
     inputs = to_meta(example_inputs) if shadow is not None else example_inputs
     shadow = shadow if shadow is not None else copy.deepcopy(model)
     try:
-        plan = prune_channels_(shadow, inputs, ratio=0.5, ignore=tuple(ignore), importance=_index_importance)
+        plan = prune_channels_(shadow, inputs, ratio=0.5, skip=tuple(ignore), importance=_index_importance)
     except Exception:  # noqa: BLE001 - shapes only; a real problem surfaces when a trial prunes
         return set()
     return set(plan.left_whole)
