@@ -11,7 +11,6 @@ weight-only layers have no float weights left to train). The layers a factorized
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from torchslim._select import matches
 from torchslim.errors import ConfigError
 
 __all__ = ["make_stages", "apply_stages_", "recipe_dict", "write_recipe"]
@@ -83,7 +83,7 @@ def make_stages(
         if quant_layers:
             mods = list(quant_layers)
             for layer in sorted(parts):  # its name no longer names a Conv/Linear: select the layers it became
-                if any(fnmatch.fnmatchcase(layer, g) for g in quant_layers):
+                if any(matches(layer, g) for g in quant_layers):
                     mods.append(f"re:{re.escape(layer)}(\\..+)?")
             q["modules"] = mods
         if space.quant_mode == "static":
