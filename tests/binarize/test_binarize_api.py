@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
+from torchslim._modelinfo import model_info
 from torchslim.binarize import (
     BinarizeConfig,
     BinaryConv2d,
@@ -21,7 +22,6 @@ from torchslim.binarize import (
     summary,
 )
 from torchslim.errors import ConfigError
-from torchslim._modelinfo import model_info
 
 METHODS = ["bnn", "xnor", "bireal", "bwn"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim.train import distributed as tsdist
 from torchslim.errors import ConfigError
 from torchslim.train import TrainConfig, fit
+from torchslim.train import distributed as tsdist
 
 SCRIPT = Path(__file__).with_name("_ddp_script.py")
 

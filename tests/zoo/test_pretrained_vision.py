@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import torchslim as ts
+from torchslim._modelinfo import model_info
 from torchslim.errors import SpecError
 from torchslim.zoo import pretrained_vision
-from torchslim._modelinfo import model_info
 
 
 @pytest.fixture(scope="module")

@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._registry import register_method
-from torchslim.train.checkpoint import training_state_active
 from torchslim.binarize import kernel as _kernel
 from torchslim.binarize.packing import as_words64, check_packed, pack_signs, unpack_signs, word_dtype
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.profile.latency import measure_pair
+from torchslim.train.checkpoint import training_state_active
 
 __all__ = [
     "METHODS",

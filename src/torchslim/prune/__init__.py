@@ -120,3 +120,7 @@ def _register_finalizer() -> None:
 
 
 _register_finalizer()
+
+from torchslim._registry import import_modules as _import_modules  # noqa: E402
+
+_import_modules(__name__, __path__)  # every public module registers what it defines: a new method is one new file

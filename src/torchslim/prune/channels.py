@@ -156,6 +156,7 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
     timed once (median of ``runs`` after one warm-up call, by the one timer
     :func:`torchslim.profile.latency.measure`), at the current ``torch.get_num_threads()``.
     """
+    from torchslim._utils import evaluating
     from torchslim.graph.inputs import as_inputs, call_model
     from torchslim.profile.latency import measure
 
@@ -167,8 +168,8 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, n=name: shapes.setdefault(n, tuple(args[0].shape)) and None))
     try:
-        with torch.no_grad():
-            call_model(model.eval(), as_inputs(inputs))
+        with torch.no_grad(), evaluating(model):  # every module's own mode comes back after
+            call_model(model, as_inputs(inputs))
     finally:
         for h in hooks:
             h.remove()

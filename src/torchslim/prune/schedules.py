@@ -33,11 +33,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torchslim._select import as_patterns, check_patterns, first_match, matches
-from torchslim.train.callbacks import TrainState
 from torchslim._utils import is_int, is_number
 from torchslim.errors import ConfigError
 from torchslim.prune.masks import MaskCallback, _original, _split, prunable_weights, sparsify_
 from torchslim.prune.unstructured import Movement, parse_pattern, valid_sparsity
+from torchslim.train.callbacks import TrainState
 
 __all__ = ["PruningSchedule", "ConstantSparsity", "PolynomialDecay", "AGP", "OneShotPruning", "IterativePruning"]
 
