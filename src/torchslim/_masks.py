@@ -14,8 +14,8 @@ Example:
     >>> layer = torch.nn.Linear(2, 1)
     >>> set_masks_(layer, {"weight": torch.tensor([[True, False]])})
     ['weight']
-    >>> get_mask(layer).tolist(), float(layer.weight[0, 1])
-    ([[True, False]], 0.0)
+    >>> get_mask(layer).tolist(), float(layer.weight[0, 1]) == 0.0
+    ([[True, False]], True)
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_binarize_with_a_teacher(capsys, tmp_path):
         (["--method", "ternary"], "--method must be one of bnn, xnor, bireal, bwn"),
         (["--epochs", "2"], "--epochs needs --data"),
         (["--teacher", "zoo:lenet300"], "--teacher is used while training"),
-        (["--modules", "nothing"], "matches no module"),
+        (["--modules", "nothing"], "selects no module"),
         (["--binarize-first", "--modules", "fc1", "--exclude", "fc1"], "no layer to binarize"),
         (["--word-bits", "8"], "word_bits must be 32 or 64"),
         (["--backend", "gpu"], "--backend must be one of"),

@@ -137,7 +137,7 @@ def test_taylor_needs_data_and_uses_gradients() -> None:
 
 def test_ignored_modules_keep_their_channels() -> None:
     model = ts.create_model("zoo:lenet300")
-    prune_channels_(model, ratio=0.5, ignore=["fc2"])
+    prune_channels_(model, ratio=0.5, skip=["fc2"])
     # fc2 is left whole: neither the channels it reads (fc1's outputs) nor its own outputs change
     assert (model.fc1.out_features, model.fc2.in_features, model.fc2.out_features) == (300, 300, 100)
     model = ts.create_model("zoo:lenet300")
@@ -208,7 +208,7 @@ def test_unsupported_op_names_op_and_module_and_can_be_ignored() -> None:
         prune_channels_(model, torch.randn(1, 4), ratio=0.5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
-    prune_channels_(model, torch.randn(1, 4), ratio=0.5, ignore=[""])
+    prune_channels_(model, torch.randn(1, 4), ratio=0.5, skip=[""])
     assert model.a.out_features == 8
 
 

@@ -40,8 +40,8 @@ def unknown(a: Analyser, op: OpNode) -> None:
     if live:
         raise UnsupportedOpError(
             f"no channel rule for {op.name} in module '{op.module or '(top)'}' "
-            f"({a.tr.module_types.get(op.module, '?')}); mark that module ignored "
-            f"(ignore=[{op.module!r}]) to leave its channels untouched"
+            f"({a.tr.module_types.get(op.module, '?')}); skip that module "
+            f"(skip=[{op.module!r}]) to leave its channels untouched"
         )
     frozen_op(a, op)
 

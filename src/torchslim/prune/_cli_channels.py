@@ -38,7 +38,7 @@ def _apply(args: argparse.Namespace) -> Any:
             target=target,
             importance=args.importance,
             global_ranking=args.global_ranking,
-            ignore=args.ignore or (),
+            skip=args.ignore or (),
             round_to=args.round_to,
             min_channels=args.min_channels,
             data=taylor_data,
@@ -83,7 +83,8 @@ def register_channels(sub: Any) -> None:
     p.add_argument("--target-latency", type=float, help="keep this fraction of the measured latency")
     p.add_argument("--importance", default=pd["importance"], help="l1, l2, bn_scale, fpgm, taylor, lamp, random (default l2)")
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
-    p.add_argument("--ignore", action="append", metavar="PATTERN", help="module name or glob to leave whole (repeatable)")
+    p.add_argument("--skip", "--ignore", dest="ignore", action="append", metavar="PATTERN",
+                   help="module name, glob or re:REGEX to leave whole (repeatable; --ignore is its old name)")
     p.add_argument("--round-to", type=int, default=pd["round_to"], help="kept widths rounded up to a multiple of this")
     p.add_argument("--min-channels", type=int, default=pd["min_channels"])
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after pruning")

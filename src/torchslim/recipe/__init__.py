@@ -56,3 +56,8 @@ def load_recipe(recipe: Any) -> Recipe:
     except (OSError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {' '.join(str(exc).split())}") from None
     return parse_recipe(raw, str(path) if path.parent != _BUILTIN else f"built-in recipe {path.stem!r}")
+
+
+from torchslim._registry import import_modules as _import_modules  # noqa: E402
+
+_import_modules(__name__, __path__)  # every stages_*.py registers its stages: a new stage is one new file

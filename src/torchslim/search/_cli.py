@@ -37,7 +37,8 @@ def register(sub: Any) -> None:
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
     p.add_argument("--max-ratio", type=float, default=0.9, help="largest pruning ratio a group may draw (default 0.9)")
     p.add_argument("--step", type=float, default=0.05, help="spacing of the ratio choices (default 0.05)")
-    p.add_argument("--ignore", help="comma-separated module globs whose channels stay whole")
+    p.add_argument("--skip", "--ignore", dest="ignore",
+                   help="comma-separated module names, globs or re:REGEX whose channels stay whole (--ignore: old name)")
     p.add_argument("--importance", default="l2", help="channel importance criterion (default l2)")
     p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels in a group (default 1)")
     p.add_argument("--bits", help="also search per-layer weight bits among these, e.g. 4,8")
