@@ -320,7 +320,7 @@ STAGE_CASES: dict[str, dict[str, Any]] = {
     "lottery": {"rounds": 1, "rate": 0.2, "controls": []},
     "wanda": {"sparsity": 0.5, "calibration_batches": 1},
     "sparsegpt": {"sparsity": 0.5, "calibration_batches": 1},
-    "gptq": {"bits": 4, "group_size": 16, "calibration_batches": 1},
+    "gptq": {"bits": 4, "granularity": "channel", "calibration_batches": 1},
     "quantize": {"mode": "static"},
     "binarize": {"method": "xnor"},
     "cluster": {"bits": 4},
