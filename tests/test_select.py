@@ -83,3 +83,13 @@ def test_renamed_argument_warns_and_refuses_both():
         assert renamed_argument(("b",), None, old_name="ignore", new_name="skip", where="f", default=()) == ("b",)
     with pytest.raises(ConfigError, match="pass only skip="):
         renamed_argument(("b",), ("a",), old_name="ignore", new_name="skip", where="f", default=())
+
+
+def test_a_bad_regex_names_the_argument_it_came_from() -> None:
+    import pytest
+
+    from torchslim._select import as_patterns
+    from torchslim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^skip: module pattern 're:\(' is not a valid regular expression"):
+        as_patterns(["re:("], "skip")

@@ -71,7 +71,10 @@ def _compile(pattern: str) -> Callable[[str], bool]:
 def _check_one(pattern: Any, field: str) -> str:
     if not isinstance(pattern, str):
         raise ConfigError(f"{field}: module patterns must be strings ({HINT}); got {pattern!r}")
-    _compile(pattern)
+    try:
+        _compile(pattern)
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
     return pattern
 
 

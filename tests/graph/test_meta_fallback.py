@@ -126,3 +126,20 @@ def test_optable_is_shared_with_profile() -> None:
     assert is_pointwise(torch.ops.aten.add.Tensor) and is_pointwise(torch.ops.aten.add_.Tensor)
     assert is_pointwise(torch.ops.aten.gelu.default) and "gelu" in ELEMENTWISE
     assert not is_pointwise(torch.ops.aten.mm.default)
+
+
+def test_skip_is_the_selector_and_ignore_its_old_name() -> None:
+    import pytest
+
+    from torchslim.errors import ConfigError
+    from torchslim.graph import groups
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 2))
+    x = torch.randn(1, 4)
+    assert len(groups(m, x)) == 2
+    assert len(groups(m, x, skip=["re:^4$"])) == 1  # the last layer reads group 2: it stays whole
+    with pytest.raises(ConfigError, match=r"'3x' selects no module.*did you mean '3'"):
+        groups(m, x, skip=["3x"])
+    with pytest.warns(DeprecationWarning, match="ignore= is deprecated"):
+        assert len(groups(m, x, ignore=["4"])) == 1

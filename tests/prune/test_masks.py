@@ -278,3 +278,19 @@ def test_one_mask_parametrization_shared_with_pack(lenet):
     zeros = lenet.fc1.weight == 0
     cluster_(lenet, bits=3, modules=["fc1"])
     assert torch.equal(lenet.fc1.weight == 0, zeros)
+
+
+def test_sparsify_overrides_naming_no_layer_are_refused_before_any_work() -> None:
+    import pytest
+
+    from torchslim.errors import ConfigError
+    from torchslim.prune import sparsify_
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"overrides: '0.weigth' selects no module.*did you mean '0.weight'"):
+        sparsify_(model, sparsity=0.5, overrides={"0.weigth": 0.9})
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any("parametrizations" in n for n, _ in model.named_modules())
+    plan = sparsify_(model, sparsity=0.5, overrides={"0.weight": 0.75, "re:^2$": 0.25})
+    assert plan.layers == pytest.approx({"0.weight": 0.75, "2.weight": 0.25})

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from torchslim._select import as_patterns, check_patterns, renamed_argument
 from torchslim._utils import evaluating
 from torchslim.errors import InputShapeError, ModelRunError, TorchslimError
 from torchslim.graph._swin import sliced_swin
@@ -171,7 +172,8 @@ def _fallback_reason(exc: Exception, cause: BaseException) -> str:
             "traced the real forward instead")
 
 
-def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
+def analyse(model: nn.Module, example_inputs: Any, *, skip: tuple[str, ...] | list[str] | str = (),
+            ignore: tuple[str, ...] | list[str] | None = None) -> ChannelGroups:
     """Trace ``model`` (eval mode, autograd on, so no fused kernels hide structure) and find its groups.
 
     The trace is shape-only (parameters and inputs on the ``meta`` device) when the forward allows
@@ -182,21 +184,26 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
     Args:
         model: any module that runs eagerly; not modified (its mode is restored).
         example_inputs: a tensor, tuple or dict of inputs.
-        ignore: module names or globs whose ops are not analysed; their channels stay whole.
+        skip: module names, globs or ``re:`` patterns whose ops are not analysed; their channels
+            stay whole (``ignore=`` is its deprecated name).
 
     Raises:
+        ConfigError: a ``skip`` pattern selects no module (the nearest name is suggested).
         UnsupportedOpError: an op with no channel rule touches prunable channels; the message
             names the op and the module.
         InputShapeError, ModelRunError: the forward raised (on the real inputs, or on meta ones
             with an error a shape-only run does not explain, see ``META_FAILURES``).
     """
+    skip = renamed_argument(skip, ignore, old_name="ignore", new_name="skip", where="analyse", default=())
+    skip = as_patterns(skip, "skip") or ()
+    check_patterns(skip, [n for n, _ in model.named_modules()], "skip")  # before any work
     start = time.perf_counter()
     tr, fallback = _meta_trace(model, example_inputs)
     if tr is None:
         # Swin window attention is traced with the forward surgery gives it (graph._swin)
         with evaluating(model), sliced_swin(model):
             tr = trace(model, example_inputs, grad=True)
-    a = Analyser(tr, tuple(ignore), whole_modules(model))
+    a = Analyser(tr, tuple(skip), whole_modules(model))
     run(a)
     drivers = a.resolve_drivers()
     grps = build_groups(a, drivers)
@@ -208,14 +215,16 @@ def analyse(model: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | 
                          meta_ok=fallback is None, meta_fallback=fallback)
 
 
-def groups(model: nn.Module, example_inputs: Any = None, *, ignore: tuple[str, ...] | list[str] = ()) -> ChannelGroups:
+def groups(model: nn.Module, example_inputs: Any = None, *, skip: tuple[str, ...] | list[str] | str = (),
+           ignore: tuple[str, ...] | list[str] | None = None) -> ChannelGroups:
     """The coupled channel groups of ``model``: ``print(ts.graph.groups(m, x))`` lists them.
 
     Args:
         model: any module that runs eagerly; not modified.
         example_inputs: a tensor, tuple or dict of inputs; None takes the inputs the model
             remembers (``ts.create_model`` records them).
-        ignore: module names or globs whose ops are not analysed; their channels stay whole.
+        skip: module names, globs or ``re:`` patterns whose ops are not analysed; their channels
+            stay whole (``ignore=`` is its deprecated name).
 
     Raises:
         SpecError: no example inputs given and the model remembers none.
@@ -230,4 +239,5 @@ def groups(model: nn.Module, example_inputs: Any = None, *, ignore: tuple[str, .
     """
     if example_inputs is None:
         example_inputs = remembered_inputs(model)
-    return analyse(model, example_inputs, ignore=ignore)
+    skip = renamed_argument(skip, ignore, old_name="ignore", new_name="skip", where="groups", default=())
+    return analyse(model, example_inputs, skip=skip)

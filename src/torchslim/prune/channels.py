@@ -389,7 +389,7 @@ def prune_channels_(
         example_inputs = remembered(model)
 
     ignore = _left_whole(model, cfg)
-    cg = analyse(model, example_inputs, ignore=ignore)
+    cg = analyse(model, example_inputs, skip=ignore)
     if getattr(crit, "needs_gradients", False):
         if data is None:
             raise ConfigError(f"importance {importance!r} needs gradients: pass data= (labelled batches)")

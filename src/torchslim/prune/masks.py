@@ -49,7 +49,7 @@ from torchslim._masks import (
     split_name,
 )
 from torchslim._registry import get_method
-from torchslim._select import Selector, matches
+from torchslim._select import Selector, check_patterns, matches
 from torchslim.data import batches_of
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.prune import _sparse_io
@@ -326,7 +326,9 @@ def sparsify_(
         raise ConfigError(f"method {name!r} needs calibration data: pass data= a DataBundle or a DataLoader of batches")
     if scope == "global" and not criterion.comparable_across_layers:
         raise ConfigError(f"method {name!r} scores are not comparable across layers; use scope='layer'")
-    Selector(modules, cfg.skip).check(n for n, _ in model.named_modules())  # a pattern selecting nothing: refused
+    names = [n for n, _ in model.named_modules()]
+    Selector(modules, cfg.skip).check(names)  # a pattern selecting nothing: refused before any work
+    check_patterns(list(overrides), names + [n for n, _ in model.named_parameters()], "overrides")
     targets = {w: m for w, m in prunable_weights(model, modules).items() if not any(matches(_split(w)[0], p) for p in cfg.skip)}
     if not targets:
         raise ConfigError(f"skip={list(cfg.skip)!r} leaves no Linear/Conv layer to prune")

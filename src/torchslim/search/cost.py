@@ -48,13 +48,13 @@ class CostModel:
         (1.0, True)
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, space: SearchSpace, ignore: Sequence[str] = ()) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, space: SearchSpace, skip: Sequence[str] = ()) -> None:
         from torchslim.graph.spaces import analyse, meta_copy, to_meta
         from torchslim.profile import profile
 
         self.model = model
         self.space = space
-        self.cg = analyse(model, example_inputs, ignore=tuple(ignore))
+        self.cg = analyse(model, example_inputs, skip=tuple(skip))
         self.by_id = {g.id: g for g in self.cg.groups}
         self._meta = meta_copy(model) is not None
         self.inputs = to_meta(example_inputs) if self._meta else example_inputs

@@ -261,7 +261,7 @@ def build_space(
         from torchslim._modelinfo import example_inputs as remembered
 
         example_inputs = remembered(model)
-    cg = analyse(model, example_inputs, ignore=tuple(ignore))
+    cg = analyse(model, example_inputs, skip=tuple(ignore))
     blocked = _blocked_groups(model, example_inputs, ignore)
     choices, left = [], []
     for g in cg.groups:
