@@ -35,7 +35,7 @@ from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs
 
-__all__ = ["LayerStats", "inverse_hessian_factor", "linear_layers", "materialize_batches", "run_layerwise"]
+__all__ = ["LayerStats", "inverse_hessian_factor", "linear_layers", "materialize_batches", "obs_sweep", "run_layerwise"]
 
 
 @dataclass
@@ -96,6 +96,61 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
         except RuntimeError:  # not positive definite: dampen more
             continue
     raise ConfigError("SparseGPT/GPTQ: the calibration Hessian is not positive definite even with strong dampening")
+
+
+Replace = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def obs_sweep(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    replace: Replace,
+    *,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    on_block: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The Optimal-Brain-Surgeon column sweep that GPTQ and SparseGPT share (Frantar & Alistarh).
+
+    The columns of ``weight`` ``(out, in)`` are visited left to right in lazy blocks of
+    ``blocksize``. ``replace(j, i, w1, h1, rest)`` returns the value column ``j`` (column ``i`` of
+    the block ``w1``, already corrected for the error of the columns before it) takes: quantized,
+    or with pruned entries zeroed; ``rest`` is the columns after the block (corrected once the
+    block ends), for a quantization group longer than the block. That column's error, scaled by the inverse Hessian's diagonal,
+    is spread over the block's later columns at once and over the rest of the matrix once per
+    block. ``on_block(i1, i2, w1, h1)`` runs before each block (SparseGPT picks its mask there).
+    Input features that never fired (a zero on the Hessian's diagonal) start at zero.
+
+    Returns:
+        The new weight, float64, every column replaced.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 2.0]])
+        >>> obs_sweep(w, torch.eye(2), lambda j, i, w1, h1, rest: torch.round(w1[:, i]), damp=0.0).tolist()
+        [[1.0, 2.0]]
+    """
+    w = weight.detach().double().clone()
+    hinv = inverse_hessian_factor(hessian, damp)
+    w[:, torch.diag(hessian) == 0] = 0
+    cols = w.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        if on_block is not None:
+            on_block(i1, i2, w1, h1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = replace(i1 + i, i, w1, h1, w[:, i2:])
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._layerwise import LayerStats, inverse_hessian_factor
+from torchslim._layerwise import LayerStats, inverse_hessian_factor, obs_sweep
 from torchslim.data import batches_of
 from torchslim.prune.masks import SparsityPlan
 from torchslim.prune.unstructured import Pattern
@@ -53,46 +53,37 @@ def sparsegpt_prune(
     ``new_weight`` is zero where ``keep_mask`` is False, the surviving weights reconstructed.
     """
     pattern = pattern or Pattern()
-    w = weight.detach().double().clone()
-    rows, cols = w.shape
-    hinv = inverse_hessian_factor(hessian, damp)
-    dead = torch.diag(hessian) == 0
-    w[:, dead] = 0
-    keep = torch.ones_like(w, dtype=torch.bool)
-    total = round(sparsity * w.numel()) if pattern.kind != "nm" else 0
+    rows, cols = weight.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    total = round(sparsity * weight.numel()) if pattern.kind != "nm" else 0
     pruned_so_far = 0
     if pattern.kind == "nm":  # an N:M group never straddles two blocks
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(h1)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+
+    def choose(i1: int, i2: int, w1: torch.Tensor, h1: torch.Tensor) -> None:
+        # unstructured: the block's share of the target, lowest saliency w^2 / d^2 first
+        nonlocal pruned_so_far
         if pattern.kind != "nm":
             target = round(sparsity * rows * i2) if i2 < cols else total
             k = target - pruned_so_far
             if k > 0:
-                sal = (w1**2 / d.reshape(1, -1) ** 2).reshape(-1)
-                prune1.view(-1)[sal.topk(k, largest=False).indices] = True
+                sal = (w1**2 / torch.diag(h1).reshape(1, -1) ** 2).reshape(-1)
+                drop = torch.zeros_like(w1, dtype=torch.bool)
+                drop.view(-1)[sal.topk(k, largest=False).indices] = True
+                keep[:, i1:i2] = ~drop
             pruned_so_far += k
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            if pattern.kind == "nm" and (i1 + i) % pattern.m == 0:
-                sal = w1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].reshape(1, -1) ** 2
-                drop = sal.topk(pattern.m - pattern.n, dim=1, largest=False).indices
-                prune1[:, i : i + pattern.m].scatter_(1, drop, True)
-            q = col.clone()
-            q[prune1[:, i]] = 0
-            q1[:, i] = q
-            e = (col - q) / d[i]
-            w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i1:i2] = q1
-        keep[:, i1:i2] = ~prune1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def prune(j: int, i: int, w1: torch.Tensor, h1: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        if pattern.kind == "nm" and j % pattern.m == 0:  # N:M: each group of M chosen on the updated weights
+            d = torch.diag(h1)[i : i + pattern.m]
+            sal = w1[:, i : i + pattern.m] ** 2 / d.reshape(1, -1) ** 2
+            drop = sal.topk(pattern.m - pattern.n, dim=1, largest=False).indices
+            keep[:, j : j + pattern.m].scatter_(1, drop, False)
+        q = w1[:, i].clone()
+        q[~keep[:, j]] = 0
+        return q
+
+    w = obs_sweep(weight, hessian, prune, blocksize=blocksize, damp=damp, on_block=choose)
     return w.to(weight.dtype), keep
 
 

@@ -34,9 +34,9 @@ from torch import nn
 
 from torchslim._layerwise import (
     LayerStats,
-    inverse_hessian_factor,
     linear_layers,
     materialize_batches,
+    obs_sweep,
     run_layerwise,
 )
 from torchslim.data import batches_of
@@ -76,40 +76,28 @@ def gptq_quantize(
     ``ints`` is ``(out, in)`` integers in the scheme's range; ``scale`` / ``zero_point`` are
     ``(out, in // group, 1)``, so ``(ints - zp) * scale`` (grouped) is the dequantized weight.
     """
-    w = weight.detach().double().clone()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     gs = _group_size(scheme, cols)
     qmin, qmax = qrange(scheme)
-    hinv = inverse_hessian_factor(hessian, damp)
-    dead = torch.diag(hessian) == 0
-    w[:, dead] = 0
-    ints = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
-    scales = torch.zeros(rows, cols // gs, 1, dtype=torch.float64, device=w.device)
+    ints = torch.zeros(rows, cols, dtype=torch.int32, device=weight.device)
+    scales = torch.zeros(rows, cols // gs, 1, dtype=torch.float64, device=weight.device)
     zps = torch.zeros_like(scales)
-    scale = zp = None
+    params: dict[str, torch.Tensor] = {}
     if gs < cols and blocksize >= gs:  # a group never straddles two lazy blocks
         blocksize = blocksize // gs * gs
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if j % gs == 0:  # parameters of the group starting here, from the updated weights
-                g_end = j + gs
-                block = torch.cat([w1[:, i:], w[:, i2:g_end]], dim=1)[:, :gs] if g_end > i2 else w1[:, i : i + gs]
-                scale, zp = _group_params(block, scheme)
-                scales[:, j // gs] = scale
-                zps[:, j // gs] = zp
-            col = w1[:, i : i + 1]
-            q = torch.clamp(torch.round(col / scale) + zp, qmin, qmax)
-            ints[:, j] = q.squeeze(1).to(torch.int32)
-            deq = (q - zp) * scale
-            e = (col - deq) / h1[i, i]
-            w1[:, i:] -= e @ h1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize(j: int, i: int, w1: torch.Tensor, h1: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        if j % gs == 0:  # parameters of the group starting here, from the updated weights
+            block = torch.cat([w1[:, i:], rest], dim=1)[:, :gs] if i + gs > w1.shape[1] else w1[:, i : i + gs]
+            params["scale"], params["zp"] = scale, zp = _group_params(block, scheme)
+            scales[:, j // gs] = scale
+            zps[:, j // gs] = zp
+        scale, zp = params["scale"], params["zp"]
+        q = torch.clamp(torch.round(w1[:, i : i + 1] / scale) + zp, qmin, qmax)
+        ints[:, j] = q.squeeze(1).to(torch.int32)
+        return ((q - zp) * scale).squeeze(1)
+
+    obs_sweep(weight, hessian, quantize, blocksize=blocksize, damp=damp)
     return ints, scales.float(), zps.float()
 
 
