@@ -53,7 +53,8 @@ def test_schema_defaults_are_the_config_defaults(name: str) -> None:
 
 
 def _required(name: str) -> dict:
-    return {"prune_channels": {"ratio": 0.5}, "sparsify": {"sparsity": 0.5}, "factorize": {"rank": 0.5}}.get(name, {})
+    return {"prune_channels": {"ratio": 0.5}, "sparsify": {"sparsity": 0.5}, "factorize": {"rank": 0.5},
+            "prune_heads": {"heads": 0.25}}.get(name, {})
 
 
 def test_finetune_fields_are_the_train_config_fields() -> None:

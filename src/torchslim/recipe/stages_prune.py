@@ -4,12 +4,14 @@ prune_heads (schemas generated from :class:`~torchslim.prune.PruneConfig` and fr
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
-import pydantic
 from torch import nn
 
+from torchslim._config import ConfigDict
 from torchslim._modelinfo import attach, model_info
+from torchslim._utils import is_int, is_number
 from torchslim.errors import ConfigError
 from torchslim.prune import (
     Budget,
@@ -27,7 +29,6 @@ from torchslim.prune import (
     sparsify_,
     wanda_,
 )
-from torchslim.recipe.schema import _Strict
 from torchslim.recipe.stages import StageContext, config_check, stage, text_or_data_calibration
 
 __all__: list[str] = []
@@ -117,25 +118,37 @@ def run_sparsegpt(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> t
 # --------------------------------------------------------------------------- heads / FFN / layers
 
 
-class PruneHeadsSchema(_Strict):
-    """The prune_heads stage (three verbs, no config of their own)."""
+@dataclass(frozen=True)
+class PruneHeadsStageConfig(ConfigDict):
+    """The prune_heads stage: three verbs of ``torchslim.prune`` in one step.
+
+    Attributes:
+        heads: fraction of attention heads to remove, by data importance, in [0, 1).
+        ffn: fraction of FFN neurons to remove, by data importance, in [0, 1).
+        layers: indices of whole layers to drop.
+        calibration_batches: batches the importances are measured on.
+        round_to: kept FFN widths are multiples of this.
+    """
 
     heads: float = 0.0
     ffn: float = 0.0
-    layers: list[int] = pydantic.Field(default_factory=list)
+    layers: tuple[int, ...] = ()
     calibration_batches: int = 8
     round_to: int = 8
 
+    def __post_init__(self) -> None:
+        for key in ("heads", "ffn"):
+            value = getattr(self, key)
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"field {key!r} is the fraction to remove, in [0, 1); got {value}")
+        if not (self.heads or self.ffn or self.layers):
+            raise ConfigError("nothing to prune: set 'heads', 'ffn' (fractions) or 'layers' (indices to drop)")
+        for key in ("calibration_batches", "round_to"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise ConfigError(f"field {key!r} must be a positive integer; got {getattr(self, key)!r}")
 
-def _check_heads(cfg: dict[str, Any]) -> None:
-    for key in ("heads", "ffn"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise ConfigError(f"field {key!r} is the fraction to remove, in [0, 1); got {cfg[key]}")
-    if not (cfg["heads"] or cfg["ffn"] or cfg["layers"]):
-        raise ConfigError("nothing to prune: set 'heads', 'ffn' (fractions) or 'layers' (indices to drop)")
 
-
-@stage("prune_heads", schema=PruneHeadsSchema, check=_check_heads, reduces=("macs", "size", "latency"),
+@stage("prune_heads", config=PruneHeadsStageConfig, reduces=("macs", "size", "latency"),
        description="transformer heads / FFN neurons (data importance) / whole layers")
 def run_prune_heads(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     calib = text_or_data_calibration(ctx)
@@ -148,5 +161,5 @@ def run_prune_heads(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) ->
                                            round_to=cfg["round_to"])
         extras["ffn_removed"] = {k: len(v) for k, v in removed.items()}
     if cfg["layers"]:
-        extras["layers_dropped"] = drop_layers_(model, cfg["layers"])
+        extras["layers_dropped"] = drop_layers_(model, list(cfg["layers"]))
     return model, extras

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 from torch import nn
 
+from torchslim._config import ConfigDict
+from torchslim._utils import is_int
 from torchslim.errors import ConfigError
 from torchslim.export import list_formats
 from torchslim.pack import pack
@@ -31,27 +34,34 @@ def run_pack(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[
     return model, {"packed_bytes": path.stat().st_size, **{k: v for k, v in info.items() if k != "path"}}
 
 
-class ExportSchema(_Strict):
-    """The export stage (recipe-only: which files, checked, timed how)."""
+@dataclass(frozen=True)
+class ExportStageConfig(ConfigDict):
+    """The export stage (recipe-only: which files, checked, timed how).
 
-    formats: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
+    Attributes:
+        formats: registered export formats to write (``ts.export``'s ``format=``).
+        check: run each file back in its runtime against eager PyTorch (parity).
+        batch_sizes: batch sizes the files are timed at, interleaved with the original's.
+        runs: timed runs per batch size.
+    """
+
+    formats: tuple[str, ...] = ("onnx",)
     check: bool = True
-    batch_sizes: list[int] = pydantic.Field(default_factory=lambda: [1, 32])
+    batch_sizes: tuple[int, ...] = (1, 32)
     runs: int = 50
 
+    def __post_init__(self) -> None:
+        known = list_formats()
+        for f in self.formats:
+            if f not in known:
+                raise ConfigError(f"field 'formats': unknown format {f!r}; allowed: {', '.join(known)}")
+        if not self.formats:
+            raise ConfigError("field 'formats' is empty; allowed: " + ", ".join(known))
+        if any(not is_int(b) or b < 1 for b in self.batch_sizes) or not is_int(self.runs) or self.runs < 1:
+            raise ConfigError("fields 'batch_sizes' and 'runs' must be positive integers")
 
-def _check_export(cfg: dict[str, Any]) -> None:
-    known = list_formats()
-    for f in cfg["formats"]:
-        if f not in known:
-            raise ConfigError(f"field 'formats': unknown format {f!r}; allowed: {', '.join(known)}")
-    if not cfg["formats"]:
-        raise ConfigError("field 'formats' is empty; allowed: " + ", ".join(known))
-    if any(b < 1 for b in cfg["batch_sizes"]) or cfg["runs"] < 1:
-        raise ConfigError("fields 'batch_sizes' and 'runs' must be positive integers")
 
-
-@stage("export", schema=ExportSchema, check=_check_export,
+@stage("export", config=ExportStageConfig,
        description="write ONNX / TorchScript / torch.export files, verified, timed vs the original")
 def run_export(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     return model, export_stage(model, cfg, ctx)
