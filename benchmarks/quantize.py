@@ -50,7 +50,7 @@ from torchslim._utils import atomic_path
 from torchslim.export.onnx import export_fp32
 from torchslim.export.onnx_int import export_integer_onnx
 from torchslim.export.ort import ort_run
-from torchslim.quantize import QuantConfig, qat_convert_, qat_prepare_, quantize_, sqnr
+from torchslim.quantize import QuantConfig, freeze_qat_, qat_prepare_, quantize_, sqnr
 
 
 # ---- ONNX Runtime helpers ---------------------------------------------------------------------
@@ -246,7 +246,7 @@ def _lenet5_variants(model: torch.nn.Module, data: Any) -> dict[str, float]:
     m = copy.deepcopy(model)
     qat_prepare_(m, QuantConfig(mode="qat", bits=4, observer="moving_average", weight_observer="mse"), calibration=calib)
     ts.fit(m, data, ts.TrainConfig(epochs=1, lr=5e-4, optimizer="adam", device="cpu"), progress=False)
-    qat_convert_(m)
+    freeze_qat_(m)
     acc["qat_w4a8"] = ts.evaluate(m.eval(), test)["accuracy"]
     m = copy.deepcopy(model)  # control: the same extra epoch without quantization
     m.train()

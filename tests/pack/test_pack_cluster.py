@@ -7,7 +7,7 @@ import torch
 
 import torchslim as ts
 from torchslim.errors import ConfigError
-from torchslim.pack import ClusterConfig, bake_, cluster_, clustered_layers, kmeans_1d
+from torchslim.pack import ClusterConfig, bake_clusters, cluster_, clustered_layers, kmeans_1d
 
 
 def _lenet() -> torch.nn.Module:
@@ -115,7 +115,7 @@ def test_save_load_roundtrip_of_clustered_and_baked_models(tmp_path) -> None:
     loaded = ts.load(tmp_path / "c")
     assert set(clustered_layers(loaded)) == set(clustered_layers(model))
     assert torch.equal(loaded(x), model(x))
-    assert bake_(model) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert bake_clusters(model) == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert not clustered_layers(model) and torch.unique(model.fc2.weight).numel() <= 33
     ts.save(model, tmp_path / "b")
     baked = ts.load(tmp_path / "b")

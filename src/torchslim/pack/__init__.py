@@ -17,7 +17,15 @@ from torchslim.pack.api import (
     read_header,
     unpack,
 )
-from torchslim.pack.cluster import ClusterConfig, ClusterPlan, bake_, cluster_, clustered_layers, kmeans_1d
+from torchslim.pack.cluster import (
+    ClusterConfig,
+    ClusterPlan,
+    bake_,
+    bake_clusters,
+    cluster_,
+    clustered_layers,
+    kmeans_1d,
+)
 from torchslim.profile import register_size_estimator
 
 register_size_estimator("packed_bytes", packed_size_if_clustered)  # ts.profile's packed_bytes
@@ -27,6 +35,7 @@ __all__ = [
     "ClusterPlan",
     "PackResult",
     "bake_",
+    "bake_clusters",
     "cluster_",
     "clustered_layers",
     "kmeans_1d",

@@ -1,7 +1,7 @@
 """Quantization: primitives, observers, fake-quant (STE, LSQ), PTQ, QAT, weight-only, ONNX Runtime int8.
 
-The public verbs are :func:`quantize_` (with a :class:`QuantConfig`), :func:`qat_prepare_` and
-:func:`qat_convert_`. Integer ONNX files (int8 QDQ, dynamic int8, int4) are written by
+The public verbs are :func:`quantize_` (with a :class:`QuantConfig`) and :func:`qat_prepare_`;
+``ts.finalize_`` (here :func:`freeze_qat_`) makes QAT permanent (``qat_convert_`` is its deprecated name). Integer ONNX files (int8 QDQ, dynamic int8, int4) are written by
 ``ts.export`` / :func:`torchslim.export.export_integer_onnx`, through the lowerings
 :mod:`torchslim.quantize.onnx_lowering` registers (``export_onnx`` here is its deprecated name).
 """
@@ -17,7 +17,7 @@ from torchslim.quantize.onnx_lowering import (
     export_onnx,  # registers the ONNX lowerings; the name is deprecated
 )
 from torchslim.quantize.primitives import QScheme, dequantize, fake_quantize, quantize, quantize_tensor, sqnr
-from torchslim.quantize.qat import qat_convert_, qat_prepare_
+from torchslim.quantize.qat import freeze_qat_, qat_convert_, qat_prepare_
 from torchslim.quantize.weight_only import QuantizedLinear
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "quantize_",
     "qat_prepare_",
     "qat_convert_",
+    "freeze_qat_",
     "export_onnx",
     "layer_sensitivity",
     "allocate_bits",
