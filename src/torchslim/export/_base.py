@@ -101,9 +101,7 @@ def register_format(fmt: Format, *, replace: bool = False) -> Format:
 
 
 def _formats() -> dict[str, Format]:
-    # the built-in formats register at import of their modules
-    from torchslim.export import onnx, pt2, quantized, torchscript  # noqa: F401
-
+    # the built-in formats register when their modules are imported (by ``torchslim.export``)
     return {e.name: e.obj for e in entries("export_format")}
 
 

@@ -221,7 +221,7 @@ def _onnx_file(model: nn.Module, inputs: Inputs, workdir: Path, cache: dict[str,
 
 
 def _ort_runner(path: Path, inputs: Inputs, threads: int, provider: str) -> Runner:
-    from torchslim.export.ort import ort_session
+    from torchslim.export.ort import ort_feed, ort_session
 
     if provider == _XNNPACK:
         # XNNPACK runs its own thread pool; ONNX Runtime's is left at one thread so the two do not compete
@@ -234,7 +234,7 @@ def _ort_runner(path: Path, inputs: Inputs, threads: int, provider: str) -> Runn
     if inputs.kwargs and set(inputs.kwargs) == set(names):  # keyword inputs: feed by name
         feed = {n: inputs.kwargs[n].detach().cpu().contiguous().numpy() for n in names}
     elif len(tensors) == len(names):
-        feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
+        feed = ort_feed(session, tensors)
     else:
         raise ConfigError(f"the ONNX graph takes {len(names)} inputs ({', '.join(names)}) but {len(tensors)} "
                           "tensors were given")

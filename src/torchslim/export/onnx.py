@@ -185,7 +185,7 @@ def load_onnx(path: Path, device: torch.device | None = None) -> Callable[[Input
     Inputs are fed in order (every tensor of the positional then keyword inputs) and the
     outputs come back as CPU tensors.
     """
-    from torchslim.export.ort import ort_session
+    from torchslim.export.ort import ort_feed, ort_session
 
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
@@ -199,8 +199,7 @@ def load_onnx(path: Path, device: torch.device | None = None) -> Callable[[Input
                 format="onnx",
                 reason="input count mismatch",
             )
-        feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
+        return [torch.from_numpy(o) for o in session.run(None, ort_feed(session, tensors))]
 
     return run
 

@@ -257,6 +257,7 @@ def export_integer_onnx(
     *,
     calibration: Iterable[Any] | None = None,
     calibration_batches: int | None = None,
+    scheme: IntegerScheme | None = None,
 ) -> dict[str, str]:
     """Write ``<path stem>.fp32.onnx`` and the integer ``path``; return ``{"onnx_fp32", "onnx"}``.
 
@@ -268,6 +269,7 @@ def export_integer_onnx(
         calibration: batches (tensors or ``(input, target)`` pairs) ONNX Runtime calibrates the
             float tensors of a ``static`` model on; not used by the other kinds.
         calibration_batches: how many of them (default: the scheme's, else 16).
+        scheme: the model's :func:`integer_scheme`, when the caller has it already.
 
     Raises:
         ConfigError: no scheme for the model (not quantized), or a ``static`` model without
@@ -275,7 +277,7 @@ def export_integer_onnx(
         MissingDependencyError: ``onnx`` or ``onnxruntime`` is not installed.
     """
     ortq = require("onnxruntime.quantization", "int8 ONNX Runtime export")
-    scheme = integer_scheme(model)
+    scheme = scheme or integer_scheme(model)
     if scheme is None:
         raise ConfigError(f"integer ONNX export needs a quantized model (e.g. by quantize_); {type(model).__name__} "
                           "has no integer scheme (no 'quantize' plan recorded)")

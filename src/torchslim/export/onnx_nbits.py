@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from torchslim._optional import require
+from torchslim._utils import atomic_path
 from torchslim.errors import ConfigError
 
 __all__ = ["Int4Weight", "nbits_blocker", "write_nbits_onnx"]
@@ -383,17 +384,12 @@ def write_nbits_onnx(
         proto.opset_import.append(onnx.helper.make_opsetid(_MS, 1))
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     big = sum(len(i.raw_data) for i in graph.initializer) > _EXTERNAL_ABOVE  # past protobuf's 2 GB: external data
-    try:
+    with atomic_path(out) as tmp:
         if big:
             onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")
         else:
             onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     shipped = rw.shipped
     order = list(dict.fromkeys(n for n, _ in weights))

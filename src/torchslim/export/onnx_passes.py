@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from torchslim._optional import require
+from torchslim._utils import atomic_path
 
 __all__ = ["merge_duplicate_nodes", "avoid_skip_layernorm_fusion"]
 
 
 def _save_in_place(model: Any, path: Path) -> None:
     onnx = require("onnx", "ONNX graph passes")
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def merge_duplicate_nodes(path: str | os.PathLike[str]) -> int:

@@ -1,4 +1,4 @@
-"""ONNX Runtime on CPU: sessions, one run, timings (the timer is :mod:`torchslim.profile.latency`).
+"""ONNX Runtime on CPU: sessions, feeds, one run (timed with :mod:`torchslim.profile.latency`).
 
 Inputs are a tensor or a tuple of tensors, fed to the graph's inputs in order; outputs come back
 as CPU tensors.
@@ -10,9 +10,8 @@ Example:
     >>> with tempfile.TemporaryDirectory() as d:
     ...     path = export_fp32(model, (torch.randn(1, 4),), pathlib.Path(d) / "m.onnx")
     ...     y = ort_run(path, torch.ones(3, 4))
-    ...     t = ort_timing(path, torch.ones(3, 4), runs=3, warmup=1)
-    >>> bool(torch.allclose(y, model(torch.ones(3, 4)), atol=1e-5)), t.runtime, t.runs
-    (True, 'onnxruntime', 3)
+    >>> bool(torch.allclose(y, model(torch.ones(3, 4)), atol=1e-5))
+    True
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from typing import Any
 import torch
 
 from torchslim._optional import require
-from torchslim.profile.latency import Timing, measure
 
-__all__ = ["ort_session", "ort_feed", "ort_runner", "ort_run", "ort_timing", "ort_latency"]
+__all__ = ["ort_session", "ort_feed", "ort_runner", "ort_run"]
 
 Tensors = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -50,7 +48,7 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None, *, pro
 def ort_feed(session: Any, x: Tensors) -> dict[str, Any]:
     """The feed of ``session`` for ``x``: a tensor, or tensors given to the graph inputs in order."""
     xs = x if isinstance(x, (tuple, list)) else (x,)
-    return {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), xs)}
+    return {i.name: t.detach().cpu().contiguous().numpy() for i, t in zip(session.get_inputs(), xs)}
 
 
 def ort_runner(path: str | os.PathLike[str], x: Tensors, threads: int | None = 1) -> Callable[[], Any]:
@@ -64,14 +62,3 @@ def ort_run(path: str | os.PathLike[str], x: Tensors) -> torch.Tensor:
     """Run an ONNX file on ``x`` with ONNX Runtime (CPU) and return the first output."""
     session = ort_session(path)
     return torch.from_numpy(session.run(None, ort_feed(session, x))[0])
-
-
-def ort_timing(path: str | os.PathLike[str], x: Tensors, runs: int = 20, warmup: int = 3, threads: int = 1) -> Timing:
-    """ONNX Runtime latency of one forward on CPU with ``threads`` intra-op threads
-    (:func:`torchslim.profile.latency.measure`: median and spread, threads stated)."""
-    return measure(ort_runner(path, x, threads), runs=runs, warmup=warmup, threads=threads, runtime="onnxruntime")
-
-
-def ort_latency(path: str | os.PathLike[str], x: Tensors, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
-    """Median ONNX Runtime latency of one forward (ms): :func:`ort_timing`'s ``median_ms``."""
-    return ort_timing(path, x, runs=runs, warmup=warmup, threads=threads).median_ms

@@ -44,16 +44,10 @@ from torchslim.export.onnx import load_onnx
 from torchslim.export.onnx_int import export_integer_onnx, integer_scheme, quiet_quantizer
 from torchslim.graph.inputs import Inputs
 
-__all__ = ["QUANTIZED_ONNX", "quantized_mode", "route", "export_quantized_onnx", "quiet_quantizer"]
+__all__ = ["QUANTIZED_ONNX", "route", "export_quantized_onnx", "quiet_quantizer"]
 
 QUANTIZED_ONNX = "onnx-int8"
 _RANDOM_BATCHES, _RANDOM_BATCH_SIZE = 4, 8
-
-
-def quantized_mode(model: nn.Module) -> str | None:
-    """The mode ``model`` was quantized in, as its integer scheme names it (None if not quantized)."""
-    scheme = integer_scheme(model)
-    return None if scheme is None else scheme.mode
 
 
 def route(format: str, model: nn.Module) -> str:
@@ -103,7 +97,7 @@ def export_quantized_onnx(
     batches = _calibration(inputs, calibration, seed) if scheme.kind == "static" else None
     try:
         with quiet_quantizer(), torch.no_grad():
-            files = export_integer_onnx(model, (tensors[0].detach().cpu(),), path, calibration=batches)
+            files = export_integer_onnx(model, (tensors[0].detach().cpu(),), path, calibration=batches, scheme=scheme)
     except TorchslimError as exc:
         raise ExportError(f"{QUANTIZED_ONNX} export of {type(model).__name__} failed: {exc}", format=QUANTIZED_ONNX,
                           reason=str(exc)) from exc

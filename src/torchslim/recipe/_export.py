@@ -27,14 +27,12 @@ def _first_tensor(inputs: tuple[Any, ...]) -> torch.Tensor:
 
 def ort_accuracy(path: str | Path, loader: Any) -> float:
     """Top-1 accuracy of an ONNX classifier in ONNX Runtime over a labeled loader."""
-    from torchslim._optional import require
+    from torchslim.export.ort import ort_feed, ort_session
 
-    ort = require("onnxruntime", "ONNX Runtime accuracy")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    sess = ort_session(path)
     correct = total = 0
     for x, y in loader:
-        out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+        out = torch.from_numpy(sess.run(None, ort_feed(sess, x))[0])
         correct += int((out.argmax(1) == y).sum())
         total += int(y.numel())
     return correct / max(total, 1)
@@ -65,9 +63,10 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
     for fmt in cfg["formats"]:
         if fmt == "onnx":
             path = ctx.dir / "model.onnx"
-            if integer_scheme(model) is not None:
+            scheme = integer_scheme(model)
+            if scheme is not None:
                 with _silenced():
-                    files = export_integer_onnx(model, args, path, calibration=ctx.calibration())
+                    files = export_integer_onnx(model, args, path, calibration=ctx.calibration(), scheme=scheme)
                 ctx.files["onnx"] = files["onnx"]
                 ctx.files["onnx_fp32"] = files["onnx_fp32"]
             else:
