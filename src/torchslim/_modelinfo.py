@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from torchslim._registry import entries, lookup, register
-from torchslim._utils import model_device
 from torchslim.errors import CheckpointError, ConfigError, InputShapeError, SpecError
-from torchslim.graph.inputs import Inputs, as_inputs
+from torchslim.graph.inputs import Inputs, as_inputs, remembered_inputs
 
 __all__ = [
     "ModelInfo",
@@ -131,13 +130,7 @@ def example_inputs(model: nn.Module, batch_size: int | None = None) -> tuple[Any
         SpecError: the model was not built by ``ts.create_model`` and has no example inputs
             (pass them explicitly, or call ``ts.set_example_inputs(model, x)``).
     """
-    info = model_info(model)
-    if info is None:
-        raise SpecError(
-            f"{type(model).__name__} does not remember example inputs: build it with ts.create_model(spec) "
-            "or pass example_inputs explicitly"
-        )
-    inputs = info.example.to(model_device(model))
+    inputs = remembered_inputs(model)  # on the model's device; SpecError when there are none
     if batch_size is not None:
         if batch_size < 1:
             raise InputShapeError(f"batch_size must be >= 1, got {batch_size}")

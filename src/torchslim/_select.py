@@ -104,6 +104,8 @@ def matches(name: str, pattern: str) -> bool:
         >>> matches("layer40.conv", "layer4"), matches("fc", "re:f.")
         (False, True)
     """
+    if not pattern.startswith("re:") and not any(c in pattern for c in "*?["):  # an exact name: no regex
+        return name == pattern or name.startswith(pattern + ".")
     test = _compile(pattern)
     if test(name):
         return True

@@ -49,10 +49,11 @@ def run(a: Analyser) -> None:
                 a.last_use[t.id] = op.index
         a.output_ids = {t.id for t in tr.outputs}
     skip = -1
+    skipped: dict[str, bool] = {}  # module -> whether a skip pattern selects it (asked once per module)
     for op in tr.ops:
         if op.index <= skip:
             continue
-        if a.ignore and any(matches(op.module, p) for p in a.ignore):
+        if a.ignore and skipped.setdefault(op.module, any(matches(op.module, p) for p in a.ignore)):
             a.opaque_op(op)
             continue
         call = calls.get(op.index)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchslim._modelinfo import record_plan, register_plan_kind
-from torchslim._select import matches, renamed_argument, select_modules
+from torchslim._select import Selector, matches, renamed_argument, select_modules
 from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.surgery import slice_model_
@@ -61,7 +61,7 @@ def _is_config(value: Any) -> bool:
 
 def _left_whole(model: nn.Module, cfg: PruneConfig) -> tuple[str, ...]:
     """The module patterns whose channels stay whole: ``skip``, and every layer ``modules`` leaves out."""
-    select_modules(model, cfg.modules, cfg.skip, kinds=None)  # a pattern that selects nothing: refused
+    Selector(cfg.modules, cfg.skip).check(n for n, _ in model.named_modules())  # a pattern selecting nothing: refused
     if cfg.modules is None:
         return tuple(cfg.skip)
     chosen = set(select_modules(model, cfg.modules, None, kinds=None))
