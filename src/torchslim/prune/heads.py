@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from torchslim._layerwise import materialize_batches
-from torchslim._utils import logits_of, model_device, saved_modes
+from torchslim._utils import evaluating, logits_of, model_device
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.graph.blocks import (
     AttentionSite,
@@ -42,7 +42,6 @@ from torchslim.graph.blocks import (
     attention_sites,
     ffn_sites,
     head_keep,
-    head_layout,
     layer_list,
     neuron_keep,
 )
@@ -106,26 +105,24 @@ def _gate_importance(
     for n, (lin, _, size) in targets.items():
         handles.append(lin.register_forward_pre_hook(hook_for(n, size)))
     gen = torch.Generator().manual_seed(0)
-    restore = saved_modes(model)
-    model.eval()
     try:
-        for batch in data:
-            out = _call(model, batch)
-            if loss_fn is not None:
-                loss = loss_fn(out, batch)
-                power = 1
-            else:
-                t = _first_tensor(out)
-                loss = (t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum()
-                power = 2
-            grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
-            for n, g in zip(gates, grads):
-                if g is not None:
-                    acc[n] += g.detach().abs().cpu() ** power
+        with evaluating(model):  # every module's own mode comes back after
+            for batch in data:
+                out = _call(model, batch)
+                if loss_fn is not None:
+                    loss = loss_fn(out, batch)
+                    power = 1
+                else:
+                    t = _first_tensor(out)
+                    loss = (t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum()
+                    power = 2
+                grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+                for n, g in zip(gates, grads):
+                    if g is not None:
+                        acc[n] += g.detach().abs().cpu() ** power
     finally:
         for h in handles:
             h.remove()
-        restore()
     return {n: (a.sqrt() if loss_fn is None else a) for n, a in acc.items()}
 
 
@@ -193,8 +190,7 @@ def prune_heads_(model: nn.Module, heads: Mapping[str, Sequence[int]]) -> dict[s
         if name not in sites:
             raise ConfigError(f"no attention block named {name!r}; the model's are: {', '.join(sites) or 'none'}")
         hs = list(hs)
-        head_layout(sites[name], hs)
-        if hs:
+        if hs:  # head_keep checks the indices (head_layout)
             k, a = head_keep(sites[name], hs)
             keep.update(k)
             attrs.update(a)

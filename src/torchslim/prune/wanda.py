@@ -142,7 +142,7 @@ def input_norms(
     out: dict[str, torch.Tensor] = {}
 
     def keep(name: str, module: nn.Module, stats: LayerStats) -> None:
-        out[name] = stats.sq if stats.rows else torch.ones_like(stats.sq)
+        out[name] = _norms(stats)
 
     run_layerwise(model, dict(layers), batches, keep, full=False, sequential=False)
     return out
@@ -214,9 +214,13 @@ def one_shot_prune_(
     return SparsityPlan(config.method, "layer", str(pat), config.sparsity if pat.kind != "nm" else None, {}, achieved, overall)
 
 
+def _norms(stats: LayerStats) -> torch.Tensor:
+    """The squared input norms per feature; ones for a layer the batches never reached (magnitude)."""
+    return stats.sq if stats.rows else torch.ones_like(stats.sq)
+
+
 def _wanda_layer(weight: torch.Tensor, stats: LayerStats, config: OneShotConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    sq = stats.sq if stats.rows else torch.ones_like(stats.sq)  # never reached: magnitude
-    keep = wanda_mask(weight, sq, config.rate, config.parsed_pattern)
+    keep = wanda_mask(weight, _norms(stats), config.rate, config.parsed_pattern)
     return weight, keep
 
 

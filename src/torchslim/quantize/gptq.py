@@ -82,17 +82,14 @@ def gptq_quantize(
     ints = torch.zeros(rows, cols, dtype=torch.int32, device=weight.device)
     scales = torch.zeros(rows, cols // gs, 1, dtype=torch.float64, device=weight.device)
     zps = torch.zeros_like(scales)
-    params: dict[str, torch.Tensor] = {}
     if gs < cols and blocksize >= gs:  # a group never straddles two lazy blocks
         blocksize = blocksize // gs * gs
 
     def quantize(j: int, i: int, w1: torch.Tensor, h1: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         if j % gs == 0:  # parameters of the group starting here, from the updated weights
             block = torch.cat([w1[:, i:], rest], dim=1)[:, :gs] if i + gs > w1.shape[1] else w1[:, i : i + gs]
-            params["scale"], params["zp"] = scale, zp = _group_params(block, scheme)
-            scales[:, j // gs] = scale
-            zps[:, j // gs] = zp
-        scale, zp = params["scale"], params["zp"]
+            scales[:, j // gs], zps[:, j // gs] = _group_params(block, scheme)
+        scale, zp = scales[:, j // gs], zps[:, j // gs]
         q = torch.clamp(torch.round(w1[:, i : i + 1] / scale) + zp, qmin, qmax)
         ints[:, j] = q.squeeze(1).to(torch.int32)
         return ((q - zp) * scale).squeeze(1)

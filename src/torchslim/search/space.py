@@ -344,7 +344,7 @@ def _blocked_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str]
     inputs = to_meta(example_inputs) if shadow is not None else example_inputs
     shadow = shadow if shadow is not None else copy.deepcopy(model)
     try:
-        plan = prune_channels_(shadow, inputs, ratio=0.5, skip=tuple(ignore), importance=_index_importance)
+        plan = prune_channels_(shadow, example_inputs=inputs, ratio=0.5, skip=tuple(ignore), importance=_index_importance)
     except Exception:  # noqa: BLE001 - shapes only; a real problem surfaces when a trial prunes
         return set()
     return set(plan.left_whole)
