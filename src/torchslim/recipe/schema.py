@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 import warnings
@@ -106,13 +107,8 @@ def register_stage(kind: StageKind, *, replace: bool = False) -> StageKind:
 
 def stage_kinds() -> dict[str, StageKind]:
     """All known stage kinds by name, in the order they were registered."""
-    from torchslim.recipe import stages  # noqa: F401  (registers the built-in kinds)
-
     found = sorted(entries("recipe_stage"), key=lambda e: e.meta.get("order", 0))
     return {e.name: e.obj for e in found}
-
-
-_MODELS: dict[type, type[BaseModel]] = {}
 
 
 def _schema_type(tp: Any) -> Any:
@@ -125,20 +121,14 @@ def _schema_type(tp: Any) -> Any:
     return tp
 
 
-def schema_from_dataclass(cls: type, *, drop: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> type[BaseModel]:
-    """A strict pydantic model with the fields (types, defaults) of a config dataclass.
+@functools.cache
+def schema_from_dataclass(cls: type) -> type[BaseModel]:
+    """The strict pydantic model of a config dataclass (:func:`schema_from_config`), built once.
 
     Nested config dataclasses become nested strict models, so a misspelt key deep inside
-    (``distill.train.epohcs``) is caught too. ``extra`` adds fields: ``name -> (type, default)``.
-    A :class:`~torchslim._config.ConfigDict`'s old (renamed) field names are left out.
+    (``distill.train.epohcs``) is caught too.
     """
-    key = cls if not drop and not extra else None
-    if key is not None and key in _MODELS:
-        return _MODELS[key]
-    model = schema_from_config(cls, drop=drop, extra=extra)
-    if key is not None:
-        _MODELS[key] = model
-    return model
+    return schema_from_config(cls)
 
 
 def _default(value: Any) -> Any:

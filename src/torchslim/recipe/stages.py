@@ -176,6 +176,3 @@ def text_or_data_calibration(ctx: StageContext) -> Any:
 
     return calibration_batches()
 
-
-# the built-in stages (each module registers its own)
-from torchslim.recipe import stages_prune, stages_quantize, stages_ship, stages_train  # noqa: E402,F401

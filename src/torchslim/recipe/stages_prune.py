@@ -14,13 +14,11 @@ from torchslim._modelinfo import attach, model_info
 from torchslim._utils import is_int, is_number
 from torchslim.errors import ConfigError
 from torchslim.prune import (
-    Budget,
     LotteryConfig,
     OneShotConfig,
     PruneConfig,
     SparsifyConfig,
     drop_layers_,
-    get_importance,
     prune_channels_,
     prune_ffn_by_importance_,
     prune_heads_by_importance_,
@@ -41,10 +39,7 @@ def _check_prune(cfg: dict[str, Any]) -> None:
         raise ConfigError("give exactly one of 'ratio' (fraction of channels to remove) or 'target' (a budget such as {macs: 0.5})")
     if cfg["ratio"] is not None and not 0.0 <= cfg["ratio"] < 1.0:
         raise ConfigError(f"field 'ratio' must be in [0, 1); got {cfg['ratio']}")
-    if cfg["target"] is not None:
-        Budget.from_dict(cfg["target"])
-    get_importance(cfg["importance"])
-    PruneConfig.from_dict(cfg)
+    PruneConfig.from_dict(cfg)  # the budget, the importance and the rest
 
 
 @stage("prune_channels", config=PruneConfig, renamed={"ignore": "skip"}, check=_check_prune,

@@ -13,10 +13,9 @@ from torchslim.errors import ConfigError
 from torchslim.lowrank import FactorizeConfig, factorize_
 from torchslim.pack import ClusterConfig, cluster_
 from torchslim.quantize import QuantConfig, gptq_, qat_prepare_, quantize_
-from torchslim.recipe.schema import schema_from_config
+from torchslim.recipe.schema import schema_from_dataclass
 from torchslim.recipe.stages import (
     StageContext,
-    config_check,
     fit_model,
     signature_defaults,
     stage,
@@ -31,7 +30,7 @@ def _plan_extras(plan: Any) -> dict[str, Any]:
     return {"plan": plan.to_dict() if hasattr(plan, "to_dict") else str(plan)}
 
 
-@stage("quantize", config=QuantConfig, extra={"train": (schema_from_config(TrainConfig) | None, None)},
+@stage("quantize", config=QuantConfig, extra={"train": (schema_from_dataclass(TrainConfig) | None, None)},
        patterns=("modules", "skip", "layer_bits"), needs_data=lambda c: c["mode"] in ("static", "qat"), trains=True,
        reduces=("size", "latency"), description="int8 / int4 quantization (dynamic, static, weight-only, QAT)")
 def run_quantize(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -92,7 +91,7 @@ def run_cluster(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tup
     return model, {"plan": plan.to_dict()}
 
 
-@stage("factorize", config=FactorizeConfig, check=config_check(FactorizeConfig), patterns=("modules", "skip"),
+@stage("factorize", config=FactorizeConfig, patterns=("modules", "skip"),
        reduces=("macs", "size", "latency"), description="low-rank factorization (SVD, Tucker-2, CP)")
 def run_factorize(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     return model, _plan_extras(factorize_(model, FactorizeConfig.from_dict(cfg)))
