@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -39,7 +40,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torchslim.errors import ConfigError
 
-__all__ = ["ConfigDict", "config_defaults", "jsonable"]
+__all__ = ["ConfigDict", "config_defaults", "did_you_mean", "jsonable"]
 
 C = TypeVar("C", bound="ConfigDict")
 _TUPLE = re.compile(r"^\s*(?:None\s*\|\s*)?tuple\b|\|\s*tuple\b")
@@ -68,6 +69,12 @@ def config_defaults(cls: type) -> dict[str, Any]:
         elif f.default_factory is not _MISSING:
             out[f.name] = f.default_factory()
     return out
+
+
+def did_you_mean(word: str, allowed: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``allowed`` to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class ConfigDict:
@@ -111,37 +118,20 @@ class ConfigDict:
         return {k: v for k, v in config_defaults(cls).items() if k not in cls._renamed}
 
     @classmethod
-    def _tuple_names(cls) -> set[str]:
-        names = set(cls._tuple_fields)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if isinstance(f.type, str) and _TUPLE.search(f.type) and not f.type.lstrip().startswith("dict"):
-                names.add(f.name)
-        return names
+    def _tuple_names(cls) -> frozenset[str]:
+        return _tuple_names(cls)
 
     @classmethod
     def _nested(cls) -> dict[str, type[ConfigDict]]:
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # an annotation that names a type not importable here: no nesting known
-            return {}
-        out = {}
-        for name in cls.field_names():
-            hint = hints.get(name)
-            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-            options = typing.get_args(hint) if union else (hint,)
-            for t in options:
-                if isinstance(t, type) and issubclass(t, ConfigDict):
-                    out[name] = t
-        return out
+        return _nested(cls)
 
     @classmethod
     def _check_keys(cls, keys: Any, what: str = "field") -> None:
         names = cls.field_names()
         for key in keys:
             if key not in names and key not in cls._renamed:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown {cls.__name__} {what} {key!r}{hint}; known: {', '.join(names)}")
+                raise ConfigError(f"unknown {cls.__name__} {what} {key!r}{did_you_mean(str(key), names)}; "
+                                  f"known: {', '.join(names)}")
 
     # ------------------------------------------------------------------ the round trip
     def to_dict(self) -> dict[str, Any]:
@@ -187,7 +177,6 @@ class ConfigDict:
             ConfigError: ``config`` of another type, an unknown field, or an invalid value.
         """
         if config is None:
-            cls._check_keys(overrides)
             return cls.from_dict(overrides)
         if isinstance(config, cls):
             return config.replace(**overrides) if overrides else config
@@ -197,3 +186,30 @@ class ConfigDict:
         raise ConfigError(
             f"config must be a {cls.__name__}, a dict of its fields or None; got {type(config).__name__}"
         )
+
+
+# facts read from a config class's annotations, worked out once per class (every verb call builds a config)
+@functools.cache
+def _tuple_names(cls: type[ConfigDict]) -> frozenset[str]:
+    names = set(cls._tuple_fields)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if isinstance(f.type, str) and _TUPLE.search(f.type) and not f.type.lstrip().startswith("dict"):
+            names.add(f.name)
+    return frozenset(names)
+
+
+@functools.cache
+def _nested(cls: type[ConfigDict]) -> dict[str, type[ConfigDict]]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that names a type not importable here: no nesting known
+        return {}
+    out = {}
+    for name in cls.field_names():
+        hint = hints.get(name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        for t in options:
+            if isinstance(t, type) and issubclass(t, ConfigDict):
+                out[name] = t
+    return out

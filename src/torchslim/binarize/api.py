@@ -124,7 +124,6 @@ class BinarizeConfig(ConfigDict):
     def resolved_replace_relu(self) -> bool:
         return self.method in ACTIVATION_METHODS if self.replace_relu is None else self.replace_relu
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
     _renamed: ClassVar[dict[str, str]] = {"exclude": "skip"}
 
 

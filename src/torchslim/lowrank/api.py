@@ -135,7 +135,6 @@ class FactorizeConfig(ConfigDict):
         if not is_int(self.seed):
             raise ConfigError(f"FactorizeConfig.seed must be an integer; got {self.seed!r}")
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
     _renamed: ClassVar[dict[str, str]] = {"exclude": "skip"}
 
 

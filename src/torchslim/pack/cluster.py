@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -213,7 +213,6 @@ class ClusterConfig(ConfigDict):
     seed: int = 0
     max_iter: int = 300
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
 
     def __post_init__(self) -> None:
         check_bits(self.bits)

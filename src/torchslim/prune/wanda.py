@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +62,6 @@ class OneShotConfig(ConfigDict):
         damp: SparseGPT dampening, a fraction of the Hessian's mean diagonal.
     """
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("modules", "skip")
 
     method: str = "wanda"
     sparsity: float | None = 0.5

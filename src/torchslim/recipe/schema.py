@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import types
 import typing
@@ -47,7 +46,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from torchslim._config import config_defaults, jsonable
+from torchslim._config import config_defaults, did_you_mean, jsonable
 from torchslim._registry import entries, register
 from torchslim.errors import ConfigError
 
@@ -299,11 +298,6 @@ class _Top(_Strict):
     goals: Goals = pydantic.Field(default_factory=Goals)
 
 
-def _suggest(word: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _explain(exc: pydantic.ValidationError, model: type[BaseModel], where: str, skip: int = 0) -> RecipeError:
     """The first pydantic error as one line: where, which field, what is allowed (``skip`` drops
     leading location parts already named in ``where``)."""
@@ -317,7 +311,7 @@ def _explain(exc: pydantic.ValidationError, model: type[BaseModel], where: str, 
             sub = f.annotation if f is not None else None
         allowed = list(sub.model_fields) if isinstance(sub, type) and issubclass(sub, BaseModel) else []
         return RecipeError(
-            f"{where}: unknown field {name!r}{_suggest(loc[-1], allowed)}; allowed: {', '.join(allowed) or 'none'}"
+            f"{where}: unknown field {name!r}{did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed) or 'none'}"
         )
     if err["type"] == "missing":
         return RecipeError(f"{where}: field {name!r} is required")
@@ -363,7 +357,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
         (kind, cfg), = entry.items()
         where = f"{source}: stage {i} ({kind})"
         if kind not in kinds:
-            raise RecipeError(f"{source}: stage {i}: unknown stage {kind!r}{_suggest(str(kind), list(kinds))}; "
+            raise RecipeError(f"{source}: stage {i}: unknown stage {kind!r}{did_you_mean(str(kind), list(kinds))}; "
                               f"allowed: {', '.join(kinds)}")
         sk = kinds[kind]
         cfg = dict(cfg or {})

@@ -123,7 +123,6 @@ class SearchConfig(ConfigDict):
 
     ignore: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
 
-    _tuple_fields = ("objectives", "skip", "bits", "quant_layers", "ranks", "rank_layers")
     _renamed = {"ignore": "skip"}
 
     def __post_init__(self) -> None:
