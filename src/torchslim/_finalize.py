@@ -42,9 +42,13 @@ def register_finalizer(name: str, fn: Callable[..., Any] | None = None, *, famil
     return register("finalizer", name, fn, family=family, description=description, order=order, options=options)
 
 
+def _ordered() -> list[Any]:
+    return sorted(entries("finalizer"), key=lambda e: (e.meta.get("order", 50), e.name))
+
+
 def finalizers() -> list[str]:
     """Names of the registered finalizers, in the order ``finalize_`` runs them."""
-    return [e.name for e in sorted(entries("finalizer"), key=lambda e: (e.meta.get("order", 50), e.name))]
+    return [e.name for e in _ordered()]
 
 
 def finalize_(model: nn.Module, kinds: Iterable[str] | None = None, *, storage: str = "auto") -> dict[str, Any]:
@@ -68,17 +72,16 @@ def finalize_(model: nn.Module, kinds: Iterable[str] | None = None, *, storage: 
         ConfigError: an unknown name in ``kinds`` (the message names the known ones), or an
             unknown ``storage``.
     """
-    names = finalizers()
+    chosen = _ordered()
     if kinds is not None:
         kinds = list(kinds)
         for k in kinds:
             lookup("finalizer", k)  # unknown: ConfigError with the nearest name
-        names = [n for n in names if n in kinds]
+        chosen = [e for e in chosen if e.name in kinds]
     given = {"storage": storage}
     done: dict[str, Any] = {}
-    for name in names:
-        entry = lookup("finalizer", name)
+    for entry in chosen:
         result = entry.obj(model, **{k: given[k] for k in entry.meta.get("options", ())})
         if result is not None:
-            done[name] = result
+            done[entry.name] = result
     return done

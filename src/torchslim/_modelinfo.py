@@ -188,12 +188,12 @@ def rebuildable(kind: str) -> bool:
     return source is not None and source.rebuild is not None
 
 
-def rebuild(info: ModelInfo | Mapping[str, Any], example: Inputs | None = None) -> nn.Module:
+def rebuild(info: ModelInfo | Mapping[str, Any]) -> nn.Module:
     """The architecture a record describes, every plan replayed on it; weights left initial.
 
     Args:
-        info: a :class:`ModelInfo` or its ``to_dict()`` (as saved in ``plan.json``).
-        example: the example inputs the rebuilt model remembers (none by default).
+        info: a :class:`ModelInfo` or its ``to_dict()`` (as saved in ``plan.json``); the rebuilt
+            model remembers no example inputs (the caller sets them).
 
     Returns:
         The model, carrying a copy of ``info`` (so ``ts.save`` works on it again).
@@ -213,4 +213,4 @@ def rebuild(info: ModelInfo | Mapping[str, Any], example: Inputs | None = None) 
     plans = [dict(p) for p in record.get("plans") or []]
     for plan in plans:
         replay_plan(model, plan)
-    return attach(model, ModelInfo(str(record.get("spec", "")), kind, build, example or Inputs(), plans))
+    return attach(model, ModelInfo(str(record.get("spec", "")), kind, build, Inputs(), plans))

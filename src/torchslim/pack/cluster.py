@@ -432,7 +432,7 @@ def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
 def _register() -> None:
     from torchslim._modelinfo import register_plan_kind
 
-    register_plan_kind(PLAN_KIND, _replay, __name__)
+    register_plan_kind(PLAN_KIND, _replay)
     from torchslim._finalize import register_finalizer
 
     register_finalizer("clusters", bake_clusters, family="pack", order=20)

@@ -535,4 +535,4 @@ def sync_config_(model: nn.Module, before: dict[str, Any]) -> dict[str, int]:
     return changed
 
 
-register_plan_kind(KIND, replay_channel_plan, module=__name__)
+register_plan_kind(KIND, replay_channel_plan)

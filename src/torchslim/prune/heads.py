@@ -367,7 +367,7 @@ def _replay(model: nn.Module, plan: dict[str, Any]) -> None:
 def _register() -> None:
     from torchslim._modelinfo import register_plan_kind
 
-    register_plan_kind(KIND, _replay, module=__name__)
+    register_plan_kind(KIND, _replay)
 
 
 _register()

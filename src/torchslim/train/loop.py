@@ -150,7 +150,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-_resolve_device = resolve_device  # the old private name
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

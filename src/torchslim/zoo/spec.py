@@ -46,7 +46,6 @@ __all__ = [
     "set_example_inputs",
 ]
 
-_attach = attach  # the old private name (recipe stages and pack used it)
 ALLOWED = (
     "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, zoo:NAME (see `torchslim list`), pretrained:minilm|mnist_cnn|efficientnet_lite0, "
     "path/to/file.py:factory, or a directory written by ts.save"
