@@ -34,10 +34,10 @@ import functools
 import re
 import types
 import typing
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
+from torchslim._select import renamed_argument
 from torchslim.errors import ConfigError
 
 __all__ = ["ConfigDict", "config_defaults", "did_you_mean", "jsonable"]
@@ -92,17 +92,13 @@ class ConfigDict:
 
     def _take_renamed(self) -> None:
         """Move values given under old field names to the new ones (call in ``__post_init__``)."""
+        name = type(self).__name__
         for old, new in self._renamed.items():
             value = getattr(self, old)
             if value is None:
                 continue
-            default = type(self).defaults().get(new)
-            if getattr(self, new) != default:
-                raise ConfigError(f"{type(self).__name__}: {old}= is the old name of {new}=; pass only {new}=")
-            warnings.warn(
-                f"{type(self).__name__}.{old} is deprecated, use {new}= (same meaning); {old}= goes in the next release",
-                DeprecationWarning, stacklevel=4,
-            )
+            value = renamed_argument(getattr(self, new), value, old_name=old, new_name=new, where=name,
+                                     default=type(self).defaults().get(new), label=f"{name}.{old}", stacklevel=5)
             object.__setattr__(self, new, value)
             object.__setattr__(self, old, None)
 

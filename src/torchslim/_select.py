@@ -200,11 +200,13 @@ def select_modules(
     return [n for n, m in named if (kinds is None or isinstance(m, kinds)) and sel(n)]
 
 
-def renamed_argument(new: Any, old: Any, *, old_name: str, new_name: str, where: str, default: Any = None) -> Any:
+def renamed_argument(new: Any, old: Any, *, old_name: str, new_name: str, where: str, default: Any = None,
+                     label: str | None = None, stacklevel: int = 3) -> Any:
     """Resolve a renamed keyword: warn when the old one is used; refuse both at once.
 
     ``new`` is the value of the new keyword (``default`` when not given), ``old`` that of the
-    old one (``None`` when not given).
+    old one (``None`` when not given). ``label`` names the deprecated thing in the warning
+    (default ``"<where>: <old_name>="``; a config field says ``"Config.old"``).
 
     Raises:
         ConfigError: both keywords were given.
@@ -214,8 +216,9 @@ def renamed_argument(new: Any, old: Any, *, old_name: str, new_name: str, where:
     if new is not default and new != default:
         raise ConfigError(f"{where}: {old_name}= is the old name of {new_name}=; pass only {new_name}=")
     warnings.warn(
-        f"{where}: {old_name}= is deprecated, use {new_name}= (same meaning); {old_name}= goes in the next release",
+        f"{label or f'{where}: {old_name}='} is deprecated, use {new_name}= (same meaning); {old_name}= goes in the "
+        "next release",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return old
