@@ -32,6 +32,7 @@ from torchslim._modelinfo import (
     set_example_inputs,
 )
 from torchslim._optional import require
+from torchslim._utils import is_int
 from torchslim._registry import entries, lookup, register
 from torchslim.errors import InputShapeError, SpecError, TorchslimError, type_error
 from torchslim.graph.inputs import Inputs, as_inputs
@@ -207,6 +208,7 @@ def create_model(
     data: Any = None,
     num_classes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Build the model a spec string names; the model remembers its spec and example inputs.
 
@@ -217,6 +219,9 @@ def create_model(
             channels/size and class count to it, a torchvision model its class count.
         num_classes: override the class count.
         input_shape: per-sample input shape (no batch) for zoo models, e.g. ``(1, 28, 28)``.
+        seed: seed the random initial weights (and random example inputs): the same spec and
+            seed give the same model every time; the global random state is left as it was.
+            ``None`` draws from the global generator, as ``torch.nn`` modules do.
 
     Returns:
         The model in eval mode, with random weights unless the spec is a saved directory
@@ -263,7 +268,14 @@ def create_model(
         elif prefix and prefix not in prefixed:
             hint = f"; unknown prefix {prefix!r}"
         raise SpecError(f"cannot resolve model spec {spec!r}{hint}; allowed: {ALLOWED}")
-    made = chosen.obj.create(body, input_shape=shape, num_classes=classes)
+    if seed is not None:
+        if not is_int(seed):
+            raise type_error("seed", seed, "an int")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            made = chosen.obj.create(body, input_shape=shape, num_classes=classes)
+    else:
+        made = chosen.obj.create(body, input_shape=shape, num_classes=classes)
     if isinstance(made, nn.Module):  # a finished model that carries its own record (a saved directory)
         return made
     model, example, build = made
