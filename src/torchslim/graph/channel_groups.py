@@ -125,8 +125,10 @@ class ChannelGroups:
         return out
 
     def table(self) -> Any:
-        """A rich table: one row per group."""
+        """A table, one row per group: prints as plain text, renders as a rich table on a console."""
         from rich.table import Table
+
+        from torchslim._text import printable
 
         t = Table(title=f"{len(self.groups)} prunable channel groups ({self.seconds:.2f} s)")
         for col in ("#", "channels", "produced by", "bound tensors", "modules"):
@@ -135,7 +137,7 @@ class ChannelGroups:
             prods = ", ".join(f"{n}[{d}]" for n, d in g.producers[:2]) + (" ..." if len(g.producers) > 2 else "")
             mods = ", ".join(g.modules[:4]) + (f" +{len(g.modules) - 4}" if len(g.modules) > 4 else "")
             t.add_row(str(g.id), str(g.size), prods, str(len(g.members)), mods)
-        return t
+        return printable(t)
 
     def __repr__(self) -> str:
         lines = [f"ChannelGroups({len(self.groups)} groups, analysed in {self.seconds:.2f} s)"]

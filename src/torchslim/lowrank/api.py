@@ -190,8 +190,10 @@ class FactorizePlan:
         }
 
     def table(self) -> Any:
-        """A rich table: one row per replaced layer, then the skipped ones."""
+        """A table, one row per replaced layer, then the skipped ones: prints as plain text, renders as rich."""
         from rich.table import Table
+
+        from torchslim._text import printable
 
         t = Table(title=f"factorize ({self.config.method}): {len(self.layers)} replaced, {len(self.skipped)} left alone")
         for col in ("layer", "ranks", "MACs", "params", "rel. error"):
@@ -206,7 +208,7 @@ class FactorizePlan:
             )
         for s in self.skipped:
             t.add_row(f"[dim]{s.name}[/dim]", "-", "-", "-", f"[dim]{s.reason}[/dim]")
-        return t
+        return printable(t)
 
 
 def _inputs_for(model: nn.Module, example_inputs: Any) -> Any:

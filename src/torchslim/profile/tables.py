@@ -1,5 +1,8 @@
 """Rich tables for profiles and comparisons (``Profile.table()``, ``Comparison.table()``).
 
+Both print as plain text under ``print()`` and render as rich tables on a rich console
+(:class:`torchslim._text.Printable`).
+
 They live with the profile they render, so profiling depends on nothing above it; ``report``
 imports them from here.
 """
@@ -7,6 +10,8 @@ imports them from here.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from torchslim._text import Printable, printable
 
 if TYPE_CHECKING:
     from torchslim.profile.api import Profile
@@ -31,8 +36,11 @@ def human(n: float | int | None, unit: str = "") -> str:
     return str(n)
 
 
-def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
-    """A per-layer table with totals; long models show the costliest ``max_layers`` rows."""
+def profile_table(p: Profile, max_layers: int | None = 60) -> Printable:
+    """A per-layer table with totals; long models show the costliest ``max_layers`` rows.
+
+    Prints as plain text (``print``/``str``) and renders as rich tables on a rich console.
+    """
     from rich.console import Group
     from rich.table import Table
 
@@ -79,7 +87,7 @@ def profile_table(p: Profile, max_layers: int | None = 60) -> Any:
     s.add_row("inputs", ", ".join("x".join(map(str, sh)) for sh in p.input_shapes))
     if p.unsupported_ops:
         s.add_row("not counted (no rule)", ", ".join(f"{k} x{v}" for k, v in sorted(p.unsupported_ops.items())))
-    return Group(t, s)
+    return printable(Group(t, s))
 
 
 def _fmt(metric: str, v: float | None) -> str:
@@ -90,8 +98,8 @@ def _fmt(metric: str, v: float | None) -> str:
     return human(v, "B" if metric.endswith("bytes") else "")
 
 
-def compare_table(c: Comparison) -> Any:
-    """Before / after / ratio for every metric of a comparison."""
+def compare_table(c: Comparison) -> Printable:
+    """Before / after / ratio for every metric of a comparison (prints as plain text, renders as rich)."""
     from rich.table import Table
 
     t = Table(title="Before vs after", header_style="bold")
@@ -101,4 +109,4 @@ def compare_table(c: Comparison) -> Any:
         ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
         red = "-" if row.ratio in (None, 0) else f"{1 / row.ratio:.2f}x"
         t.add_row(row.metric, _fmt(row.metric, row.before), _fmt(row.metric, row.after), ratio, red)
-    return t
+    return printable(t)

@@ -204,8 +204,10 @@ class SparsityReport:
         }
 
     def table(self) -> Any:
-        """A rich table, one row per layer."""
+        """A table, one row per layer: prints as plain text, renders as a rich table on a console."""
         from rich.table import Table
+
+        from torchslim._text import printable
 
         t = Table(title=f"sparsity: {100 * self.overall:.2f}% of {self.prunable_params:,} prunable weights are zero")
         for col in ("layer", "shape", "params", "non-zero", "sparsity", "state"):
@@ -213,7 +215,7 @@ class SparsityReport:
         for r in self.layers:
             state = "masked" if r.masked else (f"stored {r.storage}" if r.storage else "dense")
             t.add_row(r.name, "x".join(map(str, r.shape)), f"{r.numel:,}", f"{r.nonzero:,}", f"{100 * r.sparsity:.2f}%", state)
-        return t
+        return printable(t)
 
 
 def sparsity_report(model: nn.Module, modules: Sequence[str] | str | None = None) -> SparsityReport:
