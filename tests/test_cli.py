@@ -66,7 +66,7 @@ def _one_error_line(err: str) -> str:
     [
         (["profile", "torchvision:resnet5O", "--json"], "did you mean"),
         (["profile", "zoo:nope"], "zoo"),
-        (["profile", "zoo:lenet300", "--input-shape", "1,3,32,32"], "do not fit"),
+        (["profile", "zoo:lenet300", "--input-shape", "1,3,32,32"], "does not fit"),
         (["profile", "zoo:lenet300", "--input-shape", "1,a"], "input shape"),
         (["profile", "zoo:lenet300", "--device", "cuda:7"], "--device"),
         (["train", "zoo:lenet300", "--data", "imagenet", "--out", "x"], "imagenet"),

@@ -2,7 +2,7 @@
 
 Bottom up, a module may import only its own layer (where the layer allows it) and layers below:
 
-    core        errors, _utils, _optional, _config, _registry, _select, _ops, _finalize, _text
+    core        errors, _utils, _optional, _config, _registry, _select, _ops, _finalize, _fs, _text
     graph       the tracer, channel spaces, surgery
     profile     params, MACs, bytes, latency (profile/latency.py: the one timer)
     modelinfo   _modelinfo: what was applied to a model, plan replay, rebuild
@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "torchslim"
 
 LAYERS: list[tuple[str, set[str], bool]] = [
     # (name, top-level modules, may modules of this layer import each other across packages?)
-    ("core", {"errors", "_utils", "_optional", "_config", "_registry", "_select", "_ops", "_finalize", "_text"}, True),
+    ("core", {"errors", "_utils", "_optional", "_config", "_registry", "_select", "_ops", "_finalize", "_fs", "_text"}, True),
     ("graph", {"graph"}, True),
     ("profile", {"profile"}, True),
     ("modelinfo", {"_modelinfo"}, True),

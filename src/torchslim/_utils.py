@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._fs import atomic_path  # the one place files are published (kept here for callers)
+
 __all__ = [
     "atomic_path",
     "evaluating",
@@ -143,33 +145,6 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    Works for files and directories: nothing half-written is ever left at ``path``.
-    """
-    import shutil
-
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    try:
-        yield tmp
-        if final.is_dir() and tmp.is_dir():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
 def is_int(value: object) -> bool:

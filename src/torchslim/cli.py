@@ -63,14 +63,11 @@ def _device(name: str) -> Any:
 
 
 def _build(args: argparse.Namespace, data: Any = None) -> tuple[Any, Any]:
-    """Model and example inputs from MODEL, --data and --input-shape."""
+    """Model and example inputs from MODEL, --data, --seed and --input-shape (checked)."""
     import torchslim as ts
-    from torchslim.zoo.spec import parse_input_shape
+    from torchslim._cli_common import build_model
 
-    model = ts.create_model(args.model, data=data)
-    if getattr(args, "input_shape", None):
-        inputs = parse_input_shape(args.input_shape)
-        ts.set_example_inputs(model, inputs)
+    model = build_model(args, data)
     if getattr(args, "threads", None):
         import torch
 
@@ -108,11 +105,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         max_steps_per_epoch=args.max_steps,
     )
+    from torchslim._cli_common import resume_target, writing
+
     out = Path(args.out)
-    ckpt = out.with_name(out.name + ".checkpoint")
+    ckpt = resume_target(args)
+    if args.force and ckpt is not None and ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)  # --force: start over (the checked contract allows it)
     result = ts.fit(model, data, config, checkpoint_dir=ckpt, resume=args.resume, progress=not args.no_progress)
     model.to("cpu")
-    ts.save(model, out)
+    with writing(out) as tmp:
+        ts.save(model, tmp)
     files = {"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors"),
              "checkpoint": str(ckpt / "last.pt")}
     payload = {
@@ -184,13 +188,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         say(f"training the dense {args.model} on mnist ({len(data.train)} train / {len(data.val)} val / "
             f"{len(data.test)} test real digits); cached in {cached} for the next run")
-        model = ts.create_model(args.model, data=data)
+        model = ts.create_model(args.model, data=data, seed=args.seed)
         ts.fit(model, data, ts.TrainConfig(epochs=args.epochs, lr=0.02, optimizer="sgd", batch_size=64, seed=args.seed),
                progress=not args.quiet)
         model.to("cpu")
         ts.save(model, cached)
     out = Path(args.out)
-    resume = (out / "state.json").is_file() and not args.fresh
+    resume = (out / "state.json").is_file() and not (args.fresh or args.force)
     if resume:
         import json
 
@@ -233,11 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     _register_verbs(sub)
+    from torchslim._cli_common import apply_flag_rules
+
+    apply_flag_rules(parser)  # one range per numeric flag name, in every verb
     return parser
 
 
 def _register_core(sub: Any) -> None:
     """The verbs of the core: profile, train, list, demo."""
+    from torchslim._cli_common import Number, add_out_args
+
     p = sub.add_parser("profile", help="params, MACs, FLOPs, bytes, memory and latency of a model")
     _common(p)
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several: separate with ';')")
@@ -253,17 +262,17 @@ def _register_core(sub: Any) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model on a data spec and save it")
     _common(p)
     p.add_argument("--data", required=True, help="data spec: mnist, digits, mnist1d, images, synthetic:SHAPE, file.py:factory")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=Number(int, 1), default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
     p.add_argument("--batch-size", dest="batch_size_train", type=int, default=64)
     p.add_argument("--max-steps", type=int, help="at most this many steps per epoch (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from DIR.checkpoint/last.pt if present")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="directory for the trained model (written by ts.save)")
-    p.set_defaults(func=cmd_train, input_shape=None)
+    add_out_args(p, help="folder for the trained model (written by ts.save; checkpoints go to OUT.checkpoint)",
+                 resume="continue the run killed earlier from OUT.checkpoint/last.pt")
+    p.set_defaults(func=cmd_train, input_shape=None, resume_beside=".checkpoint")
 
     p = sub.add_parser("list", help="zoo models and data specs")
     _common(p, model=False)
@@ -276,10 +285,11 @@ def _register_core(sub: Any) -> None:
     p.add_argument("--recipe", default="default", help="recipe name or YAML file (default: default)")
     p.add_argument("--epochs", type=int, default=6, help="dense training epochs (default 6; cached)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("runs", "demo"))
+    add_out_args(p, default=os.path.join("runs", "demo"),
+                 help="folder of the run (default runs/demo); one holding an earlier demo run is continued")
     p.add_argument("--fresh", action="store_true", help="rerun every stage even if --out holds a finished run")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, out_continues="state.json")
 
 
 _register_entry("cli_verb", "core", _register_core, family="core", order=0, verbs=("profile", "train", "list", "demo"))
@@ -292,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     from torchslim.errors import TorchslimError
 
     try:
+        from torchslim._cli_common import check_output
+
+        check_output(args)  # the output contract, before any work
         return int(args.func(args) or 0)
     except TorchslimError as exc:
         msg = " ".join(str(exc).split())

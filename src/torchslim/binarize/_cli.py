@@ -138,7 +138,7 @@ def _cmd_binarize(args: argparse.Namespace) -> int:
     return run_model_verb(args, "binarize", apply)
 
 
-def _teacher(spec: str, data: Any) -> Any:
+def _teacher(spec: str, data: Any, seed: int | None = None) -> Any:
     import importlib
 
     from torchslim.errors import ConfigError
@@ -151,7 +151,7 @@ def _teacher(spec: str, data: Any) -> Any:
         raise ConfigError("--teacher needs --data")
     import torchslim as ts
 
-    return ts.create_model(spec, data=data)
+    return ts.create_model(spec, data=data, seed=seed)
 
 
 # the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)

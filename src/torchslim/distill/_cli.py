@@ -92,7 +92,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         import torchslim as ts
         from torchslim.distill.api import distill
 
-        teacher = ts.create_model(args.teacher, data=ctx.data)
+        teacher = ts.create_model(args.teacher, data=ctx.data, seed=args.seed)
         result = distill(model, teacher, ctx.data, config, progress=not (args.no_progress or args.json))
         if not args.json:
             acc = result.teacher_accuracy

@@ -23,10 +23,12 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "onnx-int8": ".
 
 def register(sub: Any) -> None:
     """Add the ``export`` verb to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_out_args
+
     p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export (.pt2) and check parity")
     p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
     p.add_argument("--format", help="onnx, torchscript or pt2; several separated by commas (default: from --out's suffix)")
-    p.add_argument("--out", required=True, help="output file (one format) or directory (model.<suffix> per format)")
+    add_out_args(p, kind="any", help="output file (one format) or folder (model.<suffix> per format)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--data", help="data spec the model is built for (input channels/size, classes)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
@@ -93,11 +95,10 @@ def _parity_entry(report: Any) -> dict[str, Any]:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import torchslim as ts
-    from torchslim._cli_common import console_for, emit_json
+    from torchslim._cli_common import build_model, console_for, emit_json, writing, writing_beside
     from torchslim.errors import ConfigError
     from torchslim.export import export
     from torchslim.export.torchscript import METHODS
-    from torchslim.zoo.spec import parse_input_shape
 
     targets = _targets(args)  # everything is validated before the model is built
     if args.method not in METHODS:
@@ -110,46 +111,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--isolated-ort checks the ONNX file: add onnx to --format")
     if (args.check_cpp or args.isolated_ort) and args.no_check:
         raise ConfigError("--check-cpp / --isolated-ort cannot be combined with --no-check")
-    shape = parse_input_shape(args.input_shape) if args.input_shape else None
-
     data = ts.load_data(args.data, seed=args.seed) if args.data else None
-    model = ts.create_model(args.model, data=data)
-    if shape is not None:
-        ts.set_example_inputs(model, shape)
+    model = build_model(args, data)
     inputs = ts.example_inputs(model)
 
     results = {}
-    if len(targets) > 1 or format_is_dir(targets, args.out):
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    for fmt, path in targets.items():
-        results[fmt] = export(
-            model, inputs, path, format=fmt, check=not args.no_check, tolerance=args.tolerance,
-            random_inputs=args.random_inputs, dynamic_batch=not args.static_batch, opset=args.opset,
-            method=args.method, seed=args.seed,
-        )
     extra: dict[str, Any] = {}
-    if args.check_cpp:
-        from torchslim.export._cpp import build_runner, check_cpp
+    into_dir = len(targets) > 1 or format_is_dir(targets, args.out)
+    out = Path(args.out)
+    # everything is written under a hidden name and published only when every check passed
+    with (writing(out) if into_dir else writing_beside(out)) as tmp:
+        if into_dir:
+            tmp.mkdir()
+        for fmt, path in targets.items():
+            results[fmt] = export(
+                model, inputs, tmp / path.name, format=fmt, check=not args.no_check, tolerance=args.tolerance,
+                random_inputs=args.random_inputs, dynamic_batch=not args.static_batch, opset=args.opset,
+                method=args.method, seed=args.seed,
+            )
+        if args.check_cpp:
+            from torchslim.export._cpp import build_runner, check_cpp
 
-        binary = build_runner()
-        extra["torchscript-cpp"] = check_cpp(model, results["torchscript"].path, inputs, tolerance=args.tolerance,
-                                             random_inputs=args.random_inputs, binary=binary, seed=args.seed)
-    if args.isolated_ort:
-        from torchslim.export._isolated import load_onnx_isolated
-        from torchslim.export.parity import Tolerance, check_parity
-        from torchslim.graph.inputs import as_inputs
+            binary = build_runner()
+            extra["torchscript-cpp"] = check_cpp(model, results["torchscript"].path, inputs, tolerance=args.tolerance,
+                                                 random_inputs=args.random_inputs, binary=binary, seed=args.seed)
+        if args.isolated_ort:
+            from torchslim.export._isolated import load_onnx_isolated
+            from torchslim.export.parity import Tolerance, check_parity
+            from torchslim.graph.inputs import as_inputs
 
-        extra["onnx-isolated"] = check_parity(
-            model, load_onnx_isolated(results["onnx"].path), as_inputs(inputs), format="onnx-isolated",
-            tolerance=Tolerance.coerce(args.tolerance, (1e-4, 1e-4)), random_cases=args.random_inputs, seed=args.seed,
-        )
+            extra["onnx-isolated"] = check_parity(
+                model, load_onnx_isolated(results["onnx"].path), as_inputs(inputs), format="onnx-isolated",
+                tolerance=Tolerance.coerce(args.tolerance, (1e-4, 1e-4)), random_cases=args.random_inputs,
+                seed=args.seed,
+            )
+        failed = [name for name, rep in extra.items() if not rep.ok]
+        if failed:
+            raise ConfigError(f"parity failed for {', '.join(failed)}: " + "; ".join(extra[n].summary() for n in failed))
+    home = out if into_dir else out.parent
+
+    def final(p: Any) -> str:  # where a file written under the hidden name now lies
+        return str(home / Path(p).relative_to(tmp))
 
     files: dict[str, str] = {}
     sizes: dict[str, int] = {}
     for fmt, r in results.items():
         for name, p in r.files.items():
             key = fmt if name == "model" else f"{fmt}:{name}"
-            files[key], sizes[key] = p, r.sizes[name]
+            files[key], sizes[key] = final(p), r.sizes[name]
     parity = {fmt: _parity_entry(r.parity) for fmt, r in results.items() if r.parity is not None}
     parity.update({name: _parity_entry(rep) for name, rep in extra.items()})
     if args.json:
@@ -158,9 +167,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
                    "seconds": {fmt: r.seconds for fmt, r in results.items()}})
     else:
         _print_table(console_for(args), args.model, results, extra)
-    failed = [name for name, rep in extra.items() if not rep.ok]
-    if failed:
-        raise ConfigError(f"parity failed for {', '.join(failed)}: " + "; ".join(extra[n].summary() for n in failed))
     return 0
 
 

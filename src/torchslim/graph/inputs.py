@@ -120,8 +120,13 @@ def call_model(model: nn.Module, inputs: Inputs, where: list[str] | None = None)
         first_line = (str(exc).strip().splitlines() or [""])[0]
         detail = f"{type(exc).__name__}: {first_line}"
         if _SHAPE_PATTERNS.search(str(exc)):
+            try:
+                own = remembered_inputs(model)
+            except SpecError:
+                own = None
+            hint = ("pass inputs of the shape the model expects (CLI: --input-shape N,C,H,W)" if own is None
+                    or own.describe() == inputs.describe() else f"the model's own example inputs are {own.describe()}")
             raise InputShapeError(
-                f"example inputs of shape {inputs.describe()} do not fit the model{place}: {detail}; "
-                "pass inputs of the shape the model expects (CLI: --input-shape 1,3,224,224)"
+                f"example inputs of shape {inputs.describe()} do not fit the model{place}: {detail}; {hint}"
             ) from exc
         raise ModelRunError(f"the model's forward raised{place} on inputs {inputs.describe()}: {detail}") from exc

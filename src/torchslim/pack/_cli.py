@@ -24,6 +24,7 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add the ``pack`` and ``unpack`` verbs to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_out_args
     from torchslim.pack import ClusterConfig
     from torchslim.train import TrainConfig
 
@@ -33,7 +34,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("pack", help="Deep-Compression packing: weight sharing + entropy coding into one .tslim file")
     p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
-    p.add_argument("--out", required=True, help="the packed file to write, e.g. model.tslim")
+    add_out_args(p, kind="file", help="the packed file to write, e.g. model.tslim")
     p.add_argument("--bits", type=int, help="index bits per weight, 1..8 (default 5 when MODEL is not clustered yet)")
     p.add_argument("--init", default=cd["init"], help="centroid initialisation: linear, density or random (default linear)")
     p.add_argument("--modules", help="comma-separated layer names/globs/re: patterns to cluster (default: all Linear/Conv)")
@@ -55,7 +56,7 @@ def register(sub: Any) -> None:
 
     u = sub.add_parser("unpack", help="a .tslim file back to a model directory (ts.save)")
     u.add_argument("file", metavar="FILE", help="a file written by `torchslim pack` / ts.pack")
-    u.add_argument("--out", required=True, help="directory for the model (written by ts.save)")
+    add_out_args(u, help="folder for the model (written by ts.save)")
     u.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     u.set_defaults(func=_cmd_unpack)
 
@@ -78,9 +79,6 @@ def _check(args: argparse.Namespace) -> Any:
     if args.init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}; got {args.init!r}")
     check_coder(args.coder)
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {args.out} is a directory; pack writes one file there, e.g. --out {out / 'model.tslim'}")
     if args.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
     if args.finetune_epochs and not args.data:
@@ -103,15 +101,12 @@ def _accuracy(model: Any, data: Any) -> float | None:
 
 def _cmd_pack(args: argparse.Namespace) -> int:
     import torchslim as ts
-    from torchslim._cli_common import console_for, emit_json
+    from torchslim._cli_common import build_model, console_for, emit_json, writing
     from torchslim.pack import cluster_, clustered_layers, pack, unpack
-    from torchslim.zoo.spec import parse_input_shape
 
     train_cfg = _check(args)
     data = ts.load_data(args.data, seed=args.seed) if args.data else None
-    model = ts.create_model(args.model, data=data)
-    if args.input_shape:
-        ts.set_example_inputs(model, parse_input_shape(args.input_shape))
+    model = build_model(args, data)
     latency = not args.no_latency
     before = ts.profile(model, ts.example_inputs(model), latency=latency)
     acc_before = _accuracy(model, data)
@@ -133,8 +128,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         result = ts.fit(model, data, train_cfg, progress=not (args.no_progress or args.json))
         extras["train"] = result.to_dict()
         model.to("cpu")
-    packed = pack(model, args.out, bits=args.bits, coder=args.coder)
-    restored = unpack(args.out)
+    with writing(args.out) as tmp:
+        packed = pack(model, tmp, bits=args.bits, coder=args.coder)
+        restored = unpack(tmp)
     after = ts.profile(restored, ts.example_inputs(restored), latency=latency).to_dict()
     after["size_bytes"] = packed.size_bytes
     payload: dict[str, Any] = {
@@ -183,12 +179,14 @@ def _table(packed: Any, saved_bytes: int | None) -> Any:
 
 def _cmd_unpack(args: argparse.Namespace) -> int:
     import torchslim as ts
-    from torchslim._cli_common import console_for, emit_json
+    from torchslim._cli_common import console_for, emit_json, writing
     from torchslim.pack import unpack
     from torchslim.profile.api import _logical_params
 
     model = unpack(args.file)
-    out = ts.save(model, args.out)
+    out = Path(args.out)
+    with writing(out) as tmp:
+        ts.save(model, tmp)
     files = {"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")}
     if args.json:
         emit_json({"verb": "unpack", "file": args.file, "size_bytes": Path(args.file).stat().st_size,

@@ -133,14 +133,17 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
     result = run_lottery(args.model, data, cfg, log=log)
     from pathlib import Path
 
+    from torchslim._cli_common import writing
+
     out = Path(args.out)
     files: dict[str, str] = {}
-    if result.ticket is not None:
-        ticket = result.ticket.to("cpu")
-        finalize_(ticket)
-        ts.save(ticket, out)
-        files.update({"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")})
-    files.update(result.write(out))
+    with writing(out) as tmp:
+        if result.ticket is not None:
+            ticket = result.ticket.to("cpu")
+            finalize_(ticket)
+            ts.save(ticket, tmp)
+            files.update({"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")})
+        files.update({k: str(out / Path(v).relative_to(tmp)) for k, v in result.write(tmp).items()})
     payload = {"verb": "lottery", "model": args.model, "data": args.data, **result.to_dict(), "files": files}
     if args.json:
         emit_json(payload)

@@ -7,19 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from torchslim._registry import register as _register_entry
+from torchslim.errors import TorchslimError
 
 __all__ = ["register", "print_summary"]
 
 
 def register(sub: Any) -> None:
     """Add ``compress`` to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_out_args
+
     p = sub.add_parser("compress", help="run a recipe (prune, distill, quantize, export, ...) and write a report")
     p.add_argument("model", metavar="MODEL", help="model spec: zoo:NAME, torchvision:NAME, timm:NAME, file.py:factory, or a saved dir")
     p.add_argument("--recipe", default="default", help="a built-in recipe name (see `torchslim list`) or a YAML file (default: default)")
     p.add_argument("--data", help="data spec (mnist, digits, mnist1d, images, synthetic:SHAPE, file.py:factory)")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --resume or --force)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_out_args(p, help="output folder (model, report, stage folders)",
+                 resume="continue the run in --out from its last finished stage")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--no-latency", action="store_true", help="skip torch latency after each stage (ONNX timing still runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
@@ -27,23 +29,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_cmd_compress)
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    from torchslim.errors import ConfigError
-
-    if args.resume and args.force:
-        raise ConfigError("--resume and --force contradict each other: resume keeps --out, force replaces it")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.force):
-        raise ConfigError(f"output directory {out} already exists; pass --resume to continue that run or --force to replace it")
-
-
 def _cmd_compress(args: argparse.Namespace) -> int:
     import torchslim as ts
-    from torchslim._cli_common import console_for, emit_json
+    from torchslim._cli_common import build_model, console_for, emit_json
     from torchslim.recipe import compress, load_recipe
-    from torchslim.zoo.spec import parse_input_shape
 
     recipe = load_recipe(args.recipe)  # every recipe error before any work
     need = recipe.needs_data()
@@ -51,22 +40,40 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         from torchslim.recipe import RecipeError
 
         raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
-    _check_out(args)
     con = console_for(args)
     say = (lambda msg: None) if args.quiet else (lambda msg: con.print(msg, highlight=False))
     data = ts.load_data(args.data, seed=recipe.seed) if args.data else None
-    model = ts.create_model(args.model, data=data)
-    if args.input_shape:
-        ts.set_example_inputs(model, parse_input_shape(args.input_shape))
-    result = compress(model, recipe, data, out=args.out,
-                      resume=args.resume, force=args.force, progress=not args.quiet, latency=not args.no_latency,
-                      log=say, status=lambda text: con.status(text, spinner="dots"))
+    args.seed = recipe.seed
+    model = build_model(args, data)  # a wrong --input-shape or --data is refused before --out is touched
+    out = Path(args.out)
+    fresh = not out.exists()
+    try:
+        result = compress(model, recipe, data, out=out,
+                          resume=args.resume, force=args.force, progress=not args.quiet, latency=not args.no_latency,
+                          log=say, status=lambda text: con.status(text, spinner="dots"))
+    except TorchslimError:
+        if fresh and not _finished_stages(out):  # refused before any stage finished: leave nothing behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if args.json:
         emit_json(result.report)
         return 0
     if not args.quiet:
         print_summary(result.report, con)
     return 0
+
+
+def _finished_stages(out: Path) -> bool:
+    """Whether a run in ``out`` finished at least one stage (then it is kept for --resume)."""
+    import json
+
+    try:
+        state = json.loads((out / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(state, dict) and state.get("stages"))
 
 
 def print_summary(report: dict[str, Any], con: Any) -> None:

@@ -10,6 +10,7 @@ postgresql://...`` and ``--study NAME`` (each with its own ``--out``); together 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from torchslim._registry import register as _register_entry
@@ -19,6 +20,8 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add the ``search`` verb to the ``torchslim`` parser."""
+    from torchslim._cli_common import add_out_args
+
     p = sub.add_parser("search", help="search per-layer pruning ratios / bit widths for the best model within a budget")
     p.add_argument("model", metavar="MODEL", help="model spec: zoo:NAME, torchvision:NAME, file.py:factory, or a saved dir")
     p.add_argument("--data", required=True, help="labeled data spec (mnist, digits, mnist1d, synthetic:SHAPE, file.py:factory)")
@@ -31,8 +34,8 @@ def register(sub: Any) -> None:
     p.add_argument("--storage", help="shared Optuna storage URL, e.g. postgresql://user@host:5432/db "
                    "(default: sqlite in --out)")
     p.add_argument("--study", help="study name (default torchslim-search)")
-    p.add_argument("--resume", action="store_true", help="continue the study of an existing --out")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --resume)")
+    add_out_args(p, help="output folder (study, Pareto table, best recipe and model)",
+                 resume="continue the study of an existing --out")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
     p.add_argument("--max-ratio", type=float, default=0.9, help="largest pruning ratio a group may draw (default 0.9)")
@@ -131,18 +134,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     import torchslim as ts
-    from torchslim._cli_common import console_for, emit_json
+    from torchslim._cli_common import build_model, console_for, emit_json
+    from torchslim._fs import drop_set_aside, set_aside
     from torchslim.search.api import search
-    from torchslim.zoo.spec import parse_input_shape
 
     cfg = config_from_args(args)
     data = ts.load_data(args.data, seed=args.seed)
-    model = ts.create_model(args.model, data=data)
-    if args.input_shape:
-        ts.set_example_inputs(model, parse_input_shape(args.input_shape))
+    model = build_model(args, data)
+    if args.force and Path(args.out).exists():  # the contract was checked: set the old results aside
+        set_aside(args.out)
     con = console_for(args)
     result = search(model, data, out=args.out, storage=args.storage, study=args.study, resume=args.resume,
                     config=cfg, best_model=not args.no_best_model, progress=not args.no_progress, console=con)
+    drop_set_aside(args.out)
     payload = {"model": args.model, "data": args.data, **result.to_dict()}
     if args.json:
         emit_json(payload)
@@ -157,6 +161,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                       f"{100 * payload['accuracy_after']:.2f}%) saved to {b.get('model', '-')}")
     con.print(f"results in {args.out}")
     return 0
+
 
 
 # the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
