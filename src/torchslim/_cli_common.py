@@ -54,6 +54,7 @@ __all__ = [
     "check_output",
     "console_for",
     "emit_json",
+    "finetune_config",
     "run_model_verb",
     "writing",
     "writing_beside",
@@ -258,8 +259,12 @@ def check_output(args: argparse.Namespace) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"cannot write --out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write --out {out}: no permission to create files in {parent}")
+    try:  # a real probe: os.access says yes to root on read-only or immutable folders
+        fd, probe = tempfile.mkstemp(prefix=".torchslim-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {out}: cannot create files in {parent} ({exc.strerror or exc})") from None
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -320,6 +325,22 @@ def writing_beside(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         remove_path(tmp)
+
+
+def finetune_config(args: argparse.Namespace, epochs: int, **fixed: Any) -> Any:
+    """The fine-tuning ``TrainConfig`` of the common flags (--lr, --optimizer, --batch-size,
+    --max-steps, --device, --seed), or None when ``epochs`` is 0.
+
+    It is built (so every flag is checked) even when there is nothing to fine-tune: a wrong
+    ``--optimizer`` is refused, never silently ignored.
+    """
+    from torchslim.train import TrainConfig
+
+    flags = {"lr": "lr", "optimizer": "optimizer", "batch_size": "batch_size", "max_steps_per_epoch": "max_steps",
+             "device": "device", "seed": "seed"}
+    values = {field: getattr(args, dest) for field, dest in flags.items() if getattr(args, dest, None) is not None}
+    cfg = TrainConfig(epochs=max(1, epochs), **{**values, **fixed})
+    return cfg if epochs else None
 
 
 def build_model(args: argparse.Namespace, data: Any = None, *, spec: str | None = None) -> nn.Module:

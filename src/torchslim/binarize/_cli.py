@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
     p.add_argument("--binarize-first", action="store_true", help="binarize the first layer too (kept fp32 by default)")
     p.add_argument("--binarize-last", action="store_true", help="binarize the last layer too (kept fp32 by default)")
     p.add_argument("--modules", help="comma-separated layer names/globs to binarize (default: all Linear/Conv2d)")
-    p.add_argument("--exclude", help="comma-separated layer globs to keep in full precision")
+    p.add_argument("--skip", "--exclude", dest="exclude",
+                   help="comma-separated layer names/globs/re: patterns to keep in full precision (--exclude: old name)")
     p.add_argument("--scale-activations", action="store_true", help="XNOR-Net activation scaling K (xnor only)")
     p.add_argument("--no-shortcut", action="store_true", help="bireal without its real-valued shortcuts")
     p.add_argument("--keep-relu", action="store_true", help="do not turn ReLU modules into Hardtanh")
@@ -82,7 +83,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
         keep_first=not args.binarize_first,
         keep_last=not args.binarize_last,
         modules=_split(args.modules),
-        exclude=_split(args.exclude) or (),
+        skip=_split(args.exclude) or (),
         scale_activations=args.scale_activations,
         shortcut=False if args.no_shortcut else None,
         replace_relu=False if args.keep_relu else None,

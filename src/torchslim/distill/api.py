@@ -114,6 +114,9 @@ class DistillConfig(ConfigDict):
             raise ConfigError(
                 f"DistillConfig.mapping must be one of {', '.join(map(repr, MAPPINGS))} or a dict; got {self.mapping!r}"
             )
+        if self.loss == "kd" and (self.taps is not None or self.teacher_taps is not None or isinstance(self.mapping, dict)):
+            raise ConfigError("DistillConfig.taps / teacher_taps / mapping pair features, which loss='kd' does not use "
+                              "(it matches logits only); use loss='hint', 'at' or 'tinybert', or leave them out")
         if (self.attention_taps is not None or self.teacher_attention_taps is not None) and self.loss != "tinybert":
             raise ConfigError(f"DistillConfig.attention_taps are used by loss='tinybert' only; got loss={self.loss!r}")
         if not isinstance(self.cache_teacher, bool):

@@ -37,7 +37,8 @@ def register(sub: Any) -> None:
     g.add_argument("--target-params", type=float, help="keep at most this fraction (0, 1] of the parameters")
     p.add_argument("--scope", default=fd["scope"], help="layer or model: where a --target-* applies (default layer)")
     p.add_argument("--modules", help="comma-separated module names/globs (default: every layer the method takes)")
-    p.add_argument("--exclude", help="comma-separated globs of layers to leave alone")
+    p.add_argument("--skip", "--exclude", dest="exclude",
+                   help="comma-separated layer names/globs/re: patterns to leave alone (--exclude: old name)")
     p.add_argument("--keep-larger", action="store_true", help="factorize even layers whose factorized form is larger")
     p.add_argument("--max-iter", type=int, default=fd["max_iter"], help="CP-ALS iterations (default 100)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after factorizing")
@@ -85,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         target_params=args.target_params,
         scope=args.scope,
         modules=_split(args.modules),
-        exclude=_split(args.exclude) or (),
+        skip=_split(args.exclude) or (),
         only_if_smaller=not args.keep_larger,
         max_iter=args.max_iter,
         seed=args.seed,
@@ -93,27 +94,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _cmd_factorize(args: argparse.Namespace) -> int:
-    from torchslim._cli_common import run_model_verb
+    from torchslim._cli_common import finetune_config, run_model_verb
     from torchslim.errors import ConfigError
-    from torchslim.train import TrainConfig
 
     config = config_from_args(args)  # check everything before building anything
-    if args.finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
     if args.finetune_epochs and not args.data:
         raise ConfigError("--finetune-epochs needs --data to train on")
-    train_cfg = None
-    if args.finetune_epochs:
-        train_cfg = TrainConfig(
-            epochs=args.finetune_epochs,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            batch_size=args.batch_size,
-            max_steps_per_epoch=args.max_steps,
-            device=args.device,
-            seed=args.seed,
-            lr_schedule="cosine",
-        )
+    train_cfg = finetune_config(args, args.finetune_epochs, lr_schedule="cosine")
 
     def apply(model: Any, ctx: Any) -> dict[str, Any]:
         from torchslim.lowrank.api import factorize_

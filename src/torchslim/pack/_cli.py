@@ -69,26 +69,19 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 def _check(args: argparse.Namespace) -> Any:
     """Validate the flags before anything is built; returns the TrainConfig (or None)."""
+    from torchslim._cli_common import finetune_config
     from torchslim.errors import ConfigError
     from torchslim.pack.cluster import INITS, check_bits
     from torchslim.pack.coding import check_coder
-    from torchslim.train import TrainConfig
 
     if args.bits is not None:
         check_bits(args.bits, "--bits")
     if args.init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}; got {args.init!r}")
     check_coder(args.coder)
-    if args.finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
     if args.finetune_epochs and not args.data:
         raise ConfigError("--finetune-epochs needs --data to train on")
-    if not args.finetune_epochs:
-        return None
-    return TrainConfig(
-        epochs=args.finetune_epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
-        max_steps_per_epoch=args.max_steps, device=args.device, seed=args.seed, lr_schedule="constant",
-    )
+    return finetune_config(args, args.finetune_epochs, lr_schedule="constant")
 
 
 def _accuracy(model: Any, data: Any) -> float | None:

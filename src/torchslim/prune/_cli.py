@@ -78,8 +78,6 @@ def _cmd_sparsify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--scope must be 'layer' or 'global'; got {args.scope!r}")
     if args.storage not in FORMATS:
         raise ConfigError(f"--storage must be one of {', '.join(FORMATS)}; got {args.storage!r}")
-    if args.finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0; got {args.finetune_epochs}")
     if args.finetune_epochs and not args.data:
         raise ConfigError("--finetune-epochs needs --data to train on")
     from torchslim._registry import get_method
@@ -87,6 +85,9 @@ def _cmd_sparsify(args: argparse.Namespace) -> int:
     criterion = get_method("prune.unstructured", args.method)
     if criterion.needs_calibration and not args.data:
         raise ConfigError(f"--method {args.method} needs calibration data: pass --data SPEC")
+    from torchslim._cli_common import finetune_config
+
+    args._train_config = finetune_config(args, args.finetune_epochs)
     return run_model_verb(args, "sparsify", _apply_sparsify)
 
 
@@ -102,11 +103,10 @@ def _apply_sparsify(model: Any, ctx: Any) -> dict[str, Any]:
         calibration=calibration, calibration_batches=args.calibration_batches, seed=args.seed,
     )
     extras: dict[str, Any] = {"sparsify": plan.to_dict()}
-    if args.finetune_epochs:
+    if args._train_config is not None:
         import torchslim as ts
 
-        cfg = ts.TrainConfig(epochs=args.finetune_epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed)
-        result = ts.fit(model, ctx.data, cfg, callbacks=[MaskCallback()], progress=not args.no_progress)
+        result = ts.fit(model, ctx.data, args._train_config, callbacks=[MaskCallback()], progress=not args.no_progress)
         extras["finetune"] = {"epochs": result.epochs_run, "history": result.history}
     report = finalize_(model, args.storage) if not args.no_finalize else sparsity_report(model)
     extras["sparsity_report"] = report.to_dict()
@@ -129,6 +129,9 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
     )
     con = console_for(args)
     data = ts.load_data(args.data, seed=args.seed)
+    from torchslim._cli_common import build_model
+
+    build_model(args, data)  # MODEL, --input-shape and --data checked against each other before any training
     log = None if args.json or args.no_progress else con.print
     result = run_lottery(args.model, data, cfg, log=log)
     from pathlib import Path
@@ -141,6 +144,10 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
         if result.ticket is not None:
             ticket = result.ticket.to("cpu")
             finalize_(ticket)
+            if args.input_shape:
+                from torchslim.zoo.spec import parse_input_shape
+
+                ts.set_example_inputs(ticket, parse_input_shape(args.input_shape))
             ts.save(ticket, tmp)
             files.update({"model": str(out), "plan": str(out / "plan.json"), "weights": str(out / "model.safetensors")})
         files.update({k: str(out / Path(v).relative_to(tmp)) for k, v in result.write(tmp).items()})

@@ -13,23 +13,31 @@ __all__ = ["register_channels"]
 
 
 def _apply(args: argparse.Namespace) -> Any:
-    def apply(model: nn.Module, ctx: VerbContext) -> dict[str, Any]:
-        from torchslim.errors import ConfigError
-        from torchslim.prune.channels import Budget, prune_channels_
+    """Check every flag (before anything is built) and return the verb's ``apply``."""
+    from torchslim._cli_common import finetune_config
+    from torchslim.errors import ConfigError
+    from torchslim.prune.channels import Budget, prune_channels_
+    from torchslim.prune.importance import get_importance
 
-        target = None
-        if args.target_macs is not None:
-            target = Budget(macs=args.target_macs)
-        elif args.target_params is not None:
-            target = Budget(params=args.target_params)
-        elif args.target_latency is not None:
-            target = Budget(latency=args.target_latency)
-        if (args.ratio is None) == (target is None):
-            raise ConfigError("give exactly one of --ratio R, --target-macs F, --target-params F or --target-latency F")
+    target = None
+    if args.target_macs is not None:
+        target = Budget(macs=args.target_macs)
+    elif args.target_params is not None:
+        target = Budget(params=args.target_params)
+    elif args.target_latency is not None:
+        target = Budget(latency=args.target_latency)
+    if (args.ratio is None) == (target is None):
+        raise ConfigError("give exactly one of --ratio R, --target-macs F, --target-params F or --target-latency F")
+    get_importance(args.importance)
+    if args.importance == "taylor" and not args.data:
+        raise ConfigError("--importance taylor needs --data (gradients on labelled batches)")
+    if args.finetune_epochs and not args.data:
+        raise ConfigError("--finetune-epochs needs --data")
+    train_cfg = finetune_config(args, args.finetune_epochs, optimizer="adam")
+
+    def apply(model: nn.Module, ctx: VerbContext) -> dict[str, Any]:
         taylor_data = None
         if args.importance == "taylor":
-            if ctx.data is None:
-                raise ConfigError("--importance taylor needs --data (gradients on labelled batches)")
             taylor_data = ctx.data.loader("train", batch_size=64)
         plan = prune_channels_(
             model,
@@ -55,13 +63,10 @@ def _apply(args: argparse.Namespace) -> Any:
                 "achieved": plan.achieved,
             }
         }
-        if args.finetune_epochs:
-            if ctx.data is None:
-                raise ConfigError("--finetune-epochs needs --data")
-            from torchslim.train import TrainConfig, fit
+        if train_cfg is not None:
+            from torchslim.train import fit
 
-            cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, optimizer="adam", seed=args.seed)
-            result = fit(model, ctx.data, cfg, progress=not args.no_progress)
+            result = fit(model, ctx.data, train_cfg, progress=not args.no_progress)
             extras["finetune"] = {"epochs": result.epochs_run, "test_accuracy": result.test_accuracy}
         return extras
 

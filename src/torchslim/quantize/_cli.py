@@ -69,8 +69,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
     if config.smoothquant_alpha is not None and not args.data:
         raise ConfigError("--smoothquant needs --data SPEC (calibration batches give the activation ranges)")
-    if args.epochs < 0:
-        raise ConfigError(f"--epochs must be >= 0; got {args.epochs}")
+    from torchslim._cli_common import finetune_config
+
+    args._train_config = finetune_config(args, args.epochs if config.mode == "qat" else 0)
     args._quant_config = config
     return run_model_verb(args, "quantize", _apply_quantize, load_data=args._sentences is None)
 
@@ -115,9 +116,8 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     if config.mode == "qat":
         plan = qat_prepare_(model, config, calibration=calibration if not config.lsq else None)
-        if args.epochs:
-            cfg = ts.TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed, max_steps_per_epoch=args.max_steps)
-            result = ts.fit(model, ctx.data, cfg, progress=not args.no_progress)
+        if args._train_config is not None:
+            result = ts.fit(model, ctx.data, args._train_config, progress=not args.no_progress)
             extras["qat"] = {"epochs": result.epochs_run, "history": result.history}
         ts.finalize_(model, kinds=["qat"])
     else:

@@ -129,6 +129,11 @@ class SearchConfig(ConfigDict):
         self._take_renamed()
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        from torchslim.prune.importance import get_importance
+
+        get_importance(self.importance)  # an unknown criterion is refused here, not inside every trial
+        if self.quant_mode not in ("weight-only", "static"):
+            raise ConfigError(f"SearchConfig.quant_mode must be 'weight-only' or 'static'; got {self.quant_mode!r}")
         for name in ("skip", "bits", "quant_layers", "ranks", "rank_layers"):
             v = getattr(self, name)
             if isinstance(v, str):
