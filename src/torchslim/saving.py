@@ -6,12 +6,17 @@ replays every plan (so pruned shapes, factorised layers etc. come back; both wit
 :func:`torchslim._modelinfo.rebuild`), then loads the weights strictly.
 ``example_inputs.safetensors`` keeps the model's example inputs.
 
+Safetensors has no checksum, so ``plan.json`` records the byte size and SHA-256 of each file
+``save`` writes (``"files"``); ``load`` checks them before parsing anything, and every damaged,
+truncated or foreign file is one :class:`~torchslim.errors.CheckpointError` naming the file.
+
 A saved directory is itself a model spec: this module registers it as the ``"saved"`` model
 source, so ``ts.create_model(DIR)`` loads it without the zoo knowing about saving.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -32,7 +37,7 @@ from torchslim._modelinfo import (
 )
 from torchslim._registry import register
 from torchslim._utils import atomic_path
-from torchslim.errors import CheckpointError, ConfigError, SpecError
+from torchslim.errors import CheckpointError, ConfigError, MissingDependencyError, TorchslimError
 from torchslim.graph.inputs import Inputs
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "write_weights", "register_plan_kind", "replay_plan"]
@@ -42,6 +47,8 @@ VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 INPUTS_FILE = "example_inputs.safetensors"
+FILES_KEY = "files"  # plan.json: {file name: {"bytes": size, "sha256": hex digest}}
+_CHUNK = 1 << 20
 
 def write_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write the model's parameters and buffers as safetensors (tied tensors stored once)."""
@@ -50,11 +57,26 @@ def write_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     save_model(model, str(path))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _detail(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one short line (messages of torch and safetensors span lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``directory`` (created or replaced atomically) and return its path.
 
     The directory is itself a model spec: ``ts.create_model(str(directory))`` or
-    ``torchslim profile DIR`` loads it.
+    ``torchslim profile DIR`` loads it. ``plan.json`` records the byte size and SHA-256 of
+    every file written beside it, and :func:`load` checks them, so a damaged file is refused.
 
     Raises:
         ConfigError: the model has no spec (build it with ``ts.create_model``), so it could not
@@ -68,7 +90,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         )
     from safetensors.torch import save_file
 
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "torch": torch.__version__,
@@ -81,44 +103,158 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         tmp.mkdir(parents=True)
         write_weights(model, tmp / WEIGHTS_FILE)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / INPUTS_FILE))
+        meta[FILES_KEY] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                           for name in (WEIGHTS_FILE, INPUTS_FILE)}
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=2))
     return Path(directory)
+
+
+# ---- reading: every damage is one CheckpointError naming the file --------------------------------
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is damaged: {what}")
+
+
+def _read_plan(plan_path: Path) -> dict[str, Any]:
+    """``plan.json`` parsed and checked field by field (types included)."""
+    try:
+        text = plan_path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {plan_path}: {exc.strerror or _detail(exc)}") from exc
+    except UnicodeDecodeError:
+        raise _damaged(plan_path, "it is not a text (UTF-8 JSON) file; save the model again") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise _damaged(plan_path, f"it is not valid JSON ({_detail(exc)}); truncated? save the model again") from None
+    if not isinstance(meta, dict):
+        raise _damaged(plan_path, f"its top level is a JSON {_json_type(meta)}, expected an object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{plan_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _damaged(plan_path, f"'version' is {version!r}, expected a whole number")
+    if version > VERSION:
+        raise CheckpointError(f"{plan_path.parent} was written by a newer torchslim (format version {version} > "
+                              f"{VERSION}); upgrade torchslim to load it")
+    record = meta.get("model")
+    if record is None:
+        raise _damaged(plan_path, "it has no 'model' entry (the model spec and the plans applied to it)")
+    if not isinstance(record, dict):
+        raise _damaged(plan_path, f"'model' is a JSON {_json_type(record)}, expected an object "
+                                  "(the model spec and the plans applied to it)")
+    for key, kinds, allowed in (("kind", (str,), "a string"), ("spec", (str,), "a string"),
+                                ("build", (dict, type(None)), "an object"), ("plans", (list, type(None)), "a list")):
+        if key == "kind" or key in record:
+            if not isinstance(record.get(key), kinds):
+                raise _damaged(plan_path, f"'model.{key}' is a JSON {_json_type(record.get(key))}, expected {allowed}")
+    for i, plan in enumerate(record.get("plans") or []):
+        if not isinstance(plan, dict):
+            raise _damaged(plan_path, f"'model.plans[{i}]' is a JSON {_json_type(plan)}, expected an object")
+    example = meta.get("example_inputs", {})
+    if not isinstance(example, dict):
+        raise _damaged(plan_path, f"'example_inputs' is a JSON {_json_type(example)}, expected an object")
+    args, kwargs = example.get("args", 0), example.get("kwargs", [])
+    if isinstance(args, bool) or not isinstance(args, int) or args < 0:
+        raise _damaged(plan_path, f"'example_inputs.args' is {args!r}, expected a count (a whole number >= 0)")
+    if not isinstance(kwargs, list) or not all(isinstance(k, str) for k in kwargs):
+        raise _damaged(plan_path, f"'example_inputs.kwargs' is {kwargs!r}, expected a list of names")
+    files = meta.get(FILES_KEY, {})
+    if not isinstance(files, dict):
+        raise _damaged(plan_path, f"'{FILES_KEY}' is a JSON {_json_type(files)}, expected an object")
+    for name in (WEIGHTS_FILE, INPUTS_FILE):
+        entry = files.get(name)
+        if entry is None:
+            continue
+        size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str)
+                or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+            raise _damaged(plan_path, f"its record of {name} is {entry!r}, expected "
+                                      '{"bytes": SIZE, "sha256": 64 hex digits}')
+    return meta
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _verify_files(d: Path, meta: dict[str, Any]) -> None:
+    """Check every file ``plan.json`` records (byte size, then SHA-256) before anything parses it.
+
+    Directories written before torchslim recorded them have no record and are not checked.
+    """
+    for name, entry in meta.get(FILES_KEY, {}).items():
+        if name not in (WEIGHTS_FILE, INPUTS_FILE):
+            continue  # a file a later torchslim records; this one does not read it
+        path, want = d / name, int(entry["bytes"])
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {PLAN_FILE} records it ({want} bytes); "
+                                  "restore it or save the model again")
+        size = path.stat().st_size
+        if size != want:
+            what = f"truncated: {size} bytes" if size < want else f"it has {size} bytes"
+            raise _damaged(path, f"{what}, expected {want} (the size recorded in {PLAN_FILE} when it was saved); "
+                                 "restore it or save the model again")
+        try:
+            digest = _sha256(path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or _detail(exc)}") from exc
+        if digest != entry["sha256"]:
+            raise _damaged(path, f"its sha256 does not match the one recorded in {PLAN_FILE} when it was saved "
+                                 f"({digest[:12]}... instead of {entry['sha256'][:12]}...): a changed or corrupted "
+                                 "file; restore it or save the model again")
 
 
 def load(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save`: architecture, plans, weights, example inputs.
 
+    The files are checked against the sizes and SHA-256 digests ``plan.json`` records before
+    they are parsed (directories saved without that record are loaded unchecked).
+
     Raises:
-        CheckpointError: files missing, of another format, from a newer version, or weights
-            that do not match the rebuilt architecture.
+        CheckpointError: files missing, damaged (truncated, changed, not of their format),
+            of another format, from a newer version, or weights that do not match the rebuilt
+            architecture; the message names the file.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
     d = Path(directory)
     plan_path = d / PLAN_FILE
-    if not plan_path.is_file() or not (d / WEIGHTS_FILE).is_file():
+    weights = d / WEIGHTS_FILE
+    if not plan_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{d} is not a torchslim model directory: it needs {PLAN_FILE} and {WEIGHTS_FILE}")
-    try:
-        meta = json.loads(plan_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{plan_path} is not valid JSON: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{plan_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    if int(meta.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{d} was written by a newer torchslim (format version {meta['version']} > {VERSION})")
+    meta = _read_plan(plan_path)
+    _verify_files(d, meta)
     try:
         model = rebuild(meta["model"])
-    except SpecError as exc:
-        raise CheckpointError(f"cannot rebuild the model saved in {d}: {exc}") from exc
+    except MissingDependencyError:
+        raise  # the fix is to install it, not the directory
+    except TorchslimError as exc:  # the record names a spec, a shape, a plan that cannot be built
+        raise CheckpointError(f"cannot rebuild the model saved in {d} (from {PLAN_FILE}): {_detail(exc, 500)}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot rebuild the model recorded in {plan_path}: its plans do not replay "
+                              f"({type(exc).__name__}: {_detail(exc)}); is it damaged?") from exc
     try:
-        missing, unexpected = load_model(model, str(d / WEIGHTS_FILE), strict=True, device=str(map_location))
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise CheckpointError(f"weights in {d / WEIGHTS_FILE} do not fit the rebuilt model: {exc}") from exc
+        load_model(model, str(weights), strict=True, device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(weights, f"it is not a readable safetensors file ({_detail(exc)}); "
+                                "restore it or save the model again") from exc
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"weights in {weights} do not fit the rebuilt model: {_detail(exc)}") from exc
     example = Inputs()
-    if (d / INPUTS_FILE).is_file():
-        ts = load_file(str(d / INPUTS_FILE))
-        n = meta.get("example_inputs", {}).get("args", 0)
-        kws = meta.get("example_inputs", {}).get("kwargs", [])
+    inputs_path = d / INPUTS_FILE
+    if inputs_path.is_file():
+        try:
+            ts = load_file(str(inputs_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise _damaged(inputs_path, f"it is not a readable safetensors file ({_detail(exc)}); "
+                                        "restore it or save the model again") from exc
+        n, kws = meta.get("example_inputs", {}).get("args", 0), meta.get("example_inputs", {}).get("kwargs", [])
+        missing = [k for k in [f"arg{i}" for i in range(n)] + [f"kw.{k}" for k in kws] if k not in ts]
+        if missing:
+            raise CheckpointError(f"{inputs_path} does not hold the example inputs {PLAN_FILE} lists "
+                                  f"(no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         example = Inputs(tuple(ts[f"arg{i}"] for i in range(n)), {k: ts[f"kw.{k}"] for k in kws})
     model.eval()
     return attach(model, replace(model_info(model), example=example))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from torchslim._optional import require
+from torchslim.errors import CheckpointError
 
 __all__ = ["ort_session", "ort_feed", "ort_runner", "ort_run"]
 
@@ -35,6 +36,10 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None, *, pro
     ``threads``: intra-op threads (inter-op pinned to 1); ``None`` leaves ONNX Runtime's defaults.
     ``providers``: execution providers in order (default: the CPU provider). Runtime warnings are
     not printed (severity 3: errors only).
+
+    Raises:
+        CheckpointError: ``path`` is missing, or ONNX Runtime cannot load it (a damaged, truncated
+            or foreign file; one line naming the file).
     """
     ort = require("onnxruntime", "ONNX Runtime")
     opts = ort.SessionOptions()
@@ -42,7 +47,30 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None, *, pro
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ONNX model {os.fspath(path)} does not exist (or is not a file)")
+    from onnxruntime.capi import onnxruntime_pybind11_state as _state
+
+    unreadable = tuple(getattr(_state, n) for n in _LOAD_ERRORS if hasattr(_state, n))
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    except unreadable as exc:
+        raise CheckpointError(_load_error(path, exc)) from None
+
+
+# what ONNX Runtime raises for a file it cannot load as a model (damaged, truncated, not ONNX)
+_LOAD_ERRORS = ("InvalidProtobuf", "InvalidArgument", "InvalidGraph", "NoModel", "NoSuchFile", "Fail")
+
+
+def _load_error(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """One line naming the file: ONNX Runtime's reason without its ``[ONNXRuntimeError] : 7 : ...`` prefix."""
+    text = " ".join(str(exc).split())
+    reason = text.rsplit("failed:", 1)[-1].strip() if "failed:" in text else text
+    reason = (reason if len(reason) <= 200 else reason[:197] + "...").rstrip(".") or type(exc).__name__
+    if type(exc).__name__ in ("InvalidProtobuf", "NoModel") or "No graph was found" in reason:
+        return (f"ONNX model {os.fspath(path)} is damaged, truncated or not an ONNX file ({reason}); "
+                "export it again")
+    return f"ONNX Runtime cannot load the model {os.fspath(path)} ({type(exc).__name__}: {reason})"
 
 
 def ort_feed(session: Any, x: Tensors) -> dict[str, Any]:

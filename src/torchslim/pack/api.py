@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from torchslim._utils import atomic_path
-from torchslim.errors import CheckpointError, ConfigError, SpecError
+from torchslim.errors import CheckpointError, ConfigError, MissingDependencyError, TorchslimError
 from torchslim.pack import coding
 from torchslim.pack.cluster import check_bits, cluster_, clustered_layers, index_dtype
 from torchslim.pack.fileformat import MAGIC, container_bytes, read_container
@@ -303,7 +303,7 @@ def _decode_layer(p: Path, name: str, entry: dict[str, Any], streams: dict[str, 
         codebook = torch.frombuffer(bytearray(base64.b64decode(entry["codebook"])), dtype=dt).clone()
         ientry, pentry = entry["indices"], entry.get("positions")
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: header entry is malformed ({exc})") from exc
+        raise CheckpointError(f"{where}: header entry is malformed ({_one_line(exc)})") from exc
     if codebook.numel() != k:
         raise CheckpointError(f"{where}: codebook has {codebook.numel()} values, {k} expected for {bits} bits")
     numel = int(np.prod(shape)) if shape else 1
@@ -335,14 +335,31 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
         CheckpointError: the file is missing, not a ``.tslim`` file, from a newer format version,
             truncated or corrupted (checksums), or does not fit the rebuilt architecture.
     """
+    p = Path(path)
+    cont = read_container(p)
+    try:
+        return _unpack_container(p, cont, map_location)
+    except (CheckpointError, MissingDependencyError):
+        raise
+    except TorchslimError as exc:  # a header field the code below refused (bits, dtype...)
+        raise CheckpointError(f"{p}: its header is malformed ({_one_line(exc)})") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # the checksums passed, so the file is as written, but its header is not one pack() writes
+        raise CheckpointError(f"{p}: its header is malformed ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unpack_container(p: Path, cont: Any, map_location: str | torch.device) -> nn.Module:
     from dataclasses import replace
 
     from safetensors.torch import load as st_load
 
     from torchslim._modelinfo import attach, model_info, rebuild
 
-    p = Path(path)
-    cont = read_container(p)
     h = cont.header
     coder = h.get("coder")
     if coder not in coding.CODERS:
@@ -350,12 +367,14 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
     info = h.get("model") or {}
     try:
         model = rebuild(info)  # the architecture with every plan replayed, as ts.load does
-    except SpecError as exc:
-        raise CheckpointError(f"cannot rebuild the model packed in {p}: {exc}") from exc
+    except MissingDependencyError:
+        raise
+    except TorchslimError as exc:  # the header names a spec, a shape, a plan that cannot be built
+        raise CheckpointError(f"cannot rebuild the model packed in {p}: {_one_line(exc)}") from exc
     try:
         raw = st_load(cont.streams.get(_RAW, b"")) if cont.streams.get(_RAW) else {}
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{p}: the raw tensor block cannot be read ({exc})") from exc
+        raise CheckpointError(f"{p}: the raw tensor block cannot be read ({_one_line(exc)})") from exc
     example_raw = {k: raw.pop(k) for k in [k for k in raw if k.startswith(_EXAMPLE)]}
     state: dict[str, torch.Tensor] = dict(raw)
     for key, target in (h.get("raw", {}).get("aliases") or {}).items():
@@ -377,7 +396,7 @@ def unpack(path: str | os.PathLike[str], map_location: str | torch.device = "cpu
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the tensors in {p} do not fit the rebuilt model: {exc}") from exc
+        raise CheckpointError(f"the tensors in {p} do not fit the rebuilt model: {_one_line(exc)}") from exc
     model.to(map_location).eval()
     example = _example_inputs(h.get("example_inputs") or {}, example_raw, p)
     return attach(model, replace(model_info(model), example=example))

@@ -70,7 +70,11 @@ def read_container(path: str | os.PathLike[str], *, header_only: bool = False) -
         data = p.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read packed model {p}: {exc.strerror or exc}") from exc
-    if len(data) < _PREFIX.size or data[:8] != MAGIC:
+    if not data:
+        raise CheckpointError(f"{p} is empty: it is not a torchslim packed model (.tslim)")
+    if len(data) < _PREFIX.size and MAGIC.startswith(data[:8]):
+        raise CheckpointError(f"{p} is truncated: {len(data)} bytes, shorter than the .tslim file prefix ({_PREFIX.size})")
+    if data[:8] != MAGIC:
         raise CheckpointError(f"{p} is not a torchslim packed model (.tslim): it does not start with the .tslim magic bytes")
     _, version, hlen, hcrc = _PREFIX.unpack_from(data)
     if version > VERSION:
@@ -88,11 +92,13 @@ def read_container(path: str | os.PathLike[str], *, header_only: bool = False) -
     try:
         header = json.loads(zlib.decompress(raw))
     except (zlib.error, ValueError) as exc:
-        raise CheckpointError(f"{p} is corrupted: its header cannot be decoded ({exc})") from exc
+        raise CheckpointError(f"{p} is corrupted: its header cannot be decoded ({' '.join(str(exc).split())})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p} is corrupted: its header is a {type(header).__name__}, not a JSON object")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{p} has format {header.get('format')!r}, expected {FORMAT!r}")
     payload = start + hlen
-    table = header.get("streams", [])
+    table = _stream_table(p, header.get("streams", []))
     end = payload + sum(int(s["length"]) for s in table)
     if len(data) < end + _TRAILER.size:
         raise CheckpointError(f"{p} is truncated: the header announces {end + _TRAILER.size} bytes, the file has {len(data)}")
@@ -111,3 +117,17 @@ def read_container(path: str | os.PathLike[str], *, header_only: bool = False) -
     if zlib.crc32(data[:end]) != total:
         raise CheckpointError(f"{p} is corrupted: the whole-file checksum does not match")
     return out
+
+
+def _stream_table(p: Path, table: Any) -> list[dict[str, Any]]:
+    """The header's stream table, every entry checked (name, and offset / length / crc32 >= 0)."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(table, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and all(whole(e.get(k)) for k in ("offset", "length", "crc32"))
+        for e in table
+    ):
+        raise CheckpointError(f"{p} is corrupted: its stream table is malformed (expected a list of "
+                              "{name, offset, length, crc32} entries)")
+    return table

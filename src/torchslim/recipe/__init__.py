@@ -52,9 +52,16 @@ def load_recipe(recipe: Any) -> Recipe:
             raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; "
                               f"built-in: {', '.join(list_recipes())}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text (UTF-8 YAML) file; a recipe is YAML text "
+                          "(see ts.load_recipe('default').to_yaml() for an example)") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or ' '.join(str(exc).split())}") from None
+    except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {' '.join(str(exc).split())}") from None
+    if raw is None:
+        raise RecipeError(f"{path} is empty; a recipe is a YAML mapping with a 'stages' list")
     return parse_recipe(raw, str(path) if path.parent != _BUILTIN else f"built-in recipe {path.stem!r}")
 
 

@@ -12,9 +12,10 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from torchslim._optional import require
-from torchslim.errors import ConfigError
+from torchslim.errors import CheckpointError, ConfigError
 
 __all__ = ["sqlite_url", "redact", "open_storage", "trial_counts", "STUDY_ATTR"]
 
@@ -44,6 +45,7 @@ def open_storage(url: str, *, heartbeat: int = 10, grace: int | None = None, max
 
     Raises:
         ConfigError: the URL is malformed, its driver is missing, or the database is unreachable.
+        CheckpointError: the SQLite file is damaged or not a database.
     """
     optuna = require("optuna", "torchslim search")
     import sqlalchemy.exc
@@ -60,6 +62,7 @@ def open_storage(url: str, *, heartbeat: int = 10, grace: int | None = None, max
         path = Path(url[len("sqlite:///"):])
         if not path.parent.is_dir():
             raise ConfigError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
+        _check_sqlite_file(path)
         engine_kwargs = {"connect_args": {"timeout": 30}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats and their retry callback are "experimental"
@@ -90,6 +93,34 @@ def open_storage(url: str, *, heartbeat: int = 10, grace: int | None = None, max
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"cannot open storage {redact(url)!r}: {first}; allowed: {_ALLOWED}") from exc
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """An existing SQLite study file must open and pass SQLite's ``quick_check`` (structure of every
+    page, index and table): a damaged one is one CheckpointError naming it, not a database
+    traceback half-way through a search. An empty file is a new database; a locked one is left to
+    the connection's own timeout."""
+    import sqlite3
+
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+    except OSError:
+        return
+    fix = "restore it, or delete it (or use another --out) to start the study over"
+    try:
+        con = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
+        try:
+            row = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # locked, busy, unreadable: not evidence of damage
+        return
+    except sqlite3.DatabaseError as exc:
+        raise CheckpointError(f"{path} is damaged or not an SQLite database ({exc}); {fix}") from None
+    if not row or row[0] != "ok":
+        detail = " ".join(str(row[0] if row else "no result").split())[:200]
+        raise CheckpointError(f"{path} is damaged: SQLite's integrity check fails ({detail}); {fix}")
 
 
 def _with_driver(url: str) -> str:
