@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from torchslim._utils import atomic_path
-from torchslim.errors import ConfigError
+from torchslim.errors import CheckpointError, ConfigError
 from torchslim.recipe.schema import Recipe, RecipeError, stage_kinds
 
 __all__ = ["CompressResult", "compress", "measure"]
@@ -150,6 +150,65 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(payload, indent=2, default=str))
 
 
+_NUMBER = (int, float)
+# what every measured row (the original's, each stage's) holds, and what a stage record adds
+_ROW_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "params": (_NUMBER, "a number"), "macs": (_NUMBER, "a number"), "size_bytes": (_NUMBER, "a number"),
+    "accuracy": ((*_NUMBER, type(None)), "a number or null"), "profile": ((dict,), "an object"),
+    "layers": ((list,), "a list"),
+}
+_STAGE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "label": ((str,), "a string"), "index": ((int,), "a whole number"), "kind": ((str,), "a string"),
+    "seconds": (_NUMBER, "a number"),
+}
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A resumed run's ``state.json``, checked field by field: damage is one CheckpointError naming it."""
+    fix = "pass --force (force=True) to start the run over, or another --out"
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"cannot resume: {path} is damaged: {what}; {fix}")
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot resume: cannot read {path}: {exc.strerror or exc}; {fix}") from exc
+    except UnicodeDecodeError:
+        raise damaged("it is not a text (UTF-8 JSON) file") from None
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise damaged(f"it is not valid JSON ({' '.join(str(exc).split())}); truncated?") from None
+    if not isinstance(state, dict):
+        raise damaged(f"its top level is a {type(state).__name__}, expected a JSON object")
+    version = state.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise damaged(f"'version' is {version!r}, expected a whole number")
+    if version > STATE_VERSION:
+        raise CheckpointError(f"cannot resume: {path} was written by a newer torchslim (state version {version} > "
+                              f"{STATE_VERSION}); {fix}")
+
+    def check(row: Any, where: str, fields: dict[str, tuple[tuple[type, ...], str]]) -> None:
+        if not isinstance(row, dict):
+            raise damaged(f"{where} is a {type(row).__name__}, expected a JSON object")
+        for key, (kinds, allowed) in fields.items():
+            value = row.get(key)
+            if key not in row or isinstance(value, bool) or not isinstance(value, kinds):
+                raise damaged(f"{where}.{key} is {'missing' if key not in row else repr(value)[:60]}, expected {allowed}")
+
+    if state.get("original") is not None:
+        check(state["original"], "'original'", _ROW_FIELDS)
+    stages = state.get("stages")
+    if not isinstance(stages, list):
+        raise damaged(f"'stages' is {stages!r:.60}, expected a list")
+    for i, record in enumerate(stages):
+        check(record, f"'stages[{i}]'", {**_STAGE_FIELDS, **_ROW_FIELDS})
+    if stages and state.get("original") is None:
+        raise damaged("it lists finished stages but no measurement of the original model")
+    return state
+
+
 def _prepare_out(out: Path, recipe: Recipe, spec: str, data_spec: str | None, resume: bool, force: bool) -> dict[str, Any]:
     state_path = out / STATE_FILE
     fresh = {"version": STATE_VERSION, "recipe": recipe.to_dict(), "model": spec, "data": data_spec,
@@ -164,7 +223,7 @@ def _prepare_out(out: Path, recipe: Recipe, spec: str, data_spec: str | None, re
             raise ConfigError(f"cannot resume: {out} exists but has no {STATE_FILE} (not a compress run); "
                               "use another --out or --force")
         else:
-            state = json.loads(state_path.read_text())
+            state = _read_state(state_path)
             if state.get("recipe") != recipe.to_dict():
                 raise ConfigError(f"cannot resume {out}: it was started with another recipe "
                                   f"(see {out / 'resolved_recipe.yaml'}); use the same recipe or --force")
@@ -248,6 +307,7 @@ def compress(
     Raises:
         RecipeError: the recipe is invalid, or needs data that was not given (before any work).
         ConfigError: ``out`` exists without ``resume`` / ``force``; a resumed run's recipe differs.
+        CheckpointError: a resumed run's ``state.json`` (or a stage's saved model) is damaged.
     """
     from torchslim.recipe._select import resolve_config
     from torchslim.recipe.report import build_report, write_reports
