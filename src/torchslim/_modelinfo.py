@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +45,12 @@ __all__ = [
     "replay_plan",
     "rebuild",
     "rebuildable",
+    "Applied",
+    "applied_to",
+    "refuse_applied",
+    "AFTER_FLOAT",
+    "FINALIZE_FIRST",
+    "SKIP_THEM",
 ]
 
 
@@ -214,3 +220,165 @@ def rebuild(info: ModelInfo | Mapping[str, Any]) -> nn.Module:
     for plan in plans:
         replay_plan(model, plan)
     return attach(model, ModelInfo(str(record.get("spec", "")), kind, build, Inputs(), plans))
+
+
+# ---- what was applied to a layer -----------------------------------------------------------------
+# The family a torchslim class belongs to (its module path) -> the verb that puts it on a layer,
+# and how a message says so. ``_masks`` holds the mask parametrization that sparsify_, wanda_
+# and sparsegpt_ set (all recorded as kind "sparsify").
+_FAMILY_VERB = {
+    "_masks": "sparsify_", "prune": "sparsify_", "quantize": "quantize_", "binarize": "binarize_",
+    "pack": "cluster_", "lowrank": "factorize_",
+}
+_PAST = {
+    "sparsify_": "masked", "quantize_": "quantized", "gptq_": "quantized", "binarize_": "binarized",
+    "cluster_": "clustered", "factorize_": "factorized",
+}
+_RECORD_KIND = {"sparsify_": "sparsify", "quantize_": "quantize", "binarize_": "binarize", "cluster_": "cluster"}
+
+# hints for :func:`refuse_applied`, formatted with verb, by (the earlier verb), name, skip (all refused names)
+AFTER_FLOAT = "apply {verb} to the float model, before {by}"
+FINALIZE_FIRST = "make it permanent first with ts.finalize_(model), or apply {verb} before {by}"
+SKIP_THEM = "leave those layers out with skip={skip}"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One thing a torchslim verb left on a layer (see :func:`applied_to`).
+
+    Attributes:
+        verb: the verb that did it (``"quantize_"``, ``"gptq_"``, ``"sparsify_"``, ``"binarize_"``...).
+        family: the package it comes from (``"quantize"``, ``"prune"``, ``"binarize"``, ``"pack"``).
+        what: what is on the layer, for messages (``"BinaryConv2d"``, ``"FakeQuantize on its weight"``).
+    """
+
+    verb: str
+    family: str
+    what: str
+
+    @property
+    def past(self) -> str:
+        """``"quantized"``, ``"masked"``, ``"binarized"``...: what the layer was."""
+        return _PAST.get(self.verb, f"changed by {self.verb}")
+
+
+def _family(cls: type) -> str | None:
+    parts = str(getattr(cls, "__module__", "")).split(".")
+    if len(parts) < 2 or parts[0] != "torchslim":
+        return None
+    fam = "prune" if parts[1] == "_masks" else parts[1]
+    return fam if fam in _FAMILY_VERB else None
+
+
+def _names_in(layers: Any) -> set[str]:
+    """The layer names a plan record lists (lists of names or parameter names, dict keys, dicts with ``name``)."""
+    out: set[str] = set()
+    items = layers.keys() if isinstance(layers, Mapping) else layers if isinstance(layers, (list, tuple)) else ()
+    for x in items:
+        name = x.get("name") if isinstance(x, Mapping) else x
+        if isinstance(name, str):
+            out.add(name)
+            for suffix in (".weight", ".bias"):
+                if name.endswith(suffix):
+                    out.add(name[: -len(suffix)])
+    return out
+
+
+def _record(model: nn.Module, kind: str, name: str) -> Mapping[str, Any] | None:
+    """The latest plan of ``kind`` in the model's record that names layer ``name``."""
+    info = model_info(model)
+    for plan in reversed(info.plans if info is not None else []):
+        if plan.get("kind") == kind and name in _names_in(plan.get("layers")):
+            return plan
+    return None
+
+
+def applied_to(model: nn.Module, name: str) -> list[Applied]:
+    """What torchslim verbs left on layer ``name`` that is still there, from its class, the
+    parametrizations on its tensors and the model's record of plans (for the verb and mode).
+
+    A plain layer (also one whose masks or clusters were made permanent by ``ts.finalize_``, or a
+    factorized layer's parts) has none.
+
+    Example:
+        >>> import torch
+        >>> from torchslim._masks import set_masks_
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> applied_to(m, "0")
+        []
+        >>> _ = set_masks_(m, {"0.weight": torch.ones(2, 2, dtype=torch.bool)})
+        >>> applied_to(m, "0")
+        [Applied(verb='sparsify_', family='prune', what='a reversible WeightMask on its weight')]
+    """
+    from torch.nn.utils import parametrize
+
+    module = model.get_submodule(name) if name else model
+    found: list[Applied] = []
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    fam = _family(cls)
+    if fam is not None:
+        found.append(Applied(_FAMILY_VERB[fam], fam, cls.__name__))
+    for pname, plist in (module.parametrizations.items() if parametrize.is_parametrized(module) else ()):
+        for p in plist:
+            fam = _family(type(p))
+            if fam is None:
+                continue
+            verb = _FAMILY_VERB[fam]
+            what = f"{type(p).__name__} on its {pname}"
+            if fam == "prune":
+                what = f"a reversible {what}"
+            found.append(Applied(verb, fam, what))
+    out = []
+    for a in found:  # the record names the verb exactly (gptq_) and the mode
+        plan = _record(model, _RECORD_KIND.get(a.verb, ""), name)
+        if plan is not None and a.family == "quantize":
+            mode = (plan.get("config") or {}).get("mode")
+            verb = "gptq_" if plan.get("algorithm") == "gptq" else a.verb
+            a = Applied(verb, a.family, f"{mode}, {a.what}" if mode else a.what)
+        out.append(a)
+    return out
+
+
+def refuse_applied(
+    model: nn.Module, names: Iterable[str], verb: str, hints: Mapping[str, str | None]
+) -> None:
+    """Refuse, before any change, layers an earlier verb left something on that ``verb`` cannot take.
+
+    Args:
+        model: the model ``verb`` was called on.
+        names: the layers ``verb`` selected and would change.
+        verb: the verb asking (``"binarize_"``).
+        hints: family of the earlier verb (``"quantize"``, ``"prune"``, ``"binarize"``, ``"pack"``)
+            -> what to do instead (a format string: :data:`AFTER_FLOAT`, :data:`FINALIZE_FIRST`,
+            :data:`SKIP_THEM`, with ``{verb}``, ``{by}``, ``{past}``, ``{name}``, ``{skip}``); families
+            not listed (or mapped to None) are taken.
+
+    Raises:
+        ConfigError: one line naming the verb, the first such layer, what was applied to it and by
+            which verb, and what to do instead (the other refused layers are counted and listed in
+            ``skip=``).
+
+    Example:
+        >>> import torch
+        >>> from torchslim._masks import set_masks_
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> _ = set_masks_(m, {"0.weight": torch.ones(2, 2, dtype=torch.bool)})
+        >>> refuse_applied(m, ["0"], "binarize_", {"prune": FINALIZE_FIRST})
+        Traceback (most recent call last):
+        ...
+        torchslim.errors.ConfigError: binarize_ cannot take '0': it was masked by sparsify_ (a reversible WeightMask on its weight); make it permanent first with ts.finalize_(model), or apply binarize_ before sparsify_
+    """
+    refused: list[tuple[str, Applied]] = []
+    for name in names:
+        for a in applied_to(model, name):
+            if hints.get(a.family):
+                refused.append((name, a))
+                break
+    if not refused:
+        return
+    name, a = refused[0]
+    others = [n for n, _ in refused[1:]]
+    skip = [n for n, _ in refused]
+    hint = str(hints[a.family]).format(verb=verb, by=a.verb, past=a.past, name=name, skip=skip)
+    more = f" (and {len(others)} more: {', '.join(repr(n) for n in others)})" if others else ""
+    raise ConfigError(f"{verb} cannot take {name!r}{more}: it was {a.past} by {a.verb} ({a.what}); {hint}")

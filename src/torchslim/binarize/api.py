@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from torchslim._config import ConfigDict
-from torchslim._modelinfo import register_plan_kind
+from torchslim._modelinfo import AFTER_FLOAT, FINALIZE_FIRST, refuse_applied, register_plan_kind
 from torchslim._select import matches, select_modules
 from torchslim._utils import evaluating
 from torchslim.binarize.layers import (
@@ -256,7 +256,18 @@ def _select(model: nn.Module, cfg: BinarizeConfig, example_inputs: Any) -> tuple
     if not layers:
         reasons = ", ".join(f"{n}: {r}" for n, r in kept.items()) or "the model has no Linear/Conv2d layer"
         raise ConfigError(f"no layer to binarize ({reasons}); check modules=, skip=, keep_first= and keep_last=")
+    # a binary layer takes over the float layer's weight Parameter: a weight computed by a mask,
+    # a fake-quantizer or a codebook is not one, and what they did would be lost
+    refuse_applied(model, layers, "binarize_", _CANNOT_TAKE)
     return layers, kept
+
+
+# what binarize_ cannot take from an earlier verb, and what to do instead
+_CANNOT_TAKE = {
+    "quantize": "a layer is binary or quantized, not both: " + AFTER_FLOAT,
+    "prune": FINALIZE_FIRST,
+    "pack": FINALIZE_FIRST,
+}
 
 
 def _relus(model: nn.Module) -> list[str]:
@@ -306,8 +317,9 @@ def binarize_(
 
     Raises:
         ConfigError: a bad config, a selected layer with no binary form (Conv1d, ConvTranspose,
-            padding modes other than zeros), or no layer left to binarize. The model is
-            unchanged then.
+            padding modes other than zeros), a selected layer another verb changed in a way
+            binarize_ cannot take (quantized; masked or clustered until ``ts.finalize_``), or no
+            layer left to binarize. The model is unchanged then.
     """
     cfg = BinarizeConfig.build(config, **overrides)
     if not isinstance(model, nn.Module):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from torchslim._config import ConfigDict
-from torchslim._modelinfo import register_plan_kind
+from torchslim._modelinfo import AFTER_FLOAT, refuse_applied, register_plan_kind
 from torchslim._select import select_modules
 from torchslim._utils import is_int, is_number
 from torchslim.errors import CheckpointError, ConfigError, SpecError
@@ -245,7 +245,8 @@ def factorize_(
 
     Raises:
         ConfigError: bad config for this model: a name that matches nothing, a layer type with
-            no factorization, a rank larger than a layer allows, an unreachable target.
+            no factorization, a rank larger than a layer allows, an unreachable target, a
+            selected layer that is quantized (``quantize_``) or binary (``binarize_``).
 
     Example:
         >>> import torch, torchslim as ts
@@ -262,6 +263,7 @@ def factorize_(
     select_modules(model, config.modules, config.skip, kinds=None)  # a pattern that selects nothing: refused first
     method = _plan.METHODS[config.method]
     chosen, skipped_types = _plan.select(model, method, config.modules, config.skip)
+    refuse_applied(model, [n for n, _ in chosen], "factorize_", _CANNOT_TAKE)
     inputs = _inputs_for(model, example_inputs)
     metric = 0 if config.target_macs is not None else 1
     if config.scope == "model" and metric == 0 and inputs is None:
@@ -334,6 +336,12 @@ def factorize_(
 
         record_plan(model, plan.record())
     return plan
+
+
+# what factorize_ cannot take from an earlier verb: the factorized blocks are plain layers, so a
+# layer's input quantizer or binary ops would be silently dropped (a mask's or a codebook's values
+# are kept: the factorization is of the weight they give)
+_CANNOT_TAKE = {"quantize": AFTER_FLOAT, "binarize": AFTER_FLOAT}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from torchslim._config import ConfigDict
 from torchslim._masks import WeightMask
+from torchslim._modelinfo import AFTER_FLOAT, refuse_applied
 from torchslim._select import as_patterns, check_patterns, first_match, select_modules
 from torchslim._utils import is_int
 from torchslim.errors import CheckpointError, ConfigError
@@ -266,7 +267,13 @@ def _select(model: nn.Module, cfg: ClusterConfig) -> dict[str, tuple[nn.Module, 
         )
     for name, (module, _) in chosen.items():
         if _shared(module) is not None:
-            raise ConfigError(f"{name}.weight is already clustered; bake_ it first or leave it out with skip=")
+            raise ConfigError(
+                f"{name}.weight is already clustered; make it permanent first with ts.finalize_(model), "
+                f"or leave it out with skip=[{name!r}]"
+            )
+    # a fake-quantized weight is computed from its quantizer: cluster the float model, then quantize
+    refuse_applied(model, chosen, "cluster_", {"quantize": AFTER_FLOAT})
+    for name, (module, _) in chosen.items():
         plist = getattr(module, "parametrizations", None)
         if plist is not None and "weight" in plist:
             others = [type(p).__name__ for p in plist["weight"] if not isinstance(p, WeightMask)]

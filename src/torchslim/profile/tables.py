@@ -9,7 +9,7 @@ imports them from here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torchslim._text import Printable, printable
 

@@ -48,6 +48,7 @@ from torchslim._masks import (
     set_masks_,
     split_name,
 )
+from torchslim._modelinfo import FINALIZE_FIRST, refuse_applied
 from torchslim._registry import get_method
 from torchslim._select import Selector, check_patterns, matches
 from torchslim.data import batches_of
@@ -86,6 +87,11 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 _split = split_name
 _mask_module = mask_module
 _original = original
+
+
+# what a mask cannot go on: a clustered weight is stored as a codebook (the parametrization's
+# original is not the weight), so masking it would write zeros into the centroids
+CANNOT_TAKE = {"pack": FINALIZE_FIRST}
 
 
 def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
@@ -312,7 +318,8 @@ def sparsify_(
     Raises:
         ConfigError: sparsity outside [0, 1]; an unknown method, scope, pattern or field; N > M; a
             layer whose shape the pattern cannot divide; a module pattern that selects nothing; a
-            method that needs calibration without it. The model is unchanged then.
+            method that needs calibration without it; a clustered layer (``cluster_``; finalize
+            it first). The model is unchanged then.
     """
     calibration = batches_of(data, calibration, where="sparsify_")
     if config is not None and not isinstance(config, (SparsifyConfig, Mapping)):
@@ -334,6 +341,7 @@ def sparsify_(
     targets = {w: m for w, m in prunable_weights(model, modules).items() if not any(matches(_split(w)[0], p) for p in cfg.skip)}
     if not targets:
         raise ConfigError(f"skip={list(cfg.skip)!r} leaves no Linear/Conv layer to prune")
+    refuse_applied(model, list(dict.fromkeys(_split(w)[0] for w in targets)), "sparsify_", CANNOT_TAKE)
     for wname, module in targets.items():
         check_pattern(wname, getattr(module, _split(wname)[1]).shape, pat)
     rates, overridden = _rates(targets, sparsity, overrides)
@@ -393,8 +401,22 @@ def _finalize_layers(model: nn.Module, layers: Sequence[str], storage: str) -> N
         mname, pname = _split(name)
         module = modules[mname]
         if _mask_module(module, pname) is not None:
-            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+            _remove_parametrizations(module, pname)
         _sparse_io.attach_sparse_storage(module, [pname], storage)
+
+
+def _remove_parametrizations(module: nn.Module, pname: str) -> None:
+    """``remove_parametrizations`` that leaves deep copies of ``module`` intact.
+
+    A deep copy of a parametrized module shares its injected class with the original, and
+    removing a parametrization deletes the property from that class: finalizing a copy would
+    make the original's ``weight`` vanish. Give the module a class of its own first (as
+    ``pack.cluster`` does).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
 
 
 def _replay(model: nn.Module, plan: dict[str, Any]) -> None:

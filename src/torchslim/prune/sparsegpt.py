@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._layerwise import LayerStats, inverse_hessian_factor, obs_sweep
+from torchslim._layerwise import LayerStats, inverse_hessian_factor, linear_layers, obs_sweep
+from torchslim._modelinfo import refuse_applied
 from torchslim.data import batches_of
-from torchslim.prune.masks import SparsityPlan
+from torchslim.prune.masks import CANNOT_TAKE, SparsityPlan
 from torchslim.prune.unstructured import Pattern
 from torchslim.prune.wanda import OneShotConfig, one_shot_prune_
 
@@ -126,11 +127,13 @@ def sparsegpt_(
         A :class:`~torchslim.prune.masks.SparsityPlan` (method ``"sparsegpt"``).
 
     Raises:
-        ConfigError: bad settings, a layer the pattern cannot divide, no or empty calibration
-            data. The model is unchanged then.
+        ConfigError: bad settings, a layer the pattern cannot divide, a clustered layer
+            (``cluster_``; finalize it first), no or empty calibration data. The model is
+            unchanged then.
     """
     calibration = batches_of(data, calibration, where="sparsegpt_")
     config = OneShotConfig(
         "sparsegpt", sparsity, pattern, calibration_batches, modules, skip, sequential, blocksize, damp
     )
+    refuse_applied(model, linear_layers(model, config.modules, config.skip), "sparsegpt_", CANNOT_TAKE)
     return one_shot_prune_(model, config, calibration, _sparsegpt_layer)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from torchslim._config import ConfigDict
-from torchslim._modelinfo import register_plan_kind
+from torchslim._modelinfo import SKIP_THEM, refuse_applied, register_plan_kind
 from torchslim._select import Selector, as_patterns, select_modules
 from torchslim._utils import evaluating, model_device
 from torchslim.data import batches_of
@@ -52,6 +52,9 @@ __all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
 
 MODES = ("dynamic", "static", "weight-only", "qat")
 KIND = "quantize"
+# what quantize_ (and gptq_) cannot take from an earlier verb: a binary layer has no integer form
+# (its int8 export would be a float conv's), and swapping or fake-quantizing it loses the binarization
+CANNOT_TAKE = {"binarize": "a layer is binary or quantized, not both: " + SKIP_THEM}
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,8 @@ def quantize_(
             ``quantize_(model, QuantConfig(bits=4))``; with ``config``, ``config.replace(bits=4)``.
 
     Raises:
-        ConfigError: bad settings, nothing to quantize, no / empty calibration data for static.
+        ConfigError: bad settings, nothing to quantize, no / empty calibration data for static,
+            an already quantized model, selected layers that are binary (``binarize_``).
         InputShapeError: calibration batches that do not fit the model.
         Bad input leaves the model unchanged.
     """
@@ -351,6 +355,7 @@ def quantize_(
     plan = QuantPlan(config)
     if config.mode in ("weight-only", "dynamic"):
         layers = _linear_layers(model, config)
+        refuse_applied(model, layers, "quantize_", CANNOT_TAKE)
         _check_layer_bits(config, layers)
         tables = embedding_tables(model, config)
         _check_calibration(model, calibration, required=False)
@@ -372,6 +377,7 @@ def quantize_(
         plan.embeddings = list(tables)
     else:
         selected = ptq.quantizable_layers(model, config.modules, config.skip)
+        refuse_applied(model, selected, "quantize_", CANNOT_TAKE)
         _check_layer_bits(config, selected)
         if config.granularity == "group":
             raise ConfigError("granularity='group' is for weight-only mode; static / qat use 'channel' or 'tensor'")

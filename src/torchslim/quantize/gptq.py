@@ -39,9 +39,10 @@ from torchslim._layerwise import (
     obs_sweep,
     run_layerwise,
 )
+from torchslim._modelinfo import refuse_applied
 from torchslim.data import batches_of
 from torchslim.errors import ConfigError
-from torchslim.quantize.api import QuantConfig, QuantPlan
+from torchslim.quantize.api import CANNOT_TAKE, QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
 from torchslim.quantize.weight_only import QuantizedLinear
@@ -162,6 +163,7 @@ def gptq_(
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ConfigError(f"blocksize must be a positive integer; got {blocksize!r}")
     layers = linear_layers(model, config.modules, config.skip)
+    refuse_applied(model, layers, "gptq_", CANNOT_TAKE)
     unknown = sorted(set(config.layer_bits or {}) - set(layers))
     if unknown:
         raise ConfigError(f"layer_bits names layers that are not quantized: {unknown}; quantized layers: {sorted(layers)}")
