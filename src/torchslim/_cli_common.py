@@ -350,9 +350,8 @@ def build_model(args: argparse.Namespace, data: Any = None, *, spec: str | None 
     a shape it cannot take is an ``InputShapeError`` naming the shape it expects.
     """
     import torchslim as ts
-    from torchslim.zoo.spec import parse_input_shape
-
     from torchslim.graph.inputs import as_inputs, remembered_inputs
+    from torchslim.zoo.spec import parse_input_shape
 
     model = ts.create_model(spec or args.model, data=data, seed=getattr(args, "seed", None))
     expected = remembered_inputs(model).describe()

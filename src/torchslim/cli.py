@@ -298,7 +298,10 @@ _register_entry("cli_verb", "core", _register_core, family="core", order=0, verb
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``torchslim`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse refused the line (one line written) or printed --help/--version
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_BAD_INPUT
     from torchslim.errors import TorchslimError
 
     try:

@@ -223,6 +223,11 @@ def load(directory: str | os.PathLike[str], map_location: str | torch.device = "
     plan_path = d / PLAN_FILE
     weights = d / WEIGHTS_FILE
     if not plan_path.is_file() or not weights.is_file():
+        from torchslim._fs import interrupted_replace
+
+        survivor = interrupted_replace(d)  # a --force replace killed between its two renames
+        if survivor is not None:
+            raise CheckpointError(survivor)
         raise CheckpointError(f"{d} is not a torchslim model directory: it needs {PLAN_FILE} and {WEIGHTS_FILE}")
     meta = _read_plan(plan_path)
     _verify_files(d, meta)

@@ -43,7 +43,7 @@ def test_distill_verb_prints_the_common_json(teacher_dir, tmp_path, capsys):
     [
         (["--loss", "fitnet"], "--loss must be one of"),
         (["--taps", "fc9"], "no module named 'fc9'"),
-        (["--alpha", "1.5"], "DistillConfig.alpha"),
+        (["--alpha", "1.5"], "--alpha"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(teacher_dir, tmp_path, capsys, extra, needle):

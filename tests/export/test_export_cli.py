@@ -51,7 +51,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ex
     assert not out.exists()
 
 
-def test_missing_directory_exits_2(tmp_path, capsys):
-    code = main(["export", "zoo:lenet300", "--out", str(tmp_path / "nope" / "m.pt2")])
-    assert code == 2 and "does not exist" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+def test_missing_parent_folders_are_created_and_removed_on_failure(tmp_path, capsys):
+    code = main(["export", "zoo:lenet300", "--out", str(tmp_path / "nope" / "m.pt2"), "--no-check"])
+    assert code == 0 and (tmp_path / "nope" / "m.pt2").is_file()
+    assert sorted(p.name for p in (tmp_path / "nope").iterdir()) == ["m.pt2"]  # no hidden leftovers
+    # refused after the folders would have been needed: none of them is left behind
+    code = main(["export", "zoo:lenet300", "--out", str(tmp_path / "a" / "b" / "m.onnx"), "--input-shape", "1,3,9,9"])
+    assert code == 2 and "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -65,7 +65,7 @@ def test_pack_bad_input_exits_2(tmp_path, capsys, args: list[str], needle: str) 
 
 def test_pack_out_must_be_a_file_and_unpack_errors(tmp_path, capsys) -> None:
     assert main(["pack", "zoo:lenet300", "--out", str(tmp_path), "--no-latency"]) == 2
-    assert "is a directory" in capsys.readouterr().err
+    assert "is a folder" in capsys.readouterr().err
     bad = tmp_path / "bad.tslim"
     bad.write_bytes(b"not a packed model")
     assert main(["unpack", str(bad), "--out", str(tmp_path / "d")]) == 2

@@ -87,7 +87,7 @@ def test_text_encoder_smoothquant_cli_with_sentences(tmp_path, capsys) -> None:
         (["--observer", "kl"], "observer"),
         (["--mode", "weight-only", "--bits", "4", "--group-size", "128"], "group_size"),
         (["--mode", "dynamic", "--smoothquant", "0.5", "--smoothquant-min-gain", "-1", "--data", "synthetic:1x1x28x28:n=8"],
-         "smoothquant_min_gain"),
+         "--smoothquant-min-gain"),
         (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences:0"], "sentences:N"),
         (["--mode", "static", "--data", "sentences"], "--mode dynamic or weight-only"),
         (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences"], "pretrained text encoder"),

@@ -114,9 +114,6 @@ class DistillConfig(ConfigDict):
             raise ConfigError(
                 f"DistillConfig.mapping must be one of {', '.join(map(repr, MAPPINGS))} or a dict; got {self.mapping!r}"
             )
-        if self.loss == "kd" and (self.taps is not None or self.teacher_taps is not None or isinstance(self.mapping, dict)):
-            raise ConfigError("DistillConfig.taps / teacher_taps / mapping pair features, which loss='kd' does not use "
-                              "(it matches logits only); use loss='hint', 'at' or 'tinybert', or leave them out")
         if (self.attention_taps is not None or self.teacher_attention_taps is not None) and self.loss != "tinybert":
             raise ConfigError(f"DistillConfig.attention_taps are used by loss='tinybert' only; got loss={self.loss!r}")
         if not isinstance(self.cache_teacher, bool):
@@ -246,6 +243,9 @@ def distill(
 
     # --- validate everything on one probe batch before any change
     kind = loss_cls.feature_kind
+    if kind is None and (config.taps is not None or config.teacher_taps is not None or isinstance(config.mapping, dict)):
+        raise ConfigError(f"DistillConfig.taps / teacher_taps / mapping pair features, which loss={config.loss!r} does not "
+                          "use (it matches logits only); use a feature loss such as 'hint' or 'at', or leave them out")
     hidden, attention = _plan_taps(config, student, teacher, probe, kind)
     s_names = list(hidden) + list(attention)
     t_names = list(hidden.values()) + list(attention.values())

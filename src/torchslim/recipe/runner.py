@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._fs import drop_set_aside, set_aside
 from torchslim._utils import atomic_path
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.recipe.schema import Recipe, RecipeError, stage_kinds
@@ -214,8 +214,8 @@ def _prepare_out(out: Path, recipe: Recipe, spec: str, data_spec: str | None, re
     fresh = {"version": STATE_VERSION, "recipe": recipe.to_dict(), "model": spec, "data": data_spec,
              "original": None, "stages": []}
     if out.exists() and any(out.iterdir()):
-        if force:
-            shutil.rmtree(out)
+        if force:  # set the old run aside (deleted when this one finishes): a kill loses neither
+            set_aside(out)
         elif not resume:
             raise ConfigError(f"output directory {out} already exists; pass --resume (resume=True) to continue "
                               "that run or --force (force=True) to replace it")
@@ -381,5 +381,6 @@ def compress(
     files = write_reports(report, out)
     report["files"].update(files)
     _write_json(out / "report.json", report)
+    drop_set_aside(out)
     return CompressResult(model=final, report=report, out=out, files=report["files"])
 

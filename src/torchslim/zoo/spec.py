@@ -32,8 +32,8 @@ from torchslim._modelinfo import (
     set_example_inputs,
 )
 from torchslim._optional import require
-from torchslim._utils import is_int
 from torchslim._registry import entries, lookup, register
+from torchslim._utils import is_int
 from torchslim.errors import InputShapeError, SpecError, TorchslimError, type_error
 from torchslim.graph.inputs import Inputs, as_inputs
 
