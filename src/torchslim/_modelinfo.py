@@ -356,7 +356,7 @@ def refuse_applied(
     Raises:
         ConfigError: one line naming the verb, the first such layer, what was applied to it and by
             which verb, and what to do instead (the other refused layers are counted and listed in
-            ``skip=``).
+            ``skip=``; long lists are cut).
 
     Example:
         >>> import torch
@@ -378,7 +378,10 @@ def refuse_applied(
         return
     name, a = refused[0]
     others = [n for n, _ in refused[1:]]
-    skip = [n for n, _ in refused]
+    names = [n for n, _ in refused]
+    # short enough to read on one line: up to 3 more names, a skip list of up to 6
+    skip = repr(names) if len(names) <= 6 else f"[{', '.join(map(repr, names[:6]))}, ...] ({len(names)} layers)"
     hint = str(hints[a.family]).format(verb=verb, by=a.verb, past=a.past, name=name, skip=skip)
-    more = f" (and {len(others)} more: {', '.join(repr(n) for n in others)})" if others else ""
+    shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
+    more = f" (and {len(others)} more: {shown})" if others else ""
     raise ConfigError(f"{verb} cannot take {name!r}{more}: it was {a.past} by {a.verb} ({a.what}); {hint}")
