@@ -11,11 +11,14 @@ no floating tensors, create fresh tensors, or that no rule can follow are :func:
 
 from __future__ import annotations
 
-from torchslim.errors import UnsupportedOpError
-from torchslim.graph.analyser import Analyser, Dim, Rule, is_frozen
-from torchslim.graph.tracer import OpNode, TensorMeta
+import numpy as np
 
-__all__ = ["RULES", "elementwise", "freeze_all", "frozen_op", "same", "unknown"]
+from torchslim.errors import UnsupportedOpError
+from torchslim.graph.analyser import Analyser, Dim, Rule, dim_atoms, is_frozen
+from torchslim.graph.tracer import OpNode, TensorMeta
+from torchslim.graph.unionfind import FROZEN
+
+__all__ = ["RULES", "constant", "elementwise", "freeze_all", "frozen_op", "same", "unknown"]
 
 
 def same(a: Analyser, op: OpNode) -> None:
@@ -34,10 +37,42 @@ def frozen_op(a: Analyser, op: OpNode) -> None:
         a.layouts[o.id] = a.opaque_layout(o.shape)
 
 
+def constant(a: Analyser, op: OpNode) -> None:
+    """``zeros``/``ones``/``full``/``empty`` and their ``new_``/``_like`` forms: every index holds the
+    same value, so removing one changes nothing; each dim gets free atoms that take the channels
+    of whatever the tensor meets (T5's cross-attention ``position_bias = zeros(1, n_heads, q, k)``
+    added to per-head scores). A size written in the model's code that does not follow a pruning
+    fails the trial forward, and that group is left whole. Concatenated as channels (``cat([x,
+    zeros(n)])``) a constant's width is written in the code: ``cat`` freezes it."""
+    for o in op.outputs:
+        if not o.is_floating:
+            a.layouts[o.id] = a.opaque_layout(o.shape)
+            continue
+        lay = tuple(a.opaque(s) if s == 1 else (a.uf.new(s),) for s in o.shape)
+        a.__dict__.setdefault("_constant_atoms", []).extend(d[0] for d in lay if d[0].any())
+        a.__dict__.setdefault("_constant_ids", set()).add(o.id)
+        a.layouts[o.id] = lay
+
+
+def _live(a: Analyser, tensors: list[TensorMeta]) -> bool:
+    """Whether any of ``tensors`` carries channels that can be removed: atoms not frozen, other
+    than those of constants that met nothing else (``unique(zeros(3))``)."""
+    dims = [d for t in tensors if t.is_floating for d in a.layout(t) if not is_frozen(d)]
+    if not dims:
+        return False
+    made = a.__dict__.get("_constant_atoms")
+    if not made:
+        return True
+    root = a.uf.root_array()
+    constant = np.zeros(len(root), dtype=bool)
+    constant[np.concatenate(made)] = True
+    real = np.unique(root[~constant])  # classes holding any atom a constant did not make
+    return any(np.isin(root[dim_atoms(d)], real[real != FROZEN]).any() for d in dims)
+
+
 def unknown(a: Analyser, op: OpNode) -> None:
     """An op with no rule: refused when it reads live channels, else like :func:`frozen_op`."""
-    live = [t for t in op.tensor_args() if t.is_floating and any(not is_frozen(d) for d in a.layout(t))]
-    if live:
+    if _live(a, op.tensor_args()):
         raise UnsupportedOpError(
             f"no channel rule for {op.name} in module '{op.module or '(top)'}' "
             f"({a.tr.module_types.get(op.module, '?')}); skip that module "
@@ -88,8 +123,9 @@ def _reduce(a: Analyser, op: OpNode) -> None:
             a.freeze_dim(d)
         return frozen_op(a, op)
     red = {int(d) % len(xl) for d in dims}
-    for d in red:
-        a.freeze_dim(xl[d])
+    if not _norm_statistic(a, op):
+        for d in red:
+            a.freeze_dim(xl[d])
     keep = [d for i, d in enumerate(xl) if i not in red]
     if len(keep) == len(out.shape):
         lay = tuple(keep)
@@ -97,6 +133,39 @@ def _reduce(a: Analyser, op: OpNode) -> None:
         lay = tuple(a.opaque(1) if i in red else d for i, d in enumerate(xl))
     for o in op.outputs:
         a.set(o, lay)
+
+
+def _norm_statistic(a: Analyser, op: OpNode) -> bool:
+    """Whether a reduction is the statistic of a normalisation layer: a ``mean``/``var`` with
+    ``keepdim`` inside a module whose class is a norm (``LlamaRMSNorm``, ``T5LayerNorm``,
+    ``nn.RMSNorm``...). Like ``native_layer_norm``, it normalises over whatever channels are left,
+    so removing some does not freeze them (the statistic is taken over fewer)."""
+    if op.packet not in ("mean", "var", "var_mean"):
+        return False
+    if "keepdim" in op.kwargs:
+        keepdim = op.kwargs["keepdim"]
+    else:  # mean.dim(x, dim, keepdim), var.dim(x, dim, unbiased, keepdim)
+        pos = 2 if op.packet == "mean" else 3
+        keepdim = op.args[pos] if len(op.args) > pos else False
+    if keepdim is not True:
+        return False
+    return "Norm" in a.tr.module_types.get(op.module, "")
+
+
+def _gather(a: Analyser, op: OpNode) -> None:
+    """``gather(x, dim, index)``: ``out[..., i, ...] = x[..., index[..., i, ...], ...]``: the gathered
+    dim is picked by data (frozen), every other dim is read at the same position (kept)."""
+    x, index, out = op.args[0], op.args[2] if len(op.args) > 2 else None, op.outputs[0]
+    if not isinstance(x, TensorMeta) or not isinstance(index, TensorMeta) or len(x.shape) != len(out.shape):
+        return a.opaque_op(op)
+    xl = a.layout(x)
+    dim = int(op.args[1]) % max(len(xl), 1)
+    a.freeze_dim(xl[dim])
+    lay = tuple(a.opaque(s) if k == dim or x.shape[k] != s else xl[k] for k, s in enumerate(out.shape))
+    for k, s in enumerate(out.shape):
+        if k != dim and x.shape[k] != s:
+            a.freeze_dim(xl[k])
+    a.set(out, lay)
 
 
 def _pool(a: Analyser, op: OpNode) -> None:
@@ -171,7 +240,7 @@ RULES: dict[str, Rule] = {
     "rnn_relu": freeze_all,
     "mkldnn_rnn_layer": freeze_all,
     "_cudnn_rnn": freeze_all,
-    "gather": freeze_all,
+    "gather": _gather,
     "as_strided": freeze_all,
     "as_strided_": freeze_all,
     "channel_shuffle": freeze_all,
@@ -186,18 +255,18 @@ RULES: dict[str, Rule] = {
     "_native_multi_head_attention": freeze_all,
     "_transformer_encoder_layer_fwd": freeze_all,
     "scalar_tensor": frozen_op,
-    "empty": frozen_op,
-    "zeros": frozen_op,
-    "ones": frozen_op,
-    "full": frozen_op,
+    "empty": constant,
+    "zeros": constant,
+    "ones": constant,
+    "full": constant,
     "arange": frozen_op,
-    "new_zeros": frozen_op,
-    "new_ones": frozen_op,
-    "new_empty": frozen_op,
-    "new_full": frozen_op,
-    "empty_like": frozen_op,
-    "zeros_like": frozen_op,
-    "ones_like": frozen_op,
+    "new_zeros": constant,
+    "new_ones": constant,
+    "new_empty": constant,
+    "new_full": constant,
+    "empty_like": constant,
+    "zeros_like": constant,
+    "ones_like": constant,
     "randn": frozen_op,
     "rand": frozen_op,
 }

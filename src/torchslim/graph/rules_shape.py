@@ -10,6 +10,7 @@ bounds fixed in the model's code freezes the dim it cuts.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from torchslim.graph.analyser import Analyser, Dim, Rule, is_frozen
 from torchslim.graph.tracer import OpNode, TensorMeta
@@ -124,14 +125,52 @@ def _slice_dim(a: Analyser, d: Dim, start: int, end: int, step: int, n: int, *, 
     return a.opaque(len(range(start, end, step)))
 
 
-def _slice(a: Analyser, op: OpNode) -> None:
-    x = op.args[0]
-    xl = list(a.layout(x))
-    dim = int(op.args[1]) % len(xl) if len(op.args) > 1 else 0
+def _slice_args(op: OpNode, x: TensorMeta) -> tuple[int, int, int, int]:
+    """(dim, start, end, step) of a ``slice`` op, normalised to the tensor's size."""
+    n = len(x.shape)
+    dim = int(op.args[1]) % n if len(op.args) > 1 else 0
     start = op.args[2] if len(op.args) > 2 and op.args[2] is not None else 0
     end = op.args[3] if len(op.args) > 3 and op.args[3] is not None else x.shape[dim]
     step = int(op.args[4]) if len(op.args) > 4 else 1
-    xl[dim] = _slice_dim(a, xl[dim], int(start), int(min(end, x.shape[dim])), step, x.shape[dim])
+    start, end, step = slice(int(start), int(end), step).indices(x.shape[dim])
+    return dim, start, end, step
+
+
+def _partitions(a: Analyser) -> set[tuple[int, int]]:
+    """(tensor id, dim) of the tensors that the trace slices into contiguous pieces covering the
+    whole dim: Phi-3's fused ``qkv[..., :q], qkv[..., q:q + kv], qkv[..., q + kv:]``. Those
+    slices are a split whose bounds the model computes from its sizes (head counts, widths), so
+    each piece keeps its channels, as ``split`` does; a model whose bounds do not follow the
+    pruned sizes fails the trial forward and its group is left whole."""
+    cached = a.__dict__.get("_partitions")
+    if cached is not None:
+        return cached
+    pieces: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for op in a.tr.ops:
+        if op.packet != "slice" or not op.args or not isinstance(op.args[0], TensorMeta) or not op.args[0].shape:
+            continue
+        x = op.args[0]
+        dim, start, end, step = _slice_args(op, x)
+        if step == 1 and end > start:
+            pieces.setdefault((x.id, dim), set()).add((start, end))
+    out: set[tuple[int, int]] = set()
+    sizes = {t.id: t.shape for op in a.tr.ops for t in op.tensor_args() if op.packet == "slice"}
+    for (tid, dim), ranges in pieces.items():
+        spans = sorted(ranges)
+        if len(spans) < 2 or spans[0][0] != 0 or spans[-1][1] != sizes[tid][dim]:
+            continue
+        if all(e == s2 for (_, e), (s2, _) in zip(spans, spans[1:])):
+            out.add((tid, dim))
+    a.__dict__["_partitions"] = out
+    return out
+
+
+def _slice(a: Analyser, op: OpNode) -> None:
+    x = op.args[0]
+    xl = list(a.layout(x))
+    dim, start, end, step = _slice_args(op, x)
+    whole = (x.id, dim) in _partitions(a)
+    xl[dim] = _slice_dim(a, xl[dim], start, end, step, x.shape[dim], whole=whole)
     a.set(op.outputs[0], tuple(xl))
 
 
@@ -167,6 +206,10 @@ def _cat(a: Analyser, op: OpNode) -> None:
     for k in range(len(out.shape)):
         if k == dim:
             parts = [lay[k] for lay in lays]
+            made = a.__dict__.get("_constant_ids", ())
+            for t, p in zip(tensors, parts):
+                if t.id in made:  # zeros(n) concatenated: n is written in the code, it stays
+                    a.freeze_dim(p)
             if all(len(p) == 1 for p in parts):
                 res.append((np.concatenate([p[0] for p in parts]),))
             else:
@@ -216,21 +259,60 @@ def _index_select(a: Analyser, op: OpNode) -> None:
 
 
 def _index(a: Analyser, op: OpNode) -> None:
-    """``x[..., idx, ...]`` with one index tensor (e.g. Swin's relative-position table
-    ``table[index]``): the indexed dim's positions are picked by data, so it is frozen; the other
-    dims keep their channels. Several index tensors: everything frozen."""
+    """``x[..., idx, ...]`` with index tensors (Swin's relative-position table ``table[index]``,
+    CLIP's pooled token ``h[arange(B), eos]``): the indexed dims' positions are picked by data, so
+    they are frozen; the dims no index touches keep their channels (numpy's rule places the
+    indexed result where adjacent index tensors were, else first). A boolean mask consumes as
+    many dims as it has."""
     x, indices = op.args[0], op.args[1] if len(op.args) > 1 else None
-    if not isinstance(x, TensorMeta) or not isinstance(indices, (list, tuple)):
-        return a.opaque_op(op)
-    given = [i for i, t in enumerate(indices) if t is not None]
     out = op.outputs[0]
-    if len(given) != 1 or not isinstance(indices[given[0]], TensorMeta):
+    if not isinstance(x, TensorMeta) or not isinstance(indices, (list, tuple)) or not indices:
         return a.opaque_op(op)
-    k, idx = given[0], indices[given[0]]
     xl = list(a.layout(x))
-    a.freeze_dim(xl[k])
-    lay = (*xl[:k], *(a.opaque(n) for n in idx.shape), *xl[k + 1 :])
+    used: list[int] = []  # the dims of x the index tensors consume
+    k = 0
+    for t in indices:
+        if t is None:
+            k += 1
+            continue
+        if not isinstance(t, TensorMeta):
+            return a.opaque_op(op)
+        n = len(t.shape) if t.dtype in (torch.bool, torch.uint8) else 1
+        used.extend(range(k, k + n))
+        k += n
+    if not used or k > len(xl):
+        return a.opaque_op(op)
+    for d in used:
+        a.freeze_dim(xl[d])
+    rest_before = [d for i, d in enumerate(xl) if i < used[0]]
+    rest_after = [d for i, d in enumerate(xl) if i > used[-1]]
+    rest = [d for i, d in enumerate(xl) if i not in used]
+    nb = len(out.shape) - len(rest)
+    if nb < 0:
+        return a.opaque_op(op)
+    adjacent = used == list(range(used[0], used[-1] + 1))
+    if adjacent:
+        lay = (*rest_before, *(a.opaque(n) for n in out.shape[len(rest_before) : len(rest_before) + nb]), *rest_after)
+    else:
+        lay = (*(a.opaque(n) for n in out.shape[:nb]), *rest)
     a.set(out, lay if len(lay) == len(out.shape) else a.opaque_layout(out.shape))
+
+
+def _repeat(a: Analyser, op: OpNode) -> None:
+    """``x.repeat(r0, r1, ...)`` tiles each dim ``r`` times: output index ``j * n + i`` is input
+    index ``i``, so the output dim is the product (copy, channel) and removing channel ``i``
+    removes every copy of it (DeBERTa tiles its per-head position projections over the batch)."""
+    x, out = op.args[0], op.outputs[0]
+    reps = [int(r) for r in op.args[1]]
+    xl = a.layout(x)
+    off = len(reps) - len(xl)
+    if off < 0:
+        return a.opaque_op(op)
+    lay: list[Dim] = [a.opaque(out.shape[k]) for k in range(off)]
+    for i, d in enumerate(xl):
+        r = reps[off + i]
+        lay.append(d if r == 1 else (a.opaque(r)[0], *d))
+    a.set(out, tuple(lay))
 
 
 RULES: dict[str, Rule] = {
@@ -258,4 +340,5 @@ RULES: dict[str, Rule] = {
     "constant_pad_nd": _pad,
     "index_select": _index_select,
     "index": _index,
+    "repeat": _repeat,
 }

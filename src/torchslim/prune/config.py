@@ -86,6 +86,11 @@ class PruneConfig(ConfigDict):
         round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels).
         min_channels: never keep fewer channels than this in a group.
         allocation: ``"uniform"`` or ``"latency"`` (each group's ratio scaled by its measured cost).
+        uniform_layers: the same kept count in every layer for groups that play the same part in
+            each layer (layer ``i``'s attention heads, its MLP width...), chosen by importance
+            summed across layers under ``global_ranking``, so that a transformers config can
+            describe the result (stock ``save_pretrained`` -> ``from_pretrained``). ``None``: on
+            for transformers models, off otherwise.
     """
 
     ratio: float | None = None
@@ -98,6 +103,7 @@ class PruneConfig(ConfigDict):
     round_to: int = 1
     min_channels: int = 1
     allocation: str = "uniform"
+    uniform_layers: bool | None = None
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.target is not None:
@@ -128,6 +134,8 @@ class PruneConfig(ConfigDict):
                 raise ConfigError(f"PruneConfig.{name} must be an integer >= 1; got {v!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"PruneConfig.allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}")
+        if self.uniform_layers is not None and not isinstance(self.uniform_layers, bool):
+            raise ConfigError(f"PruneConfig.uniform_layers must be True, False or None (automatic); got {self.uniform_layers!r}")
         if self.allocation == "latency" and self.global_ranking:
             raise ConfigError("allocation='latency' sets per-group ratios itself: it cannot be combined with global_ranking")
 
