@@ -23,6 +23,7 @@ import shlex
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -115,6 +116,16 @@ def _small_default() -> dict:
 
 
 # --------------------------------------------------------------------------- the tests
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while the README runs: on a shared 2-core machine (and under ``-n 2``)
+    two threads per process mostly wait for each other (the tour took 2-4x longer, in CPU time too)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 def test_the_blocks_and_every_substitution_are_in_the_readme() -> None:
     _tour()
     lines = _command_lines()
