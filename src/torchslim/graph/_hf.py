@@ -86,7 +86,7 @@ class ConfigSync:
         if self.reloadable:
             return None
         return (f"model.config cannot describe the pruned widths ({self.reason}): save_pretrained would not "
-                "reload it with stock from_pretrained; ts.save / ts.load keep it")
+                "reload it with stock from_pretrained; ts.save / ts.load keep it (per-layer widths, plan replayed)")
 
 
 # ---- configs ------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def head_dim_free(model: nn.Module) -> bool | None:
 
 # ---- solve ----------------------------------------------------------------------------------
 def _solve(learned: _Model, now: dict[Obs, float], base: dict[Obs, float], solved: dict[str, int],
-           conflict: set[str]) -> None:
+           conflict: dict[str, set[Fraction]]) -> None:
     """Solve fields from observables ``now`` (vs ``base``), one unknown at a time, into ``solved``."""
     progress = True
     while progress:
@@ -307,7 +307,7 @@ def _solve(learned: _Model, now: dict[Obs, float], base: dict[Obs, float], solve
                 solved[f] = int(v)
                 progress = True
             else:
-                conflict.add(f)
+                conflict[f] = vals
 
 
 def _mismatch(now: dict[Obs, int], rebuilt: dict[Obs, int]) -> str | None:
@@ -333,7 +333,7 @@ def sync_config(model: nn.Module) -> tuple[ConfigSync, Callable[[], None]] | Non
     shapes, attrs = _observe(model)
     base_shapes, base_attrs = learned.base
     solved: dict[str, int] = {}
-    conflict: set[str] = set()
+    conflict: dict[str, set[Fraction]] = {}
     _solve(learned, shapes, base_shapes, solved, conflict)
     _solve(learned, attrs, base_attrs, solved, conflict)
     new_cfg = copy.deepcopy(learned.cfg)
@@ -354,8 +354,10 @@ def sync_config(model: nn.Module) -> tuple[ConfigSync, Callable[[], None]] | Non
         report.reloadable, report.reason = False, "the model does not build from the new config"
     else:
         why = _mismatch(shapes, rebuilt[0])
-        if why is None and (conflict - set(solved)):
-            why = f"{sorted(conflict)[0]} differs across layers"
+        if why is not None and conflict:  # the likely cause: one field, several widths (layers pruned differently)
+            f, vals = sorted(conflict.items())[0]
+            shown = ", ".join(str(v) if v.denominator == 1 else f"{float(v):g}" for v in sorted(vals))
+            why = f"{f} would need several values: {shown}"
         if why is not None:
             report.reloadable, report.reason = False, why
         else:
