@@ -99,7 +99,9 @@ class BinarySummary:
                 r.name, r.type, r.method, f"{r.params:,}", f"{r.binary_macs:,}", f"{r.packed_bytes:,}",
                 f"{r.fp32_bytes:,}", f"{r.fp32_bytes / max(r.packed_bytes, 1):.1f}x",
             )
-        return t
+        from torchslim._text import printable
+
+        return printable(t)  # plain text under print(), the rich table on a console
 
 
 def summary(model: nn.Module, inputs: Any = None, *, latency: bool = False) -> BinarySummary:

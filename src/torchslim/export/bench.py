@@ -144,7 +144,9 @@ class BenchResult:
                              if k in ("method", "provider", "backend", "quantized"))
             t.add_row(r.runtime, f"{r.median_ms:.3f}", f"{r.p10_ms:.3f}-{r.p90_ms:.3f}", f"{r.ratio_to_eager:.2f}",
                       f"{r.max_abs_diff:.2g}", note)
-        return t
+        from torchslim._text import printable
+
+        return printable(t)  # plain text under print(), the rich table on a console
 
 
 def parse_runtimes(runtimes: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -35,10 +35,11 @@ from torch import nn
 
 from torchslim._config import ConfigDict
 from torchslim._layerwise import LayerStats, linear_layers, materialize_batches, run_layerwise
+from torchslim._modelinfo import refuse_applied
 from torchslim._select import as_patterns
 from torchslim.data import batches_of
 from torchslim.errors import ConfigError
-from torchslim.prune.masks import SparsityPlan, _original, set_masks_
+from torchslim.prune.masks import CANNOT_TAKE, SparsityPlan, _original, set_masks_
 from torchslim.prune.unstructured import Pattern, check_pattern, nm_mask, parse_pattern, valid_sparsity
 
 __all__ = ["OneShotConfig", "input_norms", "one_shot_prune_", "wanda_", "wanda_mask", "wanda_scores"]
@@ -181,6 +182,7 @@ def one_shot_prune_(
     """
     pat = config.parsed_pattern
     layers = linear_layers(model, config.modules, config.skip)
+    refuse_applied(model, layers, f"{config.method}_", CANNOT_TAKE)  # before any change
     for n, m in layers.items():
         check_pattern(f"{n}.weight", m.weight.shape, pat)
     batches = materialize_batches(calibration, config.calibration_batches, config.method)

@@ -106,7 +106,9 @@ def pareto_table(front: Sequence[Any], best: Any, recipes: dict[int, str]) -> An
         m = tr.user_attrs.get("metrics", {})
         mark = " *" if best is not None and tr.number == best.number else ""
         t.add_row(f"{tr.number}{mark}", *[_fmt(c, m.get(c)) for c in cols], recipes.get(tr.number, ""))
-    return t
+    from torchslim._text import printable
+
+    return printable(t)  # plain text under print(), the rich table on a console
 
 
 def plot_pareto(trials: Sequence[Any], front: Sequence[Any], path: Path) -> str | None:

@@ -168,7 +168,9 @@ class SearchSpace:
             t.add_row(b.param, b.layer, "/".join(map(str, b.choices)) + " bits", "")
         for r in self.layer_ranks:
             t.add_row(r.param, r.layer, "/".join(f"{f:g}" for f in r.choices) + f" of full rank ({r.method})", "")
-        return t
+        from torchslim._text import printable
+
+        return printable(t)  # plain text under print(), the rich table on a console
 
 
 def _group_key(group: Any, others: list[Any]) -> str | None:
