@@ -29,12 +29,52 @@ __all__ = ["sliced_swin", "switch_swin_", "swin_attention_types"]
 
 
 def swin_attention_types() -> tuple[type, ...]:
-    """torchvision's window-attention classes (empty when torchvision is not installed)."""
+    """torchvision's window-attention classes, 2-D (V1, V2) and 3-D (video Swin3D); empty when
+    torchvision is not installed."""
     try:
         from torchvision.models import swin_transformer as sw
+        from torchvision.models.video import swin_transformer as sw3
     except ImportError:  # pragma: no cover - torchvision is a core dependency
         return ()
-    return (sw.ShiftedWindowAttention, sw.ShiftedWindowAttentionV2)
+    return (sw.ShiftedWindowAttention, sw.ShiftedWindowAttentionV2, sw3.ShiftedWindowAttention3d)
+
+
+def _window_attention_3d(mod: Any, x: Tensor) -> Tensor:
+    """torchvision's 3-D shifted-window attention on (B, T, H, W, C_in) -> (B, T, H, W, C_out), with
+    the head width read from ``qkv`` and the output width from ``proj`` (as the 2-D one above)."""
+    from torchvision.models.video import swin_transformer as sw3
+
+    b, t, h, w, _ = x.shape
+    window, shift = sw3._get_window_and_shift_size(list(mod.shift_size), [t, h, w], list(mod.window_size))
+    position_bias = mod.get_relative_position_bias(window)
+    pad = sw3._compute_pad_size_3d((t, h, w), (window[0], window[1], window[2]))
+    x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+    _, tp, hp, wp, c_in = x.shape
+    shifted = sum(shift) > 0
+    if shifted:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1], -shift[2]), dims=(1, 2, 3))
+    grid = (tp // window[0], hp // window[1], wp // window[2])
+    n_win, tokens = grid[0] * grid[1] * grid[2], window[0] * window[1] * window[2]
+    x = x.view(b, grid[0], window[0], grid[1], window[1], grid[2], window[2], c_in)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b * n_win, tokens, c_in)
+
+    heads = mod.num_heads
+    head_dim = mod.qkv.weight.shape[0] // (3 * heads)
+    qkv = F.linear(x, mod.qkv.weight, mod.qkv.bias)
+    q, k, v = qkv.reshape(b * n_win, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * mod.query_scale) @ k.transpose(-2, -1) + position_bias
+    if shifted:
+        mask = sw3._compute_attention_mask_3d(x, (tp, hp, wp), tuple(window), tuple(shift))
+        attn = (attn.view(b, n_win, heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=mod.attention_dropout, training=mod.training)
+    x = (attn @ v).transpose(1, 2).reshape(b * n_win, tokens, heads * head_dim)
+    x = F.dropout(F.linear(x, mod.proj.weight, mod.proj.bias), p=mod.dropout, training=mod.training)
+    c_out = x.shape[-1]
+    x = x.view(b, grid[0], grid[1], grid[2], window[0], window[1], window[2], c_out)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, tp, hp, wp, c_out)
+    if shifted:
+        x = torch.roll(x, shifts=(shift[0], shift[1], shift[2]), dims=(1, 2, 3))
+    return x[:, :t, :h, :w, :].contiguous()
 
 
 def _window_attention(mod: Any, x: Tensor, position_bias: Tensor, logit_scale: Tensor | None) -> Tensor:
@@ -96,7 +136,7 @@ def _sliced_classes() -> dict[type, type]:
     if not types:
         return {}
     if not _CLASSES:
-        v1, v2 = types
+        v1, v2, v3 = types
 
         class SlicedShiftedWindowAttention(v1):  # type: ignore[misc, valid-type]
             """torchvision ``ShiftedWindowAttention`` valid for any residual / inner / head widths."""
@@ -110,10 +150,17 @@ def _sliced_classes() -> dict[type, type]:
             def forward(self, x: Tensor) -> Tensor:
                 return _window_attention(self, x, self.get_relative_position_bias(), self.logit_scale)
 
-        SlicedShiftedWindowAttention.__module__ = SlicedShiftedWindowAttentionV2.__module__ = __name__
-        _CLASSES.update({v1: SlicedShiftedWindowAttention, v2: SlicedShiftedWindowAttentionV2})
-        globals().update(SlicedShiftedWindowAttention=SlicedShiftedWindowAttention,
-                         SlicedShiftedWindowAttentionV2=SlicedShiftedWindowAttentionV2)
+        class SlicedShiftedWindowAttention3d(v3):  # type: ignore[misc, valid-type]
+            """torchvision ``ShiftedWindowAttention3d`` (Swin3D) valid for any residual / inner / head widths."""
+
+            def forward(self, x: Tensor) -> Tensor:
+                return _window_attention_3d(self, x)
+
+        sliced = (SlicedShiftedWindowAttention, SlicedShiftedWindowAttentionV2, SlicedShiftedWindowAttention3d)
+        for cls in sliced:
+            cls.__module__ = __name__
+            globals()[cls.__name__] = cls
+        _CLASSES.update(zip((v1, v2, v3), sliced))
     return _CLASSES
 
 
