@@ -183,6 +183,7 @@ def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows(zero_chann
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=100)
+    cfg0 = copy.deepcopy(cfg)
     model = tf.LlamaModel(cfg).eval()
     ids = torch.randint(0, 100, (2, 9))
     cg = groups(model, (ids,))
@@ -201,7 +202,7 @@ def test_llama_gqa_kv_heads_take_their_query_heads_and_config_follows(zero_chann
     assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.v_proj.out_features == 16
     with torch.no_grad():
         assert (model(ids).last_hidden_state - ref).abs().max().item() < 1e-5
-    fresh = tf.LlamaModel(cfg).eval()
+    fresh = tf.LlamaModel(cfg0).eval()  # slice_model_ above rewrote model.config, which is cfg
     plan = prune_channels_(fresh, (ids,), ratio=0.5)
     assert plan.config == {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
     assert (fresh.config.num_attention_heads, fresh.config.num_key_value_heads, fresh.config.intermediate_size) == (2, 1, 64)

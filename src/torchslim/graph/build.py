@@ -8,6 +8,7 @@ channels one producer creates into a :class:`~torchslim.graph.channel_groups.Cha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -19,6 +20,7 @@ from torch import nn
 from torchslim._select import as_patterns, check_patterns, renamed_argument
 from torchslim._utils import evaluating
 from torchslim.errors import InputShapeError, ModelRunError, TorchslimError
+from torchslim.graph._detection import regions
 from torchslim.graph._swin import sliced_swin
 from torchslim.graph.analyser import Analyser
 from torchslim.graph.channel_groups import ChannelGroup, ChannelGroups
@@ -26,6 +28,7 @@ from torchslim.graph.inputs import remembered_inputs
 from torchslim.graph.meta import params_on_meta, to_meta
 from torchslim.graph.rules import run
 from torchslim.graph.rules_modules import whole_modules
+from torchslim.graph.state import preserved
 from torchslim.graph.tracer import Trace, trace
 from torchslim.graph.unionfind import FROZEN, components
 
@@ -182,7 +185,8 @@ def analyse(model: nn.Module, example_inputs: Any, *, skip: tuple[str, ...] | li
     INFO on ``torchslim.graph.build``).
 
     Args:
-        model: any module that runs eagerly; not modified (its mode is restored).
+        model: any module that runs eagerly; not modified: its modes, attributes and every tensor
+            it holds are put back, even when the analysis fails (:mod:`torchslim.graph.state`).
         example_inputs: a tensor, tuple or dict of inputs.
         skip: module names, globs or ``re:`` patterns whose ops are not analysed; their channels
             stay whole (``ignore=`` is its deprecated name).
@@ -198,12 +202,17 @@ def analyse(model: nn.Module, example_inputs: Any, *, skip: tuple[str, ...] | li
     skip = as_patterns(skip, "skip") or ()
     check_patterns(skip, [n for n, _ in model.named_modules()], "skip")  # before any work
     start = time.perf_counter()
-    tr, fallback = _meta_trace(model, example_inputs)
-    if tr is None:
-        # Swin window attention is traced with the forward surgery gives it (graph._swin)
-        with evaluating(model), sliced_swin(model):
-            tr = trace(model, example_inputs, grad=True)
-    a = Analyser(tr, tuple(skip), whole_modules(model))
+    with preserved(model, guard_writes=False):  # every forward inside guards its own writes (trace)
+        tr, fallback = _meta_trace(model, example_inputs)
+        if tr is None:
+            # Swin window attention is traced with the forward surgery gives it (graph._swin)
+            with evaluating(model), sliced_swin(model):
+                tr = trace(model, example_inputs, grad=True)
+    # regions taken as a whole besides attention and recurrent layers: detection's RoI pooling
+    # and ops on empty tensors (graph._detection); single-op regions join the calls the loop sees
+    whole, extra = regions(tr)
+    tr_loop = dataclasses.replace(tr, module_calls=[*tr.module_calls, *extra]) if extra else tr
+    a = Analyser(tr_loop, tuple(skip), {**whole_modules(model), **whole})
     run(a)
     drivers = a.resolve_drivers()
     grps = build_groups(a, drivers)

@@ -69,15 +69,60 @@ class ChannelGroups:
             r = cache[key] = raw
         return r
 
-    def _removed_mask(self, name: str, dim: int, rem: np.ndarray, rem_set: set[int]) -> np.ndarray:
-        mask = np.isin(self.roots(name, dim), rem)
-        if self.drivers:  # a position with several drivers goes when any of them goes
-            raw = self.uf.roots(self.param_atoms[name][dim])
-            for i, x in enumerate(raw.tolist()):
-                drv = self.drivers.get(x)
-                if drv and len(drv) > 1 and not mask[i]:
-                    mask[i] = any(d in rem_set for d in drv)
+    def _multi_drivers(self, name: str, dim: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Positions of a bound dim driven by several channels (it goes when any of them goes), cached."""
+        cache = self.__dict__.setdefault("_multi", {})
+        key = (name, dim)
+        got = cache.get(key)
+        if got is None:
+            got = []
+            if self.drivers:
+                raw = self.uf.roots(self.param_atoms[name][dim])
+                for i, x in enumerate(raw.tolist()):
+                    drv = self.drivers.get(x)
+                    if drv and len(drv) > 1:
+                        got.append((i, drv))
+            cache[key] = got
+        return got
+
+    def _flags(self, removed: set[int]) -> np.ndarray:
+        """A lookup table: ``flags[channel]`` is whether the channel is removed."""
+        flags = np.zeros(max(self.uf.n, max(removed, default=0) + 1), dtype=bool)
+        if removed:
+            flags[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
+        return flags
+
+    def _removed_mask(self, name: str, dim: int, flags: np.ndarray, rem_set: set[int]) -> np.ndarray:
+        mask = flags[self.roots(name, dim)]
+        for i, drv in self._multi_drivers(name, dim):  # a position with several drivers goes when any goes
+            if not mask[i]:
+                mask[i] = any(d in rem_set for d in drv)
         return mask
+
+    def segments(self, group: ChannelGroup) -> list[np.ndarray]:
+        """The group's channels (indices into ``group.channels``) split by the tensors they are
+        bound to: one segment for a conv's outputs or a residual stream; several where the group
+        spans the parts of a split or cat (a channel shuffle's two halves, RAFT's hidden state and
+        context cut from one conv's output). Cached."""
+        cache = self.__dict__.setdefault("_segments", {})
+        got = cache.get(group.id)
+        if got is None:
+            sig = np.zeros((len(group.members), group.size), dtype=bool)
+            for k, (name, dim) in enumerate(group.members):
+                if name in self.param_atoms and dim < len(self.param_atoms[name]) and self.param_atoms[name][dim] is not None:
+                    _, idx = self.positions(group, name, dim)
+                    sig[k, idx] = True
+            _, inverse = np.unique(sig.T, axis=0, return_inverse=True)
+            inverse = np.asarray(inverse).reshape(-1)
+            got = cache[group.id] = [np.flatnonzero(inverse == u) for u in np.unique(inverse)]
+        return got
+
+    def removed_masks(self, removed: set[int]) -> dict[str, list[np.ndarray | None]]:
+        """For every bound tensor, per dimension, which positions go when ``removed`` channels go
+        (None for a dimension that is not a channel dimension)."""
+        flags = self._flags(removed)
+        return {name: [None if atoms is None else self._removed_mask(name, d, flags, removed) for d, atoms in enumerate(dims)]
+                for name, dims in self.param_atoms.items()}
 
     def positions(self, group: ChannelGroup, name: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions along ``dim`` bound to the group, index of their channel within the group)."""
@@ -105,8 +150,8 @@ class ChannelGroups:
         out: dict[str, list[torch.Tensor | None]] = {}
         if not removed:
             return out
-        rem = np.fromiter(removed, dtype=np.int64)
         rem_set = set(removed)
+        flags = self._flags(rem_set)
         for name, dims in self.param_atoms.items():
             per_dim: list[torch.Tensor | None] = []
             changed = False
@@ -114,7 +159,7 @@ class ChannelGroups:
                 if atoms is None:
                     per_dim.append(None)
                     continue
-                mask = ~self._removed_mask(name, d, rem, rem_set)
+                mask = ~self._removed_mask(name, d, flags, rem_set)
                 if mask.all():
                     per_dim.append(None)
                 else:

@@ -8,7 +8,6 @@ width without touching the real model.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.inputs import as_inputs
+from torchslim.graph.state import clone_module
 
 __all__ = ["meta_copy", "params_on_meta", "to_meta"]
 
@@ -47,18 +47,14 @@ def params_on_meta(model: nn.Module) -> Iterator[None]:
 
 
 def meta_copy(model: nn.Module) -> nn.Module | None:
-    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no data copied).
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no data copied;
+    :func:`torchslim.graph.state.clone_module`, so tensors a forward cached in attributes are copied
+    detached).
 
     Returns None when the model cannot be copied (e.g. it holds un-copyable state).
     """
-    memo: dict[int, Any] = {}
-    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
-        if id(t) in memo:
-            continue
-        m = t.detach().to("meta")
-        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
     try:
-        return copy.deepcopy(model, memo)
+        return clone_module(model, meta=True)
     except Exception:  # noqa: BLE001
         return None
 

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from torchslim.graph._detection import HANDLERS
 from torchslim.graph._mha import SlicedMultiheadAttention
 from torchslim.graph.analyser import Analyser, dim_atoms
 from torchslim.graph.tracer import OpNode, TensorMeta
 
-__all__ = ["attention_call", "module_constraints", "rnn_call", "whole_modules"]
+__all__ = ["attention_call", "module_constraints", "region_handler", "rnn_call", "whole_modules"]
 
 
 def whole_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -59,8 +60,14 @@ def attention_call(a: Analyser, call: Any) -> None:
     """One ``nn.MultiheadAttention`` call as a whole: heads are channels (Q/K/V rows of a head,
     the out-projection columns reading it), the input widths are the projections' columns, the
     output width the out-projection's rows. Its internals (batch x heads merged in one dim) are
-    not analysed op by op; surgery keeps the module valid for any widths (``graph._mha``)."""
+    not analysed op by op; surgery keeps the module valid for any widths (``graph._mha``).
+
+    Other regions taken as a whole (detection's RoI pooling, ops on empty tensors: their
+    ``kind`` names a handler of :data:`torchslim.graph._detection.HANDLERS`) are handed on."""
     info = a.mha[call.name]
+    handler = region_handler(info)
+    if handler is not None:
+        return handler(a, call)
     prefix, ops, inside, ext = _call_parts(a, call)
     qkv = [t for t in ext if len(t.shape) in (2, 3)][:3]
     if not qkv:
@@ -155,6 +162,12 @@ def rnn_call(a: Analyser, call: Any) -> None:
                 a.layouts[o.id] = (*a.opaque_layout(o.shape[:-1]), (hid.copy(),))
             else:
                 a.layouts[o.id] = a.opaque_layout(o.shape)
+
+
+def region_handler(info: dict[str, Any]) -> Any:
+    """The handler of a region of kind ``info["kind"]`` other than attention and recurrent layers
+    (detection and flow: :mod:`torchslim.graph._detection`), or None."""
+    return HANDLERS.get(info.get("kind"))
 
 
 def _opaque_call(a: Analyser, ops: list[OpNode], inside: set[int]) -> None:

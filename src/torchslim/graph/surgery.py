@@ -17,10 +17,14 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, ModelRunError
+from torchslim.graph._hf import ConfigSync, config_fields, head_dim_free, is_hf_model, sync_config
+from torchslim.graph._detection import sync_vision_attributes
 from torchslim.graph._mha import sync_mha
 from torchslim.graph._swin import swin_attention_types, switch_swin_
+from torchslim.graph.state import ModelState, preserved
 
-__all__ = ["slice_model_", "sync_module_attributes"]
+__all__ = ["ConfigSync", "config_fields", "head_dim_free", "is_hf_model", "slice_model_", "sync_config",
+           "sync_module_attributes"]
 
 KeepMap = Mapping[str, Sequence[torch.Tensor | Sequence[int] | None]]
 
@@ -159,6 +163,8 @@ def slice_model_(
         for a in values:
             extra.append((mod, a, getattr(mod, a, None)))
     datas_before = [(m, a, old, old.data) for m, a, old, _ in planned]
+    before = ModelState((model,))  # everything else it holds (graph.state), put back on failure
+    synced = None
     try:
         switch_swin_(model, set(swin_touched))  # widths no longer tied to the input (graph._swin)
         for module, attr, old, new in planned:
@@ -169,17 +175,23 @@ def slice_model_(
                 module._buffers[attr] = new
         for m in modules.values():
             sync_module_attributes(m)
+        sync_vision_attributes(model)  # widths composite blocks keep as ints (graph._detection)
         for path, values in (attrs or {}).items():
             mod = model.get_submodule(path) if path else model
             for a, v in values.items():
                 setattr(mod, a, v)
+        synced = sync_config(model)  # transformers: model.config follows the new widths (graph._hf)
         if example_inputs is not None:
             from torchslim._utils import evaluating
             from torchslim.graph.inputs import as_inputs, call_model
 
-            with evaluating(model), torch.no_grad():
-                call_model(model, as_inputs(example_inputs))
+            inputs = as_inputs(example_inputs)
+            # the check run leaves nothing behind (caches of the new widths included)
+            with preserved(model, inputs.args, inputs.kwargs), evaluating(model), torch.no_grad():
+                call_model(model, inputs)
     except Exception as exc:
+        if synced is not None:
+            synced[1]()  # undo the config sync
         for module, attr, old, data in datas_before:
             if isinstance(old, nn.Parameter):
                 old.data = data
@@ -189,6 +201,8 @@ def slice_model_(
             _restore(m, attrs_before[mid])
         for mod, a, v in extra:
             setattr(mod, a, v)
+        with torch.no_grad():
+            before.restore()
         if isinstance(exc, ConfigError):
             raise
         raise ModelRunError(

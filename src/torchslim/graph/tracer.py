@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from torchslim.errors import InputShapeError, ModelRunError
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
+from torchslim.graph.state import preserved
 
 __all__ = ["TensorMeta", "OpNode", "ModuleCall", "Trace", "trace"]
 
@@ -347,7 +348,9 @@ def trace(
         keep_output: keep the model's output on the returned trace.
 
     Returns:
-        A :class:`Trace`. The model is not modified.
+        A :class:`Trace`. Neither the model nor the inputs are modified: every attribute, container
+        and tensor reachable from them is put back after the forward, even when it raises
+        (:func:`torchslim.graph.state.preserved`).
 
     Raises:
         InputShapeError: the inputs do not fit the model.
@@ -388,7 +391,9 @@ def trace(
     handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
     start = time.perf_counter()
     try:
-        with torch.set_grad_enabled(grad), _Recorder(tracer):
+        # whatever the forward leaves behind (caches, anchors moved to another device, running
+        # statistics, attributes it adds) is put back when it ends (graph.state)
+        with preserved(model, inputs.args, inputs.kwargs), torch.set_grad_enabled(grad), _Recorder(tracer):
             output = call_model(model, inputs, where=tracer.failed_in)
     except (InputShapeError, ModelRunError) as exc:
         exc.op = tracer.failed_op

@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,8 +22,10 @@ from torchslim._modelinfo import record_plan, register_plan_kind
 from torchslim._select import Selector, matches, renamed_argument, select_modules
 from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
+from torchslim.graph.state import clone_module, preserved
 from torchslim.graph.surgery import slice_model_
 from torchslim.prune.config import Budget, PruneConfig
+from torchslim.prune.hf import choose_uniform, config_changes, config_values, uniform_default
 from torchslim.prune.importance import accumulate_gradients, get_importance
 
 __all__ = ["Budget", "ChannelPlan", "PruneConfig", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
@@ -47,6 +49,7 @@ class ChannelPlan:
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)  # module attributes set (head counts)
     config: dict[str, int] = field(default_factory=dict)  # transformers config fields rewritten
     allocation: str = "uniform"
+    config_note: str | None = None  # why save_pretrained would not reload it (prune.hf), None when it would
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, **asdict(self)}
@@ -96,7 +99,11 @@ def _choose(
     round_to: int,
     min_channels: int,
     scale: dict[int, float] | None = None,
+    uniform_layers: bool = False,
 ) -> tuple[set[int], list[dict[str, Any]]]:
+    if uniform_layers:  # the same count in every layer, so a transformers config describes it (prune.hf)
+        return choose_uniform(model, cg, scores, ratio, global_ranking=global_ranking, ratios=ratios,
+                              round_to=round_to, min_channels=min_channels, scale=scale)
     removed: set[int] = set()
     report = []
     if global_ranking:
@@ -123,7 +130,7 @@ def _choose(
             order = torch.argsort(s)[: g.size - kept].tolist()
             removed.update(g.channels[i] for i in order)
             report.append({"id": g.id, "size": g.size, "kept": kept})
-        return removed, report
+        return _keep_minimum(cg, scores, removed, report, min_channels)
     # Largest-remainder allocation: every group removes ~ratio of its channels, and the fractions
     # left over are handed out so the total moves one channel at a time as the ratio grows (a
     # budget search can then land within a channel of its target).
@@ -137,10 +144,84 @@ def _choose(
         counts[i] += 1
     for g, s, n_rm in zip(cg.groups, scores, counts):
         kept = _kept_count(g.size, n_rm / g.size if g.size else 0.0, round_to, min_channels)
-        order = torch.argsort(s, stable=True)[: g.size - kept].tolist()
+        order = _lowest(s, g.size - kept, cg.segments(g) if g.size - kept else [], min_channels)
         removed.update(g.channels[i] for i in order)
-        report.append({"id": g.id, "size": g.size, "kept": kept})
-    return removed, report
+        report.append({"id": g.id, "size": g.size, "kept": g.size - len(order)})
+    return _keep_minimum(cg, scores, removed, report, min_channels)
+
+
+def _lowest(s: torch.Tensor, n: int, segments: list[np.ndarray], min_channels: int) -> list[int]:
+    """The ``n`` channels of a group to remove: the lowest-scored, or, when the group spans the
+    segments of a split/cat (:meth:`ChannelGroups.segments`), the lowest-scored of each segment in
+    proportion to its size (largest remainder), each keeping ``min(min_channels, its size)``: a
+    criterion that scores one segment lower (bound to fewer tensors) would otherwise empty it."""
+    if n <= 0:
+        return []
+    if len(segments) <= 1:
+        return torch.argsort(s, stable=True)[:n].tolist()
+    sizes = [len(seg) for seg in segments]
+    room = [sz - min(min_channels, sz) for sz in sizes]
+    want = [n * sz / sum(sizes) for sz in sizes]
+    take = [min(int(math.floor(w + 1e-9)), r) for w, r in zip(want, room)]
+    for i in sorted(range(len(sizes)), key=lambda i: (take[i] - want[i], i)):  # largest remainders first
+        if sum(take) >= n:
+            break
+        if take[i] < room[i]:
+            take[i] += 1
+    while sum(take) < n and any(t < r for t, r in zip(take, room)):  # what capped segments could not take
+        i = max((i for i in range(len(sizes)) if take[i] < room[i]), key=lambda i: room[i] - take[i])
+        take[i] += 1
+    out: list[int] = []
+    for seg, k in zip(segments, take):
+        if k:
+            idx = torch.as_tensor(seg, dtype=torch.long)
+            out += idx[torch.argsort(s[idx], stable=True)[:k]].tolist()
+    return out
+
+
+def _keep_minimum(cg: ChannelGroups, scores: list[torch.Tensor], removed: set[int], report: list[dict[str, Any]],
+                  min_channels: int) -> tuple[set[int], list[dict[str, Any]]]:
+    """``min_channels`` for every bound tensor, not only every group: a group that spans the
+    segments of a split / cat (a channel shuffle, RAFT's hidden state and context) can lose all of
+    one segment's channels while keeping its own minimum. Each tensor dimension left with fewer
+    than ``min(min_channels, its size)`` entries gets back its best-scored channels."""
+    if not removed or min_channels < 1:
+        return removed, report
+    score_of: dict[int, float] = {}
+    group_of: dict[int, int] = {}
+    for g, s in zip(cg.groups, scores):
+        for c, v in zip(g.channels, s.tolist()):
+            score_of[c] = float(v)
+            group_of[c] = g.id
+    back: set[int] = set()
+    masks = cg.removed_masks(removed)
+    for name, dims in cg.param_atoms.items():
+        for d, atoms in enumerate(dims):
+            if atoms is None or len(atoms) == 0:
+                continue
+            gone = masks[name][d]
+            need = min(min_channels, len(gone)) - int((~gone).sum())
+            if need <= 0:
+                continue
+            # the removed positions, best channel first; a position with several drivers needs them all
+            roots = cg.roots(name, d)
+            raw = cg.uf.roots(atoms)
+            cands = []
+            for i in np.flatnonzero(gone).tolist():
+                drv = cg.drivers.get(int(raw[i])) if cg.drivers else None
+                chans = [c for c in (drv if drv and len(drv) > 1 else (int(roots[i]),)) if c in removed]
+                if chans:
+                    cands.append((-max(score_of.get(c, 0.0) for c in chans), i, chans))
+            for _, _, chans in sorted(cands)[:need]:
+                back.update(chans)
+    if not back:
+        return removed, report
+    removed = removed - back
+    regained: dict[int, int] = {}
+    for c in back:
+        regained[group_of.get(c, -1)] = regained.get(group_of.get(c, -1), 0) + 1
+    report = [{**r, "kept": r["kept"] + regained.get(r["id"], 0)} for r in report]
+    return _keep_minimum(cg, scores, removed, report, min_channels)  # a channel back can free others: re-check
 
 
 _MAX_SCALED_RATIO = 0.8  # latency-aware allocation never removes more than this fraction of a group
@@ -209,7 +290,7 @@ def latency_sensitivity(model: nn.Module, cg: ChannelGroups, inputs: Any, *, rou
             if not isinstance(mod, kinds) or path not in shapes or getattr(mod, "weight", None) is None:
                 continue
             t_full, m_full = cost(mod, shapes[path])
-            small = copy.deepcopy(mod)
+            small = clone_module(mod)
             prefix = path + "."
             sub = {n[len(prefix):]: k for n, k in keep_all.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
             try:
@@ -240,7 +321,7 @@ def _trial(model: nn.Module, cg: ChannelGroups, inputs: Any) -> tuple[nn.Module,
         shadow = meta_copy(model)
         if shadow is not None:
             return shadow, to_meta(inputs)
-    return copy.deepcopy(model), inputs
+    return clone_module(model), inputs
 
 
 def _breaking_groups(model: nn.Module, cg: ChannelGroups, scores: list[torch.Tensor], inputs: Any,
@@ -388,67 +469,71 @@ def prune_channels_(
 
         example_inputs = remembered(model)
 
-    ignore = _left_whole(model, cfg)
-    cg = analyse(model, example_inputs, skip=ignore)
-    if getattr(crit, "needs_gradients", False):
-        if data is None:
-            raise ConfigError(f"importance {importance!r} needs gradients: pass data= (labelled batches)")
-        model.__dict__["_torchslim_taylor"] = accumulate_gradients(model, data)
-    try:
-        scores = [crit(model, cg, g) for g in cg.groups]
-    finally:
-        model.__dict__.pop("_torchslim_taylor", None)
-    for g, s in zip(cg.groups, scores):
-        if not isinstance(s, torch.Tensor) or s.shape != (g.size,):
-            raise ConfigError(f"importance returned {getattr(s, 'shape', type(s))} for group {g.id}; expected ({g.size},)")
-    opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=round_to, min_channels=min_channels)
-    # Shapes a model computes in Python (e.g. ``x.reshape(B, N, 3, heads, C // heads)``) are not
-    # in the trace: find the groups whose removal breaks the forward and leave them whole.
-    blocked = _breaking_groups(model, cg, scores, example_inputs, opts)
-    if blocked:
-        scores = [s for g, s in zip(cg.groups, scores) if g.id not in blocked]
-        cg.groups = [g for g in cg.groups if g.id not in blocked]
-    scale: dict[int, float] = {}
-    if allocation == "latency":
-        scale = latency_scales(latency_sensitivity(model, cg, example_inputs, round_to=max(round_to, 8)), cg)
-        opts["scale"] = scale
+    # Everything before the surgery (analysis, scoring, trials, a budget search) leaves the model
+    # as it was, also when it fails or refuses (graph.state); the surgery is all or nothing.
+    with preserved(model, example_inputs, guard_writes=False):
+        ignore = _left_whole(model, cfg)
+        cg = analyse(model, example_inputs, skip=ignore)
+        if getattr(crit, "needs_gradients", False):
+            if data is None:
+                raise ConfigError(f"importance {importance!r} needs gradients: pass data= (labelled batches)")
+            model.__dict__["_torchslim_taylor"] = accumulate_gradients(model, data)
+        try:
+            scores = [crit(model, cg, g) for g in cg.groups]
+        finally:
+            model.__dict__.pop("_torchslim_taylor", None)
+        for g, s in zip(cg.groups, scores):
+            if not isinstance(s, torch.Tensor) or s.shape != (g.size,):
+                raise ConfigError(f"importance returned {getattr(s, 'shape', type(s))} for group {g.id}; expected ({g.size},)")
+        opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=round_to, min_channels=min_channels,
+                    uniform_layers=uniform_default(model, cfg.uniform_layers))
+        # Shapes a model computes in Python (e.g. ``x.reshape(B, N, 3, heads, C // heads)``) are not
+        # in the trace: find the groups whose removal breaks the forward and leave them whole.
+        blocked = _breaking_groups(model, cg, scores, example_inputs, opts)
+        if blocked:
+            scores = [s for g, s in zip(cg.groups, scores) if g.id not in blocked]
+            cg.groups = [g for g in cg.groups if g.id not in blocked]
+        scale: dict[int, float] = {}
+        if allocation == "latency":
+            scale = latency_scales(latency_sensitivity(model, cg, example_inputs, round_to=max(round_to, 8)), cg)
+            opts["scale"] = scale
 
-    achieved: dict[str, float] = {}
-    if target is not None:
-        metric = target.metric
-        shape_only = metric != "latency"
-        base_model, base_inputs = _trial(model, cg, example_inputs) if shape_only else (model, example_inputs)
-        base = _measure(base_model, base_inputs, metric)
-        lo, hi, best = 0.0, 0.99, None
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            removed, _ = _choose(model, cg, scores, mid, **opts)
-            trial, trial_inputs = _trial(model, cg, example_inputs) if shape_only else (copy.deepcopy(model), example_inputs)
-            slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, _choose(model, cg, scores, mid, **opts)[1]))
-            frac = _measure(trial, trial_inputs, metric) / base
-            if frac > target.fraction:
-                lo = mid
-            else:
-                hi = mid
-                best = (mid, frac)
-            if abs(frac - target.fraction) <= target.tolerance * target.fraction and frac <= target.fraction * (1 + target.tolerance):
-                best = (mid, frac)
-                break
-        if best is None or abs(best[1] - target.fraction) > max(target.tolerance * target.fraction, 0.02):
-            got = "nothing" if best is None else f"{best[1]:.3f}"
-            raise ConfigError(
-                f"budget {metric}={target.fraction} cannot be met by pruning this model's prunable channels "
-                f"(closest reachable: {got} of the original); the model is unchanged"
-            )
-        ratio = best[0]
-        achieved[metric] = best[1]
+        achieved: dict[str, float] = {}
+        if target is not None:
+            metric = target.metric
+            shape_only = metric != "latency"
+            base_model, base_inputs = _trial(model, cg, example_inputs) if shape_only else (model, example_inputs)
+            base = _measure(base_model, base_inputs, metric)
+            lo, hi, best = 0.0, 0.99, None
+            for _ in range(24):
+                mid = (lo + hi) / 2
+                removed, _ = _choose(model, cg, scores, mid, **opts)
+                trial, trial_inputs = _trial(model, cg, example_inputs) if shape_only else (clone_module(model), example_inputs)
+                slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, _choose(model, cg, scores, mid, **opts)[1]))
+                frac = _measure(trial, trial_inputs, metric) / base
+                if frac > target.fraction:
+                    lo = mid
+                else:
+                    hi = mid
+                    best = (mid, frac)
+                if abs(frac - target.fraction) <= target.tolerance * target.fraction and frac <= target.fraction * (1 + target.tolerance):
+                    best = (mid, frac)
+                    break
+            if best is None or abs(best[1] - target.fraction) > max(target.tolerance * target.fraction, 0.02):
+                got = "nothing" if best is None else f"{best[1]:.3f}"
+                raise ConfigError(
+                    f"budget {metric}={target.fraction} cannot be met by pruning this model's prunable channels "
+                    f"(closest reachable: {got} of the original); the model is unchanged"
+                )
+            ratio = best[0]
+            achieved[metric] = best[1]
 
     removed, report = _choose(model, cg, scores, float(ratio), **opts)
     keep = cg.keep_indices(removed)
     attrs = _head_attrs(model, cg, report)
-    widths_before = _config_widths(model)
-    slice_model_(model, keep, example_inputs=example_inputs, attrs=attrs)
-    config_fields = sync_config_(model, widths_before)
+    config_before = config_values(model)
+    slice_model_(model, keep, example_inputs=example_inputs, attrs=attrs)  # syncs a transformers config
+    config_fields, config_note = config_changes(model, config_before)
 
     plan = ChannelPlan(
         allocation=allocation,
@@ -463,6 +548,7 @@ def prune_channels_(
         left_whole=sorted(blocked),
         attrs=attrs,
         config=config_fields,
+        config_note=config_note,
     )
     if keep:
         record_plan(model, plan.to_dict())
@@ -471,68 +557,7 @@ def prune_channels_(
 
 def replay_channel_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     """Re-create a saved channel pruning on a freshly built model (shapes only)."""
-    before = _config_widths(model)
-    slice_model_(model, plan.get("keep", {}), attrs=plan.get("attrs") or None)
-    sync_config_(model, before)
-
-
-# transformers config fields -> the module attributes (head counts) that carry them per layer
-_CONFIG_HEADS = {
-    "num_attention_heads": ("num_attention_heads", "num_heads"),
-    "n_head": ("num_heads", "n_head"),
-    "num_heads": ("num_heads",),
-    "num_key_value_heads": ("num_key_value_heads",),
-}
-_CONFIG_WIDTHS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
-
-
-def _config_widths(model: nn.Module) -> dict[str, Any]:
-    """Before surgery: each integer width/head field of ``model.config`` (transformers) and the
-    modules that realise it (Linear layers producing / reading that width; head-count attributes)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        return {}
-    out: dict[str, Any] = {}
-    for f, attrs in _CONFIG_HEADS.items():
-        v = getattr(cfg, f, None)
-        if type(v) is not int:
-            continue
-        getters = [partial(getattr, m, a) for m in model.modules() for a in attrs
-                   if m is not model and type(getattr(m, a, None)) is int and getattr(m, a) == v]
-        if not getters and f in ("num_attention_heads", "num_key_value_heads"):
-            # Llama-style attention infers its head count from the projection: rows // head_dim
-            proj = "q_proj" if f == "num_attention_heads" else "k_proj"
-            getters = [partial(_rows_per, m, proj) for m in model.modules()
-                       if type(getattr(m, "head_dim", None)) is int and isinstance(getattr(m, proj, None), nn.Linear)
-                       and _rows_per(m, proj) == v]
-        if getters:
-            out[f] = (v, getters)
-    for f in _CONFIG_WIDTHS:
-        v = getattr(cfg, f, None)
-        if type(v) is int and v > 1:
-            getters = [partial(getattr, m, "out_features" if m.out_features == v else "in_features")
-                       for m in model.modules() if isinstance(m, nn.Linear) and v in (m.out_features, m.in_features)]
-            if getters:
-                out[f] = (v, getters)
-    return out
-
-
-def _rows_per(module: nn.Module, proj: str) -> int:
-    return getattr(module, proj).out_features // module.head_dim
-
-
-def sync_config_(model: nn.Module, before: dict[str, Any]) -> dict[str, int]:
-    """After surgery: rewrite each field of ``model.config`` whose modules all changed to one
-    common new value (uniform pruning across layers: heads, FFN width); a field whose layers now
-    differ keeps its value (per-layer widths live in the saved plan). Returns the fields set."""
-    cfg = getattr(model, "config", None)
-    changed: dict[str, int] = {}
-    for f, (old, getters) in before.items():
-        new = {get() for get in getters}
-        if len(new) == 1 and (v := new.pop()) != old:
-            setattr(cfg, f, v)
-            changed[f] = v
-    return changed
+    slice_model_(model, plan.get("keep", {}), attrs=plan.get("attrs") or None)  # syncs a transformers config
 
 
 register_plan_kind(KIND, replay_channel_plan)

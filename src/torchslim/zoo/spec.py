@@ -77,7 +77,8 @@ def _randn(*shape: int) -> torch.Tensor:
 
 
 # ---- resolvers -----------------------------------------------------------------------------
-def _torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Inputs, dict[str, Any]]:
+def _torchvision(name: str, num_classes: int | None,
+                 input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Inputs, dict[str, Any]]:
     import torchvision
 
     models = torchvision.models
@@ -89,6 +90,10 @@ def _torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Inputs,
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if name in models.list_models(module=models.detection):
+        return _torchvision_detection(name, kwargs, input_shape)
+    if name in models.list_models(module=models.optical_flow):
+        return _torchvision_flow(name, kwargs, input_shape)
     crop: tuple[int, ...] = (224, 224)
     try:
         weights = models.get_model_weights(name).DEFAULT
@@ -98,13 +103,10 @@ def _torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Inputs,
             crop = tuple(c) if len(c) == 2 else (c[0], c[0])
     except (ValueError, KeyError, AttributeError, TypeError):
         pass
-    if name in models.list_models(module=models.video):
+    if input_shape is not None:  # adapt the spatial size of the example (channels are fixed)
+        example = Inputs((_randn(1, *input_shape),))
+    elif name in models.list_models(module=models.video):
         example = Inputs((_randn(1, 3, 16, *crop),))
-    elif name in models.list_models(module=models.detection) or name in models.list_models(module=models.optical_flow):
-        raise SpecError(
-            f"torchvision:{name} takes lists of images (detection/optical flow); use a classification or "
-            "segmentation model, or wrap it in a file.py:factory spec"
-        )
     else:
         example = Inputs((_randn(1, 3, *crop),))
     if name.startswith("vit_"):  # as get_model(weights=...) does: the weights fix the image size
@@ -112,7 +114,64 @@ def _torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Inputs,
     if name.startswith("inception") or name == "googlenet":
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", False)
+    if _takes(models.get_model_builder(name), "weights_backbone"):  # segmentation: never download a backbone
+        kwargs["weights_backbone"] = None
     model = models.get_model(name, weights=None, **kwargs)
+    return model, example, {"name": name, "kwargs": kwargs}
+
+
+def _takes(builder: Any, arg: str) -> bool:
+    import inspect
+
+    fn = inspect.unwrap(builder)
+    return arg in inspect.signature(fn).parameters
+
+
+def _image_size(name: str, input_shape: tuple[int, ...] | None, default: tuple[int, int]) -> tuple[int, int, int]:
+    if input_shape is None:
+        return (3, *default)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
+        raise SpecError(f"torchvision:{name} takes RGB images: give input_shape as (3, H, W), not {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _torchvision_detection(name: str, kwargs: dict[str, Any],
+                           input_shape: tuple[int, ...] | None) -> tuple[nn.Module, Inputs, dict[str, Any]]:
+    """A detection model (random weights, backbone too) and its example: a list of one image.
+
+    Its forward takes ``[image (3, H, W), ...]`` (and targets in train mode) and returns one dict
+    of boxes/labels/scores (masks, keypoints) per image. The R-CNNs, RetinaNet and FCOS resize
+    every image to ``min_size`` (800 by default): with ``input_shape=(3, H, W)`` they are built to
+    work at that size (``min_size=min(H, W)``, ``max_size=max(H, W)``, recorded like any other
+    build argument) so the example is not upsampled; SSD and SSDLite always work at 300 / 320.
+    """
+    import torchvision
+
+    models = torchvision.models
+    kwargs["weights_backbone"] = None
+    fixed = name.startswith("ssd")
+    shape = _image_size(name, input_shape, (320, 320) if "ssdlite" in name or "320" in name else (300, 300) if fixed else (224, 224))
+    if input_shape is not None and not fixed:
+        kwargs["min_size"], kwargs["max_size"] = min(shape[1:]), max(shape[1:])
+    model = models.get_model(name, weights=None, **kwargs)
+    return model, Inputs(([_randn(*shape)],)), {"name": name, "kwargs": kwargs}
+
+
+def _torchvision_flow(name: str, kwargs: dict[str, Any],
+                      input_shape: tuple[int, ...] | None) -> tuple[nn.Module, Inputs, dict[str, Any]]:
+    """An optical-flow model (RAFT) and its example: two batches of one image (``H``, ``W``
+    multiples of 8, at least 128); the forward returns the list of flow estimates, one per
+    refinement step."""
+    import torchvision
+
+    kwargs.pop("num_classes", None)
+    shape = _image_size(name, input_shape, (224, 224))
+    if shape[1] % 8 or shape[2] % 8 or min(shape[1:]) < 128:  # its correlation pyramid halves 1/8 maps 3 times
+        raise SpecError(f"torchvision:{name} needs image sides that are multiples of 8 and at least 128, not {shape[1:]}")
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    example = Inputs((torch.randn(1, *shape, generator=g), torch.randn(1, *shape, generator=g)))
     return model, example, {"name": name, "kwargs": kwargs}
 
 
@@ -285,10 +344,7 @@ def create_model(
 
 # ---- the zoo's model sources (saving registers the saved directory) -------------------------------
 def _create_torchvision(name: str, *, input_shape: Any, num_classes: int | None) -> Any:
-    model, example, build = _torchvision(name, num_classes)
-    if input_shape is not None:  # adapt the spatial size of the example (channels are fixed)
-        example = Inputs((_randn(1, *input_shape),))
-    return model, example, build
+    return _torchvision(name, num_classes, tuple(input_shape) if input_shape is not None else None)
 
 
 def _rebuild_torchvision(build: dict[str, Any]) -> nn.Module:
