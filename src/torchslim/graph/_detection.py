@@ -122,7 +122,7 @@ def roi_pool_call(a: Analyser, call: ModuleCall) -> None:
     others: list[Any] = []
     seen: set[int] = set()
     for op in ops:
-        for i, t in enumerate(op.tensor_args()):
+        for t in op.tensor_args():
             if t.id in inside or t.id in seen or not t.is_floating:
                 continue
             seen.add(t.id)

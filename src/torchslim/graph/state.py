@@ -330,7 +330,7 @@ def state_digest(*roots: Any) -> dict[str, Any]:
             return repr(v)
         return type(v).__qualname__
 
-    for i, (obj, attrs) in enumerate(walk.dicts):
+    for i, (obj, _) in enumerate(walk.dicts):
         out[f"obj{i}:{type(obj).__qualname__}"] = tuple(sorted((k, describe(v)) for k, v in obj.__dict__.items()))
     for i, t in enumerate(walk.tensors):
         if t.device.type == "meta" or t.is_sparse or getattr(t, "is_nested", False):

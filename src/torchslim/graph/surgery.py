@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, ModelRunError
-from torchslim.graph._hf import ConfigSync, config_fields, head_dim_free, is_hf_model, sync_config
 from torchslim.graph._detection import sync_vision_attributes
+from torchslim.graph._hf import ConfigSync, config_fields, head_dim_free, is_hf_model, sync_config
 from torchslim.graph._mha import sync_mha
 from torchslim.graph._swin import swin_attention_types, switch_swin_
 from torchslim.graph.state import ModelState, preserved

@@ -9,7 +9,6 @@ recorded on the model, so ``ts.save`` / ``ts.load`` rebuild the pruned architect
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
