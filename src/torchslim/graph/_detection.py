@@ -38,7 +38,7 @@ _ROI_MODULES = ("MultiScaleRoIAlign",)
 # coordinates, mask classes, keypoints) whatever the example's detections exercise downstream
 _HEADS = ("RPNHead", "FastRCNNPredictor", "MaskRCNNPredictor", "KeypointRCNNPredictor",
           "RetinaNetClassificationHead", "RetinaNetRegressionHead", "FCOSClassificationHead", "FCOSRegressionHead",
-          "SSDClassificationHead", "SSDRegressionHead")
+          "SSDClassificationHead", "SSDRegressionHead", "SSDLiteClassificationHead", "SSDLiteRegressionHead")
 _ROI_OPS = ("roi_align", "roi_pool")  # channel-preserving region pooling (ps_* mix channels: no rule)
 
 

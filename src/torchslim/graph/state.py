@@ -6,7 +6,7 @@ device, RAFT keeps its correlation pyramid in ``CorrBlock.corr_pyramid``, timm's
 attention biases in a dict, a layer in train mode updates its running statistics in place.
 :func:`preserved` puts all of it back when the block ends, whether it succeeded or raised:
 
-* **the attribute set** of every module and of every plain object reachable from one (walked
+* **the attribute set** (and the class) of every module and of every plain object reachable from one (walked
   through lists, tuples, dicts and sets): an attribute the forward added is removed, one it
   replaced is put back (the same object), a container it filled in place gets its old items
   (``_parameters``, ``_buffers``, ``_modules`` and hook tables are such containers);
@@ -66,6 +66,7 @@ class _Walk:
     def __init__(self) -> None:
         self.seen: set[int] = set()
         self.dicts: list[tuple[Any, dict[str, Any]]] = []  # (object, copy of its __dict__)
+        self.classes: list[tuple[Any, type]] = []  # (object, its class): a class swap is undone too
         self.lists: list[tuple[list, list]] = []
         self.maps: list[tuple[dict, list[tuple[Any, Any]]]] = []
         self.sets: list[tuple[set, set]] = []
@@ -110,6 +111,7 @@ class _Walk:
                 self.keep.append(o)
                 attrs = dict(o.__dict__)
                 self.dicts.append((o, attrs))
+                self.classes.append((o, type(o)))
                 # a module's own tables (_parameters, _buffers, _modules, hooks) are walked as dicts
                 stack.extend((v, d + (0 if isinstance(o, nn.Module) else 1)) for v in attrs.values())
 
@@ -224,6 +226,9 @@ class ModelState:
     def restore(self) -> None:
         """Put every attribute, container and tensor back as it was captured."""
         w = self._walk
+        for obj, cls in w.classes:
+            if type(obj) is not cls:
+                obj.__class__ = cls
         for obj, attrs in w.dicts:
             d = obj.__dict__
             if d.keys() != attrs.keys() or any(d.get(k, _MISSING) is not v for k, v in attrs.items()):
@@ -336,8 +341,11 @@ def state_digest(*roots: Any) -> dict[str, Any]:
         if t.device.type == "meta" or t.is_sparse or getattr(t, "is_nested", False):
             h = "no-data"
         else:
-            with torch.no_grad():
-                flat = t.detach().contiguous().cpu().reshape(-1)
-                h = hashlib.sha1(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+            try:
+                with torch.no_grad():
+                    flat = t.detach().contiguous().cpu().reshape(-1)
+                    h = hashlib.sha1(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+            except Exception:  # noqa: BLE001 - quantized and other exotic layouts: their printed values
+                h = hashlib.sha1(repr(t).encode()).hexdigest()
         out[f"tensor{i}"] = (tuple(t.shape), str(t.dtype), str(t.device), t.requires_grad, h)
     return out
