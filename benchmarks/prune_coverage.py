@@ -119,7 +119,7 @@ def _segmentation() -> Iterator[Case]:
     for n in _tv(torchvision.models.segmentation):
         yield Case(f"segmentation:{n}",
                    lambda n=n: torchvision.models.get_model(n, weights=None, weights_backbone=None),
-                   ((torch.randn(1, 3, 224, 224),), {}), kind="dict")
+                   ((torch.randn(2, 3, 224, 224),), {}), kind="dict")  # batch 2: ASPP's pooled BatchNorm trains
 
 
 def _video() -> Iterator[Case]:
@@ -182,7 +182,9 @@ def _hf_small() -> list[tuple[str, Callable[[], nn.Module], dict[str, Any]]]:
                                                     encoder_ffn_dim=256, decoder_ffn_dim=256,
                                                     max_position_embeddings=64)),
          {"input_ids": ids, "decoder_input_ids": ids}),
-        ("whisper", lambda: tf.WhisperModel(tf.WhisperConfig(vocab_size=256, d_model=128, encoder_layers=2,
+        ("whisper", lambda: tf.WhisperModel(tf.WhisperConfig(vocab_size=256, pad_token_id=0, bos_token_id=1,
+                                                             eos_token_id=2, decoder_start_token_id=1,
+                                                             d_model=128, encoder_layers=2,
                                                              decoder_layers=2, encoder_attention_heads=4,
                                                              decoder_attention_heads=4, encoder_ffn_dim=256,
                                                              decoder_ffn_dim=256, num_mel_bins=16,
@@ -270,8 +272,21 @@ def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _macs(case: Case, model: nn.Module) -> float:
+    """MACs of one eval forward; detectors at fixed counts (NMS and score thresholds that keep every
+    candidate), else the RoI heads' work would follow how many boxes random weights happen to score."""
     ts.set_example_inputs(model, Inputs(tuple(case.inputs[0]), dict(case.inputs[1])))
-    return float(ts.profile(model, latency=False, size=False).macs)
+    saved = []
+    if case.kind == "detection":
+        for mod, values in ((getattr(model, "rpn", None), {"nms_thresh": 1.0}),
+                            (getattr(model, "roi_heads", None), {"nms_thresh": 1.0, "score_thresh": 0.0})):
+            for k, v in values.items() if mod is not None else ():
+                saved.append((mod, k, getattr(mod, k)))
+                setattr(mod, k, v)
+    try:
+        return float(ts.profile(model, latency=False, size=False).macs)
+    finally:
+        for mod, k, v in saved:
+            setattr(mod, k, v)
 
 
 def _check(case: Case, model: nn.Module, reference: Any, macs_before: float, row: dict[str, Any], key: str) -> None:
@@ -414,13 +429,16 @@ def run_one(case: Case, torch_pruning: bool) -> dict[str, Any]:
 
 
 def main() -> int:
+    global TIMEOUT_S
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="torchvision", choices=[*SUITES, "all"])
     ap.add_argument("--models", default="", help="comma-separated names (without the suite prefix) to rerun")
     ap.add_argument("--resume", action="store_true", help="skip models already in the JSON")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds a pruner gets per model (default 300)")
     args = ap.parse_args()
+    TIMEOUT_S = args.timeout
     path = os.path.join(os.path.dirname(__file__), "results", f"prune_coverage_{args.suite}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     only = [m for m in args.models.split(",") if m]
