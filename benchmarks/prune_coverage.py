@@ -96,7 +96,8 @@ def _detection() -> Iterator[Case]:
         kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None}
         if not n.startswith("ssd"):
             kwargs.update(min_size=256, max_size=256)  # the transform's resize; 800 px is needlessly slow on a CPU
-        images = [torch.rand(3, 256, 256)]
+        # two images: SSDLite's last extra block is 1x1, whose BatchNorm cannot train on one value
+        images = [torch.rand(3, 256, 256)] * (2 if n.startswith("ssdlite") else 1)
         boxes = torch.tensor([[20.0, 30.0, 120.0, 160.0], [100.0, 60.0, 220.0, 200.0]])
         target: dict[str, Any] = {"boxes": boxes, "labels": torch.tensor([1, 2])}
         if n.startswith("maskrcnn"):
@@ -110,7 +111,7 @@ def _detection() -> Iterator[Case]:
             kp[..., 2] = 1
             target["keypoints"] = kp
         yield Case(f"detection:{n}", lambda n=n, kw=kwargs: torchvision.models.get_model(n, **kw), ((images,), {}),
-                   kind="detection", targets=[target])
+                   kind="detection", targets=[target] * len(images))
 
 
 def _segmentation() -> Iterator[Case]:
