@@ -144,7 +144,14 @@ def _group_norm(a: Analyser, op: OpNode) -> None:
     xl = a.layout(x)
     channels = x.shape[1]
     if groups not in (1, channels):
-        a.freeze_dim(xl[1])
+        if len(xl[1]) == 1 and channels % groups == 0:
+            # as a grouped convolution: position r of every group is one channel, so pruning it takes
+            # one channel from each group; every group keeps the same count and ``num_groups`` stays
+            per_group = xl[1][0].reshape(groups, channels // groups)
+            for j in range(1, groups):
+                a.uf.union_arrays(per_group[j], per_group[0])
+        else:
+            a.freeze_dim(xl[1])
     for t in op.args[1:3]:
         if isinstance(t, TensorMeta):
             a.unite(xl[1], a.layout(t)[0])
