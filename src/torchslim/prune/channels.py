@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from torchslim._modelinfo import record_plan, register_plan_kind
-from torchslim._select import Selector, matches, renamed_argument, select_modules
+from torchslim._select import Selector, renamed_argument, select_modules
 from torchslim.errors import ConfigError, ModelRunError
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.state import clone_module, preserved
 from torchslim.graph.surgery import slice_model_
 from torchslim.prune.config import Budget, PruneConfig
-from torchslim.prune.hf import choose_uniform, config_changes, config_values, uniform_default
+from torchslim.prune.hf import choose_uniform, config_changes, config_values, group_ratio, uniform_default
 from torchslim.prune.importance import accumulate_gradients, get_importance
 
 __all__ = ["Budget", "ChannelPlan", "PruneConfig", "latency_sensitivity", "prune_channels_", "replay_channel_plan"]
@@ -78,15 +78,6 @@ def _kept_count(size: int, ratio: float, round_to: int, min_channels: int) -> in
     return max(min(size, kept), min(min_channels, size))
 
 
-def _group_ratio(group: Any, ratio: float, ratios: dict[str, float] | None) -> float:
-    if ratios:
-        for pattern, r in ratios.items():
-            mods = [n.rpartition(".")[0] for n, _ in (group.producers or group.members)]
-            if any(matches(m, pattern) for m in mods):
-                return r
-    return ratio
-
-
 def _choose(
     model: nn.Module,
     cg: ChannelGroups,
@@ -133,7 +124,7 @@ def _choose(
     # Largest-remainder allocation: every group removes ~ratio of its channels, and the fractions
     # left over are handed out so the total moves one channel at a time as the ratio grows (a
     # budget search can then land within a channel of its target).
-    want = [g.size * _group_ratio(g, ratio, ratios) for g in cg.groups]
+    want = [g.size * (r if (r := group_ratio(g, ratios)) is not None else ratio) for g in cg.groups]
     if scale:  # latency-aware: groups where a MAC costs more time give more channels
         want = [min(w * scale.get(g.id, 1.0), g.size * _MAX_SCALED_RATIO) for w, g in zip(want, cg.groups)]
     counts = [int(math.floor(w + 1e-9)) for w in want]

@@ -37,7 +37,7 @@ from torch import nn
 from torchslim._select import matches
 from torchslim.graph.spaces import ChannelGroups
 
-__all__ = ["choose_uniform", "config_changes", "config_values", "hf_config_sync", "layer_classes",
+__all__ = ["choose_uniform", "config_changes", "config_values", "group_ratio", "hf_config_sync", "layer_classes",
            "uniform_default"]
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ def _kept_count(size: int, n_rm: int, round_to: int, min_channels: int) -> int:
     return max(min(size, kept), min(min_channels, size), 1)
 
 
-def _group_ratio(g: Any, ratios: dict[str, float]) -> float | None:
-    for pattern, r in ratios.items():
+def group_ratio(g: Any, ratios: dict[str, float] | None) -> float | None:
+    """The ratio of the first ``ratios`` pattern matching a module of group ``g`` (None: none does)."""
+    for pattern, r in (ratios or {}).items():
         if any(matches(n.rpartition(".")[0], pattern) for n, _ in (g.producers or g.members)):
             return r
     return None
@@ -163,7 +164,7 @@ def choose_uniform(
     kept_of = {i: kept[c] for c, members in enumerate(classes) for i in members}
     if ratios and not global_ranking:  # per-module ratios the user gave win (layers may then differ)
         for i, g in enumerate(cg.groups):
-            r = _group_ratio(g, ratios)
+            r = group_ratio(g, ratios)
             if r is not None:
                 kept_of[i] = _kept_count(g.size, int(math.floor(g.size * r + 1e-9)), round_to, min_channels)
     removed: set[int] = set()
