@@ -18,6 +18,7 @@ so a long run can be watched and resumed with --resume; --models reruns only the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ from rich.table import Table
 from torch import nn
 
 import torchslim as ts
+from torchslim.graph._detection import fixed_counts
 from torchslim.graph.inputs import Inputs
 from torchslim.prune.channels import prune_channels_
 
@@ -159,8 +161,11 @@ def _hf_small() -> list[tuple[str, Callable[[], nn.Module], dict[str, Any]]]:
                                                                        hidden_dim=256)), text),
         ("albert", lambda: tf.AlbertModel(tf.AlbertConfig(**c, embedding_size=64)), text),
         ("deberta-v2", lambda: tf.DebertaV2Model(tf.DebertaV2Config(**c)), text),
-        ("vit", lambda: tf.ViTModel(tf.ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=256, image_size=64, patch_size=16)),
+        # a ViTModel's output is its hidden state, so its width stays: 0.63 of the MACs, the patch
+        # embedding being a quarter of them at this size; the classifier users prune has it free
+        ("vit", lambda: tf.ViTForImageClassification(tf.ViTConfig(hidden_size=128, num_hidden_layers=2,
+                                                                  num_attention_heads=4, intermediate_size=256,
+                                                                  image_size=64, patch_size=16, num_labels=10)),
          {"pixel_values": torch.randn(1, 3, 64, 64)}),
         ("gpt2", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4,
                                                           n_positions=64)), {"input_ids": ids}),
@@ -276,18 +281,8 @@ def _macs(case: Case, model: nn.Module) -> float:
     """MACs of one eval forward; detectors at fixed counts (NMS and score thresholds that keep every
     candidate), else the RoI heads' work would follow how many boxes random weights happen to score."""
     ts.set_example_inputs(model, Inputs(tuple(case.inputs[0]), dict(case.inputs[1])))
-    saved = []
-    if case.kind == "detection":
-        for mod, values in ((getattr(model, "rpn", None), {"nms_thresh": 1.0}),
-                            (getattr(model, "roi_heads", None), {"nms_thresh": 1.0, "score_thresh": 0.0})):
-            for k, v in values.items() if mod is not None else ():
-                saved.append((mod, k, getattr(mod, k)))
-                setattr(mod, k, v)
-    try:
+    with fixed_counts(model) if case.kind == "detection" else contextlib.nullcontext():
         return float(ts.profile(model, latency=False, size=False).macs)
-    finally:
-        for mod, k, v in saved:
-            setattr(mod, k, v)
 
 
 def _check(case: Case, model: nn.Module, reference: Any, macs_before: float, row: dict[str, Any], key: str) -> None:

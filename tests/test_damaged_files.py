@@ -186,6 +186,8 @@ PLAN_DAMAGE: dict[str, Callable[[Path], None]] = {
     "example-inputs-is-3": _edit_plan(lambda m: m.update(example_inputs=3)),
     "example-args-negative": _edit_plan(lambda m: m["example_inputs"].update(args=-1)),
     "example-args-too-many": _edit_plan(lambda m: m["example_inputs"].update(args=4)),
+    "example-tree-names-a-missing-tensor": _edit_plan(lambda m: m["example_inputs"]["tree"].update(args=[{"tensor": "arg9"}])),
+    "example-tree-entry-unknown": _edit_plan(lambda m: m["example_inputs"]["tree"].update(args=[{"pickle": 1}])),
     "files-is-a-list": _edit_plan(lambda m: m.update(files=[])),
     "sha256-not-hex": _edit_plan(lambda m: m["files"]["model.safetensors"].update(sha256="zz")),
 }
@@ -196,7 +198,7 @@ def test_damaged_plan_json_is_one_checkpoint_error(saved, damage: str) -> None:
     PLAN_DAMAGE[damage](saved / "plan.json")
     with pytest.raises(CheckpointError) as info:
         ts.load(saved)
-    name = "example_inputs.safetensors" if damage == "example-args-too-many" else "plan.json"
+    name = "example_inputs.safetensors" if damage == "example-tree-names-a-missing-tensor" else "plan.json"
     _one_line_naming(info.value, name)
 
 

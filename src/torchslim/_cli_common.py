@@ -357,13 +357,27 @@ def build_model(args: argparse.Namespace, data: Any = None, *, spec: str | None 
     expected = remembered_inputs(model).describe()
     shape = getattr(args, "input_shape", None)
     if shape:
-        ts.set_example_inputs(model, parse_input_shape(shape))
+        ts.set_example_inputs(model, _like_remembered(parse_input_shape(shape), remembered_inputs(model)))
         _probe(model, remembered_inputs(model), f"--input-shape {shape}", expected)
     if data is not None and getattr(data, "labeled", False) and spec is None:
 
         x, _ = next(iter(data.loader("test", batch_size=2)))
         _probe(model, as_inputs(x), f"--data {args.data} (inputs {tuple(x.shape)})", expected)
     return model
+
+
+def _like_remembered(parsed: Any, remembered: Any) -> Any:
+    """A model whose example is a list of tensors (a detector's images) takes ``--input-shape
+    N,C,H,W`` as a list of ``N`` images of ``(C, H, W)``."""
+    import torch
+
+    from torchslim.graph.inputs import Inputs
+
+    first = remembered.args[0] if len(remembered.args) == 1 and not remembered.kwargs else None
+    if (type(first) is list and first and isinstance(first[0], torch.Tensor) and len(parsed.args) == 1
+            and parsed.args[0].dim() == first[0].dim() + 1):
+        return Inputs((list(parsed.args[0].unbind(0)),))
+    return parsed
 
 
 def _probe(model: nn.Module, inputs: Any, what: str, expected: str) -> None:

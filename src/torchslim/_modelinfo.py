@@ -130,7 +130,8 @@ def example_inputs(model: nn.Module, batch_size: int | None = None) -> tuple[Any
     """The example inputs the model remembers, on the model's device.
 
     Returns a tuple of positional inputs, or a dict when the model takes keyword inputs.
-    With ``batch_size``, the batch-1 inputs are repeated along their first dimension.
+    With ``batch_size``, the batch-1 inputs are repeated along their first dimension; an input
+    that is a list of tensors (a detector's images) is a batch of its items: the first is repeated.
 
     Raises:
         SpecError: the model was not built by ``ts.create_model`` and has no example inputs
@@ -146,7 +147,13 @@ def example_inputs(model: nn.Module, batch_size: int | None = None) -> tuple[Any
                 return x[:1].expand(batch_size, *x.shape[1:]).contiguous()
             return x
 
-        args, kwargs = torch.utils._pytree.tree_map(grow, (inputs.args, inputs.kwargs))
+        def grow_input(x: Any) -> Any:
+            if type(x) is list and x and all(isinstance(t, torch.Tensor) for t in x):
+                return [x[0].clone() for _ in range(batch_size)]
+            return torch.utils._pytree.tree_map(grow, x)
+
+        args = tuple(grow_input(a) for a in inputs.args)
+        kwargs = {k: grow_input(v) for k, v in inputs.kwargs.items()}
         inputs = Inputs(tuple(args), dict(kwargs))
     return dict(inputs.kwargs) if inputs.kwargs and not inputs.args else tuple(inputs.args)
 

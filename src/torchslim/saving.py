@@ -97,8 +97,11 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "model": info.to_dict(),
         "example_inputs": {"args": len(info.example.args), "kwargs": sorted(info.example.kwargs)},
     }
-    tensors = {f"arg{i}": t for i, t in enumerate(info.example.args) if isinstance(t, torch.Tensor)}
-    tensors.update({f"kw.{k}": v for k, v in info.example.kwargs.items() if isinstance(v, torch.Tensor)})
+    tensors: dict[str, torch.Tensor] = {}
+    meta["example_inputs"]["tree"] = {
+        "args": [_encode(v, f"arg{i}", tensors) for i, v in enumerate(info.example.args)],
+        "kwargs": {k: _encode(v, f"kw.{k}", tensors) for k, v in sorted(info.example.kwargs.items())},
+    }
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
         write_weights(model, tmp / WEIGHTS_FILE)
@@ -107,6 +110,66 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
                            for name in (WEIGHTS_FILE, INPUTS_FILE)}
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=2))
     return Path(directory)
+
+
+# ---- example inputs: any tree of tensors, lists, tuples, dicts and JSON scalars ------------------
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``value`` as a JSON node; its tensors go to ``tensors`` under keys derived from ``key``
+    (a detector's list of images is ``arg0.0``, ``arg0.1``, ...)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__ if type(value) in (list, tuple) else "tuple":
+                [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise ConfigError(
+        f"cannot save the example input {key!r} of type {type(value).__name__}: example inputs may hold tensors, "
+        "lists, tuples, dicts with string keys, numbers, strings and None; set others with ts.set_example_inputs"
+    )
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor], where: Path) -> Any:
+    """The value ``node`` stands for; a malformed node damages ``plan.json`` beside ``where``
+    (the inputs file), a missing tensor the inputs file itself."""
+    if not isinstance(node, dict) or len(node) != 1:
+        raise _damaged(where.parent / PLAN_FILE, f"an example-input entry is {node!r}, expected one of tensor/list/tuple/dict/value")
+    (kind, body), = node.items()
+    if kind == "tensor":
+        if body not in tensors:
+            raise CheckpointError(f"{where} does not hold the example input {body!r} {PLAN_FILE} lists")
+        return tensors[body]
+    if kind in ("list", "tuple") and isinstance(body, list):
+        items = [_decode(v, tensors, where) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict" and isinstance(body, dict):
+        return {k: _decode(v, tensors, where) for k, v in body.items()}
+    if kind == "value" and (body is None or isinstance(body, (bool, int, float, str))):
+        return body
+    raise _damaged(where.parent / PLAN_FILE, f"an example-input entry is {node!r}, expected one of tensor/list/tuple/dict/value")
+
+
+def _decode_inputs(example: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> Inputs:
+    inputs_path = directory / INPUTS_FILE
+    tree = example.get("tree")
+    if tree is None:  # written before example inputs could be nested: top-level tensors only
+        n, kws = example.get("args", 0), example.get("kwargs", [])
+        missing = [k for k in [f"arg{i}" for i in range(n)] + [f"kw.{k}" for k in kws] if k not in tensors]
+        if missing:
+            raise CheckpointError(f"{inputs_path} does not hold the example inputs {PLAN_FILE} lists "
+                                  f"(no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        return Inputs(tuple(tensors[f"arg{i}"] for i in range(n)), {k: tensors[f"kw.{k}"] for k in kws})
+    if not isinstance(tree, dict) or not isinstance(tree.get("args"), list) or not isinstance(tree.get("kwargs"), dict):
+        raise _damaged(directory / PLAN_FILE, "'example_inputs.tree' is not {\"args\": [...], \"kwargs\": {...}}")
+    if len(tree["args"]) != example.get("args", 0) or sorted(tree["kwargs"]) != sorted(example.get("kwargs", [])):
+        raise _damaged(directory / PLAN_FILE, f"'example_inputs.tree' holds {len(tree['args'])} positional and "
+                                              f"{sorted(tree['kwargs'])} keyword inputs, but 'example_inputs' lists "
+                                              f"{example.get('args', 0)} and {sorted(example.get('kwargs', []))}")
+    return Inputs(tuple(_decode(v, tensors, inputs_path) for v in tree["args"]),
+                  {k: _decode(v, tensors, inputs_path) for k, v in tree["kwargs"].items()})
 
 
 # ---- reading: every damage is one CheckpointError naming the file --------------------------------
@@ -255,12 +318,7 @@ def load(directory: str | os.PathLike[str], map_location: str | torch.device = "
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _damaged(inputs_path, f"it is not a readable safetensors file ({_detail(exc)}); "
                                         "restore it or save the model again") from exc
-        n, kws = meta.get("example_inputs", {}).get("args", 0), meta.get("example_inputs", {}).get("kwargs", [])
-        missing = [k for k in [f"arg{i}" for i in range(n)] + [f"kw.{k}" for k in kws] if k not in ts]
-        if missing:
-            raise CheckpointError(f"{inputs_path} does not hold the example inputs {PLAN_FILE} lists "
-                                  f"(no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        example = Inputs(tuple(ts[f"arg{i}"] for i in range(n)), {k: ts[f"kw.{k}"] for k in kws})
+        example = _decode_inputs(meta.get("example_inputs", {}), ts, d)
     model.eval()
     return attach(model, replace(model_info(model), example=example))
 

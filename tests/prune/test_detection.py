@@ -14,8 +14,6 @@ the RoI heads always see ``post_nms_top_n`` proposals and ``detections_per_img``
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 import torchslim as ts
 from torchslim.errors import ConfigError, ModelRunError, SpecError
 from torchslim.graph import surgery
+from torchslim.graph._detection import fixed_counts
 from torchslim.graph.state import state_digest
 
 DETECTION = ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
@@ -43,22 +42,6 @@ def build(name: str) -> nn.Module:
         rpn._post_nms_top_n["testing"] = 100
         model.roi_heads.detections_per_img = 10
     return model
-
-
-@contextlib.contextmanager
-def fixed_counts(model: nn.Module) -> Iterator[None]:
-    """NMS and score thresholds that keep every candidate: the RoI heads see fixed counts."""
-    saved = []
-    for mod, values in ((getattr(model, "rpn", None), {"nms_thresh": 1.0}),
-                        (getattr(model, "roi_heads", None), {"nms_thresh": 1.0, "score_thresh": 0.0})):
-        for k, v in values.items() if mod is not None else ():
-            saved.append((mod, k, getattr(mod, k)))
-            setattr(mod, k, v)
-    try:
-        yield
-    finally:
-        for mod, k, v in saved:
-            setattr(mod, k, v)
 
 
 def macs(model: nn.Module) -> int:
@@ -193,3 +176,40 @@ def test_create_model_builds_detection_models_offline() -> None:
     assert model.transform.min_size == (64,) and model.transform.max_size == 80
     with pytest.raises(SpecError, match=r"\(3, H, W\)"):
         ts.create_model("torchvision:fcos_resnet50_fpn", input_shape=(1, 64, 64))
+
+
+def test_pruned_detector_saves_and_loads_with_its_list_of_images(tmp_path: Any) -> None:
+    """ts.save keeps nested example inputs (a detector's list of images); ts.load gives the same model."""
+    model = build("fasterrcnn_mobilenet_v3_large_320_fpn")
+    ts.prune_channels_(model, ratio=0.5)
+    ts.save(model, tmp_path / "det")
+    loaded = ts.load(tmp_path / "det")
+    loaded.rpn._post_nms_top_n["testing"] = 100  # the test's settings of build(), plain attributes
+    loaded.roi_heads.detections_per_img = 10
+    (images,) = ts.example_inputs(loaded)
+    (original,) = ts.example_inputs(model)
+    assert isinstance(images, list) and len(images) == 1 and torch.equal(images[0], original[0])
+    model.eval()
+    with torch.no_grad(), fixed_counts(model), fixed_counts(loaded):
+        assert same_outputs(loaded(images), model(images))
+        feats_a, feats_b = model.backbone(images[0][None]), loaded.backbone(images[0][None])
+    assert all(torch.equal(feats_a[k], feats_b[k]) for k in feats_a)
+
+
+def test_example_inputs_batch_of_a_detector_is_a_longer_list() -> None:
+    model = build("fasterrcnn_mobilenet_v3_large_320_fpn")
+    (images,) = ts.example_inputs(model, batch_size=3)
+    assert isinstance(images, list) and len(images) == 3
+    (one,) = ts.example_inputs(model)
+    assert all(torch.equal(im, one[0]) for im in images)
+
+
+def test_cli_input_shape_of_a_detector_is_a_batch_of_images(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchslim.cli import main
+
+    rc = main(["profile", "torchvision:ssdlite320_mobilenet_v3_large", "--input-shape", "2,3,320,320",
+               "--no-latency", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["input_shapes"] == [[3, 320, 320], [3, 320, 320]]

@@ -24,6 +24,8 @@ still raises.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ import numpy as np
 from torchslim.graph.analyser import Analyser, Dim
 from torchslim.graph.tracer import ModuleCall, OpNode, Trace
 
-__all__ = ["HANDLERS", "regions", "sync_vision_attributes"]
+__all__ = ["HANDLERS", "fixed_counts", "regions", "sync_vision_attributes"]
 
 _ROI_MODULES = ("MultiScaleRoIAlign",)
 # torchvision's prediction heads: their outputs are the interface (anchors x classes, box
@@ -227,3 +229,22 @@ def sync_vision_attributes(model: Any) -> None:
             hidden = getattr(getattr(m, "recurrent_block", None), "hidden_size", None)
             if isinstance(hidden, int):
                 m.hidden_state_size = hidden
+
+
+@contextlib.contextmanager
+def fixed_counts(model: Any) -> Iterator[None]:
+    """While inside, a torchvision detector's NMS and score thresholds keep every candidate, so its
+    RoI heads see fixed counts: MACs and outputs of two models (before / after pruning) compare
+    work for work instead of following how many boxes their weights happen to score."""
+    saved = []
+    for mod, values in ((getattr(model, "rpn", None), {"nms_thresh": 1.0}),
+                        (getattr(model, "roi_heads", None), {"nms_thresh": 1.0, "score_thresh": 0.0})):
+        for k, v in values.items() if mod is not None else ():
+            if hasattr(mod, k):
+                saved.append((mod, k, getattr(mod, k)))
+                setattr(mod, k, v)
+    try:
+        yield
+    finally:
+        for mod, k, v in reversed(saved):
+            setattr(mod, k, v)
