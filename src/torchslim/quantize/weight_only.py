@@ -2,10 +2,17 @@
 
 :class:`QuantizedLinear` replaces an ``nn.Linear``: it stores the integer weight (``int8``, or
 ``uint8`` holding two 4-bit values for ``bits <= 4``), fp16 scales (and zero points when
-asymmetric) and the fp32 bias, and dequantizes on the fly in ``forward``. Its state dict is what
-``ts.save`` writes, so the file on disk really is ~4x (int8) or ~8x (int4) smaller than fp32.
-With ``dynamic_act=True`` the input is also fake-quantized per tensor at run time (8-bit
-asymmetric, the numerics of dynamic quantization).
+asymmetric) and the fp32 bias. Its state dict is what ``ts.save`` writes, so the file on disk
+really is ~4x (int8) or ~8x (int4) smaller than fp32. With ``dynamic_act=True`` the input is also
+quantized per tensor at run time (8-bit asymmetric, the numerics of dynamic quantization).
+
+``forward`` runs an integer kernel where one is correct and faster on the input's device and
+dtype (dynamic int8 on CPU: ``quantized::linear_dynamic``; weight-only int8 / int4 with bfloat16
+inputs: ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``), chosen in
+:mod:`torchslim.quantize.kernels`; everywhere else it dequantizes the weight and calls
+``F.linear`` (the reference path, also the one autograd, ``torch.compile`` and export see).
+Casting the module (``.to(torch.bfloat16)``, ``.half()``) leaves the fp16 scales and zero points
+as stored.
 
 Example:
     >>> import torch
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchslim.quantize import kernels
 from torchslim.quantize.primitives import (
     QScheme,
     choose_qparams,
@@ -120,12 +128,38 @@ class QuantizedLinear(nn.Module):
         return dequantize(ints, self.scale.float(), zp, s, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = kernels.choose_kernel(self, x)
+        if kernel != "reference":
+            return kernels.run_kernel(kernel, self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize the weight (fake-quantize ``x`` when dynamic) and ``F.linear``: the numerics
+        every kernel is checked against, differentiable with the straight-through estimator."""
         if self.dynamic_act:
             lo, hi = minmax(x.detach(), _ACT)
             scale, zp = choose_qparams(lo, hi, _ACT)
             x = fake_quantize(x, scale, zp, _ACT)
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Moves follow the module; dtype casts leave the stored fp16 scales / zero points alone
+        (a bfloat16 model must not round its scales), and derived kernel layouts are dropped."""
+        kept = {k: self._buffers[k] for k in ("scale", "zero_point")}
+        out = super()._apply(fn, recurse)
+        for k, old in kept.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        self.__dict__.pop("_kernel_cache", None)
+        return out
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_kernel_cache", None)  # derived at the next call; packed kernel objects stay out of copies
+        return state
 
     def extra_repr(self) -> str:
         s = self.scheme

@@ -1,0 +1,265 @@
+"""Which integer kernel runs a :class:`~torchslim.quantize.weight_only.QuantizedLinear`, in one place.
+
+The module's stored form (int8, or int4 packed two per byte, fp16 scales) is what ``ts.save``
+writes; a kernel may need its own layout, which is derived at the first call and cached on the
+module (a plain attribute, never in the state dict), and rebuilt when a buffer changes.
+
+Measured on this project's CPU (AMD EPYC with AVX-512 VNNI and BF16, torch 2.14.1, 1 thread;
+``benchmarks/torch_int_kernels.py``), at MiniLM's layer shapes:
+
+* ``"fbgemm_dynamic"`` -- ``torch.ops.quantized.linear_dynamic`` (x86/fbgemm engine) for dynamic
+  int8 with float32 inputs: uint8 activations quantized per tensor (asymmetric, min-max: the
+  numerics of the reference path), int8 weights per channel or per tensor, int32 accumulation,
+  bias fused. 2-4x faster than fp32 ``F.linear`` at 16 and 4096 rows.
+* ``"int8pack"`` -- ``aten._weight_int8pack_mm`` for weight-only int8 (signed symmetric, per
+  channel or per tensor) with bfloat16 inputs, ``in_features % 16 == 0`` (other widths give wrong
+  results or crash in this torch). With float32 or float16 inputs the kernel is 10-100x slower
+  than fp32 ``F.linear``: those stay on the reference path.
+* ``"int4pack"`` -- ``aten._weight_int4pack_mm_for_cpu`` for weight-only int4 per group (groups
+  of 32, 64, 128 or 256; symmetric or not) with bfloat16 inputs, ``out_features % 16 == 0``.
+  Needs its own packed copy of the weight (as many bytes as the stored one), cached.
+* ``"reference"`` -- dequantize the weight and ``F.linear`` (fake-quantized input in dynamic
+  mode): any device, dtype and shape, differentiable (straight-through); also whenever autograd
+  needs the input's gradient, under ``torch.compile`` / ``torch.export`` / tracing, and when
+  forced with :func:`reference_kernels` or ``TORCHSLIM_QUANT_KERNELS=reference``.
+
+Example:
+    >>> import torch
+    >>> from torchslim.quantize.weight_only import QuantizedLinear
+    >>> from torchslim.quantize.primitives import QScheme
+    >>> from torchslim.quantize.kernels import choose_kernel, reference_kernels
+    >>> q = QuantizedLinear.from_float(torch.nn.Linear(64, 32), QScheme(bits=8, granularity="channel"), dynamic_act=True)
+    >>> x = torch.randn(4, 64)
+    >>> choose_kernel(q, x) in ("fbgemm_dynamic", "reference")
+    True
+    >>> with reference_kernels():
+    ...     choose_kernel(q, x)
+    'reference'
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.quantize.primitives import QScheme, qrange, unpack_int4
+
+__all__ = ["KERNELS", "choose_kernel", "run_kernel", "reference_kernels", "kernels_forced_off", "available_kernels"]
+
+KERNELS = ("reference", "fbgemm_dynamic", "int8pack", "int4pack")
+INT4_GROUPS = (32, 64, 128, 256)
+
+_forced = [os.environ.get("TORCHSLIM_QUANT_KERNELS", "").strip().lower() == "reference"]
+
+
+@contextmanager
+def reference_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within the block every QuantizedLinear runs the reference (dequantize) path (process-wide;
+    restored on exit, exceptions included). ``enabled=False`` lifts a forcing instead."""
+    was = _forced[0]
+    _forced[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _forced[0] = was
+
+
+def kernels_forced_off() -> bool:
+    """Whether the reference path is forced (:func:`reference_kernels` or the environment)."""
+    return _forced[0]
+
+
+def _op(namespace: str, name: str) -> Any:
+    try:
+        return getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def available_kernels() -> dict[str, bool]:
+    """Which kernels this torch build has (not whether they are fast here)."""
+    return {
+        "reference": True,
+        "fbgemm_dynamic": _op("quantized", "linear_dynamic") is not None and _op("quantized", "linear_prepack") is not None
+        and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")),
+        "int8pack": _op("aten", "_weight_int8pack_mm") is not None,
+        "int4pack": _op("aten", "_convert_weight_to_int4pack_for_cpu") is not None
+        and _op("aten", "_weight_int4pack_mm_for_cpu") is not None,
+    }
+
+
+_AVAILABLE: dict[str, bool] | None = None
+
+
+def _has(kernel: str) -> bool:
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        found = available_kernels()
+        found["fbgemm_dynamic"] = found["fbgemm_dynamic"] and _dynamic_is_exact()
+        _AVAILABLE = found
+    return _AVAILABLE[kernel]
+
+
+@torch.no_grad()
+def _dynamic_is_exact() -> bool:
+    """Whether ``quantized::linear_dynamic`` accumulates uint8 x int8 without saturating here.
+
+    Without VNNI, x86 kernels add pairs of products in int16 (255 * 127 * 2 > 32767), which is
+    why PyTorch's x86 recipes reduce activations to 7 bits; this probe runs the worst case (every
+    activation 255, every weight 127) once and keeps the kernel only if it is exact.
+    """
+    try:
+        x = torch.ones(2, 64)
+        x[:, 0] = 0.0  # range [0, 1]: every other activation quantizes to 255
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = torch._make_per_tensor_quantized_tensor(torch.full((16, 64), 127, dtype=torch.int8), 1.0 / 127, 0)
+            out = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(w, None), False)
+        return bool(torch.allclose(out, torch.full_like(out, 63.0), rtol=1e-3))
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+
+
+def _tracing() -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def choose_kernel(module: nn.Module, x: torch.Tensor) -> str:
+    """The kernel (one of :data:`KERNELS`) that runs ``module`` (a QuantizedLinear) on ``x``.
+
+    Decided by the scheme, the input's device, dtype and width and the module's shape (see the
+    module doc); ``"reference"`` wherever no kernel is both correct and faster here.
+    """
+    if (
+        _forced[0] or x.device.type != "cpu" or x.numel() == 0 or x.dim() < 2
+        or (torch.is_grad_enabled() and x.requires_grad) or _tracing()
+    ):
+        return "reference"
+    s: QScheme = module.scheme
+    k, n = module.in_features, module.out_features
+    if module.dynamic_act:
+        if x.dtype == torch.float32 and s.bits <= 8 and s.granularity in ("channel", "tensor") and _has("fbgemm_dynamic"):
+            return "fbgemm_dynamic"
+        return "reference"
+    if x.dtype != torch.bfloat16:
+        return "reference"
+    if 4 < s.bits <= 8 and s.signed and s.symmetric and s.granularity in ("channel", "tensor") and k % 16 == 0 and _has("int8pack"):
+        return "int8pack"
+    if (
+        s.bits == 4 and s.granularity == "group" and s.group_size in INT4_GROUPS and k % s.group_size == 0
+        and n % 16 == 0 and _has("int4pack")
+    ):
+        return "int4pack"
+    return "reference"
+
+
+# --- derived layouts -------------------------------------------------------------------------
+
+
+def _key(module: nn.Module, kernel: str) -> tuple[Any, ...]:
+    """What the cached layout was derived from: buffers' storage and in-place versions."""
+    parts: list[Any] = [kernel, torch.backends.quantized.engine if kernel == "fbgemm_dynamic" else None]
+    for t in (module.qweight, module.scale, module.zero_point, module.bias):
+        if t is None:
+            parts.append(None)
+            continue
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = -1
+        parts.append((t.data_ptr(), version, t.dtype, t.device))
+    return tuple(parts)
+
+
+def _zero_points(module: nn.Module) -> torch.Tensor:
+    """Zero points in the integers' own domain, shaped like ``scale`` (float32)."""
+    s = module.scheme
+    if not s.symmetric:
+        return module.zero_point.float().reshape(module.scale.shape)
+    mid = 0.0 if s.signed else float(round((sum(qrange(s)) + 1) / 2))
+    return torch.full(module.scale.shape, mid, device=module.scale.device)
+
+
+def _int_values(module: nn.Module) -> torch.Tensor:
+    """The stored integers as int16, shape ``(out, in)``, in the scheme's domain."""
+    s = module.scheme
+    n, k = module.out_features, module.in_features
+    if s.bits <= 4:
+        return (unpack_int4(module.qweight, n * k).to(torch.int16) + (0 if s.signed else 8)).reshape(n, k)
+    return module.qweight.reshape(n, k).to(torch.int16)
+
+
+def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
+
+
+@torch.no_grad()
+def _build(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
+    n, k = module.out_features, module.in_features
+    if kernel == "fbgemm_dynamic":
+        ints, zp = _int_values(module), _zero_points(module).round()
+        scale = module.scale.double()
+        if not module.scheme.signed:  # uint8 -> int8: the same products after the shift
+            ints, zp = ints - 128, zp - 128
+        w = ints.to(torch.int8)
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; the op is what we want
+            warnings.simplefilter("ignore")
+            if module.scheme.granularity == "tensor":
+                qw = torch._make_per_tensor_quantized_tensor(w, float(scale), int(zp))
+            else:
+                qw = torch._make_per_channel_quantized_tensor(w, _per_row(scale, n).contiguous(), _per_row(zp, n).long().contiguous(), 0)
+            return torch.ops.quantized.linear_prepack(qw, bias)
+    if kernel == "int8pack":
+        return _per_row(module.scale, n).to(dtype).contiguous()
+    if kernel == "int4pack":
+        g = module.scheme.group_size
+        ints, zp = _int_values(module), _zero_points(module).reshape(n, k // g)
+        c = 0 if module.scheme.signed else 8
+        u4 = (ints - c + 8).to(torch.int32).contiguous()  # 0..15; w = (u4 - 8) * scale + zero
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
+        scale = module.scale.float().reshape(n, k // g)
+        zero = (c - zp) * scale
+        scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (k // g, n, 2)
+        return packed, scales_zeros
+    raise ValueError(f"no layout for kernel {kernel!r}")
+
+
+def _layout(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
+    key = (*_key(module, kernel), dtype)
+    cache = module.__dict__.get("_kernel_cache")
+    if cache is None or cache[0] != key:
+        cache = (key, _build(module, kernel, dtype))
+        module.__dict__["_kernel_cache"] = cache
+    return cache[1]
+
+
+def run_kernel(kernel: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` through ``kernel`` (as chosen by :func:`choose_kernel`, not ``"reference"``)."""
+    bias = module.bias
+    lead = x.shape[:-1]
+    if kernel == "fbgemm_dynamic":
+        out = torch.ops.quantized.linear_dynamic(x, _layout(module, kernel, x.dtype), False)
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            out = out + (bias - bias.detach())  # numerically +0; lets the fused bias get its gradient
+        return out
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if kernel == "int8pack":
+        out = torch.ops.aten._weight_int8pack_mm(x2, module.qweight.reshape(module.out_features, module.in_features),
+                                                 _layout(module, kernel, x.dtype))
+    elif kernel == "int4pack":
+        packed, scales_zeros = _layout(module, kernel, x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, module.scheme.group_size, scales_zeros)
+    else:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS[1:])}; got {kernel!r}")
+    out = out.reshape(*lead, module.out_features)
+    return out if bias is None else out + bias.to(out.dtype)
