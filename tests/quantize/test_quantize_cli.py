@@ -78,6 +78,70 @@ def test_text_encoder_smoothquant_cli_with_sentences(tmp_path, capsys) -> None:
         assert loaded(*ids).shape[-1] == 384
 
 
+def _picked(argv: list[str]):
+    """The parsed ``quantize`` arguments after the CLI chose its defaults (no model is built)."""
+    from torchslim.cli import build_parser
+    from torchslim.quantize._cli import _pick_defaults
+
+    args = build_parser().parse_args(["quantize", *argv, "--out", "unused"])
+    _pick_defaults(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("argv", "data", "alpha"),
+    [
+        (["pretrained:minilm", "--mode", "dynamic"], "sentences", 0.75),  # text encoder: calibrate + smooth
+        (["pretrained:minilm", "--mode", "dynamic", "--smoothquant", "0.5"], "sentences", 0.5),
+        (["pretrained:minilm", "--mode", "dynamic", "--data", "sentences:16"], "sentences:16", 0.75),
+        (["pretrained:minilm", "--mode", "dynamic", "--no-smoothquant"], None, None),  # opt out: nothing picked
+        (["pretrained:minilm", "--mode", "weight-only", "--bits", "4"], None, None),  # no data helps weight-only
+        (["pretrained:mnist_cnn", "--mode", "static"], "mnist", None),  # the data the model declares
+        (["pretrained:efficientnet_lite0", "--mode", "static"], "images", None),
+        (["pretrained:mnist_cnn", "--mode", "dynamic"], None, None),
+        (["zoo:lenet300", "--mode", "dynamic"], None, None),  # random weights: no data of its own
+        (["pretrained:mnist_cnn", "--mode", "static", "--data", "digits"], "digits", None),  # the user's data wins
+    ],
+)
+def test_cli_picks_the_bundled_data_and_smoothing(argv: list[str], data: str | None, alpha: float | None) -> None:
+    args = _picked(argv)
+    assert args.data == data and args._smoothquant == alpha
+    given = "--data" in argv
+    assert args._defaults.get("data") == (None if given else data)  # what the output reports as picked
+
+
+def test_saved_text_encoder_keeps_its_default_data(tmp_path) -> None:
+    saved = tmp_path / "enc"
+    saved.mkdir()
+    (saved / "plan.json").write_text(json.dumps({"model": {"spec": "pretrained:minilm"}}))
+    assert _picked([str(saved), "--mode", "dynamic"]).data == "sentences"
+
+
+def test_text_encoder_dynamic_smooths_on_bundled_sentences_by_default(tmp_path, capsys) -> None:
+    from torchslim.data.sentences import calibration_sentences, paraphrase_pairs
+
+    payload = _run(capsys, [
+        "quantize", "pretrained:minilm", "--mode", "dynamic", "--no-onnx", "--out", str(tmp_path / "q"), "--json",
+        "--no-latency", "--no-progress",
+    ])
+    assert payload["data"] == "sentences"
+    assert payload["defaults"]["data"] == "sentences" and payload["defaults"]["smoothquant"] == 0.75
+    assert any("--no-smoothquant" in line for line in payload["defaults"]["notes"])
+    assert payload["quantize"]["config"]["smoothquant_alpha"] == 0.75 and payload["quantize"]["smoothed"]
+    a, b = paraphrase_pairs()
+    assert set(calibration_sentences(128)).isdisjoint(a + b)  # calibrated on sentences it is not scored on
+
+
+def test_pretrained_classifier_static_calibrates_on_its_data(tmp_path, capsys) -> None:
+    payload = _run(capsys, [
+        "quantize", "pretrained:mnist_cnn", "--mode", "static", "--calibration-batches", "1", "--no-onnx",
+        "--out", str(tmp_path / "q"), "--json", "--no-latency", "--no-progress",
+    ])
+    assert payload["data"] == "mnist" and payload["defaults"] == {"data": "mnist", "notes": payload["defaults"]["notes"]}
+    assert "mnist" in payload["defaults"]["notes"][0] and "--data SPEC" in payload["defaults"]["notes"][0]
+    assert payload["accuracy_after"] > payload["accuracy_before"] - 0.02  # calibrated on real digits
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -91,6 +155,7 @@ def test_text_encoder_smoothquant_cli_with_sentences(tmp_path, capsys) -> None:
         (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences:0"], "sentences:N"),
         (["--mode", "static", "--data", "sentences"], "--mode dynamic or weight-only"),
         (["--mode", "dynamic", "--smoothquant", "0.5", "--data", "sentences"], "pretrained text encoder"),
+        (["--mode", "dynamic", "--smoothquant", "0.5", "--no-smoothquant"], "contradict"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, capsys, args: list[str], needle: str) -> None:
