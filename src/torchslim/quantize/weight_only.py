@@ -136,7 +136,7 @@ class QuantizedLinear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the weight (fake-quantize ``x`` when dynamic) and ``F.linear``: the numerics
         every kernel is checked against, differentiable with the straight-through estimator."""
-        if self.dynamic_act:
+        if self.dynamic_act and x.numel():
             lo, hi = minmax(x.detach(), _ACT)
             scale, zp = choose_qparams(lo, hi, _ACT)
             x = fake_quantize(x, scale, zp, _ACT)
@@ -152,8 +152,12 @@ class QuantizedLinear(nn.Module):
             new = self._buffers[k]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[k] = old.to(device=new.device)
-        self.__dict__.pop("_kernel_cache", None)
+        kernels.forget(self)
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        kernels.forget(self)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

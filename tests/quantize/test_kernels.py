@@ -1,0 +1,212 @@
+"""Integer kernels of QuantizedLinear: chosen by scheme / dtype / shape, equal to the reference
+path within a stated tolerance, never in the state dict, rebuilt when the buffers change.
+
+Tolerances (relative to the largest output of the reference path):
+
+* dynamic int8 (``quantized::linear_dynamic``, float32): 1e-4 -- the same integer products as
+  the reference's fake-quantized activations; what is left is float summation order (a rounding
+  tie of one activation may land on the other integer: one step of one product);
+* ``int8_float_mm`` (float32): 1e-5 -- the same dequantized products, the scale applied after;
+* ``int8pack`` / ``int4pack`` (bfloat16): 2e-2 -- both paths compute in bfloat16 (8-bit
+  mantissa, relative step 2**-8), in another order and with the scales rounded to bfloat16.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.profile.api import serialized_bytes
+from torchslim.quantize import QuantConfig, QuantizedLinear, quantize_
+from torchslim.quantize import kernels
+from torchslim.quantize.kernels import choose_kernel, reference_kernels
+from torchslim.quantize.primitives import QScheme
+
+TOL = {"fbgemm_dynamic": 1e-4, "int8_float_mm": 1e-5, "int8pack": 2e-2, "int4pack": 2e-2}
+
+INT8 = QScheme(bits=8, granularity="channel")
+INT8_ASYM = QScheme(bits=8, symmetric=False, signed=False, granularity="channel")
+INT8_TENSOR = QScheme(bits=8, granularity="tensor")
+INT4 = QScheme(bits=4, granularity="group", group_size=32)
+INT4_ASYM = QScheme(bits=4, symmetric=False, signed=False, granularity="group", group_size=32)
+INT4_SIGNED_ASYM = QScheme(bits=4, symmetric=False, signed=True, granularity="group", group_size=32)
+
+
+def _layer(scheme: QScheme, dynamic: bool, k: int = 96, n: int = 48, bias: bool = True, dtype=torch.float32) -> QuantizedLinear:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return QuantizedLinear.from_float(lin, scheme, dynamic_act=dynamic).to(dtype)
+
+
+def _need(kernel: str) -> None:
+    if kernel != "reference" and not kernels._has(kernel):
+        pytest.skip(f"{kernel} is not available (or not exact) in this torch build")
+
+
+CASES = [  # scheme, dynamic, input dtype, expected kernel
+    (INT8, True, torch.float32, "fbgemm_dynamic"),
+    (INT8_ASYM, True, torch.float32, "fbgemm_dynamic"),
+    (INT8_TENSOR, True, torch.float32, "fbgemm_dynamic"),
+    (INT8, False, torch.float32, "int8_float_mm"),
+    (INT8_TENSOR, False, torch.float32, "int8_float_mm"),
+    (INT8, False, torch.bfloat16, "int8pack"),
+    (INT8_TENSOR, False, torch.bfloat16, "int8pack"),
+    (INT4, False, torch.bfloat16, "int4pack"),
+    (INT4_ASYM, False, torch.bfloat16, "int4pack"),
+    (INT4_SIGNED_ASYM, False, torch.bfloat16, "int4pack"),
+]
+
+
+@pytest.mark.parametrize(("scheme", "dynamic", "dtype", "expected"), CASES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 96), (2, 7, 96), (1, 96)])
+def test_kernel_matches_reference(scheme, dynamic, dtype, expected, bias, shape) -> None:
+    _need(expected)
+    q = _layer(scheme, dynamic, bias=bias, dtype=dtype)
+    torch.manual_seed(1)
+    x = torch.randn(shape).to(dtype)
+    with torch.no_grad():
+        assert choose_kernel(q, x) == expected
+        got = q(x)
+        ref = q.reference_forward(x)
+    assert got.shape == ref.shape == (*shape[:-1], 48)
+    assert got.dtype == ref.dtype == dtype
+    err = float((got.float() - ref.float()).abs().max())
+    assert err <= TOL[expected] * float(ref.float().abs().max()), (expected, err)
+    with reference_kernels(), torch.no_grad():
+        assert torch.equal(q(x), ref)  # forcing gives the reference itself
+
+
+@pytest.mark.parametrize(
+    ("scheme", "dynamic", "dtype", "k", "n", "why"),
+    [
+        (INT8, False, torch.bfloat16, 100, 48, "int8pack needs in_features % 16 == 0"),
+        (INT4, False, torch.bfloat16, 96, 24, "int4pack needs out_features % 16 == 0"),
+        (QScheme(bits=4, granularity="group", group_size=16), False, torch.bfloat16, 96, 48, "int4pack groups are 32..256"),
+        (INT4, False, torch.float32, 96, 48, "no int4 kernel is faster with float32 inputs"),
+        (INT8_ASYM, False, torch.float32, 96, 48, "asymmetric weight-only int8"),
+        (INT8_ASYM, False, torch.bfloat16, 96, 48, "asymmetric weight-only int8"),
+        (QScheme(bits=8, granularity="group", group_size=32), True, torch.float32, 96, 48, "dynamic with groups"),
+        (INT8, True, torch.bfloat16, 96, 48, "dynamic with bfloat16 inputs"),
+    ],
+)
+def test_shapes_and_schemes_without_a_kernel_fall_back(scheme, dynamic, dtype, k, n, why) -> None:
+    q = _layer(scheme, dynamic, k=k, n=n, dtype=dtype)
+    x = torch.randn(3, k).to(dtype)
+    with torch.no_grad():
+        assert choose_kernel(q, x) == "reference", why
+        assert torch.equal(q(x), q.reference_forward(x))
+
+
+def test_other_devices_empty_and_1d_inputs_use_the_reference() -> None:
+    q = _layer(INT8, True)
+    with torch.no_grad():
+        assert choose_kernel(q, torch.randn(3, 96, device="meta")) == "reference"
+        assert choose_kernel(q, torch.randn(0, 96)) == "reference"
+        assert q(torch.randn(0, 96)).shape == (0, 48)
+        v = torch.randn(96)
+        assert choose_kernel(q, v) == "reference"
+        assert torch.equal(q(v), q.reference_forward(v))
+
+
+def test_forcing_restores_on_exit_even_after_an_error() -> None:
+    q = _layer(INT8, True)
+    x = torch.randn(2, 96)
+    before = choose_kernel(q, x)
+    with pytest.raises(RuntimeError, match="boom"):
+        with reference_kernels():
+            assert choose_kernel(q, x) == "reference"
+            raise RuntimeError("boom")
+    assert choose_kernel(q, x) == before
+    with reference_kernels():
+        with reference_kernels(False):
+            assert choose_kernel(q, x) == before
+        assert choose_kernel(q, x) == "reference"
+
+
+def test_gradients_input_takes_the_reference_bias_gets_its_gradient() -> None:
+    _need("fbgemm_dynamic")
+    q = _layer(INT8, True)
+    x = torch.randn(4, 96, requires_grad=True)
+    assert choose_kernel(q, x) == "reference"  # straight-through gradient for the input
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    q.bias.grad = None
+    x2 = torch.randn(4, 96)
+    assert choose_kernel(q, x2) == "fbgemm_dynamic"
+    q(x2).pow(2).sum().backward()
+    kernel_grad = q.bias.grad.clone()
+    q.bias.grad = None
+    q.reference_forward(x2).pow(2).sum().backward()
+    assert torch.allclose(kernel_grad, q.bias.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("scheme", "dynamic", "dtype", "expected"), [CASES[0], CASES[3], CASES[5], CASES[8]])
+def test_layouts_stay_out_of_the_state_dict_and_follow_the_buffers(scheme, dynamic, dtype, expected) -> None:
+    _need(expected)
+    q = _layer(scheme, dynamic, dtype=dtype)
+    keys, size = set(q.state_dict()), serialized_bytes(q)
+    x = torch.randn(3, 96).to(dtype)
+    with torch.no_grad():
+        q(x)
+        assert set(q.state_dict()) == keys == {"qweight", "scale", "zero_point", "bias"}
+        assert serialized_bytes(q) == size
+        # load other weights in place: the kernel must see them, not its cached layout
+        other = _layer(scheme, dynamic, dtype=dtype)
+        with torch.no_grad():
+            other.qweight.copy_(other.qweight.flip(0))
+            other.bias.mul_(3)
+        q.load_state_dict(other.state_dict())
+        assert choose_kernel(q, x) == expected
+        err = float((q(x).float() - other.reference_forward(x).float()).abs().max())
+        assert err <= TOL[expected] * float(other.reference_forward(x).float().abs().max())
+        q.bias.add_(1.0)  # an in-place edit (as bias correction does)
+        err = float((q(x).float() - q.reference_forward(x).float()).abs().max())
+        assert err <= TOL[expected] * float(q.reference_forward(x).float().abs().max())
+
+
+def test_copies_and_pickles_run_after_a_kernel_call() -> None:
+    _need("fbgemm_dynamic")
+    q = _layer(INT8, True)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(copy.deepcopy(q)(x), y)
+        assert torch.equal(pickle.loads(pickle.dumps(q))(x), y)
+
+
+def test_dtype_cast_keeps_the_stored_fp16_scales() -> None:
+    q = _layer(INT4_ASYM, False)
+    scale, zp = q.scale.clone(), q.zero_point.clone()
+    q.to(torch.bfloat16)
+    assert q.scale.dtype == q.zero_point.dtype == torch.float16
+    assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zp)
+    assert q.bias.dtype == torch.bfloat16
+    q.float()
+    assert q.scale.dtype == torch.float16 and q.bias.dtype == torch.float32
+
+
+def test_dynamic_model_save_load_runs_kernels_with_the_same_outputs(tmp_path) -> None:
+    _need("fbgemm_dynamic")
+    model = ts.create_model("zoo:lenet300").eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        y_fp32 = model(x)
+    quantize_(model, QuantConfig(mode="dynamic"))
+    with torch.no_grad():
+        y = model(x)
+        with reference_kernels():
+            y_ref = model(x)
+    assert float((y - y_ref).abs().max()) <= 1e-4 * float(y_ref.abs().max())
+    assert float((y - y_fp32).abs().max()) <= 0.05 * float(y_fp32.abs().max())
+    ts.save(model, tmp_path / "m")
+    back = ts.load(tmp_path / "m").eval()
+    layers = [m for m in back.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.qweight.dtype == torch.int8 for m in layers)
+    with torch.no_grad():
+        assert all(choose_kernel(m, torch.randn(2, m.in_features)) == "fbgemm_dynamic" for m in layers)
+        assert torch.equal(back(x), y)
