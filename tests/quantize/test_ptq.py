@@ -99,12 +99,16 @@ def test_static_onnx_runs_int8_and_agrees(tmp_path) -> None:
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     q_in = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
-    assert float(inits[q_in.input[1]]) == pytest.approx(float(model.features[0].input_quant.scale), rel=1e-6)  # our range
-    assert int(inits[q_in.input[2]]) == int(model.features[0].input_quant.zero_point)
+    assert float(inits[q_in.input[1]]) == pytest.approx(float(model.features[0].input_scale), rel=1e-6)  # our range
+    assert int(inits[q_in.input[2]]) == int(model.features[0].input_zero_point)
+    # the weights ONNX Runtime stores are our integers, with our scales
+    dq_w = next(n for n in graph.node if n.op_type == "DequantizeLinear" and "features.0.weight" in n.input[0])
+    assert torch.equal(torch.from_numpy(inits[dq_w.input[0]].copy()), model.features[0].qweight)
+    assert torch.allclose(torch.from_numpy(inits[dq_w.input[1]].copy()), model.features[0].weight_scale)
     x = torch.randn(8, 1, 28, 28)
     y32 = ort_run(files["onnx_fp32"], x)
     assert sqnr(y32, ort_run(files["onnx"], x)) > 20
-    assert sqnr(model(x), ort_run(files["onnx"], x)) > 25  # parity with torchslim's fake-quant model
+    assert sqnr(model(x), ort_run(files["onnx"], x)) > 25  # parity with torchslim's int8 model
     assert (tmp_path / "m.onnx").stat().st_size * 2.5 < (tmp_path / "m.fp32.onnx").stat().st_size
 
 

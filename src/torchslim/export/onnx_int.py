@@ -13,7 +13,9 @@ dequantized weights) and ``<name>.onnx``, with the integer kernels of ONNX Runti
 * ``kind="static"``: ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel
   int8 weights, uint8 activations. The input of every quantized Conv / Gemm / MatMul gets the
   model's own calibrated scale and zero point (ORT ``TensorQuantOverrides``, matched through the
-  weight initializer's name); the other tensors ORT quantizes get ORT's calibration.
+  weight initializer's name), and the weight of every layer the model stores as integers its own
+  per-channel scales (so ONNX Runtime rounds the dequantized weight back to the very same
+  integers); the other tensors ORT quantizes get ORT's calibration.
 
 Every integer file then goes through
 :func:`~torchslim.export.onnx_passes.avoid_skip_layernorm_fusion`.
@@ -66,6 +68,7 @@ __all__ = [
     "int4_weights",
     "write_int4_onnx",
     "activation_overrides",
+    "weight_overrides",
     "export_integer_onnx",
     "quiet_quantizer",
 ]
@@ -88,6 +91,9 @@ class IntegerScheme:
         calibration_batches: how many calibration batches ONNX Runtime reads (``None``: 16).
         input_ranges: layer name -> ``(scale, zero_point)`` of the layer's calibrated uint8
             input, given to ONNX Runtime as is (``static``).
+        weight_scales: layer name -> its per-output-channel int8 weight scales (symmetric), for
+            layers whose weights the model holds as integers (``static``): ONNX Runtime
+            quantizes their (dequantized) weights with exactly these.
     """
 
     mode: str
@@ -95,6 +101,7 @@ class IntegerScheme:
     calibration_method: str = "MinMax"
     calibration_batches: int | None = None
     input_ranges: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    weight_scales: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -229,6 +236,37 @@ def activation_overrides(
     return overrides
 
 
+def weight_overrides(
+    fp32_path: str | os.PathLike[str], weight_scales: Mapping[str, tuple[float, ...]]
+) -> dict[str, list[dict[str, Any]]]:
+    """ORT per-channel ``TensorQuantOverrides`` giving the weight initializer of each layer in
+    ``weight_scales`` (a Conv's, or a Gemm's with ``transB=1``: channels on axis 0) its scales and
+    zero points 0. Layers found otherwise (a MatMul on a transposed copy) keep ORT's own scales."""
+    import numpy as np
+
+    onnx = require("onnx", "int8 ONNX export")
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            continue
+        w = node.input[1]
+        for suffix in (".parametrizations.weight.original", ".weight"):
+            layer = w[: -len(suffix)] if w.endswith(suffix) else None
+            scales = weight_scales.get(layer) if layer is not None else None
+            if scales is None or w not in shapes or not shapes[w] or shapes[w][0] != len(scales):
+                continue
+            overrides[w] = [
+                {**({"axis": 0} if i == 0 else {}), "scale": np.array(s, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+                for i, s in enumerate(scales)
+            ]
+            break
+    return overrides
+
+
 class _Reader:
     """ONNX Runtime's calibration data reader over a list of batches fed to one input."""
 
@@ -306,6 +344,8 @@ def export_integer_onnx(
         if not batches:
             raise ConfigError("the calibration loader gave no batches")
         overrides = activation_overrides(fp32, scheme.input_ranges) if scheme.input_ranges else {}
+        if scheme.weight_scales:
+            overrides.update(weight_overrides(fp32, scheme.weight_scales))
         ortq.quantize_static(
             str(fp32), str(path), _Reader("input", batches), quant_format=ortq.QuantFormat.QDQ, per_channel=True,
             activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,

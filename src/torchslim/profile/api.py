@@ -161,7 +161,7 @@ def _logical_params(model: nn.Module) -> tuple[int, int]:
 
     A parametrized weight (a pruning mask, a shared-weight codebook) counts as the weight it
     produces, not as the tensors behind it; integer weights with scales (weight-only
-    quantization) count as the float matrix they stand for. Meta tensors count as dense.
+    quantization, static int8 Linear and conv layers) count as the float weight they stand for. Meta tensors count as dense.
     """
     from torch.nn.utils import parametrize
 
@@ -176,7 +176,7 @@ def _logical_params(model: nn.Module) -> tuple[int, int]:
                 t = getattr(m, pname)
                 total, nonzero = total + t.numel(), nonzero + nz(t)
                 behind.update(id(p) for p in plist.parameters())
-        elif hasattr(m, "dequantized_weight") and hasattr(m, "in_features") and hasattr(m, "out_features"):
+        elif hasattr(m, "dequantized_weight") and (hasattr(m, "in_features") or hasattr(m, "in_channels")):
             w = m.dequantized_weight()
             total, nonzero = total + w.numel(), nonzero + nz(w)
     for p in model.parameters():

@@ -1,6 +1,8 @@
 """Quantization: primitives, observers, fake-quant (STE, LSQ), PTQ, QAT, weight-only, ONNX Runtime int8.
 
 The public verbs are :func:`quantize_` (with a :class:`QuantConfig`) and :func:`qat_prepare_`;
+static and finalized QAT int8 layers are integer modules (:class:`Int8Conv`, :class:`Int8Linear`)
+that :func:`compile` runs on oneDNN int8 kernels (``torch.compile`` with inductor's freezing);
 ``ts.finalize_`` (here :func:`freeze_qat_`) makes QAT permanent (``qat_convert_`` is its deprecated name). Integer ONNX files (int8 QDQ, dynamic int8, int4) are written by
 ``ts.export`` / :func:`torchslim.export.export_integer_onnx`, through the lowerings
 :mod:`torchslim.quantize.onnx_lowering` registers (``export_onnx`` here is its deprecated name).
@@ -12,6 +14,7 @@ from torchslim.quantize import observers as observers  # registers the observers
 from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.int8 import Int8Conv, Int8Linear, compile
 from torchslim.quantize.mixed import BitAllocation, allocate_bits, layer_sensitivity
 from torchslim.quantize.onnx_lowering import (
     export_onnx,  # registers the ONNX lowerings; the name is deprecated
@@ -42,6 +45,9 @@ __all__ = [
     "LSQFakeQuantize",
     "QuantizedLinear",
     "QuantizedRNN",
+    "Int8Linear",
+    "Int8Conv",
+    "compile",
 ]
 
 from torchslim.quantize import _cli  # noqa: E402,F401  (registers the quantize CLI verbs)

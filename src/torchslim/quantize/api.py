@@ -9,9 +9,13 @@ Modes:
   ``nn.GRU`` layers get int8 weights too, their inputs and hidden states quantized at every step
   (:mod:`torchslim.quantize.dynamic_rnn`).
 * ``"static"``: BN folded into convs, weights (per channel) and activations (per tensor,
-  calibrated on ``calibration`` batches with the chosen observer) fake-quantized.
+  calibrated on ``calibration`` batches with the chosen observer); then every int8 layer becomes
+  an integer module (:mod:`torchslim.quantize.int8`: int8 weights in the state dict, the
+  decomposed quantization ops in its forward, oneDNN int8 kernels under
+  :func:`torchslim.quantize.compile`). Layers of other bit widths stay fake-quantized.
 * ``"qat"``: the static structure, with quantizers that keep learning while you train
-  (:func:`qat_prepare_`, then :func:`qat_convert_`).
+  (:func:`qat_prepare_`), fake-quant until ``ts.finalize_`` turns the int8 layers into integer
+  modules.
 
 Every call is recorded as a ``"quantize"`` plan, so ``ts.save`` / ``ts.load`` round-trip it.
 
@@ -44,6 +48,7 @@ from torchslim.errors import ConfigError, InputShapeError
 from torchslim.quantize import ptq
 from torchslim.quantize.dynamic_rnn import RNN_TYPES, QuantizedRNN, check_rnn_scheme
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.int8 import INT8_TYPES, empty_int8_, to_int8_
 from torchslim.quantize.observers import OBSERVERS
 from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
 from torchslim.quantize.weight_only import QuantizedLinear
@@ -52,6 +57,7 @@ __all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
 
 MODES = ("dynamic", "static", "weight-only", "qat")
 KIND = "quantize"
+INT8_ACTION = "int8"  # a record appended when QAT's int8 layers become integer modules (ts.finalize_)
 # what quantize_ (and gptq_) cannot take from an earlier verb: a binary layer has no integer form
 # (its int8 export would be a float conv's), and swapping or fake-quantizing it loses the binarization
 CANNOT_TAKE = {"binarize": "a layer is binary or quantized, not both: " + SKIP_THEM}
@@ -182,7 +188,9 @@ class QuantConfig(ConfigDict):
 class QuantPlan:
     """What :func:`quantize_` did: the config, the quantized layers, the folded (conv, bn) pairs,
     the bias-corrected layers and those that got a new bias, the SmoothQuant layers with an input
-    multiply (``smoothed``) and those whose division went into a norm (``{layer: norm}``)."""
+    multiply (``smoothed``) and those whose division went into a norm (``{layer: norm}``), the
+    layers that became integer modules (``integer``, static) and why the others stay fake-quant
+    (``fake_quant``: ``{layer: reason}``)."""
 
     config: QuantConfig
     layers: list[str] = field(default_factory=list)
@@ -193,6 +201,8 @@ class QuantPlan:
     smoothed: list[str] = field(default_factory=list)
     smoothed_into_norm: dict[str, str] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)
+    integer: list[str] = field(default_factory=list)
+    fake_quant: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -200,6 +210,7 @@ class QuantPlan:
             "calibration_batches": self.calibration_batches, "bias_corrected": list(self.bias_corrected),
             "bias_added": list(self.bias_added), "smoothed": list(self.smoothed),
             "smoothed_into_norm": dict(self.smoothed_into_norm), "embeddings": list(self.embeddings),
+            "integer": list(self.integer), "fake_quant": dict(self.fake_quant),
         }
 
 
@@ -350,7 +361,7 @@ def quantize_(
     calibration = batches_of(data, calibration, where="quantize_")
     config = QuantConfig.build(config, **overrides)
     select_modules(model, config.modules, config.skip, kinds=None)  # a pattern that selects nothing: refused now
-    if any(isinstance(m, (QuantizedLinear, QuantizedRNN, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
+    if any(isinstance(m, (QuantizedLinear, QuantizedRNN, FakeQuantize, LSQFakeQuantize, *INT8_TYPES)) for m in model.modules()):
         raise ConfigError("the model is already quantized; quantize the float model once")
     plan = QuantPlan(config)
     if config.mode in ("weight-only", "dynamic"):
@@ -405,6 +416,8 @@ def quantize_(
                 from torchslim.quantize.bias_correction import bias_correct_
 
                 plan.bias_corrected, plan.bias_added = bias_correct_(model, layers, calibration, config.calibration_batches)
+            if config.mode == "static":  # calibrated: the int8 layers become integer modules
+                plan.integer, plan.fake_quant = to_int8_(model, layers)
         if config.mode == "qat":
             from torchslim.quantize.qat import set_qat_mode_
 
@@ -418,6 +431,9 @@ def quantize_(
 
 def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
     """Re-create a saved quantization's structure on a freshly built model (weights load after)."""
+    if plan.get("action") == INT8_ACTION:  # QAT finalized: its int8 layers became integer modules
+        empty_int8_(model, plan.get("integer", []))
+        return
     config = QuantConfig.from_dict(plan["config"])
     if config.mode in ("weight-only", "dynamic"):
         _swap_linear(model, plan["layers"], config, from_float=False)
@@ -439,6 +455,7 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
         from torchslim.quantize.bias_correction import add_missing_biases_
 
         add_missing_biases_(model, plan["bias_added"])
+    empty_int8_(model, plan.get("integer", []))
 
 
 register_plan_kind(KIND, replay_quantize)

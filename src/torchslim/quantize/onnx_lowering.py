@@ -7,9 +7,12 @@ At import this module registers, in :mod:`torchslim.export.onnx_int`:
   group-wise weights, its stored integers as an :class:`~torchslim.export.onnx_nbits.Int4Weight`;
   :class:`~torchslim.quantize.embedding.QuantizedEmbedding` -> ``nn.Embedding`` (and its int4
   table); :class:`~torchslim.quantize.dynamic_rnn.QuantizedRNN` -> ``nn.LSTM`` / ``nn.GRU``;
-  fake-quant modules switched off in the float twin;
+  :class:`~torchslim.quantize.int8.Int8Linear` / :class:`~torchslim.quantize.int8.Int8Conv` ->
+  the float layer with the dequantized weight; fake-quant modules switched off in the float twin;
 * the scheme reader: the last ``"quantize"`` plan recorded on a model decides how it is written
-  (``static`` / ``qat`` -> QDQ with the calibrated input ranges of every quantized layer,
+  (``static`` / ``qat`` -> QDQ with the calibrated input ranges of every quantized layer, and
+  the integer layers' own per-channel weight scales, so ONNX Runtime stores the very integers
+  the torch model holds,
   ``dynamic`` and 8-bit ``weight-only`` -> dynamic int8, ``weight-only`` with 4-bit layers ->
   MatMulNBits / GatherBlockQuantized).
 
@@ -42,6 +45,7 @@ from torchslim.export.ort import ort_run
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.embedding import QuantizedEmbedding, float_embedding
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.int8 import INT8_TYPES
 from torchslim.quantize.primitives import sqnr
 from torchslim.quantize.weight_only import QuantizedLinear
 
@@ -51,11 +55,12 @@ _ORT_METHOD = {"minmax": "MinMax", "moving_average": "MinMax", "mse": "MinMax", 
 
 
 def quant_plan_of(model: nn.Module) -> dict[str, Any] | None:
-    """The last ``"quantize"`` plan recorded on ``model`` (``None`` if it was never quantized)."""
+    """The last ``"quantize"`` plan recorded on ``model`` (``None`` if it was never quantized);
+    records of a later step (``action``, e.g. QAT's int8 conversion) are not plans of their own."""
     from torchslim._modelinfo import model_info
 
     info = model_info(model)
-    plans = [p for p in (info.plans if info else []) if p.get("kind") == "quantize"]
+    plans = [p for p in (info.plans if info else []) if p.get("kind") == "quantize" and "action" not in p]
     return plans[-1] if plans else None
 
 
@@ -74,6 +79,15 @@ def _linear_float(m: nn.Module) -> nn.Module:
 
         attach_smoothing_(lin, m.smooth_scale.detach().clone())
     return lin
+
+
+def _int8_float(m: nn.Module) -> nn.Module:
+    new = m.to_float()
+    if hasattr(m, "smooth_scale"):
+        from torchslim.quantize.smoothquant import attach_smoothing_
+
+        attach_smoothing_(new, m.smooth_scale.detach().clone())
+    return new
 
 
 def _fake_quant_off(m: nn.Module) -> None:
@@ -140,6 +154,9 @@ def _input_ranges(model: nn.Module) -> dict[str, tuple[float, int]]:
     """Layer name -> (scale, zero point) of its per-tensor calibrated input quantizer."""
     ranges: dict[str, tuple[float, int]] = {}
     for name, m in model.named_modules():
+        if isinstance(m, INT8_TYPES):
+            ranges[name] = (float(m.input_scale), int(m.input_zero_point))
+            continue
         fq = getattr(m, "input_quant", None)
         if isinstance(fq, FakeQuantize):
             scale, zp = fq.scale, fq.zero_point
@@ -150,6 +167,12 @@ def _input_ranges(model: nn.Module) -> dict[str, tuple[float, int]]:
         if scale.numel() == 1:
             ranges[name] = (float(scale), int(torch.clamp(zp.round(), 0, 255)))
     return ranges
+
+
+def _weight_scales(model: nn.Module) -> dict[str, tuple[float, ...]]:
+    """Integer layer name -> its per-output-channel weight scales."""
+    return {n: tuple(float(v) for v in m.weight_scale.detach().cpu()) for n, m in model.named_modules()
+            if isinstance(m, INT8_TYPES)}
 
 
 def _has_int4(model: nn.Module) -> bool:
@@ -173,12 +196,15 @@ def integer_scheme_of(model: nn.Module) -> IntegerScheme | None:
     return IntegerScheme(
         mode=mode, kind=kind, calibration_method=_ORT_METHOD.get(cfg.get("observer", "minmax"), "MinMax"),
         calibration_batches=cfg.get("calibration_batches"), input_ranges=ranges,
+        weight_scales=_weight_scales(model) if kind == "static" else {},
     )
 
 
 register_onnx_lowering(QuantizedLinear, OnnxLowering(float_module=_linear_float, int4_weight=int4_weight))
 register_onnx_lowering(QuantizedEmbedding, OnnxLowering(float_module=float_embedding, int4_weight=int4_weight))
 register_onnx_lowering(QuantizedRNN, OnnxLowering(float_module=lambda m: m.to_float()))
+for _t in INT8_TYPES:
+    register_onnx_lowering(_t, OnnxLowering(float_module=_int8_float))
 register_onnx_lowering(FakeQuantize, OnnxLowering(float_module=_fake_quant_off))
 register_onnx_lowering(LSQFakeQuantize, OnnxLowering(float_module=_fake_quant_off))
 register_integer_scheme(integer_scheme_of)

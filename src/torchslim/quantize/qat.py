@@ -6,7 +6,10 @@ training forward (weights: the current weights' range; activations: the configur
 ``moving_average`` by default), LSQ / LSQ+ ones learn their step sizes by gradient descent. In
 eval mode the frozen ranges are used, so ``ts.evaluate`` during training sees the quantized model.
 Train with :func:`torchslim.fit` (or your own loop, distillation included), then call
-``ts.finalize_`` to freeze every range (``qat_convert_`` is its deprecated name).
+``ts.finalize_`` to freeze every range and turn every int8 layer into an integer module
+(:mod:`torchslim.quantize.int8`: int8 weights, oneDNN kernels under
+:func:`torchslim.quantize.compile`; other bit widths stay fake-quant). ``qat_convert_`` is its
+deprecated name.
 
 Example:
     >>> import torch, torchslim as ts
@@ -14,8 +17,8 @@ Example:
     >>> model = ts.create_model("zoo:lenet300")
     >>> plan = qat_prepare_(model, bits=4)
     >>> _ = model(torch.randn(8, 1, 28, 28)).sum().backward()  # one training step's forward/backward
-    >>> ts.finalize_(model)["qat"]["frozen"]
-    6
+    >>> ts.finalize_(model)["qat"]
+    {'frozen': 6, 'integer': 0}
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def qat_prepare_(
 def qat_convert_(model: nn.Module) -> dict[str, Any]:
     """Deprecated: ``ts.finalize_(model)`` (or ``ts.finalize_(model, kinds=["qat"])``).
 
-    Freezes every quantizer and returns ``{"frozen": number of quantizers}``.
+    Freezes every quantizer, turns the int8 layers into integer modules and returns
+    ``{"frozen": number of quantizers, "integer": number of integer layers}``.
 
     Raises:
         ConfigError: the model has no QAT quantizers.
@@ -96,12 +100,16 @@ def qat_convert_(model: nn.Module) -> dict[str, Any]:
 
 
 def freeze_qat_(model: nn.Module) -> dict[str, Any] | None:
-    """Freeze every quantizer (ranges and learned steps stay as trained); the model is then static.
+    """Freeze every quantizer (ranges and learned steps stay as trained), then make every int8
+    layer an integer module (:func:`torchslim.quantize.int8.to_int8_`, the same integers the
+    frozen fake-quant computes with); the model is then static int8 and no longer trains.
 
-    This is the ``"qat"`` finalizer of ``ts.finalize_``.
+    This is the ``"qat"`` finalizer of ``ts.finalize_``. The conversion is recorded on the model
+    (a ``"quantize"`` record with ``action="int8"``) so ``ts.save`` / ``ts.load`` rebuild it.
 
     Returns:
-        ``{"frozen": number of quantizers}``, or None when the model has no QAT quantizers.
+        ``{"frozen": number of quantizers, "integer": number of layers made integer}``, or None
+        when the model has no QAT quantizers.
     """
     quantizers = [m for m in model.modules() if isinstance(m, (FakeQuantize, LSQFakeQuantize))]
     if not quantizers:
@@ -111,7 +119,16 @@ def freeze_qat_(model: nn.Module) -> dict[str, Any] | None:
         if isinstance(m, LSQFakeQuantize):
             m.scale.requires_grad_(False)
             m.offset.requires_grad_(False)
-    return {"frozen": len(quantizers)}
+    from torchslim.quantize.api import INT8_ACTION, KIND
+    from torchslim.quantize.int8 import to_int8_
+
+    names = [n for n, m in model.named_modules() if hasattr(m, "input_quant") and hasattr(m, "parametrizations")]
+    done, _ = to_int8_(model, names)
+    if done:
+        from torchslim._modelinfo import record_plan
+
+        record_plan(model, {"kind": KIND, "action": INT8_ACTION, "integer": done})
+    return {"frozen": len(quantizers), "integer": len(done)}
 
 
 def _register_finalizer() -> None:

@@ -1,0 +1,408 @@
+"""Static int8 that is real in PyTorch: integer Conv / Linear modules and the compiled fast path.
+
+After calibration (``quantize_(mode="static")``) or at the end of QAT (``ts.finalize_``), every
+quantized Conv1d/2d/3d and Linear whose quantizers are int8-shaped becomes an :class:`Int8Conv` or
+:class:`Int8Linear`. It holds
+
+* ``qweight``: the weight as ``int8`` (symmetric, per output channel; a per-tensor scale is
+  stored once per channel), ``weight_scale`` (fp32, one per output channel);
+* ``input_scale`` / ``input_zero_point``: the calibrated uint8 range of its input (per tensor);
+* ``bias``: the float bias (BN folded in, bias correction applied),
+
+so its state dict, and the ``model.safetensors`` ``ts.save`` writes, holds one byte per weight.
+
+The forward has the numerics of int8 and is written with the decomposed quantization ops torch
+ships, in the very pattern PyTorch 2 export quantization produces::
+
+    x  -> quantize_per_tensor(uint8) -> dequantize_per_tensor
+    qw -> dequantize_per_channel(int8)
+    y  =  conv / linear(x, w, bias)
+
+Eager, that is simulation (slower than fp32). :func:`compile` hands the model to
+``torch.compile`` with inductor's freezing on and torchao's x86 inductor passes registered: they
+recognise the pattern and run oneDNN int8 kernels (``onednn.qconv_pointwise`` /
+``onednn.qlinear_pointwise``), fusing the ReLU that follows and the next layer's input
+quantization into the kernel. Conv3d layers keep the float kernel (oneDNN's int8 conv is
+lowered for 1-D and 2-D only), with the same numerics.
+
+Layers that stay fake-quant (:func:`int8_blocker` says why): weight bits other than 8 (mixed
+precision: an integer kernel exists for int8 only), asymmetric weights (oneDNN needs weight zero
+points of 0), activations other than 8-bit, a conv with ``padding_mode`` other than zeros.
+
+Example:
+    >>> import torch
+    >>> from torchslim.quantize import QuantConfig, quantize_
+    >>> from torchslim.quantize.int8 import Int8Linear
+    >>> _ = torch.manual_seed(0)
+    >>> m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> plan = quantize_(m, QuantConfig(mode="static"), calibration=[torch.randn(8, 16) for _ in range(2)])
+    >>> isinstance(m[0], Int8Linear), m[0].qweight.dtype, plan.integer
+    (True, torch.int8, ['0', '2'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torchslim.errors import ConfigError
+from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
+from torchslim.quantize.primitives import QScheme, qrange
+
+__all__ = ["Int8Linear", "Int8Conv", "INT8_TYPES", "int8_blocker", "to_int8_", "empty_int8_", "compile", "int8_kernels"]
+
+_W_MIN, _W_MAX = -128, 127
+_A_MIN, _A_MAX = 0, 255
+
+
+# defines torch.ops.quantized_decomposed (the op definitions only; nothing of torch.ao's flows is used)
+import torch.ao.quantization.fx._decomposed  # noqa: E402,F401,I001
+
+_QD = torch.ops.quantized_decomposed
+
+
+class _Int8Base(nn.Module):
+    """Buffers and the input quantization shared by :class:`Int8Linear` and :class:`Int8Conv`."""
+
+    def _init_int8(self, weight_shape: tuple[int, ...], bias: bool, device: Any = None) -> None:
+        out = weight_shape[0]
+        self.register_buffer("qweight", torch.zeros(weight_shape, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32, device=device))
+        # oneDNN takes symmetric weights only: the zero points are all 0, not worth saving
+        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
+        self._sync_qparams()
+
+    def _sync_qparams(self) -> None:
+        # python numbers: the ops' .default overloads (what the inductor patterns match) take scalars
+        self._in_scale = float(self.input_scale)
+        self._in_zp = int(self.input_zero_point)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_qparams()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)
+        if self.input_scale.is_floating_point() and not self.input_scale.is_meta:
+            self._sync_qparams()
+        return out
+
+    @torch.no_grad()
+    def set_qparams(self, weight_int: torch.Tensor, weight_scale: torch.Tensor, input_scale: float, input_zero_point: int) -> None:
+        """Store integer weights (any shape with the weight's elements), per-channel (or one) scales
+        and the input's uint8 scale and zero point."""
+        self.qweight.copy_(weight_int.reshape(self.qweight.shape).to(torch.int8))
+        self.weight_scale.copy_(weight_scale.float().reshape(-1).expand(self.weight_scale.shape))
+        self.input_scale.fill_(float(input_scale))
+        self.input_zero_point.fill_(int(input_zero_point))
+        self._sync_qparams()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the integers stand for."""
+        shape = [-1] + [1] * (self.qweight.dim() - 1)
+        return self.qweight.float() * self.weight_scale.reshape(shape)
+
+    def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _QD
+        q = qd.quantize_per_tensor(x, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
+        return qd.dequantize_per_tensor(q, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
+
+    def _weight(self) -> torch.Tensor:
+        return _QD.dequantize_per_channel(
+            self.qweight, self.weight_scale, self.weight_zero_point, 0, _W_MIN, _W_MAX, torch.int8
+        )
+
+    def _float_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == torch.float32 else x.float()
+
+
+class Int8Linear(_Int8Base):
+    """A Linear layer with int8 weights and a calibrated uint8 input (see module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_int8((out_features, in_features), bias, device)
+
+    @classmethod
+    def like(cls, layer: nn.Module) -> Int8Linear:
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, device=_device_of(layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = F.linear(self._qdq_input(self._float_in(x)), self._weight(), self.bias)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def to_float(self) -> nn.Linear:
+        """The ``nn.Linear`` with the dequantized weight (what ONNX export re-quantizes)."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.qweight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights per channel, uint8 input"
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Int8Conv(_Int8Base):
+    """A Conv1d/2d/3d with int8 weights and a calibrated uint8 input (see module doc)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], stride: tuple[int, ...] = (1,),
+        padding: tuple[int, ...] | str = (0,), dilation: tuple[int, ...] = (1,), groups: int = 1, bias: bool = True,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.dims = len(kernel_size)
+        if self.dims not in _CONV:
+            raise ConfigError(f"Int8Conv supports 1-D, 2-D and 3-D kernels; got kernel_size={kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.groups = tuple(stride), padding, tuple(dilation), groups
+        if not isinstance(padding, str):
+            self.padding = tuple(padding)
+        self._init_int8((out_channels, in_channels // groups, *kernel_size), bias, device)
+
+    @classmethod
+    def like(cls, conv: nn.Module) -> Int8Conv:
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.bias is not None, device=_device_of(conv))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = _CONV_FN[self.dims](self._qdq_input(self._float_in(x)), self._weight(), self.bias, self.stride,
+                                self.padding, self.dilation, self.groups)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def to_float(self) -> nn.Module:
+        """The float conv with the dequantized weight (what ONNX export re-quantizes)."""
+        conv = _CONV[self.dims](self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                                self.dilation, self.groups, self.bias is not None, device=self.qweight.device)
+        with torch.no_grad():
+            conv.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, int8 weights per channel, uint8 input")
+
+
+INT8_TYPES = (Int8Linear, Int8Conv)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(iter(module.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _weight_quantizer(module: nn.Module) -> nn.Module | None:
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    if plist is None:
+        return None
+    return next((p for p in plist if isinstance(p, (FakeQuantize, LSQFakeQuantize))), None)
+
+
+def _is_int8_weight(s: QScheme) -> bool:
+    return s.bits == 8 and s.symmetric and s.signed and s.granularity in ("tensor", "channel") and s.axis == 0 \
+        and qrange(s) == (_W_MIN, _W_MAX)
+
+
+def int8_blocker(module: nn.Module) -> str | None:
+    """Why a fake-quantized Conv/Linear cannot become an integer module, or ``None`` when it can."""
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"{type(module).__name__} is not a Linear or Conv1d/2d/3d"
+    wq, iq = _weight_quantizer(module), getattr(module, "input_quant", None)
+    if wq is None or iq is None:
+        return "it has no weight and input quantizers"
+    ws, as_ = wq.scheme, iq.scheme
+    if not _is_int8_weight(ws):
+        return (f"int{ws.bits} {'symmetric' if ws.symmetric else 'asymmetric'} weights: the integer kernels take "
+                "8-bit symmetric weights (it stays fake-quant)")
+    if as_.bits != 8 or as_.signed or as_.granularity != "tensor":
+        return f"{as_.bits}-bit activations: the integer kernels take 8-bit unsigned per-tensor inputs (it stays fake-quant)"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: only zero padding has an integer form (it stays fake-quant)"
+    return None
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(fq, LSQFakeQuantize):
+        return fq.qparams()
+    return fq.scale.detach(), fq.zero_point.detach()
+
+
+def _empty_like(layer: nn.Module) -> _Int8Base:
+    return Int8Linear.like(layer) if isinstance(layer, nn.Linear) else Int8Conv.like(layer)
+
+
+def _carry_smoothing(old: nn.Module, new: nn.Module) -> None:
+    if hasattr(old, "smooth_scale"):  # SmoothQuant's input division travels with the layer
+        from torchslim.quantize.smoothquant import attach_smoothing_
+
+        attach_smoothing_(new, old.smooth_scale.detach().clone())
+
+
+@torch.no_grad()
+def _convert_one(layer: nn.Module) -> _Int8Base:
+    wq, iq = _weight_quantizer(layer), layer.input_quant
+    w = layer.parametrizations.weight.original.detach().float()
+    scale, _ = _qparams(wq)
+    scale = scale.float().reshape(-1)
+    per = scale if scale.numel() > 1 else scale.expand(w.shape[0])
+    shape = [-1] + [1] * (w.dim() - 1)
+    ints = torch.clamp(torch.round(w / per.reshape(shape)), _W_MIN, _W_MAX)
+    a_scale, a_zp = _qparams(iq)
+    new = _empty_like(layer)
+    new.set_qparams(ints, per, float(a_scale.reshape(-1)[0]), int(torch.clamp(a_zp.reshape(-1)[0].round(), _A_MIN, _A_MAX)))
+    if layer.bias is not None:
+        new.bias.data = layer.bias.detach().clone()
+    new.train(layer.training)
+    return new
+
+
+def to_int8_(model: nn.Module, names: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Replace each named fake-quantized layer that has an integer form by its integer module.
+
+    The integers are the fake-quant's own (same scales, same rounding), so the model computes
+    what it did, now from int8 weights.
+
+    Returns:
+        ``(converted names, {name: why it stays fake-quant})``.
+    """
+    done: list[str] = []
+    kept: dict[str, str] = {}
+    for n in names:
+        layer = model.get_submodule(n)
+        why = int8_blocker(layer)
+        if why is not None:
+            kept[n] = why
+            continue
+        new = _convert_one(layer)
+        _carry_smoothing(layer, new)
+        _set(model, n, new)
+        done.append(n)
+    return done, kept
+
+
+def empty_int8_(model: nn.Module, names: Iterable[str]) -> None:
+    """Structure only (``ts.load`` replay): replace the named layers (float, or fake-quantized) by
+    integer modules of the same shapes, to be filled by the state dict."""
+    for n in names:
+        layer = model.get_submodule(n)
+        new = _empty_like(layer)
+        if hasattr(layer, "smooth_scale"):
+            from torchslim.quantize.smoothquant import attach_smoothing_
+
+            attach_smoothing_(new)
+        _set(model, n, new)
+
+
+# --------------------------------------------------------------------------- compiled fast path
+
+
+def _register_x86_passes() -> None:
+    from torchslim._optional import require
+
+    # importing the quantizer registers the passes that turn dequant -> conv/linear into oneDNN int8 kernels
+    require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "int8 kernels under torch.compile")
+
+
+def compile(model: nn.Module, **compile_kwargs: Any) -> Any:
+    """``torch.compile`` a static-int8 model so it runs oneDNN int8 kernels on x86 CPUs.
+
+    Turns on inductor's freezing while the model runs (``torch._inductor.config.freezing``,
+    patched around each call, so other compiled code is not affected: weights become constants,
+    which the int8 weight prepacking needs), registers torchao's x86 inductor
+    quantization passes, and returns a callable that runs the compiled model in eval mode under
+    ``torch.no_grad()`` (freezing applies to inference only). A float model compiles the same way
+    (useful as the fp32 baseline). The first call compiles (seconds to a minute).
+
+    Args:
+        model: the model (its mode is switched to eval).
+        compile_kwargs: more ``torch.compile`` arguments (``dynamic=``, ``mode=``, ``options=``...).
+
+    Raises:
+        MissingDependencyError: torchao is not installed (``pip install torchslim[executorch]``).
+    """
+    _register_x86_passes()
+    from torch._inductor import config as inductor_config
+
+    with contextlib.suppress(NotImplementedError):  # an exported program's module has no train/eval
+        model.eval()
+    compiled = torch.compile(model, **compile_kwargs)
+
+    @functools.wraps(model.forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return compiled(*args, **kwargs)
+
+    run.compiled = compiled  # type: ignore[attr-defined]
+    run.model = model  # type: ignore[attr-defined]
+    return run
+
+
+@contextlib.contextmanager
+def _capture_output_code() -> Iterator[list[str]]:
+    """Collect the Python source inductor writes for each compiled graph."""
+    from torch._inductor import graph as inductor_graph
+
+    sources: list[str] = []
+    original = inductor_graph.GraphLowering.compile_to_module
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mod = original(self, *args, **kwargs)
+        path = getattr(mod, "__file__", None)
+        if path:
+            with open(path) as f:
+                sources.append(f.read())
+        return mod
+
+    inductor_graph.GraphLowering.compile_to_module = capture  # type: ignore[method-assign]
+    try:
+        yield sources
+    finally:
+        inductor_graph.GraphLowering.compile_to_module = original  # type: ignore[method-assign]
+
+
+def int8_kernels(model: nn.Module, *example_inputs: Any) -> dict[str, int]:
+    """Compile ``model`` with :func:`compile`, run it once and count the oneDNN kernels in the code
+    inductor generated: ``{"qconv": n, "qlinear": n, "float_conv": n, "float_linear": n}``.
+
+    A check that the int8 kernels are really used (compiles afresh: seconds to a minute).
+    """
+    torch._dynamo.reset()
+    with _capture_output_code() as sources:
+        compile(model)(*example_inputs)
+    code = "\n".join(sources)
+    return {
+        "qconv": code.count("onednn.qconv_pointwise") + code.count("onednn.qconv2d_pointwise"),
+        "qlinear": code.count("onednn.qlinear_pointwise"),
+        "float_conv": code.count("mkldnn._convolution_pointwise") + code.count("aten.convolution("),
+        "float_linear": code.count("mkldnn._linear_pointwise") + code.count("extern_kernels.mm(")
+        + code.count("extern_kernels.addmm("),
+    }

@@ -1,0 +1,161 @@
+"""Static / QAT int8 that is real in PyTorch: integer modules, saved bytes, reload, compiled int8 kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.errors import ConfigError
+from torchslim.quantize import QuantConfig, freeze_qat_, qat_prepare_, quantize_, sqnr
+from torchslim.quantize.int8 import Int8Conv, Int8Linear, int8_blocker, to_int8_
+from torchslim.quantize.ptq import attach_quantizers_, calibrate_, quantizable_layers
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+
+
+def test_integer_modules_compute_what_the_fake_quant_did() -> None:
+    torch.manual_seed(0)
+    model = _cnn()
+    model[1] = nn.Identity()
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    cfg = QuantConfig(mode="static")
+    layers = quantizable_layers(model)
+    attach_quantizers_(layers, {n: cfg.weight_scheme(n) for n in layers}, cfg.act_scheme())
+    calibrate_(model, calib, 2)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        fake = model(x)
+        done, kept = to_int8_(model, list(layers))
+        real = model(x)
+    assert done == ["0", "3", "7"] and kept == {}
+    assert isinstance(model[0], Int8Conv) and isinstance(model[7], Int8Linear)
+    assert model[0].qweight.dtype == torch.int8 and model[3].qweight.shape == (8, 4, 3, 3)
+    assert torch.allclose(real, fake, atol=1e-5, rtol=1e-5)
+
+
+def test_static_state_dict_is_int8_and_file_is_4x_smaller(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ts.create_model("torchvision:resnet18")
+    fp32_dir = tmp_path / "fp32"
+    ts.save(model, fp32_dir)
+    calib = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y32 = model.eval()(x)
+    plan = quantize_(model, QuantConfig(mode="static"), calibration=calib)
+    assert len(plan.integer) == 21 and plan.fake_quant == {}  # 20 convs + fc
+    sd = model.state_dict()
+    assert sd["conv1.qweight"].dtype == torch.int8 and sd["fc.qweight"].dtype == torch.int8
+    assert not any(k.endswith(".weight") and v.is_floating_point() and v.dim() > 1 for k, v in sd.items())
+    with torch.no_grad():
+        y8 = model(x)
+    assert sqnr(y32, y8) > 15
+    ts.save(model, tmp_path / "int8")
+    ratio = (fp32_dir / "model.safetensors").stat().st_size / (tmp_path / "int8" / "model.safetensors").stat().st_size
+    assert ratio >= 3.8
+    loaded = ts.load(tmp_path / "int8")
+    assert isinstance(loaded.layer1[0].conv1, Int8Conv) and loaded.layer1[0].conv1.qweight.dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y8)
+    prof = ts.profile(model, x[:1])
+    assert prof.size_bytes * 3.8 <= ts.profile(ts.load(fp32_dir), x[:1]).size_bytes
+    # the integer weights still count as parameters; each BN's scale and shift became its conv's bias
+    bn = sum(m.weight.numel() for m in ts.load(fp32_dir).modules() if isinstance(m, nn.BatchNorm2d))
+    assert prof.params == sum(p.numel() for p in ts.load(fp32_dir).parameters()) - bn
+
+
+def test_qat_finalize_converts_and_reloads(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = ts.load_data("synthetic:1x1x28x28:n=64")
+    model = ts.create_model("zoo:lenet5", data=data)
+    qat_prepare_(model, bits=8)
+    ts.fit(model, data, ts.TrainConfig(epochs=1, lr=1e-3, optimizer="adam", device="cpu", max_steps_per_epoch=3), progress=False)
+    model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    assert freeze_qat_(model) == {"frozen": 10, "integer": 5}
+    assert isinstance(model.features[0], Int8Conv) and isinstance(model.classifier[0], Int8Linear)
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+    ts.save(model, tmp_path / "m")
+    loaded = ts.load(tmp_path / "m")
+    assert isinstance(loaded.features[0], Int8Conv)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), after)
+
+
+def test_other_bit_widths_stay_fake_quant_and_say_why(tmp_path) -> None:
+    model = ts.create_model("zoo:lenet300")
+    x = torch.randn(4, 1, 28, 28)
+    plan = quantize_(model, QuantConfig(mode="static", layer_bits={"fc2": 4}), calibration=[x])
+    assert plan.integer == ["fc1", "fc3"] and list(plan.fake_quant) == ["fc2"]
+    assert "int4" in plan.fake_quant["fc2"] and "stays fake-quant" in plan.fake_quant["fc2"]
+    assert isinstance(model.fc1, Int8Linear) and hasattr(model.fc2, "input_quant")
+    assert int8_blocker(model.fc2) == plan.fake_quant["fc2"]
+    with torch.no_grad():
+        y = model(x)
+    ts.save(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ts.load(tmp_path / "m")(x), y)
+
+
+def test_smoothquant_and_bias_correction_carry_into_integer_layers(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ts.create_model("zoo:lenet300")
+    outlier = torch.ones(1, 1, 28, 28)
+    outlier[..., 0, :4] = 40.0
+    calib = [torch.rand(16, 1, 28, 28) * outlier for _ in range(3)]
+    plan = quantize_(model, QuantConfig(mode="static", smoothquant_alpha=0.5, smoothquant_min_gain=0.0, bias_correction=True),
+                     calibration=calib)
+    assert "fc1" in plan.smoothed and plan.bias_corrected and plan.integer == ["fc1", "fc2", "fc3"]
+    assert isinstance(model.fc1, Int8Linear) and model.fc1.smooth_scale.shape == (784,)
+    x = calib[0]
+    with torch.no_grad():
+        y = model(x)
+    ts.save(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ts.load(tmp_path / "m")(x), y)
+
+
+def test_quantizing_an_int8_model_again_is_refused() -> None:
+    model = ts.create_model("zoo:lenet5")
+    quantize_(model, QuantConfig(mode="static"), calibration=[torch.randn(2, 1, 28, 28)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_(model, QuantConfig(mode="static"), calibration=[torch.randn(2, 1, 28, 28)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_compiled_int8_runs_onednn_int8_kernels() -> None:
+    pytest.importorskip("torchao")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    from torchslim.quantize import compile as compile_int8
+    from torchslim.quantize.int8 import int8_kernels
+
+    torch.manual_seed(0)
+    model = _cnn()
+    fp32 = copy.deepcopy(model)
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    quantize_(model, QuantConfig(mode="static"), calibration=calib)
+    x = calib[0]
+    counts = int8_kernels(model, x)
+    assert counts["qconv"] == 2 and counts["qlinear"] == 1 and counts["float_conv"] == 0
+    assert int8_kernels(fp32, x)["qconv"] == 0  # the count can fail: a float model has none
+    torch._dynamo.reset()
+    fast = compile_int8(model)
+    with torch.no_grad():
+        eager = model(x)
+    out = fast(x)
+    assert torch.allclose(out, eager, atol=0.05 * float(eager.abs().max()))
