@@ -1,5 +1,10 @@
-"""``torchslim bench MODEL``: latency of the model in eager PyTorch, torch.compile, TorchScript and
-ONNX Runtime (CPU, XNNPACK), same inputs, same threads, interleaved round by round.
+"""``torchslim bench MODEL``: latency of the model in eager PyTorch, torch.compile, TorchScript,
+ONNX Runtime (CPU, XNNPACK EP) and ExecuTorch (XNNPACK delegate), fp32 and int8, same inputs, same
+threads, interleaved round by round.
+
+The int8 rows (``eager-int8``, ``compile-int8``, ``executorch-int8``, ``onnxruntime-int8``) time a
+copy of a float model quantized by ``ts.quantize_`` in static mode, calibrated on the timed inputs
+and a few random batches like them; a model that is already quantized is timed as it is.
 
 Prints one table (median ms, p10-p90, latency / eager, max abs difference from eager) or, with
 ``--json``, one object whose ``runtimes`` list has one entry per runtime.
@@ -17,7 +22,7 @@ def register(sub: Any) -> None:
     """Add the ``bench`` verb to the ``torchslim`` parser."""
     from torchslim.export.bench import RUNTIMES
 
-    p = sub.add_parser("bench", help="latency per runtime: eager, torch.compile, TorchScript, ONNX Runtime (CPU, XNNPACK)")
+    p = sub.add_parser("bench", help="latency per runtime, fp32 and int8: eager, torch.compile, TorchScript, ONNX Runtime, ExecuTorch (XNNPACK)")
     p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, pretrained:NAME, file.py:factory, or a saved dir")
     p.add_argument("--data", help="data spec the model is built for (input channels/size, classes)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
@@ -29,6 +34,29 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
+
+
+_CALIBRATION_BATCHES = 8
+
+
+def _static_int8_copy(model: Any, inputs: Any) -> Any:
+    """A copy of ``model`` quantized by ``ts.quantize_`` (static int8), calibrated on ``inputs`` and
+    random batches like them; the model itself when it is quantized already."""
+    import copy
+
+    import torchslim as ts
+    from torchslim.export.onnx_int import integer_scheme
+    from torchslim.export.parity import random_inputs
+
+    if integer_scheme(model) is not None:
+        return model
+    tensors = inputs.tensors()
+    if inputs.kwargs or len(inputs.args) != 1 or len(tensors) != 1:
+        raise ValueError(f"static int8 calibration feeds one input tensor; the model takes {inputs.describe()}")
+    batches = [tensors[0]] + [random_inputs(inputs, batch=8, seed=k).args[0] for k in range(_CALIBRATION_BATCHES - 1)]
+    quantized = copy.deepcopy(model)
+    ts.quantize_(quantized, ts.QuantConfig(mode="static"), calibration=batches)
+    return quantized.eval()
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -54,7 +82,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if shape is not None:
         ts.set_example_inputs(model, shape)
     inputs = ts.example_inputs(model, batch_size=args.batch_size)
-    result = bench(model, inputs, runtimes=runtimes, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    result = bench(model, inputs, runtimes=runtimes, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                   int8=_static_int8_copy)
     if args.json:
         emit_json({"verb": "bench", "model": args.model, **result.to_dict()})
     else:

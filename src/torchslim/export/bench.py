@@ -1,26 +1,38 @@
 """Latency of one model in several runtimes, measured side by side: ``bench(model, inputs)``.
 
-The runtimes (``RUNTIMES``):
+The runtimes (``RUNTIMES``), the float model first:
 
 * ``eager``: the PyTorch module under ``torch.no_grad`` (always timed: it is the baseline);
 * ``compile``: ``torch.compile(model)`` (inductor; on CPU it generates C++ and needs a compiler);
 * ``torchscript``: the file ``ts.export`` writes (trace or script), run by ``torch.jit.load``;
 * ``onnxruntime``: the ``ts.export`` ONNX file in ONNX Runtime's default CPU execution provider;
-* ``xnnpack``: the same ONNX file in ONNX Runtime's XNNPACK execution provider, where the
-  installed build has it (``onnxruntime.get_available_providers()``).
+* ``onnxruntime-xnnpack``: the same ONNX file in ONNX Runtime's XNNPACK execution provider, where
+  the installed build has it (``onnxruntime.get_available_providers()``; the PyPI wheels do not).
+  This row was called ``xnnpack`` before ExecuTorch's XNNPACK delegate got its own row;
+* ``executorch``: the ``ts.export`` ``.pte`` file (ExecuTorch program, XNNPACK delegate) in
+  ExecuTorch's runtime;
+
+then the int8 form of the model (``int8=``: a quantized copy, or the model itself when
+``ts.quantize_`` quantized it):
+
+* ``eager-int8``, ``compile-int8``: that model in eager PyTorch and under ``torch.compile``;
+* ``executorch-int8``: its int8 ``.pte`` (format ``pte-int8``: PT2E, XNNPACK quantizer);
+* ``onnxruntime-int8``: its integer ONNX file (format ``onnx-int8``) in ONNX Runtime's CPU provider.
 
 Every runtime runs the same inputs with the same number of threads (``torch.set_num_threads``
-for the PyTorch ones, ``intra_op_num_threads`` for ONNX Runtime; restored afterwards). After
+for the PyTorch ones, ``intra_op_num_threads`` for ONNX Runtime, the size of ExecuTorch's
+thread pool; restored afterwards). After
 ``warmup`` untimed calls each, timing goes round by round: each round times one call of every
 runtime, in an order rotated every round, so a burst of load from other processes hits all
 runtimes alike. A runtime that cannot be prepared (the export or compilation fails, the provider
 is missing) gets a row saying why instead of stopping the others. Each row also holds the largest
-absolute difference of the runtime's outputs from eager's on the timed inputs.
+absolute difference of the runtime's outputs from eager's on the timed inputs (for the int8 rows
+that includes the quantization error).
 
 The ONNX files are written by ``ts.export`` (parity checked), so a static / QAT quantized model
 is timed as int8 QDQ ONNX in ONNX Runtime. The PyTorch rows run on the model's device (CUDA
 calls are synchronized before the clock stops); the ONNX Runtime rows run on CPU only, so for a
-model on another device they say so instead of timing.
+model on another device they say so instead of timing (ExecuTorch's rows too).
 
 Example:
     >>> import torch
@@ -51,10 +63,16 @@ from torchslim.export._base import failure_reason, tensor_leaves
 from torchslim.graph.inputs import Inputs, as_inputs, call_model
 from torchslim.profile.latency import cpu_name, measure_interleaved
 
-__all__ = ["RUNTIMES", "BenchRow", "BenchResult", "bench", "parse_runtimes"]
+__all__ = ["RUNTIMES", "INT8_RUNTIMES", "BenchRow", "BenchResult", "bench", "parse_runtimes"]
 
-RUNTIMES = ("eager", "compile", "torchscript", "onnxruntime", "xnnpack")
+RUNTIMES = ("eager", "compile", "torchscript", "onnxruntime", "onnxruntime-xnnpack", "executorch",
+            "eager-int8", "compile-int8", "executorch-int8", "onnxruntime-int8")
+INT8_RUNTIMES = tuple(r for r in RUNTIMES if r.endswith("-int8"))
+_RENAMED = {"xnnpack": "'onnxruntime-xnnpack' (ONNX Runtime's XNNPACK execution provider) or 'executorch' "
+                       "(ExecuTorch's XNNPACK delegate)"}
 _XNNPACK = "XnnpackExecutionProvider"
+_ORT_ROWS = ("onnxruntime", "onnxruntime-xnnpack", "onnxruntime-int8")
+_ET_ROWS = ("executorch", "executorch-int8")
 
 
 @dataclass(frozen=True)
@@ -141,7 +159,7 @@ class BenchResult:
                 t.add_row(r.runtime, r.status, "-", "-", "-", r.reason)
                 continue
             note = ", ".join(str(v).replace("ExecutionProvider", " EP") for k, v in r.info.items()
-                             if k in ("method", "provider", "backend", "quantized"))
+                             if k in ("method", "provider", "backend", "quantized", "int8"))
             t.add_row(r.runtime, f"{r.median_ms:.3f}", f"{r.p10_ms:.3f}-{r.p90_ms:.3f}", f"{r.ratio_to_eager:.2f}",
                       f"{r.max_abs_diff:.2g}", note)
         from torchslim._text import printable
@@ -164,6 +182,8 @@ def parse_runtimes(runtimes: str | Sequence[str] | None) -> tuple[str, ...]:
     else:
         raise type_error("runtimes", runtimes, "a comma-separated string or a list of runtime names")
     unknown = [n for n in names if n not in RUNTIMES]
+    if unknown and unknown[0] in _RENAMED:
+        raise ConfigError(f"runtime {unknown[0]!r} was renamed: use {_RENAMED[unknown[0]]}")
     if unknown:
         raise ConfigError(f"unknown runtime {unknown[0]!r}; allowed: {', '.join(RUNTIMES)}")
     if len(set(names)) != len(names):
@@ -175,6 +195,7 @@ def parse_runtimes(runtimes: str | Sequence[str] | None) -> tuple[str, ...]:
 
 # ---- runtimes: each preparer returns (run, info) or raises ------------------------------------
 Runner = Callable[[], list[torch.Tensor]]
+Int8 = nn.Module | Callable[[nn.Module, Inputs], nn.Module] | None
 
 
 def _torch_runner(module: Callable[..., Any], inputs: Inputs) -> Runner:
@@ -190,7 +211,7 @@ def _torch_runner(module: Callable[..., Any], inputs: Inputs) -> Runner:
     return run
 
 
-def _prepare_compile(model: nn.Module, inputs: Inputs, workdir: Path) -> tuple[Runner, dict[str, Any]]:
+def _prepare_compile(model: nn.Module, inputs: Inputs) -> tuple[Runner, dict[str, Any]]:
     compiled = torch.compile(model, backend="inductor", dynamic=False)
     run = _torch_runner(compiled, inputs)
     run()  # compiles now, so a failure is reported at preparation and compile time is not timed
@@ -208,18 +229,18 @@ def _prepare_torchscript(model: nn.Module, inputs: Inputs, workdir: Path) -> tup
     return _torch_runner(module, inputs), {"method": result.info.get("method"), "size_bytes": result.size_bytes}
 
 
-def _onnx_file(model: nn.Module, inputs: Inputs, workdir: Path, cache: dict[str, Any]) -> Any:
-    """Export the ONNX file once for both ONNX Runtime rows (an export failure is kept and re-raised)."""
-    if "onnx" not in cache:
+def _exported(model: nn.Module, inputs: Inputs, path: Path, cache: dict[str, Any], format: str | None = None) -> Any:
+    """Export ``path`` once for every row that runs it (an export failure is kept and re-raised)."""
+    if path.name not in cache:
         from torchslim.export.api import export
 
         try:
-            cache["onnx"] = export(model, inputs, workdir / "model.onnx", random_inputs=0)
+            cache[path.name] = export(model, inputs, path, format=format, random_inputs=0)
         except Exception as exc:  # reported in every row that needs the file
-            cache["onnx"] = exc
-    if isinstance(cache["onnx"], Exception):
-        raise cache["onnx"]
-    return cache["onnx"]
+            cache[path.name] = exc
+    if isinstance(cache[path.name], Exception):
+        raise cache[path.name]
+    return cache[path.name]
 
 
 def _ort_runner(path: Path, inputs: Inputs, threads: int, provider: str) -> Runner:
@@ -247,18 +268,47 @@ def _ort_runner(path: Path, inputs: Inputs, threads: int, provider: str) -> Runn
     return run
 
 
-def _prepare_ort(model: nn.Module, inputs: Inputs, workdir: Path, threads: int, cache: dict[str, Any],
-                 provider: str) -> tuple[Runner, dict[str, Any]]:
-    result = _onnx_file(model, inputs, workdir, cache)
-    info = {"provider": provider, "exporter": result.info.get("exporter"), "size_bytes": result.size_bytes}
+def _facts(result: Any, **extra: Any) -> dict[str, Any]:
+    info = {**extra, "exporter": result.info.get("exporter"), "size_bytes": result.size_bytes}
     if "quantized" in result.info:
         info["quantized"] = result.info["quantized"]
-    return _ort_runner(result.path, inputs, threads, provider), info
+    return info
+
+
+def _prepare_ort(model: nn.Module, inputs: Inputs, workdir: Path, threads: int, cache: dict[str, Any],
+                 provider: str, int8: bool = False) -> tuple[Runner, dict[str, Any]]:
+    if int8:  # the integer writer for any quantized model (static QDQ, dynamic int8, int4)
+        result = _exported(model, inputs, workdir / "model.int8.onnx", cache, format="onnx-int8")
+    else:
+        result = _exported(model, inputs, workdir / "model.onnx", cache)
+    return _ort_runner(result.path, inputs, threads, provider), _facts(result, provider=provider)
+
+
+def _prepare_executorch(model: nn.Module, inputs: Inputs, workdir: Path, cache: dict[str, Any],
+                        int8: bool = False) -> tuple[Runner, dict[str, Any]]:
+    from torchslim.export.pte import load_pte
+
+    name = "model.int8.pte" if int8 else "model.pte"  # a quantized model goes to pte-int8 either way
+    result = _exported(model, inputs, workdir / name, cache, format="pte-int8" if int8 else None)
+    run = load_pte(result.path)
+    facts = _facts(result, backend="XNNPACK delegate")
+    if result.info.get("undelegated_ops"):
+        facts["undelegated_ops"] = result.info["undelegated_ops"]
+    return (lambda: run(inputs)), facts
 
 
 def _unavailable(runtime: str, device: torch.device) -> str:
     """Why ``runtime`` cannot run in this installation ('' when it can)."""
-    if runtime not in ("onnxruntime", "xnnpack"):
+    if runtime in _ET_ROWS:
+        if device.type != "cpu":
+            return f"ExecuTorch rows run on CPU; the model is on {device} (bench a CPU copy to compare them)"
+        try:
+            import executorch.exir  # noqa: F401
+            import executorch.runtime  # noqa: F401
+        except ImportError:
+            return "executorch is not installed (pip install 'torchslim[executorch]')"
+        return ""
+    if runtime not in _ORT_ROWS:
         return ""
     if device.type != "cpu":
         return f"ONNX Runtime rows run on CPU; the model is on {device} (bench a CPU copy to compare them)"
@@ -267,7 +317,7 @@ def _unavailable(runtime: str, device: torch.device) -> str:
         import onnxruntime as ort
     except ImportError:
         return "onnx / onnxruntime is not installed (pip install 'torchslim[onnx]')"
-    if runtime == "xnnpack" and _XNNPACK not in ort.get_available_providers():
+    if runtime == "onnxruntime-xnnpack" and _XNNPACK not in ort.get_available_providers():
         return (f"not in this onnxruntime build (onnxruntime {ort.__version__} has "
                 f"{', '.join(ort.get_available_providers())})")
     return ""
@@ -294,6 +344,12 @@ def _check_args(threads: Any, runs: Any, warmup: Any) -> int:
     return int(threads)
 
 
+def _is_quantized(model: nn.Module) -> bool:
+    from torchslim.export.onnx_int import integer_scheme
+
+    return integer_scheme(model) is not None
+
+
 def bench(
     model: nn.Module,
     example_inputs: Any = None,
@@ -302,6 +358,7 @@ def bench(
     threads: int | None = 1,
     runs: int = 20,
     warmup: int = 3,
+    int8: Int8 = None,
 ) -> BenchResult:
     """Time ``model`` in several runtimes on the same inputs, with the same threads, interleaved.
 
@@ -315,13 +372,18 @@ def bench(
         threads: intra-op threads of every runtime (``None``: torch's current setting).
         runs: timed rounds; every round times one call of each runtime.
         warmup: untimed calls of each runtime before the rounds.
+        int8: the model the ``*-int8`` rows time: a quantized model, or a function
+            ``int8(model, inputs) -> quantized copy`` (called once; ``torchslim bench`` passes one
+            that runs ``ts.quantize_`` static on a copy, calibrated on the inputs). Default: the
+            model itself when ``ts.quantize_`` quantized it; for a float model those rows say
+            ``unavailable``.
 
     Returns:
         A :class:`BenchResult`: one :class:`BenchRow` per runtime, eager first.
 
     Raises:
         ConfigError: an unknown runtime (the message lists the allowed ones), or a bad
-            ``threads`` / ``runs`` / ``warmup``. Nothing has run yet.
+            ``threads`` / ``runs`` / ``warmup`` / ``int8``. Nothing has run yet.
         InputShapeError, ModelRunError: the model does not run eagerly on the inputs.
 
     Example:
@@ -334,6 +396,8 @@ def bench(
         raise type_error("model", model, "an nn.Module")
     names = parse_runtimes(runtimes)
     threads = _check_args(threads, runs, warmup)
+    if int8 is not None and not (isinstance(int8, nn.Module) or callable(int8)):
+        raise type_error("int8", int8, "a quantized nn.Module, a function (model, inputs) -> quantized model, or None")
     if example_inputs is None:
         from torchslim._modelinfo import example_inputs as remembered
 
@@ -342,7 +406,7 @@ def bench(
 
     with num_threads(threads), evaluating(model), torch.no_grad():
         call_model(model, inputs)  # a model that does not run gets the usual readable error
-        rows = _measure(model, inputs, names, threads, runs, warmup)
+        rows = _measure(model, inputs, names, threads, runs, warmup, int8)
     env: dict[str, Any] = {"torch": torch.__version__, "interop_threads": torch.get_num_interop_threads(),
                            "cpu": cpu_name()}
     try:
@@ -351,37 +415,101 @@ def bench(
         env.update(onnxruntime=ort.__version__, onnxruntime_providers=list(ort.get_available_providers()))
     except ImportError:
         env["onnxruntime"] = None
+    try:
+        from executorch.version import __version__ as et_version
+
+        env["executorch"] = str(et_version)
+    except ImportError:
+        env["executorch"] = None
     return BenchResult(rows=tuple(rows), threads=threads, runs=runs, warmup=warmup, inputs=inputs.describe(),
                        batch_size=inputs.batch_size, environment=env)
 
 
+def _int8_model(model: nn.Module, inputs: Inputs, int8: Int8) -> tuple[nn.Module, str]:
+    """The model the int8 rows time and how it came to be (raises when there is none)."""
+    if isinstance(int8, nn.Module):
+        return int8.eval(), "given"
+    if int8 is not None:
+        made = int8(model, inputs)
+        if not isinstance(made, nn.Module):
+            raise ConfigError(f"int8(model, inputs) must return the quantized model; it returned {type(made).__name__}")
+        return made.eval(), "quantized copy"
+    if _is_quantized(model):
+        return model, "the model's own quantization"
+    raise LookupError("the model is float: pass int8= a quantized copy or a function making one "
+                      "(torchslim bench quantizes a copy with ts.quantize_ static)")
+
+
+def _prepare(name: str, model: nn.Module, inputs: Inputs, workdir: Path, threads: int,
+             cache: dict[str, Any]) -> tuple[Runner, dict[str, Any]]:
+    """Prepare one runtime on ``model`` (the float model, or the int8 one for ``*-int8`` rows)."""
+    base = name.removesuffix("-int8")
+    int8 = name in INT8_RUNTIMES
+    if base == "eager":
+        return _torch_runner(model, inputs), {}
+    if base == "compile":
+        return _prepare_compile(model, inputs)
+    if base == "torchscript":
+        return _prepare_torchscript(model, inputs, workdir)
+    if base == "executorch":
+        return _prepare_executorch(model, inputs, workdir, cache, int8=int8)
+    provider = _XNNPACK if name == "onnxruntime-xnnpack" else "CPUExecutionProvider"
+    return _prepare_ort(model, inputs, workdir, threads, cache, provider, int8=int8)
+
+
 def _measure(model: nn.Module, inputs: Inputs, names: tuple[str, ...], threads: int, runs: int,
-             warmup: int) -> list[BenchRow]:
+             warmup: int, int8: Int8) -> list[BenchRow]:
     runners: dict[str, Runner] = {"eager": _torch_runner(model, inputs)}
     infos: dict[str, dict[str, Any]] = {"eager": {}}
     prepare: dict[str, float] = {"eager": 0.0}
     problems: dict[str, tuple[str, str]] = {}
     cache: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="torchslim-bench-") as tmp:
-        workdir = Path(tmp)
-        for name in names[1:]:
-            why = _unavailable(name, model_device(model))
-            if why:
-                problems[name] = ("unavailable", why)
-                continue
-            start = time.perf_counter()
-            try:
-                if name == "compile":
-                    runners[name], infos[name] = _prepare_compile(model, inputs, workdir)
-                elif name == "torchscript":
-                    runners[name], infos[name] = _prepare_torchscript(model, inputs, workdir)
-                else:
-                    provider = _XNNPACK if name == "xnnpack" else "CPUExecutionProvider"
-                    runners[name], infos[name] = _prepare_ort(model, inputs, workdir, threads, cache, provider)
-            except Exception as exc:  # any runtime may fail in its own way; the row says how
-                problems[name] = ("failed", failure_reason(exc))
-            prepare[name] = time.perf_counter() - start
+    quantized: tuple[nn.Module, str] | BaseException | None = None
+    et_threads: int | None = None  # ExecuTorch's thread pool size before, restored at the end
+    try:
+        with tempfile.TemporaryDirectory(prefix="torchslim-bench-") as tmp:
+            workdir = Path(tmp)
+            for name in names[1:]:
+                why = _unavailable(name, model_device(model))
+                if why:
+                    problems[name] = ("unavailable", why)
+                    continue
+                start = time.perf_counter()
+                try:
+                    target = model
+                    if name in INT8_RUNTIMES:
+                        if quantized is None:
+                            try:
+                                quantized = _int8_model(model, inputs, int8)
+                            except Exception as exc:  # kept: every int8 row reports it
+                                quantized = exc
+                        if isinstance(quantized, LookupError):
+                            problems[name] = ("unavailable", str(quantized))
+                            continue
+                        if isinstance(quantized, BaseException):
+                            raise quantized
+                        target = quantized[0]
+                    if name in _ET_ROWS and et_threads is None:
+                        from torchslim.export.pte import set_threads
 
+                        et_threads = set_threads(threads)
+                    runners[name], infos[name] = _prepare(name, target, inputs, workdir, threads, cache)
+                    if name in INT8_RUNTIMES:
+                        infos[name] = {"int8": quantized[1], **infos[name]}
+                except Exception as exc:  # any runtime may fail in its own way; the row says how
+                    problems[name] = ("failed", failure_reason(exc))
+                finally:
+                    prepare[name] = time.perf_counter() - start
+        return _time(runners, infos, prepare, problems, names, runs, warmup)
+    finally:
+        if et_threads is not None:
+            from torchslim.export.pte import set_threads
+
+            set_threads(et_threads)
+
+
+def _time(runners: dict[str, Runner], infos: dict[str, dict[str, Any]], prepare: dict[str, float],
+          problems: dict[str, tuple[str, str]], names: tuple[str, ...], runs: int, warmup: int) -> list[BenchRow]:
     reference = runners["eager"]()
     diffs: dict[str, float] = {"eager": 0.0}
     for name, run in list(runners.items()):
