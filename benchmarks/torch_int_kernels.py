@@ -81,52 +81,55 @@ def _int_mm_dynamic(x: torch.Tensor, wt: torch.Tensor, w_scale: torch.Tensor, b:
 
 
 def layer_table(runs: int, slow_rows: int) -> list[dict[str, Any]]:
-    out = []
     torch.manual_seed(0)
-    for m_rows, k, n in LAYER_SHAPES:
-        lin = torch.nn.Linear(k, n)
-        x = torch.randn(m_rows, k)
-        xb = x.bfloat16()
-        dyn = QuantizedLinear.from_float(lin, QScheme(bits=8, granularity="channel"), dynamic_act=True)
-        w8 = QuantizedLinear.from_float(lin, QScheme(bits=8, granularity="channel"))
-        w8b = copy.deepcopy(w8).to(torch.bfloat16)
-        g = 32 if k % 32 == 0 else 16
-        w4 = QuantizedLinear.from_float(lin, QScheme(bits=4, granularity="group", group_size=g))
-        w4b = copy.deepcopy(w4).to(torch.bfloat16)
-        w, b = lin.weight.detach(), lin.bias.detach()
-        wb, bb = w.bfloat16(), b.bfloat16()
-        q8 = w8.qweight
-        s8 = w8.scale.float().reshape(-1)
-        wt = q8.t()
-        fns: dict[str, Callable[[], Any]] = {
-            "fp32 F.linear": lambda: F.linear(x, w, b),
-            "bf16 F.linear": lambda: F.linear(xb, wb, bb),
-            "torchslim dynamic int8 (quantized::linear_dynamic)": lambda: dyn(x),
-            "torchslim dynamic int8, reference path": lambda: dyn.reference_forward(x),
-            "torch._int_mm + per-row int8 in Python": lambda: _int_mm_dynamic(x, wt, s8, b),
-            "torchslim weight-only int8, fp32 (reference path)": lambda: w8(x),
-            "torchslim weight-only int8, bf16 (int8pack where it takes the shape)": lambda: w8b(xb),
-            "torchslim weight-only int4 g32 (g16 where 32 does not divide), fp32 (reference path)": lambda: w4(x),
-            "torchslim weight-only int4 g32, bf16 (int4pack where it takes the shape)": lambda: w4b(xb),
-        }
-        kernels = {"dynamic": choose_kernel(dyn, x), "int8 bf16": choose_kernel(w8b, xb), "int4 bf16": choose_kernel(w4b, xb)}
-        if m_rows <= slow_rows:  # 10-100x slower than fp32: timed only at small shapes
-            fns["_weight_int8pack_mm, fp32 input"] = lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8)
-            if kernels["int4 bf16"] == "int4pack":
-                from torchslim.quantize.kernels import _layout
+    return [_layer_row(m_rows, k, n, runs, slow_rows) for m_rows, k, n in LAYER_SHAPES]
 
-                packed, sz = _layout(w4b, "int4pack", torch.bfloat16)
-                szf = sz.float()
-                fns["_weight_int4pack_mm_for_cpu, fp32 input"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, szf)
-        with torch.no_grad():
-            t = measure_interleaved(fns, runs=runs if m_rows < 1000 else max(3, runs // 5), warmup=2, threads=torch.get_num_threads())
-        ratios = paired(t, "fp32 F.linear")
-        row = {"rows": m_rows, "in": k, "out": n, "kernels": kernels, "fp32_ms": t["fp32 F.linear"].median_ms,
-               "speedup": {name: ratios[name] for name in fns}}
-        print(f"{m_rows:5d} x {k:4d} -> {n:4d}  fp32 {row['fp32_ms']:.3f} ms  " + "  ".join(
-            f"{name.split(' (')[0]}: {r:.2f}x" for name, r in ratios.items() if name != "fp32 F.linear"), flush=True)
-        out.append(row)
-    return out
+
+def _layer_row(m_rows: int, k: int, n: int, runs: int, slow_rows: int) -> dict[str, Any]:
+    """One shape: every candidate timed against fp32 ``F.linear``, interleaved."""
+    lin = torch.nn.Linear(k, n)
+    x = torch.randn(m_rows, k)
+    xb = x.bfloat16()
+    dyn = QuantizedLinear.from_float(lin, QScheme(bits=8, granularity="channel"), dynamic_act=True)
+    w8 = QuantizedLinear.from_float(lin, QScheme(bits=8, granularity="channel"))
+    w8b = copy.deepcopy(w8).to(torch.bfloat16)
+    g = next(d for d in (32, 16, 4, 2, 1) if k % d == 0)
+    w4 = QuantizedLinear.from_float(lin, QScheme(bits=4, granularity="group", group_size=g))
+    w4b = copy.deepcopy(w4).to(torch.bfloat16)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    wb, bb = w.bfloat16(), b.bfloat16()
+    q8 = w8.qweight
+    s8 = w8.scale.float().reshape(-1)
+    wt = q8.t()
+    fns: dict[str, Callable[[], Any]] = {
+        "fp32 F.linear": lambda: F.linear(x, w, b),
+        "bf16 F.linear": lambda: F.linear(xb, wb, bb),
+        "torchslim dynamic int8 (quantized::linear_dynamic)": lambda: dyn(x),
+        "torchslim dynamic int8, reference path": lambda: dyn.reference_forward(x),
+        "torch._int_mm + per-row int8 in Python": lambda: _int_mm_dynamic(x, wt, s8, b),
+        "torchslim weight-only int8, fp32 (int8_float_mm)": lambda: w8(x),
+        "torchslim weight-only int8, bf16 (int8pack where it takes the shape)": lambda: w8b(xb),
+        "torchslim weight-only int4 g32 (a smaller group where 32 does not divide), fp32 (unpacked_int4)": lambda: w4(x),
+        "torchslim weight-only int4 g32, bf16 (int4pack where it takes the shape, else unpacked_int4)": lambda: w4b(xb),
+    }
+    kernels = {"dynamic": choose_kernel(dyn, x), "int8 fp32": choose_kernel(w8, x), "int8 bf16": choose_kernel(w8b, xb),
+               "int4 fp32": choose_kernel(w4, x), "int4 bf16": choose_kernel(w4b, xb)}
+    if m_rows <= slow_rows:  # 10-100x slower than fp32: timed only at small shapes
+        fns["_weight_int8pack_mm, fp32 input"] = lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8)
+        if kernels["int4 bf16"] == "int4pack":
+            from torchslim.quantize.kernels import _layout
+
+            packed, sz = _layout(w4b, "int4pack", torch.bfloat16)
+            szf = sz.float()
+            fns["_weight_int4pack_mm_for_cpu, fp32 input"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, szf)
+    with torch.no_grad():
+        t = measure_interleaved(fns, runs=runs if m_rows < 1000 else max(3, runs // 5), warmup=2, threads=torch.get_num_threads())
+    ratios = paired(t, "fp32 F.linear")
+    row = {"rows": m_rows, "in": k, "out": n, "kernels": kernels, "fp32_ms": t["fp32 F.linear"].median_ms,
+           "speedup": {name: ratios[name] for name in fns}}
+    print(f"{m_rows:5d} x {k:4d} -> {n:4d}  fp32 {row['fp32_ms']:.3f} ms  " + "  ".join(
+        f"{name.split(' (')[0]}: {r:.2f}x" for name, r in ratios.items() if name != "fp32 F.linear"), flush=True)
+    return row
 
 
 # --- 2. MiniLM ------------------------------------------------------------------------------
@@ -225,7 +228,11 @@ def main() -> int:
 
     failed: dict[str, str] = {}
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
         from torchao.quantization import quantize_ as ao_quantize_
 
         for name, cfg, dtype in (

@@ -8,7 +8,8 @@ Tolerances (relative to the largest output of the reference path):
   tie of one activation may land on the other integer: one step of one product);
 * ``int8_float_mm`` (float32): 1e-5 -- the same dequantized products, the scale applied after;
 * ``int8pack`` / ``int4pack`` (bfloat16): 2e-2 -- both paths compute in bfloat16 (8-bit
-  mantissa, relative step 2**-8), in another order and with the scales rounded to bfloat16.
+  mantissa, relative step 2**-8), in another order and with the scales rounded to bfloat16;
+* ``unpacked_int4``: 0 -- the reference's own arithmetic on cached unpacked integers.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import torch
 
 import torchslim as ts
 from torchslim.profile.api import serialized_bytes
-from torchslim.quantize import QuantConfig, QuantizedLinear, quantize_
-from torchslim.quantize import kernels
+from torchslim.quantize import QuantConfig, QuantizedLinear, kernels, quantize_
 from torchslim.quantize.kernels import choose_kernel, reference_kernels
 from torchslim.quantize.primitives import QScheme
 
-TOL = {"fbgemm_dynamic": 1e-4, "int8_float_mm": 1e-5, "int8pack": 2e-2, "int4pack": 2e-2}
+TOL = {"fbgemm_dynamic": 1e-4, "int8_float_mm": 1e-5, "int8pack": 2e-2, "int4pack": 2e-2, "unpacked_int4": 0.0}
 
 INT8 = QScheme(bits=8, granularity="channel")
 INT8_ASYM = QScheme(bits=8, symmetric=False, signed=False, granularity="channel")
@@ -58,6 +58,10 @@ CASES = [  # scheme, dynamic, input dtype, expected kernel
     (INT4, False, torch.bfloat16, "int4pack"),
     (INT4_ASYM, False, torch.bfloat16, "int4pack"),
     (INT4_SIGNED_ASYM, False, torch.bfloat16, "int4pack"),
+    (INT4, False, torch.float32, "unpacked_int4"),
+    (INT4_ASYM, False, torch.float32, "unpacked_int4"),
+    (QScheme(bits=3, symmetric=False, signed=False, granularity="channel"), False, torch.float32, "unpacked_int4"),
+    (QScheme(bits=4, granularity="tensor"), False, torch.float16, "unpacked_int4"),
 ]
 
 
@@ -85,9 +89,6 @@ def test_kernel_matches_reference(scheme, dynamic, dtype, expected, bias, shape)
     ("scheme", "dynamic", "dtype", "k", "n", "why"),
     [
         (INT8, False, torch.bfloat16, 100, 48, "int8pack needs in_features % 16 == 0"),
-        (INT4, False, torch.bfloat16, 96, 24, "int4pack needs out_features % 16 == 0"),
-        (QScheme(bits=4, granularity="group", group_size=16), False, torch.bfloat16, 96, 48, "int4pack groups are 32..256"),
-        (INT4, False, torch.float32, 96, 48, "no int4 kernel is faster with float32 inputs"),
         (INT8_ASYM, False, torch.float32, 96, 48, "asymmetric weight-only int8"),
         (INT8_ASYM, False, torch.bfloat16, 96, 48, "asymmetric weight-only int8"),
         (QScheme(bits=8, granularity="group", group_size=32), True, torch.float32, 96, 48, "dynamic with groups"),
@@ -99,6 +100,17 @@ def test_shapes_and_schemes_without_a_kernel_fall_back(scheme, dynamic, dtype, k
     x = torch.randn(3, k).to(dtype)
     with torch.no_grad():
         assert choose_kernel(q, x) == "reference", why
+        assert torch.equal(q(x), q.reference_forward(x))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "k", "n"), [(INT4, 96, 24), (QScheme(bits=4, granularity="group", group_size=16), 96, 48)]
+)
+def test_int4_shapes_int4pack_does_not_take_run_unpacked_and_exact(scheme, k, n) -> None:
+    q = _layer(scheme, False, k=k, n=n, dtype=torch.bfloat16)  # int4pack: out % 16, groups 32..256
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert choose_kernel(q, x) == "unpacked_int4"
         assert torch.equal(q(x), q.reference_forward(x))
 
 
@@ -210,3 +222,20 @@ def test_dynamic_model_save_load_runs_kernels_with_the_same_outputs(tmp_path) ->
     with torch.no_grad():
         assert all(choose_kernel(m, torch.randn(2, m.in_features)) == "fbgemm_dynamic" for m in layers)
         assert torch.equal(back(x), y)
+
+
+def test_profile_and_export_see_the_reference_ops() -> None:
+    model = ts.create_model("zoo:lenet300").eval()
+    quantize_(model, QuantConfig(mode="dynamic"))
+    p = ts.profile(model, latency=False)
+    with reference_kernels():
+        r = ts.profile(model, latency=False)
+    assert p.macs == r.macs > 0 and not p.unsupported_ops
+    assert p.size_bytes == r.size_bytes == serialized_bytes(model)
+    q = _layer(INT8, True)
+    x = torch.randn(3, 96)
+    ep = torch.export.export(q, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("quantized" in t or "int8pack" in t for t in targets), targets
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), q.reference_forward(x))

@@ -85,3 +85,49 @@ def test_dequantized_weight_within_half_a_step(bits: int, signed: bool) -> None:
     step = q.scale.float().reshape(16, 2, 1).expand(16, 2, 32).reshape(16, 64)
     # half a step, plus the fp16 rounding of the scale (relative 2**-11) times the largest integer
     assert ((q.dequantized_weight() - lin.weight).abs() <= (0.5 + 2 ** (bits - 1) * 2**-11) * step).all()
+
+
+@pytest.mark.parametrize(
+    ("config", "dtype", "tol"),
+    [
+        (QuantConfig(mode="dynamic"), torch.float32, 1e-4),
+        (QuantConfig(mode="dynamic", symmetric=False), torch.float32, 1e-4),
+        (QuantConfig(mode="weight-only", bits=8), torch.float32, 1e-5),
+        (QuantConfig(mode="weight-only", bits=8), torch.bfloat16, 3e-2),
+        (QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=64), torch.float32, 3e-2),
+        (QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=64, symmetric=False), torch.bfloat16, 3e-2),
+    ],
+)
+def test_integer_kernels_match_the_reference_path(config: QuantConfig, dtype: torch.dtype, tol: float) -> None:
+    """A whole model on its integer kernels (see tests/quantize/test_kernels.py for the bounds)
+    against the same model forced onto the dequantize path, 2-D and 3-D inputs."""
+    from torchslim.quantize.kernels import choose_kernel, reference_kernels
+
+    model = _mlp()
+    quantize_(model, config)
+    model.to(dtype)
+    for shape in [(4, 512), (2, 3, 512)]:
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            assert all(choose_kernel(m, x) != "reference" for m in model.modules() if isinstance(m, QuantizedLinear))
+            y = model(x).float()
+            with reference_kernels():
+                ref = model(x).float()
+        assert float((y - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_weight_only_int8_round_trip_runs_int8pack_in_bfloat16(tmp_path) -> None:
+    from torchslim.quantize.kernels import choose_kernel
+
+    model = ts.create_model("zoo:lenet300").eval()
+    quantize_(model, QuantConfig(mode="weight-only", bits=8))
+    ts.save(model, tmp_path / "m")
+    back = ts.load(tmp_path / "m").eval()
+    assert all(m.qweight.dtype == torch.int8 for m in back.modules() if isinstance(m, QuantizedLinear))
+    model.to(torch.bfloat16)
+    back.to(torch.bfloat16)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert choose_kernel(back.fc1, torch.randn(3, 784, dtype=torch.bfloat16)) == "int8pack"
+        assert torch.equal(back(x), model(x))
+    assert back.fc1.scale.dtype == torch.float16  # the cast left the stored scales as saved

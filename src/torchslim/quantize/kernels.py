@@ -17,7 +17,13 @@ Measured on this project's CPU (AMD EPYC with AVX-512 VNNI and BF16, torch 2.14.
   than fp32 ``F.linear``: those stay on the reference path.
 * ``"int4pack"`` -- ``aten._weight_int4pack_mm_for_cpu`` for weight-only int4 per group (groups
   of 32, 64, 128 or 256; symmetric or not) with bfloat16 inputs, ``out_features % 16 == 0``.
-  Needs its own packed copy of the weight (as many bytes as the stored one), cached.
+  Needs its own packed copy of the weight (as many bytes as the stored one), cached. With
+  float32 inputs the kernel is 30-100x slower than ``F.linear``; rounding them to bfloat16 for
+  it would be faster at a few rows but breaks parity with exported files (1e-4), so not done.
+* ``"unpacked_int4"`` -- every other 2..4-bit weight: the reference numerics bit for bit, with
+  the unpacked integers cached (one byte per weight at run time, never saved), so a call pays
+  the cast, subtract and multiply but not the unpacking (which made it 10-30x slower than fp32
+  ``F.linear`` at 16 rows).
 * ``"int8_float_mm"`` -- weight-only signed symmetric int8 per channel or per tensor with
   float32 / float16 inputs: ``F.linear(x, int8 weight cast to x's dtype)`` then the per-channel
   scale on the output (one cast of the weight instead of the reference's cast, subtract and
@@ -25,8 +31,9 @@ Measured on this project's CPU (AMD EPYC with AVX-512 VNNI and BF16, torch 2.14.
   1.5-2x cheaper than the reference path at 16 rows.
 * ``"reference"`` -- dequantize the weight and ``F.linear`` (fake-quantized input in dynamic
   mode): any device, dtype and shape, differentiable (straight-through); also whenever autograd
-  needs the input's gradient, under ``torch.compile`` / ``torch.export`` / tracing, and when
-  forced with :func:`reference_kernels` or ``TORCHSLIM_QUANT_KERNELS=reference``.
+  needs the input's gradient, under ``torch.compile`` / ``torch.export`` / tracing / a Python
+  dispatch mode (``ts.profile`` counts the reference's ops), and when forced with
+  :func:`reference_kernels` or ``TORCHSLIM_QUANT_KERNELS=reference``.
 
 Example:
     >>> import torch
@@ -54,11 +61,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.quantize.primitives import QScheme, qrange, unpack_int4
+from torchslim.quantize.primitives import QScheme, qrange, unpack_int4, unview, view
 
 __all__ = ["KERNELS", "choose_kernel", "run_kernel", "forget", "reference_kernels", "kernels_forced_off", "available_kernels"]
 
-KERNELS = ("reference", "fbgemm_dynamic", "int8pack", "int4pack", "int8_float_mm")
+KERNELS = ("reference", "fbgemm_dynamic", "int8pack", "int4pack", "int8_float_mm", "unpacked_int4")
 INT4_GROUPS = (32, 64, 128, 256)
 
 _forced = [os.environ.get("TORCHSLIM_QUANT_KERNELS", "").strip().lower() == "reference"]
@@ -93,6 +100,7 @@ def available_kernels() -> dict[str, bool]:
     return {
         "reference": True,
         "int8_float_mm": True,
+        "unpacked_int4": True,
         "fbgemm_dynamic": _op("quantized", "linear_dynamic") is not None and _op("quantized", "linear_prepack") is not None
         and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm")),
         "int8pack": _op("aten", "_weight_int8pack_mm") is not None,
@@ -133,8 +141,13 @@ def _dynamic_is_exact() -> bool:
         return False
 
 
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
 def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Compiling, exporting, jit-tracing, or under a Python dispatch mode (``ts.profile``'s op
+    counter, FakeTensor tracers): those see the reference path, made of ops they know."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_modes() > 0
 
 
 def choose_kernel(module: nn.Module, x: torch.Tensor) -> str:
@@ -165,16 +178,17 @@ def _choice(module: nn.Module, dtype: torch.dtype) -> str:
             return "fbgemm_dynamic"
         return "reference"
     int8_sym = 4 < s.bits <= 8 and s.signed and s.symmetric and s.granularity in ("channel", "tensor")
-    if dtype != torch.bfloat16:
-        return "int8_float_mm" if int8_sym and dtype in (torch.float32, torch.float16) else "reference"
-    if int8_sym and k % 16 == 0 and _has("int8pack"):
-        return "int8pack"
-    if (
+    int4_ok = (
         s.bits == 4 and s.granularity == "group" and s.group_size in INT4_GROUPS and k % s.group_size == 0
         and n % 16 == 0 and _has("int4pack")
-    ):
+    )
+    if dtype == torch.bfloat16 and int8_sym and k % 16 == 0 and _has("int8pack"):
+        return "int8pack"
+    if dtype == torch.bfloat16 and int4_ok:
         return "int4pack"
-    return "reference"
+    if int8_sym and dtype in (torch.float32, torch.float16):
+        return "int8_float_mm"
+    return "unpacked_int4" if s.bits <= 4 else "reference"
 
 
 def forget(module: nn.Module) -> None:
@@ -236,6 +250,8 @@ def _build(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
             return torch.ops.quantized.linear_prepack(qw, bias)
     if kernel in ("int8pack", "int8_float_mm"):
         return _per_row(module.scale, n).to(dtype).contiguous()
+    if kernel == "unpacked_int4":
+        return _unpacked(module)
     if kernel == "int4pack":
         g = module.scheme.group_size
         ints, zp = _int_values(module), _zero_points(module).reshape(n, k // g)
@@ -247,6 +263,20 @@ def _build(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
         scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (k // g, n, 2)
         return packed, scales_zeros
     raise ValueError(f"no layout for kernel {kernel!r}")
+
+
+def _unpacked(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ints, zero_point, scale)`` as :meth:`QuantizedLinear.dequantized_weight` computes with
+    them, the integers unpacked once (int8, view shape)."""
+    s = module.scheme
+    n, k = module.out_features, module.in_features
+    vshape = view(torch.empty(n, k, device="meta"), s).shape
+    ints = (unpack_int4(module.qweight, n * k) + (0 if s.signed else 8)).reshape(vshape).to(torch.int8)
+    if not s.symmetric:
+        zp = module.zero_point.float()
+    else:
+        zp = torch.full((), 0.0 if s.signed else float(round((sum(qrange(s)) + 1) / 2)), device=module.scale.device)
+    return ints, zp, module.scale.float()
 
 
 def _layout(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
@@ -287,12 +317,19 @@ def run_kernel(kernel: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, module._buffers["qweight"].reshape(n, k).to(x.dtype))
         scale = _layout(module, kernel, x.dtype)
         return y * scale if bias is None else torch.addcmul(bias.to(y.dtype), y, scale)
+    if kernel == "unpacked_int4":
+        ints, zp, scale = _layout(module, kernel, torch.float32)
+        centred = ints.to(scale.dtype)
+        if not (module.scheme.signed and module.scheme.symmetric):  # else zp is 0: q - 0 is q, bit for bit
+            centred = centred - zp
+        w = unview(centred * scale, (n, k), module.scheme).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, k).contiguous()
     if kernel == "int8pack":
         out = _ops()["int8pack"](x2, module._buffers["qweight"].reshape(n, k), _layout(module, kernel, x.dtype))
     elif kernel == "int4pack":
-        packed, scales_zeros = _layout(module, kernel, x.dtype)
-        out = _ops()["int4pack"](x2, packed, module.scheme.group_size, scales_zeros)
+        packed, scales_zeros = _layout(module, kernel, torch.bfloat16)
+        out = _ops()["int4pack"](x2.to(torch.bfloat16), packed, module.scheme.group_size, scales_zeros).to(x.dtype)
     else:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS[1:])}; got {kernel!r}")
     out = out.reshape(*x.shape[:-1], n)
