@@ -61,15 +61,15 @@ REFUSED = [
      r"ts\.finalize_\(model\), or apply binarize_ before sparsify_$"),
     ("wanda", "binarize", r"binarize_ cannot take 'classifier\.0'.*masked by sparsify_"),
     ("sparsegpt", "binarize", r"binarize_ cannot take 'classifier\.0'.*masked by sparsify_"),
-    ("static", "binarize", r"^binarize_ cannot take 'features\.3' .*: it was quantized by quantize_ \(static, FakeQuantize "
-     r"on its weight\); a layer is binary or quantized, not both: apply binarize_ to the float model, before quantize_$"),
+    # static int8 layers are integer modules (Int8Conv / Int8Linear, int8 weights): the verbs that
+    # select Conv/Linear layers find none left (as after dynamic / weight-only quantization)
+    ("static", "binarize", r"^no layer to binarize \(the model has no Linear/Conv2d layer\)"),
     ("qat", "binarize", r"binarize_ cannot take 'features\.3'.*quantized by quantize_ \(qat"),
     ("cluster", "binarize", r"binarize_ cannot take 'features\.3'.*clustered by cluster_ \(SharedWeight on its weight\); "
      r"make it permanent first with ts\.finalize_\(model\), or apply binarize_ before cluster_"),
     ("cluster", "sparsify", r"^sparsify_ cannot take 'features\.0' \(and 4 more: .*\): it was clustered by cluster_"),
     ("cluster", "sparsegpt", r"^sparsegpt_ cannot take 'classifier\.0'.*clustered by cluster_"),
-    ("static", "factorize", r"^factorize_ cannot take 'features\.0' .*quantized by quantize_ \(static.*\); "
-     r"apply factorize_ to the float model, before quantize_$"),
+    ("static", "factorize", r"^method 'svd' found no layer to factorize in LeNet5"),
     ("qat", "factorize", r"factorize_ cannot take 'features\.0'.*quantize_ \(qat"),
     ("binarize", "factorize", r"^factorize_ cannot take 'features\.3' .*binarized by binarize_ \(BinaryConv2d\); "
      r"apply factorize_ to the float model, before binarize_$"),
@@ -79,8 +79,9 @@ REFUSED = [
     ("binarize", "dynamic", r"quantize_ cannot take 'classifier\.0'.*BinaryLinear.*skip=\['classifier\.0', 'classifier\.2'\]"),
     ("binarize", "weight-only", r"quantize_ cannot take 'classifier\.0'.*binarized by binarize_"),
     ("binarize", "gptq", r"^gptq_ cannot take 'classifier\.0'.*binarized by binarize_"),
-    ("static", "cluster", r"^cluster_ cannot take 'features\.0'.*quantized by quantize_ \(static.*apply cluster_ to the "
-     r"float model, before quantize_$"),
+    ("static", "cluster", r"select no Linear/Conv/Embedding layer to cluster"),
+    ("static", "sparsify", r"selects no Linear/Conv layer to prune"),
+    ("static", "wanda", r"selects no nn\.Linear"),
 ]
 
 # orders that compose, and keep working
@@ -89,7 +90,7 @@ COMPOSE = [
     ("sparsify", "prune"), ("sparsify", "dynamic"), ("finalize", "binarize"), ("factorize", "static"),
     ("factorize", "binarize"), ("prune", "binarize"), ("prune", "static"), ("binarize", "sparsify"),
     ("binarize", "prune"), ("binarize", "cluster"), ("cluster", "static"), ("cluster", "dynamic"),
-    ("static", "sparsify"), ("static", "prune"), ("static", "wanda"), ("gptq", "cluster"),
+    ("qat", "sparsify"), ("qat", "prune"), ("gptq", "cluster"),
 ]
 
 
@@ -185,9 +186,22 @@ def test_the_readme_order_is_refused_at_binarize(data) -> None:
     ts.factorize_(model, ts.FactorizeConfig(method="tucker", rank="vbmf"))
     ts.quantize_(model, ts.QuantConfig(mode="static", observer="mse", calibration_batches=2), data=data)
     before = _snapshot(model)
-    with pytest.raises(ConfigError, match=r"^binarize_ cannot take 'features\.0\.core' \(and 6 more: .*\): it was quantized by quantize_ \(static"):
+    with pytest.raises(ConfigError, match=r"^no layer to binarize"):  # every layer is an int8 module now
         ts.binarize_(model, ts.BinarizeConfig(method="xnor"))
     assert _same(before, _snapshot(model))
+
+
+def test_channel_pruning_of_a_static_int8_model_is_refused_naming_the_layer(data) -> None:
+    """Integer weights are not pruned: the channel analysis stops at the first int8 layer."""
+    from torchslim.errors import UnsupportedOpError
+
+    model = _lenet()
+    VERBS["static"](model, data)
+    y = _out(model)
+    before = _snapshot(model)
+    with pytest.raises(UnsupportedOpError, match=r"in module 'features\.0' \(Int8Conv\)"):
+        ts.prune_channels_(model, ratio=0.5)
+    assert _same(before, _snapshot(model)) and torch.equal(_out(model), y)
 
 
 def test_applied_to_reads_the_layer_and_the_record(data) -> None:

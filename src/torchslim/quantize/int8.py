@@ -269,7 +269,13 @@ def _carry_smoothing(old: nn.Module, new: nn.Module) -> None:
 @torch.no_grad()
 def _convert_one(layer: nn.Module) -> _Int8Base:
     wq, iq = _weight_quantizer(layer), layer.input_quant
-    w = layer.parametrizations.weight.original.detach().float()
+    # the float weight the quantizer sees: the output of the parametrizations before it (a
+    # cluster codebook, a pruning mask), read with the quantizer switched off
+    wq.enabled = False
+    try:
+        w = layer.weight.detach().float()
+    finally:
+        wq.enabled = True
     scale, _ = _qparams(wq)
     scale = scale.float().reshape(-1)
     per = scale if scale.numel() > 1 else scale.expand(w.shape[0])
