@@ -7,7 +7,7 @@ Tolerances (relative to the largest output of the reference path):
   the reference's fake-quantized activations; what is left is float summation order (a rounding
   tie of one activation may land on the other integer: one step of one product);
 * ``int8_float_mm`` (float32): 1e-5 -- the same dequantized products, the scale applied after;
-* ``int8pack`` / ``int4pack`` (bfloat16): 2e-2 -- both paths compute in bfloat16 (8-bit
+* ``int8pack`` / ``int4pack`` / ``int8_float_mm`` (bfloat16): 2e-2 -- both paths compute in bfloat16 (8-bit
   mantissa, relative step 2**-8), in another order and with the scales rounded to bfloat16;
 * ``unpacked_int4``: 0 -- the reference's own arithmetic on cached unpacked integers.
 """
@@ -86,21 +86,25 @@ def test_kernel_matches_reference(scheme, dynamic, dtype, expected, bias, shape)
 
 
 @pytest.mark.parametrize(
-    ("scheme", "dynamic", "dtype", "k", "n", "why"),
+    ("scheme", "dynamic", "dtype", "k", "n", "expected", "why"),
     [
-        (INT8, False, torch.bfloat16, 100, 48, "int8pack needs in_features % 16 == 0"),
-        (INT8_ASYM, False, torch.float32, 96, 48, "asymmetric weight-only int8"),
-        (INT8_ASYM, False, torch.bfloat16, 96, 48, "asymmetric weight-only int8"),
-        (QScheme(bits=8, granularity="group", group_size=32), True, torch.float32, 96, 48, "dynamic with groups"),
-        (INT8, True, torch.bfloat16, 96, 48, "dynamic with bfloat16 inputs"),
+        (INT8, False, torch.bfloat16, 100, 48, "int8_float_mm", "int8pack needs in_features % 16 == 0"),
+        (INT8_ASYM, False, torch.float32, 96, 48, "reference", "asymmetric weight-only int8"),
+        (INT8_ASYM, False, torch.bfloat16, 96, 48, "reference", "asymmetric weight-only int8"),
+        (QScheme(bits=8, granularity="group", group_size=32), True, torch.float32, 96, 48, "reference", "dynamic with groups"),
+        (INT8, True, torch.bfloat16, 96, 48, "reference", "dynamic with bfloat16 inputs"),
     ],
 )
-def test_shapes_and_schemes_without_a_kernel_fall_back(scheme, dynamic, dtype, k, n, why) -> None:
+def test_shapes_and_schemes_the_kernels_do_not_take(scheme, dynamic, dtype, k, n, expected, why) -> None:
     q = _layer(scheme, dynamic, k=k, n=n, dtype=dtype)
     x = torch.randn(3, k).to(dtype)
     with torch.no_grad():
-        assert choose_kernel(q, x) == "reference", why
-        assert torch.equal(q(x), q.reference_forward(x))
+        assert choose_kernel(q, x) == expected, why
+        got, ref = q(x), q.reference_forward(x)
+    if expected == "reference":
+        assert torch.equal(got, ref)
+    else:  # int8_float_mm in bfloat16
+        assert float((got.float() - ref.float()).abs().max()) <= 2e-2 * float(ref.float().abs().max())
 
 
 @pytest.mark.parametrize(
@@ -112,6 +116,22 @@ def test_int4_shapes_int4pack_does_not_take_run_unpacked_and_exact(scheme, k, n)
     with torch.no_grad():
         assert choose_kernel(q, x) == "unpacked_int4"
         assert torch.equal(q(x), q.reference_forward(x))
+
+
+def test_bfloat16_rows_beyond_the_packed_kernels_limit_cast_the_weight() -> None:
+    q8 = _layer(INT8, False, dtype=torch.bfloat16)
+    q4 = _layer(INT4, False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for q, small, large, limit in ((q8, "int8pack", "int8_float_mm", kernels.INT8PACK_MAX_ROWS),
+                                       (q4, "int4pack", "unpacked_int4", kernels.INT4PACK_MAX_ROWS)):
+            _need(small)
+            assert choose_kernel(q, torch.randn(limit, 96, dtype=torch.bfloat16)) == small
+            x = torch.randn(limit + 1, 96, dtype=torch.bfloat16)
+            assert choose_kernel(q, x) == large
+            ref = q.reference_forward(x).float()
+            assert float((q(x).float() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+            q(torch.randn(2, 96, dtype=torch.bfloat16))  # both layouts stay cached side by side
+            assert set(q.__dict__["_kernel_cache"]) == {small, large}
 
 
 def test_other_devices_empty_and_1d_inputs_use_the_reference() -> None:

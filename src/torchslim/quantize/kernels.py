@@ -12,23 +12,24 @@ Measured on this project's CPU (AMD EPYC with AVX-512 VNNI and BF16, torch 2.14.
   numerics of the reference path), int8 weights per channel or per tensor, int32 accumulation,
   bias fused. 2-4x faster than fp32 ``F.linear`` at 16 and 4096 rows.
 * ``"int8pack"`` -- ``aten._weight_int8pack_mm`` for weight-only int8 (signed symmetric, per
-  channel or per tensor) with bfloat16 inputs, ``in_features % 16 == 0`` (other widths give wrong
-  results or crash in this torch). With float32 or float16 inputs the kernel is 10-100x slower
-  than fp32 ``F.linear``: those stay on the reference path.
+  channel or per tensor) with bfloat16 inputs of at most :data:`INT8PACK_MAX_ROWS` rows (1.9x
+  faster than bf16 ``F.linear`` at 1 row, slower from 16 on), ``in_features % 16 == 0`` (other
+  widths give wrong results or crash in this torch). With float32 or float16 inputs the kernel
+  is 10-100x slower than fp32 ``F.linear``: never used for them.
+* ``"int8_float_mm"`` -- weight-only signed symmetric int8 otherwise: ``F.linear(x, int8 weight
+  cast to x's dtype)`` then the per-channel scale on the output (one cast of the weight instead
+  of the reference's cast, subtract and multiply): as fast as fp32 ``F.linear`` for float32
+  inputs (no integer kernel here is faster for them) and 0.8-1x bf16 ``F.linear`` for bfloat16.
 * ``"int4pack"`` -- ``aten._weight_int4pack_mm_for_cpu`` for weight-only int4 per group (groups
-  of 32, 64, 128 or 256; symmetric or not) with bfloat16 inputs, ``out_features % 16 == 0``.
-  Needs its own packed copy of the weight (as many bytes as the stored one), cached. With
+  of 32, 64, 128 or 256; symmetric or not), ``out_features % 16 == 0``, with bfloat16 inputs of
+  at most :data:`INT4PACK_MAX_ROWS` rows (2.3x faster than bf16 ``F.linear`` at 1 row, 0.6x at
+  64). Needs its own packed copy of the weight (as many bytes as the stored one), cached. With
   float32 inputs the kernel is 30-100x slower than ``F.linear``; rounding them to bfloat16 for
   it would be faster at a few rows but breaks parity with exported files (1e-4), so not done.
 * ``"unpacked_int4"`` -- every other 2..4-bit weight: the reference numerics bit for bit, with
   the unpacked integers cached (one byte per weight at run time, never saved), so a call pays
-  the cast, subtract and multiply but not the unpacking (which made it 10-30x slower than fp32
-  ``F.linear`` at 16 rows).
-* ``"int8_float_mm"`` -- weight-only signed symmetric int8 per channel or per tensor with
-  float32 / float16 inputs: ``F.linear(x, int8 weight cast to x's dtype)`` then the per-channel
-  scale on the output (one cast of the weight instead of the reference's cast, subtract and
-  multiply). Not faster than fp32 ``F.linear`` (no kernel here is, for fp32 activations), but
-  1.5-2x cheaper than the reference path at 16 rows.
+  the cast, subtract and multiply but not the unpacking (which made the reference 10-30x
+  slower than fp32 ``F.linear`` at 16 rows).
 * ``"reference"`` -- dequantize the weight and ``F.linear`` (fake-quantized input in dynamic
   mode): any device, dtype and shape, differentiable (straight-through); also whenever autograd
   needs the input's gradient, under ``torch.compile`` / ``torch.export`` / tracing / a Python
@@ -67,6 +68,9 @@ __all__ = ["KERNELS", "choose_kernel", "run_kernel", "forget", "reference_kernel
 
 KERNELS = ("reference", "fbgemm_dynamic", "int8pack", "int4pack", "int8_float_mm", "unpacked_int4")
 INT4_GROUPS = (32, 64, 128, 256)
+# bfloat16 rows up to which the packed kernels beat casting the weight for bf16 F.linear (measured)
+INT8PACK_MAX_ROWS = 16
+INT4PACK_MAX_ROWS = 128
 
 _forced = [os.environ.get("TORCHSLIM_QUANT_KERNELS", "").strip().lower() == "reference"]
 
@@ -164,31 +168,33 @@ def choose_kernel(module: nn.Module, x: torch.Tensor) -> str:
     ):
         return "reference"
     memo = module.__dict__.setdefault("_kernel_choice", {})
-    kernel = memo.get(x.dtype)
-    if kernel is None:
-        kernel = memo[x.dtype] = _choice(module, x.dtype)
-    return kernel
+    choice = memo.get(x.dtype)
+    if choice is None:
+        choice = memo[x.dtype] = _choice(module, x.dtype)
+    small, max_rows, large = choice
+    return small if max_rows is None or x.numel() <= max_rows * x.shape[-1] else large
 
 
-def _choice(module: nn.Module, dtype: torch.dtype) -> str:
+def _choice(module: nn.Module, dtype: torch.dtype) -> tuple[str, int | None, str]:
+    """``(kernel, max_rows, kernel beyond max_rows)`` for inputs of ``dtype`` (``max_rows``
+    ``None``: no limit)."""
     s: QScheme = module.scheme
     k, n = module.in_features, module.out_features
     if module.dynamic_act:
         if dtype == torch.float32 and s.bits <= 8 and s.granularity in ("channel", "tensor") and _has("fbgemm_dynamic"):
-            return "fbgemm_dynamic"
-        return "reference"
+            return "fbgemm_dynamic", None, "fbgemm_dynamic"
+        return "reference", None, "reference"
     int8_sym = 4 < s.bits <= 8 and s.signed and s.symmetric and s.granularity in ("channel", "tensor")
-    int4_ok = (
-        s.bits == 4 and s.granularity == "group" and s.group_size in INT4_GROUPS and k % s.group_size == 0
-        and n % 16 == 0 and _has("int4pack")
-    )
+    int8_any = "int8_float_mm" if int8_sym and dtype in (torch.float32, torch.float16, torch.bfloat16) else "reference"
     if dtype == torch.bfloat16 and int8_sym and k % 16 == 0 and _has("int8pack"):
-        return "int8pack"
-    if dtype == torch.bfloat16 and int4_ok:
-        return "int4pack"
-    if int8_sym and dtype in (torch.float32, torch.float16):
-        return "int8_float_mm"
-    return "unpacked_int4" if s.bits <= 4 else "reference"
+        return "int8pack", INT8PACK_MAX_ROWS, "int8_float_mm"
+    if s.bits <= 4:
+        int4_ok = (
+            dtype == torch.bfloat16 and s.bits == 4 and s.granularity == "group" and s.group_size in INT4_GROUPS
+            and k % s.group_size == 0 and n % 16 == 0 and _has("int4pack")
+        )
+        return ("int4pack", INT4PACK_MAX_ROWS, "unpacked_int4") if int4_ok else ("unpacked_int4", None, "unpacked_int4")
+    return int8_any, None, int8_any
 
 
 def forget(module: nn.Module) -> None:
@@ -283,11 +289,11 @@ def _layout(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
     """The derived layout, rebuilt when the integer weight or the bias changed in place (their
     version counters) or was replaced; moves, casts and ``load_state_dict`` drop it (:func:`forget`)."""
     qweight, bias = module._buffers["qweight"], module._parameters.get("bias")
-    key = (kernel, dtype, id(qweight), _version(qweight), id(bias), _version(bias))
-    cache = module.__dict__.get("_kernel_cache")
+    key = (dtype, id(qweight), _version(qweight), id(bias), _version(bias))
+    caches = module.__dict__.setdefault("_kernel_cache", {})  # one per kernel: fp32 and bf16 calls do not evict each other
+    cache = caches.get(kernel)
     if cache is None or cache[0] != key:
-        cache = (key, _build(module, kernel, dtype))
-        module.__dict__["_kernel_cache"] = cache
+        cache = caches[kernel] = (key, _build(module, kernel, dtype))
     return cache[1]
 
 
