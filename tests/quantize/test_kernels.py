@@ -15,7 +15,10 @@ Tolerances (relative to the largest output of the reference path):
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,3 +262,15 @@ def test_profile_and_export_see_the_reference_ops() -> None:
     assert not any("quantized" in t or "int8pack" in t for t in targets), targets
     with torch.no_grad():
         assert torch.allclose(ep.module()(x), q.reference_forward(x))
+
+
+def test_environment_forces_the_reference_path() -> None:
+    code = (
+        "import torch; from torchslim.quantize.kernels import choose_kernel, kernels_forced_off;"
+        "from torchslim.quantize import QuantizedLinear; from torchslim.quantize.primitives import QScheme;"
+        "q = QuantizedLinear.from_float(torch.nn.Linear(32, 16), QScheme(bits=8, granularity='channel'), dynamic_act=True);"
+        "print(kernels_forced_off(), choose_kernel(q, torch.randn(2, 32)))"
+    )
+    env = {**os.environ, "TORCHSLIM_QUANT_KERNELS": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["True", "reference"]
