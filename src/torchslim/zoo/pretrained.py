@@ -144,8 +144,22 @@ _ALIASES = {"all-minilm-l6-v2": "minilm", "all_minilm_l6_v2": "minilm", "minilm-
 
 
 def list_pretrained() -> list[str]:
-    """Names usable as ``pretrained:NAME``."""
-    return sorted(_REGISTRY)
+    """Names usable as ``pretrained:NAME`` (text encoders and the decoder LLMs of ``zoo.pretrained_llm``)."""
+    from torchslim.zoo.pretrained_llm import list_llms
+
+    return sorted([*_REGISTRY, *list_llms()])
+
+
+def _llm_entry(name: str) -> PretrainedEntry | None:
+    """The entry of a decoder LLM (``zoo.pretrained_llm``), or None when ``name`` is none."""
+    from torchslim.zoo import pretrained_llm
+
+    if not pretrained_llm.is_llm(name):
+        return None
+    llm = pretrained_llm.llm_entry(name)
+    return PretrainedEntry(llm.name, "", llm.description, lambda: pretrained_llm.converted_dir(llm.name),
+                           lambda files, load: pretrained_llm.rebuild_llm({"name": llm.name}) if not load
+                           else pretrained_llm.build_llm(llm.name)[0], max_length=8192)
 
 
 def pretrained_entry(name: str) -> PretrainedEntry:
@@ -155,6 +169,9 @@ def pretrained_entry(name: str) -> PretrainedEntry:
         SpecError: unknown name; the message lists the known ones.
     """
     key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    llm = _llm_entry(key)
+    if llm is not None:
+        return llm
     if key not in _REGISTRY:
         raise SpecError(f"no pretrained model {name!r}; known: {', '.join('pretrained:' + n for n in list_pretrained())}")
     return _REGISTRY[key]
@@ -213,6 +230,10 @@ def embed(
 
 def build_pretrained(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
     """Build ``pretrained:NAME`` with its weights: ``(model, example positional inputs, build info)``."""
+    from torchslim.zoo import pretrained_llm
+
+    if pretrained_llm.is_llm(name):  # decoder LLMs: (input_ids,) of a short text
+        return pretrained_llm.build_llm(name)
     entry = pretrained_entry(name)
     model = entry.build(entry.files(), True)
     batch = tokenize(entry.name, [EXAMPLE_SENTENCE])
@@ -222,5 +243,9 @@ def build_pretrained(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], di
 
 def rebuild_pretrained(build: dict[str, Any]) -> nn.Module:
     """The architecture of a saved ``pretrained:`` model, weights left at their initial values."""
+    from torchslim.zoo import pretrained_llm
+
+    if pretrained_llm.is_llm(str(build.get("name", ""))):
+        return pretrained_llm.rebuild_llm(build)
     entry = pretrained_entry(str(build.get("name", "")))
     return entry.build(entry.files(), False)

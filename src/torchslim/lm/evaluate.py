@@ -1,0 +1,223 @@
+"""Perplexity of a causal language model on held-out text, by sliding window.
+
+:func:`evaluate_lm` tokenizes the evaluation text (the ``test`` split of a text data spec) with
+the model's own tokenizer, keeps its first ``max_tokens`` tokens and scores every token after the
+first: windows of ``context`` tokens start every ``stride`` tokens, and each window scores only
+the tokens the previous window did not (each with at least ``context - stride`` tokens of
+context, except in the first window; ``stride < context``), as transformers' perplexity guide does. ``context >= max_tokens`` is one
+window over the whole text. Perplexity is ``exp`` of the mean negative log-likelihood (natural
+log) over the scored tokens; the sums are accumulated in float64.
+
+The reference (issue 22): ``pretrained:smollm2-135m`` (float32, dequantized from the wheel's
+GGUF) on the first 1,024 tokens of ``shakespeare``'s evaluation text (the First Folio Hamlet from
+its first character, tokenized without special tokens), one window (``context=1024``): 1,023
+tokens scored, perplexity :data:`SMOLLM2_HAMLET_1024` (measured here with transformers 5.25).
+
+Example:
+    >>> import torch
+    >>> from torchslim.lm.evaluate import evaluate_lm
+    >>> class Uniform(torch.nn.Module):  # every token equally likely: perplexity = vocabulary size
+    ...     def forward(self, ids):
+    ...         return torch.zeros(*ids.shape, 50)
+    >>> r = evaluate_lm(Uniform(), torch.arange(40) % 50, context=16, stride=8)
+    >>> round(r.perplexity, 3), r.tokens, r.windows
+    (50.0, 39, 4)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._modelinfo import model_info
+from torchslim._utils import evaluating, is_int, logits_of, model_device, num_threads
+from torchslim.data import DataBundle, load_data
+from torchslim.data.text import TextBundle
+from torchslim.errors import ConfigError, ModelRunError, TorchslimError
+
+__all__ = ["PerplexityResult", "SMOLLM2_HAMLET_1024", "evaluate_lm", "resolve_tokenizer", "text_tokens"]
+
+#: fp32 perplexity of pretrained:smollm2-135m on the first 1,024 tokens of ``shakespeare``'s test split
+SMOLLM2_HAMLET_1024 = 63.27
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """What :func:`evaluate_lm` measured.
+
+    Attributes:
+        perplexity: ``exp(nll)``.
+        nll: mean negative log-likelihood per scored token (nats).
+        tokens: tokens scored (every token of the text but the first).
+        text_tokens: tokens of the evaluated text (``max_tokens`` or fewer).
+        context: window length in tokens.
+        stride: tokens between window starts.
+        windows: forward passes run.
+        seconds: wall time of the forward passes (tokenization excluded).
+        threads: torch intra-op threads in force.
+        data: the data spec (or a description of the text) evaluated, and its split.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    text_tokens: int
+    context: int
+    stride: int
+    windows: int
+    seconds: float
+    threads: int
+    data: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"perplexity {self.perplexity:.3f} on {self.tokens} tokens of {self.data} (context {self.context}, "
+                f"stride {self.stride}, {self.windows} windows, {self.seconds:.1f} s, {self.threads} threads)")
+
+
+def _positive(name: str, value: Any, lo: int = 1) -> int:
+    if not is_int(value) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}; got {value!r}")
+    return int(value)
+
+
+def resolve_tokenizer(model: nn.Module, tokenizer: Any = None) -> Any:
+    """The tokenizer to read text for ``model``: ``tokenizer`` if given, else the one of the
+    ``pretrained:`` LLM the model was built from (``ts.create_model`` / ``ts.load`` remember it).
+
+    Raises:
+        ConfigError: none given and the model was not built from a ``pretrained:`` LLM spec.
+    """
+    if tokenizer is not None:
+        return tokenizer
+    from torchslim.zoo import pretrained_llm
+
+    info = model_info(model)
+    name = str((info.build or {}).get("name", "")) if info is not None else ""
+    if info is not None and info.kind == "pretrained" and pretrained_llm.is_llm(name):
+        return pretrained_llm.tokenizer(name)
+    spec = info.spec if info is not None else "a model with no spec"
+    raise ConfigError(f"no tokenizer known for {spec}: pass tokenizer= (a Hugging Face tokenizer or a function "
+                      f"str -> token ids), or build the model from {', '.join('pretrained:' + n for n in pretrained_llm.list_llms())}")
+
+
+def text_tokens(data: Any, tokenizer: Any, *, split: str = "test", max_tokens: int | None = None) -> tuple[torch.Tensor, str]:
+    """``(token ids (1-D int64), description)`` of ``data``: a text data spec (``shakespeare``,
+    ``text:PATH``), a :class:`~torchslim.data.text.TextBundle`, or token ids already (1-D tensor).
+
+    Raises:
+        ConfigError: ``data`` holds no text (an image data set) or too few tokens.
+        SpecError: a bad data spec.
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 1 or data.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"token ids must be a 1-D int64 tensor; got {tuple(data.shape)} {data.dtype}")
+        ids, what = data.long(), f"{data.numel()} given token ids"
+        ids = ids[:max_tokens] if max_tokens is not None else ids
+    else:
+        bundle = load_data(data) if isinstance(data, str) else data
+        if not isinstance(bundle, TextBundle):
+            spec = bundle.spec if isinstance(bundle, DataBundle) else type(data).__name__
+            raise ConfigError(f"data {spec!r} holds no text; give a text data spec: shakespeare or text:path/to/file.txt")
+        ids = bundle.token_ids(tokenizer, split, max_tokens)
+        what = f"{bundle.spec}[{split}]"
+    if ids.numel() < 2:
+        raise ConfigError(f"{what} has {ids.numel()} tokens; perplexity needs at least 2")
+    return ids, what
+
+
+def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        try:
+            out = model(ids)
+        except TorchslimError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - named in one line for the user
+            raise ModelRunError(f"the model failed on token ids of shape {tuple(ids.shape)}: "
+                                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        logits = logits_of(out)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ModelRunError(f"the model must return logits of shape (batch, tokens, vocabulary) for token ids of "
+                                f"shape {tuple(ids.shape)}; got {getattr(logits, 'shape', type(logits).__name__)}")
+        return logits
+
+    return run
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    data: Any = "shakespeare",
+    *,
+    tokenizer: Any = None,
+    split: str = "test",
+    context: int = 1024,
+    stride: int | None = None,
+    max_tokens: int | None = 1024,
+    threads: int | None = None,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on held-out text, by sliding window (see the module doc).
+
+    The model is run in eval mode under ``no_grad`` and left as it was (its train/eval modes are
+    restored); nothing of it is changed.
+
+    Args:
+        model: a causal LM: ``model(input_ids)`` returns logits ``(batch, tokens, vocabulary)`` or
+            an output with ``.logits`` (transformers).
+        data: a text data spec (``"shakespeare"``, ``"text:path.txt"``), a ``TextBundle``, or a
+            1-D tensor of token ids.
+        tokenizer: how to turn the text into ids (default: the tokenizer of the ``pretrained:``
+            LLM the model was built from).
+        split: which split of a text bundle to score (default ``test``, the held-out text).
+        context: tokens per window (the model's attention span in this measurement).
+        stride: tokens between window starts, less than ``context`` (default ``context // 2``).
+        max_tokens: score the first ``max_tokens`` tokens of the text (``None``: all of it).
+        threads: torch threads for the forward passes (default: as set).
+
+    Returns:
+        A :class:`PerplexityResult` (perplexity, tokens scored, context, stride, seconds, ...).
+
+    Raises:
+        ConfigError: bad numbers, no text in ``data``, no tokenizer known.
+        ModelRunError: the model does not run on token ids or returns no logits.
+    """
+    context = _positive("context", context, 2)
+    stride = context // 2 if stride is None else _positive("stride", stride)
+    if stride >= context:  # windows overlap by a token at least: each scored token has context
+        raise ConfigError(f"stride must be less than context ({context}); got {stride}")
+    if max_tokens is not None:
+        max_tokens = _positive("max_tokens", max_tokens, 2)
+    if not isinstance(data, torch.Tensor):
+        tokenizer = resolve_tokenizer(model, tokenizer)
+    ids, what = text_tokens(data, tokenizer, split=split, max_tokens=max_tokens)
+    n = ids.numel()
+    device = model_device(model)
+    run = _forward(model)
+    total, scored, windows, done = 0.0, 0, 0, 1  # token 0 has no context: scoring starts at 1
+    with evaluating(model), num_threads(threads) as used:
+        start_time = time.perf_counter()
+        begin = 0
+        while done < n:
+            end = min(begin + context, n)
+            window = ids[begin:end].to(device)[None]
+            logits = run(window)[0].float()
+            first = done - begin  # first position of the window not scored before (>= 1)
+            nll = torch.nn.functional.cross_entropy(logits[first - 1 : end - begin - 1], window[0, first:], reduction="sum")
+            total += float(nll.double())
+            scored += end - done
+            done, windows = end, windows + 1
+            if end == n:
+                break
+            begin += stride
+        seconds = time.perf_counter() - start_time
+    mean = total / scored
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, text_tokens=n, context=context,
+                            stride=stride, windows=windows, seconds=seconds, threads=used, data=what)

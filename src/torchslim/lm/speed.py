@@ -1,0 +1,150 @@
+"""Tokens per second of a causal LM on the CPU: prefill and decode, batch 1, threads stated.
+
+:func:`lm_speed` times two phases with the one timer (``profile.latency.measure``: warm-up, then
+the median of timed runs):
+
+* **prefill**: one forward of a ``prompt_tokens``-token prompt that fills the KV cache;
+* **decode**: ``new_tokens`` greedy steps of one token each, reading and extending that cache
+  (a manual loop over transformers' ``DynamicCache``; after each timed run the cache is cropped
+  back to the prompt, so every run decodes the same tokens from the same state).
+
+Prefill tokens/s = ``prompt_tokens / median prefill time``; decode tokens/s = ``new_tokens /
+median decode time``. The prompt is fixed token ids (seeded), batch 1. Compare two models only
+when measured in one run, side by side, on the same machine and threads.
+
+Example:
+    >>> import torchslim as ts
+    >>> from torchslim.lm.speed import lm_speed
+    >>> model = ts.create_model("pretrained:smollm2-135m")  # doctest: +SKIP
+    >>> print(lm_speed(model, prompt_tokens=32, new_tokens=8, threads=2))  # doctest: +SKIP
+    prefill ... tokens/s, decode ... tokens/s (batch 1, 2 threads, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim._utils import evaluating, is_int, logits_of, model_device, num_threads
+from torchslim.errors import ConfigError, ModelRunError
+from torchslim.profile.latency import cpu_name, measure
+
+__all__ = ["LMSpeed", "lm_speed"]
+
+
+@dataclass(frozen=True)
+class LMSpeed:
+    """What :func:`lm_speed` measured (medians over ``runs`` timed runs after ``warmup``)."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prefill_ms: float  # median time of one prefill of prompt_tokens
+    decode_ms_per_token: float  # median decode time / new_tokens
+    prompt_tokens: int
+    new_tokens: int
+    batch: int
+    threads: int
+    runs: int
+    warmup: int
+    cpu: str
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prefill_tokens_per_s:.1f} tokens/s ({self.prompt_tokens} tokens), decode "
+                f"{self.decode_tokens_per_s:.1f} tokens/s ({self.new_tokens} tokens) (batch {self.batch}, "
+                f"{self.threads} threads, {self.cpu})")
+
+
+def _count(name: str, value: Any, lo: int) -> int:
+    if not is_int(value) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}; got {value!r}")
+    return int(value)
+
+
+def _cache_class() -> Any:
+    try:
+        from transformers import DynamicCache
+    except ImportError as exc:
+        from torchslim.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"lm_speed keeps the KV cache in transformers' DynamicCache; "
+                                     f"install it with: pip install \"torchslim[hf]\" ({exc})") from None
+    return DynamicCache
+
+
+@torch.no_grad()
+def lm_speed(
+    model: nn.Module,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    threads: int | None = None,
+    runs: int = 5,
+    warmup: int = 1,
+    vocab: int | None = None,
+    seed: int = 0,
+) -> LMSpeed:
+    """Prefill and decode tokens/s of a transformers causal LM (batch 1; see the module doc).
+
+    The model is run in eval mode under ``no_grad`` and left as it was.
+
+    Args:
+        model: a causal LM taking ``input_ids``, ``past_key_values`` and ``use_cache`` (transformers).
+        prompt_tokens: prompt length of the prefill.
+        new_tokens: greedy decode steps timed after the prefill.
+        threads: torch threads (default: as set); stated in the result.
+        runs, warmup: timed and untimed runs of each phase.
+        vocab: draw the prompt ids below this (default: the model's ``config.vocab_size``).
+        seed: seed of the prompt ids.
+
+    Raises:
+        ConfigError: bad counts.
+        ModelRunError: the model does not take a KV cache.
+    """
+    prompt_tokens = _count("prompt_tokens", prompt_tokens, 1)
+    new_tokens = _count("new_tokens", new_tokens, 1)
+    runs, warmup = _count("runs", runs, 1), _count("warmup", warmup, 0)
+    vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not is_int(vocab) or vocab < 2:
+        raise ConfigError(f"vocab must be an integer >= 2 (the model has no config.vocab_size); got {vocab!r}")
+    device = model_device(model)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, int(vocab), (1, prompt_tokens), generator=g).to(device)
+    DynamicCache = _cache_class()
+
+    def prefill() -> tuple[Any, torch.Tensor]:
+        cache = DynamicCache()
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        return cache, logits_of(out)[:, -1:].argmax(-1)
+
+    with evaluating(model), num_threads(threads) as used:
+        try:
+            cache, first = prefill()
+        except Exception as exc:  # noqa: BLE001 - one line for the user
+            raise ModelRunError(f"lm_speed needs a transformers causal LM that takes past_key_values; the model "
+                                f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        if cache.get_seq_length() != prompt_tokens:
+            raise ModelRunError("lm_speed: the model did not fill the KV cache it was given (no past_key_values support)")
+
+        def decode() -> None:
+            token = first
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = logits_of(out)[:, -1:].argmax(-1)
+            cache.crop(prompt_tokens)  # the same state for the next run
+
+        t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="eager")
+        t_decode = measure(decode, runs=runs, warmup=warmup, runtime="eager")
+    prefill_s, decode_s = t_prefill.median_ms / 1e3, t_decode.median_ms / 1e3
+    return LMSpeed(
+        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
+        prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=used, runs=runs, warmup=warmup,
+        cpu=cpu_name(), method="eager, manual greedy loop over a transformers DynamicCache",
+    )
