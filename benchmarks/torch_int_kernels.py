@@ -8,15 +8,18 @@ per-round ratios to the fp32 reference of the same round), torch intra-op thread
    rows = batch 1 x 16 tokens, 4096 rows = batch 32 x 128 tokens) and LeNet-300-100's; each
    candidate kernel against ``F.linear`` fp32: ``quantized::linear_dynamic`` (what torchslim's
    dynamic int8 runs), ``torch._int_mm`` with per-row int8 activations quantized in Python,
-   ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` with fp32 and bf16 inputs (bf16
-   ``F.linear`` beside them), and the dequantize-then-``F.linear`` reference path.
+   ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` with fp32 inputs (the raw ops)
+   and torchslim's weight-only layers with fp32 and bf16 inputs (bf16 ``F.linear`` beside
+   them), and the dequantize-then-``F.linear`` reference path of dynamic int8.
 2. **MiniLM**: fp32 eager against torchslim dynamic int8 (with and without SmoothQuant alpha
    0.75 calibrated on 128 training sentences; kernel path and the reference path it replaces),
-   weight-only int8 per channel and int4 groups of 32 (fp32 model: reference path; bf16 model:
-   int8pack / int4pack kernels, bf16 eager beside them), and torchao 0.18's
+   weight-only int8 per channel and int4 groups of 32 (fp32 model and bf16 model, bf16 eager
+   beside them; the kernel each picks is in the table), and torchao 0.18's
    ``Int8DynamicActivationInt8WeightConfig`` / ``Int8WeightOnlyConfig`` / ``Int4WeightOnlyConfig``
-   where they run on CPU. Columns: kernels used, bytes of the weights file (``ts.save``'s
-   safetensors for torchslim; ``torch.save`` of the state dict for torchao's tensor subclasses),
+   where they run on CPU. Columns: the kernels QuantizedLinear picked at each batch size, bytes
+   of the weights file (``ts.save``'s safetensors for torchslim; ``torch.save`` of the state
+   dict for torchao's tensor subclasses) and of the quantized Linear layers alone against their
+   fp32 state (the embedding tables stay fp32 in every row),
    mean / min cosine of sentence embeddings to fp32 on the 800 held-out sentences of the 400
    paraphrase pairs, speedup over fp32 eager at batch 1 and 32 (real sentences, padded to the
    longest of the batch).
@@ -196,7 +199,7 @@ def main() -> int:
             forced_reference.add(name)
         with reference_kernels(reference), torch.no_grad():
             q = evaluate_encoder(model, ref, n_pairs=n_pairs)
-            used = kernels_used(model, feeds[32])
+            used = {f"b{bs}": kernels_used(model, feed) for bs, feed in feeds.items()}
         size = state_dict_bytes(model) if torchao else serialized_bytes(model)
         rows[name] = {"bytes": size, "mean_cosine": q["mean_cosine"], "min_cosine": q["min_cosine"], "kernels": used, "note": note}
         if not torchao:
@@ -295,11 +298,11 @@ def main() -> int:
     for col in ("model", "MB", "smaller", "Linear smaller", "mean cos", "min cos", "faster b1", "faster b32", "kernels"):
         table.add_column(col, justify="left" if col in ("model", "kernels") else "right")
     for name, r in rows.items():
-        used = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items())
+        used = "; ".join(f"{b}: " + ", ".join(f"{k} {v}" for k, v in per.items()) for b, per in r.get("kernels", {}).items() if per)
         table.add_row(name, f"{r['bytes'] / 1e6:.1f}", f"{r['size_ratio']:.2f}x",
                       f"{r['linear_size_ratio']:.2f}x" if "linear_size_ratio" in r else "", f"{r['mean_cosine']:.4f}", f"{r['min_cosine']:.4f}",
                       f"{r['speedup_b1']:.2f}x", f"{r['speedup_b32']:.2f}x", used)
-    Console(width=200).print(table)
+    Console(width=240).print(table)
     for name, r in rows.items():
         if r.get("note"):
             print(f"{name}: {r['note']}")

@@ -274,3 +274,19 @@ def test_environment_forces_the_reference_path() -> None:
     env = {**os.environ, "TORCHSLIM_QUANT_KERNELS": "reference"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[-2:] == ["True", "reference"]
+
+
+def test_a_kernel_that_cannot_take_the_weights_falls_back_with_a_warning(monkeypatch) -> None:
+    _need("fbgemm_dynamic")
+    q = _layer(INT8, True)
+    x = torch.randn(3, 96)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no packing for this engine")
+
+    monkeypatch.setattr(kernels, "_build", refuse)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fbgemm_dynamic could not prepare"):
+        y = q(x)
+    with torch.no_grad():
+        assert torch.equal(y, q.reference_forward(x))
+        assert choose_kernel(q, x) == "reference"  # decided once, no warning per call

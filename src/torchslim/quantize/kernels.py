@@ -293,8 +293,21 @@ def _layout(module: nn.Module, kernel: str, dtype: torch.dtype) -> Any:
     caches = module.__dict__.setdefault("_kernel_cache", {})  # one per kernel: fp32 and bf16 calls do not evict each other
     cache = caches.get(kernel)
     if cache is None or cache[0] != key:
-        cache = caches[kernel] = (key, _build(module, kernel, dtype))
+        try:
+            built = _build(module, kernel, dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. an engine without this packing
+            memo = module.__dict__.setdefault("_kernel_choice", {})
+            for dt, choice in memo.items():
+                memo[dt] = tuple("reference" if c == kernel else c for c in choice)
+            warnings.warn(f"torchslim: {kernel} could not prepare {module.extra_repr()} ({exc}); it runs the reference path",
+                          RuntimeWarning, stacklevel=4)
+            raise _Unavailable from exc
+        cache = caches[kernel] = (key, built)
     return cache[1]
+
+
+class _Unavailable(Exception):
+    """A kernel could not derive its layout for a module: run the reference path instead."""
 
 
 _OPS: dict[str, Any] = {}
@@ -311,7 +324,15 @@ def _ops() -> dict[str, Any]:
 
 
 def run_kernel(kernel: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` through ``kernel`` (as chosen by :func:`choose_kernel`, not ``"reference"``)."""
+    """``module(x)`` through ``kernel`` (as chosen by :func:`choose_kernel`, not ``"reference"``);
+    the reference path (with a warning, once per module) if the kernel cannot take its weights."""
+    try:
+        return _run(kernel, module, x)
+    except _Unavailable:
+        return module.reference_forward(x)
+
+
+def _run(kernel: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     bias = module._parameters.get("bias")
     if kernel == "fbgemm_dynamic":
         out = _ops()["dynamic"](x, _layout(module, kernel, x.dtype), False)

@@ -6,11 +6,13 @@ asymmetric) and the fp32 bias. Its state dict is what ``ts.save`` writes, so the
 really is ~4x (int8) or ~8x (int4) smaller than fp32. With ``dynamic_act=True`` the input is also
 quantized per tensor at run time (8-bit asymmetric, the numerics of dynamic quantization).
 
-``forward`` runs an integer kernel where one is correct and faster on the input's device and
-dtype (dynamic int8 on CPU: ``quantized::linear_dynamic``; weight-only int8 / int4 with bfloat16
-inputs: ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``), chosen in
-:mod:`torchslim.quantize.kernels`; everywhere else it dequantizes the weight and calls
-``F.linear`` (the reference path, also the one autograd, ``torch.compile`` and export see).
+``forward`` runs an integer kernel where one is correct and faster on the input's device,
+dtype and row count (dynamic int8 on CPU: ``quantized::linear_dynamic``; weight-only int8 / int4
+with a few bfloat16 rows: ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) or a
+cheaper dequantization (the int8 weight cast, scales on the output; int4 unpacked once and
+cached), chosen in :mod:`torchslim.quantize.kernels`; everywhere else it dequantizes the weight
+and calls ``F.linear`` (:meth:`QuantizedLinear.reference_forward`, also what autograd,
+``torch.compile``, export and ``ts.profile``'s tracer see).
 Casting the module (``.to(torch.bfloat16)``, ``.half()``) leaves the fp16 scales and zero points
 as stored.
 
