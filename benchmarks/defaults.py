@@ -93,7 +93,12 @@ def _torch_cosine(model: torch.nn.Module, ref: dict[str, Any]) -> dict[str, floa
 
 def part_minilm(alphas: list[float]) -> dict[str, Any]:
     import torchslim as ts
-    from torchslim.data.sentences import calibration_batches, calibration_sentences, evaluate_encoder, paraphrase_pairs
+    from torchslim.data.sentences import (
+        calibration_batches,
+        calibration_sentences,
+        evaluate_encoder,
+        paraphrase_pairs,
+    )
     from torchslim.quantize import QuantConfig, quantize_
 
     a, b = paraphrase_pairs()

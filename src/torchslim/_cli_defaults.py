@@ -51,8 +51,8 @@ def default_data(spec: str) -> str | None:
     if not name.startswith("pretrained:"):
         return None
     key = name.split(":", 1)[1]
-    from torchslim.zoo import pretrained, pretrained_vision
     from torchslim.errors import SpecError
+    from torchslim.zoo import pretrained, pretrained_vision
 
     if pretrained_vision.is_vision(key):
         return pretrained_vision.vision_entry(key).data

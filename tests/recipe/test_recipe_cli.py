@@ -67,6 +67,19 @@ def test_missing_data_is_refused(tmp_path: Path, capsys) -> None:
     assert code == 2 and "need data" in err and "--data" in err
 
 
+def test_a_model_made_for_bundled_data_trains_on_it_by_default(tmp_path: Path, capsys) -> None:
+    path = _recipe(tmp_path, [{"quantize": {"mode": "static", "calibration_batches": 1}}, {"finetune": {}}])
+    code, out, err = _run(["compress", "pretrained:mnist_cnn", "--recipe", path, "--out", str(tmp_path / "o"),
+                           "--no-latency"], capsys)
+    assert code == 0, err
+    assert "training / calibration data: mnist (the bundled data pretrained:mnist_cnn is made for" in " ".join(out.split())
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["data"] == "mnist"
+    # a model with no data of its own is still refused (test_missing_data_is_refused), and --data wins
+    code, _, err = _run(["compress", "pretrained:mnist_cnn", "--recipe", path, "--data", "nosuch", "--out",
+                         str(tmp_path / "p"), "--no-latency"], capsys)
+    assert code == 2 and "nosuch" in err
+
+
 def test_json_is_the_common_shape_with_stages_goals_and_onnx_files(tmp_path: Path, capsys) -> None:
     path = _recipe(tmp_path, [{"prune_channels": {"ratio": 0.5}}, {"finetune": {}},
                               {"export": {"batch_sizes": [1], "runs": 3}}], {"target_macs": 0.5, "max_accuracy_drop": 1.0})

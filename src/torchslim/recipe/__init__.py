@@ -19,7 +19,7 @@ from torchslim.recipe.runner import CompressResult, compress, measure
 from torchslim.recipe.schema import Goals, Recipe, RecipeError, Stage, parse_recipe, stage_kinds
 
 __all__ = ["CompressResult", "Goals", "Recipe", "RecipeError", "Stage", "compress", "list_recipes", "load_recipe",
-           "measure", "stage_kinds"]
+           "measure", "stage_kinds", "without_missing_targets"]
 
 _BUILTIN = Path(__file__).parent / "builtin"
 
@@ -63,6 +63,35 @@ def load_recipe(recipe: Any) -> Recipe:
     if raw is None:
         raise RecipeError(f"{path} is empty; a recipe is a YAML mapping with a 'stages' list")
     return parse_recipe(raw, str(path) if path.parent != _BUILTIN else f"built-in recipe {path.stem!r}")
+
+
+def without_missing_targets(recipe: Any) -> tuple[Recipe, list[str]]:
+    """``recipe`` less the deploy targets whose runtime is not installed, and those targets.
+
+    ``torchslim demo`` runs the built-in ``default`` (ONNX, ExecuTorch and PyTorch targets) on any
+    install: a target it cannot measure is dropped and named, not a failure at the end of the run.
+    ``compress`` itself refuses such a recipe before any work (the message says what to install).
+
+    Example:
+        >>> recipe, dropped = without_missing_targets("default")
+        >>> set(recipe.stages[-1].config["formats"]) | set(dropped) == {"onnx", "pte", "torch"}
+        True
+    """
+    import importlib.util
+
+    from torchslim.recipe._export import runtime_module
+
+    recipe = load_recipe(recipe)
+    raw, dropped = recipe.to_dict(), []
+    for stage in raw["stages"]:
+        (kind, cfg), = stage.items()
+        if kind != "export" or not cfg or not cfg.get("formats"):
+            continue
+        missing = [f for f in cfg["formats"] if runtime_module(f) and importlib.util.find_spec(runtime_module(f)) is None]
+        if missing:
+            dropped += [f for f in missing if f not in dropped]
+            cfg["formats"] = [f for f in cfg["formats"] if f not in missing] or ["torch"]
+    return (parse_recipe(raw, recipe.source) if dropped else recipe), dropped
 
 
 from torchslim._registry import import_modules as _import_modules  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Any
 from torchslim._registry import register as _register_entry
 from torchslim.errors import TorchslimError
 
-__all__ = ["register", "print_summary"]
+__all__ = ["register", "print_summary", "deployed_lines"]
 
 
 def register(sub: Any) -> None:
@@ -36,12 +36,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)  # every recipe error before any work
     need = recipe.needs_data()
-    if need and not args.data:
-        from torchslim.recipe import RecipeError
-
-        raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
     con = console_for(args)
     say = (lambda msg: None) if args.quiet else (lambda msg: con.print(msg, highlight=False))
+    if need and not args.data:
+        from torchslim._cli_defaults import SENTENCES, default_data, describe_default
+        from torchslim.recipe import RecipeError
+
+        bundled = default_data(args.model)  # a model made for bundled data trains / calibrates on it
+        if bundled is None or bundled == SENTENCES:  # text stages calibrate on the sentences already; training needs a data set
+            raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
+        args.data = bundled
+        say(describe_default(args.model, bundled, "training / calibration"))
     data = ts.load_data(args.data, seed=recipe.seed) if args.data else None
     args.seed = recipe.seed
     model = build_model(args, data)  # a wrong --input-shape or --data is refused before --out is touched
@@ -90,18 +95,34 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
         t.add_row(s["label"], acc, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
                   f"{s.get('seconds', 0.0):.0f}")
     con.print(t)
-    onnx = report.get("deployed", {}).get("onnx")
-    if onnx:
-        lat = ", ".join(f"batch {b}: {_speed(v['speedup'])}" for b, v in onnx["latency_ms"].items())
-        acc = ""
-        if onnx.get("accuracy") is not None:
-            acc = f"; accuracy in ONNX Runtime {100 * onnx['original_accuracy']:.2f}% -> {100 * onnx['accuracy']:.2f}%"
-        con.print(f"ONNX: {onnx['original_size_bytes'] / onnx['size_bytes']:.2f}x smaller on disk, {lat} in ONNX Runtime{acc}")
+    for line in deployed_lines(report):
+        con.print(line, highlight=False)
     for g in report.get("goals", []):
         value = "-" if g["value"] is None else f"{g['value']:.4f}"
         mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
         con.print(f"goal {g['name']} <= {g['target']}: {value} ({g['basis']}) {mark}")
     con.print(f"report: {report['files']['report_html']} (also report.md, report.json)")
+
+
+_LABELS = {"onnx": "ONNX", "pte": "ExecuTorch .pte", "torch": "PyTorch (ts.save)", "torchscript": "TorchScript",
+           "pt2": "torch.export .pt2"}
+
+
+def deployed_lines(report: dict[str, Any]) -> list[str]:
+    """One line per deploy target of the report: bytes, latency in its runtime and accuracy, vs the original."""
+    lines = []
+    for target, fig in report.get("deployed", {}).items():
+        if target == "tslim" or not fig.get("size_bytes"):
+            continue
+        runtime = fig.get("runtime", "ONNX Runtime")
+        lat = ", ".join(f"batch {b}: {_speed(v['speedup'])}" for b, v in fig.get("latency_ms", {}).items())
+        acc = ""
+        if fig.get("accuracy") is not None:
+            acc = f"; accuracy {100 * fig['original_accuracy']:.2f}% -> {100 * fig['accuracy']:.2f}%"
+        shipped = f" ({fig['format']})" if fig.get("format") not in (None, target) else ""
+        lines.append(f"{_LABELS.get(target, target)}{shipped}: {fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller "
+                     f"on disk, {lat or 'not timed'} in {runtime} (1 thread){acc}")
+    return lines
 
 
 def _speed(ratio: float | None) -> str:

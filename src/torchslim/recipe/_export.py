@@ -1,15 +1,23 @@
 """The ``export`` stage: files for real runtimes, checked in them, timed against the original.
 
-ONNX is written for the compressed model and, the same way, for the original model
-(``onnx_original``), so the report's ONNX Runtime latencies are measured side by side in one
-run: the two sessions alternate call by call and each gets the median of its runs.
-A quantized model goes to ONNX as integers (``torchslim.export.export_integer_onnx``); anything else
-through the same float exporter the original uses. The compressed ONNX file is also scored on the
-test split in ONNX Runtime, so the report's accuracy is the deployed file's, not only torch's.
+The stage's ``formats`` are the deploy targets the user picks: any registered export format
+(``ts.export``'s ``format=``: ``onnx``, ``pte``, ``torchscript``, ``pt2``...) and ``torch`` (the
+model as ``ts.save`` writes it, run in eager PyTorch). For each one the original model is shipped
+the same way (an int8 format's original is its float counterpart: ``pte-int8`` -> ``pte``), and
+the report gets, per target: the bytes of the shipped file against the original's, the latency of
+the file in its own runtime (ONNX Runtime, ExecuTorch with XNNPACK, TorchScript, eager PyTorch)
+timed side by side with the original's (one thread; the two alternate call by call and each gets
+the median of its runs), and with labeled data the test accuracy of the file run in that runtime.
+A file with static shapes (ExecuTorch's ``.pte``) is timed and scored at the batch size it was
+written for, the example's. A quantized model goes to ONNX as integers
+(``torchslim.export.export_integer_onnx``) and to ``pte`` as XNNPACK int8 (``pte-int8``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +25,49 @@ import torch
 from torch import nn
 
 from torchslim.export.onnx_int import quiet_quantizer as _silenced
+from torchslim.graph.inputs import as_inputs
 
-__all__ = ["export_stage", "ort_accuracy"]
+__all__ = ["TORCH", "check_targets", "deploy_targets", "export_stage", "ort_accuracy", "runtime_module"]
+
+#: The deploy target that is no export format: the ``ts.save`` folder, run in eager PyTorch.
+TORCH = "torch"
+#: The float format an int8 format's original is shipped in.
+_FLOAT_OF = {"onnx-int8": "onnx", "pte-int8": "pte"}
+#: The runtime each format runs in, for the tables.
+_RUNTIME = {"onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "pte": "ExecuTorch (XNNPACK)",
+            "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch"}
+
+
+#: The package each target's runtime needs (checked before a run starts, not after its training).
+_NEEDS = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "pte": "executorch", "pte-int8": "executorch"}
+
+
+def runtime_module(fmt: str) -> str | None:
+    """The package the runtime of deploy target ``fmt`` needs (None: PyTorch itself)."""
+    return _NEEDS.get(fmt)
+
+
+def check_targets(formats: Any) -> None:
+    """Raise :class:`~torchslim.errors.MissingDependencyError` (with the install line) when the
+    runtime of a deploy target in ``formats`` is not installed."""
+    import importlib.util
+
+    from torchslim.errors import MissingDependencyError
+
+    for fmt in formats:
+        module = _NEEDS.get(fmt)
+        if module is not None and importlib.util.find_spec(module) is None:
+            extra = {"executorch": "executorch", "onnxruntime": "onnx"}[module]
+            raise MissingDependencyError(
+                f"the export target {fmt!r} runs in {_RUNTIME[fmt]}, which needs the optional package {module!r} "
+                f'(not installed); install it with: pip install "torchslim[{extra}]", or drop {fmt!r} from formats')
+
+
+def deploy_targets() -> list[str]:
+    """What an export stage may list in ``formats``: every registered export format and ``torch``."""
+    from torchslim.export import list_formats
+
+    return sorted({*list_formats(), TORCH})
 
 
 def _first_tensor(inputs: tuple[Any, ...]) -> torch.Tensor:
@@ -77,13 +126,150 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
             with _silenced():
                 export_fp32(ctx.teacher().cpu().eval(), tuple(_inputs_of(ctx.teacher())), original)
             ctx.files["onnx_original"] = str(original)
-            out["formats"]["onnx"] = _onnx_figures(model, ctx, cfg, ort_run)
+            out["formats"]["onnx"] = {"runtime": _RUNTIME["onnx"], "format": "onnx" if scheme is None else "onnx-int8",
+                                      **_onnx_figures(model, ctx, cfg, ort_run)}
+        elif fmt == TORCH:
+            out["formats"][TORCH] = _torch_figures(model, ctx, cfg)
         else:
-            result = export(model, example, ctx.dir / f"model.{_suffix(fmt)}", format=fmt, check=cfg["check"])
-            ctx.files[fmt] = str(result.path)
-            out["formats"][fmt] = {"size_bytes": result.size_bytes,
-                                   "parity": None if result.parity is None else result.parity.to_dict()}
+            out["formats"][fmt] = _runtime_figures(model, example, fmt, ctx, cfg, export)
     return out
+
+
+def _calibration_for(fmt: str, model: nn.Module, ctx: Any) -> dict[str, Any]:
+    """``calibration=`` for ``ts.export`` when ``fmt`` writes ``model`` as calibrated int8, else nothing."""
+    from torchslim.export import get_format
+    from torchslim.export.pte import route_pte
+    from torchslim.export.quantized import QUANTIZED_ONNX, route
+
+    routed = get_format(route_pte(route(fmt, model), model))
+    wanted = routed.name == QUANTIZED_ONNX or routed.calibrated
+    return {"calibration": _inputs_only(ctx.calibration())} if wanted and ctx.data is not None else {}
+
+
+def _inputs_only(loader: Any) -> list[torch.Tensor]:
+    """The first few input batches of a loader of ``(x, y)`` (calibration needs no labels)."""
+    out = []
+    for batch in loader:
+        out.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        if len(out) == 8:
+            break
+    return out
+
+
+def _runtime_figures(model: nn.Module, example: Any, fmt: str, ctx: Any, cfg: dict[str, Any], export: Any) -> dict[str, Any]:
+    """Ship ``model`` and the original as ``fmt``; bytes, latency in the runtime and accuracy of both files."""
+    with _one_runtime_thread(fmt):  # before any program is loaded: XNNPACK keeps the pool it was loaded with
+        return _shipped_figures(model, example, fmt, ctx, cfg, export)
+
+
+def _shipped_figures(model: nn.Module, example: Any, fmt: str, ctx: Any, cfg: dict[str, Any], export: Any) -> dict[str, Any]:
+    from torchslim.export import get_format
+
+    suffix = _suffix(fmt)
+    result = export(model, example, ctx.dir / f"model.{suffix}", format=fmt, check=cfg["check"],
+                    **_calibration_for(fmt, model, ctx))
+    teacher = ctx.teacher().cpu().eval()
+    original = export(teacher, tuple(_inputs_of(teacher)), ctx.dir / f"original.{suffix}",
+                      format=_FLOAT_OF.get(fmt, fmt), check=False)
+    ctx.files[fmt] = str(result.path)
+    ctx.files[f"{fmt}_original"] = str(original.path)
+    static = not (result.info.get("dynamic_batch") and original.info.get("dynamic_batch"))
+    fig: dict[str, Any] = {
+        "runtime": _RUNTIME.get(result.format, result.format), "format": result.format,
+        "size_bytes": result.size_bytes, "original_size_bytes": original.size_bytes,
+        "size_ratio": result.size_bytes / original.size_bytes,
+        "parity": None if result.parity is None else result.parity.to_dict(),
+    }
+    batch = _first_tensor(_inputs_of(model)).shape[0] if static else None
+    if static:
+        fig["static_batch"] = batch  # the file runs at the example's batch size only
+    run_c = get_format(result.format).load(result.path, torch.device("cpu"))
+    run_o = get_format(original.format).load(original.path, torch.device("cpu"))
+    _time_and_score(fig, lambda x: run_c(as_inputs(x))[0], lambda x: run_o(as_inputs(x))[0], model, ctx, cfg, batch)
+    return fig
+
+
+@torch.no_grad()
+def _torch_figures(model: nn.Module, ctx: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``ts.save`` folder of ``model`` and of the original: bytes of their weights, eager latency, accuracy."""
+    from torchslim.saving import save
+
+    teacher = ctx.teacher().cpu().eval()
+    save(model, ctx.dir / "torch")
+    save(teacher, ctx.dir / "torch_original")
+    ctx.files[TORCH] = str(ctx.dir / "torch")
+    ctx.files[f"{TORCH}_original"] = str(ctx.dir / "torch_original")
+    size = (ctx.dir / "torch" / "model.safetensors").stat().st_size
+    size_o = (ctx.dir / "torch_original" / "model.safetensors").stat().st_size
+    fig: dict[str, Any] = {"runtime": _RUNTIME[TORCH], "format": TORCH, "size_bytes": size,
+                           "original_size_bytes": size_o, "size_ratio": size / size_o}
+    _time_and_score(fig, lambda x: model(x), lambda x: teacher(x), model, ctx, cfg, None)
+    return fig
+
+
+@contextlib.contextmanager
+def _one_runtime_thread(fmt: str) -> Iterator[None]:
+    """ExecuTorch's thread pool at one thread while ``fmt`` (a ``pte`` format) is shipped and timed;
+    the pool is put back after the programs loaded meanwhile are gone."""
+    if not fmt.startswith("pte"):
+        yield
+        return
+    import gc
+
+    from torchslim.export.pte import set_threads
+
+    before = set_threads(1)
+    try:
+        yield
+    finally:
+        gc.collect()  # the loaded programs hold the pool they were loaded with
+        set_threads(before)
+
+
+@torch.no_grad()
+def _time_and_score(fig: dict[str, Any], run_c: Any, run_o: Any, model: nn.Module, ctx: Any, cfg: dict[str, Any],
+                    static_batch: int | None) -> None:
+    """Latency of both files side by side (one thread) at the stage's batch sizes (or the file's
+    static one), and with labeled data their test accuracy in the runtime."""
+    from torchslim.profile.latency import measure_pair
+
+    x1 = _first_tensor(_inputs_of(model)).cpu()
+    labeled = ctx.data is not None and ctx.data.labeled
+    xb = next(iter(ctx.data.loader("test", batch_size=256)))[0] if labeled else x1
+    sizes = [static_batch] if static_batch is not None else list(cfg["batch_sizes"])
+    fig["latency_ms"] = {}
+    for b in sizes:
+        x = xb[:b] if len(xb) >= b else x1.expand(b, *x1.shape[1:]).contiguous()
+        to, tc = measure_pair(functools.partial(run_o, x), functools.partial(run_c, x), runs=cfg["runs"] * 3, warmup=3, threads=1,
+                              runtimes=("original", "compressed"))
+        fig["latency_ms"][str(b)] = {"original": to.median_ms, "compressed": tc.median_ms,
+                                     "speedup": to.median_ms / tc.median_ms if tc.median_ms > 0 else None}
+    if labeled:
+        loader = ctx.data.loader("test", batch_size=256)
+        fig["accuracy"] = _accuracy(run_c, loader, static_batch)
+        fig["original_accuracy"] = _accuracy(run_o, loader, static_batch)
+    fig["threads"] = 1
+
+
+def _accuracy(run: Any, loader: Any, batch: int | None) -> float:
+    """Top-1 accuracy of ``run`` (a batch -> logits function) over a labeled loader, fed in pieces of
+    ``batch`` rows when the file has a static batch size (the last piece padded)."""
+    correct = total = 0
+    for x, y in loader:
+        if batch is None:
+            logits = run(x)
+        else:
+            parts = []
+            for i in range(0, len(x), batch):
+                piece = x[i : i + batch]
+                pad = batch - len(piece)
+                if pad:
+                    piece = torch.cat([piece, piece[-1:].expand(pad, *piece.shape[1:])])
+                parts.append(run(piece)[: batch - pad])
+            logits = torch.cat(parts)
+        correct += int((logits.argmax(1) == y).sum())
+        total += int(y.numel())
+    return correct / max(total, 1)
 
 
 def _inputs_of(model: nn.Module) -> tuple[Any, ...]:
@@ -97,7 +283,7 @@ def _inputs_of(model: nn.Module) -> tuple[Any, ...]:
 
 
 def _suffix(fmt: str) -> str:
-    return {"torchscript": "ts", "pt2": "pt2"}.get(fmt, fmt)
+    return {"torchscript": "ts", "pt2": "pt2", "pte-int8": "pte", "onnx-int8": "onnx"}.get(fmt, fmt)
 
 
 @torch.no_grad()

@@ -29,12 +29,13 @@ def _row(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deployed(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last exported ONNX figures and the last packed file, if the recipe made them."""
+    """The last figures of every deploy target the recipe exported (``onnx``, ``pte``, ``torch``...,
+    each measured in its runtime) and the last packed file, if the recipe made them."""
     out: dict[str, Any] = {}
     for rec in stages:
-        onnx = (rec.get("extras") or {}).get("formats", {}).get("onnx")
-        if onnx:
-            out["onnx"] = onnx
+        for target, figures in ((rec.get("extras") or {}).get("formats") or {}).items():
+            if figures:
+                out[target] = figures
         if rec["kind"] == "pack":
             out["tslim"] = {"size_bytes": rec["extras"].get("packed_bytes")}
     return out

@@ -264,10 +264,18 @@ def _resolve_inputs(model: Any, recipe: Any, data: Any) -> tuple[nn.Module, Reci
 
 
 def _preflight(model: nn.Module, recipe: Recipe) -> None:
-    """Module patterns of every stage must select something in the model: checked before any work."""
+    """Module patterns of every stage must select something in the model, and the runtimes of its
+    deploy targets must be installed: checked before any work."""
+    from torchslim.errors import MissingDependencyError
+    from torchslim.recipe._export import check_targets
     from torchslim.recipe._select import resolve_config
 
     for stage in recipe.stages:
+        if stage.kind == "export":
+            try:
+                check_targets(stage.config.get("formats") or ())
+            except MissingDependencyError as exc:
+                raise RecipeError(f"{recipe.source}: stage {stage.index} (export): {exc}") from None
         try:
             resolve_config(model, stage.kind, stage.config)
         except ConfigError as exc:

@@ -1,7 +1,8 @@
-"""Recipe stages that write files: pack (.tslim) and export (ONNX / TorchScript / torch.export)."""
+"""Recipe stages that write files: pack (.tslim) and export (the deploy targets: ONNX, ExecuTorch, torch...)."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +12,8 @@ from torch import nn
 from torchslim._config import ConfigDict
 from torchslim._utils import is_int
 from torchslim.errors import ConfigError
-from torchslim.export import list_formats
 from torchslim.pack import pack
-from torchslim.recipe._export import export_stage
+from torchslim.recipe._export import deploy_targets, export_stage
 from torchslim.recipe.schema import _Strict
 from torchslim.recipe.stages import StageContext, signature_defaults, stage
 from torchslim.recipe.stages_quantize import check_bits
@@ -36,10 +36,13 @@ def run_pack(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[
 
 @dataclass(frozen=True)
 class ExportStageConfig(ConfigDict):
-    """The export stage (recipe-only: which files, checked, timed how).
+    """The export stage: the deploy targets (recipe-only: which files, checked, timed how).
 
     Attributes:
-        formats: registered export formats to write (``ts.export``'s ``format=``).
+        formats: the deploy targets: registered export formats to write (``ts.export``'s
+            ``format=``: ``onnx``, ``pte``, ``torchscript``, ``pt2``...) and ``torch`` (the
+            ``ts.save`` folder in eager PyTorch); each is measured in its own runtime against the
+            original shipped the same way (bytes, latency, accuracy with labeled data).
         check: run each file back in its runtime against eager PyTorch (parity).
         batch_sizes: batch sizes the files are timed at, interleaved with the original's.
         runs: timed runs per batch size.
@@ -51,10 +54,15 @@ class ExportStageConfig(ConfigDict):
     runs: int = 50
 
     def __post_init__(self) -> None:
-        known = list_formats()
+        known = deploy_targets()
         for f in self.formats:
             if f not in known:
-                raise ConfigError(f"field 'formats': unknown format {f!r}; allowed: {', '.join(known)}")
+                near = difflib.get_close_matches(str(f), known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"field 'formats': {f!r} is no registered export format nor 'torch'{hint}; "
+                                  f"allowed: {', '.join(known)}")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"field 'formats' names a target twice: {list(self.formats)}")
         if not self.formats:
             raise ConfigError("field 'formats' is empty; allowed: " + ", ".join(known))
         if any(not is_int(b) or b < 1 for b in self.batch_sizes) or not is_int(self.runs) or self.runs < 1:
@@ -62,6 +70,7 @@ class ExportStageConfig(ConfigDict):
 
 
 @stage("export", config=ExportStageConfig,
-       description="write ONNX / TorchScript / torch.export files, verified, timed vs the original")
+       description="deploy targets (onnx, pte, torch, torchscript, pt2...): files verified, timed and scored in "
+                   "their runtimes vs the original")
 def run_export(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     return model, export_stage(model, cfg, ctx)

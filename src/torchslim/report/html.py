@@ -57,16 +57,20 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _deployed_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["artifact", "measure", "original", "compressed", "ratio / speed-up"]
     rows: list[list[str]] = []
-    onnx = report.get("deployed", {}).get("onnx")
-    if onnx:
-        rows.append(["ONNX", "bytes on disk", _fmt_bytes(onnx["original_size_bytes"]), _fmt_bytes(onnx["size_bytes"]),
-                     f"{onnx['original_size_bytes'] / onnx['size_bytes']:.2f}x smaller"])
-        if onnx.get("accuracy") is not None:
-            rows.append(["ONNX", "accuracy in ONNX Runtime", f"{100 * onnx['original_accuracy']:.2f}%",
-                         f"{100 * onnx['accuracy']:.2f}%",
-                         f"{100 * (onnx['accuracy'] - onnx['original_accuracy']):+.2f} points"])
-        for b, lat in onnx.get("latency_ms", {}).items():
-            rows.append(["ONNX", f"ONNX Runtime latency, batch {b} (ms, 1 thread)", f"{lat['original']:.3f}",
+    names = {"onnx": "ONNX", "pte": "ExecuTorch .pte", "torch": "PyTorch (ts.save)", "torchscript": "TorchScript",
+             "pt2": "torch.export .pt2"}
+    for target, fig in report.get("deployed", {}).items():
+        if target == "tslim" or not fig.get("size_bytes"):
+            continue
+        name, runtime = names.get(target, target), fig.get("runtime", "ONNX Runtime")
+        rows.append([name, "bytes on disk", _fmt_bytes(fig["original_size_bytes"]), _fmt_bytes(fig["size_bytes"]),
+                     f"{fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller"])
+        if fig.get("accuracy") is not None:
+            rows.append([name, f"accuracy in {runtime}", f"{100 * fig['original_accuracy']:.2f}%",
+                         f"{100 * fig['accuracy']:.2f}%",
+                         f"{100 * (fig['accuracy'] - fig['original_accuracy']):+.2f} points"])
+        for b, lat in fig.get("latency_ms", {}).items():
+            rows.append([name, f"{runtime} latency, batch {b} (ms, 1 thread)", f"{lat['original']:.3f}",
                          f"{lat['compressed']:.3f}", _speed(lat["speedup"])])
     tslim = report.get("deployed", {}).get("tslim")
     if tslim:
