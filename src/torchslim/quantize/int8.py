@@ -290,11 +290,18 @@ def _convert_one(layer: nn.Module) -> _Int8Base:
     return new
 
 
-def to_int8_(model: nn.Module, names: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+def _other_edits(layer: nn.Module) -> list[str]:
+    plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+    return [type(p).__name__ for p in (plist or ()) if not isinstance(p, (FakeQuantize, LSQFakeQuantize))]
+
+
+def to_int8_(model: nn.Module, names: Iterable[str], *, bake_other_edits: bool = True) -> tuple[list[str], dict[str, str]]:
     """Replace each named fake-quantized layer that has an integer form by its integer module.
 
     The integers are the fake-quant's own (same scales, same rounding), so the model computes
-    what it did, now from int8 weights.
+    what it did, now from int8 weights. Other reversible edits on a weight (a pruning mask, a
+    cluster codebook) are baked into the integers, or with ``bake_other_edits=False`` the layer
+    stays fake-quant (``ts.finalize_(model, kinds=["qat"])`` leaves masks as they are).
 
     Returns:
         ``(converted names, {name: why it stays fake-quant})``.
@@ -304,6 +311,10 @@ def to_int8_(model: nn.Module, names: Iterable[str]) -> tuple[list[str], dict[st
     for n in names:
         layer = model.get_submodule(n)
         why = int8_blocker(layer)
+        others = _other_edits(layer) if why is None and not bake_other_edits else []
+        if others:
+            why = (f"its weight has other reversible edits ({', '.join(others)}): make them permanent first "
+                   "(ts.finalize_), then finalize QAT (it stays fake-quant)")
         if why is not None:
             kept[n] = why
             continue

@@ -123,7 +123,7 @@ def freeze_qat_(model: nn.Module) -> dict[str, Any] | None:
     from torchslim.quantize.int8 import to_int8_
 
     names = [n for n, m in model.named_modules() if hasattr(m, "input_quant") and hasattr(m, "parametrizations")]
-    done, _ = to_int8_(model, names)
+    done, _ = to_int8_(model, names, bake_other_edits=False)  # masks / codebooks: their own finalizer
     if done:
         from torchslim._modelinfo import record_plan
 
