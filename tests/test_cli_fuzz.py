@@ -57,6 +57,7 @@ BASE_ARGV: dict[str, list[str]] = {
                "--finetune-steps", "1", "--no-progress", "--no-best-model", "--out", "OUT"],
     "demo": ["--model", "zoo:lenet300", "--epochs", "1", "--recipe", "quantize-int8", "--quiet", "--out", "OUT"],
     "list": [],
+    "eval": ["BASE", "--data", "digits"],
 }
 
 #: free-text flags for which any text is valid (nothing to refuse)

@@ -19,6 +19,7 @@ from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
 from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, bench, export
 from torchslim.graph import trace
+from torchslim.lm import LMSpeed, PerplexityResult, evaluate_lm, lm_speed
 from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
 from torchslim.pack import ClusterConfig, ClusterPlan, PackResult, bake_, cluster_, pack, unpack
 from torchslim.profile import Comparison, Profile, compare, profile
@@ -104,6 +105,10 @@ __all__ = [
     "ParityError",
     "Tolerance",
     "evaluate",
+    "evaluate_lm",
+    "lm_speed",
+    "LMSpeed",
+    "PerplexityResult",
     "example_inputs",
     "fit",
     "list_datasets",

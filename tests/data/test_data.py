@@ -32,7 +32,7 @@ def _all_labels(bundle: DataBundle) -> torch.Tensor:
 
 
 def test_list_datasets_names_the_builtin_specs():
-    assert list_datasets() == ["digits", "images", "mnist", "mnist1d", "synthetic"]
+    assert list_datasets() == ["digits", "images", "mnist", "mnist1d", "shakespeare", "synthetic", "text"]
 
 
 @pytest.mark.parametrize(

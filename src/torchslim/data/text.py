@@ -96,7 +96,7 @@ class TextSplit(Dataset):
 
 def _ids_of(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens, from a Hugging Face tokenizer or a callable."""
-    if hasattr(tokenizer, "__call__") and hasattr(tokenizer, "convert_tokens_to_ids"):
+    if callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if callable(tokenizer):
         out = tokenizer(text)

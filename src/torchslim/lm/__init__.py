@@ -6,7 +6,13 @@ a KV cache, batch 1. ``torchslim eval MODEL --perplexity --data SPEC`` runs the 
 command line.
 """
 
-from torchslim.lm.evaluate import SMOLLM2_HAMLET_1024, PerplexityResult, evaluate_lm, resolve_tokenizer, text_tokens
+from torchslim.lm.evaluate import (
+    SMOLLM2_HAMLET_1024,
+    PerplexityResult,
+    evaluate_lm,
+    resolve_tokenizer,
+    text_tokens,
+)
 from torchslim.lm.speed import LMSpeed, lm_speed
 
 __all__ = [

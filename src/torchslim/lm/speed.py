@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,7 +96,8 @@ def lm_speed(
     The model is run in eval mode under ``no_grad`` and left as it was.
 
     Args:
-        model: a causal LM taking ``input_ids``, ``past_key_values`` and ``use_cache`` (transformers).
+        model: a causal LM taking ``input_ids``, ``past_key_values`` (``cache`` in newer transformers) and
+            ``use_cache`` (transformers).
         prompt_tokens: prompt length of the prefill.
         new_tokens: greedy decode steps timed after the prefill.
         threads: torch threads (default: as set); stated in the result.
@@ -117,27 +119,32 @@ def lm_speed(
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, int(vocab), (1, prompt_tokens), generator=g).to(device)
     DynamicCache = _cache_class()
+    # transformers 5.x renames past_key_values= to cache= (the old name warns until 5.40)
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    crop_removes = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
 
     def prefill() -> tuple[Any, torch.Tensor]:
         cache = DynamicCache()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, use_cache=True, **{cache_arg: cache})
         return cache, logits_of(out)[:, -1:].argmax(-1)
 
     with evaluating(model), num_threads(threads) as used:
         try:
             cache, first = prefill()
+            if cache.get_seq_length() != prompt_tokens:
+                raise ModelRunError("the model did not fill the KV cache it was given")
         except Exception as exc:  # noqa: BLE001 - one line for the user
             raise ModelRunError(f"lm_speed needs a transformers causal LM that takes past_key_values; the model "
                                 f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
-        if cache.get_seq_length() != prompt_tokens:
-            raise ModelRunError("lm_speed: the model did not fill the KV cache it was given (no past_key_values support)")
 
         def decode() -> None:
             token = first
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
                 token = logits_of(out)[:, -1:].argmax(-1)
-            cache.crop(prompt_tokens)  # the same state for the next run
+            extra = cache.get_seq_length() - prompt_tokens  # back to the prompt: the same state for the next run
+            cache.crop(-extra if crop_removes else prompt_tokens)
 
         t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="eager")
         t_decode = measure(decode, runs=runs, warmup=warmup, runtime="eager")

@@ -36,11 +36,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -268,12 +269,26 @@ def encode(name: str, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """No transformers progress bars inside the block (the setting is restored after)."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def _load(name: str, load_weights: bool) -> nn.Module:
     transformers = _transformers(name)
     folder = converted_dir(name)
     if load_weights:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                                  local_files_only=True)
+        with _quiet(transformers):
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                                      local_files_only=True)
     else:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,68 @@
+"""``torchslim eval``: perplexity of an LM / accuracy of a classifier; exit 2 with one line on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torchslim.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return int(code or 0), out.out, out.err
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "harbour.txt"
+    path.write_text("".join(f"At dawn the {i}th boat left the quiet harbour for the open sea.\n" for i in range(40)))
+    return path
+
+
+def test_eval_perplexity_json(smollm2, text_file, capsys) -> None:
+    code, out, err = _run(["eval", "pretrained:smollm2-135m", "--perplexity", "--data", f"text:{text_file}",
+                           "--context", "32", "--max-tokens", "48", "--json"], capsys)
+    assert code == 0, err
+    payload = json.loads(out)
+    ev = payload["evaluation"]
+    assert (ev["context"], ev["stride"], ev["tokens"], ev["text_tokens"]) == (32, 16, 47, 48)
+    assert payload["perplexity"] == pytest.approx(ev["perplexity"]) and payload["perplexity"] > 1
+    assert "test (evaluation) = the end" in payload["split_rule"]
+
+
+def test_eval_accuracy_of_a_saved_classifier(tmp_path, capsys) -> None:
+    import torchslim as ts
+
+    model = ts.create_model("zoo:lenet300", data="digits", seed=0)
+    ts.save(model, tmp_path / "m")
+    code, out, err = _run(["eval", str(tmp_path / "m"), "--data", "digits", "--json"], capsys)
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("case", ["bad_model", "bad_data", "onnx_model", "digits_perplexity", "stride", "context",
+                                  "text_for_a_classifier"])
+def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, capsys) -> None:
+    onnx = tmp_path / "decoder.onnx"
+    onnx.write_bytes(b"not really")
+    argv = {
+        "bad_model": ["eval", "pretrained:nosuch", "--perplexity", "--data", f"text:{text_file}"],
+        "bad_data": ["eval", "zoo:lenet300", "--perplexity", "--data", "text:/nonexistent/file.txt"],
+        "onnx_model": ["eval", str(onnx), "--perplexity", "--data", f"text:{text_file}"],
+        "digits_perplexity": ["eval", "zoo:lenet300", "--perplexity", "--data", "digits"],
+        "stride": ["eval", "zoo:lenet300", "--data", f"text:{text_file}", "--context", "8", "--stride", "8"],
+        "context": ["eval", "zoo:lenet300", "--data", f"text:{text_file}", "--context", "1"],
+        "text_for_a_classifier": ["eval", "zoo:lenet300", "--data", f"text:{text_file}", "--context", "8"],
+    }[case]
+    code, out, err = _run(argv, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("torchslim: error: ") and "Traceback" not in err, err
+    assert out == ""
+    assert onnx.read_bytes() == b"not really"
