@@ -159,3 +159,19 @@ def test_compiled_int8_runs_onednn_int8_kernels() -> None:
         eager = model(x)
     out = fast(x)
     assert torch.allclose(out, eager, atol=0.05 * float(eager.abs().max()))
+
+
+def test_lsq_qat_finalizes_to_the_same_integers() -> None:
+    torch.manual_seed(0)
+    model = ts.create_model("zoo:lenet300")
+    qat_prepare_(model, bits=8, lsq="lsq")
+    model.train()
+    model(torch.rand(8, 1, 28, 28)).sum().backward()  # initialises the learned steps
+    model.eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    assert ts.finalize_(model, kinds=["qat"])["qat"] == {"frozen": 6, "integer": 3}
+    assert isinstance(model.fc2, Int8Linear)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)

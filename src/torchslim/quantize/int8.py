@@ -48,6 +48,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed; no torch.ao flow is used)
 from torch import nn
 from torch.nn import functional as F
 
@@ -59,10 +60,6 @@ __all__ = ["Int8Linear", "Int8Conv", "INT8_TYPES", "int8_blocker", "to_int8_", "
 
 _W_MIN, _W_MAX = -128, 127
 _A_MIN, _A_MAX = 0, 255
-
-
-# defines torch.ops.quantized_decomposed (the op definitions only; nothing of torch.ao's flows is used)
-import torch.ao.quantization.fx._decomposed  # noqa: E402,F401,I001
 
 _QD = torch.ops.quantized_decomposed
 
@@ -83,6 +80,9 @@ class _Int8Base(nn.Module):
 
     def _sync_qparams(self) -> None:
         # python numbers: the ops' .default overloads (what the inductor patterns match) take scalars
+        if self.input_scale.is_meta:
+            self._in_scale, self._in_zp = 1.0, 0
+            return
         self._in_scale = float(self.input_scale)
         self._in_zp = int(self.input_zero_point)
 
@@ -92,7 +92,7 @@ class _Int8Base(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         out = super()._apply(fn, recurse)
-        if self.input_scale.is_floating_point() and not self.input_scale.is_meta:
+        if self.input_scale.is_floating_point():
             self._sync_qparams()
         return out
 
@@ -112,9 +112,8 @@ class _Int8Base(nn.Module):
         return self.qweight.float() * self.weight_scale.reshape(shape)
 
     def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
-        qd = _QD
-        q = qd.quantize_per_tensor(x, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
-        return qd.dequantize_per_tensor(q, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
+        q = _QD.quantize_per_tensor(x, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
+        return _QD.dequantize_per_tensor(q, self._in_scale, self._in_zp, _A_MIN, _A_MAX, torch.uint8)
 
     def _weight(self) -> torch.Tensor:
         return _QD.dequantize_per_channel(
@@ -163,18 +162,21 @@ class Int8Conv(_Int8Base):
     """A Conv1d/2d/3d with int8 weights and a calibrated uint8 input (see module doc)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], stride: tuple[int, ...] = (1,),
-        padding: tuple[int, ...] | str = (0,), dilation: tuple[int, ...] = (1,), groups: int = 1, bias: bool = True,
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0, dilation: int | tuple[int, ...] = 1, groups: int = 1, bias: bool = True,
         device: Any = None,
     ) -> None:
         super().__init__()
         self.dims = len(kernel_size)
         if self.dims not in _CONV:
             raise ConfigError(f"Int8Conv supports 1-D, 2-D and 3-D kernels; got kernel_size={kernel_size}")
+
+        def dims(v: int | tuple[int, ...]) -> tuple[int, ...]:
+            return (v,) * self.dims if isinstance(v, int) else tuple(v)
+
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
-        self.stride, self.padding, self.dilation, self.groups = tuple(stride), padding, tuple(dilation), groups
-        if not isinstance(padding, str):
-            self.padding = tuple(padding)
+        self.stride, self.dilation, self.groups = dims(stride), dims(dilation), groups
+        self.padding = padding if isinstance(padding, str) else dims(padding)
         self._init_int8((out_channels, in_channels // groups, *kernel_size), bias, device)
 
     @classmethod
