@@ -52,15 +52,31 @@ def test_float_model_to_int8_pte_is_smaller_and_within_quantization_steps(tmp_pa
     result = export(model, x, tmp_path / "int8.pte", format="pte-int8", calibration=calib)
     assert result.format == "pte-int8" and result.info["quantized"] == "pt2e" and result.info["scheme"] == "static"
     assert result.info["calibration"] == "given" and result.info["undelegated_ops"] == []
+    assert "_reference" not in result.info and json.dumps(result.to_dict())  # facts only, JSON-able
+    agreement = result.info["vs_model"]  # int8 program against the float model itself
+    assert agreement["min_sqnr_db"] > 20 and agreement["top1_agreement"] == 1.0
     assert result.size_bytes * 3 < fp32.size_bytes  # int8 weights: about a quarter of the float file
     report = result.parity
     assert report.ok and report.tolerance == Tolerance(0.0, 0.0, steps=16.0)
     for case in report.cases:
         assert case.sqnr_db > 25 and case.top1_agreement == 1.0
-    # the check can fail: integer kernels do not meet a hundredth of a step
+    # the check can fail: against the float model, int8 does not meet a hundredth of a step
     strict = check_parity(model, load_pte(result.path), Inputs((x,)), format="pte-int8",
                           tolerance=Tolerance(0.0, 0.0, steps=0.01), random_cases=0)
     assert not strict.ok
+
+
+def test_int8_pte_calibrated_on_real_digits_passes_parity_on_random_inputs(tmp_path):
+    """Parity is checked against the program that was lowered, so random parity inputs unlike the
+    calibration data (noise against digits) do not fail a good file (torchslim compress ships this)."""
+    digits = ts.load_data("mnist", seed=0)
+    torch.manual_seed(0)
+    model = ts.create_model("zoo:lenet5", data=digits).eval()
+    calib = [b[0] for _, b in zip(range(4), digits.loader("train", 32, shuffle=False))]
+    result = export(model, path=tmp_path / "m.pte", format="pte-int8", calibration=calib)
+    assert result.parity.ok, result.parity.summary()
+    assert all(c.max_steps <= 16 for c in result.parity.cases)
+    assert result.info["vs_model"]["top1_agreement"] >= 0.9
 
 
 def test_static_quantized_model_routes_to_int8_pte(tmp_path):
@@ -163,6 +179,23 @@ def test_torchvision_mobilenet_v2_pte_matches_eager(tmp_path):
     assert fp32.parity.ok and fp32.parity.max_rel <= 1e-4 and fp32.info["undelegated_ops"] == []
     int8 = export(model, x, tmp_path / "q.pte", format="pte-int8", random_inputs=0)
     assert int8.parity.ok and int8.size_bytes * 3 < fp32.size_bytes
+
+
+def test_a_loaded_program_survives_a_thread_pool_change(tmp_path):
+    from torchslim.export.pte import set_threads
+
+    model = _lenet5()
+    result = export(model, path=tmp_path / "m.pte", random_inputs=0)
+    x = torch.randn(1, 1, 28, 28)
+    run = load_pte(result.path)
+    before = set_threads(1)
+    try:
+        set_threads(2)  # the pool the program was loaded with is gone; running it must not crash
+        out = run(Inputs((x,)))[0]
+    finally:
+        set_threads(before)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
 
 
 class _DataDependent(nn.Module):

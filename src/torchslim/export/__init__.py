@@ -1,13 +1,21 @@
-"""Export: ONNX, TorchScript (loadable from C++) and ``torch.export`` programs, with parity checks.
+"""Export: ONNX, TorchScript (loadable from C++), ``torch.export`` programs and ExecuTorch, with parity checks.
 
 ``export(model, example_inputs, path)`` writes the artifact (format from the suffix or
-``format=``), runs it back in its own runtime on the example and random inputs, and returns an
-:class:`ExportResult` holding the files, their sizes and the :class:`ParityReport`. Other formats
-(e.g. quantized QDQ ONNX) plug in with :func:`register_format`; models quantized by
-``ts.quantize_`` (static / QAT) go to int8 QDQ ONNX (:mod:`torchslim.export.quantized`), written by
-the one integer writer :func:`export_integer_onnx` (int8 QDQ, dynamic int8, int4), which families
-feed through :func:`register_onnx_lowering` and :func:`register_integer_scheme`.
-:func:`bench` times a model in eager PyTorch, ``torch.compile``, TorchScript and ONNX Runtime.
+``format=``: ``.onnx``, ``.pt``, ``.pt2``, ``.pte``), runs it back in its own runtime on the
+example and random inputs, and returns an :class:`ExportResult` holding the files, their sizes
+and the :class:`ParityReport`. Other formats plug in with :func:`register_format`.
+
+Int8: models quantized by ``ts.quantize_`` (static / QAT) go to int8 QDQ ONNX
+(:mod:`torchslim.export.quantized`), written by the one integer writer
+:func:`export_integer_onnx` (int8 QDQ, dynamic int8, int4), which families feed through
+:func:`register_onnx_lowering` and :func:`register_integer_scheme`. ExecuTorch programs
+(:mod:`torchslim.export.pte`) are lowered to the XNNPACK delegate: ``pte`` in fp32, ``pte-int8``
+quantized through PT2E with ExecuTorch's XNNPACK quantizer (a float model, or the float twin of a
+quantized one, calibrated on ``calibration=``); a quantized model exported as ``.pte`` goes to
+``pte-int8`` by itself.
+
+:func:`bench` times a model in eager PyTorch, ``torch.compile``, TorchScript, ONNX Runtime and
+ExecuTorch (XNNPACK), fp32 and int8, in one interleaved table.
 
 Example:
     >>> import tempfile, os, torchslim as ts

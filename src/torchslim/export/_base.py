@@ -65,7 +65,10 @@ class Format:
         suffixes: file suffixes that select this format when ``format`` is not given.
         write: ``write(model, inputs, path, **options) -> info``: writes the artifact at ``path``
             (a staging path; sidecar files go beside it) and returns JSON-able facts about how
-            (exporter, opset, dynamic batch...). Raises :class:`ExportError` when it cannot.
+            (exporter, opset, dynamic batch...). Raises :class:`ExportError` when it cannot. A
+            writer that quantizes the model itself (``pte-int8``) may add ``info["_reference"]``:
+            the quantized module it lowered, which the parity check then compares the file with
+            (the key is removed from the facts).
         load: ``load(path, device) -> callable`` running the artifact on an :class:`Inputs`
             and returning a list of output tensors (the parity check calls it).
         tolerance: default ``(atol, rtol)`` or ``(atol, rtol, steps)`` of the parity check.
