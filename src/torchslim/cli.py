@@ -159,6 +159,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     con = _console(args)
     con.print(t)
     con.print("data specs: " + ", ".join(datasets))
+    from torchslim._registry import entries
+
+    for e in entries("dataset"):  # text corpora: say which texts calibrate and which evaluate
+        if e.meta.get("text"):
+            con.print(f"  {e.name}: {e.description}")
     con.print("recipes (torchslim compress --recipe NAME): " + ", ".join(ts.list_recipes()))
     con.print("model specs: torchvision:NAME, timm:NAME, zoo:NAME, path/to/file.py:factory, or a saved directory")
     return 0

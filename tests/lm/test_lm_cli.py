@@ -66,3 +66,23 @@ def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, capsys)
     assert len(lines) == 1 and lines[0].startswith("torchslim: error: ") and "Traceback" not in err, err
     assert out == ""
     assert onnx.read_bytes() == b"not really"
+
+
+def test_eval_a_saved_llm_directory(smollm2, text_file, tmp_path, capsys) -> None:
+    """ts.save / ts.load keep the LLM (tied embeddings included) and the tokenizer it reads text with."""
+    import torch
+
+    import torchslim as ts
+
+    ts.save(smollm2, tmp_path / "llm")
+    loaded = ts.load(tmp_path / "llm")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    (ids,) = ts.example_inputs(smollm2)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, smollm2(ids).logits)
+    argv = ["eval", str(tmp_path / "llm"), "--perplexity", "--data", f"text:{text_file}", "--context", "16",
+            "--max-tokens", "24", "--json"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    direct = ts.evaluate_lm(smollm2, f"text:{text_file}", context=16, max_tokens=24)
+    assert json.loads(out)["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)

