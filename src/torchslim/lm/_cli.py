@@ -89,12 +89,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(payload)
         return 0
+    from rich.markup import escape
+
     con = console_for(args)
     if is_text:
-        con.print(f"[bold]{args.model}[/bold]: {result}")
-        con.print(f"split: {data.rule}")
+        con.print(f"[bold]{escape(args.model)}[/bold]: {escape(str(result))}")
+        con.print(f"split: {escape(data.rule)}")
     else:
-        con.print(f"[bold]{args.model}[/bold]: accuracy {100 * payload['accuracy']:.2f}% on the test split of {args.data}")
+        con.print(f"[bold]{escape(args.model)}[/bold]: accuracy {100 * payload['accuracy']:.2f}% on the test split of {args.data}")
     if args.speed:
         s = payload["speed"]
         con.print(f"speed: prefill {s['prefill_tokens_per_s']:.1f} tokens/s ({s['prompt_tokens']} tokens), decode "
