@@ -239,7 +239,7 @@ def converted_dir(name: str) -> Path:
     folder = _cache_root() / "llm" / f"{entry.name}-{key}"
     if (folder / "done.json").is_file():
         return folder
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder) as tmp, _quiet(transformers):
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32)
