@@ -29,6 +29,12 @@ is missing) gets a row saying why instead of stopping the others. Each row also 
 absolute difference of the runtime's outputs from eager's on the timed inputs (for the int8 rows
 that includes the quantization error).
 
+With more than one thread on a machine with few cores, the runtimes' thread pools get in each
+other's way: PyTorch's OpenMP workers spin for a while after each call and take the cores the next
+runtime's threads need (ExecuTorch's and ONNX Runtime's pools spin too). For such comparisons start
+Python with ``OMP_WAIT_POLICY=PASSIVE`` (eager ResNet-18 at 2 threads on 2 busy cores read 15x its
+1-thread latency without it, interleaved with ExecuTorch).
+
 The ONNX files are written by ``ts.export`` (parity checked), so a static / QAT quantized model
 is timed as int8 QDQ ONNX in ONNX Runtime. The PyTorch rows run on the model's device (CUDA
 calls are synchronized before the clock stops); the ONNX Runtime rows run on CPU only, so for a
