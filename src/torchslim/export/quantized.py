@@ -1,20 +1,22 @@
 """Quantized models to ONNX with integer kernels: what ``ts.export(..., "m.onnx")`` does for them.
 
-A model quantized by ``ts.quantize_`` in ``static`` or ``qat`` mode simulates int8 in float
-(fake-quant modules); a plain ONNX export would keep that simulation in float, as large and slow
-as the original. ``ts.export`` therefore routes a model whose registered
+A model quantized by ``ts.quantize_`` in ``static`` mode (or QAT, finalized or not) computes
+with int8 numerics in PyTorch through quantize / dequantize ops (integer modules, or fake-quant
+modules for other bit widths and unfinished QAT); a plain ONNX export would run those in float,
+as slow as the original. ``ts.export`` therefore routes a model whose registered
 :class:`~torchslim.export.onnx_int.IntegerScheme` is ``static``, when the format is ``onnx``, to
 the format ``"onnx-int8"``, which writes the file with the one integer writer
 (:func:`torchslim.export.onnx_int.export_integer_onnx`: the float twin exported, then ONNX
-Runtime's QDQ quantization with the model's calibrated input ranges for every quantized layer,
-so ONNX Runtime runs integer kernels). Dynamic and weight-only models can be exported this way
+Runtime's QDQ quantization with the model's calibrated input ranges for every quantized layer
+and, for its integer layers, their own per-channel weight scales: the file holds the very
+integers the model holds, and ONNX Runtime runs integer kernels). Dynamic and weight-only models can be exported this way
 by passing ``format="onnx-int8"`` (dynamic int8 MatMul / Gemm, or int4 MatMulNBits).
 
 Tensors torchslim leaves in float (layer outputs, residual adds) are quantized by ONNX Runtime
 from calibration batches: ``calibration=`` passed to ``ts.export`` (an iterable of input
 tensors or ``(input, target)`` pairs), or by default a few random batches shaped like the
 example inputs, with their mean and spread. The parity check compares the int8 file with the
-fake-quant PyTorch model in quantization steps of the output (default tolerance: 16 steps of an
+quantized PyTorch model in quantization steps of the output (default tolerance: 16 steps of an
 8-bit output range), and reports SQNR and top-1 agreement per input set.
 
 Example:

@@ -6,6 +6,10 @@ The model keeps its own modules. Each quantized Conv/Linear gets
   weight is the same ``Parameter`` as before, so QAT optimizers keep working), and
 * an input fake-quant submodule ``input_quant`` applied by a forward pre-hook.
 
+After calibration, ``quantize_`` (static) replaces every int8 layer by its integer module
+(:mod:`torchslim.quantize.int8`); the fake-quant stage here is what calibration, bias correction
+and QAT work on.
+
 Conv -> BatchNorm pairs are folded first (the BN becomes ``nn.Identity`` and the conv gets the
 folded bias), so conv + BN + ReLU run as one quantized conv whose ReLU output is what the next
 layer's input quantizer sees: no quantization happens between conv, BN and ReLU.
