@@ -175,3 +175,15 @@ def test_lsq_qat_finalizes_to_the_same_integers() -> None:
     assert isinstance(model.fc2, Int8Linear)
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_finalize_of_an_int8_model_has_nothing_left_to_do() -> None:
+    model = ts.create_model("zoo:lenet5")
+    x = torch.randn(2, 1, 28, 28)
+    quantize_(model, QuantConfig(mode="static"), calibration=[x])
+    assert ts.finalize_(model) == {}  # no Conv/Linear left for the masks finalizer: nothing to do, no error
+    with pytest.raises(ConfigError, match="storage"):
+        ts.finalize_(model, storage="zip")
+    qat = ts.create_model("zoo:lenet5")
+    qat_prepare_(qat, bits=8, calibration=[x])
+    assert ts.finalize_(qat) == {"qat": {"frozen": 10, "integer": 5}}

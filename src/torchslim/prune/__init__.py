@@ -108,9 +108,14 @@ __all__ += [
 
 def _finalize_masks(model: "nn.Module", storage: str = "auto") -> SparsityReport | None:  # noqa: F821,UP037
     """Bake pruning masks into their weights, stored sparse (``finalize_``); None without masks."""
-    had = bool(masked_weights(model))
-    report = finalize_(model, storage)  # checks ``storage`` even when there is nothing to bake
-    return report if had else None
+    if not masked_weights(model):  # nothing to bake: check ``storage`` only (the model may have no
+        from torchslim.errors import ConfigError  # Linear/Conv left to report on, e.g. all int8 layers)
+        from torchslim.prune._sparse_io import FORMATS
+
+        if storage not in FORMATS:
+            raise ConfigError(f"storage must be one of {', '.join(FORMATS)}; got {storage!r}")
+        return None
+    return finalize_(model, storage)
 
 
 def _register_finalizer() -> None:
