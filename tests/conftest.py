@@ -9,12 +9,6 @@ import torch
 
 os.environ.setdefault("TORCHSLIM_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "torchslim"))
 
-# Under pytest-xdist every worker would start as many threads as there are cores: with 2 workers on
-# 2 cores that oversubscribes the machine (one test measured 4x slower). Share the cores instead.
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-if _workers > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
-
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
