@@ -25,21 +25,6 @@ def _recipe(formats: list[str]) -> dict:
     ]}
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ts.load_data("mnist", seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = ts.create_model("zoo:lenet5", data=data)
-    ts.fit(model, data, ts.TrainConfig(epochs=1, lr=0.05, max_steps_per_epoch=30, seed=0), progress=False)
-    path = tmp_path_factory.mktemp("trained") / "lenet5"
-    ts.save(model.cpu(), path)
-    return path
-
-
 def test_every_target_is_measured_in_its_runtime(trained: Path, data, tmp_path: Path) -> None:
     formats = ["onnx", "torch"] + (["pte"] if HAS_ET else [])
     rep = compress(ts.load(trained), _recipe(formats), data, out=tmp_path / "run", progress=False, latency=False).report

@@ -34,21 +34,6 @@ def shrink(name_or_dict) -> dict:
     return r
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ts.load_data("mnist", seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = ts.create_model("zoo:lenet5", data=data)
-    ts.fit(model, data, ts.TrainConfig(epochs=1, lr=0.05, max_steps_per_epoch=25, seed=0), progress=False)
-    path = tmp_path_factory.mktemp("trained") / "lenet5"
-    ts.save(model.cpu(), path)
-    return path
-
-
 def _needs(name: str) -> None:
     kinds = {next(iter(s)) for s in load_recipe(name).to_dict()["stages"]}
     if kinds & {"cluster", "pack"}:
