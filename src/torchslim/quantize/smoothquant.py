@@ -22,6 +22,7 @@ as in static mode (all-MiniLM-L6-v2 in ``benchmarks/quantize_minilm.py``).
 Example:
     >>> import torch
     >>> from torchslim.quantize import QuantConfig, quantize_
+    >>> _ = torch.manual_seed(0)
     >>> m = torch.nn.Sequential(torch.nn.Linear(8, 4))
     >>> outlier = torch.tensor([1.0] * 7 + [50.0])  # input channel 7 runs 50x larger
     >>> calib = [torch.randn(16, 8) * outlier for _ in range(2)]
