@@ -48,3 +48,23 @@ def zero_heads():
         return removed
 
     return zero
+
+
+@pytest.fixture
+def fail_surgery_midway(monkeypatch):
+    """``fail_surgery_midway(model)``: the next prune's surgery on ``model`` itself (not on the
+    trial copies) raises after its swaps and attribute syncs, as a failure midway would."""
+
+    def install(model: torch.nn.Module) -> None:
+        from torchslim.graph import surgery
+
+        real = surgery.sync_vision_attributes
+
+        def fail(m: torch.nn.Module) -> None:
+            real(m)  # attributes are set to the new widths first: they must come back too
+            if m is model:
+                raise RuntimeError("surgery failed midway")
+
+        monkeypatch.setattr(surgery, "sync_vision_attributes", fail)
+
+    return install

@@ -130,7 +130,7 @@ def test_prune_works_after_a_training_step_left_non_leaf_caches() -> None:
     m(x)
 
 
-def test_refused_and_failed_prunes_leave_everything_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_and_failed_prunes_leave_everything_bit_identical(fail_surgery_midway) -> None:
     m, x = _leaky()
     with torch.no_grad():
         ref = m(x)
@@ -138,16 +138,7 @@ def test_refused_and_failed_prunes_leave_everything_bit_identical(monkeypatch: p
     with pytest.raises(ConfigError, match="cannot be met"):
         ts.prune_channels_(m, x, target=ts.Budget(macs=0.001))
     assert state_digest(m) == digest
-    from torchslim.graph import surgery
-
-    real = surgery.sync_vision_attributes
-
-    def fail(model: nn.Module) -> None:
-        real(model)
-        if model is m:
-            raise RuntimeError("midway")
-
-    monkeypatch.setattr(surgery, "sync_vision_attributes", fail)
+    fail_surgery_midway(m)
     with pytest.raises(ModelRunError, match="restored unchanged"):
         ts.prune_channels_(m, x, ratio=0.5)
     assert state_digest(m) == digest

@@ -23,7 +23,6 @@ from torch.utils._pytree import tree_flatten
 
 import torchslim as ts
 from torchslim.errors import ConfigError, ModelRunError, SpecError
-from torchslim.graph import surgery
 from torchslim.graph._detection import fixed_counts
 from torchslim.graph.state import state_digest
 
@@ -134,7 +133,7 @@ def test_prunes_with_outputs_losses_and_macs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "lraspp_mobilenet_v3_large"])
-def test_surgery_failing_midway_leaves_model_bit_identical(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_surgery_failing_midway_leaves_model_bit_identical(name: str, fail_surgery_midway) -> None:
     """The whole prune runs (analysis, trials on copies, the real surgery's swaps), then the surgery
     raises midway on the user's model: everything reachable from it is as before."""
     model = build(name)
@@ -142,14 +141,7 @@ def test_surgery_failing_midway_leaves_model_bit_identical(name: str, monkeypatc
     with torch.no_grad():
         ref = model(x)
     digest = state_digest(model)
-    real = surgery.sync_vision_attributes
-
-    def fail_on_the_real_model(m: nn.Module) -> None:
-        real(m)
-        if m is model:
-            raise RuntimeError("surgery failed midway")
-
-    monkeypatch.setattr(surgery, "sync_vision_attributes", fail_on_the_real_model)
+    fail_surgery_midway(model)
     with pytest.raises(ModelRunError, match="restored unchanged"):
         ts.prune_channels_(model, ratio=0.5)
     assert state_digest(model) == digest

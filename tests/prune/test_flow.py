@@ -18,7 +18,6 @@ from torch import nn
 
 import torchslim as ts
 from torchslim.errors import ConfigError, ModelRunError
-from torchslim.graph import surgery
 from torchslim.graph.state import state_digest
 
 SIZE = 128  # the smallest RAFT takes: 1/8 feature maps of 16, halved 3 times by the correlation pyramid
@@ -70,20 +69,13 @@ def test_raft_prunes_with_outputs_losses_and_macs(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_raft_surgery_failing_midway_leaves_model_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raft_surgery_failing_midway_leaves_model_bit_identical(fail_surgery_midway) -> None:
     model = build("raft_small")
     x = ts.example_inputs(model)
     with torch.no_grad():
         ref = model(*x)
     digest = state_digest(model)
-    real = surgery.sync_vision_attributes
-
-    def fail_on_the_real_model(m: nn.Module) -> None:
-        real(m)  # hidden_state_size is set to the new width first: it must come back too
-        if m is model:
-            raise RuntimeError("surgery failed midway")
-
-    monkeypatch.setattr(surgery, "sync_vision_attributes", fail_on_the_real_model)
+    fail_surgery_midway(model)
     with pytest.raises(ModelRunError, match="restored unchanged"):
         ts.prune_channels_(model, ratio=0.5)
     assert state_digest(model) == digest
