@@ -1,0 +1,495 @@
+"""An ONNX decoder with a KV cache: a Llama-family causal LM for ONNX Runtime, int4 where it was.
+
+:func:`export_onnx_decoder` writes one ONNX file that runs both phases of generation:
+
+* inputs ``input_ids`` ``[batch, seq]`` (int64), ``attention_mask`` ``[batch, past + seq]``
+  (int64, 1 = a real token, 0 = padding; positions are ``cumsum(attention_mask) - 1``, so
+  left padding works) and, per layer ``i``, ``past_key_values.{i}.key`` / ``.value``
+  ``[batch, kv_heads, past, head_dim]`` (float32; ``past = 0`` for the prefill);
+* outputs ``logits`` ``[batch, seq, vocab]`` and ``present.{i}.key`` / ``.value``
+  ``[batch, kv_heads, past + seq, head_dim]``: fed back as the next step's past.
+
+Grouped-query attention keeps each key/value head once (``kv_heads`` of them, not repeated to the
+query heads): the queries are grouped per key/value head inside the graph. Batch, sequence and
+past lengths are dynamic axes.
+
+The graph comes from :class:`LlamaDecoder`, a plain-torch re-implementation of the transformers
+Llama forward (RMSNorm, rotary embedding with the model's own ``inv_freq`` and attention scaling,
+so rope scaling types computed once at load - ``default``, ``linear``, ``llama3``, ``yarn`` - are
+kept; GQA attention with an explicit cache concat; the gated MLP) reading the model's own modules,
+exported with the TorchScript-based ``torch.onnx.export`` (opset 17). It equals the transformers
+forward to float rounding (tested). A quantized model is exported through its float twin
+(:func:`~torchslim.export.onnx_int.float_twin`), then:
+
+* every int4 group-wise Linear (``QuantizedLinear``, from ``quantize_`` / ``gptq_`` ...) becomes
+  ``com.microsoft.MatMulNBits`` holding its very integers
+  (:func:`~torchslim.export.onnx_nbits.write_nbits_onnx`; ``accuracy_level`` 4 lets ONNX Runtime
+  compute with int8 activations on CPU, 0 in float);
+* an int4 embedding table (``QuantizedEmbedding``) becomes ``com.microsoft.GatherBlockQuantized``
+  with its integers; an int8 one (or a float one with ``embedding_bits=8``) a
+  ``GatherBlockQuantized`` with ``bits=8`` (uint8 codes ``q + 128``, zero point 128, one fp
+  scale per group of ``embedding_group_size``).
+
+Tied embeddings (SmolLM2): in a float model the table is stored once, read by the Gather and the
+final MatMul. A quantized model whose ``lm_head`` became int4 stores the head as MatMulNBits and
+the table separately (float, int8 or int4): both are counted in the file's bytes.
+
+Only Llama-layout decoders are written (``LlamaForCausalLM`` and the same layout: Mistral,
+Qwen2 with q/k/v biases); other architectures (Gemma-3: sandwich norms, ``1 + weight`` RMSNorm,
+sliding windows) raise :class:`~torchslim.errors.ConfigError` naming the architecture.
+
+Example:
+    >>> import tempfile, pathlib, torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     info = export_onnx_decoder(model, pathlib.Path(d) / "decoder.onnx")
+    ...     dec = OnnxDecoder(info["path"])
+    ...     logits, past = dec.step(torch.tensor([[1, 2, 3]]))
+    ...     ref = model(torch.tensor([[1, 2, 3]])).logits
+    >>> info["layers"], info["kv_heads"], tuple(past[0].shape)
+    (1, 1, (1, 1, 3, 8))
+    >>> bool(torch.allclose(logits, ref, atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim._fs import atomic_path
+from torchslim._optional import require
+from torchslim.errors import ConfigError, ModelRunError
+
+__all__ = ["LlamaDecoder", "OnnxDecoder", "export_onnx_decoder", "is_onnx_decoder", "decoder_metadata"]
+
+_LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+_ROPE_STATIC = ("default", "linear", "llama3", "yarn")
+_META_KEY = "torchslim.decoder"
+
+
+# --------------------------------------------------------------------------- the decoder in plain torch
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "model_type", None) or type(model).__name__)
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse what :class:`LlamaDecoder` cannot write, with the architecture named."""
+    arch = _architecture(model)
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if cfg is None or inner is None or not hasattr(model, "lm_head") or not hasattr(inner, "layers"):
+        raise ConfigError(f"export_onnx_decoder needs a transformers causal LM (model.model.layers, model.lm_head, "
+                          f"model.config); got {type(model).__name__}")
+    if arch not in _LLAMA_LAYOUT:
+        raise ConfigError(f"export_onnx_decoder writes Llama-layout decoders ({', '.join(_LLAMA_LAYOUT)}); "
+                          f"{type(model).__name__} is model_type {arch!r}, not supported yet")
+    rope = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope not in _ROPE_STATIC:
+        raise ConfigError(f"export_onnx_decoder: rope_type {rope!r} changes the rotary frequencies with the sequence "
+                          f"length; supported: {', '.join(_ROPE_STATIC)}")
+    if getattr(cfg, "sliding_window", None) and arch != "llama" and getattr(cfg, "use_sliding_window", True):
+        raise ConfigError(f"export_onnx_decoder: {type(model).__name__} uses sliding-window attention "
+                          f"(sliding_window={cfg.sliding_window}); not supported")
+    act = str(getattr(cfg, "hidden_act", "silu"))
+    if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
+        raise ConfigError(f"export_onnx_decoder: hidden_act {act!r} is not supported (silu, gelu, relu)")
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
+
+
+class LlamaDecoder(nn.Module):
+    """The Llama forward with an explicit KV cache, in ops every exporter handles.
+
+    ``forward(input_ids, attention_mask, *past)`` with ``past`` = ``k0, v0, k1, v1, ...``
+    (``[batch, kv_heads, past, head_dim]`` each) returns ``(logits, k0', v0', ...)`` with the
+    new keys/values appended (``[batch, kv_heads, past + seq, head_dim]``). It reads ``model``'s
+    modules (no copy of the weights).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        _check_model(model)
+        self.lm = model
+        cfg = model.config
+        self.layers = len(model.model.layers)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        attn = model.model.layers[0].self_attn
+        self.head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        rot = model.model.rotary_emb
+        self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inner = self.lm.model
+        b, s = input_ids.shape
+        total = attention_mask.shape[1]
+        start = total - s  # past length
+        x = inner.embed_tokens(input_ids)
+        # positions from the mask (left padding), rotary tables [b, 1, s, head_dim]
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        freqs = pos.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.rope_scale).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scale).unsqueeze(1)
+        # causal + padding mask as an additive bias [b, 1, 1, s, total]
+        q_pos = torch.arange(s, device=input_ids.device) + start
+        k_pos = torch.arange(total, device=input_ids.device)
+        allowed = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None]
+        rep = self.heads // self.kv_heads
+        hd = self.head_dim
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            h = _rms_norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(b, s, self.heads, hd).transpose(1, 2)
+            k = attn.k_proj(h).view(b, s, self.kv_heads, hd).transpose(1, 2)
+            v = attn.v_proj(h).view(b, s, self.kv_heads, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            # GQA without repeating the cache: queries grouped per kv head [b, kv, rep, s, hd]
+            qg = q.reshape(b, self.kv_heads, rep, s, hd)
+            scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * self.scaling + bias
+            probs = torch.softmax(scores, dim=-1)
+            o = torch.matmul(probs, v.unsqueeze(2)).reshape(b, self.heads, s, hd).transpose(1, 2).reshape(b, s, self.heads * hd)
+            x = x + attn.o_proj(o)
+            h = _rms_norm(layer.post_attention_layernorm, x)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        # a 2-D input, so that a head tied to the table can become one Gemm(transB=1) on it (_share_tied_head)
+        h = _rms_norm(inner.norm, x)
+        logits = self.lm.lm_head(h.reshape(b * s, h.shape[-1]))
+        return (logits.reshape(b, s, logits.shape[-1]), *presents)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+# --------------------------------------------------------------------------- writing the file
+
+
+def _names(layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, present
+
+
+def _int8_table(weight: torch.Tensor, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 groups of a float table: ``(uint8 codes q + 128 (rows, cols), fp32 scales (rows, cols/group))``."""
+    rows, cols = weight.shape
+    w = weight.detach().float().cpu().reshape(rows, cols // group, group)
+    scale = (w.abs().amax(-1) / 127.0).clamp(min=1e-12)
+    q = torch.clamp(torch.round(w / scale[..., None]), -127, 127)
+    return (q.reshape(rows, cols) + 128).to(torch.uint8).numpy(), scale.numpy().astype(np.float32)
+
+
+def _embedding_int8(model: nn.Module, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The int8 codes of the model's table: an 8-bit ``QuantizedEmbedding``'s own integers, or a float table's."""
+    emb = model.model.embed_tokens
+    if type(emb).__name__ == "QuantizedEmbedding" and getattr(emb.scheme, "bits", None) == 8:
+        rows, cols = emb.num_embeddings, emb.embedding_dim
+        q = emb.qweight.detach().cpu().reshape(rows, cols).to(torch.int16) + 128
+        return q.to(torch.uint8).numpy(), emb.scale.detach().float().cpu().numpy().reshape(rows, -1)
+    if isinstance(emb, nn.Embedding):
+        return _int8_table(emb.weight, group)
+    return None
+
+
+def _gather_to_int8(onnx: Any, proto: Any, codes: np.ndarray, scales: np.ndarray, table: np.ndarray) -> bool:
+    """Replace the Gather on the float table ``table`` by a bits=8 GatherBlockQuantized; True if done."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    target = None
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits:
+            w = numpy_helper.to_array(inits[node.input[0]])
+            if w.shape == table.shape and np.array_equal(w, table):
+                target = node
+                break
+    if target is None:
+        return False
+    group = table.shape[1] // scales.shape[1]
+    name = target.input[0]
+    data_name, scale_name, zp_name = name + "_Q8", name + "_scales", name + "_zero_points"
+    zp = np.full(scales.shape, 128, np.uint8)
+    graph.initializer.extend([numpy_helper.from_array(codes, data_name), numpy_helper.from_array(scales.astype(np.float32), scale_name),
+                              numpy_helper.from_array(zp, zp_name)])
+    new = onnx.helper.make_node("GatherBlockQuantized", [data_name, target.input[1], scale_name, zp_name], list(target.output),
+                                name=(target.name or "embed") + "_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                block_size=group, bits=8)
+    nodes = [new if n is target else n for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(n.input and name in n.input for n in graph.node):  # the float table is read by nobody else
+        keep = [i for i in graph.initializer if i.name != name]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return True
+
+
+def _share_tied_head(onnx: Any, proto: Any, table: np.ndarray) -> bool:
+    """A MatMul on a transposed copy of the embedding table (the exporter's constant-folded
+    ``lm_head`` of tied embeddings) becomes ``Gemm(A, table, transB=1)`` reading the table's own
+    initializer, and the copy is dropped: the table is stored once. True if done."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    table_name = next((n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                       and tuple(inits[n.input[0]].dims) == table.shape), None)
+    if table_name is None:
+        return False
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or tuple(inits[node.input[1]].dims) != table.shape[::-1]:
+            continue
+        if not np.array_equal(numpy_helper.to_array(inits[node.input[1]]), table.T):
+            continue
+        copy = node.input[1]
+        gemm = onnx.helper.make_node("Gemm", [node.input[0], table_name], list(node.output), name=node.name + "_tied", transB=1)
+        nodes = [gemm if n is node else n for n in graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        if not any(copy in n.input for n in graph.node):
+            keep = [i for i in graph.initializer if i.name != copy]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+        return True
+    return False
+
+
+def _has_quantized(model: nn.Module) -> bool:
+    from torchslim.export.onnx_int import onnx_lowering
+
+    return any((lw := onnx_lowering(m)) is not None and lw.float_module is not None for m in model.modules())
+
+
+def _spec(model: nn.Module) -> str | None:
+    from torchslim._modelinfo import model_info
+
+    info = model_info(model)
+    return None if info is None else info.spec
+
+
+@torch.no_grad()
+def export_onnx_decoder(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    accuracy_level: int = 4,
+    embedding_bits: int | None = None,
+    embedding_group_size: int = 32,
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Write ``model`` (a Llama-layout transformers causal LM, float or quantized) as an ONNX
+    decoder with a KV cache at ``path`` (see the module doc for the inputs and outputs).
+
+    The model is not changed (a quantized one is exported through a float copy).
+
+    Args:
+        model: ``LlamaForCausalLM`` (or Mistral / Qwen2), float or with int4 ``QuantizedLinear`` /
+            ``QuantizedEmbedding`` layers (``quantize_``, ``gptq_``...).
+        path: the ``.onnx`` file, written atomically.
+        accuracy_level: ``MatMulNBits`` compute type of the int4 layers: 4 = int8 activations
+            (ONNX Runtime's fast CPU kernels), 0 = the activations' float type.
+        embedding_bits: ``8`` writes a float (or 8-bit) embedding table as a bits=8
+            ``GatherBlockQuantized`` (symmetric, groups of ``embedding_group_size``); ``None``
+            keeps the table as the model stores it (float, or int4 ``QuantizedEmbedding``).
+        embedding_group_size: the group size of ``embedding_bits=8`` for a float table.
+        opset: ONNX opset of the TorchScript exporter (<= 17 recommended).
+
+    Returns:
+        ``{"path", "bytes", "layers", "heads", "kv_heads", "head_dim", "vocab", "matmul_nbits",
+        "gather_block_quantized", "left_float", "embedding", "accuracy_level", "inputs", "outputs"}``.
+
+    Raises:
+        ConfigError: not a Llama-layout decoder (architecture named), bad ``accuracy_level`` /
+            ``embedding_bits`` / group size.
+    """
+    onnx = require("onnx", "ONNX decoder export")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level must be 0..4 (MatMulNBits); got {accuracy_level!r}")
+    if embedding_bits not in (None, 8):
+        raise ConfigError(f"embedding_bits must be None (as stored) or 8; got {embedding_bits!r}")
+    _check_model(model)
+    hidden = int(model.config.hidden_size)
+    if embedding_bits == 8 and (embedding_group_size < 16 or embedding_group_size & (embedding_group_size - 1)
+                                or hidden % embedding_group_size):
+        raise ConfigError(f"embedding_group_size must be a power of two >= 16 dividing hidden_size {hidden}; "
+                          f"got {embedding_group_size!r}")
+    from torchslim._utils import evaluating
+    from torchslim.export._base import quiet
+    from torchslim.export.onnx_int import float_twin, int4_weights
+    from torchslim.export.onnx_nbits import write_nbits_onnx
+
+    quantized = _has_quantized(model)
+    with evaluating(model):
+        twin = float_twin(model) if quantized else model
+        dec = LlamaDecoder(twin).eval()
+        past_names, present_names = _names(dec.layers)
+        b, s, p = 1, 2, 3
+        device = next(twin.parameters()).device
+        ids = torch.zeros(b, s, dtype=torch.long, device=device)
+        mask = torch.ones(b, p + s, dtype=torch.long, device=device)
+        past = [torch.zeros(b, dec.kv_heads, p, dec.head_dim, device=device) for _ in past_names]
+        axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                                           "logits": {0: "batch", 1: "seq"}}
+        axes.update({n: {0: "batch", 2: "past"} for n in past_names})
+        axes.update({n: {0: "batch", 2: "total"} for n in present_names})
+        out = Path(path)
+        emb_weight = twin.model.embed_tokens.weight.detach().float().cpu().numpy()
+        int8 = _embedding_int8(model, embedding_group_size) if (embedding_bits == 8 or _is_int8_embedding(model)) else None
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+            fp32 = Path(tmp) / "decoder.fp32.onnx"
+            with quiet():
+                torch.onnx.export(dec, (ids, mask, *past), str(fp32), dynamo=False, opset_version=opset,
+                                  input_names=["input_ids", "attention_mask", *past_names],
+                                  output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
+            report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}
+            weights = int4_weights(model) if quantized else []
+            staged = Path(tmp) / "decoder.onnx"
+            if weights:
+                report = write_nbits_onnx(fp32, staged, weights, accuracy_level=accuracy_level)
+            else:
+                staged = fp32
+            proto = onnx.load(str(staged))
+            tied = twin.lm_head.weight is twin.model.embed_tokens.weight
+            if tied:
+                tied = _share_tied_head(onnx, proto, emb_weight)
+            embedding = "int4" if any("embed_tokens" in n for n in report["gather_block_quantized"]) else "float32"
+            if int8 is not None and _gather_to_int8(onnx, proto, *int8, emb_weight):
+                embedding = "int8"
+            meta = {"format": 1, "layers": dec.layers, "heads": dec.heads, "kv_heads": dec.kv_heads, "head_dim": dec.head_dim,
+                    "vocab": int(model.config.vocab_size), "architecture": type(model).__name__, "spec": _spec(model),
+                    "inputs": "input_ids, attention_mask (positions = cumsum(mask) - 1), past_key_values.{i}.key/value",
+                    "accuracy_level": accuracy_level if report["matmul_nbits"] else None, "embedding": embedding,
+                    "tied_head_shares_table": bool(tied)}
+            del proto.metadata_props[:]
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = _META_KEY, json.dumps(meta)
+            with atomic_path(out) as final:
+                onnx.save(proto, str(final))
+    return {"path": str(out), "bytes": out.stat().st_size, **{k: meta[k] for k in ("layers", "heads", "kv_heads", "head_dim", "vocab")},
+            "matmul_nbits": list(report["matmul_nbits"]), "gather_block_quantized": list(report["gather_block_quantized"]),
+            "left_float": list(report["left_float"]), "why_float": dict(report.get("why_float", {})), "embedding": embedding,
+            "accuracy_level": meta["accuracy_level"], "tied_head_shares_table": meta["tied_head_shares_table"], "inputs": ["input_ids", "attention_mask", *past_names],
+            "outputs": ["logits", *present_names]}
+
+
+def _is_int8_embedding(model: nn.Module) -> bool:
+    emb = model.model.embed_tokens
+    return type(emb).__name__ == "QuantizedEmbedding" and getattr(emb.scheme, "bits", None) == 8
+
+
+# --------------------------------------------------------------------------- running the file
+
+
+def decoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The metadata :func:`export_onnx_decoder` stored in ``path`` (``None``: not such a file)."""
+    onnx = require("onnx", "ONNX decoder")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX file: not a decoder
+        return None
+    for p in proto.metadata_props:
+        if p.key == _META_KEY:
+            return dict(json.loads(p.value))
+    return None
+
+
+def is_onnx_decoder(model: Any) -> bool:
+    """Whether ``model`` is a path to an ``.onnx`` file (the decoder format is checked when opened)."""
+    return isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx"
+
+
+class OnnxDecoder:
+    """An ONNX decoder written by :func:`export_onnx_decoder`, run by ONNX Runtime on the CPU.
+
+    ``step(input_ids, past=None, attention_mask=None)`` runs one forward (``past=None``: the
+    prefill) and returns ``(logits, present)``, ``present`` being the list of key/value arrays
+    to pass as the next step's ``past``. ``decoder(ids)`` returns the logits of a prefill
+    (``(batch, tokens, vocab)`` float32 tensor), as a torch causal LM would.
+
+    Raises:
+        CheckpointError: the file is missing or not loadable.
+        ConfigError: the file is an ONNX model but not a decoder with a KV cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        from torchslim.export.ort import ort_session
+
+        self.path = str(path)
+        self.session = ort_session(self.path, threads)
+        self.threads = threads
+        names = [i.name for i in self.session.get_inputs()]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        if names[:2] != ["input_ids", "attention_mask"] or not self.past_names:
+            raise ConfigError(f"{self.path} is not an ONNX decoder with a KV cache (inputs input_ids, attention_mask, "
+                              f"past_key_values.*); its inputs: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; "
+                              "write one with export_onnx_decoder")
+        shape = self.session.get_inputs()[2].shape
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.metadata = decoder_metadata(self.path) or {}
+
+    @property
+    def layers(self) -> int:
+        return len(self.past_names) // 2
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def step_numpy(self, ids: np.ndarray, past: list[np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward on numpy arrays (no checks): the fast path of loops."""
+        feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))}
+        out = self.session.run(None, feed)
+        return out[0], out[1:]
+
+    def step(self, input_ids: Any, past: list[np.ndarray] | None = None,
+             attention_mask: Any = None) -> tuple[torch.Tensor, list[np.ndarray]]:
+        ids = np.asarray(torch.as_tensor(input_ids).cpu(), dtype=np.int64)
+        if ids.ndim != 2:
+            raise ModelRunError(f"input_ids must be (batch, tokens); got shape {ids.shape}")
+        past = self.empty_past(ids.shape[0]) if past is None else past
+        total = past[0].shape[2] + ids.shape[1]
+        mask = (np.ones((ids.shape[0], total), np.int64) if attention_mask is None
+                else np.asarray(torch.as_tensor(attention_mask).cpu(), dtype=np.int64))
+        try:
+            logits, present = self.step_numpy(ids, past, mask)
+        except Exception as exc:  # noqa: BLE001 - one line for the user
+            raise ModelRunError(f"ONNX Runtime failed on {self.path} (input_ids {ids.shape}, past {past[0].shape[2]}): "
+                                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        return torch.from_numpy(logits), present
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.step(input_ids)[0]
+
+    def __repr__(self) -> str:
+        return f"OnnxDecoder({self.path!r}, layers={self.layers}, kv_heads={self.kv_heads}, head_dim={self.head_dim})"
