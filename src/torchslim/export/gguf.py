@@ -1,0 +1,686 @@
+"""GGUF export of decoder LLMs (llama.cpp, ollama): Q4_0 and Q8_0 carried over bit-exactly, F16 / F32.
+
+:func:`export_gguf` writes a transformers decoder (``LlamaForCausalLM``; ``Gemma3ForCausalLM``)
+as one GGUF file with the ``gguf`` package. Tensor names come from ``gguf``'s own name map, the
+architecture hyperparameters from the module shapes themselves (so a pruned model, with fewer
+layers, heads or MLP channels, is described as it is; per-layer widths that differ are written as
+arrays), and the tokenizer and ``general.*`` keys from the source GGUF file of a
+``pretrained:NAME`` model (or ``tokenizer_from=``), so llama.cpp can run the file as it stands.
+
+**Integer weights are carried over, not requantized.** A ``QuantizedLinear`` (or
+``QuantizedEmbedding``) of torchslim whose value is ``c * s`` with integers ``c`` in ``[-8, 7]``
+and one fp16 scale ``s`` per 32 consecutive input elements is a Q4_0 block exactly: ggml's Q4_0
+stores ``d`` (fp16) and ``q = c + 8`` in ``0..15`` and computes ``(q - 8) * d``. That covers
+every symmetric torchslim scheme with 2..4 bits and groups of 32 (or any multiple of 32, or per
+channel, or per tensor: the scale is repeated per block). Integers in ``[-128, 127]`` (symmetric
+5..8 bits, per channel or in groups of a multiple of 32) are Q8_0 blocks (``q * d``) exactly.
+The integers and scales are recovered from the module's own dequantized weight and stored scales
+and checked (``c * s`` must reproduce the weight bit for bit) before they are written.
+
+Torchslim's symmetric int4 picks ``s = max|w| / 7.5`` and rounds half to even into ``[-8, 7]``;
+ggml's Q4_0 quantizer picks ``d = w_max / -8`` (``w_max`` the value of largest magnitude, so
+``d`` may be negative) and rounds half up. The grids are the same (16 levels ``-8d .. 7d``), the
+choice of scale differs: both are written exactly. :func:`gguf_scheme` gives the QScheme fields
+that make torchslim's RTN / GPTQ / AWQ produce Q4_0- or Q8_0-exact weights, and
+:func:`ggml_quantize` computes ggml's own integers and scales (bit-identical to
+``gguf.quants.quantize``) for a torchslim module built with ``QuantizedLinear.from_ints``.
+
+**Weights not on a GGUF grid** (asymmetric zero points, groups that are not a multiple of 32,
+16 bits, or int8 asked to be Q4_0) are *snapped*: requantized with ggml's rounding from the
+module's dequantized weight, and ``info["snapped"]`` names each such tensor with the largest
+absolute change it caused (``info["max_snap_error"]`` the largest of all). With
+``requantize=False`` they are refused with a :class:`~torchslim.errors.ConfigError` instead.
+A weight whose rows are not a multiple of 32 cannot be Q4_0 / Q8_0 at all and is written in
+``float_type`` (listed in ``info["float_fallback"]``).
+
+Float tensors: norms are always F32; float Linear weights follow ``weight_type`` (``"auto"``:
+``float_type``, F32 by default, so a float model is written losslessly); a float embedding
+follows ``embedding_type``. Explicit ``"q4_0"`` / ``"q8_0"`` quantize float weights with
+ggml's rounding (``info["quantized_from_float"]`` reports their largest error). A tied
+``lm_head`` is written once, as ``token_embd`` (what llama.cpp expects); an ``lm_head`` that is
+no longer tied (e.g. quantized apart from the embedding) is written as ``output``.
+
+LLaMA's Q and K projections are stored by llama.cpp with the rows of each head interleaved for
+its rotary embedding (transformers' GGUF loader undoes it); the writer permutes those rows (and
+their scales, biases) the same way, which keeps every 32-element block intact.
+
+The file is built under a temporary name and renamed into place (:mod:`torchslim._fs`).
+:func:`read_gguf_weights` and :func:`gguf_metadata` read a file back (dequantized with
+``gguf.quants``). ``ts.export(model, inputs, "model.gguf")`` uses this writer with the defaults
+and checks the file by loading it into transformers and comparing logits.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from torchslim.export.gguf import export_gguf, read_gguf_weights
+    >>> _ = torch.manual_seed(0)
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     r = export_gguf(model, os.path.join(d, "tiny.gguf"), weight_type="q8_0")
+    ...     w = read_gguf_weights(r.path)
+    >>> r.info["types"]
+    {'F32': 4, 'Q8_0': 8}
+    >>> tuple(w["blk.0.ffn_up.weight"].shape)
+    (64, 32)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim._fs import atomic_path
+from torchslim._optional import require
+from torchslim.errors import ConfigError, type_error
+from torchslim.export._base import ExportError, Format, register_format
+from torchslim.export.api import ExportResult
+from torchslim.graph.inputs import Inputs
+
+__all__ = [
+    "GGUF_TYPES",
+    "export_gguf",
+    "ggml_quantize",
+    "gguf_metadata",
+    "gguf_scheme",
+    "read_gguf_weights",
+]
+
+GGUF_TYPES = ("auto", "q4_0", "q8_0", "f16", "f32")
+_QBLOCK = 32  # elements per Q4_0 / Q8_0 block
+_FLOAT_TYPES = ("f32", "f16")
+_ARCHS = {  # transformers model_type -> (GGUF architecture, Q/K rows interleaved for rope, added to norm weights)
+    "llama": ("llama", True, 0.0),
+    "gemma3_text": ("gemma3", False, 1.0),
+}
+
+
+def _gguf() -> Any:
+    return require("gguf", "GGUF export")
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def gguf_scheme(kind: str) -> dict[str, Any]:
+    """The QScheme fields whose quantized weights are exact GGUF blocks of type ``kind``.
+
+    ``"q4_0"``: 4-bit symmetric signed, groups of 32 (integers ``[-8, 7]``); ``"q8_0"``: 8-bit
+    symmetric signed, groups of 32. Build the scheme with
+    ``torchslim.quantize.primitives.QScheme(**gguf_scheme("q4_0"))`` (the export package sits below
+    the quantize family and returns plain fields). Any method using it (RTN, GPTQ, AWQ...) gives
+    weights :func:`export_gguf` writes without requantizing; the scale rule differs from ggml's
+    (see the module doc), not the grid.
+
+    Example:
+        >>> gguf_scheme("q4_0")
+        {'bits': 4, 'symmetric': True, 'signed': True, 'granularity': 'group', 'group_size': 32}
+    """
+    bits = {"q4_0": 4, "q8_0": 8}.get(str(kind).lower()) if isinstance(kind, str) else None
+    if bits is None:
+        raise ConfigError(f"gguf_scheme: kind must be 'q4_0' or 'q8_0'; got {kind!r}")
+    return {"bits": bits, "symmetric": True, "signed": True, "granularity": "group", "group_size": _QBLOCK}
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero), written as ``gguf.quants.np_roundf`` computes it."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def ggml_quantize(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's reference quantization of a ``(rows, cols)`` weight (``cols % 32 == 0``) to Q4_0 / Q8_0.
+
+    Returns ``(ints, scales)``: int8 ``(rows, cols)`` (``[-8, 7]`` for Q4_0, ``[-127, 127]`` for
+    Q8_0) and fp16 ``(rows, cols / 32)``, with ``value = ints * scale`` per 32-element block, the
+    same numbers ``gguf.quants.quantize`` (and ggml's C code) produce. Q4_0 scales may be negative.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0] + [0.5] * 30])
+        >>> ints, d = ggml_quantize(w, "q4_0")
+        >>> float(d[0, 0]), ints[0, :3].tolist()
+        (0.25, [4, -8, 2])
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ConfigError(f"ggml_quantize needs a 2-D tensor; got {type(weight).__name__}"
+                          f"{'' if not isinstance(weight, torch.Tensor) else ' of shape ' + str(tuple(weight.shape))}")
+    if kind not in ("q4_0", "q8_0"):
+        raise ConfigError(f"ggml_quantize: kind must be 'q4_0' or 'q8_0'; got {kind!r}")
+    rows, cols = weight.shape
+    if cols % _QBLOCK:
+        raise ConfigError(f"ggml_quantize: the row length {cols} is not a multiple of {_QBLOCK} (the GGUF block size)")
+    blocks = weight.detach().float().reshape(rows, cols // _QBLOCK, _QBLOCK)
+    if kind == "q4_0":
+        imax = blocks.abs().argmax(dim=-1, keepdim=True)
+        d = torch.gather(blocks, -1, imax) / -8
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.trunc(blocks * inv + 8.5).clamp(0, 15) - 8
+    else:
+        d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _roundf(blocks * inv)
+    return q.to(torch.int8).reshape(rows, cols), d.squeeze(-1).half()
+
+
+def _encode(ints: torch.Tensor, scales: torch.Tensor, kind: str) -> np.ndarray:
+    """GGUF block bytes ``(rows, blocks * block_bytes)`` of integers and fp16 block scales."""
+    rows, cols = ints.shape
+    nb = cols // _QBLOCK
+    d = scales.reshape(rows, nb, 1).to(torch.float16).contiguous().view(torch.uint8)  # little-endian fp16
+    blocks = ints.reshape(rows, nb, _QBLOCK)
+    if kind == "q4_0":
+        q = (blocks.to(torch.int16) + 8).to(torch.uint8)
+        body = q[..., : _QBLOCK // 2] | (q[..., _QBLOCK // 2:] << 4)  # byte j: element j low, j + 16 high
+    else:
+        body = blocks.to(torch.int8).contiguous().view(torch.uint8)
+    return torch.cat([d, body], dim=-1).reshape(rows, -1).numpy()
+
+
+# --------------------------------------------------------------------------- one tensor
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """A torchslim integer-weight module (duck-typed: the export layer does not import quantize)."""
+    return callable(getattr(module, "dequantized_weight", None)) and hasattr(module, "scheme") and hasattr(module, "scale")
+
+
+def _block_scales(module: nn.Module, rows: int, cols: int) -> torch.Tensor | None:
+    """The stored scale of every element, ``(rows, cols)``, or None when the layout is unknown."""
+    s = module.scheme
+    scale = module.scale.detach().float()
+    if s.granularity == "tensor":
+        return scale.reshape(1, 1).expand(rows, cols)
+    if s.granularity == "channel" and getattr(s, "axis", 0) == 0 and scale.numel() == rows:
+        return scale.reshape(rows, 1).expand(rows, cols)
+    if s.granularity == "group" and cols % s.group_size == 0 and scale.numel() == rows * (cols // s.group_size):
+        return scale.reshape(rows, cols // s.group_size, 1).expand(rows, cols // s.group_size, s.group_size).reshape(rows, cols)
+    return None
+
+
+def _exact_ints(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(ints, block scales)`` when ``weight`` (the module's dequantized weight) is integers times one
+    stored fp16 scale per 32-element block, checked bit for bit; None otherwise."""
+    rows, cols = weight.shape
+    if not getattr(module.scheme, "symmetric", False) or cols % _QBLOCK:
+        return None
+    full = _block_scales(module, rows, cols)
+    if full is None or not bool(torch.isfinite(full).all()):
+        return None
+    blocks = full.reshape(rows, cols // _QBLOCK, _QBLOCK)
+    per_block = blocks[..., 0]
+    if not torch.equal(blocks, per_block.unsqueeze(-1).expand_as(blocks)):
+        return None
+    if not torch.equal(per_block.half().float(), per_block):
+        return None
+    safe = torch.where(full == 0, torch.ones_like(full), full)
+    ints = torch.where(full == 0, torch.zeros_like(weight), torch.round(weight / safe))
+    if ints.abs().max() > 128 or not torch.equal(ints * full, weight):
+        return None
+    return ints.to(torch.int16), per_block.half()
+
+
+def _float_array(w: torch.Tensor, kind: str) -> np.ndarray:
+    return w.detach().to(torch.float16 if kind == "f16" else torch.float32).contiguous().numpy()
+
+
+class _Plan:
+    """Decides and encodes each tensor; collects what the returned ``info`` says about them."""
+
+    def __init__(self, weight_type: str, embedding_type: str, float_type: str, requantize: bool) -> None:
+        self.weight_type, self.embedding_type, self.float_type = weight_type, embedding_type, float_type
+        self.requantize = requantize
+        self.types: dict[str, str] = {}
+        self.exact: list[str] = []
+        self.snapped: dict[str, float] = {}
+        self.from_float: dict[str, float] = {}
+        self.fallback: list[str] = []
+
+    def matrix(self, name: str, module: nn.Module, weight: torch.Tensor, rows_perm: torch.Tensor | None,
+               requested: str) -> tuple[np.ndarray, Any]:
+        """Encode a 2-D weight (Linear / Embedding, float or torchslim-quantized)."""
+        gguf = _gguf()
+        quantized = _is_quantized(module)
+        rows, cols = weight.shape
+        exact = _exact_ints(module, weight) if quantized else None
+        if requested == "auto":
+            if exact is not None:
+                kind = "q4_0" if bool(((exact[0] >= -8) & (exact[0] <= 7)).all()) else "q8_0"
+            elif quantized:
+                kind = "q4_0" if module.scheme.bits <= 4 else "q8_0"
+            else:
+                kind = self.float_type
+        else:
+            kind = requested
+        if kind in ("q4_0", "q8_0") and cols % _QBLOCK:
+            self.fallback.append(name)
+            kind = self.float_type
+        if kind in _FLOAT_TYPES:
+            self.types[name] = kind.upper()
+            w = weight if rows_perm is None else weight[rows_perm]
+            return _float_array(w, kind), None
+        lo, hi = (-8, 7) if kind == "q4_0" else (-128, 127)
+        if exact is not None and bool(((exact[0] >= lo) & (exact[0] <= hi)).all()):
+            ints, scales = exact
+            self.exact.append(name)
+        else:
+            if quantized and not self.requantize:
+                s = module.scheme
+                raise ConfigError(
+                    f"{name} ({type(module).__name__}, int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'} "
+                    f"{s.granularity}{'' if s.granularity != 'group' else ' ' + str(s.group_size)}) is not on the "
+                    f"{kind.upper()} grid; pass requantize=True to snap it, or quantize with gguf_scheme({kind!r})")
+            ints, scales = ggml_quantize(weight, kind)
+            err = float((ints.float().reshape(rows, -1, _QBLOCK) * scales.float().unsqueeze(-1)).reshape(rows, cols)
+                        .sub(weight.float()).abs().max()) if weight.numel() else 0.0
+            (self.snapped if quantized else self.from_float)[name] = err
+        if rows_perm is not None:
+            ints, scales = ints[rows_perm], scales[rows_perm]
+        self.types[name] = kind.upper()
+        qtype = gguf.GGMLQuantizationType.Q4_0 if kind == "q4_0" else gguf.GGMLQuantizationType.Q8_0
+        return _encode(ints, scales, kind), qtype
+
+
+# --------------------------------------------------------------------------- model walk
+
+
+def _config_value(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _rope(config: Any, arch: str) -> tuple[float, dict[str, Any]]:
+    """rope theta (of the full-attention layers) and the parameters, refusing scaled rope."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, Mapping) and "full_attention" in params:  # per layer type (Gemma-3, transformers 5)
+        params = params["full_attention"] or {}
+    theta = params.get("rope_theta") if isinstance(params, Mapping) else None
+    theta = theta if theta is not None else _config_value(config, "rope_theta", default=10000.0)
+    rope_type = (params.get("rope_type") or params.get("type") or "default") if isinstance(params, Mapping) else "default"
+    scaling = getattr(config, "rope_scaling", None)
+    if rope_type == "default" and isinstance(scaling, Mapping):
+        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ("default", "linear") or (rope_type == "linear" and arch != "gemma3_text"):
+        raise ConfigError(f"GGUF export supports default rotary embeddings only for {arch}; this model uses rope "
+                          f"type {rope_type!r}")
+    return float(theta), dict(params) if isinstance(params, Mapping) else {}
+
+
+def _layers(model: nn.Module) -> Any:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ConfigError(f"export_gguf needs a transformers decoder with model.layers (LlamaForCausalLM, "
+                          f"Gemma3ForCausalLM); got {type(model).__name__}")
+    return inner, layers
+
+
+def _out_features(module: nn.Module) -> int:
+    return int(module.out_features if hasattr(module, "out_features") else module.weight.shape[0])
+
+
+def _hyperparameters(model: nn.Module, arch: str) -> dict[str, Any]:
+    """The architecture keys, read from the module shapes (a pruned model is described as it is)."""
+    config = model.config
+    inner, layers = _layers(model)
+    emb = inner.embed_tokens
+    vocab, hidden = (emb.num_embeddings, emb.embedding_dim)
+    heads0 = int(config.num_attention_heads)
+    head_dim = int(_config_value(config, "head_dim", default=0) or config.hidden_size // heads0)
+    ffn, heads, kv = [], [], []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        ffn.append(_out_features(mlp.gate_proj))
+        heads.append(_out_features(attn.q_proj) // head_dim)
+        kv.append(_out_features(attn.k_proj) // head_dim)
+    theta, _ = _rope(config, config.model_type)
+    one = lambda xs: xs[0] if len(set(xs)) == 1 else list(xs)  # noqa: E731  (an array when layers differ)
+    hp: dict[str, Any] = {
+        "context_length": int(_config_value(config, "max_position_embeddings", default=2048)),
+        "embedding_length": int(hidden),
+        "block_count": len(layers),
+        "feed_forward_length": one(ffn),
+        "attention.head_count": one(heads),
+        "attention.head_count_kv": one(kv),
+        "rope.freq_base": theta,
+        "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        "vocab_size": int(vocab),
+    }
+    if arch == "llama":
+        hp["rope.dimension_count"] = head_dim
+        if heads[0] and head_dim * heads[0] != hidden:
+            hp["attention.key_length"] = hp["attention.value_length"] = head_dim
+    else:  # gemma3
+        hp["attention.key_length"] = hp["attention.value_length"] = head_dim
+        window = _config_value(config, "sliding_window")
+        if window:
+            hp["attention.sliding_window"] = int(window)
+        scaling = getattr(config, "rope_scaling", None) or {}
+        params = getattr(config, "rope_parameters", None) or {}
+        full = params.get("full_attention", params) if isinstance(params, Mapping) else {}
+        factor = (full or {}).get("factor") or (scaling.get("factor") if isinstance(scaling, Mapping) else None)
+        if factor and float(factor) != 1.0:
+            hp["rope.scaling.type"] = "linear"
+            hp["rope.scaling.factor"] = float(factor)
+    return hp
+
+
+def _qk_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp stores Q / K in: within each head, rows (2, half) are stored (half, 2)."""
+    if n_head < 1 or rows % (2 * n_head):
+        raise ConfigError(f"cannot interleave {rows} Q/K rows into {n_head} rotary heads")
+    half = rows // n_head // 2
+    return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _source_gguf(model: nn.Module, tokenizer_from: Any) -> Path | None:
+    if tokenizer_from is False:
+        return None
+    if tokenizer_from is None:
+        from torchslim._modelinfo import model_info
+
+        info = model_info(model)
+        spec = getattr(info, "spec", None) or ""
+        if not (isinstance(spec, str) and spec.startswith("pretrained:")):
+            return None
+        tokenizer_from = spec
+    if isinstance(tokenizer_from, str) and tokenizer_from.startswith("pretrained:"):
+        from torchslim.zoo.pretrained_llm import gguf_file, is_llm
+
+        name = tokenizer_from.split(":", 1)[1]
+        if not is_llm(name):
+            raise ConfigError(f"tokenizer_from={tokenizer_from!r} is not a pretrained decoder LLM with a GGUF file")
+        return gguf_file(name)
+    if isinstance(tokenizer_from, (str, os.PathLike)):
+        p = Path(tokenizer_from)
+        if not p.is_file():
+            raise ConfigError(f"tokenizer_from={str(tokenizer_from)!r} is not a file; give a GGUF file, "
+                              "'pretrained:NAME', None (the model's own source) or False (no tokenizer)")
+        return p
+    raise type_error("tokenizer_from", tokenizer_from, "a GGUF file path, 'pretrained:NAME', None or False")
+
+
+_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _copy_metadata(writer: Any, source: Path, vocab: int) -> int:
+    """Copy ``general.*`` and ``tokenizer.*`` keys of ``source`` into ``writer``; returns the number copied."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(source)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != vocab:
+        raise ConfigError(f"the tokenizer of {source.name} has {len(tokens.data)} tokens but the model's vocabulary "
+                          f"has {vocab} rows; pass tokenizer_from=False or a matching GGUF file")
+    n = 0
+    for key, field in reader.fields.items():
+        if not (key.startswith("general.") or key.startswith("tokenizer.")) or key in _SKIP_KEYS:
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, vtype)
+        n += 1
+    return n
+
+
+def _add_hparam(writer: Any, arch: str, key: str, value: Any) -> None:
+    gguf = _gguf()
+    full = f"{arch}.{key}"
+    if isinstance(value, list):
+        writer.add_key_value(full, [int(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    elif isinstance(value, str):
+        writer.add_string(full, value)
+    elif isinstance(value, float):
+        writer.add_float32(full, value)
+    else:
+        writer.add_uint32(full, int(value))
+
+
+def _check_type(what: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+    return value.lower()
+
+
+@torch.no_grad()
+def export_gguf(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    weight_type: str = "auto",
+    embedding_type: str = "auto",
+    float_type: str = "f32",
+    requantize: bool = True,
+    tokenizer_from: Any = None,
+) -> ExportResult:
+    """Write a transformers decoder LLM as a GGUF file (see the module doc).
+
+    Args:
+        model: ``LlamaForCausalLM`` or ``Gemma3ForCausalLM``, float or with torchslim integer
+            layers (not modified).
+        path: the ``.gguf`` file to write (its directory must exist).
+        weight_type: Linear weights: ``"auto"`` (integer layers in the exact GGUF type, float
+            layers in ``float_type``), ``"q4_0"``, ``"q8_0"``, ``"f16"`` or ``"f32"``.
+        embedding_type: the token embedding (and a tied output), same choices.
+        float_type: ``"f32"`` or ``"f16"`` for float weights under ``"auto"`` and for rows that
+            cannot be blocked (norms are always F32).
+        requantize: snap integer weights not on the requested grid (with the error reported in
+            ``info["snapped"]``); ``False`` refuses them with a ConfigError.
+        tokenizer_from: the GGUF file whose ``general.*`` / ``tokenizer.*`` keys are copied: a path,
+            ``"pretrained:NAME"``, ``None`` (the model's own ``pretrained:`` source, if any) or
+            ``False`` (none: llama.cpp then cannot tokenize, transformers still loads the weights).
+
+    Returns:
+        An :class:`~torchslim.export.api.ExportResult` (format ``"gguf"``, no parity report);
+        ``info`` holds ``arch``, ``hyperparameters``, ``types`` (tensor count per GGUF type),
+        ``tensor_types``, ``exact`` (integer tensors carried over bit-exactly), ``snapped`` and
+        ``max_snap_error``, ``quantized_from_float``, ``float_fallback``, ``tied_embeddings``,
+        ``tokenizer`` (the source file or None).
+
+    Raises:
+        ConfigError: an unsupported architecture (the message names the supported ones), a bad
+            option, a path in a missing directory, or (``requantize=False``) a weight off the grid.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise type_error("model", model, "an nn.Module (a transformers decoder)")
+    weight_type = _check_type("weight_type", weight_type, GGUF_TYPES)
+    embedding_type = _check_type("embedding_type", embedding_type, GGUF_TYPES)
+    float_type = _check_type("float_type", float_type, _FLOAT_TYPES)
+    if not isinstance(requantize, bool):
+        raise type_error("requantize", requantize, "True or False")
+    if not isinstance(path, (str, os.PathLike)):
+        raise type_error("path", path, "a file path (str or os.PathLike)")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {str(target)!r}: the directory {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise ConfigError(f"{str(target)!r} is a directory; give a file path such as {target / 'model.gguf'}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ARCHS:
+        raise ConfigError(f"GGUF export supports the architectures {', '.join(sorted(_ARCHS))} (LlamaForCausalLM, "
+                          f"Gemma3ForCausalLM); got {type(model).__name__} (model_type {model_type!r})")
+    gguf = _gguf()
+    arch, permute_qk, norm_offset = _ARCHS[model_type]
+    hp = _hyperparameters(model, arch)
+    source = _source_gguf(model, tokenizer_from)
+    inner, layers = _layers(model)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(layers))
+    plan = _Plan(weight_type, embedding_type, float_type, requantize)
+
+    emb = inner.embed_tokens
+    head = getattr(model, "lm_head", None)
+    head_w = getattr(head, "weight", None)
+    tied = head is None or (isinstance(head_w, torch.Tensor) and isinstance(getattr(emb, "weight", None), torch.Tensor)
+                            and head_w.data_ptr() == emb.weight.data_ptr())
+    heads = hp["attention.head_count"]
+    kv = hp["attention.head_count_kv"]
+    heads_of = (lambda i: heads[i] if isinstance(heads, list) else heads)  # noqa: E731
+    kv_of = (lambda i: kv[i] if isinstance(kv, list) else kv)  # noqa: E731
+
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    with torch.inference_mode(False):
+        for mname, module in model.named_modules():
+            if mname == "lm_head" and tied:
+                continue
+            quantized = _is_quantized(module)
+            if not quantized and not isinstance(module, (nn.Linear, nn.Embedding)):
+                if next(module.children(), None) is not None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                    continue
+            base = name_map.get_name(mname)
+            if base is None:
+                raise ConfigError(f"GGUF export of {arch}: the module {mname!r} ({type(module).__name__}) has no "
+                                  "GGUF tensor name (llama.cpp could not use it)")
+            perm = None
+            if permute_qk and (".attn_q" in base or ".attn_k" in base) and not base.endswith("_norm"):
+                block = int(base.split(".")[1])
+                n_head = heads_of(block) if base.endswith("attn_q") else kv_of(block)
+                perm = _qk_permutation(_out_features(module), n_head)
+            if quantized or isinstance(module, (nn.Linear, nn.Embedding)):
+                weight = module.dequantized_weight() if quantized else module.weight
+                weight = weight.detach().float().cpu()
+                requested = embedding_type if base == "token_embd" else weight_type
+                data, qtype = plan.matrix(base + ".weight", module, weight, perm, requested)
+                tensors.append((base + ".weight", data, qtype))
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    b = bias.detach().float().cpu()
+                    tensors.append((base + ".bias", _float_array(b if perm is None else b[perm], "f32"), None))
+                    plan.types[base + ".bias"] = "F32"
+            else:  # a norm (a leaf with a 1-D weight)
+                w = module.weight.detach().float().cpu()
+                if w.dim() != 1:
+                    raise ConfigError(f"GGUF export: {mname!r} ({type(module).__name__}) holds a {w.dim()}-D weight; "
+                                      "only Linear, Embedding and norm layers are supported")
+                tensors.append((base + ".weight", _float_array(w + norm_offset, "f32"), None))
+                plan.types[base + ".weight"] = "F32"
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    tensors.append((base + ".bias", _float_array(bias.detach().float().cpu(), "f32"), None))
+                    plan.types[base + ".bias"] = "F32"
+
+    counts: dict[str, int] = {}
+    for t in plan.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    linear_types = [t for n, t in plan.types.items() if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n]
+    majority = max(set(linear_types), key=linear_types.count) if linear_types else "F32"
+    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "F16": gguf.LlamaFileType.MOSTLY_F16}.get(majority, gguf.LlamaFileType.ALL_F32)
+
+    with atomic_path(target) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        copied = _copy_metadata(writer, source, hp["vocab_size"]) if source is not None else 0
+        for key, value in hp.items():
+            _add_hparam(writer, arch, key, value)
+        writer.add_file_type(int(file_type))
+        if any(t in ("Q4_0", "Q8_0") for t in plan.types.values()):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data, qtype in tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    info: dict[str, Any] = {
+        "arch": arch,
+        "hyperparameters": hp,
+        "types": dict(sorted(counts.items())),
+        "tensor_types": dict(plan.types),
+        "exact": list(plan.exact),
+        "snapped": dict(plan.snapped),
+        "max_snap_error": max(plan.snapped.values(), default=0.0),
+        "quantized_from_float": dict(plan.from_float),
+        "float_fallback": list(plan.fallback),
+        "tied_embeddings": bool(tied),
+        "tokenizer": None if source is None else str(source),
+        "metadata_copied": copied,
+        "weight_type": weight_type,
+        "embedding_type": embedding_type,
+        "float_type": float_type,
+    }
+    size = os.path.getsize(target)
+    return ExportResult(path=target, format="gguf", files={"model": str(target)}, sizes={"model": size}, info=info,
+                        parity=None, seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def read_gguf_weights(path: str | os.PathLike[str], *, dequantize: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file by name, in PyTorch's ``(rows, cols)`` order.
+
+    With ``dequantize=True`` (default) each is float32 (Q4_0 / Q8_0 / F16 blocks expanded by
+    ``gguf.quants.dequantize``); with ``False`` the raw block bytes (uint8) or float data.
+    Q / K rows stay in the file's (llama.cpp) order.
+    """
+    gguf = _gguf()
+    reader = gguf.GGUFReader(Path(path))
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if dequantize:
+            data = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
+        out[t.name] = torch.from_numpy(np.ascontiguousarray(data))
+    return out
+
+
+def gguf_metadata(path: str | os.PathLike[str], *, arrays: bool = False) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (``GGUF.*`` header fields left out); arrays such as the
+    tokenizer's token list are replaced by their length unless ``arrays=True``."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(Path(path))
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY and not arrays and len(field.data) > 64:
+            out[key] = len(field.data)
+        else:
+            out[key] = field.contents()
+    return out
+
+
+# --------------------------------------------------------------------------- ts.export format
+
+
+def _write(model: nn.Module, inputs: Inputs, path: Path, **_: Any) -> dict[str, Any]:
+    result = export_gguf(model, path)
+    return dict(result.info)
+
+
+def _load(path: Path, device: torch.device) -> Callable[[Inputs], list[torch.Tensor]]:
+    transformers = require("transformers", "loading a GGUF file back")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                   dtype=torch.float32).eval().to(device)
+    except Exception as exc:  # transformers raises many kinds; say the file does not load
+        raise ExportError(f"the GGUF file {path.name} does not load into transformers: {exc}", format="gguf",
+                          reason="load failed") from exc
+
+    def run(inputs: Inputs) -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = loaded(*inputs.args, **inputs.kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return [logits]
+
+    return run
+
+
+register_format(Format("gguf", (".gguf",), _write, _load, (1e-4, 1e-4)))
