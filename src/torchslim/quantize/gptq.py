@@ -151,30 +151,11 @@ def gptq_(
             model is unchanged then.
     """
     calibration = batches_of(data, calibration, where="gptq_")
-    config = config or QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=128)
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
-    if config.mode != "weight-only":
-        raise ConfigError(f"GPTQ is weight-only quantization: QuantConfig.mode must be 'weight-only'; got {config.mode!r}")
-    if config.granularity == "tensor":
-        raise ConfigError("GPTQ quantizes per channel or per group; use granularity='channel' or 'group'")
-    if any(isinstance(m, (QuantizedLinear, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
-        raise ConfigError("the model is already quantized; run GPTQ on the float model")
+    config = check_weight_only(model, config, "GPTQ", default_group=128)
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ConfigError(f"blocksize must be a positive integer; got {blocksize!r}")
-    layers = linear_layers(model, config.modules, config.skip)
-    refuse_applied(model, layers, "gptq_", CANNOT_TAKE)
-    unknown = sorted(set(config.layer_bits or {}) - set(layers))
-    if unknown:
-        raise ConfigError(f"layer_bits names layers that are not quantized: {unknown}; quantized layers: {sorted(layers)}")
-    for n, m in layers.items():
-        if config.granularity == "group" and m.in_features % config.group_size:
-            raise ConfigError(f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; pick a divisor or skip={n!r}")
-    from torchslim.quantize.api import embedding_tables, swap_embeddings
-
-    tables = embedding_tables(model, config)
+    layers, tables = weight_only_layers(model, config, "gptq_")
     batches = materialize_batches(calibration, config.calibration_batches, "GPTQ")
-    backup = {n: m.weight.detach().clone() for n, m in layers.items()}
     results: dict[str, QuantizedLinear] = {}
 
     def process(name: str, module: nn.Linear, stats: LayerStats) -> None:
@@ -187,20 +168,74 @@ def gptq_(
             module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))
         results[name] = q
 
+    with restoring_on_error(model, layers):
+        run_layerwise(model, layers, batches, process, full=True, sequential=sequential)
+    return finish_weight_only(model, config, layers, tables, results, len(batches), "gptq")
+
+
+def check_weight_only(model: nn.Module, config: QuantConfig | None, method: str, *, default_group: int = 128,
+                      symmetric: bool = True) -> QuantConfig:
+    """The config of a layer-wise weight-only method (default int4 in groups of ``default_group``),
+    checked: weight-only mode, channel or group granularity, a float model."""
+    config = config or QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=default_group,
+                                   symmetric=symmetric)
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__}")
+    if config.mode != "weight-only":
+        raise ConfigError(f"{method} is weight-only quantization: QuantConfig.mode must be 'weight-only'; got {config.mode!r}")
+    if config.granularity == "tensor":
+        raise ConfigError(f"{method} quantizes per channel or per group; use granularity='channel' or 'group'")
+    if any(isinstance(m, (QuantizedLinear, FakeQuantize, LSQFakeQuantize)) for m in model.modules()):
+        raise ConfigError(f"the model is already quantized; run {method} on the float model")
+    return config
+
+
+def weight_only_layers(model: nn.Module, config: QuantConfig, verb: str) -> tuple[dict[str, nn.Linear], dict[str, nn.Embedding]]:
+    """The Linears ``config`` selects (group size checked) and the embedding tables it stores."""
+    layers = linear_layers(model, config.modules, config.skip)
+    refuse_applied(model, layers, verb, CANNOT_TAKE)
+    unknown = sorted(set(config.layer_bits or {}) - set(layers))
+    if unknown:
+        raise ConfigError(f"layer_bits names layers that are not quantized: {unknown}; quantized layers: {sorted(layers)}")
+    for n, m in layers.items():
+        if config.granularity == "group" and m.in_features % config.group_size:
+            raise ConfigError(f"group_size={config.group_size} does not divide {n}.in_features={m.in_features}; pick a divisor or skip={n!r}")
+    from torchslim.quantize.api import embedding_tables
+
+    return layers, embedding_tables(model, config)
+
+
+class restoring_on_error:  # noqa: N801 - used as a context manager
+    """Put back every float tensor of the model (weights, norm scales) when the block raises."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear]) -> None:
+        self.model = model
+        self.backup = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+                       if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if kind is not None:
+            with torch.no_grad():
+                for k, v in self.model.state_dict(keep_vars=True).items():
+                    if k in self.backup and v.shape == self.backup[k].shape:
+                        v.copy_(self.backup[k])
+        return False
+
+
+def finish_weight_only(model: nn.Module, config: QuantConfig, layers: dict[str, nn.Linear], tables: dict[str, nn.Embedding],
+                       results: dict[str, QuantizedLinear], batches: int, algorithm: str,
+                       extra: dict[str, Any] | None = None) -> QuantPlan:
+    """Swap in the quantized layers (and tables, rounded to nearest) and record the weight-only plan."""
+    from torchslim._modelinfo import record_plan
+    from torchslim.quantize.api import swap_embeddings
     from torchslim.quantize.ptq import _set
 
-    try:
-        run_layerwise(model, layers, batches, process, full=True, sequential=sequential)
-    except BaseException:
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(backup[n])
-        raise
     for n in layers:
         _set(model, n, results[n])
     swap_embeddings(model, tables, config, from_float=True)  # tables: round to nearest
-    plan = QuantPlan(config, layers=list(layers), calibration_batches=len(batches), embeddings=list(tables))
-    from torchslim._modelinfo import record_plan
-
-    record_plan(model, {"kind": "quantize", **plan.to_dict(), "algorithm": "gptq"})
+    plan = QuantPlan(config, layers=list(layers), calibration_batches=batches, embeddings=list(tables))
+    record_plan(model, {"kind": "quantize", **plan.to_dict(), "algorithm": algorithm, **(extra or {})})
     return plan
