@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +24,7 @@ __all__ = [
     "mode",
     "model_device",
     "num_threads",
+    "quiet_native_stderr",
     "saved_modes",
     "training",
 ]
@@ -153,3 +157,70 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class NativeOutput:
+    """What :func:`quiet_native_stderr` caught: ``text`` is filled in when the block ends."""
+
+    __slots__ = ("text",)
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def lines(self) -> list[str]:
+        """The caught text, one entry per non-empty line."""
+        return [line for line in self.text.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(*, replay: bool | None = None) -> Iterator[NativeOutput]:
+    """Catch what native (C/C++) code writes to file descriptor 2 during the block.
+
+    Python's ``sys.stderr`` can be swapped, but a C++ library such as the ExecuTorch runtime
+    (``[threadpool.cpp:66] Resetting threadpool ...``, cpuinfo's ``Failed to open midr file``)
+    writes to the descriptor itself. For the block, descriptor 2 points at a scratch file; after
+    it, the old descriptor is back and the caught text is in the yielded object's ``text``.
+    Python-level writes to ``sys.stderr`` in the block are caught too when ``sys.stderr`` is the
+    process's real stderr; a replaced ``sys.stderr`` (pytest's capture, a ``StringIO``) is left
+    alone, and the block runs unchanged when the process has no descriptor 2.
+
+    ``replay``: write the caught text back to stderr after the block (``None``: only when the
+    environment variable ``TORCHSLIM_VERBOSE`` is set, which ``torchslim --verbose`` does). The
+    text is also replayed when the block raises, since it may explain the error.
+
+    Example:
+        >>> import os
+        >>> with quiet_native_stderr(replay=False) as caught:
+        ...     _ = os.write(2, b"[threadpool.cpp:66] Resetting threadpool to 1 threads.\\n")
+        >>> caught.lines()
+        ['[threadpool.cpp:66] Resetting threadpool to 1 threads.']
+    """
+    caught = NativeOutput()
+    if replay is None:
+        replay = bool(os.environ.get("TORCHSLIM_VERBOSE"))
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (a daemon): nothing to catch
+        yield caught
+        return
+    failed = False
+    with tempfile.TemporaryFile() as sink:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield caught
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            caught.text = sink.read().decode("utf-8", "replace")
+            if caught.text and (replay or failed):
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    sys.stderr.write(caught.text)
+                    sys.stderr.flush()

