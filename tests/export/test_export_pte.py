@@ -79,6 +79,29 @@ def test_int8_pte_calibrated_on_real_digits_passes_parity_on_random_inputs(tmp_p
     assert result.info["vs_model"]["top1_agreement"] >= 0.9
 
 
+def test_int8_parity_counts_in_the_programs_own_output_step(tmp_path):
+    """One row of ten logits can span far less than the output's int8 range; a one-step rounding
+    difference of XNNPACK's requantization is then many "steps of the row's range". Parity counts
+    in the program's real output step (the scale of its last dequantize)."""
+    from torchslim.export.parity import compare_outputs
+    from torchslim.export.pte import export_pte_int8
+
+    model = _lenet5()
+    x = torch.randn(1, 1, 28, 28)
+    info = export_pte_int8(model, Inputs((x,)), tmp_path / "m.pte", calibration=[torch.randn(8, 1, 28, 28)])
+    steps = info["_reference"].output_steps
+    program = info["_reference"].__dict__["program"]
+    last = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
+    assert len(steps) == 1 and steps[0] == pytest.approx(float(last.args[1])) and steps[0] > 0
+    ref = torch.linspace(0.0, 0.1, 10).unsqueeze(0)  # a narrow row: its range step is 0.1 / 255
+    off = ref.clone()
+    off[0, 3] += steps[0]  # one real output step away
+    assert compare_outputs([ref], [off], Tolerance(0, 0, 16), "c", known_steps=steps).max_steps == pytest.approx(1.0, rel=1e-4)
+    assert not compare_outputs([ref], [off], Tolerance(0, 0, 16), "c").ok  # counted in the row's range: fails
+    off[0, 3] += 16 * steps[0]  # 17 real steps: fails either way
+    assert not compare_outputs([ref], [off], Tolerance(0, 0, 16), "c", known_steps=steps).ok
+
+
 def test_static_quantized_model_routes_to_int8_pte(tmp_path):
     model = _lenet5()
     calib = [torch.randn(8, 1, 28, 28) for _ in range(2)]

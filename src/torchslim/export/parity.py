@@ -14,7 +14,9 @@ The differences reported per case and overall:
 
 A case passes when ``max_abs <= atol + rtol * max|pytorch| + steps * step`` for every output,
 and shapes and dtypes match. ``step`` is one quantization step of the PyTorch output's range,
-``(max - min) / (2**bits - 1)``: quantized exports (int8 QDQ ONNX) are checked in such steps,
+``(max - min) / (2**bits - 1)``, or the output's own quantization step where the reference
+knows it (an int8 program whose outputs are quantized: the ``output_steps`` attribute of the
+reference, one per output, ``None`` where unknown): quantized exports are checked in such steps,
 since ONNX Runtime's integer kernels round differently from the float simulation in PyTorch
 (and quantize tensors the simulation leaves in float). For those, each case also reports the
 SQNR of output 0 (dB) and, for ``(batch, classes)`` outputs, the share of rows whose top-1 class
@@ -232,9 +234,15 @@ def random_inputs(inputs: Inputs, *, batch: int | None = None, seed: int = 0) ->
 
 
 def compare_outputs(
-    reference: Sequence[torch.Tensor], exported: Sequence[torch.Tensor], tolerance: Tolerance, name: str, batch: int = 1
+    reference: Sequence[torch.Tensor], exported: Sequence[torch.Tensor], tolerance: Tolerance, name: str, batch: int = 1,
+    known_steps: Sequence[float | None] | None = None,
 ) -> ParityCase:
-    """Compare two output lists element-wise (see the module docstring for the measures)."""
+    """Compare two output lists element-wise (see the module docstring for the measures).
+
+    ``known_steps`` (one entry per output, ``None`` where unknown) are the quantization steps the
+    reference really has on its outputs (an int8 program's output scale); where given, a step
+    tolerance counts in them instead of in steps of the output's range.
+    """
     if len(reference) != len(exported):
         return ParityCase(name, batch, math.inf, math.inf, False,
                           f"{len(exported)} outputs where the model gives {len(reference)}")
@@ -258,6 +266,8 @@ def compare_outputs(
             diff = float((r[finite] - o[finite]).abs().max()) if finite.any() else 0.0
             scale = float(r[finite].abs().max()) if finite.any() else 0.0
             step = float(r[finite].max() - r[finite].min()) / (2**tolerance.bits - 1) if finite.any() else 0.0
+            if known_steps is not None and i < len(known_steps) and known_steps[i]:
+                step = float(known_steps[i])
         rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
         if tolerance.steps:
@@ -340,5 +350,6 @@ def check_parity(
             results.append(ParityCase(name, case_inputs.batch_size, math.inf, math.inf, False,
                                       f"the exported model raised {type(exc).__name__}: {msg}"))
             continue
-        results.append(compare_outputs(ref, out, tolerance, name, case_inputs.batch_size))
+        results.append(compare_outputs(ref, out, tolerance, name, case_inputs.batch_size,
+                                       known_steps=getattr(model, "output_steps", None)))
     return ParityReport(format=format, tolerance=tolerance, cases=tuple(results))

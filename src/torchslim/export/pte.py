@@ -276,9 +276,33 @@ class _Simulated(nn.Module):
     def __init__(self, program: nn.Module) -> None:
         super().__init__()
         self.__dict__["program"] = program
+        self.output_steps = _output_steps(program)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.__dict__["program"](*args, **kwargs)
+
+
+def _output_steps(program: nn.Module) -> list[float | None]:
+    """The quantization step (scale) of each output of a converted PT2E program: the scale of the
+    per-tensor dequantize that produces it, ``None`` for an output left in float.
+
+    The runtime requantizes with its own rounding, so an output may land one step away from the
+    simulation's; parity counts in these steps rather than in steps of the output's range, which
+    for one row of a few logits can be a small fraction of the real step.
+    """
+    graph = getattr(program, "graph", None)
+    if graph is None:
+        return []
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    if out is None:
+        return []
+    steps: list[float | None] = []
+    for node in torch.utils._pytree.tree_leaves(out.args[0]):
+        target = getattr(node, "target", None)
+        name = getattr(target, "__name__", "") if target is not None else ""
+        scale = node.args[1] if name.startswith("dequantize_per_tensor") and len(node.args) > 1 else None
+        steps.append(float(scale) if isinstance(scale, (int, float)) else None)
+    return steps
 
 
 @torch.no_grad()
