@@ -11,7 +11,7 @@ that :func:`compile` runs on oneDNN int8 kernels (``torch.compile`` with inducto
 from __future__ import annotations
 
 from torchslim.quantize import observers as observers  # registers the observers
-from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
+from torchslim.quantize.api import LLM_METHODS, MODES, QuantConfig, QuantPlan, llm_calibration, quantize_, quantize_llm_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.int8 import Int8Conv, Int8Linear, compile
@@ -28,6 +28,9 @@ __all__ = [
     "QuantConfig",
     "QuantPlan",
     "quantize_",
+    "quantize_llm_",
+    "llm_calibration",
+    "LLM_METHODS",
     "qat_prepare_",
     "qat_convert_",
     "freeze_qat_",
@@ -51,9 +54,12 @@ __all__ = [
 ]
 
 from torchslim.quantize import _cli  # noqa: E402,F401  (registers the quantize CLI verbs)
+from torchslim.quantize.awq import awq_  # noqa: E402
 from torchslim.quantize.gptq import gptq_  # noqa: E402
+from torchslim.quantize.hqq import hqq_  # noqa: E402
+from torchslim.quantize.rotate import rotate_  # noqa: E402
 
-__all__ += ["gptq_"]
+__all__ += ["gptq_", "awq_", "hqq_", "rotate_"]
 
 from torchslim._registry import import_modules as _import_modules  # noqa: E402
 

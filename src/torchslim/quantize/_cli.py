@@ -31,7 +31,8 @@ def register(sub: Any) -> None:
     p.add_argument("--bits", type=int, default=qd["bits"], help="weight bits, 2..8 (default 8)")
     p.add_argument("--act-bits", type=int, default=qd["act_bits"], help="activation bits for static / qat (default 8)")
     p.add_argument("--granularity", default=None, help="channel (default), tensor, or group (weight-only)")
-    p.add_argument("--group-size", type=int, default=qd["group_size"])
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"elements per group (default {qd['group_size']}; 32 for a decoder LLM / --method)")
     p.add_argument("--observer", default=None, help="minmax, moving_average, percentile, entropy, mse")
     p.add_argument("--calibration-batches", type=int, default=qd["calibration_batches"])
     p.add_argument("--lsq", default=qd["lsq"], help="qat only: lsq or lsq+ (learned step sizes)")
@@ -47,6 +48,15 @@ def register(sub: Any) -> None:
                         "(default 3; 0 smooths all; folds into a LayerNorm/RMSNorm are free and always taken)")
     p.add_argument("--embeddings", action="store_true",
                    help="weight-only: also store nn.Embedding tables as integers (bits 4 or 8, groups of --group-size)")
+    p.add_argument("--method", default=None,
+                   help="weight-only: rtn (default), gptq, awq (calibrate on --data) or hqq (no data); a decoder LLM "
+                        "(pretrained:smollm2-135m) calibrates on token windows of a text spec: --data shakespeare")
+    p.add_argument("--rotate", action="store_true",
+                   help="weight-only, Llama-style LLMs: rotate the residual stream (randomized Hadamard) before quantizing")
+    p.add_argument("--embedding-bits", default=None, metavar="{4,8,fp}",
+                   help="decoder LLM: bits of the embedding table (default 8; fp keeps it float)")
+    p.add_argument("--lm-head-bits", default=None, metavar="{2..8,fp}",
+                   help="decoder LLM: bits of lm_head (default 8; fp keeps it float)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
@@ -62,7 +72,8 @@ def _config(args: argparse.Namespace) -> Any:
     observer = args.observer or ("moving_average" if args.mode == "qat" else "minmax")
     given = {} if args.smoothquant_min_gain is None else {"smoothquant_min_gain": args.smoothquant_min_gain}
     return QuantConfig(
-        mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity, group_size=args.group_size,
+        mode=args.mode, bits=args.bits, act_bits=args.act_bits, granularity=granularity,
+        group_size=args.group_size or QuantConfig.defaults()["group_size"],
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
         bias_correction=args.bias_correction, smoothquant_alpha=getattr(args, "_smoothquant", args.smoothquant),
         embeddings=args.embeddings, **given,
@@ -75,6 +86,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     _pick_defaults(args)
     config = _config(args)  # every setting checked before anything is built
+    _check_llm_args(args)
     args._sentences = _sentences_spec(args.data, config.mode)
     if config.mode in ("static", "qat") and not args.data:
         raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
@@ -85,6 +97,76 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     args._train_config = finetune_config(args, args.epochs if config.mode == "qat" else 0)
     args._quant_config = config
     return run_model_verb(args, "quantize", _apply_quantize, load_data=args._sentences is None)
+
+
+def _role_bits(value: str | None, flag: str, allowed: tuple[int, ...]) -> int | None | str:
+    """``--embedding-bits`` / ``--lm-head-bits``: an int in ``allowed``, ``None`` for ``fp``, ``"default"`` if not given."""
+    from torchslim.errors import ConfigError
+
+    if value is None:
+        return "default"
+    if value.lower() in ("fp", "float", "fp32"):
+        return None
+    if not value.isdigit() or int(value) not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, allowed))} or fp; got {value!r}")
+    return int(value)
+
+
+def _check_llm_args(args: argparse.Namespace) -> None:
+    """``--method`` / ``--rotate`` / per-role bits: checked before anything is built."""
+    from torchslim.errors import ConfigError
+    from torchslim.quantize.api import LLM_METHODS
+
+    if args.method is not None and args.method not in LLM_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(LLM_METHODS)}; got {args.method!r}")
+    llm_flags = [f for f, given in (("--method", args.method is not None), ("--rotate", args.rotate),
+                                    ("--embedding-bits", args.embedding_bits is not None),
+                                    ("--lm-head-bits", args.lm_head_bits is not None)) if given]
+    if llm_flags and args.mode != "weight-only":
+        raise ConfigError(f"{llm_flags[0]} is for --mode weight-only; got --mode {args.mode}")
+    args._embedding_bits = _role_bits(args.embedding_bits, "--embedding-bits", (4, 8))
+    args._lm_head_bits = _role_bits(args.lm_head_bits, "--lm-head-bits", (2, 3, 4, 5, 6, 7, 8))
+    if args.method in ("gptq", "awq") and not args.data:
+        raise ConfigError(f"--method {args.method} calibrates on data: give --data (shakespeare or text:PATH for an LLM)")
+
+
+def _is_llm(model: Any) -> bool:
+    """A causal LM from transformers (``pretrained:smollm2-135m``, a saved one, a file spec)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and type(model).__name__.endswith("ForCausalLM")
+
+
+def _llm_quantize(model: Any, args: argparse.Namespace, ctx: Any, config: Any) -> dict[str, Any]:
+    """``--mode weight-only`` of a decoder LLM or with ``--method`` / ``--rotate``: :func:`quantize_llm_`."""
+    import time
+
+    from torchslim.data.text import TextBundle
+    from torchslim.quantize.api import quantize_llm_
+
+    llm = _is_llm(model)
+    emb = 8 if args._embedding_bits == "default" and llm else None if args._embedding_bits == "default" else args._embedding_bits
+    head = 8 if args._lm_head_bits == "default" else args._lm_head_bits
+    if args._embedding_bits == "default" and not llm and config.embeddings:
+        emb = config.table_bits
+    data: Any = None
+    calibration: Any = None
+    if isinstance(ctx.data, TextBundle):
+        data = ctx.data
+    elif ctx.data is not None:
+        calibration = ctx.data.loader("train", 64, shuffle=False)
+    method = args.method or "rtn"
+    start = time.perf_counter()
+    plan = quantize_llm_(model, bits=config.bits, group_size=args.group_size or 32, method=method, rotate=args.rotate,
+                         embedding_bits=emb, lm_head_bits=head, data=data, calibration=calibration,
+                         skip=config.skip)
+    out: dict[str, Any] = {"quantize": plan.to_dict(), "method": method, "rotate": args.rotate,
+                           "embedding_bits": emb, "lm_head_bits": head,
+                           "calibration_seconds": round(time.perf_counter() - start, 2)}
+    if isinstance(data, TextBundle):
+        from torchslim.quantize.api import LLM_CALIBRATION
+
+        out["calibration"] = {"data": f"{data.spec}[train]", **LLM_CALIBRATION}
+    return out
 
 
 def _pick_defaults(args: argparse.Namespace) -> None:
@@ -170,12 +252,19 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
     if not args.json:
         for line in _default_lines(args):
             ctx.console.print(line, highlight=False)
+    llm_path = config.mode == "weight-only" and (_is_llm(model) or args.method is not None or args.rotate)
     if args._sentences is not None:
         calibration: Any = _text_calibration(model, args)
     else:
-        calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None else None
+        calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None and not llm_path else None
     extras: dict[str, Any] = {}
-    if config.mode == "qat":
+    if llm_path:
+        extras.update(_llm_quantize(model, args, ctx, config))
+        if _is_llm(model):  # the decoder's own ONNX writer (KV cache) is a separate verb
+            extras["onnx"] = "not written for a decoder LLM here (the int8/fp32 ONNX graph writer does not take a KV-cache decoder)"
+            return extras
+        plan = None
+    elif config.mode == "qat":
         plan = qat_prepare_(model, config, calibration=calibration if not config.lsq else None)
         if args._train_config is not None:
             result = ts.fit(model, ctx.data, args._train_config, progress=not args.no_progress)
@@ -183,7 +272,8 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
         ts.finalize_(model, kinds=["qat"])
     else:
         plan = quantize_(model, config, calibration=calibration)
-    extras["quantize"] = plan.to_dict()
+    if plan is not None:
+        extras["quantize"] = plan.to_dict()
     if args._defaults:  # what this run picked because the user gave nothing (see _pick_defaults)
         extras["defaults"] = {**args._defaults, "notes": _default_lines(args)}
     if not args.no_onnx:

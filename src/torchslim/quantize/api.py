@@ -53,7 +53,7 @@ from torchslim.quantize.observers import OBSERVERS
 from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
 from torchslim.quantize.weight_only import QuantizedLinear
 
-__all__ = ["MODES", "QuantConfig", "QuantPlan", "quantize_", "replay_quantize"]
+__all__ = ["LLM_METHODS", "MODES", "QuantConfig", "QuantPlan", "llm_calibration", "quantize_", "quantize_llm_", "replay_quantize"]
 
 MODES = ("dynamic", "static", "weight-only", "qat")
 KIND = "quantize"
@@ -97,6 +97,8 @@ class QuantConfig(ConfigDict):
             ``bits``-bit integers in groups of ``group_size`` along the hidden axis (symmetric;
             bits 4 or 8), shipped to ONNX Runtime as ``GatherBlockQuantized``; a transformer's
             word embeddings are often a third of its bytes or more.
+        embedding_bits: bits of those tables (4 or 8) when they differ from ``bits`` (a decoder's
+            body in int4 with int8 embeddings); ``None``: ``bits``.
     """
 
     mode: str = "static"
@@ -117,6 +119,7 @@ class QuantConfig(ConfigDict):
     smoothquant_alpha: float | None = None
     smoothquant_min_gain: float = 3.0
     embeddings: bool = False
+    embedding_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -157,10 +160,14 @@ class QuantConfig(ConfigDict):
             raise ConfigError(f"QuantConfig.smoothquant_min_gain must be a number >= 0 (3 default); got {g!r}")
         if not isinstance(self.embeddings, bool):
             raise ConfigError(f"QuantConfig.embeddings must be True or False; got {self.embeddings!r}")
-        if self.embeddings and (self.mode != "weight-only" or self.bits not in (4, 8) or self.granularity != "group"):
+        eb = self.embedding_bits
+        if eb is not None and (isinstance(eb, bool) or eb not in (4, 8)):
+            raise ConfigError(f"QuantConfig.embedding_bits must be None (= bits), 4 or 8; got {eb!r}")
+        if self.embeddings and (self.mode != "weight-only" or self.table_bits not in (4, 8) or self.granularity != "group"):
             raise ConfigError(
-                "QuantConfig.embeddings=True stores tables group-wise: it needs mode='weight-only', bits 4 or 8 and "
-                f"granularity='group'; got mode={self.mode!r}, bits={self.bits}, granularity={self.granularity!r}"
+                "QuantConfig.embeddings=True stores tables group-wise: it needs mode='weight-only', bits 4 or 8 "
+                "(or embedding_bits 4 or 8) and "
+                f"granularity='group'; got mode={self.mode!r}, bits={self.table_bits}, granularity={self.granularity!r}"
             )
         if self.smoothquant_alpha is not None:
             a = self.smoothquant_alpha
@@ -172,6 +179,11 @@ class QuantConfig(ConfigDict):
                 )
         object.__setattr__(self, "modules", as_patterns(self.modules, "QuantConfig.modules"))
         object.__setattr__(self, "skip", as_patterns(self.skip, "QuantConfig.skip", none_ok=False))
+
+    @property
+    def table_bits(self) -> int:
+        """Bits of the embedding tables (``embedding_bits``, else ``bits``)."""
+        return self.embedding_bits if self.embedding_bits is not None else self.bits
 
     def weight_scheme(self, layer: str | None = None) -> QScheme:
         bits = self.layer_bits.get(layer, self.bits) if self.layer_bits and layer is not None else self.bits
@@ -304,7 +316,7 @@ def swap_embeddings(model: nn.Module, names: Iterable[str], config: QuantConfig,
     float weights, or empty for ``ts.load`` to fill)."""
     from torchslim.quantize.embedding import QuantizedEmbedding
 
-    scheme = QScheme(bits=config.bits, granularity="group", group_size=config.group_size, symmetric=True)
+    scheme = QScheme(bits=config.table_bits, granularity="group", group_size=config.group_size, symmetric=True)
     for n in names:
         emb = model.get_submodule(n)
         if from_float:
@@ -427,6 +439,145 @@ def quantize_(
 
     record_plan(model, {"kind": KIND, **plan.to_dict()})
     return plan
+
+
+#: the weight-only methods :func:`quantize_llm_` runs
+LLM_METHODS = ("rtn", "gptq", "awq", "hqq")
+#: calibration a text spec gives :func:`quantize_llm_`: windows of tokens from its train split
+LLM_CALIBRATION = {"windows": 32, "length": 256, "batch_size": 8}
+
+
+def llm_calibration(model: nn.Module, data: Any, *, tokenizer: Any = None, windows: int = LLM_CALIBRATION["windows"],
+                    length: int = LLM_CALIBRATION["length"], batch_size: int = LLM_CALIBRATION["batch_size"],
+                    seed: int = 0) -> list[torch.Tensor]:
+    """Calibration batches for a causal LM: ``windows`` token windows of ``length`` drawn (seeded)
+    from the calibration (``train``) split of a text data spec (``shakespeare``, ``text:PATH``) or
+    :class:`~torchslim.data.text.TextBundle`, tokenized with the model's tokenizer, in batches of
+    ``batch_size`` rows ``(batch, length)``. The evaluation (``test``) split is never read.
+
+    Raises:
+        ConfigError: ``data`` holds no text, no tokenizer is known for the model, bad numbers.
+    """
+    from torchslim.data import DataBundle, load_data
+    from torchslim.data.text import TextBundle
+    from torchslim.lm.evaluate import resolve_tokenizer
+
+    bundle = load_data(data) if isinstance(data, str) else data
+    if not isinstance(bundle, TextBundle):
+        spec = bundle.spec if isinstance(bundle, DataBundle) else type(data).__name__
+        raise ConfigError(f"data {spec!r} holds no text; an LLM calibrates on a text data spec: shakespeare or text:path/to/file.txt")
+    for what, v in (("windows", windows), ("length", length), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{what} must be a positive integer; got {v!r}")
+    ids = bundle.calibration_sequences(resolve_tokenizer(model, tokenizer), windows, length, seed=seed)
+    return list(ids.split(batch_size))
+
+
+def _lm_head_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear):
+        for n, m in model.named_modules():
+            if m is head:
+                return n
+    return None
+
+
+def quantize_llm_(
+    model: nn.Module,
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    method: str = "rtn",
+    rotate: bool = False,
+    embedding_bits: int | None = 8,
+    lm_head_bits: int | None = 8,
+    data: Any = None,
+    calibration: Iterable[Any] | None = None,
+    sequential: bool = False,
+    skip: tuple[str, ...] = (),
+    seed: int = 0,
+) -> QuantPlan:
+    """Weight-only low-bit quantization of a decoder LLM, one entry point for every method.
+
+    The body's Linears get ``bits`` (int4 by default) in groups of ``group_size``; the embedding
+    table and ``lm_head`` get their own bits (int8 by default; ``None`` keeps them float: Gemma-3's
+    262k-token table is 63% of its parameters). ``rotate=True`` first rotates the residual stream
+    (:func:`torchslim.quantize.rotate.rotate_`, Llama-style models only).
+
+    Methods: ``"rtn"`` round to nearest (symmetric min-max, no data); ``"gptq"``
+    (:func:`~torchslim.quantize.gptq.gptq_`) and ``"awq"`` (:func:`~torchslim.quantize.awq.awq_`)
+    calibrate on ``data``; ``"hqq"`` (:func:`~torchslim.quantize.hqq.hqq_`, asymmetric with
+    zero points) needs no data. ``sequential=False`` (default here) measures every layer once on
+    the float model: one pass over the calibration windows instead of one per layer group.
+
+    Args:
+        model: a causal LM (``pretrained:smollm2-135m``) or any model with Linear layers.
+        data: calibration: a text data spec / ``TextBundle`` (its ``train`` split, windows as
+            :func:`llm_calibration` draws them) or batches of token ids; ``calibration=`` is the
+            same for batches.
+        skip: more layers to leave in float.
+
+    Returns:
+        The :class:`QuantPlan` (recorded; ``ts.save`` / ``ts.load`` replay the rotation and the
+        quantization).
+
+    Raises:
+        ConfigError: an unknown method, bad bits, no calibration data for gptq / awq, a model
+            ``rotate`` does not know. The model is unchanged then.
+
+    Example:
+        >>> import torch, transformers
+        >>> from torchslim.quantize import quantize_llm_
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                num_attention_heads=4, num_key_value_heads=2)
+        >>> plan = quantize_llm_(transformers.LlamaForCausalLM(cfg), method="hqq", embedding_bits=None)
+        >>> plan.layers[-1], plan.config.layer_bits
+        ('lm_head', {'lm_head': 8})
+    """
+    if method not in LLM_METHODS:
+        raise ConfigError(f"method must be one of {', '.join(LLM_METHODS)}; got {method!r}")
+    if not isinstance(rotate, bool):
+        raise ConfigError(f"rotate must be True or False; got {rotate!r}")
+    head = _lm_head_name(model)
+    layer_bits = {head: lm_head_bits} if head and lm_head_bits is not None and lm_head_bits != bits else None
+    skip = tuple(as_patterns(skip, "skip", none_ok=False)) + ((head,) if head and lm_head_bits is None else ())
+    config = QuantConfig(mode="weight-only", bits=bits, granularity="group", group_size=group_size,
+                         symmetric=method != "hqq", skip=skip, layer_bits=layer_bits,
+                         embeddings=embedding_bits is not None, embedding_bits=embedding_bits,
+                         )
+    calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
+    if _is_text(data):
+        calibration = llm_calibration(model, data, seed=seed)
+    if method in ("gptq", "awq") and calibration is None:
+        raise ConfigError(f"method={method!r} calibrates on data: pass data='shakespeare' (or text:PATH, or batches of token ids)")
+    batches = list(calibration) if calibration is not None else None
+    if batches is not None and not batches:
+        raise ConfigError("the calibration data is empty")
+    config = config.replace(calibration_batches=max(len(batches or ()), 1))
+    if rotate:
+        from torchslim.quantize.rotate import rotate_
+
+        rotate_(model, seed=seed)
+    if method == "rtn":
+        return quantize_(model, config)
+    if method == "hqq":
+        from torchslim.quantize.hqq import hqq_
+
+        return hqq_(model, config)
+    if method == "gptq":
+        from torchslim.quantize.gptq import gptq_
+
+        return gptq_(model, config, calibration=batches, sequential=sequential)
+    from torchslim.quantize.awq import awq_
+
+    return awq_(model, config, calibration=batches, sequential=sequential)
+
+
+def _is_text(data: Any) -> bool:
+    from torchslim.data.text import TextBundle
+
+    return isinstance(data, (str, TextBundle))
 
 
 def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
