@@ -70,6 +70,7 @@ __all__ = [
     "finetune_config",
     "run_model_verb",
     "third_party_output",
+    "untrained_note",
     "writing",
     "writing_beside",
 ]
@@ -612,9 +613,21 @@ def add_model_verb_args(p: argparse.ArgumentParser, *, data_required: bool = Fal
 
 
 def console_for(args: argparse.Namespace) -> Any:
+    """The verb's rich console: stdout, or stderr with ``--json``; a file or pipe gets the plain
+    text width of :mod:`torchslim._text` (120 columns) instead of rich's 80."""
     from rich.console import Console
 
-    return Console(stderr=bool(getattr(args, "json", False)))
+    err = bool(getattr(args, "json", False))
+    stream = sys.stderr if err else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        tty = False
+    if tty:
+        return Console(stderr=err)
+    from torchslim._text import DEFAULT_WIDTH
+
+    return Console(stderr=err, width=DEFAULT_WIDTH)
 
 
 def emit_json(payload: dict[str, Any]) -> None:
@@ -657,6 +670,10 @@ def run_model_verb(
     latency = not args.no_latency
     before = ts.profile(model, inputs, latency=latency)
     acc_before = _accuracy(model, data)
+    warning = untrained_note(args.model, args.data if data is not None else None, acc_before,
+                             getattr(data, "num_classes", None))
+    if warning:
+        console_for(args).print(warning, highlight=False)
     out = Path(args.out)
     staging = Path(tempfile.mkdtemp(prefix="torchslim-extra-"))  # outside the user's folders
     try:
@@ -695,6 +712,38 @@ def run_model_verb(
     con = ctx.console
     con.print(ts.compare(before, after).table())
     if acc_before is not None:
-        con.print(f"test accuracy: {100 * acc_before:.2f}% -> {100 * acc_after:.2f}%")
-    con.print(f"saved to {out}")
+        con.print(f"test accuracy: {100 * acc_before:.2f}% -> {100 * acc_after:.2f}%", highlight=False)
+    con.print(f"saved to {out}", highlight=False)
     return 0
+
+
+#: how close to chance a test accuracy must be to count as an untrained model (1.5x chance)
+CHANCE_FACTOR = 1.5
+
+
+def untrained_note(spec: str, data: str | None, accuracy: float | None, num_classes: int | None) -> str | None:
+    """One warning line when the input model is untrained, else None.
+
+    Untrained: a ``zoo:`` spec (built with random weights), or a test accuracy within
+    :data:`CHANCE_FACTOR` times chance (``1 / num_classes``). The line says how to train it.
+
+    Example:
+        >>> untrained_note("zoo:lenet5", "digits", 0.107, 10)
+        'note: zoo:lenet5 is untrained (accuracy 10.7% on digits, chance is 10%): train it first: torchslim train zoo:lenet5 --data digits --out runs/lenet5'
+        >>> untrained_note("runs/lenet5", "mnist", 0.97, 10) is None
+        True
+    """
+    zoo = spec.startswith("zoo:")
+    chance = 1 / num_classes if num_classes else None
+    at_chance = accuracy is not None and chance is not None and accuracy <= CHANCE_FACTOR * chance
+    if not (zoo or at_chance):
+        return None
+    name = spec.split(":", 1)[1] if zoo else Path(spec.rstrip("/\\")).name or "model"
+    out = f"runs/{name}" if zoo else f"runs/{name}-trained"
+    command = f"torchslim train {spec} --data {data or 'SPEC'} --out {out}"
+    if accuracy is not None and chance is not None:
+        why = f"accuracy {100 * accuracy:.1f}% on {data}, chance is {100 * chance:.0f}%"
+        state = "is untrained" if zoo else "scores at chance"
+    else:
+        why, state = "random weights", "is untrained"
+    return f"note: {spec} {state} ({why}): train it first: {command}"

@@ -27,10 +27,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _console(args: argparse.Namespace) -> Any:
-    from rich.console import Console
+    from torchslim._cli_common import console_for
 
     # with --json, stdout carries only the JSON object; anything readable goes to stderr
-    return Console(stderr=bool(getattr(args, "json", False)))
+    return console_for(args)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
@@ -269,20 +269,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         _emit(args, {"models": ["zoo:" + m for m in ts.list_models(args.pattern)], "datasets": ts.list_datasets(),
                      "recipes": ts.list_recipes(), "model_specs": families, "data_specs": datasets})
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console(emoji=False, highlight=False)  # specs hold colons: no ':factory:' emoji
+    from rich.text import Text
+
+    con = _console(args)  # cells are Text: specs hold colons, no ':factory:' emoji or markup
     for fam in families:
-        t = Table(title=f"{fam['spec']}: {fam['description']}", title_justify="left", header_style="bold")
+        t = Table(title=Text(f"{fam['spec']}: {fam['description']}"), title_justify="left", header_style="bold")
         members = fam["members"]
         if not members:
-            con.print(f"[bold]{fam['spec']}[/bold]: {fam['description']}", highlight=False)
+            con.print(Text(f"{fam['spec']}: {fam['description']}"))
             continue
         detailed = any(m.get("description") for m in members)
         if not detailed:  # a long list of names (torchvision, timm): wrapped text, not a table
             names = ", ".join(m["spec"].split(":", 1)[1] for m in members)
-            con.print(f"[bold]{fam['spec']}[/bold]: {fam['description']}\n  {names}", highlight=False)
+            con.print(Text(f"{fam['spec']}: {fam['description']}\n  {names}"))
             continue
         cols = ("spec", "installed", "description") if any("installed" in m for m in members) else ("spec", "description")
         for col in cols:
@@ -292,13 +293,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             if "installed" in cols:
                 row.append("yes" if m.get("installed") else f"no: {m.get('install', '')}")
             row.append(m.get("description", ""))
-            t.add_row(*row)
+            t.add_row(*map(Text, row))
         con.print(t)
     t = Table(title="data specs (--data SPEC)", title_justify="left", header_style="bold")
     t.add_column("spec")
     t.add_column("description")
     for d in datasets:
-        t.add_row(d["spec"], d["description"])
+        t.add_row(Text(d["spec"]), Text(d["description"]))
     con.print(t)
     con.print("recipes (torchslim compress --recipe NAME): " + ", ".join(ts.list_recipes()), highlight=False)
     return 0

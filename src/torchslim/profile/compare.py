@@ -27,6 +27,18 @@ class CompareRow:
     before: float | None
     after: float | None
     ratio: float | None  # after / before (None when either is unknown or before is 0)
+    # latency only: half the interquartile range (p25..p75; p10..p90 where the quartiles are not
+    # known) of the timed runs, the "±" of the tables; else None
+    spread_before: float | None = None
+    spread_after: float | None = None
+
+    @property
+    def within_spread(self) -> bool:
+        """The difference is inside the measured spread (latency rows with both spreads known):
+        ``|after - before| <= spread_before + spread_after``."""
+        if None in (self.before, self.after, self.spread_before, self.spread_after):
+            return False
+        return abs(self.after - self.before) <= self.spread_before + self.spread_after  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -60,5 +72,15 @@ def compare(before: Profile, after: Profile) -> Comparison:
         rows.append(CompareRow(m, b, a, (a / b) if (a is not None and b) else None))
     lb = before.latency_ms.median if before.latency_ms else None
     la = after.latency_ms.median if after.latency_ms else None
-    rows.append(CompareRow("latency_ms", lb, la, (la / lb) if (la is not None and lb) else None))
+    rows.append(CompareRow("latency_ms", lb, la, (la / lb) if (la is not None and lb) else None,
+                           _spread(before), _spread(after)))
     return Comparison(tuple(rows))
+
+
+def _spread(p: Profile) -> float | None:
+    lat = p.latency_ms
+    if lat is None:
+        return None
+    if lat.p25 is not None and lat.p75 is not None:
+        return (lat.p75 - lat.p25) / 2
+    return (lat.p90 - lat.p10) / 2

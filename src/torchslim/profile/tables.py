@@ -15,9 +15,9 @@ from torchslim._text import Printable, printable
 
 if TYPE_CHECKING:
     from torchslim.profile.api import Profile
-    from torchslim.profile.compare import Comparison
+    from torchslim.profile.compare import Comparison, CompareRow
 
-__all__ = ["human", "profile_table", "compare_table"]
+__all__ = ["LABELS", "change_words", "compare_table", "human", "profile_table"]
 
 
 def human(n: float | int | None, unit: str = "") -> str:
@@ -90,23 +90,66 @@ def profile_table(p: Profile, max_layers: int | None = 60) -> Printable:
     return printable(Group(t, s))
 
 
-def _fmt(metric: str, v: float | None) -> str:
+#: What the tables call each metric of a profile (JSON keys stay as they are)
+LABELS = {
+    "params": "parameters",
+    "nonzero_params": "parameters (nonzero)",
+    "macs": "MACs",
+    "flops": "FLOPs",
+    "dense_fp32_bytes": "weights as dense fp32",
+    "size_bytes": "size on disk",
+    "packed_bytes": "packed .tslim file",
+    "peak_activation_bytes": "peak activation memory",
+    "latency_ms": "latency (ms, ± spread)",
+}
+
+
+def _fmt(metric: str, v: float | None, spread: float | None = None) -> str:
     if v is None:
         return "-"
     if metric.startswith("latency"):
-        return f"{v:.3f}"
+        return f"{v:.3f}" if spread is None else f"{v:.3f} ± {spread:.2g}"
     return human(v, "B" if metric.endswith("bytes") else "")
 
 
+def change_words(row: CompareRow) -> str:
+    """The change of one comparison row in words: ``'3.78x smaller'``, ``'1.53x slower'``,
+    ``'same'`` (equal, or a latency difference inside the measured spread), ``'-'`` if unknown.
+
+    Example:
+        >>> from torchslim.profile.compare import CompareRow
+        >>> change_words(CompareRow("size_bytes", 4096, 1024, 0.25))
+        '4.00x smaller'
+        >>> change_words(CompareRow("latency_ms", 1.0, 1.1, 1.1, 0.08, 0.05))
+        'same'
+    """
+    if row.ratio is None or row.ratio == 0:
+        return "-"
+    latency = row.metric.startswith("latency")
+    if (latency and row.within_spread) or f"{row.ratio:.3f}" == "1.000":
+        return "same"
+    if latency:
+        less, more = "faster", "slower"
+    else:
+        less, more = ("smaller", "larger") if row.metric.endswith("bytes") else ("fewer", "more")
+    if 0.9 < row.ratio < 1.1:  # a small change reads better in percent than as 1.00x
+        return f"{100 * abs(1 - row.ratio):.1f}% {less if row.ratio < 1 else more}"
+    return f"{1 / row.ratio:.2f}x {less}" if row.ratio < 1 else f"{row.ratio:.2f}x {more}"
+
+
 def compare_table(c: Comparison) -> Printable:
-    """Before / after / ratio for every metric of a comparison (prints as plain text, renders as rich)."""
+    """Before / after / ratio / change in words for every metric of a comparison, with human labels
+    and binary units (KiB, MiB); the packed size only when there is one; a latency difference
+    inside the measured spread reads ``same`` (prints as plain text, renders as rich)."""
     from rich.table import Table
 
     t = Table(title="Before vs after", header_style="bold")
-    for col in ("metric", "before", "after", "after/before", "reduction"):
-        t.add_column(col, justify="left" if col == "metric" else "right")
+    for col in ("", "before", "after", "after/before", "change"):
+        t.add_column(col, justify="left" if col in ("", "change") else "right", no_wrap=col in ("", "change"))
     for row in c.rows:
+        if row.metric == "packed_bytes" and row.before is None and row.after is None:
+            continue
         ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
-        red = "-" if row.ratio in (None, 0) else f"{1 / row.ratio:.2f}x"
-        t.add_row(row.metric, _fmt(row.metric, row.before), _fmt(row.metric, row.after), ratio, red)
+        t.add_row(LABELS.get(row.metric, row.metric), _fmt(row.metric, row.before, row.spread_before),
+                  _fmt(row.metric, row.after, row.spread_after), ratio, change_words(row))
     return printable(t)
