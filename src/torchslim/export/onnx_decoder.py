@@ -76,6 +76,7 @@ __all__ = ["LlamaDecoder", "OnnxDecoder", "export_onnx_decoder", "is_onnx_decode
 _LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
 _ROPE_STATIC = ("default", "linear", "llama3", "yarn")
 _META_KEY = "torchslim.decoder"
+_MS = "com.microsoft"
 
 
 # --------------------------------------------------------------------------- the decoder in plain torch
@@ -286,6 +287,170 @@ def _share_tied_head(onnx: Any, proto: Any, table: np.ndarray) -> bool:
     return False
 
 
+class _Graph:
+    """Nodes and initializers of a hand-built ONNX graph (the fused decoder)."""
+
+    def __init__(self, onnx: Any) -> None:
+        self.onnx, self.nodes, self.inits, self.n = onnx, [], [], 0
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op: str, ins: list[str], outs: int | list[str] = 1, domain: str = "", **attrs: Any) -> list[str]:
+        self.n += 1
+        names = [f"{op}_{self.n}_{k}" for k in range(outs)] if isinstance(outs, int) else outs
+        self.nodes.append(self.onnx.helper.make_node(op, ins, names, name=f"{op}_{self.n}", domain=domain, **attrs))
+        return names
+
+
+def _int4_of(module: nn.Module) -> Any:
+    """The module's Int4Weight (a registered int4 lowering), else None."""
+    from torchslim.export.onnx_int import onnx_lowering
+    from torchslim.export.onnx_nbits import Int4Weight, nbits_blocker
+
+    lowering = onnx_lowering(module)
+    if lowering is None or lowering.int4_weight is None:
+        return None
+    w = lowering.int4_weight(module)
+    return w if isinstance(w, Int4Weight) and nbits_blocker(w.block, w.cols) is None else None
+
+
+def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn.Module], accuracy_level: int,
+            report: dict[str, Any]) -> str:
+    """``x @ [W_1; W_2; ...].T (+ biases)`` for the layers ``mods`` (their float twins ``floats``)
+    fused along the output axis: one MatMulNBits of their integers when all are int4 with one
+    group size and zero-point kind, else one float MatMul."""
+    ws = [_int4_of(m) for m in mods]
+    int4 = all(w is not None for w in ws) and len({(w.block, w.zero_point is None) for w in ws}) == 1
+    if int4:
+        block, cols = ws[0].block, ws[0].cols
+        rows = sum(w.rows for w in ws)
+        packed = np.concatenate([np.asarray(w.packed, np.uint8).reshape(w.rows, -1) for w in ws])
+        ins = [x, g.init(name + ".q4", (packed ^ 0x88).reshape(rows, cols // block, block // 2)),
+               g.init(name + ".scales", np.concatenate([np.asarray(w.scale, np.float32) for w in ws]))]
+        if ws[0].zero_point is not None:
+            z = np.concatenate([np.asarray(w.zero_point, np.uint8) for w in ws])
+            z = z if z.shape[1] % 2 == 0 else np.concatenate([z, np.zeros((rows, 1), np.uint8)], axis=1)
+            ins.append(g.init(name + ".zero_points", z[:, 0::2] | (z[:, 1::2] << 4)))
+        y = g.op("MatMulNBits", ins, domain=_MS, K=cols, N=rows, bits=4, block_size=block, accuracy_level=accuracy_level)[0]
+        report["matmul_nbits"] += [name]
+    else:
+        w = torch.cat([f.weight.detach().float().cpu() for f in floats])
+        y = g.op("MatMul", [x, g.init(name + ".weight_t", w.T.contiguous().numpy())])[0]
+        if any(_int4_of(m) is None and type(m).__name__ == "QuantizedLinear" for m in mods):
+            report["left_float"] += [name]
+    if any(getattr(f, "bias", None) is not None for f in floats):
+        b = torch.cat([f.bias.detach().float().cpu() if f.bias is not None else torch.zeros(f.out_features) for f in floats])
+        y = g.op("Add", [y, g.init(name + ".bias", b.numpy())])[0]
+    return y
+
+
+def _fused_blocker(model: nn.Module) -> str | None:
+    """Why the fused graph cannot hold ``model`` (ONNX Runtime's GroupQueryAttention rules), or None."""
+    cfg = model.config
+    act = str(getattr(cfg, "hidden_act", "silu"))
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (the fused MLP is SiLU-gated)"
+    attn = model.model.layers[0].self_attn
+    hd = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    if hd % 16:
+        return f"head_dim {hd} (GroupQueryAttention needs a multiple of 16)"
+    return None
+
+
+def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: int, embedding_int8: Any,
+                 report: dict[str, Any]) -> Any:
+    """The decoder as ONNX Runtime's fused CPU ops: GroupQueryAttention (rotary inside, the cache
+    concat inside), SkipSimplifiedLayerNormalization, MatMulNBits; q/k/v and gate/up fused."""
+    helper, TP = onnx.helper, onnx.TensorProto
+    cfg, inner, tinner = model.config, model.model, twin.model
+    dec = LlamaDecoder(twin)
+    L, H, KV, hd = dec.layers, dec.heads, dec.kv_heads, dec.head_dim
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    past_names, present_names = _names(L)
+    g = _Graph(onnx)
+    mask = "attention_mask"
+    one = g.init("const.one", np.array([1], np.int64))
+    seqlens = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [mask, one], keepdims=0)[0], one])[0]], to=TP.INT32)[0]
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask])[0], g.init("const.axis1", np.array(1, np.int64))])[0]],
+                 to=TP.INT32)[0]
+    max_pos = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * dec.inv_freq[None]
+    cos = g.init("rope.cos", (freqs.cos() * dec.rope_scale).numpy())
+    sin = g.init("rope.sin", (freqs.sin() * dec.rope_scale).numpy())
+    # embedding
+    emb_mod = inner.embed_tokens
+    table = tinner.embed_tokens.weight.detach().float().cpu()
+    w4 = _int4_of(emb_mod)
+    if w4 is not None and w4.zero_point is None:
+        name = "embed_tokens.q4"
+        g.inits.append(helper.make_tensor(name, TP.INT4, [w4.rows, w4.cols], np.asarray(w4.packed, np.uint8).tobytes(), raw=True))
+        x = g.op("GatherBlockQuantized", [name, "input_ids", g.init("embed_tokens.scales", np.asarray(w4.scale, np.float32))],
+                 domain=_MS, gather_axis=0, quantize_axis=1, block_size=w4.block)[0]
+        report["gather_block_quantized"] += ["model.embed_tokens"]
+        embedding = "int4"
+    elif embedding_int8 is not None:
+        codes, scales = embedding_int8
+        x = g.op("GatherBlockQuantized", [g.init("embed_tokens.q8", codes), "input_ids", g.init("embed_tokens.scales", scales),
+                                          g.init("embed_tokens.zero_points", np.full(scales.shape, 128, np.uint8))],
+                 domain=_MS, gather_axis=0, quantize_axis=1, block_size=hidden // scales.shape[1], bits=8)[0]
+        embedding = "int8"
+    else:
+        x = g.op("Gather", [g.init("embed_tokens.weight", table.numpy()), "input_ids"])[0]
+        embedding = "float32"
+    norms = [(lay.input_layernorm, lay.post_attention_layernorm) for lay in tinner.layers]
+
+    def gamma(norm: nn.Module, name: str) -> tuple[str, float]:
+        return g.init(name, norm.weight.detach().float().cpu().numpy()), float(norm.variance_epsilon)
+
+    w, eps = gamma(norms[0][0], "layers.0.input_layernorm.weight")
+    h = g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=eps)[0]
+    res = x
+    for i, (lay, tlay) in enumerate(zip(inner.layers, tinner.layers)):
+        p = f"layers.{i}."
+        a, ta = lay.self_attn, tlay.self_attn
+        qkv = _linear(g, h, p + "qkv_proj", [a.q_proj, a.k_proj, a.v_proj], [ta.q_proj, ta.k_proj, ta.v_proj], accuracy_level, report)
+        attn = g.op("GroupQueryAttention", [qkv, "", "", past_names[2 * i], past_names[2 * i + 1], seqlens, total, cos, sin],
+                    ["attn_" + str(i), present_names[2 * i], present_names[2 * i + 1]], domain=_MS, num_heads=H, kv_num_heads=KV,
+                    do_rotary=1, rotary_interleaved=0, scale=dec.scaling)[0]
+        o = _linear(g, attn, p + "o_proj", [a.o_proj], [ta.o_proj], accuracy_level, report)
+        w, eps = gamma(norms[i][1], p + "post_attention_layernorm.weight")
+        h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [o, res, w], 4, domain=_MS, epsilon=eps)
+        m, tm = lay.mlp, tlay.mlp
+        inter = int(tm.gate_proj.out_features)
+        gu = _linear(g, h, p + "gate_up_proj", [m.gate_proj, m.up_proj], [tm.gate_proj, tm.up_proj], accuracy_level, report)
+        gate, up = g.op("Split", [gu, g.init(p + "split", np.array([inter, inter], np.int64))], 2, axis=-1)
+        act_out = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
+        d = _linear(g, act_out, p + "down_proj", [m.down_proj], [tm.down_proj], accuracy_level, report)
+        nxt = norms[i + 1][0] if i + 1 < L else tinner.norm
+        w, eps = gamma(nxt, f"layers.{i + 1}.input_layernorm.weight" if i + 1 < L else "norm.weight")
+        h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [d, res, w], 4, domain=_MS, epsilon=eps)
+    # head: int4, a float head tied to the float table (one Gemm on the table), or a float MatMul
+    tied = tinner.embed_tokens.weight is twin.lm_head.weight and embedding == "float32"
+    if tied:
+        flat = g.op("Reshape", [h, g.init("const.flat", np.array([-1, hidden], np.int64))])[0]
+        y = g.op("Gemm", [flat, "embed_tokens.weight"], transB=1)[0]
+        shape = g.op("Concat", [g.op("Shape", ["input_ids"])[0], g.init("const.vocab", np.array([vocab], np.int64))], axis=0)[0]
+        g.op("Reshape", [y, shape], ["logits"])
+    else:
+        y = _linear(g, h, "lm_head", [model.lm_head], [twin.lm_head], accuracy_level, report)
+        g.op("Identity", [y], ["logits"])
+    f32 = TP.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "total"])]
+    inputs += [helper.make_tensor_value_info(n, f32, ["batch", KV, "past", hd]) for n in past_names]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", vocab])]
+    outputs += [helper.make_tensor_value_info(n, f32, ["batch", KV, "total", hd]) for n in present_names]
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)],
+                              producer_name="torchslim")
+    proto.ir_version = 9
+    return proto, embedding, tied
+
+
 def _has_quantized(model: nn.Module) -> bool:
     from torchslim.export.onnx_int import onnx_lowering
 
@@ -307,6 +472,7 @@ def export_onnx_decoder(
     accuracy_level: int = 4,
     embedding_bits: int | None = None,
     embedding_group_size: int = 32,
+    fused: bool | None = None,
     opset: int = 17,
 ) -> dict[str, Any]:
     """Write ``model`` (a Llama-layout transformers causal LM, float or quantized) as an ONNX
@@ -346,50 +512,30 @@ def export_onnx_decoder(
         raise ConfigError(f"embedding_group_size must be a power of two >= 16 dividing hidden_size {hidden}; "
                           f"got {embedding_group_size!r}")
     from torchslim._utils import evaluating
-    from torchslim.export._base import quiet
-    from torchslim.export.onnx_int import float_twin, int4_weights
-    from torchslim.export.onnx_nbits import write_nbits_onnx
+    from torchslim.export.onnx_int import float_twin
 
+    blocker = _fused_blocker(model)
+    if fused and blocker:
+        raise ConfigError(f"export_onnx_decoder(fused=True): {blocker}; use fused=False (the reference graph)")
+    fused = blocker is None if fused is None else bool(fused)
     quantized = _has_quantized(model)
+    out = Path(path)
+    report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}
     with evaluating(model):
         twin = float_twin(model) if quantized else model
         dec = LlamaDecoder(twin).eval()
-        past_names, present_names = _names(dec.layers)
-        b, s, p = 1, 2, 3
-        device = next(twin.parameters()).device
-        ids = torch.zeros(b, s, dtype=torch.long, device=device)
-        mask = torch.ones(b, p + s, dtype=torch.long, device=device)
-        past = [torch.zeros(b, dec.kv_heads, p, dec.head_dim, device=device) for _ in past_names]
-        axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-                                           "logits": {0: "batch", 1: "seq"}}
-        axes.update({n: {0: "batch", 2: "past"} for n in past_names})
-        axes.update({n: {0: "batch", 2: "total"} for n in present_names})
-        out = Path(path)
-        emb_weight = twin.model.embed_tokens.weight.detach().float().cpu().numpy()
         int8 = _embedding_int8(model, embedding_group_size) if (embedding_bits == 8 or _is_int8_embedding(model)) else None
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-            fp32 = Path(tmp) / "decoder.fp32.onnx"
-            with quiet():
-                torch.onnx.export(dec, (ids, mask, *past), str(fp32), dynamo=False, opset_version=opset,
-                                  input_names=["input_ids", "attention_mask", *past_names],
-                                  output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
-            report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}
-            weights = int4_weights(model) if quantized else []
-            staged = Path(tmp) / "decoder.onnx"
-            if weights:
-                report = write_nbits_onnx(fp32, staged, weights, accuracy_level=accuracy_level)
+            if fused:
+                proto, embedding, tied = _fused_graph(onnx, model, twin, accuracy_level, int8, report)
             else:
-                staged = fp32
-            proto = onnx.load(str(staged))
-            tied = twin.lm_head.weight is twin.model.embed_tokens.weight
-            if tied:
-                tied = _share_tied_head(onnx, proto, emb_weight)
-            embedding = "int4" if any("embed_tokens" in n for n in report["gather_block_quantized"]) else "float32"
-            if int8 is not None and _gather_to_int8(onnx, proto, *int8, emb_weight):
-                embedding = "int8"
-            meta = {"format": 1, "layers": dec.layers, "heads": dec.heads, "kv_heads": dec.kv_heads, "head_dim": dec.head_dim,
-                    "vocab": int(model.config.vocab_size), "architecture": type(model).__name__, "spec": _spec(model),
-                    "inputs": "input_ids, attention_mask (positions = cumsum(mask) - 1), past_key_values.{i}.key/value",
+                proto, embedding, tied, report = _reference_graph(onnx, model, twin, dec, Path(tmp), accuracy_level, int8,
+                                                                  opset, quantized)
+            meta = {"format": 1, "graph": "fused" if fused else "reference", "layers": dec.layers, "heads": dec.heads,
+                    "kv_heads": dec.kv_heads, "head_dim": dec.head_dim, "vocab": int(model.config.vocab_size),
+                    "architecture": type(model).__name__, "spec": _spec(model),
+                    "positions": ("past length + index: no left padding (GroupQueryAttention reads sum(attention_mask) - 1 "
+                                  "as each row's last position)") if fused else "cumsum(attention_mask) - 1 (left padding works)",
                     "accuracy_level": accuracy_level if report["matmul_nbits"] else None, "embedding": embedding,
                     "tied_head_shares_table": bool(tied)}
             del proto.metadata_props[:]
@@ -397,11 +543,50 @@ def export_onnx_decoder(
             entry.key, entry.value = _META_KEY, json.dumps(meta)
             with atomic_path(out) as final:
                 onnx.save(proto, str(final))
-    return {"path": str(out), "bytes": out.stat().st_size, **{k: meta[k] for k in ("layers", "heads", "kv_heads", "head_dim", "vocab")},
+    past_names, present_names = _names(dec.layers)
+    return {"path": str(out), "bytes": out.stat().st_size, **{k: meta[k] for k in ("graph", "layers", "heads", "kv_heads", "head_dim", "vocab")},
             "matmul_nbits": list(report["matmul_nbits"]), "gather_block_quantized": list(report["gather_block_quantized"]),
             "left_float": list(report["left_float"]), "why_float": dict(report.get("why_float", {})), "embedding": embedding,
-            "accuracy_level": meta["accuracy_level"], "tied_head_shares_table": meta["tied_head_shares_table"], "inputs": ["input_ids", "attention_mask", *past_names],
-            "outputs": ["logits", *present_names]}
+            "accuracy_level": meta["accuracy_level"], "tied_head_shares_table": meta["tied_head_shares_table"],
+            "inputs": ["input_ids", "attention_mask", *past_names], "outputs": ["logits", *present_names]}
+
+
+def _reference_graph(onnx: Any, model: nn.Module, twin: nn.Module, dec: LlamaDecoder, tmp: Path, accuracy_level: int,
+                     int8: Any, opset: int, quantized: bool) -> tuple[Any, str, bool, dict[str, Any]]:
+    """:class:`LlamaDecoder` through the TorchScript exporter, int4 weights rewritten by value."""
+    from torchslim.export._base import quiet
+    from torchslim.export.onnx_int import int4_weights
+    from torchslim.export.onnx_nbits import write_nbits_onnx
+
+    past_names, present_names = _names(dec.layers)
+    b, s, p = 1, 2, 3
+    device = next(twin.parameters()).device
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    mask = torch.ones(b, p + s, dtype=torch.long, device=device)
+    past = [torch.zeros(b, dec.kv_heads, p, dec.head_dim, device=device) for _ in past_names]
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                                       "logits": {0: "batch", 1: "seq"}}
+    axes.update({n: {0: "batch", 2: "past"} for n in past_names})
+    axes.update({n: {0: "batch", 2: "total"} for n in present_names})
+    emb_weight = twin.model.embed_tokens.weight.detach().float().cpu().numpy()
+    fp32 = tmp / "decoder.fp32.onnx"
+    with quiet():
+        torch.onnx.export(dec, (ids, mask, *past), str(fp32), dynamo=False, opset_version=opset,
+                          input_names=["input_ids", "attention_mask", *past_names],
+                          output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
+    report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}
+    weights = int4_weights(model) if quantized else []
+    staged = tmp / "decoder.onnx"
+    if weights:
+        report = write_nbits_onnx(fp32, staged, weights, accuracy_level=accuracy_level)
+    else:
+        staged = fp32
+    proto = onnx.load(str(staged))
+    tied = twin.lm_head.weight is twin.model.embed_tokens.weight and _share_tied_head(onnx, proto, emb_weight)
+    embedding = "int4" if any("embed_tokens" in n for n in report["gather_block_quantized"]) else "float32"
+    if int8 is not None and _gather_to_int8(onnx, proto, *int8, emb_weight):
+        embedding = "int8"
+    return proto, embedding, tied, report
 
 
 def _is_int8_embedding(model: nn.Module) -> bool:
