@@ -93,7 +93,7 @@ def test_int8_parity_counts_in_the_programs_own_output_step(tmp_path):
     program = info["_reference"].__dict__["program"]
     last = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
     assert len(steps) == 1 and steps[0] == pytest.approx(float(last.args[1])) and steps[0] > 0
-    ref = torch.linspace(0.0, 0.1, 10).unsqueeze(0)  # a narrow row: its range step is 0.1 / 255
+    ref = torch.linspace(0.0, 2 * steps[0], 10).unsqueeze(0)  # a narrow row: its range step is 2/255 of a real step
     off = ref.clone()
     off[0, 3] += steps[0]  # one real output step away
     assert compare_outputs([ref], [off], Tolerance(0, 0, 16), "c", known_steps=steps).max_steps == pytest.approx(1.0, rel=1e-4)
