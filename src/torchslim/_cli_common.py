@@ -598,6 +598,7 @@ class VerbContext:
     console: Any
     files: dict[str, str] = field(default_factory=dict)  # add files the verb writes (name -> path)
     staging: Path | None = None  # write extra files here: they are moved into ``out`` after ts.save
+    notes: list[str] = field(default_factory=list)  # what changed, in words: printed under the table
 
 
 def add_model_verb_args(p: argparse.ArgumentParser, *, data_required: bool = False) -> None:
@@ -711,6 +712,8 @@ def run_model_verb(
         return 0
     con = ctx.console
     con.print(ts.compare(before, after).table())
+    for line in ctx.notes:
+        con.print(line, highlight=False)
     if acc_before is not None:
         con.print(f"test accuracy: {100 * acc_before:.2f}% -> {100 * acc_after:.2f}%", highlight=False)
     con.print(f"saved to {out}", highlight=False)

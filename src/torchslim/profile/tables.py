@@ -139,7 +139,8 @@ def change_words(row: CompareRow) -> str:
 
 def compare_table(c: Comparison) -> Printable:
     """Before / after / ratio / change in words for every metric of a comparison, with human labels
-    and binary units (KiB, MiB); the packed size only when there is one; a latency difference
+    and binary units (KiB, MiB); a metric known on neither side (the packed size of an unpacked
+    model, an unmeasured latency) is left out; a latency difference
     inside the measured spread reads ``same`` (prints as plain text, renders as rich)."""
     from rich.table import Table
 
@@ -147,7 +148,7 @@ def compare_table(c: Comparison) -> Printable:
     for col in ("", "before", "after", "after/before", "change"):
         t.add_column(col, justify="left" if col in ("", "change") else "right", no_wrap=col in ("", "change"))
     for row in c.rows:
-        if row.metric == "packed_bytes" and row.before is None and row.after is None:
+        if row.before is None and row.after is None:  # not measured (--no-latency) or none (packed size)
             continue
         ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
         t.add_row(LABELS.get(row.metric, row.metric), _fmt(row.metric, row.before, row.spread_before),

@@ -9,7 +9,7 @@ from torch import nn
 
 from torchslim._cli_common import VerbContext, add_model_verb_args, run_model_verb
 
-__all__ = ["register_channels"]
+__all__ = ["register_channels", "removed_words"]
 
 
 def _apply(args: argparse.Namespace) -> Any:
@@ -63,6 +63,7 @@ def _apply(args: argparse.Namespace) -> Any:
                 "achieved": plan.achieved,
             }
         }
+        ctx.notes.append(removed_words(plan))
         if train_cfg is not None:
             from torchslim.train import fit
 
@@ -71,6 +72,32 @@ def _apply(args: argparse.Namespace) -> Any:
         return extras
 
     return apply
+
+
+def removed_words(plan: Any) -> str:
+    """What ``prune`` removed, in one line: ``removed 186 of 400 channels in 3 groups ...``.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> plan = NS(removed_channels=186, total_channels=400, importance="l2", budget=None, achieved={}, left_whole=[],
+        ...           groups=[{"size": 200, "kept": 100}, {"size": 100, "kept": 64}, {"size": 100, "kept": 50}])
+        >>> removed_words(plan)
+        'removed 186 of 400 channels (46.5%) in 3 of 3 channel groups, ranked by l2 importance'
+    """
+    cut = [g for g in plan.groups if g.get("kept", g.get("size")) < g.get("size", 0)]
+    share = f" ({100 * plan.removed_channels / plan.total_channels:.1f}%)" if plan.total_channels else ""
+    text = (f"removed {plan.removed_channels} of {plan.total_channels} channels{share} in {len(cut)} of "
+            f"{len(plan.groups)} channel groups, ranked by {plan.importance} importance")
+    if plan.budget:
+        names = {"macs": "MACs", "params": "parameters", "latency": "latency"}
+        goals = ", ".join(f"{names[k]} {plan.achieved[k]:.3f} of the original (budget {v:g})" if k in plan.achieved
+                          else f"{names[k]} budget {v:g} of the original" for k, v in plan.budget.items()
+                          if k in names and isinstance(v, (int, float)))
+        if goals:
+            text += f"; {goals}"
+    if plan.left_whole:
+        text += f"; {len(plan.left_whole)} group(s) left whole (cutting them would break the forward)"
+    return text
 
 
 def register_channels(sub: Any) -> None:
