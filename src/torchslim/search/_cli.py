@@ -23,8 +23,8 @@ def register(sub: Any) -> None:
     from torchslim._cli_common import add_out_args
 
     p = sub.add_parser("search", help="search per-layer pruning ratios / bit widths for the best model within a budget")
-    p.add_argument("model", metavar="MODEL", help="model spec: zoo:NAME, torchvision:NAME, file.py:factory, or a saved dir")
-    p.add_argument("--data", required=True, help="labeled data spec (mnist, digits, mnist1d, synthetic:SHAPE, file.py:factory)")
+    p.add_argument("model", metavar="MODEL", help="model spec")
+    p.add_argument("--data", required=True, help="labeled data spec")
     p.add_argument("--budget", help="bounds as fractions of the original, e.g. macs=0.3 or macs=0.3,latency=0.5 "
                    "(metrics: macs, params, size, latency)")
     p.add_argument("--objective", default="accuracy",
@@ -55,17 +55,17 @@ def register(sub: Any) -> None:
     p.add_argument("--eval", dest="evaluation", default="finetune",
                    help="how a trial recovers before validation: finetune, bn (BatchNorm recalibration) or none")
     p.add_argument("--finetune-steps", type=int, default=20, help="SGD steps of each trial's fine-tune (default 20)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--optimizer", default="sgd")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the fine-tunes")
+    p.add_argument("--optimizer", default="sgd", help="optimizer of the fine-tunes: sgd, adam or adamw")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the fine-tunes")
     p.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs of the recipe and best model (default 2)")
     p.add_argument("--sampler", default="auto", help="auto, tpe, nsga2 or random")
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE; NSGA-II population")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and the fine-tunes")
     p.add_argument("--heartbeat", type=int, default=10, help="seconds between trial heartbeats (default 10)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-best-model", action="store_true", help="do not build and save the best model")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no per-trial lines")
     p.set_defaults(func=_cmd_search)
 
 
@@ -151,17 +151,35 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(payload)
         return 0
-    con.print(f"trials: {result.trials}")
+    con.print(f"trials: {_trial_words(result.trials)}", highlight=False)
     if result.best is not None:
         b = result.best
-        con.print(f"best: trial {b['trial']} " + ", ".join(f"{k} {v:.4f}" for k, v in b["values"].items())
-                  + f" -> {b['recipe']}")
+        con.print(f"best trial {b['trial']}: {_value_words(b.get('metrics') or b['values'])}; recipe {b['recipe']}",
+                  highlight=False)
         if "accuracy_after" in payload:
             con.print(f"best model (test accuracy {100 * payload['accuracy_before']:.2f}% -> "
                       f"{100 * payload['accuracy_after']:.2f}%) saved to {b.get('model', '-')}")
     con.print(f"results in {args.out}")
     return 0
 
+
+def _value_words(values: dict[str, Any]) -> str:
+    """``{'accuracy': 0.912, 'macs': 0.29}`` -> ``'accuracy 91.20%, MACs 0.290 of the original'``."""
+    names = {"macs": "MACs", "params": "parameters", "size": "size", "latency": "latency"}
+    parts = []
+    for k, v in sorted(values.items(), key=lambda kv: kv[0] != "accuracy"):
+        if k == "accuracy":
+            parts.append(f"accuracy {100 * v:.2f}%")
+        elif k in names:
+            parts.append(f"{names[k]} {v:.3f} of the original")
+    return ", ".join(parts)
+
+
+def _trial_words(trials: Any) -> str:
+    """Trial counts in words (``{'complete': 18, 'pruned': 2}`` -> ``'18 complete, 2 pruned'``)."""
+    if isinstance(trials, dict):
+        return ", ".join(f"{v} {k}" for k, v in trials.items() if v or k == "total") or "none"
+    return str(trials)
 
 
 # the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)

@@ -10,7 +10,25 @@ from typing import Any
 
 from torchslim._utils import atomic_path
 
-__all__ = ["front_metrics", "pareto_front", "write_trials", "pareto_table", "plot_pareto"]
+__all__ = ["budget_words", "front_metrics", "pareto_front", "write_trials", "pareto_table", "plot_pareto"]
+
+#: what the tables and lines call each searched metric
+_NAMES = {"macs": "MACs", "params": "parameters", "size": "size", "latency": "latency", "accuracy": "accuracy"}
+
+
+def budget_words(budget: Any) -> str:
+    """A budget in words: ``{'macs': 0.3}`` -> ``'MACs <= 0.30 of the original'``; empty -> ``'none'``.
+
+    Example:
+        >>> budget_words({"macs": 0.3, "latency": 0.5})
+        'MACs <= 0.30 of the original, latency <= 0.50 of the original'
+        >>> budget_words({})
+        'none'
+    """
+    items = dict(budget or {})
+    if not items:
+        return "none"
+    return ", ".join(f"{_NAMES.get(k, k)} <= {float(v):.2f} of the original" for k, v in items.items())
 
 
 def front_metrics(objectives: Sequence[str]) -> tuple[str, ...]:
@@ -91,16 +109,32 @@ def _fmt(metric: str, v: float | None) -> str:
     return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.3f}"
 
 
-def pareto_table(front: Sequence[Any], best: Any, recipes: dict[int, str]) -> Any:
-    """A rich table of the front: accuracy and every cost as a fraction of the original."""
+def pareto_table(front: Sequence[Any], best: Any, recipes: dict[int, str], objectives: Sequence[str] = ("accuracy", "macs")) -> Any:
+    """A rich table of the front: accuracy and every cost as a fraction of the original.
+
+    With one objective the title says so (the best trial, with the trials that trade it against
+    MACs); with two or more it is the Pareto front of the objectives. The caption explains ``*``.
+    """
     from rich.table import Table
 
     cols = [m for m in ("accuracy", "macs", "params", "size", "latency")
             if any(m in t.user_attrs.get("metrics", {}) for t in front)]
-    t = Table(title="Pareto front (costs as fractions of the original)")
+    if len(objectives) == 1:
+        one = _NAMES.get(objectives[0], objectives[0])
+        other = _NAMES.get(front_metrics(objectives)[1], "")
+        title = (f"Best trial by {one}, and the trials that trade {one} against {other} "
+                 "(costs as fractions of the original)")
+        caption = "* the best trial: its recipe is best_recipe.yaml"
+    else:
+        title = (f"Pareto front of {', '.join(_NAMES.get(o, o) for o in objectives)}: no trial beats one of these on "
+                 "every objective (costs as fractions of the original)")
+        lead = "accuracy" if "accuracy" in objectives else objectives[0]
+        caption = (f"* the trial picked as best (best_recipe.yaml): the "
+                   f"{'highest' if lead == 'accuracy' else 'lowest'} {_NAMES.get(lead, lead)} on the front")
+    t = Table(title=title, caption=caption if best is not None else None, caption_justify="left")
     t.add_column("trial", justify="right")
     for c in cols:
-        t.add_column(c, justify="right")
+        t.add_column(_NAMES.get(c, c), justify="right")
     t.add_column("recipe")
     for tr in front:
         m = tr.user_attrs.get("metrics", {})

@@ -422,7 +422,7 @@ def search(
         base = measure(model, inputs)
         lines.print(f"search: {len(space.groups)} channel groups, {len(space.layer_bits)} layer bit widths, "
                     f"{len(space.layer_ranks)} layer ranks; "
-                  f"budget {cfg.budget or 'none'}; objectives {', '.join(cfg.objectives)}; study {name!r} "
+                  f"budget {_outputs.budget_words(cfg.budget)}; objectives {', '.join(cfg.objectives)}; study {name!r} "
                   f"in {redact(url)}")
         objective = _Objective(model, inputs, data, cfg, space, cost, base, need_latency)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -477,7 +477,7 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
     def recipe_for(t: Any, path: Path) -> str:
         stages = _stages_of(t, space, cfg)
         m = t.user_attrs["metrics"]
-        desc = (f"found by torchslim search (study {name!r}, trial {t.number}): budget {cfg.budget or 'none'}; "
+        desc = (f"found by torchslim search (study {name!r}, trial {t.number}): budget {_outputs.budget_words(cfg.budget)}; "
                 + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
         write_recipe(path, recipe_dict(stages, name=f"search-trial-{t.number}", description=desc, seed=cfg.seed,
                                        budget=cfg.budget))
@@ -500,7 +500,8 @@ def _finish(st: Any, model: nn.Module, inputs: Any, data: Any, cfg: SearchConfig
         files["best_recipe"] = best_path
         best_d = {"trial": best.number, "values": _values(best, cfg.objectives),
                   "metrics": dict(best.user_attrs["metrics"]), "recipe": best_path}
-        con.print(_outputs.pareto_table(front, best, {k: os.path.relpath(v, out) for k, v in recipes.items()}))
+        con.print(_outputs.pareto_table(front, best, {k: os.path.relpath(v, out) for k, v in recipes.items()},
+                                        cfg.objectives))
         if best_model:
             result_model, extra = _build_best(model, data, inputs, best_path, out / "best_model", space, cfg, best)
             best_d["model"] = files["best_model"] = extra["best_model"]["path"]
