@@ -135,7 +135,7 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     """C ``roundf`` (half away from zero), written as ``gguf.quants.np_roundf`` computes it."""
     a = x.abs()
     floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+    return a.sub_(floored).mul_(2).floor_().add_(floored).mul_(torch.sign(x))
 
 
 def ggml_quantize(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,14 +176,14 @@ def _encode(ints: torch.Tensor, scales: torch.Tensor, kind: str) -> np.ndarray:
     """GGUF block bytes ``(rows, blocks * block_bytes)`` of integers and fp16 block scales."""
     rows, cols = ints.shape
     nb = cols // _QBLOCK
-    d = scales.reshape(rows, nb, 1).to(torch.float16).contiguous().view(torch.uint8)  # little-endian fp16
+    d = np.ascontiguousarray(scales.to(torch.float16).reshape(rows, nb).numpy()).view(np.uint8).reshape(rows, nb, 2)
     blocks = ints.reshape(rows, nb, _QBLOCK)
     if kind == "q4_0":
         q = (blocks.to(torch.int16) + 8).to(torch.uint8)
-        body = q[..., : _QBLOCK // 2] | (q[..., _QBLOCK // 2:] << 4)  # byte j: element j low, j + 16 high
+        body = (q[..., : _QBLOCK // 2] | (q[..., _QBLOCK // 2:] << 4)).numpy()  # byte j: element j low, j + 16 high
     else:
-        body = blocks.to(torch.int8).contiguous().view(torch.uint8)
-    return torch.cat([d, body], dim=-1).reshape(rows, -1).numpy()
+        body = np.ascontiguousarray(blocks.to(torch.int8).numpy()).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([d, body], axis=-1).reshape(rows, -1))
 
 
 # --------------------------------------------------------------------------- one tensor
@@ -413,26 +413,88 @@ def _source_gguf(model: nn.Module, tokenizer_from: Any) -> Path | None:
 
 
 _SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read_kv(path: Path) -> list[tuple[str, int, Any, int | None]]:
+    """The key/value section of a little-endian GGUF file: ``(key, type, value, array item type)``.
+
+    A direct reader (``gguf.GGUFReader`` takes seconds on a 50k-token vocabulary because it
+    builds one memory-map view per string)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise ConfigError(f"{path} is not a GGUF file")
+        version, _, n_kv = struct.unpack_from("<IQQ", head, 4)
+        if not 1 <= version < 256:
+            raise ConfigError(f"{path}: GGUF version {version} (big-endian or unknown) is not supported")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header pages are read
+    try:
+        return _parse_kv(buf, 24, n_kv, path)
+    finally:
+        buf.close()
+
+
+def _parse_kv(buf: Any, pos: int, n_kv: int, path: Path) -> list[tuple[str, int, Any, int | None]]:
+    import struct
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return buf[pos - n:pos].decode("utf-8", errors="replace")
+
+    def scalar(t: int) -> Any:
+        nonlocal pos
+        fmt = _SCALARS[t]
+        (v,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    out: list[tuple[str, int, Any, int | None]] = []
+    for _ in range(n_kv):
+        key = string()
+        (t,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if t == _STRING:
+            out.append((key, t, string(), None))
+        elif t == _ARRAY:
+            sub, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if sub == _STRING:
+                value: Any = [string() for _ in range(n)]
+            elif sub in _SCALARS:
+                dtype = np.dtype(_SCALARS[sub])
+                value = np.frombuffer(buf, dtype=dtype, count=n, offset=pos).tolist()  # copies out of the map
+                pos += n * dtype.itemsize
+            else:
+                raise ConfigError(f"{path}: nested array under {key!r} is not supported")
+            out.append((key, t, value, sub))
+        elif t in _SCALARS:
+            out.append((key, t, scalar(t), None))
+        else:
+            raise ConfigError(f"{path}: unknown GGUF value type {t} under {key!r}")
+    return out
 
 
 def _copy_metadata(writer: Any, source: Path, vocab: int) -> int:
     """Copy ``general.*`` and ``tokenizer.*`` keys of ``source`` into ``writer``; returns the number copied."""
     gguf = _gguf()
-    reader = gguf.GGUFReader(source)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) != vocab:
-        raise ConfigError(f"the tokenizer of {source.name} has {len(tokens.data)} tokens but the model's vocabulary "
+    fields = _read_kv(source)
+    tokens = next((v for k, _, v, _ in fields if k == "tokenizer.ggml.tokens"), None)
+    if tokens is not None and len(tokens) != vocab:
+        raise ConfigError(f"the tokenizer of {source.name} has {len(tokens)} tokens but the model's vocabulary "
                           f"has {vocab} rows; pass tokenizer_from=False or a matching GGUF file")
     n = 0
-    for key, field in reader.fields.items():
+    for key, vtype, value, sub in fields:
         if not (key.startswith("general.") or key.startswith("tokenizer.")) or key in _SKIP_KEYS:
             continue
-        vtype = field.types[0]
-        value = field.contents()
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, value, vtype)
+        writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                             sub_type=None if sub is None else gguf.GGUFValueType(sub))
         n += 1
     return n
 
@@ -641,19 +703,9 @@ def read_gguf_weights(path: str | os.PathLike[str], *, dequantize: bool = True) 
 
 
 def gguf_metadata(path: str | os.PathLike[str], *, arrays: bool = False) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (``GGUF.*`` header fields left out); arrays such as the
-    tokenizer's token list are replaced by their length unless ``arrays=True``."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(Path(path))
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY and not arrays and len(field.data) > 64:
-            out[key] = len(field.data)
-        else:
-            out[key] = field.contents()
-    return out
+    """The key/value metadata of a GGUF file; arrays longer than 64 items (the tokenizer's tokens,
+    merges...) are replaced by their length unless ``arrays=True``."""
+    return {k: (len(v) if sub is not None and not arrays and len(v) > 64 else v) for k, _, v, sub in _read_kv(Path(path))}
 
 
 # --------------------------------------------------------------------------- ts.export format
