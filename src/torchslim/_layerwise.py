@@ -318,15 +318,21 @@ def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[Input
     acc: dict[str, list[Any]] = {n: [None, None, 0] for n in layers}
     last = list(layers)[-1]
     handles = []
+    shared: list[Any] = [None, None, None, None]  # the last input seen and its (rows, sq, xtx): q/k/v read one tensor
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = _feature_rows(module, args[0])
+            if shared[0] is args[0] and not isinstance(module, _CONVS):
+                x, sq, xtx = shared[1], shared[2], shared[3]
+            else:
+                x = _feature_rows(module, args[0])
+                sq = (x * x).sum(dim=0)
+                xtx = x.T @ x if full else None
+                if not isinstance(module, _CONVS):
+                    shared[:] = [args[0], x, sq, xtx]
             a = acc[name]
-            sq = (x * x).sum(dim=0)
             a[1] = sq if a[1] is None else a[1] + sq
             if full:
-                xtx = x.T @ x
                 a[0] = xtx if a[0] is None else a[0] + xtx
             a[2] += x.shape[0]
             if stop and name == last:
@@ -343,6 +349,7 @@ def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[Input
     finally:
         for h in handles:
             h.remove()
+        shared[:] = [None, None, None, None]
     out = {}
     for n, m in layers.items():
         xtx, sq, rows = acc[n]
