@@ -47,19 +47,28 @@ def _register_sparse(sub: Any) -> None:
     # flag defaults are the configs' (the one place defaults live)
     ld = LotteryConfig.defaults()
 
-    p = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with reset / rewinding")
+    p = sub.add_parser(
+        "lottery", help="lottery tickets: iterative magnitude pruning with reset / rewinding",
+        description="Find a lottery ticket (Frankle & Carbin): train MODEL on --data, prune --rate of each layer's "
+                    "remaining weights by magnitude, reset the survivors to their initial values (or rewind to "
+                    "--rewind-iter), and repeat for --rounds rounds; the random re-init control shows whether "
+                    "the ticket's initialisation matters. --out gets the last round's ticket of the first seed "
+                    "(model.safetensors, masks baked in), lottery.json and the plot lottery.png.")
     add_model_verb_args(p, data_required=True)
-    p.add_argument("--rounds", type=int, default=ld["rounds"])
+    p.add_argument("--rounds", type=int, default=ld["rounds"],
+                   help="prune-and-retrain rounds (after round R about (1 - rate)^R of the weights remain)")
     p.add_argument("--rate", type=float, default=ld["rate"], help="fraction of each layer's remaining weights pruned per round")
     p.add_argument("--output-rate", type=float, help="rate of the output layer (default: rate / 2)")
     p.add_argument("--rewind-iter", type=int, default=ld["rewind_iter"], help="rewind to the weights of this iteration (0: reset to init)")
-    p.add_argument("--seeds", type=int, default=ld["seeds"])
-    p.add_argument("--epochs", type=int, default=ld["epochs"])
-    p.add_argument("--lr", type=float, default=ld["lr"])
-    p.add_argument("--batch-size", type=int, default=ld["batch_size"])
-    p.add_argument("--eval-every", type=int, default=ld["eval_every"], help="iterations between evaluations (early stopping)")
+    p.add_argument("--seeds", type=int, default=ld["seeds"],
+                   help="independent runs (seeds --seed, --seed+1, ...); the table shows their mean")
+    p.add_argument("--epochs", type=int, default=ld["epochs"], help="training epochs of every run (dense, each round, each control)")
+    p.add_argument("--lr", type=float, default=ld["lr"], help="Adam learning rate of every training run")
+    p.add_argument("--batch-size", type=int, default=ld["batch_size"], help="training batch size")
+    p.add_argument("--eval-every", type=int, default=ld["eval_every"],
+                   help="training iterations between evaluations; the early-stop iteration is the one with the best validation loss")
     p.add_argument("--controls", default=",".join(ld["controls"]), help="comma list of reinit, random_mask (or 'none')")
-    p.add_argument("--device", default=ld["device"])
+    p.add_argument("--device", default=ld["device"], help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_lottery)
 
 
@@ -157,8 +166,11 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    t = Table(title=f"lottery tickets: {args.model} on {args.data}, {cfg.seeds} seed(s)")
-    for col in ("round", "remaining", "ticket acc", "ticket early stop", "reinit acc", "reinit early stop"):
+    t = Table(title=f"lottery tickets: {args.model} on {args.data}, {cfg.seeds} seed(s)",
+              caption=f"early stop: the training iteration (batch step) of the best validation loss, checked every "
+                      f"{cfg.eval_every} iterations; accuracy on the test split at that iteration", caption_justify="left")
+    for col in ("round", "weights left", "ticket acc", "ticket early stop (iteration)", "reinit acc",
+                "reinit early stop (iteration)"):
         t.add_column(col, justify="right")
     t.add_row("0", "100.0%", f"{100 * result.dense_accuracy:.2f}%", f"{result.dense_early_stop_iter:.0f}", "-", "-")
     for r in result.rounds:
@@ -167,8 +179,20 @@ def _cmd_lottery(args: argparse.Namespace) -> int:
         t.add_row(str(r["round"]), f"{100 * r['remaining']:.1f}%", f"{100 * r['ticket_accuracy']:.2f}%",
                   f"{r['ticket_early_stop_iter']:.0f}", re_acc, re_it)
     con.print(t)
-    con.print(f"wrote {files['lottery']}" + (f" and {files['plot']}" if "plot" in files else ""))
+    con.print(_ticket_words(result, cfg, files), highlight=False)
     return 0
+
+
+def _ticket_words(result: Any, cfg: Any, files: dict[str, str]) -> str:
+    """The last line of ``lottery``: which ticket was saved where, and the other files."""
+    others = f"; results in {files['lottery']}" + (f", plot {files['plot']}" if "plot" in files else "")
+    if "weights" not in files or not result.rounds:
+        return "no ticket saved" + others
+    last = result.rounds[-1]
+    acc = (last.get("ticket_accuracy_per_seed") or [last.get("ticket_accuracy")])[0]
+    acc_text = f", test accuracy {100 * acc:.2f}%" if acc is not None else ""
+    return (f"saved the ticket of seed {cfg.seed} after round {last['round']} ({100 * last['remaining']:.1f}% of the "
+            f"weights left{acc_text}, masks baked in) to {files['weights']}{others}")
 
 
 # the verbs above, found by `torchslim` through the registry (ordered by `order` in --help)
