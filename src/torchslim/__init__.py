@@ -19,7 +19,7 @@ from torchslim.distill import DistillConfig, DistillResult, distill
 from torchslim.errors import TorchslimError
 from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, bench, export
 from torchslim.graph import trace
-from torchslim.lm import LMSpeed, PerplexityResult, evaluate_lm, lm_speed
+from torchslim.lm import Generation, LMSpeed, PerplexityResult, evaluate_lm, generate, lm_speed
 from torchslim.lowrank import FactorizeConfig, FactorizePlan, factorize_
 from torchslim.pack import ClusterConfig, ClusterPlan, PackResult, bake_, cluster_, pack, unpack
 from torchslim.profile import Comparison, Profile, compare, profile
@@ -106,7 +106,9 @@ __all__ = [
     "Tolerance",
     "evaluate",
     "evaluate_lm",
+    "generate",
     "lm_speed",
+    "Generation",
     "LMSpeed",
     "PerplexityResult",
     "example_inputs",

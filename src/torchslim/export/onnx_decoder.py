@@ -340,7 +340,7 @@ def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn
     else:
         w = torch.cat([f.weight.detach().float().cpu() for f in floats])
         y = g.op("MatMul", [x, g.init(name + ".weight_t", w.T.contiguous().numpy())])[0]
-        if any(_int4_of(m) is None and type(m).__name__ == "QuantizedLinear" for m in mods):
+        if any(w is None and type(m).__name__ == "QuantizedLinear" for w, m in zip(ws, mods)):
             report["left_float"] += [name]
     if any(getattr(f, "bias", None) is not None for f in floats):
         b = torch.cat([f.bias.detach().float().cpu() if f.bias is not None else torch.zeros(f.out_features) for f in floats])
@@ -621,7 +621,8 @@ class OnnxDecoder:
     ``step(input_ids, past=None, attention_mask=None)`` runs one forward (``past=None``: the
     prefill) and returns ``(logits, present)``, ``present`` being the list of key/value arrays
     to pass as the next step's ``past``. ``decoder(ids)`` returns the logits of a prefill
-    (``(batch, tokens, vocab)`` float32 tensor), as a torch causal LM would.
+    (``(batch, tokens, vocab)`` float32 tensor), as a torch causal LM would. ``threads``: ONNX
+    Runtime intra-op threads (default: torch's current count; inter-op 1).
 
     Raises:
         CheckpointError: the file is missing or not loadable.
@@ -632,8 +633,8 @@ class OnnxDecoder:
         from torchslim.export.ort import ort_session
 
         self.path = str(path)
-        self.session = ort_session(self.path, threads)
-        self.threads = threads
+        self.threads = int(threads) if threads is not None else torch.get_num_threads()
+        self.session = ort_session(self.path, self.threads)
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
         if names[:2] != ["input_ids", "attention_mask"] or not self.past_names:

@@ -2,8 +2,9 @@
 
 ``evaluate_lm(model, "shakespeare")`` scores a causal LM (a ``pretrained:`` LLM, compressed or
 not) by sliding window on the held-out plays; ``lm_speed(model)`` times prefill and decode with
-a KV cache, batch 1. ``torchslim eval MODEL --perplexity --data SPEC`` runs the first from the
-command line.
+a KV cache, batch 1; ``generate(model, prompt, n)`` generates text with a KV cache. Each takes a
+torch model or an exported ONNX decoder (``export_onnx_decoder``; run on ONNX Runtime).
+``torchslim eval MODEL --perplexity --data SPEC`` runs the first from the command line.
 """
 
 from torchslim.lm.evaluate import (
@@ -13,13 +14,16 @@ from torchslim.lm.evaluate import (
     resolve_tokenizer,
     text_tokens,
 )
+from torchslim.lm.generate import Generation, generate
 from torchslim.lm.speed import LMSpeed, lm_speed
 
 __all__ = [
+    "Generation",
     "LMSpeed",
     "PerplexityResult",
     "SMOLLM2_HAMLET_1024",
     "evaluate_lm",
+    "generate",
     "lm_speed",
     "resolve_tokenizer",
     "text_tokens",

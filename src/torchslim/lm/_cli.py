@@ -9,8 +9,10 @@
 * a labeled data spec (``mnist``, ``digits``, ...): accuracy of a classifier on the test split;
 * ``--speed``: prefill and decode tokens/s of the LM (``ts.lm_speed``, batch 1, threads stated).
 
-MODEL is a model spec or a directory written by ``ts.save``. An exported ONNX decoder cannot be
-scored yet: it is refused with exit code 2.
+MODEL is a model spec, a directory written by ``ts.save``, or an ONNX decoder with a KV cache
+(``model.onnx`` written by ``export_onnx_decoder``): the shipped file itself is scored on ONNX
+Runtime (perplexity, ``--speed``). Other exported files (``.pte``, ``.gguf``, ``.pt2``, ``.tslim``)
+are refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def register(sub: Any) -> None:
     from torchslim._cli_common import Number
 
     p = sub.add_parser("eval", help="perplexity of an LM on held-out text (or accuracy of a classifier); tokens/s")
-    p.add_argument("model", metavar="MODEL", help="model spec (e.g. pretrained:smollm2-135m) or a directory written by ts.save")
+    p.add_argument("model", metavar="MODEL", help="model spec (e.g. pretrained:smollm2-135m), a directory written by ts.save, "
+                   "or an ONNX decoder file (model.onnx)")
     p.add_argument("--data", required=True,
                    help="data spec: shakespeare or text:path.txt for perplexity; a labeled set (digits, mnist...) for accuracy")
     p.add_argument("--perplexity", action="store_true", help="perplexity on the test split (needs a text data spec)")
@@ -49,9 +52,9 @@ def register(sub: Any) -> None:
 def _refuse_exported(spec: str) -> None:
     from torchslim.errors import SpecError
 
-    if Path(spec).suffix.lower() in (".onnx", ".pte", ".gguf", ".pt2", ".tslim"):
-        raise SpecError(f"MODEL {spec!r} is an exported file; eval scores a model spec or a directory written by "
-                        "ts.save (exported decoders are not supported yet)")
+    if Path(spec).suffix.lower() in (".pte", ".gguf", ".pt2", ".tslim"):
+        raise SpecError(f"MODEL {spec!r} is an exported file; eval scores a model spec, a directory written by "
+                        "ts.save, or an ONNX decoder (.onnx written by export_onnx_decoder)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -70,12 +73,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--perplexity needs a text data spec (shakespeare, text:path.txt); {args.data!r} holds no text")
     if not is_text and not data.labeled:
         raise ConfigError(f"--data {args.data!r} is unlabeled: give labeled data (accuracy) or text (perplexity)")
-    model = ts.load(args.model) if Path(args.model).is_dir() else ts.create_model(args.model)
-    payload: dict[str, Any] = {"model": args.model, "data": args.data, "split": "test"}
+    onnx = Path(args.model).suffix.lower() == ".onnx"
+    if onnx and not is_text:
+        raise ConfigError(f"MODEL {args.model!r} is an ONNX decoder: score it with a text data spec (shakespeare, text:path.txt)")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if onnx:
+        from torchslim.export.onnx_decoder import OnnxDecoder
+
+        model: Any = OnnxDecoder(args.model, threads=args.threads)
+    else:
+        model = ts.load(args.model) if Path(args.model).is_dir() else ts.create_model(args.model)
+    payload: dict[str, Any] = {"model": args.model, "data": args.data, "split": "test"}
     if is_text:
         result = evaluate_lm(model, data, context=args.context, stride=args.stride,
                              max_tokens=None if args.all_tokens else args.max_tokens)

@@ -32,7 +32,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -97,9 +99,10 @@ def _positive(name: str, value: Any, lo: int = 1) -> int:
     return int(value)
 
 
-def resolve_tokenizer(model: nn.Module, tokenizer: Any = None) -> Any:
+def resolve_tokenizer(model: nn.Module | Any, tokenizer: Any = None) -> Any:
     """The tokenizer to read text for ``model``: ``tokenizer`` if given, else the one of the
-    ``pretrained:`` LLM the model was built from (``ts.create_model`` / ``ts.load`` remember it).
+    ``pretrained:`` LLM the model was built from (``ts.create_model`` / ``ts.load`` remember it;
+    an :class:`~torchslim.export.onnx_decoder.OnnxDecoder`: the spec its file records).
 
     Raises:
         ConfigError: none given and the model was not built from a ``pretrained:`` LLM spec.
@@ -108,6 +111,13 @@ def resolve_tokenizer(model: nn.Module, tokenizer: Any = None) -> Any:
         return tokenizer
     from torchslim.zoo import pretrained_llm
 
+    if not isinstance(model, nn.Module):  # an ONNX decoder: the spec its exporter recorded
+        spec = str((getattr(model, "metadata", None) or {}).get("spec") or "")
+        name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else ""
+        if pretrained_llm.is_llm(name):
+            return pretrained_llm.tokenizer(name)
+        raise ConfigError(f"no tokenizer known for {getattr(model, 'path', model)} (exported from {spec or 'a model with no spec'}): "
+                          "pass tokenizer= (a Hugging Face tokenizer or a function str -> token ids)")
     info = model_info(model)
     name = str((info.build or {}).get("name", "")) if info is not None else ""
     if info is not None and info.kind == "pretrained" and pretrained_llm.is_llm(name):
@@ -163,7 +173,7 @@ def _bos_id(tokenizer: Any, bos: bool | None) -> int | None:
     return int(bos_id)
 
 
-def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _forward(model: nn.Module | Any) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(ids: torch.Tensor) -> torch.Tensor:
         try:
             out = model(ids)
@@ -183,7 +193,7 @@ def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_lm(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike[str],
     data: Any = "shakespeare",
     *,
     tokenizer: Any = None,
@@ -201,7 +211,9 @@ def evaluate_lm(
 
     Args:
         model: a causal LM: ``model(input_ids)`` returns logits ``(batch, tokens, vocabulary)`` or
-            an output with ``.logits`` (transformers).
+            an output with ``.logits`` (transformers); or an exported ONNX decoder (the path of the
+            ``.onnx`` file written by ``export_onnx_decoder``, run by ONNX Runtime with ``threads``
+            intra-op threads, default torch's count), so the shipped file itself is scored.
         data: a text data spec (``"shakespeare"``, ``"text:path.txt"``), a ``TextBundle``, or a
             1-D tensor of token ids.
         tokenizer: how to turn the text into ids (default: the tokenizer of the ``pretrained:``
@@ -228,16 +240,23 @@ def evaluate_lm(
         raise ConfigError(f"stride must be less than context ({context}); got {stride}")
     if max_tokens is not None:
         max_tokens = _positive("max_tokens", max_tokens, 2)
+    from torchslim.export.onnx_decoder import OnnxDecoder, is_onnx_decoder
+
+    if is_onnx_decoder(model):
+        model = OnnxDecoder(model, threads=threads if threads is not None else torch.get_num_threads())
+    onnx = isinstance(model, OnnxDecoder)
     if not isinstance(data, torch.Tensor):
         tokenizer = resolve_tokenizer(model, tokenizer)
     ids, what = text_tokens(data, tokenizer, split=split, max_tokens=max_tokens)
     bos_id = _bos_id(tokenizer, bos)
     off = 0 if bos_id is None else 1  # a BOS token before each window gives the first text token context
     n = ids.numel()
-    device = model_device(model)
+    device = torch.device("cpu") if onnx else model_device(model)
     run = _forward(model)
     total, scored, windows, done = 0.0, 0, 0, 1 - off  # without BOS token 0 has no context: not scored
-    with evaluating(model), num_threads(threads) as used:
+    ctx = contextlib.nullcontext() if onnx else evaluating(model)
+    with ctx, num_threads(None if onnx else threads) as used:
+        used = model.threads if onnx else used
         start_time = time.perf_counter()
         begin = 0
         while done < n:

@@ -8,6 +8,12 @@ the median of timed runs):
   (a manual loop over transformers' ``DynamicCache``; after each timed run the cache is cropped
   back to the prompt, so every run decodes the same tokens from the same state).
 
+An exported ONNX decoder (the path of the ``.onnx`` file written by
+:func:`~torchslim.export.onnx_decoder.export_onnx_decoder`, or an ``OnnxDecoder``) is timed the
+same way on ONNX Runtime (CPU, ``threads`` intra-op threads, inter-op 1): the prefill runs with
+an empty cache, and each decode run starts from the prefill's ``present.*`` arrays (inputs are
+not changed by a run, so every run decodes the same tokens from the same state).
+
 Prefill tokens/s = ``prompt_tokens / median prefill time``; decode tokens/s = ``new_tokens /
 median decode time``. The prompt is fixed token ids (seeded), batch 1. Compare two models only
 when measured in one run, side by side, on the same machine and threads.
@@ -23,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,7 +88,7 @@ def _cache_class() -> Any:
 
 @torch.no_grad()
 def lm_speed(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike[str] | Any,
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 32,
@@ -96,11 +103,12 @@ def lm_speed(
     The model is run in eval mode under ``no_grad`` and left as it was.
 
     Args:
-        model: a causal LM taking ``input_ids``, ``past_key_values`` (``cache`` in newer transformers) and
+        model: an ONNX decoder (``.onnx`` path or ``OnnxDecoder``), or a causal LM taking ``input_ids``, ``past_key_values`` (``cache`` in newer transformers) and
             ``use_cache`` (transformers).
         prompt_tokens: prompt length of the prefill.
         new_tokens: greedy decode steps timed after the prefill.
-        threads: torch threads (default: as set); stated in the result.
+        threads: torch threads, or ONNX Runtime intra-op threads (default: torch's current
+            count); stated in the result.
         runs, warmup: timed and untimed runs of each phase.
         vocab: draw the prompt ids below this (default: the model's ``config.vocab_size``).
         seed: seed of the prompt ids.
@@ -112,6 +120,10 @@ def lm_speed(
     prompt_tokens = _count("prompt_tokens", prompt_tokens, 1)
     new_tokens = _count("new_tokens", new_tokens, 1)
     runs, warmup = _count("runs", runs, 1), _count("warmup", warmup, 0)
+    from torchslim.export.onnx_decoder import OnnxDecoder, is_onnx_decoder
+
+    if is_onnx_decoder(model) or isinstance(model, OnnxDecoder):
+        return _onnx_speed(model, prompt_tokens, new_tokens, threads, runs, warmup, vocab, seed)
     vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
     if not is_int(vocab) or vocab < 2:
         raise ConfigError(f"vocab must be an integer >= 2 (the model has no config.vocab_size); got {vocab!r}")
@@ -154,4 +166,47 @@ def lm_speed(
         prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=used, runs=runs, warmup=warmup,
         cpu=cpu_name(), method="eager, manual greedy loop over a transformers DynamicCache",
+    )
+
+
+def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | None, runs: int, warmup: int,
+                vocab: int | None, seed: int) -> LMSpeed:
+    """:func:`lm_speed` of an ONNX decoder on ONNX Runtime (see the module doc)."""
+    import numpy as np
+
+    from torchslim.export.onnx_decoder import OnnxDecoder
+
+    dec = model if isinstance(model, OnnxDecoder) else OnnxDecoder(model, threads=threads)
+    vocab = vocab or dec.metadata.get("vocab")
+    if not is_int(vocab) or vocab < 2:
+        raise ConfigError(f"vocab must be an integer >= 2 (the ONNX file records none); got {vocab!r}")
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, int(vocab), (1, prompt_tokens), generator=g).numpy()
+    empty = dec.empty_past(1)
+
+    def prefill() -> tuple[Any, list[Any]]:
+        return dec.step_numpy(prompt, empty, np.ones((1, prompt_tokens), np.int64))
+
+    try:
+        logits, cache = prefill()
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ModelRunError(f"the ONNX decoder {dec.path} failed on a {prompt_tokens}-token prompt: "
+                            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+    first = np.array([[int(logits[0, -1].argmax())]], np.int64)
+    masks = [np.ones((1, prompt_tokens + i + 1), np.int64) for i in range(new_tokens)]
+
+    def decode() -> None:
+        token, past = first, cache
+        for mask in masks:
+            out, past = dec.step_numpy(token, past, mask)
+            token = np.array([[int(out[0, -1].argmax())]], np.int64)
+
+    t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="onnxruntime")
+    t_decode = measure(decode, runs=runs, warmup=warmup, runtime="onnxruntime")
+    prefill_s, decode_s = t_prefill.median_ms / 1e3, t_decode.median_ms / 1e3
+    return LMSpeed(
+        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
+        prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=dec.threads, runs=runs, warmup=warmup,
+        cpu=cpu_name(), method="onnxruntime CPU, greedy loop feeding present.* back as past_key_values.*",
     )
