@@ -390,9 +390,14 @@ class _RootCatch(logging.Handler):
 
 
 def _to_stderr(handler: logging.Handler) -> bool:
-    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+    """A handler that writes to the console's stderr: a ``StreamHandler`` on it, or one (torch's
+    ``_StderrHandler``) whose ``stream`` follows ``sys.stderr``."""
+    if isinstance(handler, logging.FileHandler):
         return False
-    stream = getattr(handler, "stream", None)
+    try:
+        stream = getattr(handler, "stream", None)
+    except Exception:  # a property that fails: not a console handler we know
+        return False
     return stream is sys.stderr or stream is sys.__stderr__ or getattr(stream, "name", None) == "<stderr>"
 
 

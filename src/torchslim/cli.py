@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         con = _console(args)
         acc = "-" if result.test_accuracy is None else f"{100 * result.test_accuracy:.2f}%"
-        con.print(f"[bold]{args.model}[/bold] trained on {args.data} for {result.epochs_run} epochs: test accuracy {acc}")
+        con.print(f"[bold]{args.model}[/bold] trained on {args.data} for {result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}: test accuracy {acc}")
         con.print(f"saved to {out}" + _checkpoint_note(ckpt), highlight=False)
     return 0
 
