@@ -23,6 +23,7 @@ from torchslim.export.gguf import (  # noqa: E402
     ggml_quantize,
     gguf_metadata,
     gguf_scheme,
+    gguf_tensor_types,
     read_gguf_weights,
 )
 from torchslim.quantize.primitives import QScheme  # noqa: E402
@@ -72,9 +73,10 @@ def _hf_name_to_gguf(model: torch.nn.Module) -> dict[str, str]:
 
 def _check_exact(model: torch.nn.Module, path: str, expected_type: str) -> int:
     """Every torchslim integer layer's dequantized weight equals the GGUF tensor (Q/K rows put back)."""
-    reader = gguf.GGUFReader(path)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    weights = read_gguf_weights(path)
+    types = {name: t for name, (t, _) in gguf_tensor_types(path).items()}
+    mapped = _hf_name_to_gguf(model)
+    weights = read_gguf_weights(path, names=[mapped[n] + ".weight" for n, m in model.named_modules()
+                                             if n in mapped and hasattr(m, "dequantized_weight")])
     cfg = model.config
     n = 0
     for hf, base in _hf_name_to_gguf(model).items():
@@ -190,6 +192,23 @@ def test_off_grid_weights_are_snapped_with_the_error_reported_or_refused(tmp_pat
     assert _check_exact(model4, str(path4), "Q8_0") == 15
 
 
+def test_own_readers_agree_with_gguf_reader(tmp_path):
+    """read_gguf_weights / gguf_tensor_types / gguf_metadata == gguf.GGUFReader + gguf.quants.dequantize."""
+    model = _llama(layers=1)
+    ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32, skip=["lm_head"])
+    path = export_gguf(model, tmp_path / "m.gguf", embedding_type="q8_0", float_type="f16").path
+    reader = gguf.GGUFReader(path)
+    ours, raw, types = read_gguf_weights(path), read_gguf_weights(path, dequantize=False), gguf_tensor_types(path)
+    assert list(types) == [t.name for t in reader.tensors] == list(ours)
+    assert {t[0] for t in types.values()} == {"F32", "F16", "Q4_0", "Q8_0"}
+    for t in reader.tensors:
+        assert types[t.name] == (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))), t.name
+        assert torch.equal(ours[t.name], torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type))), t.name
+        assert np.array_equal(raw[t.name].numpy().view(np.uint8), np.array(t.data).view(np.uint8)), t.name
+    meta = gguf_metadata(path)
+    assert meta == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -276,17 +295,22 @@ def test_gemma3_float_round_trip(tmp_path):
 
 
 def test_smollm2_int4_carried_bit_exactly_with_its_tokenizer(tmp_path, smollm2):
-    """The real model quantized int4 g32 by torchslim: every Q4_0 tensor of the file is its weight bit
-    for bit, the hyperparameters and tokenizer equal the source GGUF's."""
+    """The real model, its first and last blocks quantized int4 g32 by torchslim (the rest F16, to
+    keep the test short): those Q4_0 tensors are its weights bit for bit; tensor names and shapes,
+    hyperparameters and tokenizer equal those of the source GGUF file."""
     from torchslim.zoo.pretrained_llm import gguf_file
 
     model = copy.deepcopy(smollm2)
-    ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32)
-    r = export_gguf(model, tmp_path / "s.gguf", embedding_type="q8_0")
-    assert r.info["snapped"] == {} and r.info["tokenizer"] == str(gguf_file("smollm2-135m"))
-    assert _check_exact(model, str(r.path), "Q4_0") == len(r.info["exact"]) == 211
+    ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32,
+                 modules=["model.layers.0.*", "model.layers.29.*"])
+    r = export_gguf(model, tmp_path / "s.gguf", float_type="f16")
+    source = gguf_file("smollm2-135m")
+    assert r.info["snapped"] == {} and r.info["tokenizer"] == str(source)
+    assert _check_exact(model, str(r.path), "Q4_0") == len(r.info["exact"]) == 14
+    assert {n: shape for n, (_, shape) in gguf_tensor_types(r.path).items()} == {
+        n: shape for n, (_, shape) in gguf_tensor_types(source).items()}
     meta = gguf_metadata(r.path)
-    for key, value in gguf_metadata(gguf_file("smollm2-135m")).items():
+    for key, value in gguf_metadata(source).items():
         if key.startswith(("llama.", "tokenizer.", "general.name")):
             assert meta[key] == (pytest.approx(value) if isinstance(value, float) else value), key
-    assert meta["tokenizer.ggml.tokens"] == 49152 and meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    assert meta["tokenizer.ggml.tokens"] == 49152 and meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)

@@ -92,6 +92,7 @@ __all__ = [
     "ggml_quantize",
     "gguf_metadata",
     "gguf_scheme",
+    "gguf_tensor_types",
     "read_gguf_weights",
 ]
 
@@ -195,38 +196,39 @@ def _is_quantized(module: nn.Module) -> bool:
 
 
 def _block_scales(module: nn.Module, rows: int, cols: int) -> torch.Tensor | None:
-    """The stored scale of every element, ``(rows, cols)``, or None when the layout is unknown."""
+    """The stored scale of each 32-element block, ``(rows, cols / 32)``, or None when one block
+    would hold several scales (groups that are not a multiple of 32) or the layout is unknown."""
     s = module.scheme
     scale = module.scale.detach().float()
-    if s.granularity == "tensor":
-        return scale.reshape(1, 1).expand(rows, cols)
+    nb = cols // _QBLOCK
+    if s.granularity == "tensor" and scale.numel() == 1:
+        return scale.reshape(1, 1).expand(rows, nb)
     if s.granularity == "channel" and getattr(s, "axis", 0) == 0 and scale.numel() == rows:
-        return scale.reshape(rows, 1).expand(rows, cols)
-    if s.granularity == "group" and cols % s.group_size == 0 and scale.numel() == rows * (cols // s.group_size):
-        return scale.reshape(rows, cols // s.group_size, 1).expand(rows, cols // s.group_size, s.group_size).reshape(rows, cols)
+        return scale.reshape(rows, 1).expand(rows, nb)
+    if (s.granularity == "group" and s.group_size % _QBLOCK == 0 and cols % s.group_size == 0
+            and scale.numel() == rows * (cols // s.group_size)):
+        return scale.reshape(rows, cols // s.group_size).repeat_interleave(s.group_size // _QBLOCK, dim=1)
     return None
 
 
-def _exact_ints(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(ints, block scales)`` when ``weight`` (the module's dequantized weight) is integers times one
-    stored fp16 scale per 32-element block, checked bit for bit; None otherwise."""
+def _exact_ints(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """``(ints, block scales, min int, max int)`` when ``weight`` (the module's dequantized weight)
+    is integers times one stored fp16 scale per 32-element block, checked bit for bit; else None."""
     rows, cols = weight.shape
     if not getattr(module.scheme, "symmetric", False) or cols % _QBLOCK:
         return None
-    full = _block_scales(module, rows, cols)
-    if full is None or not bool(torch.isfinite(full).all()):
-        return None
-    blocks = full.reshape(rows, cols // _QBLOCK, _QBLOCK)
-    per_block = blocks[..., 0]
-    if not torch.equal(blocks, per_block.unsqueeze(-1).expand_as(blocks)):
+    per_block = _block_scales(module, rows, cols)
+    if per_block is None or not bool(torch.isfinite(per_block).all()):
         return None
     if not torch.equal(per_block.half().float(), per_block):
         return None
-    safe = torch.where(full == 0, torch.ones_like(full), full)
-    ints = torch.where(full == 0, torch.zeros_like(weight), torch.round(weight / safe))
-    if ints.abs().max() > 128 or not torch.equal(ints * full, weight):
+    s3 = per_block.unsqueeze(-1)
+    w3 = weight.reshape(rows, cols // _QBLOCK, _QBLOCK)
+    ints = torch.round(w3 / torch.where(s3 == 0, torch.ones_like(s3), s3))  # a zero scale holds zeros: 0 / 1
+    lo, hi = torch.aminmax(ints)
+    if lo < -128 or hi > 127 or not torch.equal(ints * s3, w3):
         return None
-    return ints.to(torch.int16), per_block.half()
+    return ints.to(torch.int16).reshape(rows, cols), per_block.half(), int(lo), int(hi)
 
 
 def _float_array(w: torch.Tensor, kind: str) -> np.ndarray:
@@ -254,7 +256,7 @@ class _Plan:
         exact = _exact_ints(module, weight) if quantized else None
         if requested == "auto":
             if exact is not None:
-                kind = "q4_0" if bool(((exact[0] >= -8) & (exact[0] <= 7)).all()) else "q8_0"
+                kind = "q4_0" if exact[2] >= -8 and exact[3] <= 7 else "q8_0"
             elif quantized:
                 kind = "q4_0" if module.scheme.bits <= 4 else "q8_0"
             else:
@@ -269,8 +271,8 @@ class _Plan:
             w = weight if rows_perm is None else weight[rows_perm]
             return _float_array(w, kind), None
         lo, hi = (-8, 7) if kind == "q4_0" else (-128, 127)
-        if exact is not None and bool(((exact[0] >= lo) & (exact[0] <= hi)).all()):
-            ints, scales = exact
+        if exact is not None and exact[2] >= lo and exact[3] <= hi:
+            ints, scales = exact[0], exact[1]
             self.exact.append(name)
         else:
             if quantized and not self.requantize:
@@ -417,11 +419,15 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
-def _read_kv(path: Path) -> list[tuple[str, int, Any, int | None]]:
-    """The key/value section of a little-endian GGUF file: ``(key, type, value, array item type)``.
+_Field = tuple[str, int, Any, "int | None"]  # key, value type, value, array item type
+_TensorInfo = tuple[str, tuple[int, ...], int, int]  # name, (rows, cols) shape, GGML type, byte offset in the file
 
-    A direct reader (``gguf.GGUFReader`` takes seconds on a 50k-token vocabulary because it
-    builds one memory-map view per string)."""
+
+def _read_header(path: Path, tensors: bool = False) -> tuple[list[_Field], list[_TensorInfo]]:
+    """Key/value fields (and, with ``tensors``, tensor infos) of a little-endian GGUF file.
+
+    A direct reader: ``gguf.GGUFReader`` takes seconds on a 50k-token vocabulary because it builds
+    one memory-map view per string; this one reads the header pages only."""
     import mmap
     import struct
 
@@ -429,17 +435,37 @@ def _read_kv(path: Path) -> list[tuple[str, int, Any, int | None]]:
         head = f.read(24)
         if len(head) < 24 or head[:4] != b"GGUF":
             raise ConfigError(f"{path} is not a GGUF file")
-        version, _, n_kv = struct.unpack_from("<IQQ", head, 4)
-        if not 1 <= version < 256:
-            raise ConfigError(f"{path}: GGUF version {version} (big-endian or unknown) is not supported")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header pages are read
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+        if not 2 <= version < 256:
+            raise ConfigError(f"{path}: GGUF version {version} (big-endian or too old) is not supported")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _parse_kv(buf, 24, n_kv, path)
+        fields, pos = _parse_kv(buf, 24, n_kv, path)
+        infos: list[_TensorInfo] = []
+        if tensors:
+            raw = []
+            for _ in range(n_tensors):
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                name = buf[pos + 8:pos + 8 + n].decode("utf-8")
+                pos += 8 + n
+                (n_dims,) = struct.unpack_from("<I", buf, pos)
+                dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+                ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+                pos += 4 + 8 * n_dims + 12
+                raw.append((name, tuple(int(d) for d in reversed(dims)), int(ttype), int(offset)))
+            align = next((int(v) for k, _, v, _ in fields if k == "general.alignment"), 32)
+            start = -(-pos // align) * align
+            infos = [(name, shape, ttype, start + offset) for name, shape, ttype, offset in raw]
+        return fields, infos
     finally:
         buf.close()
 
 
-def _parse_kv(buf: Any, pos: int, n_kv: int, path: Path) -> list[tuple[str, int, Any, int | None]]:
+def _read_kv(path: Path) -> list[_Field]:
+    return _read_header(path)[0]
+
+
+def _parse_kv(buf: Any, pos: int, n_kv: int, path: Path) -> tuple[list[_Field], int]:
     import struct
 
     def string() -> str:
@@ -478,7 +504,7 @@ def _parse_kv(buf: Any, pos: int, n_kv: int, path: Path) -> list[tuple[str, int,
             out.append((key, t, scalar(t), None))
         else:
             raise ConfigError(f"{path}: unknown GGUF value type {t} under {key!r}")
-    return out
+    return out, pos
 
 
 def _copy_metadata(writer: Any, source: Path, vocab: int) -> int:
@@ -684,22 +710,40 @@ def export_gguf(
 # --------------------------------------------------------------------------- reading back
 
 
-def read_gguf_weights(path: str | os.PathLike[str], *, dequantize: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file by name, in PyTorch's ``(rows, cols)`` order.
+def read_gguf_weights(path: str | os.PathLike[str], *, dequantize: bool = True,
+                      names: Any = None) -> dict[str, torch.Tensor]:
+    """The tensors of a GGUF file by name (all, or those in ``names``), in PyTorch's ``(rows, cols)`` order.
 
     With ``dequantize=True`` (default) each is float32 (Q4_0 / Q8_0 / F16 blocks expanded by
-    ``gguf.quants.dequantize``); with ``False`` the raw block bytes (uint8) or float data.
-    Q / K rows stay in the file's (llama.cpp) order.
+    ``gguf.quants.dequantize``); with ``False`` the raw block bytes (uint8 ``(rows, bytes per
+    row)``) or the float data. Q / K rows stay in the file's (llama.cpp) order.
     """
     gguf = _gguf()
-    reader = gguf.GGUFReader(Path(path))
+    _, infos = _read_header(Path(path), tensors=True)
+    wanted = None if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        data = np.array(t.data)
+    for name, shape, ttype, offset in infos:
+        if wanted is not None and name not in wanted:
+            continue
+        qtype = gguf.GGMLQuantizationType(ttype)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        byte_shape = (*shape[:-1], shape[-1] // block * size)
+        data = np.fromfile(path, dtype=np.uint8, count=int(np.prod(byte_shape)), offset=offset).reshape(byte_shape)
         if dequantize:
-            data = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)
-        out[t.name] = torch.from_numpy(np.ascontiguousarray(data))
+            data = gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+        elif qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        out[name] = torch.from_numpy(np.ascontiguousarray(data))
+    if wanted is not None and wanted - set(out):
+        raise ConfigError(f"{path} has no tensors {sorted(wanted - set(out))}")
     return out
+
+
+def gguf_tensor_types(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (GGML type name, (rows, cols) shape)}`` of every tensor of a GGUF file, in file order."""
+    gguf = _gguf()
+    _, infos = _read_header(Path(path), tensors=True)
+    return {name: (gguf.GGMLQuantizationType(t).name, shape) for name, shape, t, _ in infos}
 
 
 def gguf_metadata(path: str | os.PathLike[str], *, arrays: bool = False) -> dict[str, Any]:
