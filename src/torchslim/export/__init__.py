@@ -17,6 +17,10 @@ quantized one, calibrated on ``calibration=``); a quantized model exported as ``
 :func:`bench` times a model in eager PyTorch, ``torch.compile``, TorchScript, ONNX Runtime and
 ExecuTorch (XNNPACK), fp32 and int8, in one interleaved table.
 
+Decoder LLMs go to GGUF (llama.cpp, ollama) with :func:`export_gguf` (``.gguf`` with ``export``):
+torchslim's int4 / int8 weights are written as Q4_0 / Q8_0 blocks bit for bit
+(:mod:`torchslim.export.gguf`).
+
 Example:
     >>> import tempfile, os, torchslim as ts
     >>> from torchslim.export import export
@@ -34,6 +38,7 @@ from torchslim.export import torchscript as _torchscript  # noqa: F401
 from torchslim.export._base import ExportError, Format, get_format, list_formats, register_format
 from torchslim.export.api import ExportResult, export
 from torchslim.export.bench import BenchResult, BenchRow, bench  # the function shadows the module name
+from torchslim.export.gguf import export_gguf, gguf_scheme, read_gguf_weights
 from torchslim.export.onnx import export_onnx
 from torchslim.export.onnx_int import (
     IntegerScheme,
@@ -66,11 +71,14 @@ __all__ = [
     "bench",
     "check_parity",
     "export",
+    "export_gguf",
     "export_integer_onnx",
     "export_onnx",
     "get_format",
+    "gguf_scheme",
     "list_formats",
     "random_inputs",
+    "read_gguf_weights",
     "register_format",
     "register_integer_scheme",
     "register_onnx_lowering",

@@ -98,7 +98,7 @@ def _resolve(path: Any, format: str | None) -> tuple[Path, str]:
         if by_suffix is None:
             raise ConfigError(
                 f"cannot tell the export format from {str(p)!r}; pass format= one of {', '.join(list_formats())}, "
-                "or use a suffix: .onnx, .pt (torchscript), .pt2"
+                "or use a suffix: .onnx, .pt (torchscript), .pt2, .pte, .gguf"
             )
         return p, by_suffix
     fmt = get_format(format).name
@@ -165,8 +165,8 @@ def export(
         example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs (default: the
             inputs the model remembers, for models built by ``ts.create_model``).
         path: the file to write; its directory must exist.
-        format: ``"onnx"``, ``"torchscript"`` or ``"pt2"``; by default from the suffix
-            (``.onnx``, ``.pt``/``.ts``, ``.pt2``).
+        format: ``"onnx"``, ``"torchscript"`` or ``"pt2"`` (or ``"pte"``, ``"gguf"``); by default from
+            the suffix (``.onnx``, ``.pt``/``.ts``, ``.pt2``, ``.pte``, ``.gguf``).
         check: run the artifact back and compare (see :mod:`torchslim.export.parity`).
         strict: raise :class:`ParityError` (and keep no file) when parity fails; with
             ``False`` the file is kept and ``result.parity.ok`` is False.
@@ -180,6 +180,11 @@ def export(
         calibration: for models quantized in static / QAT mode exported to ONNX: batches
             (input tensors or ``(input, target)`` pairs) ONNX Runtime calibrates the tensors
             torchslim left in float on (default: random batches like the example inputs).
+
+    Decoder LLMs: ``.gguf`` writes a GGUF file for llama.cpp with
+    :func:`torchslim.export.gguf.export_gguf`'s defaults (torchslim int4 / int8 weights carried over
+    as Q4_0 / Q8_0, float weights F32) and checks it by loading it into transformers; call
+    ``export_gguf`` itself for the other weight types.
 
     Quantized models: with format ``onnx``, a model quantized by ``ts.quantize_`` in static or
     QAT mode is written as int8 QDQ ONNX (format ``"onnx-int8"``, see
@@ -208,6 +213,13 @@ def export(
         raise type_error("model", model, "an nn.Module")
     if path is None:
         raise ConfigError("export needs a path, e.g. export(model, inputs, 'model.onnx')")
+    if format == "gguf" or (format is None and isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() == ".gguf"):
+        from torchslim.export.gguf import export_checked  # decoder LLMs only: not a registered Format
+
+        if calibration is not None:
+            raise ConfigError("calibration= is for int8 exports (onnx-int8, pte-int8); gguf export does not use it")
+        return export_checked(model, example_inputs, path, check=check, strict=strict, tolerance=tolerance,
+                              random_inputs=random_inputs, seed=seed)
     target, fmt_name = _resolve(path, format)
     from torchslim.export.pte import route_pte
     from torchslim.export.quantized import QUANTIZED_ONNX, route

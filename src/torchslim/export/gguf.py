@@ -47,7 +47,7 @@ their scales, biases) the same way, which keeps every 32-element block intact.
 The file is built under a temporary name and renamed into place (:mod:`torchslim._fs`).
 :func:`read_gguf_weights` and :func:`gguf_metadata` read a file back (dequantized with
 ``gguf.quants``). ``ts.export(model, inputs, "model.gguf")`` uses this writer with the defaults
-and checks the file by loading it into transformers and comparing logits.
+and checks the file by loading it into transformers and comparing logits (:func:`export_checked`).
 
 Example:
     >>> import tempfile, os, torch
@@ -82,7 +82,7 @@ from torch import nn
 from torchslim._fs import atomic_path
 from torchslim._optional import require
 from torchslim.errors import ConfigError, type_error
-from torchslim.export._base import ExportError, Format, register_format
+from torchslim.export._base import ExportError, failure_reason, staging
 from torchslim.export.api import ExportResult
 from torchslim.graph.inputs import Inputs
 
@@ -752,31 +752,79 @@ def gguf_metadata(path: str | os.PathLike[str], *, arrays: bool = False) -> dict
     return {k: (len(v) if sub is not None and not arrays and len(v) > 64 else v) for k, _, v, sub in _read_kv(Path(path))}
 
 
-# --------------------------------------------------------------------------- ts.export format
-
-
-def _write(model: nn.Module, inputs: Inputs, path: Path, **_: Any) -> dict[str, Any]:
-    result = export_gguf(model, path)
-    return dict(result.info)
+# --------------------------------------------------------------------------- ts.export(..., "model.gguf")
 
 
 def _load(path: Path, device: torch.device) -> Callable[[Inputs], list[torch.Tensor]]:
+    """The GGUF file as transformers loads it (dequantized), returning ``[logits]``."""
     transformers = require("transformers", "loading a GGUF file back")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                   dtype=torch.float32).eval().to(device)
+        logging = transformers.utils.logging
+        was = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+        try:
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                       dtype=torch.float32).eval().to(device)
+        finally:
+            if was:
+                logging.enable_progress_bar()
     except Exception as exc:  # transformers raises many kinds; say the file does not load
-        raise ExportError(f"the GGUF file {path.name} does not load into transformers: {exc}", format="gguf",
-                          reason="load failed") from exc
+        raise ExportError(f"the GGUF file {path.name} does not load into transformers: {failure_reason(exc)}",
+                          format="gguf", reason="load failed") from exc
 
     def run(inputs: Inputs) -> list[torch.Tensor]:
         with torch.no_grad():
             out = loaded(*inputs.args, **inputs.kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return [logits]
+        return [out.logits if hasattr(out, "logits") else out[0]]
 
     return run
 
 
-register_format(Format("gguf", (".gguf",), _write, _load, (1e-4, 1e-4)))
+def export_checked(
+    model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, check: bool = True, strict: bool = True,
+    tolerance: Any = None, random_inputs: int = 2, seed: int = 0, **options: Any,
+) -> ExportResult:
+    """What ``ts.export(model, inputs, "model.gguf")`` runs: :func:`export_gguf` with ``options``,
+    then (``check``) the file loaded into transformers and its logits compared with the model's on
+    the example and ``random_inputs`` random token sequences (default tolerance 1e-4: the file
+    holds the model's own weights when they are float or on a GGUF grid). With ``strict`` a
+    mismatch raises :class:`~torchslim.export.parity.ParityError` and no file is kept.
+
+    GGUF is not a registered :class:`~torchslim.export._base.Format` (those take any model, a GGUF
+    file only a decoder LLM); ``ts.export`` sends ``.gguf`` paths and ``format="gguf"`` here.
+    """
+    from torchslim.export.parity import ParityError, Tolerance, check_parity
+    from torchslim.graph.inputs import as_inputs
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise type_error("path", path, "a file path (str or os.PathLike)")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot export to {str(target)!r}: the directory {str(target.parent)!r} does not exist "
+                          "(create it first)")
+    tol = Tolerance.coerce(tolerance, (1e-4, 1e-4))
+    inputs = None
+    if check:
+        if example_inputs is None:
+            from torchslim._modelinfo import example_inputs as remembered
+
+            example_inputs = remembered(model)
+        inputs = as_inputs(example_inputs)
+    t0 = time.perf_counter()
+    with staging(target) as staged:
+        result = export_gguf(model, staged, **options)
+        report = None
+        if check and inputs is not None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            report = check_parity(model, _load(staged, device), inputs.to(device), format="gguf", tolerance=tol,
+                                  random_cases=random_inputs, seed=seed)
+            if strict and not report.ok:
+                bad = next(c for c in report.cases if not c.ok)
+                why = bad.problem or f"max abs diff {bad.max_abs:.3g} on the {bad.name} inputs"
+                raise ParityError(f"gguf export of {type(model).__name__} does not match the model: {why} (tolerance "
+                                  f"{tol.describe()}); no file was written. Pass a looser tolerance=, or strict=False "
+                                  "to keep the file.", report)
+    size = os.path.getsize(target)
+    return ExportResult(path=target, format="gguf", files={"model": str(target)}, sizes={"model": size},
+                        info=result.info, parity=report, seconds=time.perf_counter() - t0)
