@@ -192,15 +192,22 @@ def test_the_readme_order_is_refused_at_binarize(data) -> None:
 
 
 def test_channel_pruning_of_a_static_int8_model_is_refused_naming_the_layer(data) -> None:
-    """Integer weights are not pruned: the channel analysis stops at the first int8 layer."""
-    from torchslim.errors import UnsupportedOpError
+    """Integer weights are not pruned, sparsified, factorized or clustered: each verb names the
+    int8 layers and the order that works, and leaves the model as it was."""
+    from torchslim.pack import cluster_
 
     model = _lenet()
     VERBS["static"](model, data)
     y = _out(model)
     before = _snapshot(model)
-    with pytest.raises(UnsupportedOpError, match=r"in module 'features\.0' \(Int8Conv\)"):
+    named = r"features\.0 \(Int8Conv\), features\.3 \(Int8Conv\), classifier\.0 \(Int8Linear\) and 2 more hold integer weights"
+    with pytest.raises(ConfigError, match=r"prune_channels_ cannot take this model: " + named + r".*before quantize_"):
         ts.prune_channels_(model, ratio=0.5)
+    for verb, call in [("sparsify_", lambda: ts.sparsify_(model, sparsity=0.5)),
+                       ("factorize_", lambda: ts.factorize_(model, rank=2)),
+                       ("cluster_", lambda: cluster_(model))]:
+        with pytest.raises(ConfigError, match=named + f".*apply {verb} to the float model, before quantize_"):
+            call()
     assert _same(before, _snapshot(model)) and torch.equal(_out(model), y)
 
 

@@ -181,10 +181,12 @@ def linear_layers(
     """
     names = select_modules(model, modules, skip, kinds=(nn.Linear,))
     if not names:
+        from torchslim._modelinfo import integer_layers_note
+
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ConfigError(
             f"modules={modules!r} skip={skip!r} selects no nn.Linear; "
-            f"the model's are: {', '.join(linears[:20]) or 'none'}"
+            f"the model's are: {', '.join(linears[:20]) or 'none'}{integer_layers_note(model, 'this method')}"
         )
     return {n: model.get_submodule(n) for n in names}
 

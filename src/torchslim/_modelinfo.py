@@ -48,6 +48,9 @@ __all__ = [
     "Applied",
     "applied_to",
     "refuse_applied",
+    "integer_layers",
+    "integer_layers_note",
+    "refuse_integer_layers",
     "AFTER_FLOAT",
     "FINALIZE_FIRST",
     "SKIP_THEM",
@@ -344,6 +347,35 @@ def applied_to(model: nn.Module, name: str) -> list[Applied]:
             a = Applied(verb, a.family, f"{mode}, {a.what}" if mode else a.what)
         out.append(a)
     return out
+
+
+def integer_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class name)`` of the layers that hold their weight as integers (a ``qweight``
+    buffer: what ``quantize_`` / ``gptq_`` leave), in module order."""
+    return [(n, type(m).__name__) for n, m in model.named_modules()
+            if isinstance(getattr(m, "qweight", None), torch.Tensor) and not m.qweight.is_floating_point()]
+
+
+def integer_layers_note(model: nn.Module, verb: str, *, among: Iterable[str] | None = None) -> str:
+    """``""``, or a clause for an error saying which layers hold integer weights (of ``among``, or
+    all) and what to do: ``verb`` works on float weights, so it comes before quantization."""
+    wanted = None if among is None else set(among)
+    found = [(n, c) for n, c in integer_layers(model) if wanted is None or n in wanted]
+    if not found:
+        return ""
+    shown = ", ".join(f"{n} ({c})" for n, c in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"; {shown} hold integer weights (left by quantization): apply {verb} to the float model, "
+            f"before quantize_ (the order the recipes use)")
+
+
+def refuse_integer_layers(model: nn.Module, verb: str, *, skip: Iterable[str] = ()) -> None:
+    """Refuse, before any change, a model with integer-weight layers ``verb`` would have to take
+    (those not in ``skip``): one ``ConfigError`` naming them and what to do instead."""
+    skipped = set(skip)
+    left = [n for n, _ in integer_layers(model) if n not in skipped]
+    if left:
+        note = integer_layers_note(model, verb, among=left)[2:]
+        raise ConfigError(f"{verb} cannot take this model: {note}, or leave them out with skip={left[:8]!r}")
 
 
 def refuse_applied(

@@ -107,9 +107,12 @@ def select(
     if not chosen:
         kinds = " or ".join(t.__name__ for t in method.layer_types)
         what = "the selected modules" if modules is not None else type(model).__name__
+        from torchslim._modelinfo import integer_layers_note
+
+        note = integer_layers_note(model, "factorize_")
         raise ConfigError(
             f"method {method.name!r} found no layer to factorize in {what} (it applies to {kinds} "
-            f"with groups=1; skipped: {len(skipped)}); check modules=/skip= or pick another method"
+            f"with groups=1; skipped: {len(skipped)})" + (note or "; check modules=/skip= or pick another method")
         )
     return chosen, skipped
 

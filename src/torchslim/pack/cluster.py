@@ -261,9 +261,12 @@ def _select(model: nn.Module, cfg: ClusterConfig) -> dict[str, tuple[nn.Module, 
         pattern = first_match(name, cfg.layer_bits)
         chosen[name] = (candidates[name], cfg.bits if pattern is None else cfg.layer_bits[pattern])
     if not chosen:
+        from torchslim._modelinfo import integer_layers_note
+
         raise ConfigError(
             f"modules={list(cfg.modules) if cfg.modules is not None else None!r}, skip={list(cfg.skip)!r} select no "
             f"Linear/Conv/Embedding layer to cluster; the model's are: {', '.join(candidates) or 'none'}"
+            f"{integer_layers_note(model, 'cluster_')}"
         )
     for name, (module, _) in chosen.items():
         if _shared(module) is not None:

@@ -463,6 +463,9 @@ def prune_channels_(
     # as it was, also when it fails or refuses (graph.state); the surgery is all or nothing.
     with preserved(model, example_inputs, guard_writes=False):
         ignore = _left_whole(model, cfg)
+        from torchslim._modelinfo import refuse_integer_layers
+
+        refuse_integer_layers(model, "prune_channels_", skip=select_modules(model, ignore, None, kinds=None) if ignore else ())
         cg = analyse(model, example_inputs, skip=ignore)
         if getattr(crit, "needs_gradients", False):
             if data is None:

@@ -114,8 +114,11 @@ def prunable_weights(model: nn.Module, modules: Sequence[str] | str | None = Non
         found[f"{name}.weight" if name else "weight"] = module
     if not found:
         allowed = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+        from torchslim._modelinfo import integer_layers_note
+
         raise ConfigError(
             f"modules={modules!r} selects no Linear/Conv layer to prune; the model's are: {', '.join(allowed) or 'none'}"
+            f"{integer_layers_note(model, 'sparsify_')}"
         )
     return found
 
