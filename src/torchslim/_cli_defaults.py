@@ -27,6 +27,9 @@ __all__ = ["default_data", "describe_default", "model_spec_of"]
 #: ``load_data`` spec: verbs tokenize it themselves).
 SENTENCES = "sentences"
 
+#: The text data spec of the decoder LLMs (``torchslim.data.text``: calibration plays, held-out plays).
+SHAKESPEARE = "shakespeare"
+
 
 def model_spec_of(spec: str) -> str:
     """The spec a model was built from: ``spec`` itself, or the one a ``ts.save`` folder records."""
@@ -44,7 +47,7 @@ def default_data(spec: str) -> str | None:
     """The bundled data spec the model of ``spec`` is made for, or None when it has none.
 
     ``pretrained:`` image classifiers give the data they declare, ``pretrained:`` sentence
-    encoders give ``"sentences"``; ``zoo:``, ``torchvision:``, ``timm:`` and file models (random
+    encoders give ``"sentences"``, ``pretrained:`` decoder LLMs ``"shakespeare"``; ``zoo:``, ``torchvision:``, ``timm:`` and file models (random
     or unknown weights) give None. A ``ts.save`` folder answers for the spec it records.
     """
     name = model_spec_of(spec)
@@ -52,8 +55,10 @@ def default_data(spec: str) -> str | None:
         return None
     key = name.split(":", 1)[1]
     from torchslim.errors import SpecError
-    from torchslim.zoo import pretrained, pretrained_vision
+    from torchslim.zoo import pretrained, pretrained_llm, pretrained_vision
 
+    if pretrained_llm.is_llm(key):
+        return SHAKESPEARE  # decoder LLMs calibrate on the bundled plays (held-out plays score them)
     if pretrained_vision.is_vision(key):
         return pretrained_vision.vision_entry(key).data
     try:

@@ -86,3 +86,11 @@ def test_eval_a_saved_llm_directory(smollm2, text_file, tmp_path, capsys) -> Non
     assert code == 0, err
     direct = ts.evaluate_lm(smollm2, f"text:{text_file}", context=16, max_tokens=24)
     assert json.loads(out)["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
+
+
+def test_decoder_llms_default_to_the_bundled_plays() -> None:
+    from torchslim._cli_defaults import default_data, describe_default
+
+    assert default_data("pretrained:smollm2-135m") == default_data("pretrained:gemma3-270m") == "shakespeare"
+    assert default_data("pretrained:minilm") == "sentences" and default_data("zoo:lenet5") is None
+    assert describe_default("pretrained:smollm2-135m", "shakespeare", "calibration").startswith("calibration data: shakespeare")
