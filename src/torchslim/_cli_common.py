@@ -330,9 +330,6 @@ HARMLESS = (
 #: warning categories of other libraries that are advice to their own callers, not to the user
 _QUIET_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
 class _Caught:
     """What :func:`third_party_output` caught: ``(source, message)`` in arrival order."""
 
@@ -389,6 +386,15 @@ class _RootCatch(logging.Handler):
                 sys.stderr.write(record.getMessage() + "\n")
 
 
+def _warning_origin() -> str:
+    """The module whose code called ``warnings.warn`` (read from the stack, as a library's
+    ``stacklevel`` may attribute its own warning to torchslim's line that called it)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == "warnings":
+        frame = frame.f_back
+    return "" if frame is None else str(frame.f_globals.get("__name__", ""))
+
+
 def _to_stderr(handler: logging.Handler) -> bool:
     """A handler that writes to the console's stderr: a ``StreamHandler`` on it, or one (torch's
     ``_StderrHandler``) whose ``stream`` follows ``sys.stderr``."""
@@ -442,10 +448,11 @@ def third_party_output(verbose: bool = False) -> Iterator[_Caught]:
         h.addFilter(divert)
 
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if str(filename).startswith(_PACKAGE_DIR):  # torchslim's own warning: as Python prints it
+        origin = _warning_origin()
+        if origin == "torchslim" or origin.startswith("torchslim."):  # torchslim's own warning: as Python prints it
             shown(message, category, filename, lineno, file, line)
             return
-        caught.add(category.__name__, str(message), issubclass(category, _QUIET_CATEGORIES))
+        caught.add(origin.split(".")[0] or category.__name__, str(message), issubclass(category, _QUIET_CATEGORIES))
 
     try:
         with warnings.catch_warnings():
