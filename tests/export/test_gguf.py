@@ -248,6 +248,12 @@ def test_bad_options_and_architectures_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="supports the architectures gemma3_text, llama") as exc:
         export_gguf(gpt2, tmp_path / "g.gguf")
     assert "gpt2" in str(exc.value) and "\n" not in str(exc.value)
+    gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16))
+    gemma.config.layer_types = ["sliding_attention"] * 7  # e.g. a global layer removed by depth pruning
+    with pytest.raises(ConfigError, match="every 6th layer global"):
+        export_gguf(gemma, tmp_path / "g.gguf")
     assert not any(tmp_path.iterdir())
 
 
@@ -268,14 +274,18 @@ def test_float_gguf_loads_back_into_transformers_with_the_same_logits(tmp_path, 
 def test_ts_export_writes_gguf_by_suffix_and_checks_it(tmp_path):
     model = _llama()
     ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     r = ts.export(model, (_ids(),), tmp_path / "m.gguf")
-    assert r.format == "gguf" and r.parity.ok and r.info["types"]["Q4_0"] == 15
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert r.format == "gguf" and r.parity.ok and len(r.parity.cases) == 3 and r.info["types"]["Q4_0"] == 15
+    r2 = ts.export(model, (_ids(),), tmp_path / "noext", format="gguf", random_inputs=0)
+    assert r2.parity.ok and r2.size_bytes == r.size_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "noext"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model is left as it was
 
 
 def test_gemma3_float_round_trip(tmp_path):
-    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                                            max_position_embeddings=256, sliding_window=8)
     torch.manual_seed(0)
     model = transformers.Gemma3ForCausalLM(config).eval()
@@ -285,9 +295,9 @@ def test_gemma3_float_round_trip(tmp_path):
                 p.uniform_(-0.5, 0.5)
     ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32, skip=["lm_head"])
     r = export_gguf(model, tmp_path / "g.gguf")
-    assert r.info["arch"] == "gemma3" and r.info["types"]["Q4_0"] == 14 and r.info["snapped"] == {}
+    assert r.info["arch"] == "gemma3" and r.info["types"]["Q4_0"] == 42 and r.info["snapped"] == {}
     meta = gguf_metadata(r.path)
-    assert meta["gemma3.attention.key_length"] == 32 and meta["gemma3.attention.sliding_window"] == 8
+    assert meta["gemma3.attention.key_length"] == 256 and meta["gemma3.attention.sliding_window"] == 8
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", dtype=torch.float32)
     ids = _ids(n=20)
     with torch.no_grad():

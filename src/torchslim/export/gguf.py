@@ -365,6 +365,7 @@ def _hyperparameters(model: nn.Module, arch: str) -> dict[str, Any]:
         if heads[0] and head_dim * heads[0] != hidden:
             hp["attention.key_length"] = hp["attention.value_length"] = head_dim
     else:  # gemma3
+        _check_gemma3(config, len(layers), head_dim)
         hp["attention.key_length"] = hp["attention.value_length"] = head_dim
         window = _config_value(config, "sliding_window")
         if window:
@@ -377,6 +378,27 @@ def _hyperparameters(model: nn.Module, arch: str) -> dict[str, Any]:
             hp["rope.scaling.type"] = "linear"
             hp["rope.scaling.factor"] = float(factor)
     return hp
+
+
+def _check_gemma3(config: Any, n_layers: int, head_dim: int) -> None:
+    """llama.cpp fixes three things of Gemma-3 that GGUF does not describe: every 6th layer global
+    (the others sliding-window), rope theta 10000 on the sliding layers, and 1/sqrt(head_dim)
+    attention scaling. A model that differs would run wrongly there: refuse it."""
+    expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    types = list(getattr(config, "layer_types", None) or expected)
+    if types != expected:
+        raise ConfigError(f"GGUF export of Gemma-3: llama.cpp makes every 6th layer global; this model's layer types "
+                          f"are {types} (e.g. after removing layers)")
+    params = getattr(config, "rope_parameters", None) or {}
+    local = (params.get("sliding_attention") or {}).get("rope_theta") if isinstance(params, Mapping) else None
+    local = local if local is not None else _config_value(config, "rope_local_base_freq", default=10000.0)
+    if float(local) != 10000.0:
+        raise ConfigError(f"GGUF export of Gemma-3: llama.cpp uses rope theta 10000 on sliding layers; this model "
+                          f"uses {local}")
+    scalar = _config_value(config, "query_pre_attn_scalar", default=head_dim)
+    if int(scalar) != head_dim:
+        raise ConfigError(f"GGUF export of Gemma-3: llama.cpp scales attention by 1/sqrt(head_dim={head_dim}); this "
+                          f"model has query_pre_attn_scalar={scalar}")
 
 
 def _qk_permutation(rows: int, n_head: int) -> torch.Tensor:
