@@ -190,6 +190,11 @@ def test_off_grid_weights_are_snapped_with_the_error_reported_or_refused(tmp_pat
     r4 = export_gguf(model4, path4, weight_type="q8_0")
     assert r4.info["snapped"] == {}
     assert _check_exact(model4, str(path4), "Q8_0") == 15
+    # integers written as F16: exact where int * fp16 scale is an fp16 number, else reported
+    r16 = export_gguf(model4, tmp_path / "m16.gguf", weight_type="f16")
+    assert r16.info["types"]["F16"] == 15 and 0 < r16.info["max_snap_error"] < 1e-3
+    with pytest.raises(ConfigError, match="not on the F16 grid"):
+        export_gguf(model4, tmp_path / "m16r.gguf", weight_type="f16", requantize=False)
 
 
 def test_own_readers_agree_with_gguf_reader(tmp_path):

@@ -26,7 +26,7 @@ that make torchslim's RTN / GPTQ / AWQ produce Q4_0- or Q8_0-exact weights, and
 ``gguf.quants.quantize``) for a torchslim module built with ``QuantizedLinear.from_ints``.
 
 **Weights not on a GGUF grid** (asymmetric zero points, groups that are not a multiple of 32,
-16 bits, or int8 asked to be Q4_0) are *snapped*: requantized with ggml's rounding from the
+int8 asked to be Q4_0, integer weights asked to be F16 whose values are not fp16 numbers) are *snapped*: requantized with ggml's rounding from the
 module's dequantized weight, and ``info["snapped"]`` names each such tensor with the largest
 absolute change it caused (``info["max_snap_error"]`` the largest of all). With
 ``requantize=False`` they are refused with a :class:`~torchslim.errors.ConfigError` instead.
@@ -258,7 +258,8 @@ class _Plan:
             if exact is not None:
                 kind = "q4_0" if exact[2] >= -8 and exact[3] <= 7 else "q8_0"
             elif quantized:
-                kind = "q4_0" if module.scheme.bits <= 4 else "q8_0"
+                bits = module.scheme.bits
+                kind = "q4_0" if bits <= 4 else "q8_0" if bits <= 8 else self.float_type
             else:
                 kind = self.float_type
         else:
@@ -269,18 +270,20 @@ class _Plan:
         if kind in _FLOAT_TYPES:
             self.types[name] = kind.upper()
             w = weight if rows_perm is None else weight[rows_perm]
-            return _float_array(w, kind), None
+            data = _float_array(w, kind)
+            if quantized and kind == "f16":  # integers times fp16 scales need not be fp16 numbers
+                err = float((torch.from_numpy(data).float() - w).abs().max()) if w.numel() else 0.0
+                if err > 0:
+                    self._refuse_unless_requantize(name, module, kind)
+                    self.snapped[name] = err
+            return data, None
         lo, hi = (-8, 7) if kind == "q4_0" else (-128, 127)
         if exact is not None and exact[2] >= lo and exact[3] <= hi:
             ints, scales = exact[0], exact[1]
             self.exact.append(name)
         else:
-            if quantized and not self.requantize:
-                s = module.scheme
-                raise ConfigError(
-                    f"{name} ({type(module).__name__}, int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'} "
-                    f"{s.granularity}{'' if s.granularity != 'group' else ' ' + str(s.group_size)}) is not on the "
-                    f"{kind.upper()} grid; pass requantize=True to snap it, or quantize with gguf_scheme({kind!r})")
+            if quantized:
+                self._refuse_unless_requantize(name, module, kind)
             ints, scales = ggml_quantize(weight, kind)
             err = float((ints.float().reshape(rows, -1, _QBLOCK) * scales.float().unsqueeze(-1)).reshape(rows, cols)
                         .sub(weight.float()).abs().max()) if weight.numel() else 0.0
@@ -290,6 +293,15 @@ class _Plan:
         self.types[name] = kind.upper()
         qtype = gguf.GGMLQuantizationType.Q4_0 if kind == "q4_0" else gguf.GGMLQuantizationType.Q8_0
         return _encode(ints, scales, kind), qtype
+
+    def _refuse_unless_requantize(self, name: str, module: nn.Module, kind: str) -> None:
+        if self.requantize:
+            return
+        s = module.scheme
+        raise ConfigError(
+            f"{name} ({type(module).__name__}, int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'} "
+            f"{s.granularity}{'' if s.granularity != 'group' else ' ' + str(s.group_size)}) is not on the "
+            f"{kind.upper()} grid; pass requantize=True to snap it, or quantize with gguf_scheme('q4_0' or 'q8_0')")
 
 
 # --------------------------------------------------------------------------- model walk
