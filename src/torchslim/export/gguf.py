@@ -26,9 +26,10 @@ that make torchslim's RTN / GPTQ / AWQ produce Q4_0- or Q8_0-exact weights, and
 ``gguf.quants.quantize``) for a torchslim module built with ``QuantizedLinear.from_ints``.
 
 **Weights not on a GGUF grid** (asymmetric zero points, groups that are not a multiple of 32,
-int8 asked to be Q4_0, integer weights asked to be F16 whose values are not fp16 numbers) are *snapped*: requantized with ggml's rounding from the
-module's dequantized weight, and ``info["snapped"]`` names each such tensor with the largest
-absolute change it caused (``info["max_snap_error"]`` the largest of all). With
+int8 asked to be Q4_0) are *snapped*: requantized with ggml's rounding from the module's
+dequantized weight (integer weights asked to be F16 are rounded to fp16 where they are not fp16
+numbers), and ``info["snapped"]`` names each such tensor with the largest absolute change it
+caused (``info["max_snap_error"]`` the largest of all). With
 ``requantize=False`` they are refused with a :class:`~torchslim.errors.ConfigError` instead.
 A weight whose rows are not a multiple of 32 cannot be Q4_0 / Q8_0 at all and is written in
 ``float_type`` (listed in ``info["float_fallback"]``).
@@ -68,7 +69,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -656,45 +656,44 @@ def export_gguf(
     kv_of = (lambda i: kv[i] if isinstance(kv, list) else kv)  # noqa: E731
 
     tensors: list[tuple[str, np.ndarray, Any]] = []
-    with torch.inference_mode(False):
-        for mname, module in model.named_modules():
-            if mname == "lm_head" and tied:
+    for mname, module in model.named_modules():
+        if mname == "lm_head" and tied:
+            continue
+        quantized = _is_quantized(module)
+        if not quantized and not isinstance(module, (nn.Linear, nn.Embedding)):
+            if next(module.children(), None) is not None or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue
-            quantized = _is_quantized(module)
-            if not quantized and not isinstance(module, (nn.Linear, nn.Embedding)):
-                if next(module.children(), None) is not None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                    continue
-            base = name_map.get_name(mname)
-            if base is None:
-                raise ConfigError(f"GGUF export of {arch}: the module {mname!r} ({type(module).__name__}) has no "
-                                  "GGUF tensor name (llama.cpp could not use it)")
-            perm = None
-            if permute_qk and (".attn_q" in base or ".attn_k" in base) and not base.endswith("_norm"):
-                block = int(base.split(".")[1])
-                n_head = heads_of(block) if base.endswith("attn_q") else kv_of(block)
-                perm = _qk_permutation(_out_features(module), n_head)
-            if quantized or isinstance(module, (nn.Linear, nn.Embedding)):
-                weight = module.dequantized_weight() if quantized else module.weight
-                weight = weight.detach().float().cpu()
-                requested = embedding_type if base == "token_embd" else weight_type
-                data, qtype = plan.matrix(base + ".weight", module, weight, perm, requested)
-                tensors.append((base + ".weight", data, qtype))
-                bias = getattr(module, "bias", None)
-                if isinstance(bias, torch.Tensor):
-                    b = bias.detach().float().cpu()
-                    tensors.append((base + ".bias", _float_array(b if perm is None else b[perm], "f32"), None))
-                    plan.types[base + ".bias"] = "F32"
-            else:  # a norm (a leaf with a 1-D weight)
-                w = module.weight.detach().float().cpu()
-                if w.dim() != 1:
-                    raise ConfigError(f"GGUF export: {mname!r} ({type(module).__name__}) holds a {w.dim()}-D weight; "
-                                      "only Linear, Embedding and norm layers are supported")
-                tensors.append((base + ".weight", _float_array(w + norm_offset, "f32"), None))
-                plan.types[base + ".weight"] = "F32"
-                bias = getattr(module, "bias", None)
-                if isinstance(bias, torch.Tensor):
-                    tensors.append((base + ".bias", _float_array(bias.detach().float().cpu(), "f32"), None))
-                    plan.types[base + ".bias"] = "F32"
+        base = name_map.get_name(mname)
+        if base is None:
+            raise ConfigError(f"GGUF export of {arch}: the module {mname!r} ({type(module).__name__}) has no "
+                              "GGUF tensor name (llama.cpp could not use it)")
+        perm = None
+        if permute_qk and (".attn_q" in base or ".attn_k" in base) and not base.endswith("_norm"):
+            block = int(base.split(".")[1])
+            n_head = heads_of(block) if base.endswith("attn_q") else kv_of(block)
+            perm = _qk_permutation(_out_features(module), n_head)
+        if quantized or isinstance(module, (nn.Linear, nn.Embedding)):
+            weight = module.dequantized_weight() if quantized else module.weight
+            weight = weight.detach().float().cpu()
+            requested = embedding_type if base == "token_embd" else weight_type
+            data, qtype = plan.matrix(base + ".weight", module, weight, perm, requested)
+            tensors.append((base + ".weight", data, qtype))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                b = bias.detach().float().cpu()
+                tensors.append((base + ".bias", _float_array(b if perm is None else b[perm], "f32"), None))
+                plan.types[base + ".bias"] = "F32"
+        else:  # a norm (a leaf with a 1-D weight)
+            w = module.weight.detach().float().cpu()
+            if w.dim() != 1:
+                raise ConfigError(f"GGUF export: {mname!r} ({type(module).__name__}) holds a {w.dim()}-D weight; "
+                                  "only Linear, Embedding and norm layers are supported")
+            tensors.append((base + ".weight", _float_array(w + norm_offset, "f32"), None))
+            plan.types[base + ".weight"] = "F32"
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                tensors.append((base + ".bias", _float_array(bias.detach().float().cpu(), "f32"), None))
+                plan.types[base + ".bias"] = "F32"
 
     counts: dict[str, int] = {}
     for t in plan.types.values():
