@@ -683,10 +683,9 @@ def run_model_verb(
     latency = not args.no_latency
     before = ts.profile(model, inputs, latency=latency)
     acc_before = _accuracy(model, data)
+    # said with the result (a refused call keeps its one error line)
     warning = untrained_note(args.model, args.data if data is not None else None, acc_before,
                              getattr(data, "num_classes", None))
-    if warning:
-        console_for(args).print(warning, highlight=False)
     out = Path(args.out)
     staging = Path(tempfile.mkdtemp(prefix="torchslim-extra-"))  # outside the user's folders
     try:
@@ -720,12 +719,16 @@ def run_model_verb(
         **extras,
     }
     if args.json:
+        if warning:
+            ctx.console.print(warning, highlight=False, soft_wrap=True)  # stderr: stdout holds the JSON only
         emit_json(payload)
         return 0
     con = ctx.console
+    if warning:
+        con.print(warning, highlight=False, soft_wrap=True)
     con.print(ts.compare(before, after).table())
     for line in ctx.notes:
-        con.print(line, highlight=False)
+        con.print(line, highlight=False, soft_wrap=True)
     if acc_before is not None:
         con.print(f"test accuracy: {100 * acc_before:.2f}% -> {100 * acc_after:.2f}%", highlight=False)
     con.print(f"saved to {out}", highlight=False)
