@@ -17,7 +17,7 @@ Rows (each in its own process, so its peak RSS is its own):
 
 The body's Linears are int4 (groups of 32); the embedding table and ``lm_head`` are int8 (groups
 of 32; SmolLM2 ties them, so both copies are stored); ``bytes`` is every tensor of the state
-dict (tied tensors once). Calibration (gptq, awq): 32 windows of 256 tokens from the ``train``
+dict (tied tensors once). Calibration (gptq, awq): 16 windows of 256 tokens from the ``train``
 split of ``shakespeare`` (plays that are never evaluated), every layer measured once on the float
 model (``sequential=False``). Perplexity: the first ``--tokens`` tokens (default 2,048) of the
 held-out plays (the ``test`` split: First Folio Hamlet first), windows of 1,024 tokens every 512.
@@ -158,7 +158,7 @@ def main() -> int:
               f"{(b['embeddings'] + b['lm_head']) / 1e6:11.1f} {r['calibration_seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:8.2f}")
     payload = {
         "benchmark": "llm", "model": MODEL, "tokens": tokens, "context": 1024, "stride": 512,
-        "calibration": "32 windows x 256 tokens of shakespeare[train], sequential=False",
+        "calibration": "16 windows x 256 tokens of shakespeare[train], sequential=False",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 2,
                     "load_average_at_end": os.getloadavg()},
         "wall_seconds": round(time.perf_counter() - began, 1),

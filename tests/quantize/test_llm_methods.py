@@ -164,3 +164,30 @@ def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
     p_rtn = ts.evaluate_lm(rtn, "shakespeare", max_tokens=256, context=256).perplexity
     p_awq = ts.evaluate_lm(model, "shakespeare", max_tokens=256, context=256).perplexity
     assert p_awq < p_rtn
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--mode", "weight-only", "--method", "awk"], "--method must be one of rtn, gptq, awq, hqq; got 'awk'"),
+    (["--mode", "static", "--method", "gptq"], "--method is for --mode weight-only"),
+    (["--mode", "weight-only", "--method", "awq"], "--method awq calibrates on data"),
+    (["--mode", "weight-only", "--embedding-bits", "3"], "--embedding-bits must be one of 4, 8 or fp"),
+])
+def test_cli_refuses_bad_llm_flags(tmp_path, capsys, argv: list[str], needle: str) -> None:
+    from torchslim.cli import main
+
+    code = main(["quantize", "zoo:lenet300", *argv, "--out", str(tmp_path / "q"), "--json", "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_method_on_a_small_model(tmp_path, capsys) -> None:
+    import json
+
+    from torchslim.cli import main
+
+    code = main(["quantize", "zoo:lenet300", "--mode", "weight-only", "--bits", "4", "--group-size", "4", "--method", "hqq",
+                 "--out", str(tmp_path / "q"), "--json", "--no-latency", "--no-progress", "--no-onnx"])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and payload["method"] == "hqq" and payload["quantize"]["config"]["symmetric"] is False
+    assert isinstance(ts.load(tmp_path / "q").fc1, QuantizedLinear)

@@ -444,7 +444,7 @@ def quantize_(
 #: the weight-only methods :func:`quantize_llm_` runs
 LLM_METHODS = ("rtn", "gptq", "awq", "hqq")
 #: calibration a text spec gives :func:`quantize_llm_`: windows of tokens from its train split
-LLM_CALIBRATION = {"windows": 32, "length": 256, "batch_size": 8}
+LLM_CALIBRATION = {"windows": 16, "length": 256, "batch_size": 8}
 
 
 def llm_calibration(model: nn.Module, data: Any, *, tokenizer: Any = None, windows: int = LLM_CALIBRATION["windows"],

@@ -10,7 +10,9 @@ steps. Here:
   ``max(s) min(s) = 1``), ``alpha`` searched on a grid (``alpha = 0`` is plain rounding), and the
   alpha kept is the one with the least *output* error of the quantized layers,
   ``sum_rows dW H dW^T`` with ``H = X^T X`` and ``dW = Q(W diag(s)) diag(s)^-1 - W`` (the
-  layer-wise statistics :mod:`torchslim._layerwise` collects; no activations are stored);
+  layer-wise statistics :mod:`torchslim._layerwise` collects; no activations are stored), ``H``
+  taken through its top-64 eigenpairs plus the diagonal they leave, so a candidate costs
+  ``out x in x 64``;
 * Linears that read one input share one ``s`` (``q/k/v`` behind the attention norm, ``gate/up``
   behind the MLP norm), and ``1/s`` is folded into what produces that input: the RMSNorm's
   scale (Gemma's ``1 + w`` convention handled), ``v_proj``'s output rows for ``o_proj`` (with
@@ -18,7 +20,7 @@ steps. Here:
   that share it) and ``up_proj``'s rows for ``down_proj``, so the model stays a stock
   transformers model with no extra multiply;
 * then each group of ``group_size`` weights of every row may clip its range (``clip=True``): the
-  shrink ratio in ``[0.6, 1]`` with the least error weighted by ``diag(H)`` is kept.
+  shrink ratio in ``{1, 0.95, ..., 0.6}`` with the least error weighted by ``diag(H)`` is kept.
 
 Layers with no known place to fold a scale (``lm_head``, layers of other architectures) get the
 clip search only. Storage is the packed :class:`~torchslim.quantize.weight_only.QuantizedLinear`
@@ -54,14 +56,15 @@ from torchslim.quantize.api import QuantConfig, QuantPlan
 from torchslim.quantize.gptq import (
     _group_size,
     check_weight_only,
-    dequantize_grouped,
     finish_weight_only,
     restoring_on_error,
-    rtn_quantize,
     weight_only_layers,
 )
 from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
 from torchslim.quantize.weight_only import QuantizedLinear
+
+#: clipping ratios searched per group (``clip=True``)
+CLIP_RATIOS = [1.0 - 0.05 * k for k in range(9)]
 
 __all__ = ["ScaleGroup", "awq_", "clip_quantize", "fold_scale_", "scale_groups"]
 
@@ -125,9 +128,30 @@ def scale_groups(model: nn.Module) -> list[ScaleGroup]:
     return out
 
 
-def _grouped_error(w: torch.Tensor, dq: torch.Tensor, h: torch.Tensor) -> float:
+def _sketch(h: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, r)`` with ``H ~ B B^T + diag(r)``: ``H``'s dominant ``rank``-dimensional part (a
+    randomized range finder with one power step: ``O(in^2 rank)``, where a full eigendecomposition
+    costs ``O(in^3)``) and the diagonal it leaves, so the output error ``tr(dW H dW^T)`` of a
+    candidate costs ``out x in x rank`` instead of ``out x in x in``."""
+    n = h.shape[0]
+    h = h.float()
+    if n <= rank:
+        vals, vecs = torch.linalg.eigh(h.double())
+        b = (vecs * vals.clamp_min(0).sqrt()).float()
+        return b, torch.zeros(n)
+    g = torch.Generator().manual_seed(seed)
+    y = h @ (h @ torch.randn(n, rank, generator=g))
+    q, _ = torch.linalg.qr(y)
+    vals, u = torch.linalg.eigh((q.T @ h @ q).double())
+    b = (q.double() @ u * vals.clamp_min(0).sqrt()).float()
+    rest = (torch.diagonal(h) - (b * b).sum(1)).clamp_min(0)
+    return b, rest
+
+
+def _output_error(w: torch.Tensor, dq: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor]) -> float:
     d = (dq - w).float()
-    return float(((d @ h) * d).sum())
+    b, rest = sketch
+    return float(((d @ b) ** 2).sum() + (d * d * rest).sum())
 
 
 @torch.no_grad()
@@ -136,25 +160,32 @@ def clip_quantize(weight: torch.Tensor, hdiag: torch.Tensor, scheme: QScheme, ra
     """Quantize ``(out, in)`` ``weight`` group-wise, each group's range shrunk by the ratio with the
     least squared error weighted by ``hdiag`` (``(in,)``, the input energy per channel):
     ``(ints, scale, zero_point)`` as :func:`~torchslim.quantize.gptq.rtn_quantize` returns them.
-    ``ratios=[1.0]`` is round-to-nearest."""
+    ``ratios=[1.0]`` is round-to-nearest (the default tries 1.0, 0.95, ..., 0.6)."""
     rows, cols = weight.shape
     gs = _group_size(scheme, cols)
     qmin, qmax = qrange(scheme)
-    ratios = [1.0 - 0.025 * k for k in range(17)] if ratios is None else list(ratios)
+    ratios = CLIP_RATIOS if ratios is None else list(ratios)
     w = weight.detach().float().reshape(rows, cols // gs, gs)
     hd = hdiag.float().reshape(1, cols // gs, gs)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    best_err = torch.full(lo.shape, float("inf"), device=w.device)
-    best = (torch.zeros_like(w), torch.ones_like(lo), torch.zeros_like(lo))
-    for r in ratios:
+
+    def params(r: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zp = choose_qparams(lo * r, hi * r, scheme)
-        scale = scale.half().float()
-        q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
-        err = (((q - zp) * scale - w) ** 2 * hd).sum(-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = (torch.where(better, q, best[0]), torch.where(better, scale, best[1]), torch.where(better, zp, best[2]))
-    return best[0].reshape(rows, cols).to(torch.int32), best[1], best[2]
+        return scale.half().float(), zp
+
+    best_r = torch.ones_like(lo)
+    if len(ratios) > 1:
+        best_err = torch.full_like(lo, float("inf"))
+        for r in ratios:
+            scale, zp = params(r)
+            q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
+            err = (((q - zp) * scale - w).square_() * hd).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(lo, r), best_r)
+    scale, zp = params(best_r)
+    q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
+    return q.reshape(rows, cols).to(torch.int32), scale, zp
 
 
 def _rms(stats: LayerStats) -> torch.Tensor:
@@ -205,6 +236,7 @@ def awq_(
     grid: int = 10,
     clip: bool = True,
     sequential: bool = True,
+    rank: int = 64,
 ) -> QuantPlan:
     """Quantize ``model``'s Linear weights with activation-aware scaling, in place (weight-only).
 
@@ -217,6 +249,8 @@ def awq_(
         calibration: batches of model inputs (e.g. token windows ``(batch, tokens)``).
         grid: alphas searched: ``0, 1/grid, ..., (grid-1)/grid``.
         clip: search a clipping ratio per group after scaling.
+        rank: the output error of each candidate is measured through the top-``rank`` eigenpairs
+            of ``H`` plus the diagonal they leave (exact when ``rank`` >= the input width).
         sequential: measure each group of layers after the earlier ones were quantized (the
             engine's setting); ``False`` measures every layer once on the float model (one pass
             over the calibration data: much faster on a deep model).
@@ -233,6 +267,8 @@ def awq_(
     config = check_weight_only(model, config, "AWQ", default_group=32)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ConfigError(f"grid must be a positive integer (alphas searched); got {grid!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank must be a positive integer; got {rank!r}")
     layers, tables = weight_only_layers(model, config, "awq_")
     batches = materialize_batches(calibration, config.calibration_batches, "AWQ")
     owner: dict[str, ScaleGroup] = {}
@@ -242,7 +278,7 @@ def awq_(
                 owner[r] = g
     results: dict[str, QuantizedLinear] = {}
     alphas: dict[str, float] = {}
-    ratios = [1.0 - 0.025 * k for k in range(17)] if clip else [1.0]
+    ratios = CLIP_RATIOS if clip else [1.0]
 
     def quantize_member(name: str, module: nn.Linear, hdiag: torch.Tensor) -> None:
         scheme = config.weight_scheme(name)
@@ -260,7 +296,7 @@ def awq_(
             quantize_member(name, module, stats.sq)
             return
         members = [r for r in group.readers if r in layers]
-        h = stats.hessian(module.weight.device).float()
+        sketch = _sketch(stats.hessian(module.weight.device).float(), rank)
         rms = _rms(stats).clamp_min(1e-5)
         best = (float("inf"), 0.0, torch.ones_like(rms))
         for i in range(grid):
@@ -270,8 +306,9 @@ def awq_(
             err = 0.0
             for r in members:
                 w = layers[r].weight.detach().float()
-                ints, sc, zp = rtn_quantize(w * s.unsqueeze(0), config.weight_scheme(r))
-                err += _grouped_error(w, dequantize_grouped(ints, sc, zp) / s.unsqueeze(0), h)
+                ints, sc, zp = clip_quantize(w * s.unsqueeze(0), rms, config.weight_scheme(r), [1.0])
+                dq = ((ints.reshape(sc.shape[0], sc.shape[1], -1) - zp) * sc).reshape(w.shape)
+                err += _output_error(w, dq / s.unsqueeze(0), sketch)
             if err < best[0]:
                 best = (err, alpha, s)
         _, alpha, s = best
@@ -282,5 +319,5 @@ def awq_(
 
     with restoring_on_error(model, layers):
         run_layerwise(model, layers, batches, process, full=True, sequential=sequential)
-    extra = {"awq": {"grid": grid, "clip": clip, "sequential": sequential, "alpha": alphas}}
+    extra = {"awq": {"grid": grid, "clip": clip, "sequential": sequential, "rank": rank, "alpha": alphas}}
     return finish_weight_only(model, config, layers, tables, results, len(batches), "awq", extra)
