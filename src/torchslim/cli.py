@@ -270,7 +270,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                      "recipes": ts.list_recipes(), "model_specs": families, "data_specs": datasets})
         return 0
     from rich.table import Table
-
     from rich.text import Text
 
     con = _console(args)  # cells are Text: specs hold colons, no ':factory:' emoji or markup

@@ -194,6 +194,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from torchslim.profile.tables import human
+
     t = Table(title=f"export of {model}")
     for col in ("format", "file", "size", "how", "max abs diff", "max rel diff", "tolerance", "parity"):
         t.add_column(col)
@@ -209,7 +211,7 @@ def _print_table(con: Any, model: str, results: dict[str, Any], extra: dict[str,
     for fmt, r in results.items():
         how = ", ".join(f"{k}={v}" for k, v in r.info.items()
                         if k in ("exporter", "opset", "dynamic_batch", "method", "quantized"))
-        row(fmt, r.path.name, f"{r.size_bytes / 1e6:.2f} MB", how, r.parity)
+        row(fmt, r.path.name, human(r.size_bytes, "B"), how, r.parity)
     for name, rep in extra.items():
         path = results["torchscript" if name.startswith("torchscript") else "onnx"].path.name
         row(name, path, "", "C++ libtorch" if name.startswith("torchscript") else "ORT, no torch in process", rep)

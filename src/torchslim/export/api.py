@@ -66,7 +66,9 @@ class ExportResult:
         return sum(self.sizes.values())
 
     def summary(self) -> str:
-        text = f"{self.format} -> {self.path} ({self.size_bytes / 1e6:.2f} MB)"
+        from torchslim.profile.tables import human
+
+        text = f"{self.format} -> {self.path} ({human(self.size_bytes, 'B')})"
         return text + ("; " + self.parity.summary() if self.parity is not None else "; parity not checked")
 
     def to_dict(self) -> dict[str, Any]:

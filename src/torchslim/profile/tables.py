@@ -15,7 +15,7 @@ from torchslim._text import Printable, printable
 
 if TYPE_CHECKING:
     from torchslim.profile.api import Profile
-    from torchslim.profile.compare import Comparison, CompareRow
+    from torchslim.profile.compare import CompareRow, Comparison
 
 __all__ = ["LABELS", "change_words", "compare_table", "human", "profile_table"]
 
