@@ -3,36 +3,46 @@
 :func:`export_onnx_decoder` writes one ONNX file that runs both phases of generation:
 
 * inputs ``input_ids`` ``[batch, seq]`` (int64), ``attention_mask`` ``[batch, past + seq]``
-  (int64, 1 = a real token, 0 = padding; positions are ``cumsum(attention_mask) - 1``, so
-  left padding works) and, per layer ``i``, ``past_key_values.{i}.key`` / ``.value``
+  (int64, 1 = a real token) and, per layer ``i``, ``past_key_values.{i}.key`` / ``.value``
   ``[batch, kv_heads, past, head_dim]`` (float32; ``past = 0`` for the prefill);
 * outputs ``logits`` ``[batch, seq, vocab]`` and ``present.{i}.key`` / ``.value``
   ``[batch, kv_heads, past + seq, head_dim]``: fed back as the next step's past.
 
 Grouped-query attention keeps each key/value head once (``kv_heads`` of them, not repeated to the
-query heads): the queries are grouped per key/value head inside the graph. Batch, sequence and
-past lengths are dynamic axes.
+query heads). Batch, sequence and past lengths are dynamic axes. Two graphs hold this contract:
 
-The graph comes from :class:`LlamaDecoder`, a plain-torch re-implementation of the transformers
-Llama forward (RMSNorm, rotary embedding with the model's own ``inv_freq`` and attention scaling,
-so rope scaling types computed once at load - ``default``, ``linear``, ``llama3``, ``yarn`` - are
-kept; GQA attention with an explicit cache concat; the gated MLP) reading the model's own modules,
-exported with the TorchScript-based ``torch.onnx.export`` (opset 17). It equals the transformers
-forward to float rounding (tested). A quantized model is exported through its float twin
-(:func:`~torchslim.export.onnx_int.float_twin`), then:
+* ``fused`` (the default where it applies): built node by node with ONNX Runtime's fused CPU
+  ops - ``GroupQueryAttention`` (rotary embedding and the cache concat inside it, cos/sin tables
+  from the model's own ``inv_freq`` and attention scaling), ``SimplifiedLayerNormalization`` /
+  ``SkipSimplifiedLayerNormalization`` (RMSNorm with the residual add), one matmul for q/k/v and
+  one for gate/up, SiLU as ``Sigmoid`` x ``Mul``: about 12 nodes per layer. Positions are the
+  past length plus the index (GroupQueryAttention reads ``sum(attention_mask) - 1`` as each row's
+  last position): no left padding. Needs ``head_dim`` a multiple of 16 and a SiLU MLP.
+* ``reference`` (``fused=False``, and the automatic choice where the fused one cannot hold the
+  model): :class:`LlamaDecoder`, a plain-torch re-implementation of the transformers Llama forward
+  (RMSNorm, rotary, GQA attention with queries grouped per key/value head and an explicit cache
+  concat, the gated MLP) reading the model's modules, exported by the TorchScript-based
+  ``torch.onnx.export`` (opset 17). Positions are ``cumsum(attention_mask) - 1``: left padding
+  works.
+
+Both equal the transformers forward to float rounding (tested); rope types computed once at load
+(``default``, ``linear``, ``llama3``, ``yarn``) are kept, those that change with the length are
+refused. A quantized model is exported through its float twin
+(:func:`~torchslim.export.onnx_int.float_twin`), and:
 
 * every int4 group-wise Linear (``QuantizedLinear``, from ``quantize_`` / ``gptq_`` ...) becomes
-  ``com.microsoft.MatMulNBits`` holding its very integers
-  (:func:`~torchslim.export.onnx_nbits.write_nbits_onnx`; ``accuracy_level`` 4 lets ONNX Runtime
-  compute with int8 activations on CPU, 0 in float);
+  ``com.microsoft.MatMulNBits`` holding its very integers (the fused graph concatenates the
+  integers of q/k/v and of gate/up); ``accuracy_level`` 4 lets ONNX Runtime quantize the
+  activations to int8 per block (its integer CPU kernels), 0 computes in float32 and gives the
+  torch model's logits to rounding;
 * an int4 embedding table (``QuantizedEmbedding``) becomes ``com.microsoft.GatherBlockQuantized``
   with its integers; an int8 one (or a float one with ``embedding_bits=8``) a
   ``GatherBlockQuantized`` with ``bits=8`` (uint8 codes ``q + 128``, zero point 128, one fp
   scale per group of ``embedding_group_size``).
 
-Tied embeddings (SmolLM2): in a float model the table is stored once, read by the Gather and the
-final MatMul. A quantized model whose ``lm_head`` became int4 stores the head as MatMulNBits and
-the table separately (float, int8 or int4): both are counted in the file's bytes.
+Tied embeddings (SmolLM2): in a float model the table is stored once, read by the Gather and by
+the head's ``Gemm(transB=1)``. A quantized model whose ``lm_head`` became int4 stores the head as
+MatMulNBits and the table separately (float, int8 or int4): both count in the file's bytes.
 
 Only Llama-layout decoders are written (``LlamaForCausalLM`` and the same layout: Mistral,
 Qwen2 with q/k/v biases); other architectures (Gemma-3: sandwich norms, ``1 + weight`` RMSNorm,
@@ -307,15 +317,37 @@ class _Graph:
 
 
 def _int4_of(module: nn.Module) -> Any:
-    """The module's Int4Weight (a registered int4 lowering), else None."""
+    """The module's Int4Weight (a registered int4 lowering), else None; computed once per module
+    (``_int4_cache``, cleared by :func:`export_onnx_decoder`)."""
     from torchslim.export.onnx_int import onnx_lowering
     from torchslim.export.onnx_nbits import Int4Weight, nbits_blocker
 
-    lowering = onnx_lowering(module)
-    if lowering is None or lowering.int4_weight is None:
-        return None
-    w = lowering.int4_weight(module)
-    return w if isinstance(w, Int4Weight) and nbits_blocker(w.block, w.cols) is None else None
+    key = id(module)
+    if key not in _int4_cache:
+        lowering = onnx_lowering(module)
+        w = None if lowering is None or lowering.int4_weight is None else lowering.int4_weight(module)
+        _int4_cache[key] = w if isinstance(w, Int4Weight) and nbits_blocker(w.block, w.cols) is None else None
+    return _int4_cache[key]
+
+
+_int4_cache: dict[int, Any] = {}
+
+
+def _fused_needs_twin(model: nn.Module) -> bool:
+    """Whether a quantized module of ``model`` ships as float (then the fused graph reads the float
+    twin's weights); int4 Linears / tables and 8-bit tables are written from their integers."""
+    from torchslim.export.onnx_int import onnx_lowering
+
+    for m in model.modules():
+        lowering = onnx_lowering(m)
+        if lowering is None or lowering.float_module is None:
+            continue
+        if _int4_of(m) is not None and (type(m).__name__ != "QuantizedEmbedding" or _int4_of(m).zero_point is None):
+            continue
+        if type(m).__name__ == "QuantizedEmbedding" and getattr(m.scheme, "bits", None) == 8:
+            continue
+        return True
+    return False
 
 
 def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn.Module], accuracy_level: int,
@@ -325,6 +357,9 @@ def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn
     group size and zero-point kind, else one float MatMul."""
     ws = [_int4_of(m) for m in mods]
     int4 = all(w is not None for w in ws) and len({(w.block, w.zero_point is None) for w in ws}) == 1
+    if len(mods) > 1 and not int4 and any(w is not None for w in ws):  # mixed: one matmul each, outputs concatenated
+        parts = [_linear(g, x, f"{name}.{k}", [m], [f], accuracy_level, report) for k, (m, f) in enumerate(zip(mods, floats))]
+        return g.op("Concat", parts, axis=-1)[0]
     if int4:
         block, cols = ws[0].block, ws[0].cols
         rows = sum(w.rows for w in ws)
@@ -383,7 +418,6 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
     sin = g.init("rope.sin", (freqs.sin() * dec.rope_scale).numpy())
     # embedding
     emb_mod = inner.embed_tokens
-    table = tinner.embed_tokens.weight.detach().float().cpu()
     w4 = _int4_of(emb_mod)
     if w4 is not None and w4.zero_point is None:
         name = "embed_tokens.q4"
@@ -399,6 +433,7 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
                  domain=_MS, gather_axis=0, quantize_axis=1, block_size=hidden // scales.shape[1], bits=8)[0]
         embedding = "int8"
     else:
+        table = tinner.embed_tokens.weight.detach().float().cpu()
         x = g.op("Gather", [g.init("embed_tokens.weight", table.numpy()), "input_ids"])[0]
         embedding = "float32"
     norms = [(lay.input_layernorm, lay.post_attention_layernorm) for lay in tinner.layers]
@@ -429,7 +464,7 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
         w, eps = gamma(nxt, f"layers.{i + 1}.input_layernorm.weight" if i + 1 < L else "norm.weight")
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [d, res, w], 4, domain=_MS, epsilon=eps)
     # head: int4, a float head tied to the float table (one Gemm on the table), or a float MatMul
-    tied = tinner.embed_tokens.weight is twin.lm_head.weight and embedding == "float32"
+    tied = getattr(tinner.embed_tokens, "weight", None) is getattr(twin.lm_head, "weight", 0) and embedding == "float32"
     if tied:
         flat = g.op("Reshape", [h, g.init("const.flat", np.array([-1, hidden], np.int64))])[0]
         y = g.op("Gemm", [flat, "embed_tokens.weight"], transB=1)[0]
@@ -506,6 +541,9 @@ def export_onnx_decoder(
     if embedding_bits not in (None, 8):
         raise ConfigError(f"embedding_bits must be None (as stored) or 8; got {embedding_bits!r}")
     _check_model(model)
+    if embedding_bits == 8 and isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight:
+        raise ConfigError("embedding_bits=8: the float lm_head is tied to the embedding table, so the float table ships "
+                          "anyway; quantize lm_head first (e.g. quantize_ weight-only int4) or leave embedding_bits=None")
     hidden = int(model.config.hidden_size)
     if embedding_bits == 8 and (embedding_group_size < 16 or embedding_group_size & (embedding_group_size - 1)
                                 or hidden % embedding_group_size):
@@ -522,7 +560,10 @@ def export_onnx_decoder(
     out = Path(path)
     report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}
     with evaluating(model):
-        twin = float_twin(model) if quantized else model
+        _int4_cache.clear()
+        # the fused graph writes int4 layers from their integers: the float twin only where some ship as float
+        needs_twin = quantized and (not fused or _fused_needs_twin(model))
+        twin = float_twin(model) if needs_twin else model
         dec = LlamaDecoder(twin).eval()
         int8 = _embedding_int8(model, embedding_group_size) if (embedding_bits == 8 or _is_int8_embedding(model)) else None
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
@@ -543,6 +584,7 @@ def export_onnx_decoder(
             entry.key, entry.value = _META_KEY, json.dumps(meta)
             with atomic_path(out) as final:
                 onnx.save(proto, str(final))
+        _int4_cache.clear()
     past_names, present_names = _names(dec.layers)
     return {"path": str(out), "bytes": out.stat().st_size, **{k: meta[k] for k in ("graph", "layers", "heads", "kv_heads", "head_dim", "vocab")},
             "matmul_nbits": list(report["matmul_nbits"]), "gather_block_quantized": list(report["gather_block_quantized"]),
@@ -667,6 +709,9 @@ class OnnxDecoder:
         total = past[0].shape[2] + ids.shape[1]
         mask = (np.ones((ids.shape[0], total), np.int64) if attention_mask is None
                 else np.asarray(torch.as_tensor(attention_mask).cpu(), dtype=np.int64))
+        if self.metadata.get("graph") == "fused" and not bool((mask == 1).all()):
+            raise ConfigError(f"{self.path} is a fused decoder (GroupQueryAttention): it takes no padding (attention_mask "
+                              "all ones); export with fused=False for left padding")
         try:
             logits, present = self.step_numpy(ids, past, mask)
         except Exception as exc:  # noqa: BLE001 - one line for the user
