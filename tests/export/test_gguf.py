@@ -329,3 +329,11 @@ def test_smollm2_int4_carried_bit_exactly_with_its_tokenizer(tmp_path, smollm2):
         if key.startswith(("llama.", "tokenizer.", "general.name")):
             assert meta[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     assert meta["tokenizer.ggml.tokens"] == 49152 and meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+    # float tensors equal the source file's (llama.cpp's own converter wrote it): names, layout and
+    # the Q/K row order match llama.cpp's, not only transformers' reading of them
+    names = ["blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_down.weight", "token_embd.weight",
+             "blk.1.attn_norm.weight", "output_norm.weight"]
+    ours, theirs = read_gguf_weights(r.path, names=names), read_gguf_weights(source, names=names)
+    for name in names:
+        expected = theirs[name] if name.endswith("norm.weight") else theirs[name].half().float()
+        assert torch.equal(ours[name], expected), name
