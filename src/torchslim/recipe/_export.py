@@ -35,11 +35,14 @@ TORCH = "torch"
 _FLOAT_OF = {"onnx-int8": "onnx", "pte-int8": "pte"}
 #: The runtime each format runs in, for the tables.
 _RUNTIME = {"onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "pte": "ExecuTorch (XNNPACK)",
-            "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch"}
+            "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch",
+            "gguf": "llama.cpp (GGUF)"}
+#: Deploy targets that are no registered export format: decoder LLMs only (``_export_llm``).
+GGUF = "gguf"
 
 
 #: The package each target's runtime needs (checked before a run starts, not after its training).
-_NEEDS = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "pte": "executorch", "pte-int8": "executorch"}
+_NEEDS = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "pte": "executorch", "pte-int8": "executorch", GGUF: "gguf"}
 
 
 def runtime_module(fmt: str) -> str | None:
@@ -57,17 +60,18 @@ def check_targets(formats: Any) -> None:
     for fmt in formats:
         module = _NEEDS.get(fmt)
         if module is not None and importlib.util.find_spec(module) is None:
-            extra = {"executorch": "executorch", "onnxruntime": "onnx"}[module]
+            extra = {"executorch": "executorch", "onnxruntime": "onnx", "gguf": "llm"}[module]
             raise MissingDependencyError(
                 f"the export target {fmt!r} runs in {_RUNTIME[fmt]}, which needs the optional package {module!r} "
                 f'(not installed); install it with: pip install "torchslim[{extra}]", or drop {fmt!r} from formats')
 
 
 def deploy_targets() -> list[str]:
-    """What an export stage may list in ``formats``: every registered export format and ``torch``."""
+    """What an export stage may list in ``formats``: every registered export format, ``torch``, and
+    ``gguf`` (decoder LLMs)."""
     from torchslim.export import list_formats
 
-    return sorted({*list_formats(), TORCH})
+    return sorted({*list_formats(), TORCH, GGUF})
 
 
 def _first_tensor(inputs: tuple[Any, ...]) -> torch.Tensor:
@@ -104,7 +108,15 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
     from torchslim.export.onnx import export_fp32
     from torchslim.export.onnx_int import export_integer_onnx, integer_scheme
     from torchslim.export.ort import ort_run
+    from torchslim.recipe._export_llm import is_decoder_lm, llm_export_stage
 
+    if is_decoder_lm(model):  # an ONNX decoder with a KV cache, GGUF, torch: scored by perplexity
+        return llm_export_stage(model, cfg, ctx)
+    if GGUF in cfg["formats"]:
+        from torchslim.errors import ConfigError
+
+        raise ConfigError(f"field 'formats': {GGUF!r} is for decoder LLMs (transformers ...ForCausalLM); "
+                          f"{type(model).__name__} is not one")
     model = model.cpu().eval()
     example = example_inputs(model)
     args = _inputs_of(model)

@@ -15,7 +15,7 @@ from torchslim.recipe.schema import Recipe
 
 __all__ = ["build_report", "write_reports"]
 
-_FIGURES = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "latency_ms")
+_FIGURES = ("accuracy", "perplexity", "params", "nonzero_params", "macs", "size_bytes", "latency_ms")
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -23,8 +23,8 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 def _row(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    row = {k: rec.get(k) for k in _FIGURES}
-    row["ratios"] = {k: _ratio(rec.get(k), base.get(k)) for k in _FIGURES if k != "accuracy"}
+    row = {k: rec.get(k) for k in _FIGURES if k != "perplexity" or rec.get(k) is not None}
+    row["ratios"] = {k: _ratio(rec.get(k), base.get(k)) for k in _FIGURES if k != "accuracy" and k in row}
     return row
 
 
@@ -54,6 +54,16 @@ def _goals(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], deploy
             drop, basis = None, "no labeled data"
         goals.append({"name": "max_accuracy_drop", "target": g.max_accuracy_drop, "value": drop, "basis": basis,
                       "met": drop is not None and drop <= g.max_accuracy_drop + 1e-12})
+    if g.max_perplexity_increase is not None:
+        shipped = next((f for f in (deployed.get("onnx") or {}, deployed.get("torch") or {}) if f.get("perplexity")), None)
+        if shipped is not None:  # judged on the shipped file (ONNX decoder first)
+            new, old = shipped["perplexity"]["perplexity"], shipped["original_perplexity"]["perplexity"]
+            basis = "onnx runtime" if shipped is deployed.get("onnx") else "torch"
+        else:
+            new, old, basis = after.get("perplexity"), before.get("perplexity"), "torch"
+        v = None if new is None or old is None else new / old - 1.0
+        goals.append({"name": "max_perplexity_increase", "target": g.max_perplexity_increase, "value": v,
+                      "basis": basis if v is not None else "no text data", "met": v is not None and v <= g.max_perplexity_increase + 1e-12})
     if g.target_macs is not None:
         v = _ratio(after["macs"], before["macs"])
         goals.append({"name": "target_macs", "target": g.target_macs, "value": v, "basis": "profile",
@@ -103,6 +113,8 @@ def build_report(state: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
         "after": after,
         "accuracy_before": orig["accuracy"],
         "accuracy_after": last["accuracy"],
+        **({"perplexity_before": orig.get("perplexity"), "perplexity_after": last.get("perplexity")}
+           if orig.get("perplexity") is not None else {}),
         "summary": {"size_ratio": size_ratio, "size_basis": size_basis,
                     "macs_ratio": _ratio(last["macs"], orig["macs"]),
                     "params_ratio": _ratio(last["params"], orig["params"])},

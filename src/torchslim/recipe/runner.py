@@ -109,8 +109,10 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, latency: bool = True) -> dict[str, Any]:
-    """Accuracy (test split), params, MACs, bytes on disk and median latency of ``model``."""
+def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, latency: bool = True,
+            perplexity_tokens: int | None = None) -> dict[str, Any]:
+    """Accuracy (test split), params, MACs, bytes on disk and median latency of ``model``; for a
+    decoder LLM with text data, perplexity on the held-out text (``perplexity_tokens`` tokens)."""
     from torchslim.profile import profile
     from torchslim.train import evaluate
 
@@ -121,8 +123,12 @@ def measure(model: nn.Module, data: Any, checkpoint: Path | None = None, *, late
     if data is not None and data.labeled:
         acc = evaluate(model, data.loader("test", batch_size=256))["accuracy"]
     size = _deploy_size(model, checkpoint, prof.size_bytes)
+    from torchslim.recipe._export_llm import PERPLEXITY_TOKENS, is_decoder_lm, llm_measure
+
+    ppl = llm_measure(model, data, perplexity_tokens or PERPLEXITY_TOKENS) if is_decoder_lm(model) else None
     return {
         "accuracy": acc,
+        **({"perplexity": ppl} if ppl is not None else {}),
         "params": prof.params,
         "nonzero_params": prof.nonzero_params,
         "macs": prof.macs,
@@ -329,6 +335,7 @@ def compress(
 
     model, recipe, data, spec, data_spec = _resolve_inputs(model, recipe, data)
     _preflight(model, recipe)
+    ptokens = next((s.config.get("perplexity_tokens") for s in recipe.stages if s.kind == "export"), None)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="torchslim-compress-"))
     state = _prepare_out(out, recipe, spec, data_spec, resume, force)
     stages_dir = out / "stages"
@@ -337,7 +344,7 @@ def compress(
         say(f"measuring the original model {spec}")
         save(model, original_dir)
         with live("measuring the original: accuracy, MACs, bytes, latency"):
-            state["original"] = measure(load(original_dir), data, original_dir, latency=latency)
+            state["original"] = measure(load(original_dir), data, original_dir, latency=latency, perplexity_tokens=ptokens)
         _write_json(out / STATE_FILE, state)
     teacher_cache: list[nn.Module] = []
 
@@ -373,12 +380,14 @@ def compress(
         current.to("cpu").eval()
         save(current, sdir / "model")
         with live(f"{stage.label} measuring: accuracy, MACs, bytes, latency"):
-            row = measure(load(sdir / "model"), data, sdir / "model", latency=latency)
+            row = measure(load(sdir / "model"), data, sdir / "model", latency=latency, perplexity_tokens=ptokens)
         record = {"label": stage.label, "index": stage.index, "kind": stage.kind, "config": stage.config,
                   "seconds": seconds, "files": dict(ctx.files), "extras": extras, **row}
         state["stages"].append(record)
         _write_json(out / STATE_FILE, state)
         acc = "" if row["accuracy"] is None else f"accuracy {100 * row['accuracy']:.2f}%, "
+        if row.get("perplexity") is not None:
+            acc += f"perplexity {row['perplexity']:.2f}, "
         base = state["original"]
         say(f"    {acc}params {row['params'] / base['params']:.2f}x, MACs {row['macs'] / max(base['macs'], 1):.2f}x, "
             f"size {row['size_bytes'] / base['size_bytes']:.2f}x ({seconds:.1f} s)")

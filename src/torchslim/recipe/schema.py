@@ -220,12 +220,20 @@ class Goals(_Strict):
     target_macs: float | None = None  # final MACs <= this fraction of the original's
     target_size: float | None = None  # bytes on disk <= this fraction
     target_latency: float | None = None  # median latency <= this fraction
+    max_perplexity_increase: float | None = None  # decoder LLMs, relative: 0.06 = at most 6% above the original
 
     @pydantic.field_validator("target_macs", "target_size", "target_latency")
     @classmethod
     def _fraction(cls, v: float | None, info: pydantic.ValidationInfo) -> float | None:
         if v is not None and not 0.0 < v <= 1.0:
             raise ValueError(f"must be a fraction of the original in (0, 1]; got {v} (a goal of 0 or below can never be met)")
+        return v
+
+    @pydantic.field_validator("max_perplexity_increase")
+    @classmethod
+    def _ppl(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0.0:
+            raise ValueError(f"is a relative perplexity increase >= 0 (0.06 = 6% above the original); got {v}")
         return v
 
     @pydantic.field_validator("max_accuracy_drop")

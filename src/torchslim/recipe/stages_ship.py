@@ -46,12 +46,14 @@ class ExportStageConfig(ConfigDict):
         check: run each file back in its runtime against eager PyTorch (parity).
         batch_sizes: batch sizes the files are timed at, interleaved with the original's.
         runs: timed runs per batch size.
+        perplexity_tokens: decoder LLMs: held-out tokens each shipped file is scored on.
     """
 
     formats: tuple[str, ...] = ("onnx",)
     check: bool = True
     batch_sizes: tuple[int, ...] = (1, 32)
     runs: int = 50
+    perplexity_tokens: int = 1024
 
     def __post_init__(self) -> None:
         known = deploy_targets()
@@ -67,6 +69,8 @@ class ExportStageConfig(ConfigDict):
             raise ConfigError("field 'formats' is empty; allowed: " + ", ".join(known))
         if any(not is_int(b) or b < 1 for b in self.batch_sizes) or not is_int(self.runs) or self.runs < 1:
             raise ConfigError("fields 'batch_sizes' and 'runs' must be positive integers")
+        if not is_int(self.perplexity_tokens) or self.perplexity_tokens < 2:
+            raise ConfigError(f"field 'perplexity_tokens' must be an integer >= 2; got {self.perplexity_tokens!r}")
 
 
 @stage("export", config=ExportStageConfig,
