@@ -276,12 +276,22 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
     from torchslim.recipe._export import check_targets
     from torchslim.recipe._select import resolve_config
 
+    from torchslim.recipe._export_llm import LLM_TARGETS, is_decoder_lm
+
+    llm = is_decoder_lm(model)
     for stage in recipe.stages:
         if stage.kind == "export":
+            formats = list(stage.config.get("formats") or ())
             try:
-                check_targets(stage.config.get("formats") or ())
+                check_targets(formats)
             except MissingDependencyError as exc:
                 raise RecipeError(f"{recipe.source}: stage {stage.index} (export): {exc}") from None
+            odd = [f for f in formats if (f not in LLM_TARGETS) == llm or (f == "gguf" and not llm)]
+            odd = [f for f in odd if f not in ("onnx", "torch")]  # targets of both kinds of model
+            if odd:
+                what = (f"is not a deploy target of a decoder LLM (allowed: {', '.join(LLM_TARGETS)})" if llm else
+                        f"is for decoder LLMs (transformers ...ForCausalLM); {type(model).__name__} is not one")
+                raise RecipeError(f"{recipe.source}: stage {stage.index} (export): field 'formats': {odd[0]!r} {what}")
         try:
             resolve_config(model, stage.kind, stage.config)
         except ConfigError as exc:

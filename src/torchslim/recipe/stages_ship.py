@@ -43,7 +43,9 @@ class ExportStageConfig(ConfigDict):
             ``format=``: ``onnx``, ``pte``, ``torchscript``, ``pt2``...) and ``torch`` (the
             ``ts.save`` folder in eager PyTorch); each is measured in its own runtime against the
             original shipped the same way (bytes, latency, accuracy with labeled data).
-        check: run each file back in its runtime against eager PyTorch (parity).
+        check: run each file back in its runtime against eager PyTorch (parity); decoder LLMs:
+            load the GGUF file back into transformers, and time prefill / decode of the ONNX
+            decoder and the torch model against the original's.
         batch_sizes: batch sizes the files are timed at, interleaved with the original's.
         runs: timed runs per batch size.
         perplexity_tokens: decoder LLMs: held-out tokens each shipped file is scored on.
