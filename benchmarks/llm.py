@@ -11,6 +11,7 @@ Rows (each in its own process, so its peak RSS is its own):
 * ``hqq``: half-quadratic zero-point optimization, no data (asymmetric int4 with fp16 zero points:
   0.5 bit per weight more than the symmetric rows at groups of 32; ``hqq-g64`` has the bytes of
   the others);
+* ``awq-gptq``: AWQ's scales, then GPTQ rounding of the scaled weights (instead of clip + nearest);
 * each ``+rot``: the same after a randomized-Hadamard rotation of the residual stream;
 * ``w8a8`` / ``w8a8+rot``: dynamic int8 (per-channel weights, per-tensor activations at run
   time), where rotation matters most.
@@ -48,17 +49,19 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "pretrained:smollm2-135m"
-ROWS: dict[str, dict[str, Any]] = {
+ROWS: dict[str, dict[str, Any]] = {  # in the order they run (most telling first)
     "fp32": {},
     "rtn": {"method": "rtn"},
-    "rtn+rot": {"method": "rtn", "rotate": True},
-    "gptq": {"method": "gptq"},
-    "gptq+rot": {"method": "gptq", "rotate": True},
     "awq": {"method": "awq"},
-    "awq+rot": {"method": "awq", "rotate": True},
     "hqq": {"method": "hqq"},
+    "gptq": {"method": "gptq"},
+    "rtn+rot": {"method": "rtn", "rotate": True},
+    "awq+rot": {"method": "awq", "rotate": True},
     "hqq+rot": {"method": "hqq", "rotate": True},
+    "gptq+rot": {"method": "gptq", "rotate": True},
     "hqq-g64": {"method": "hqq", "group_size": 64},
+    "awq-gptq": {"method": "awq-gptq"},
+    "awq-gptq+rot": {"method": "awq-gptq", "rotate": True},
     "w8a8": {"w8a8": True},
     "w8a8+rot": {"w8a8": True, "rotate": True},
 }
@@ -99,7 +102,7 @@ def run_row(name: str, tokens: int) -> dict[str, Any]:
     elif spec.get("method"):
         quantize_llm_(model, bits=4, group_size=spec.get("group_size", 32), method=spec["method"],
                       rotate=spec.get("rotate", False), embedding_bits=8, lm_head_bits=8,
-                      data="shakespeare" if spec["method"] in ("gptq", "awq") else None)
+                      data="shakespeare" if spec["method"] in ("gptq", "awq", "awq-gptq") else None)
     calib = time.perf_counter() - start
     r = ts.evaluate_lm(model, "shakespeare", max_tokens=tokens, context=1024, stride=512, threads=2)
     return {
@@ -110,11 +113,32 @@ def run_row(name: str, tokens: int) -> dict[str, Any]:
     }
 
 
+def _write(args: argparse.Namespace, tokens: int, results: list[dict[str, Any]], began: float, partial: bool) -> Path:
+    payload = {
+        "benchmark": "llm", "model": MODEL, "tokens": tokens, "context": 1024, "stride": 512, "partial": partial,
+        "calibration": "16 windows x 256 tokens of shakespeare[train], sequential=False",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 2,
+                    "load_average": os.getloadavg()},
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "not_run": {"auto-round": "not installed", "nncf": "not installed",
+                    "llama.cpp Q4_0": "quoted from the issue (+42%), not re-measured"},
+        "rows": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / (args.out or ("llm_quick.json" if args.quick else "llm.json"))
+    from torchslim._fs import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=None, help="held-out tokens scored (default 2048; --quick 512)")
     ap.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="results file name under benchmarks/results (default llm.json)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, in a child process
     args = ap.parse_args()
     tokens = args.tokens or (512 if args.quick else 2048)
@@ -140,7 +164,11 @@ def main() -> int:
             results.append({"row": name, "error": tail})
             continue
         row = json.loads(line[4:])
+        ref_row = next((r for r in results if r["row"] == "fp32" and "perplexity" in r), row if name == "fp32" else None)
+        if ref_row is not None:
+            row["delta_pct"] = 100 * (row["perplexity"] / ref_row["perplexity"] - 1)
         results.append(row)
+        _write(args, tokens, results, began, partial=True)
         print(f"{name:10s} ppl {row['perplexity']:8.3f}  calib {row['calibration_seconds']:6.1f} s  "
               f"bytes {row['bytes']['total'] / 1e6:7.1f} MB  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     ref = next(r["perplexity"] for r in results if r["row"] == "fp32" and "perplexity" in r)
@@ -156,22 +184,8 @@ def main() -> int:
         b = r["bytes"]
         print(f"{r['row']:10s} {r['perplexity']:10.3f} {r['delta_pct']:+7.1f}% {b['total'] / 1e6:7.1f} {b['body'] / 1e6:8.1f} "
               f"{(b['embeddings'] + b['lm_head']) / 1e6:11.1f} {r['calibration_seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:8.2f}")
-    payload = {
-        "benchmark": "llm", "model": MODEL, "tokens": tokens, "context": 1024, "stride": 512,
-        "calibration": "16 windows x 256 tokens of shakespeare[train], sequential=False",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 2,
-                    "load_average_at_end": os.getloadavg()},
-        "wall_seconds": round(time.perf_counter() - began, 1),
-        "not_run": {"auto-round": "not installed", "nncf": "not installed", "llama.cpp Q4_0": "quoted from the issue (+42%), not re-measured"},
-        "rows": results,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("llm_quick.json" if args.quick else "llm.json")
-    from torchslim._fs import atomic_path
-
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out} ({payload['wall_seconds']:.0f} s)")
+    out = _write(args, tokens, results, began, partial=False)
+    print(f"wrote {out} ({time.perf_counter() - began:.0f} s)")
     return 0
 
 

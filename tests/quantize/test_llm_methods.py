@@ -139,7 +139,7 @@ def test_rotate_then_quantize_runs(tiny, method: str) -> None:
 
 def test_bad_method_and_missing_data_refused_unchanged(tiny) -> None:
     before = _logits(tiny)
-    with pytest.raises(ConfigError, match="method must be one of rtn, gptq, awq, hqq; got 'awk'") as err:
+    with pytest.raises(ConfigError, match="method must be one of rtn, gptq, awq, awq-gptq, hqq; got 'awk'") as err:
         quantize_llm_(tiny, method="awk")
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="calibrates on data"):
@@ -155,7 +155,7 @@ def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
     model = ts.create_model("pretrained:smollm2-135m")
     rtn = copy.deepcopy(model)
     quantize_llm_(rtn, method="rtn", embedding_bits=None, lm_head_bits=None)
-    calib = llm_calibration(model, "shakespeare", windows=8, length=128, batch_size=8)
+    calib = llm_calibration(model, "shakespeare", windows=4, length=128, batch_size=4)
     from torchslim.quantize.awq import awq_
     from torchslim.quantize import QuantConfig
 
@@ -167,7 +167,7 @@ def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--mode", "weight-only", "--method", "awk"], "--method must be one of rtn, gptq, awq, hqq; got 'awk'"),
+    (["--mode", "weight-only", "--method", "awk"], "--method must be one of rtn, gptq, awq, awq-gptq, hqq; got 'awk'"),
     (["--mode", "static", "--method", "gptq"], "--method is for --mode weight-only"),
     (["--mode", "weight-only", "--method", "awq"], "--method awq calibrates on data"),
     (["--mode", "weight-only", "--embedding-bits", "3"], "--embedding-bits must be one of 4, 8 or fp"),

@@ -49,7 +49,7 @@ def register(sub: Any) -> None:
     p.add_argument("--embeddings", action="store_true",
                    help="weight-only: also store nn.Embedding tables as integers (bits 4 or 8, groups of --group-size)")
     p.add_argument("--method", default=None,
-                   help="weight-only: rtn (default), gptq, awq (calibrate on --data) or hqq (no data); a decoder LLM "
+                   help="weight-only: rtn (default), gptq, awq, awq-gptq (calibrate on --data) or hqq (no data); a decoder LLM "
                         "(pretrained:smollm2-135m) calibrates on token windows of a text spec: --data shakespeare")
     p.add_argument("--rotate", action="store_true",
                    help="weight-only, Llama-style LLMs: rotate the residual stream (randomized Hadamard) before quantizing")
@@ -126,7 +126,7 @@ def _check_llm_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"{llm_flags[0]} is for --mode weight-only; got --mode {args.mode}")
     args._embedding_bits = _role_bits(args.embedding_bits, "--embedding-bits", (4, 8))
     args._lm_head_bits = _role_bits(args.lm_head_bits, "--lm-head-bits", (2, 3, 4, 5, 6, 7, 8))
-    if args.method in ("gptq", "awq") and not args.data:
+    if args.method in ("gptq", "awq", "awq-gptq") and not args.data:
         raise ConfigError(f"--method {args.method} calibrates on data: give --data (shakespeare or text:PATH for an LLM)")
 
 

@@ -442,7 +442,7 @@ def quantize_(
 
 
 #: the weight-only methods :func:`quantize_llm_` runs
-LLM_METHODS = ("rtn", "gptq", "awq", "hqq")
+LLM_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "hqq")
 #: calibration a text spec gives :func:`quantize_llm_`: windows of tokens from its train split
 LLM_CALIBRATION = {"windows": 16, "length": 256, "batch_size": 8}
 
@@ -507,7 +507,7 @@ def quantize_llm_(
 
     Methods: ``"rtn"`` round to nearest (symmetric min-max, no data); ``"gptq"``
     (:func:`~torchslim.quantize.gptq.gptq_`) and ``"awq"`` (:func:`~torchslim.quantize.awq.awq_`)
-    calibrate on ``data``; ``"hqq"`` (:func:`~torchslim.quantize.hqq.hqq_`, asymmetric with
+    calibrate on ``data``, ``"awq-gptq"`` rounds AWQ's scaled weights with GPTQ; ``"hqq"`` (:func:`~torchslim.quantize.hqq.hqq_`, asymmetric with
     zero points) needs no data. ``sequential=False`` (default here) measures every layer once on
     the float model: one pass over the calibration windows instead of one per layer group.
 
@@ -549,7 +549,7 @@ def quantize_llm_(
     calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
     if _is_text(data):
         calibration = llm_calibration(model, data, seed=seed)
-    if method in ("gptq", "awq") and calibration is None:
+    if method in ("gptq", "awq", "awq-gptq") and calibration is None:
         raise ConfigError(f"method={method!r} calibrates on data: pass data='shakespeare' (or text:PATH, or batches of token ids)")
     batches = list(calibration) if calibration is not None else None
     if batches is not None and not batches:
@@ -571,7 +571,8 @@ def quantize_llm_(
         return gptq_(model, config, calibration=batches, sequential=sequential)
     from torchslim.quantize.awq import awq_
 
-    return awq_(model, config, calibration=batches, sequential=sequential)
+    return awq_(model, config, calibration=batches, sequential=sequential,
+                rounding="gptq" if method == "awq-gptq" else "clip")
 
 
 def _is_text(data: Any) -> bool:

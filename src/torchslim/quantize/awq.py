@@ -57,6 +57,7 @@ from torchslim.quantize.gptq import (
     _group_size,
     check_weight_only,
     finish_weight_only,
+    gptq_quantize,
     restoring_on_error,
     weight_only_layers,
 )
@@ -237,6 +238,7 @@ def awq_(
     clip: bool = True,
     sequential: bool = True,
     rank: int = 64,
+    rounding: str = "clip",
 ) -> QuantPlan:
     """Quantize ``model``'s Linear weights with activation-aware scaling, in place (weight-only).
 
@@ -249,6 +251,8 @@ def awq_(
         calibration: batches of model inputs (e.g. token windows ``(batch, tokens)``).
         grid: alphas searched: ``0, 1/grid, ..., (grid-1)/grid``.
         clip: search a clipping ratio per group after scaling.
+        rounding: how the scaled weights are rounded: ``"clip"`` (to nearest, after the clip
+            search) or ``"gptq"`` (GPTQ's error compensation with the scaled inputs' Hessian).
         rank: the output error of each candidate is measured through the top-``rank`` eigenpairs
             of ``H`` plus the diagonal they leave (exact when ``rank`` >= the input width).
         sequential: measure each group of layers after the earlier ones were quantized (the
@@ -267,6 +271,8 @@ def awq_(
     config = check_weight_only(model, config, "AWQ", default_group=32)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ConfigError(f"grid must be a positive integer (alphas searched); got {grid!r}")
+    if rounding not in ("clip", "gptq"):
+        raise ConfigError(f"rounding must be 'clip' or 'gptq'; got {rounding!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer; got {rank!r}")
     layers, tables = weight_only_layers(model, config, "awq_")
@@ -280,9 +286,16 @@ def awq_(
     alphas: dict[str, float] = {}
     ratios = CLIP_RATIOS if clip else [1.0]
 
-    def quantize_member(name: str, module: nn.Linear, hdiag: torch.Tensor) -> None:
+    def quantize_member(name: str, module: nn.Linear, stats: LayerStats, s: torch.Tensor | None) -> None:
         scheme = config.weight_scheme(name)
-        ints, scale, zp = clip_quantize(module.weight, hdiag, scheme, ratios)
+        if rounding == "gptq":  # GPTQ on the scaled weight, whose input is x / s: H / (s s^T)
+            h = stats.hessian(module.weight.device)
+            if s is not None and stats.rows:
+                h = h / (s.unsqueeze(0) * s.unsqueeze(1))
+            ints, scale, zp = gptq_quantize(module.weight, h, scheme)
+        else:
+            hdiag = stats.sq if s is None else stats.sq / (s * s)
+            ints, scale, zp = clip_quantize(module.weight, hdiag, scheme, ratios)
         q = QuantizedLinear.from_ints(module, ints, scale, zp, scheme)
         with torch.no_grad():  # later layers are measured on this layer's quantized output
             module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))
@@ -293,7 +306,7 @@ def awq_(
             return
         group = owner.get(name)
         if group is None or stats.rows == 0:
-            quantize_member(name, module, stats.sq)
+            quantize_member(name, module, stats, None)
             return
         members = [r for r in group.readers if r in layers]
         sketch = _sketch(stats.hessian(module.weight.device).float(), rank)
@@ -315,9 +328,9 @@ def awq_(
         fold_scale_(model, group, s, results)
         for r in members:
             alphas[r] = alpha
-            quantize_member(r, layers[r], stats.sq / (s * s))
+            quantize_member(r, layers[r], stats, s)
 
     with restoring_on_error(model, layers):
         run_layerwise(model, layers, batches, process, full=True, sequential=sequential)
-    extra = {"awq": {"grid": grid, "clip": clip, "sequential": sequential, "rank": rank, "alpha": alphas}}
+    extra = {"awq": {"grid": grid, "clip": clip, "sequential": sequential, "rank": rank, "rounding": rounding, "alpha": alphas}}
     return finish_weight_only(model, config, layers, tables, results, len(batches), "awq", extra)
