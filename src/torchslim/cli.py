@@ -3,6 +3,11 @@
 Every verb prints a readable table (or, with ``--json``, one JSON object on stdout and nothing
 else there); ``--out DIR`` holds the resulting model written by ``ts.save``. Bad input exits with
 code 2 and one line naming what was wrong and what is allowed.
+
+Other libraries' warnings and logs are caught around every verb: the harmless ones are dropped, any
+other becomes one ``note:`` line, and ``--verbose`` (before or after the verb) lets them all through
+(:func:`torchslim._cli_common.third_party_output`). ``torchslim list`` names every model and data
+spec family; each option's help states its default.
 """
 
 from __future__ import annotations
