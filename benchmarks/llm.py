@@ -25,6 +25,14 @@ held-out plays (the ``test`` split: First Folio Hamlet first), windows of 1,024 
 ``calib s`` is the wall time of the quantization call (tokenizing the calibration windows
 included); ``peak RSS`` is the row process's maximum resident set (model load included).
 
+Read the ``hqq`` row with the model's origin in mind: the float reference is dequantized from
+``SmolLM2-135M-Instruct.Q4_1.gguf``, so its body weights already lie on asymmetric 4-bit grids of
+32 consecutive weights (llama.cpp's Q4_1: a scale and a float minimum per block). An asymmetric
+g32 quantizer whose zero point may be fractional (HQQ's, stored in fp16) can find those grids
+again (a down_proj's relative weight error: 0.2% for HQQ, 8.1% for min-max asymmetric, 9.7% for
+symmetric), so ``hqq`` at g32 is close to lossless *on this model* for that reason; ``hqq-g64``
+(two Q4_1 blocks per group) and the rotated rows do not get that gift.
+
 Not run: ``auto-round`` and NNCF (not installed here; installing them and their dependencies was
 not attempted within this benchmark), llama.cpp's Q4_0 (the issue's +42% is quoted, not re-measured).
 
