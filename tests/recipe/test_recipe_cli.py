@@ -162,7 +162,9 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path, capsys) -> Non
     browser = _chromium()
     if browser is None:
         pytest.skip("no Chromium and no apt-get as root to install it")
-    path = _recipe(tmp_path, [{"prune_channels": {"ratio": 0.5}}, {"finetune": {}}], {"max_accuracy_drop": 1.0})
+    path = _recipe(tmp_path, [{"prune_channels": {"ratio": 0.5}}, {"finetune": {}},
+                              {"export": {"formats": ["onnx"], "batch_sizes": [1], "runs": 5}}],
+                   {"max_accuracy_drop": 1.0, "target_size": 0.9})
     out = tmp_path / "o"
     assert main(["compress", "zoo:lenet5", "--recipe", path, "--data", "mnist", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
@@ -174,16 +176,26 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path, capsys) -> Non
         "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
         "document.body.setAttribute('data-probe',JSON.stringify({tables:document.querySelectorAll('table').length,"
         "rows:document.querySelectorAll('#stages tbody tr').length,"
+        "head:document.getElementById('headline').getBoundingClientRect().bottom,screen:window.innerHeight,"
+        "first:document.querySelector('#headline li').textContent,"
+        "goals:[...document.querySelectorAll('#goals tbody tr')].map(r=>r.textContent),"
         "images:imgs.length,decoded:imgs.filter(i=>i.complete&&i.naturalWidth>0).length}));});</script></body>"))
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+                          "--window-size=1280,800", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     import re
 
     m = re.search(r"data-probe=\"([^\"]+)\"", dom.stdout)
     assert m, dom.stdout[:2000]
-    probe_data = json.loads(m.group(1).replace("&quot;", '"'))
-    assert probe_data["tables"] >= 3 and probe_data["rows"] == 3  # original + 2 stages
+    import html as html_text
+
+    probe_data = json.loads(html_text.unescape(m.group(1)))
+    assert probe_data["tables"] >= 3 and probe_data["rows"] == 4  # original + 3 stages
+    # the headline (what ships, and the goals) is the first thing on the page, inside the first screen
+    assert 0 < probe_data["head"] <= probe_data["screen"] <= 800, probe_data  # the window less its frame
+    assert re.match(r"ONNX in ONNX Runtime: \d+\.\d\dx smaller \(.*KiB -> .*KiB\), .* at batch 1, accuracy ", probe_data["first"])
+    assert any(g.startswith("accuracy dropat most 100.00 points") and "points" in g for g in probe_data["goals"])
+    assert any(g.startswith("sizeat most 0.90 of the original (1.11x smaller)") for g in probe_data["goals"])
     assert probe_data["images"] >= 2 and probe_data["decoded"] == probe_data["images"]  # every embedded PNG decodes
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",

@@ -36,7 +36,7 @@ _FLOAT_OF = {"onnx-int8": "onnx", "pte-int8": "pte"}
 #: The runtime each format runs in, for the tables.
 _RUNTIME = {"onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "pte": "ExecuTorch (XNNPACK)",
             "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch",
-            "gguf": "llama.cpp (GGUF)"}
+            "gguf": "llama.cpp"}
 #: Deploy targets that are no registered export format: decoder LLMs only (``_export_llm``).
 GGUF = "gguf"
 

@@ -30,7 +30,7 @@ __all__ = ["LLM_TARGETS", "is_decoder_lm", "llm_export_stage", "llm_measure"]
 LLM_TARGETS = ("onnx", "gguf", "torch")
 #: Held-out tokens scored for perplexity by the recipe runner and the export stage.
 PERPLEXITY_TOKENS = 1024
-_RUNTIME = {"onnx": "ONNX Runtime (decoder with KV cache)", "gguf": "llama.cpp (GGUF)", "torch": "eager PyTorch"}
+_RUNTIME = {"onnx": "ONNX Runtime (decoder with KV cache)", "gguf": "llama.cpp", "torch": "eager PyTorch"}
 
 
 def is_decoder_lm(model: Any) -> bool:

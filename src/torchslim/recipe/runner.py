@@ -78,6 +78,17 @@ def _deploy_size(model: nn.Module, checkpoint: Path | None, measured: int | None
     return serialized_bytes(fresh)
 
 
+def _type_name(module: nn.Module) -> str:
+    """The layer's own class name: a parametrized layer (a sparsity mask) is named by its original
+    class (``Linear``), not by the ``ParametrizedLinear`` class torch makes for it."""
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized") and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
 def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     """Width, sparsity and weight bits of every layer with a weight matrix / kernel."""
     from torchslim._modelinfo import model_info
@@ -103,7 +114,7 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
         prec = getattr(m, "torchslim_precision", None)
         bits = prec[0] if prec else qbits.get(name, 32 if w.is_floating_point() else 8)
         rows.append({
-            "name": name, "type": type(m).__name__, "out": int(w.shape[0]), "in": int(w.shape[1]),
+            "name": name, "type": _type_name(m), "out": int(w.shape[0]), "in": int(w.shape[1]),
             "params": int(w.numel()), "sparsity": float((w == 0).sum()) / max(w.numel(), 1), "bits": int(bits),
         })
     return rows

@@ -1,8 +1,10 @@
 """Markdown and self-contained HTML for a compress report (plots are embedded PNGs).
 
-Both render the same content from ``report.json``: the stage table (accuracy, params, MACs,
-bytes on disk, latency, each with its ratio to the original), the deployed artifacts against the
-original exported the same way, the goals (met / missed), and per-layer width / sparsity / bits.
+Both render the same content from ``report.json``, the result that ships first: one sentence per
+deployed file (its bytes, speed and accuracy or perplexity against the original shipped the same
+way) and the goals in the same units; then the deployed files in detail, the stage table
+(accuracy, params, MACs, size on disk, eager latency, each with its ratio to the original) and
+per-layer width / sparsity / bits.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from typing import Any
 
-__all__ = ["render_markdown", "render_html", "stage_rows", "plots"]
+__all__ = ["headline", "render_markdown", "render_html", "stage_rows", "plots"]
 
 
 def _fmt_num(x: Any) -> str:
@@ -26,10 +29,11 @@ def _fmt_num(x: Any) -> str:
 
 
 def _fmt_bytes(x: Any) -> str:
+    """Bytes in binary units (KiB, MiB, GiB), as the command-line tables print them."""
     if x is None:
         return "-"
     x = float(x)
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if x >= div:
             return f"{x / div:.2f} {unit}"
     return f"{x:.0f} B"
@@ -39,36 +43,90 @@ def _fmt_ratio(x: Any) -> str:
     return "-" if x is None else f"{x:.3f}x"
 
 
+def _type(name: str) -> str:
+    """A layer's class name as a person knows it (``ParametrizedLinear`` is a Linear with a mask)."""
+    return name[len("Parametrized"):] if name.startswith("Parametrized") and len(name) > len("Parametrized") else name
+
+
 def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-stage table (shared by Markdown and HTML)."""
-    head = ["stage", "accuracy", "params", "(ratio)", "MACs", "(ratio)", "bytes on disk", "(ratio)",
-            "latency ms", "(ratio)", "time s"]
+    ppl = any(s.get("perplexity") is not None for s in report["stages"])
+    head = ["stage", "accuracy", *(["perplexity"] if ppl else []), "params", "(ratio)", "MACs", "(ratio)",
+            "size on disk", "(ratio)", "eager latency ms", "(ratio)", "time s"]
     rows = []
     for s in report["stages"]:
         r = s["ratios"]
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
         lat = "-" if s["latency_ms"] is None else f"{s['latency_ms']:.3f}"
-        rows.append([s["label"], acc, _fmt_num(s["params"]), _fmt_ratio(r["params"]), _fmt_num(s["macs"]),
+        extra = [("-" if s.get("perplexity") is None else f"{s['perplexity']:.2f}")] if ppl else []
+        rows.append([s["label"], acc, *extra, _fmt_num(s["params"]), _fmt_ratio(r["params"]), _fmt_num(s["macs"]),
                      _fmt_ratio(r["macs"]), _fmt_bytes(s["size_bytes"]), _fmt_ratio(r["size_bytes"]), lat,
                      _fmt_ratio(r["latency_ms"]), f"{s.get('seconds', 0.0):.1f}"])
     return head, rows
 
 
+_NAMES = {"onnx": "ONNX", "pte": "ExecuTorch .pte", "torch": "PyTorch (ts.save)", "torchscript": "TorchScript",
+          "pt2": "torch.export .pt2", "gguf": "GGUF"}
+
+
+def _shipped(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(t, f) for t, f in report.get("deployed", {}).items() if t != "tslim" and f.get("size_bytes")]
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """One sentence per shipped file: its bytes, speed and accuracy (or perplexity) against the
+    original shipped the same way; without deployed files, the final model against the original."""
+    lines = []
+    for target, fig in _shipped(report):
+        name, runtime = _NAMES.get(target, target), fig.get("runtime", "")
+        parts = [f"{fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller "
+                 f"({_fmt_bytes(fig['original_size_bytes'])} -> {_fmt_bytes(fig['size_bytes'])})"]
+        for b, lat in (fig.get("latency_ms") or {}).items():
+            parts.append(f"{_speed(lat['speedup'])} at batch {b}")
+        if fig.get("accuracy") is not None and fig.get("original_accuracy") is not None:
+            parts.append(f"accuracy {100 * fig['original_accuracy']:.2f}% -> {100 * fig['accuracy']:.2f}% "
+                         f"({100 * (fig['accuracy'] - fig['original_accuracy']):+.2f} points)")
+        if fig.get("perplexity") and fig.get("original_perplexity"):
+            new, old = fig["perplexity"]["perplexity"], fig["original_perplexity"]["perplexity"]
+            parts.append(f"perplexity {old:.2f} -> {new:.2f} ({100 * (new / old - 1):+.1f}%, "
+                         f"{fig['perplexity']['tokens']} held-out tokens)")
+        if fig.get("speed") and fig.get("original_speed"):
+            new, old = fig["speed"]["decode_tokens_per_s"], fig["original_speed"]["decode_tokens_per_s"]
+            parts.append(f"decode {old:.1f} -> {new:.1f} tokens/s ({new / old:.2f}x)")
+        lines.append(f"{name} in {runtime}: " + ", ".join(parts) if runtime else f"{name}: " + ", ".join(parts))
+    if not lines and report.get("stages"):
+        last = report["stages"][-1]
+        r = last["ratios"].get("size_bytes")
+        text = f"final model (ts.save): {1 / r:.2f}x smaller on disk" if r else "final model (ts.save)"
+        if report.get("accuracy_before") is not None and report.get("accuracy_after") is not None:
+            a, b = report["accuracy_before"], report["accuracy_after"]
+            text += f", accuracy {100 * a:.2f}% -> {100 * b:.2f}% ({100 * (b - a):+.2f} points)"
+        lines.append(text)
+    return lines
+
+
 def _deployed_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["artifact", "measure", "original", "compressed", "ratio / speed-up"]
     rows: list[list[str]] = []
-    names = {"onnx": "ONNX", "pte": "ExecuTorch .pte", "torch": "PyTorch (ts.save)", "torchscript": "TorchScript",
-             "pt2": "torch.export .pt2"}
-    for target, fig in report.get("deployed", {}).items():
-        if target == "tslim" or not fig.get("size_bytes"):
-            continue
-        name, runtime = names.get(target, target), fig.get("runtime", "ONNX Runtime")
+    for target, fig in _shipped(report):
+        name, runtime = _NAMES.get(target, target), fig.get("runtime", "ONNX Runtime")
         rows.append([name, "bytes on disk", _fmt_bytes(fig["original_size_bytes"]), _fmt_bytes(fig["size_bytes"]),
                      f"{fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller"])
         if fig.get("accuracy") is not None:
             rows.append([name, f"accuracy in {runtime}", f"{100 * fig['original_accuracy']:.2f}%",
                          f"{100 * fig['accuracy']:.2f}%",
                          f"{100 * (fig['accuracy'] - fig['original_accuracy']):+.2f} points"])
+        if fig.get("perplexity") and fig.get("original_perplexity"):
+            new, old = fig["perplexity"]["perplexity"], fig["original_perplexity"]["perplexity"]
+            rows.append([name, f"perplexity in {runtime} ({fig['perplexity']['tokens']} held-out tokens)",
+                         f"{old:.2f}", f"{new:.2f}", f"{100 * (new / old - 1):+.1f}%"])
+        if fig.get("speed") and fig.get("original_speed"):
+            sp, so = fig["speed"], fig["original_speed"]
+            rows.append([name, f"decode tokens/s in {runtime} (batch 1, {sp['threads']} thread)",
+                         f"{so['decode_tokens_per_s']:.1f}", f"{sp['decode_tokens_per_s']:.1f}",
+                         f"{sp['decode_tokens_per_s'] / so['decode_tokens_per_s']:.2f}x"])
+            rows.append([name, f"prefill of {sp['prompt_tokens']} tokens (ms)", f"{so['prefill_ms']:.1f}",
+                         f"{sp['prefill_ms']:.1f}", _speed(so["prefill_ms"] / sp["prefill_ms"])])
         for b, lat in fig.get("latency_ms", {}).items():
             rows.append([name, f"{runtime} latency, batch {b} (ms, 1 thread)", f"{lat['original']:.3f}",
                          f"{lat['compressed']:.3f}", _speed(lat["speedup"])])
@@ -80,12 +138,30 @@ def _deployed_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+_GOAL_WORDS = {"max_accuracy_drop": "accuracy drop", "target_size": "size", "target_macs": "MACs",
+               "target_latency": "latency", "max_perplexity_increase": "perplexity increase"}
+
+
+def _goal_text(name: str, x: float | None, target: bool) -> str:
+    """A goal's target or value in the units of the tables above (points, fractions with x, %)."""
+    if x is None:
+        return "-"
+    if name == "max_accuracy_drop":
+        return f"at most {100 * x:.2f} points" if target else f"{100 * x:.2f} points"
+    if name == "max_perplexity_increase":
+        return f"at most {100 * x:+.1f}%" if target else f"{100 * x:+.1f}%"
+    what = {"target_size": "smaller", "target_macs": "fewer MACs", "target_latency": "faster"}.get(name, "")
+    if target:
+        return f"at most {x:.2f} of the original ({1 / x:.2f}x {what})" if x > 0 else f"{x}"
+    return f"{x:.3f} of the original ({1 / x:.2f}x {what})" if x > 0 else f"{x:.3f}"
+
+
 def _goal_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["goal", "target", "value", "basis", "met"]
+    head = ["goal", "target", "reached", "measured on", "met"]
     rows = []
     for g in report.get("goals", []):
-        value = "-" if g["value"] is None else f"{g['value']:.4f}"
-        rows.append([g["name"], f"{g['target']}", value, g["basis"], "met" if g["met"] else "MISSED"])
+        rows.append([_GOAL_WORDS.get(g["name"], g["name"]), _goal_text(g["name"], g["target"], True),
+                     _goal_text(g["name"], g["value"], False), g["basis"], "met" if g["met"] else "MISSED"])
     return head, rows
 
 
@@ -99,15 +175,21 @@ def _title(report: dict[str, Any]) -> str:
     return f"torchslim compress: {report['model']} with recipe '{report['recipe']}'"
 
 
+_EAGER_NOTE = ("Stage latencies are eager PyTorch, 1 thread; a quantized stage's eager figure is int8 simulated "
+               "in float (real integer kernels run after ts.quantize.compile and in the deployed files).")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown (tables only; the HTML carries the plots)."""
-    parts = [f"# {_title(report)}", "", f"data: `{report['data']}`", "", "## Stages", "", _md_table(*stage_rows(report))]
-    head, rows = _deployed_rows(report)
-    if rows:
-        parts += ["", "## Deployed files (original exported the same way, timed side by side)", "", _md_table(head, rows)]
+    """The report as Markdown (tables only; the HTML carries the plots), the shipped result first."""
+    parts = [f"# {_title(report)}", "", f"data: `{report['data']}`", "", "## Result", ""]
+    parts += [f"- {line}" for line in headline(report)]
     head, rows = _goal_rows(report)
     if rows:
         parts += ["", "## Goals", "", _md_table(head, rows)]
+    head, rows = _deployed_rows(report)
+    if rows:
+        parts += ["", "## Deployed files (original exported the same way, timed side by side)", "", _md_table(head, rows)]
+    parts += ["", "## Stages", "", _md_table(*stage_rows(report)), "", _EAGER_NOTE]
     parts += ["", "## Layers (original -> final)", "", _md_table(*_layer_rows(report))]
     parts += ["", "## Files", ""] + [f"- {k}: `{v}`" for k, v in sorted(report["files"].items())]
     return "\n".join(parts) + "\n"
@@ -120,13 +202,13 @@ def _layer_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in report["layers"]["original"]:
         f = final.get(r["name"])
         if f is None:
-            rows.append([r["name"], r["type"], f"{r['out']} -> (replaced)", "-", "-"])
+            rows.append([r["name"], _type(r["type"]), f"{r['out']} -> (replaced)", "-", "-"])
             continue
-        rows.append([r["name"], f["type"], f"{r['out']} -> {f['out']}", f"{100 * f['sparsity']:.1f}%",
+        rows.append([r["name"], _type(f["type"]), f"{r['out']} -> {f['out']}", f"{100 * f['sparsity']:.1f}%",
                      f"{r['bits']} -> {f['bits']}"])
     for name, f in final.items():
         if name not in {r["name"] for r in report["layers"]["original"]}:
-            rows.append([name, f["type"], f"(new) {f['out']}", f"{100 * f['sparsity']:.1f}%", f"{f['bits']}"])
+            rows.append([name, _type(f["type"]), f"(new) {f['out']}", f"{100 * f['sparsity']:.1f}%", f"{f['bits']}"])
     return head, rows
 
 
@@ -153,47 +235,70 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
     labels = [s["label"] for s in stages]
     out: dict[str, str] = {}
 
+    # eager latency is left out: after quantization it is simulated int8 (see _EAGER_NOTE)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(stages)), 3.2))
-    keys = [("params", "params"), ("macs", "MACs"), ("size_bytes", "bytes on disk"), ("latency_ms", "latency")]
+    keys = [("params", "params"), ("macs", "MACs"), ("size_bytes", "size on disk")]
     width = 0.8 / len(keys)
     for j, (key, name) in enumerate(keys):
         vals = [s["ratios"].get(key) or 0.0 for s in stages]
         ax.bar([i + j * width for i in range(len(stages))], vals, width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(stages))], labels, rotation=20, ha="right")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylim(0, max(1.05, *(s["ratios"].get(k) or 0.0 for s in stages for k, _ in keys)) * 1.05)
     ax.set_ylabel("ratio to the original")
-    ax.legend(fontsize=8, ncol=4)
-    ax.set_title("cost after each stage")
+    ax.legend(fontsize=8, ncol=3, loc="upper right")
+    ax.set_title("size and compute after each stage")
     out["stages"] = _png(fig)
 
     accs = [s["accuracy"] for s in stages]
     if any(a is not None for a in accs):
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        xs = [s["ratios"].get("size_bytes") or 0.0 for s in stages]
-        ys = [100 * (a or 0.0) for a in accs]
-        ax.plot(xs, ys, "o-")
-        for x, y, lab in zip(xs, ys, labels):
-            ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("bytes on disk (ratio to the original)")
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        pts = [((s["ratios"].get("size_bytes") or 0.0), 100 * a) for s, a in zip(stages, accs) if a is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="lightgrey", zorder=1)
+        named = [(lab, s) for lab, s, a in zip(labels, stages, accs) if a is not None]
+        for (x, y), (lab, _) in zip(pts, named):  # one legend entry per stage: labels never overlap the points
+            ax.scatter([x], [y], s=36, zorder=2, label=lab)
+        ys = [p[1] for p in pts]
+        pad = max(1.0, (max(ys) - min(ys)) * 0.15)
+        ax.set_ylim(min(ys) - pad, min(100.0, max(ys) + pad))
+        ax.set_xlim(0, max(1.05, *(p[0] for p in pts)) * 1.05)
+        ax.set_xlabel("size on disk (ratio to the original)")
         ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         ax.set_title("accuracy vs size")
         out["accuracy_vs_size"] = _png(fig)
 
     orig, final = report["layers"]["original"], {r["name"]: r for r in report["layers"]["final"]}
     if orig:
         names = [r["name"] for r in orig]
-        fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.35 * len(names)), 7), sharex=True)
         x = list(range(len(names)))
-        axes[0].bar(x, [r["out"] for r in orig], color="lightgrey", label="original")
-        axes[0].bar(x, [final[n]["out"] if n in final else 0 for n in names], width=0.5, label="final")
-        axes[0].set_ylabel("width")
-        axes[0].legend(fontsize=8)
-        axes[1].bar(x, [100 * final[n]["sparsity"] if n in final else 0 for n in names])
-        axes[1].set_ylabel("sparsity %")
-        axes[2].bar(x, [final[n]["bits"] if n in final else 0 for n in names])
-        axes[2].set_ylabel("weight bits")
-        axes[2].set_xticks(x, names, rotation=60, ha="right", fontsize=7)
-        axes[0].set_title("per layer (final model)")
+        width = [final[n]["out"] if n in final else 0 for n in names]
+        sparsity = [100 * final[n]["sparsity"] if n in final else 0.0 for n in names]
+        bits = [final[n]["bits"] if n in final else 0 for n in names]
+        panels = ["width"]  # only what changed: incidental zeros (< 1%) are no sparsity to plot
+        if max(sparsity, default=0.0) >= 1.0:
+            panels.append("sparsity")
+        if any(b != r["bits"] for b, r in zip(bits, orig)):
+            panels.append("bits")
+        fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.35 * len(names)), 2.4 * len(panels) + 0.6),
+                                 sharex=True, squeeze=False)
+        for ax, panel in zip(axes[:, 0], panels):
+            if panel == "width":
+                ax.bar(x, [r["out"] for r in orig], color="lightgrey", label="original")
+                ax.bar(x, width, width=0.5, label="final")
+                ax.set_ylabel("output width")
+                ax.legend(fontsize=8, loc="upper right")
+            elif panel == "sparsity":
+                ax.bar(x, sparsity)
+                ax.set_ylim(0, 100)
+                ax.set_ylabel("zero weights %")
+            else:
+                ax.bar(x, bits)
+                ax.set_ylim(0, 33)
+                ax.set_yticks([1, 4, 8, 16, 32])
+                ax.set_ylabel("weight bits")
+        axes[-1, 0].set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+        axes[0, 0].set_title("per layer (final model)")
         out["layers"] = _png(fig)
     return out
 
@@ -202,8 +307,11 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.met{color:#080}.missed{color:#b00;font-weight:bold}
+th{background:#f3f3f3}td:first-child,th:first-child,td.text{text-align:left}.met{color:#080}.missed{color:#b00;font-weight:bold}
 img{max-width:100%;display:block;margin:1em 0}code{background:#f6f6f6;padding:1px 4px}"""
+
+
+_NUMERIC = re.compile(r"^[-+]?[\d.]")
 
 
 def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
@@ -213,29 +321,35 @@ def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
         cells = []
         for c in r:
             cls = ' class="met"' if c == "met" else (' class="missed"' if c == "MISSED" else "")
+            if not cls and not _NUMERIC.match(c):
+                cls = ' class="text"'  # words read from the left; figures line up on the right
             cells.append(f"<td{cls}>{html.escape(c)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained HTML page: tables plus the plots as embedded PNGs (no external files)."""
+    """A self-contained HTML page: the shipped result and the goals first, then the tables and the
+    plots (embedded PNGs, no external files)."""
     imgs = plots(report)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(_title(report))}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(_title(report))}</h1>",
              f"<p>data: <code>{html.escape(str(report['data']))}</code></p>",
-             "<h2>Stages</h2>", _html_table(*stage_rows(report), "stages")]
-    if "stages" in imgs:
-        parts.append(f'<img alt="cost after each stage" src="data:image/png;base64,{imgs["stages"]}">')
-    head, rows = _deployed_rows(report)
-    if rows:
-        parts += ["<h2>Deployed files</h2><p>The original model exported the same way; ONNX Runtime latencies "
-                  "measured side by side in one run.</p>", _html_table(head, rows, "deployed")]
+             '<section id="headline"><h2>Result</h2><ul>'
+             + "".join(f"<li>{html.escape(line)}</li>" for line in headline(report)) + "</ul>"]
     head, rows = _goal_rows(report)
     if rows:
-        parts += ["<h2>Goals</h2>", _html_table(head, rows, "goals")]
+        parts += [_html_table(head, rows, "goals")]
+    parts.append("</section>")
+    head, rows = _deployed_rows(report)
+    if rows:
+        parts += ["<h2>Deployed files</h2><p>The original model shipped the same way; each file measured in its own "
+                  "runtime, side by side with the original's in one run.</p>", _html_table(head, rows, "deployed")]
     if "accuracy_vs_size" in imgs:
         parts.append(f'<img alt="accuracy vs size" src="data:image/png;base64,{imgs["accuracy_vs_size"]}">')
+    parts += ["<h2>Stages</h2>", _html_table(*stage_rows(report), "stages"), f"<p>{html.escape(_EAGER_NOTE)}</p>"]
+    if "stages" in imgs:
+        parts.append(f'<img alt="size and compute after each stage" src="data:image/png;base64,{imgs["stages"]}">')
     parts += ["<h2>Layers</h2>", _html_table(*_layer_rows(report), "layers")]
     if "layers" in imgs:
         parts.append(f'<img alt="per-layer width, sparsity and bits" src="data:image/png;base64,{imgs["layers"]}">')
