@@ -60,6 +60,20 @@ def test_decoder_equals_hf_logits_prefill_and_decode(tmp_path, fused, tie):
     assert tuple(past[0].shape) == (2, 2, 9, 16) and len(past) == 4
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_qwen2_layout_with_qkv_biases(tmp_path, fused):
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    dec = OnnxDecoder(export_onnx_decoder(model, tmp_path / "q.onnx", fused=fused)["path"])
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(_stepwise(dec, ids), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_reference_graph_left_padding_and_auto_choice(tmp_path, tiny_llama):
     info = export_onnx_decoder(tiny_llama, tmp_path / "d.onnx")  # head_dim 8: GroupQueryAttention cannot: reference
     assert info["graph"] == "reference"
