@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from torchslim._optional import require
+from torchslim._utils import quiet_native_stderr
 from torchslim.errors import TorchslimError
 from torchslim.export._base import ExportError, Format, batched, quiet, register_format, tensor_leaves
 from torchslim.export.onnx_int import float_twin, integer_scheme
@@ -333,12 +334,13 @@ def set_threads(threads: int) -> int:
     load programs after setting the threads.
     """
     _require("the ExecuTorch runtime")
-    from executorch.extension.pybindings import portable_lib
+    with quiet_native_stderr():  # cpuinfo's and the pool's C++ lines on descriptor 2 (shown by --verbose)
+        from executorch.extension.pybindings import portable_lib
 
-    before = int(portable_lib._threadpool_get_thread_count())
-    if before != threads:
-        portable_lib._unsafe_reset_threadpool(int(threads))
-        _pool["generation"] += 1
+        before = int(portable_lib._threadpool_get_thread_count())
+        if before != threads:
+            portable_lib._unsafe_reset_threadpool(int(threads))
+            _pool["generation"] += 1
     return before
 
 
@@ -353,7 +355,11 @@ def load_pte(path: Path, device: torch.device | None = None) -> Callable[[Inputs
     from executorch.runtime import Runtime
 
     def load() -> Any:
-        method = Runtime.get().load_program(Path(path)).load_method("forward")
+        with quiet_native_stderr():  # not around execute(): it runs inside timing loops
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._threadpool_get_thread_count()  # the pool is created here, quietly
+            method = Runtime.get().load_program(Path(path)).load_method("forward")
         if method is None:
             raise ExportError(f"the ExecuTorch program at {path} has no 'forward' method", format=PTE,
                               reason="no forward method")
