@@ -679,6 +679,7 @@ class OnnxDecoder:
         self.session = ort_session(self.path, self.threads)
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         if names[:2] != ["input_ids", "attention_mask"] or not self.past_names:
             raise ConfigError(f"{self.path} is not an ONNX decoder with a KV cache (inputs input_ids, attention_mask, "
                               f"past_key_values.*); its inputs: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; "
@@ -694,11 +695,30 @@ class OnnxDecoder:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
 
-    def step_numpy(self, ids: np.ndarray, past: list[np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward on numpy arrays (no checks): the fast path of loops."""
-        feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))}
-        out = self.session.run(None, feed)
-        return out[0], out[1:]
+    def step_numpy(self, ids: np.ndarray, past: list[Any], mask: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+        """One forward (no checks): the fast path of loops. ``past``: numpy arrays or the ONNX
+        Runtime ``OrtValue`` s a previous call returned; returns the logits as numpy and the
+        present keys/values as ``OrtValue`` s left in ONNX Runtime's memory (IO binding: the
+        cache is not copied to numpy and back at every step; inputs are never written)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+    @staticmethod
+    def past_length(past: list[Any]) -> int:
+        """Tokens held by a cache (numpy arrays or ``OrtValue`` s)."""
+        shape = past[0].shape
+        return int((shape() if callable(shape) else shape)[2])
 
     def step(self, input_ids: Any, past: list[np.ndarray] | None = None,
              attention_mask: Any = None) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -706,7 +726,7 @@ class OnnxDecoder:
         if ids.ndim != 2:
             raise ModelRunError(f"input_ids must be (batch, tokens); got shape {ids.shape}")
         past = self.empty_past(ids.shape[0]) if past is None else past
-        total = past[0].shape[2] + ids.shape[1]
+        total = self.past_length(past) + ids.shape[1]
         mask = (np.ones((ids.shape[0], total), np.int64) if attention_mask is None
                 else np.asarray(torch.as_tensor(attention_mask).cpu(), dtype=np.int64))
         if self.metadata.get("graph") == "fused" and not bool((mask == 1).all()):
@@ -715,9 +735,9 @@ class OnnxDecoder:
         try:
             logits, present = self.step_numpy(ids, past, mask)
         except Exception as exc:  # noqa: BLE001 - one line for the user
-            raise ModelRunError(f"ONNX Runtime failed on {self.path} (input_ids {ids.shape}, past {past[0].shape[2]}): "
+            raise ModelRunError(f"ONNX Runtime failed on {self.path} (input_ids {ids.shape}, past {self.past_length(past)}): "
                                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
-        return torch.from_numpy(logits), present
+        return torch.from_numpy(logits), [v.numpy() for v in present]
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.step(input_ids)[0]

@@ -158,7 +158,7 @@ def _onnx_stepper(dec: Any) -> Callable[[torch.Tensor, bool], torch.Tensor]:
         if first:
             state["past"] = dec.empty_past(ids.shape[0])
         a = ids.numpy().astype(np.int64)
-        total = state["past"][0].shape[2] + a.shape[1]
+        total = dec.past_length(state["past"]) + a.shape[1]
         logits, state["past"] = dec.step_numpy(a, state["past"], np.ones((a.shape[0], total), np.int64))
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))
     return step

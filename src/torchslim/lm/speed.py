@@ -11,8 +11,9 @@ the median of timed runs):
 An exported ONNX decoder (the path of the ``.onnx`` file written by
 :func:`~torchslim.export.onnx_decoder.export_onnx_decoder`, or an ``OnnxDecoder``) is timed the
 same way on ONNX Runtime (CPU, ``threads`` intra-op threads, inter-op 1): the prefill runs with
-an empty cache, and each decode run starts from the prefill's ``present.*`` arrays (inputs are
-not changed by a run, so every run decodes the same tokens from the same state).
+an empty cache, and each decode run starts from the prefill's ``present.*`` values, kept in ONNX
+Runtime's memory between steps by IO binding (inputs are not changed by a run, so every run
+decodes the same tokens from the same state).
 
 Prefill tokens/s = ``prompt_tokens / median prefill time``; decode tokens/s = ``new_tokens /
 median decode time``. The prompt is fixed token ids (seeded), batch 1. Compare two models only
@@ -208,5 +209,5 @@ def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | 
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
         prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=dec.threads, runs=runs, warmup=warmup,
-        cpu=cpu_name(), method="onnxruntime CPU, greedy loop feeding present.* back as past_key_values.*",
+        cpu=cpu_name(), method="onnxruntime CPU, greedy loop feeding present.* back as past_key_values.* (IO binding)",
     )
