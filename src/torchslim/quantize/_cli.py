@@ -162,7 +162,7 @@ def _llm_quantize(model: Any, args: argparse.Namespace, ctx: Any, config: Any) -
     out: dict[str, Any] = {"quantize": plan.to_dict(), "method": method, "rotate": args.rotate,
                            "embedding_bits": emb, "lm_head_bits": head,
                            "calibration_seconds": round(time.perf_counter() - start, 2)}
-    if isinstance(data, TextBundle):
+    if isinstance(data, TextBundle) and method in ("gptq", "awq", "awq-gptq"):
         from torchslim.quantize.api import LLM_CALIBRATION
 
         out["calibration"] = {"data": f"{data.spec}[train]", **LLM_CALIBRATION}

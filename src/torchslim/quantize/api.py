@@ -547,7 +547,7 @@ def quantize_llm_(
                          embeddings=embedding_bits is not None, embedding_bits=embedding_bits,
                          )
     calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
-    if _is_text(data):
+    if _is_text(data) and method in ("gptq", "awq", "awq-gptq"):  # rtn / hqq read no data
         calibration = llm_calibration(model, data, seed=seed)
     if method in ("gptq", "awq", "awq-gptq") and calibration is None:
         raise ConfigError(f"method={method!r} calibrates on data: pass data='shakespeare' (or text:PATH, or batches of token ids)")
