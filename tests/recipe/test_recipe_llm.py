@@ -78,8 +78,11 @@ def test_llm_int4_recipe_ships_an_onnx_decoder_and_a_gguf_file_scored_by_perplex
     assert isinstance(result.model, torch.nn.Module)
 
 
-def test_gguf_target_is_refused_for_a_classifier(tmp_path) -> None:
+def test_gguf_target_and_llm_recipe_are_refused_for_a_classifier(tmp_path) -> None:
     from torchslim.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stage 1 \(quantize_llm\) is for decoder LLMs .* LeNet300 is not one"):
+        ts.compress("zoo:lenet300", "llm-int4", data="digits", out=tmp_path / "run", latency=False)
 
     recipe = {"version": 1, "stages": [{"export": {"formats": ["gguf"]}}]}
     with pytest.raises(RecipeError, match="'gguf' is for decoder LLMs"):

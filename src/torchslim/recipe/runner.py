@@ -291,6 +291,9 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
 
     llm = is_decoder_lm(model)
     for stage in recipe.stages:
+        if stage.kind == "quantize_llm" and not llm:
+            raise RecipeError(f"{recipe.source}: stage {stage.index} (quantize_llm) is for decoder LLMs (transformers "
+                              f"...ForCausalLM, e.g. pretrained:smollm2-135m); {type(model).__name__} is not one")
         if stage.kind == "export":
             formats = list(stage.config.get("formats") or ())
             try:
