@@ -144,6 +144,8 @@ def test_bad_method_and_missing_data_refused_unchanged(tiny) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="calibrates on data"):
         quantize_llm_(tiny, method="awq", rotate=True)
+    with pytest.raises(ConfigError, match="group_size=24 does not divide"):
+        quantize_llm_(tiny, method="rtn", rotate=True, group_size=24)
     assert torch.equal(_logits(tiny), before) and not any(isinstance(m, QuantizedLinear) for m in tiny.modules())
 
 

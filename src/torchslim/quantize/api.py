@@ -555,6 +555,10 @@ def quantize_llm_(
     if batches is not None and not batches:
         raise ConfigError("the calibration data is empty")
     config = config.replace(calibration_batches=max(len(batches or ()), 1))
+    from torchslim.quantize.gptq import check_weight_only, weight_only_layers
+
+    check_weight_only(model, config, method)  # every check before the rotation changes anything
+    weight_only_layers(model, config, "quantize_llm_")
     if rotate:
         from torchslim.quantize.rotate import rotate_
 
