@@ -157,7 +157,7 @@ def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
     model = ts.create_model("pretrained:smollm2-135m")
     rtn = copy.deepcopy(model)
     quantize_llm_(rtn, method="rtn", embedding_bits=None, lm_head_bits=None)
-    calib = llm_calibration(model, "shakespeare", windows=4, length=128, batch_size=4)
+    calib = llm_calibration(model, "shakespeare", windows=8, length=128, batch_size=8)
     from torchslim.quantize.awq import awq_
     from torchslim.quantize import QuantConfig
 
