@@ -187,3 +187,99 @@ def test_finalize_of_an_int8_model_has_nothing_left_to_do() -> None:
     qat = ts.create_model("zoo:lenet5")
     qat_prepare_(qat, bits=8, calibration=[x])
     assert ts.finalize_(qat) == {"qat": {"frozen": 10, "integer": 5}}
+
+
+class _Residual(nn.Module):
+    """Stem conv + max pool, a ResNet basic block and a downsampling block, pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.a1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, 2), nn.BatchNorm2d(16))
+        self.tail = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.a2(self.a1(x)) + x)  # identity shortcut
+        x = torch.relu(self.b2(self.b1(x)) + self.down(x))  # downsampling shortcut
+        x = torch.relu(self.tail(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _quantized_residual() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    with torch.no_grad():  # BN statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    quantize_(model, QuantConfig(mode="static"), calibration=calib)
+    return model, calib
+
+
+def test_output_ranges_are_calibrated_and_survive_save_load(tmp_path) -> None:
+    model, calib = _quantized_residual()
+    down = model.down[0]
+    assert isinstance(down, Int8Conv) and float(down.output_scale) > 0
+    # the stored grid covers what the layer outputs on the calibration data
+    with torch.no_grad():
+        y = down(model.stem(calib[0]))
+    lo = (0 - int(down.output_zero_point)) * float(down.output_scale)
+    hi = (255 - int(down.output_zero_point)) * float(down.output_scale)
+    assert lo <= float(y.min()) + 1e-4 and float(y.max()) - 1e-4 <= hi
+    # a state dict written before output ranges were kept still loads (range: not calibrated)
+    state = {k: v for k, v in model.state_dict().items() if "output_" not in k}
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(state, strict=True)
+    assert float(fresh.down[0].output_scale) == 0 and fresh.down[0]._out_scale == 0
+    # ts.save / ts.load keep them
+    torch.manual_seed(0)
+    net = ts.create_model("torchvision:resnet18")
+    quantize_(net, QuantConfig(mode="static"), calibration=[torch.randn(2, 3, 32, 32)])
+    assert float(net.layer2[0].downsample[0].output_scale) > 0
+    ts.save(net, tmp_path / "m")
+    loaded = ts.load(tmp_path / "m")
+    for name, m in net.named_modules():
+        if isinstance(m, (Int8Conv, Int8Linear)):
+            other = loaded.get_submodule(name)
+            assert torch.equal(other.output_scale, m.output_scale) and torch.equal(other.output_zero_point, m.output_zero_point)
+            assert other._out_scale == m._out_scale
+
+
+def test_compiled_residual_block_fuses_adds_and_pools_on_int8() -> None:
+    pytest.importorskip("torchao")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    from torchslim.quantize import compile as compile_int8
+    from torchslim.quantize.int8 import int8_kernels
+
+    model, calib = _quantized_residual()
+    x = calib[0][:2]
+    counts = int8_kernels(model, x)
+    # both shortcuts run inside their block's second conv (oneDNN "sum" post-op), the stem's
+    # pool on uint8; every conv and the fc on int8 kernels
+    assert counts["qconv"] == 7 and counts["qlinear"] == 1 and counts["float_conv"] == 0
+    assert counts["qconv_add"] == 2 and counts["qmaxpool"] == 1
+    torch._dynamo.reset()
+    fast = compile_int8(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        eager = model(x)
+    out = fast(x)
+    # the compiled graph rounds the shortcuts to int8 grids the eager model keeps in float: the
+    # outputs differ by a few quantization steps of the logits at most
+    step = float(model.fc.input_scale) * float(model.fc.weight_scale.max()) * 16
+    assert float((out - eager).abs().max()) <= 4 * step + 0.02 * float(eager.abs().max())
+    assert torch.equal(out.argmax(1), eager.argmax(1))
+    # plain torch.compile traces no markers: same numbers, no marker op left in the graph
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = torch.compile(model)(x)
+    assert torch.allclose(plain, eager, atol=1e-4, rtol=1e-4)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -63,6 +64,22 @@ _A_MIN, _A_MAX = 0, 255
 
 _QD = torch.ops.quantized_decomposed
 
+# set by compile() around its calls: Int8 layers then mark their calibrated output range in the
+# traced graph (dynamo guards on it, so plain torch.compile traces no marker)
+_MARK_OUTPUTS = False
+
+
+@torch.library.custom_op("torchslim::int8_output_range", mutates_args=())
+def _int8_output_range(y: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """A copy of ``y`` that carries ``y``'s calibrated uint8 grid into the traced graph."""
+    return y.clone()
+
+
+@_int8_output_range.register_fake
+def _(y: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return torch.empty_like(y)
+
+
 
 class _Int8Base(nn.Module):
     """Buffers and the input quantization shared by :class:`Int8Linear` and :class:`Int8Conv`."""
@@ -75,19 +92,29 @@ class _Int8Base(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+        # the calibrated uint8 range of the output (scale 0: not calibrated); read by compile() only
+        self.register_buffer("output_scale", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
         self._sync_qparams()
 
     def _sync_qparams(self) -> None:
         # python numbers: the ops' .default overloads (what the inductor patterns match) take scalars
         if self.input_scale.is_meta:
-            self._in_scale, self._in_zp = 1.0, 0
+            self._in_scale, self._in_zp, self._out_scale, self._out_zp = 1.0, 0, 0.0, 0
             return
         self._in_scale = float(self.input_scale)
         self._in_zp = int(self.input_zero_point)
+        self._out_scale = float(self.output_scale)
+        self._out_zp = int(self.output_zero_point)
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        for k in ("output_scale", "output_zero_point"):  # files written before output ranges were kept
+            if prefix + k in missing_keys:
+                missing_keys.remove(prefix + k)
+                getattr(self, k).zero_()
         self._sync_qparams()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
@@ -105,6 +132,27 @@ class _Int8Base(nn.Module):
         self.input_scale.fill_(float(input_scale))
         self.input_zero_point.fill_(int(input_zero_point))
         self._sync_qparams()
+
+    @torch.no_grad()
+    def set_output_range(self, low: float, high: float) -> None:
+        """Store the calibrated output range ``[low, high]`` as a uint8 scale and zero point (the
+        range is widened to hold 0). :func:`compile` quantizes an output on this grid where it
+        feeds a residual add, so the add runs inside the next conv's int8 kernel."""
+        low, high = min(float(low), 0.0), max(float(high), 0.0)
+        scale = (high - low) / (_A_MAX - _A_MIN)
+        if not scale > 0 or scale != scale or scale == float("inf"):
+            self.output_scale.zero_()
+            self.output_zero_point.zero_()
+        else:
+            self.output_scale.fill_(scale)
+            self.output_zero_point.fill_(int(min(max(round(_A_MIN - low / scale), _A_MIN), _A_MAX)))
+        self._sync_qparams()
+
+    def _mark_output(self, y: torch.Tensor) -> torch.Tensor:
+        # only while compile() traces: a marker its graph pass reads (and removes)
+        if _MARK_OUTPUTS and self._out_scale > 0 and torch.compiler.is_compiling():
+            return torch.ops.torchslim.int8_output_range(y, self._out_scale, self._out_zp)
+        return y
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the integers stand for."""
@@ -138,7 +186,7 @@ class Int8Linear(_Int8Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        y = F.linear(self._qdq_input(self._float_in(x)), self._weight(), self.bias)
+        y = self._mark_output(F.linear(self._qdq_input(self._float_in(x)), self._weight(), self.bias))
         return y if y.dtype == dtype else y.to(dtype)
 
     def to_float(self) -> nn.Linear:
@@ -188,6 +236,7 @@ class Int8Conv(_Int8Base):
         dtype = x.dtype
         y = _CONV_FN[self.dims](self._qdq_input(self._float_in(x)), self._weight(), self.bias, self.stride,
                                 self.padding, self.dilation, self.groups)
+        y = self._mark_output(y)
         return y if y.dtype == dtype else y.to(dtype)
 
     def to_float(self) -> nn.Module:
@@ -288,6 +337,9 @@ def _convert_one(layer: nn.Module) -> _Int8Base:
     new.set_qparams(ints, per, float(a_scale.reshape(-1)[0]), int(torch.clamp(a_zp.reshape(-1)[0].round(), _A_MIN, _A_MAX)))
     if layer.bias is not None:
         new.bias.data = layer.bias.detach().clone()
+    out_range = getattr(layer, "_ts_output_range", None)  # recorded by ptq.calibrate_
+    if out_range is not None:
+        new.set_output_range(*out_range)
     new.train(layer.training)
     return new
 
@@ -343,6 +395,161 @@ def empty_int8_(model: nn.Module, names: Iterable[str]) -> None:
 # --------------------------------------------------------------------------- compiled fast path
 
 
+_AT = torch.ops.aten
+
+
+def _is_q(node: Any) -> bool:
+    return getattr(node, "op", None) == "call_function" and node.target == _QD.quantize_per_tensor.default
+
+
+def _is_dq(node: Any) -> bool:
+    return getattr(node, "op", None) == "call_function" and node.target == _QD.dequantize_per_tensor.default
+
+
+def _float_tensor(node: Any) -> bool:
+    val = getattr(node, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
+
+
+def _merge_same_quantize(graph: torch.fx.Graph) -> int:
+    """One ``quantize_per_tensor`` per (tensor, scale, zero point): every Int8 layer quantizes its
+    own input, so a tensor read by two layers calibrated alike is quantized twice."""
+    seen: dict[tuple[Any, ...], Any] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if not _is_q(node):
+            continue
+        key = (node.args, tuple(sorted(node.kwargs.items())))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            merged += 1
+    return merged
+
+
+def _quantized_view(graph: torch.fx.Graph, q: Any, before: Any) -> Any:
+    """A new ``dequantize_per_tensor`` of the quantize node ``q`` (same scale, zero point, range),
+    placed before ``before``."""
+    with graph.inserting_before(before):
+        dq = graph.call_function(_QD.dequantize_per_tensor.default, (q, *q.args[1:]), dict(q.kwargs))
+    if "val" in q.args[0].meta:  # the pattern checks read shapes and dtypes from here
+        dq.meta["val"] = q.args[0].meta["val"]
+    return dq
+
+
+def _new_quantize(graph: torch.fx.Graph, y: Any, scale: float, zero_point: int, before: Any) -> Any:
+    with graph.inserting_before(before):
+        q = graph.call_function(_QD.quantize_per_tensor.default, (y, scale, zero_point, _A_MIN, _A_MAX, torch.uint8))
+    if "val" in y.meta:
+        q.meta["val"] = y.meta["val"].to(torch.uint8)
+    return q
+
+
+def _strip_output_marks(graph: torch.fx.Graph) -> dict[Any, tuple[float, int]]:
+    """Remove the Int8 layers' output markers; return ``{output node: (scale, zero point)}``."""
+    ranges: dict[Any, tuple[float, int]] = {}
+    mark = torch.ops.torchslim.int8_output_range.default
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == mark:
+            y, scale, zp = node.args
+            ranges[y] = (float(scale), int(zp))
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+    return ranges
+
+
+def _quantize_residual_operands(graph: torch.fx.Graph, ranges: dict[Any, tuple[float, int]]) -> int:
+    """``add(conv_out, t)``: read ``t`` as ``dequantize(quantize(t))`` so the add runs as oneDNN's
+    "sum" post-op of the conv and ``t``'s producer can write uint8. The grid of ``t`` is the one
+    an Int8 layer reading ``t`` already quantizes it on, else ``t``'s own calibrated output range
+    (``t`` is an Int8 layer's output, e.g. a ResNet downsample). Either is at most half a step
+    off the float ``t``; an operand with neither stays float (and the add unfused)."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != _AT.add.Tensor or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        if not all(isinstance(t, torch.fx.Node) and _float_tensor(t) and not _is_dq(t) for t in (a, b)):
+            continue
+        if a.meta["val"].shape != b.meta["val"].shape:
+            continue
+
+        def read_by_layer(t: Any) -> Any:
+            qs = [u for u in t.users if _is_q(u) and u.args[5] == torch.uint8]
+            return qs[0] if len(qs) == 1 else None
+
+        choice = None
+        for i in (1, 0):  # the second operand first: ``out += identity``
+            t, other = node.args[i], node.args[1 - i]
+            if other.target == _AT.convolution.default and read_by_layer(t) is not None:
+                choice = (i, read_by_layer(t))
+                break
+        if choice is None:
+            for i in (1, 0):
+                t, other = node.args[i], node.args[1 - i]
+                if other.target == _AT.convolution.default and t in ranges:
+                    choice = (i, _new_quantize(graph, t, *ranges[t], node))
+                    break
+        if choice is None:
+            continue
+        args = list(node.args)
+        args[choice[0]] = _quantized_view(graph, choice[1], node)
+        node.args = tuple(args)
+        done += 1
+    return done
+
+
+def _int8_max_pool(graph: torch.fx.Graph) -> int:
+    """``maxpool(y)`` read only through one quantize: quantize ``y`` first (max commutes with
+    the monotone rounding, so the result is the same bits) and pool the uint8 tensor."""
+    done = 0
+    pools = (_AT.max_pool2d_with_indices.default, torch.ops.prims._low_memory_max_pool_with_offsets.default)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in pools or not _float_tensor(node.args[0]) \
+                or _is_dq(node.args[0]):
+            continue
+        outs = list(node.users)
+        if len(outs) != 1 or outs[0].target is not operator.getitem or outs[0].args[1] != 0:
+            continue
+        qs = list(outs[0].users)
+        if len(qs) != 1 or not _is_q(qs[0]) or qs[0].args[5] != torch.uint8:
+            continue
+        q_out = qs[0]
+        y = node.args[0]
+        q_in = _new_quantize(graph, y, q_out.args[1], q_out.args[2], node)
+        dq_in = _quantized_view(graph, q_in, node)
+        node.replace_input_with(y, dq_in)
+        done += 1
+    return done
+
+
+def _int8_graph_pass(graph: torch.fx.Graph) -> None:
+    """Rewrites on inductor's functional aten graph, before freezing lowers the quantization
+    patterns: residual adds read their second operand through its quantize, quantize nodes of
+    the same tensor and grid merge, max pooling runs on uint8. What X86InductorQuantizer
+    annotates in the model, here from torchslim's own calibrated input ranges."""
+    ranges = _strip_output_marks(graph)
+    _merge_same_quantize(graph)
+    if _quantize_residual_operands(graph, ranges):
+        _merge_same_quantize(graph)
+    _int8_max_pool(graph)
+    graph.lint()
+
+
+def _graph_pass() -> Any:
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class Int8GraphPass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _int8_graph_pass(graph)
+
+        def uuid(self) -> Any:
+            return get_hash_for_files((__file__,))
+
+    return Int8GraphPass()
+
+
 def _register_x86_passes() -> None:
     from torchslim._optional import require
 
@@ -373,12 +580,18 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> Any:
     with contextlib.suppress(NotImplementedError):  # an exported program's module has no train/eval
         model.eval()
     compiled = torch.compile(model, **compile_kwargs)
+    graph_pass = _graph_pass()
 
     @functools.wraps(model.forward)
     def run(*args: Any, **kwargs: Any) -> Any:
         # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            return compiled(*args, **kwargs)
+        global _MARK_OUTPUTS
+        marking, _MARK_OUTPUTS = _MARK_OUTPUTS, True
+        try:
+            with inductor_config.patch(freezing=True, joint_custom_pre_pass=graph_pass), torch.no_grad():
+                return compiled(*args, **kwargs)
+        finally:
+            _MARK_OUTPUTS = marking
 
     run.compiled = compiled  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
@@ -410,7 +623,9 @@ def _capture_output_code() -> Iterator[list[str]]:
 
 def int8_kernels(model: nn.Module, *example_inputs: Any) -> dict[str, int]:
     """Compile ``model`` with :func:`compile`, run it once and count the oneDNN kernels in the code
-    inductor generated: ``{"qconv": n, "qlinear": n, "float_conv": n, "float_linear": n}``.
+    inductor generated: ``{"qconv": n, "qlinear": n, "float_conv": n, "float_linear": n, "qconv_add": n,
+    "qmaxpool": n}`` (``qconv_add``: the int8 convs with a residual add fused in, counted in
+    ``qconv`` too; ``qmaxpool``: max pools run on uint8).
 
     A check that the int8 kernels are really used (compiles afresh: seconds to a minute).
     """
@@ -424,4 +639,6 @@ def int8_kernels(model: nn.Module, *example_inputs: Any) -> dict[str, int]:
         "float_conv": code.count("mkldnn._convolution_pointwise") + code.count("aten.convolution("),
         "float_linear": code.count("mkldnn._linear_pointwise") + code.count("extern_kernels.mm(")
         + code.count("extern_kernels.addmm("),
+        "qconv_add": code.count("onednn.qconv2d_pointwise.binary") + code.count("onednn.qconv_pointwise.binary"),
+        "qmaxpool": code.count("quantized.max_pool2d"),
     }

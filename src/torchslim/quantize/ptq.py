@@ -232,6 +232,13 @@ def run_calibration(model: nn.Module, loader: Iterable[Any], batches: int) -> in
     return n
 
 
+def _record_output_range(module: nn.Module, args: Any, out: Any) -> None:
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+        low, high = float(out.min()), float(out.max())
+        seen = module._ts_output_range
+        module._ts_output_range = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+
+
 @torch.no_grad()
 def calibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
     """Run up to ``batches`` batches through the model with input observers on, then freeze them.
@@ -246,11 +253,20 @@ def calibrate_(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
     for fq in fqs:
         fq.reset_observer()
         fq.observing = True
+    # each quantized layer's output range too: the integer module keeps it, and the compiled
+    # int8 path quantizes an output on it where the output feeds a residual add
+    owners = [m for m in model.modules() if isinstance(getattr(m, "input_quant", None), FakeQuantize)]
+    hooks = []
+    for m in owners:
+        m._ts_output_range = None
+        hooks.append(m.register_forward_hook(_record_output_range))
     try:
         n = run_calibration(model, loader, batches)
     finally:
         for fq in fqs:
             fq.observing = False
+        for h in hooks:
+            h.remove()
     if n == 0:
         raise ConfigError("the calibration loader gave no batches; static quantization needs at least one")
     for fq in fqs:
