@@ -122,6 +122,23 @@ def test_int8_embedding_and_file_bytes(tmp_path):
     assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
 
+def test_int8_lm_head_ships_as_8bit_matmulnbits(tmp_path):
+    """quantize_llm_'s default int8 lm_head (and int8 table) ship as integers, not as a float head."""
+    from torchslim.quantize import quantize_llm_
+
+    model = _llama(True)
+    quantize_llm_(model, method="rtn", embedding_bits=8, lm_head_bits=8)
+    assert type(model.lm_head).__name__ == "QuantizedLinear" and model.lm_head.scheme.bits == 8
+    info = export_onnx_decoder(model, tmp_path / "h.onnx", accuracy_level=0)
+    assert "lm_head" in info["matmul_nbits"] and info["left_float"] == [] and info["embedding"] == "int8"
+    graph = __import__("onnx").load(info["path"]).graph
+    assert sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}) == [4, 8]
+    ids = torch.tensor([[1, 5, 9, 63, 2]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(OnnxDecoder(info["path"])(ids), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_fp32_parity_batch_and_sampling(tmp_path):
     model = _llama()
     path = export_onnx_decoder(model, tmp_path / "d.onnx")["path"]

@@ -333,6 +333,25 @@ def _int4_of(module: nn.Module) -> Any:
 _int4_cache: dict[int, Any] = {}
 
 
+def _int8_of(module: nn.Module) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``(uint8 codes q + 128 as (rows, blocks, block), fp32 scales (rows * blocks,), block)`` of a
+    symmetric int8 ``QuantizedLinear`` (per group or per channel, a power-of-two block >= 16 that
+    divides the row): what a bits=8 ``MatMulNBits`` holds (its default zero point is 128). Else None."""
+    if type(module).__name__ != "QuantizedLinear":
+        return None
+    s = module.scheme
+    if s.bits != 8 or not s.symmetric or not s.signed or s.granularity not in ("group", "channel"):
+        return None
+    rows, cols = module.out_features, module.in_features
+    block = s.group_size if s.granularity == "group" else cols
+    if block < 16 or block & (block - 1) or cols % block:
+        return None
+    q = module.qweight.detach().cpu().reshape(rows, cols).to(torch.int16) + 128
+    codes = q.to(torch.uint8).numpy().reshape(rows, cols // block, block)
+    scales = module.scale.detach().cpu().float().reshape(rows * (cols // block)).numpy()
+    return codes, scales, block
+
+
 def _fused_needs_twin(model: nn.Module) -> bool:
     """Whether a quantized module of ``model`` ships as float (then the fused graph reads the float
     twin's weights); int4 Linears / tables and 8-bit tables are written from their integers."""
@@ -371,6 +390,12 @@ def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn
             z = z if z.shape[1] % 2 == 0 else np.concatenate([z, np.zeros((rows, 1), np.uint8)], axis=1)
             ins.append(g.init(name + ".zero_points", z[:, 0::2] | (z[:, 1::2] << 4)))
         y = g.op("MatMulNBits", ins, domain=_MS, K=cols, N=rows, bits=4, block_size=block, accuracy_level=accuracy_level)[0]
+        report["matmul_nbits"] += [name]
+    elif len(mods) == 1 and _int8_of(mods[0]) is not None:  # an int8 layer (e.g. lm_head): its own integers, 8-bit
+        codes, scales, block = _int8_of(mods[0])
+        ins = [x, g.init(name + ".q8", codes), g.init(name + ".scales", scales)]
+        y = g.op("MatMulNBits", ins, domain=_MS, K=codes.shape[1] * block, N=codes.shape[0], bits=8, block_size=block,
+                 accuracy_level=accuracy_level)[0]
         report["matmul_nbits"] += [name]
     else:
         w = torch.cat([f.weight.detach().float().cpu() for f in floats])

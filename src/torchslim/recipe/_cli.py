@@ -38,15 +38,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     need = recipe.needs_data()
     con = console_for(args)
     say = (lambda msg: None) if args.quiet else (lambda msg: con.print(msg, highlight=False))
-    if need and not args.data:
-        from torchslim._cli_defaults import SENTENCES, default_data, describe_default
+    if not args.data:
+        from torchslim._cli_defaults import SENTENCES, SHAKESPEARE, default_data, describe_default
         from torchslim.recipe import RecipeError
 
         bundled = default_data(args.model)  # a model made for bundled data trains / calibrates on it
-        if bundled is None or bundled == SENTENCES:  # text stages calibrate on the sentences already; training needs a data set
-            raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
-        args.data = bundled
-        say(describe_default(args.model, bundled, "training / calibration"))
+        if bundled == SHAKESPEARE:  # a decoder LLM: calibration and held-out perplexity read the plays
+            args.data = bundled
+            say(describe_default(args.model, bundled, "calibration / perplexity"))
+        elif need:
+            if bundled is None or bundled == SENTENCES:  # text stages calibrate on the sentences already; training needs a data set
+                raise RecipeError(f"{recipe.source}: stages {', '.join(need)} need data: pass --data SPEC")
+            args.data = bundled
+            say(describe_default(args.model, bundled, "training / calibration"))
     data = ts.load_data(args.data, seed=recipe.seed) if args.data else None
     args.seed = recipe.seed
     model = build_model(args, data)  # a wrong --input-shape or --data is refused before --out is touched
@@ -82,30 +86,47 @@ def _finished_stages(out: Path) -> bool:
 
 
 def print_summary(report: dict[str, Any], con: Any) -> None:
-    """The stage table, the deployed files, the goals and where the report is."""
+    """What ships first (one line per deployed file, then the goals in the same units), then what
+    each stage changed, then where everything was written."""
     from rich.table import Table
 
-    t = Table(title=f"{report['model']} · recipe {report['recipe']} (ratios to the original)")
-    for h in ("stage", "accuracy", "params", "MACs", "disk", "torch ms", "s"):
+    from torchslim.report.html import _GOAL_WORDS, _goal_text, headline
+
+    for line in deployed_lines(report) or headline(report):
+        con.print(line, highlight=False)
+    for g in report.get("goals", []):
+        mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
+        con.print(f"goal {_GOAL_WORDS.get(g['name'], g['name'])} {_goal_text(g['name'], g['target'], True)}: "
+                  f"{_goal_text(g['name'], g['value'], False)} ({g['basis']}) {mark}", highlight=False)
+    ppl = any(s.get("perplexity") is not None for s in report["stages"])
+    t = Table(title=f"{report['model']} · recipe {report['recipe']}: each stage (ratios to the original)")
+    heads = ("stage", "accuracy", *(("perplexity",) if ppl else ()), "params", "MACs", "size on disk", "eager ms", "s")
+    for h in heads:
         t.add_column(h, justify="left" if h == "stage" else "right")
     for s in report["stages"]:
         r = s["ratios"]
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
         lat = "-" if s["latency_ms"] is None else f"{s['latency_ms']:.2f}"
-        t.add_row(s["label"], acc, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
+        extra = (("-" if s.get("perplexity") is None else f"{s['perplexity']:.2f}"),) if ppl else ()
+        t.add_row(s["label"], acc, *extra, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
                   f"{s.get('seconds', 0.0):.0f}")
     con.print(t)
-    for line in deployed_lines(report):
-        con.print(line, highlight=False)
-    for g in report.get("goals", []):
-        value = "-" if g["value"] is None else f"{g['value']:.4f}"
-        mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
-        con.print(f"goal {g['name']} <= {g['target']}: {value} ({g['basis']}) {mark}")
-    con.print(f"report: {report['files']['report_html']} (also report.md, report.json)")
+    files = report.get("files", {})
+    shipped = [f"{k}: {files[k]}" for k in report.get("deployed", {}) if k in files]
+    if shipped:
+        con.print("shipped files: " + "; ".join(shipped), highlight=False)
+    con.print(f"report: {files['report_html']} (also report.md, report.json); final model: {files.get('model')}",
+              highlight=False)
 
 
 _LABELS = {"onnx": "ONNX", "pte": "ExecuTorch .pte", "torch": "PyTorch (ts.save)", "torchscript": "TorchScript",
-           "pt2": "torch.export .pt2"}
+           "pt2": "torch.export .pt2", "gguf": "GGUF"}
+
+
+def _bytes(n: float) -> str:
+    from torchslim.report.html import _fmt_bytes
+
+    return _fmt_bytes(n)
 
 
 def deployed_lines(report: dict[str, Any]) -> list[str]:
@@ -119,9 +140,16 @@ def deployed_lines(report: dict[str, Any]) -> list[str]:
         acc = ""
         if fig.get("accuracy") is not None:
             acc = f"; accuracy {100 * fig['original_accuracy']:.2f}% -> {100 * fig['accuracy']:.2f}%"
+        if fig.get("perplexity") and fig.get("original_perplexity"):
+            new, old = fig["perplexity"]["perplexity"], fig["original_perplexity"]["perplexity"]
+            acc += f"; perplexity {old:.2f} -> {new:.2f} ({100 * (new / old - 1):+.1f}%, {fig['perplexity']['tokens']} held-out tokens)"
+        if fig.get("speed") and fig.get("original_speed"):
+            new, old = fig["speed"]["decode_tokens_per_s"], fig["original_speed"]["decode_tokens_per_s"]
+            lat = f"decode {old:.1f} -> {new:.1f} tokens/s ({new / old:.2f}x)"
         shipped = f" ({fig['format']})" if fig.get("format") not in (None, target) else ""
         lines.append(f"{_LABELS.get(target, target)}{shipped}: {fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller "
-                     f"on disk, {lat or 'not timed'} in {runtime} (1 thread){acc}")
+                     f"on disk ({_bytes(fig['original_size_bytes'])} -> {_bytes(fig['size_bytes'])}), "
+                     f"{lat or 'not timed'} in {runtime} (1 thread){acc}")
     return lines
 
 

@@ -38,13 +38,13 @@ def _check(cfg: dict[str, Any]) -> None:
 
 
 @stage("quantize_llm", schema=QuantizeLLMSchema, check=_check,
-       needs_data=lambda c: c.get("method") in ("gptq", "awq"), reduces=("size",),
-       description="decoder LLM weight-only int4 / int8 (rtn, gptq, awq, hqq; rotation; own embedding / lm_head bits)")
+       needs_data=lambda c: c.get("method") not in ("rtn", "hqq"), reduces=("size",),
+       description="decoder LLM weight-only int4 / int8 (rtn, gptq, awq, awq-gptq, hqq; rotation; own embedding / lm_head bits)")
 def run_quantize_llm(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     from torchslim.data.text import TextBundle
 
     data = ctx.data if isinstance(ctx.data, TextBundle) else None
-    if cfg["method"] in ("gptq", "awq") and data is None:
+    if cfg["method"] not in ("rtn", "hqq") and data is None:
         raise ConfigError(f"method {cfg['method']!r} calibrates on text: run with --data shakespeare (or text:PATH)")
     plan = quantize_llm_(model, data=data, seed=ctx.seed, **{k: cfg[k] for k in _FIELDS})
     return model, {"plan": plan.to_dict()}

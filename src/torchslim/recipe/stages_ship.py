@@ -76,7 +76,7 @@ class ExportStageConfig(ConfigDict):
 
 
 @stage("export", config=ExportStageConfig,
-       description="deploy targets (onnx, pte, torch, torchscript, pt2...): files verified, timed and scored in "
-                   "their runtimes vs the original")
+       description="deploy targets (onnx, pte, torch, torchscript, pt2; decoder LLMs: onnx with a KV cache, gguf): "
+                   "files verified, timed and scored in their runtimes vs the original")
 def run_export(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     return model, export_stage(model, cfg, ctx)
