@@ -7,6 +7,8 @@ quantized Conv1d/2d/3d and Linear whose quantizers are int8-shaped becomes an :c
 * ``qweight``: the weight as ``int8`` (symmetric, per output channel; a per-tensor scale is
   stored once per channel), ``weight_scale`` (fp32, one per output channel);
 * ``input_scale`` / ``input_zero_point``: the calibrated uint8 range of its input (per tensor);
+* ``output_scale`` / ``output_zero_point``: the calibrated uint8 range of its output (scale 0
+  where none was calibrated, e.g. after QAT); only :func:`compile` reads it (below);
 * ``bias``: the float bias (BN folded in, bias correction applied),
 
 so its state dict, and the ``model.safetensors`` ``ts.save`` writes, holds one byte per weight.
@@ -24,6 +26,22 @@ recognise the pattern and run oneDNN int8 kernels (``onednn.qconv_pointwise`` /
 ``onednn.qlinear_pointwise``), fusing the ReLU that follows and the next layer's input
 quantization into the kernel. Conv3d layers keep the float kernel (oneDNN's int8 conv is
 lowered for 1-D and 2-D only), with the same numerics.
+
+Before those passes, :func:`compile` rewrites inductor's aten graph the way PyTorch 2 export's
+``X86InductorQuantizer`` annotates a model, with torchslim's own calibrated ranges:
+
+* a residual ``add(conv(...), t)`` (ResNet's ``out += identity``, MobileNetV2's ``x + conv(x)``)
+  reads ``t`` as ``dequantize(quantize(t))``, on the grid of the Int8 layer that already reads
+  ``t`` or else on ``t``'s own calibrated output range (a ResNet downsample conv): the add then
+  runs inside the conv's int8 kernel (oneDNN's "sum" post-op, ``qconv2d_pointwise.binary``),
+  and whatever produced ``t`` writes uint8 instead of float;
+* the quantize nodes of one tensor on one grid merge (two layers reading the same tensor), so
+  a producer read only through them writes uint8;
+* a max pool read only through a quantize pools the uint8 tensor (the same bits: max commutes
+  with the monotone rounding).
+
+Only the residual operand is new rounding: the compiled model differs from the eager one by
+at most half a quantization step on each shortcut (tested); the eager forward is unchanged.
 
 Layers that stay fake-quant (:func:`int8_blocker` says why): weight bits other than 8 (mixed
 precision: an integer kernel exists for int8 only), asymmetric weights (oneDNN needs weight zero
