@@ -94,3 +94,58 @@ def test_decoder_llms_default_to_the_bundled_plays() -> None:
     assert default_data("pretrained:smollm2-135m") == default_data("pretrained:gemma3-270m") == "shakespeare"
     assert default_data("pretrained:minilm") == "sentences" and default_data("zoo:lenet5") is None
     assert describe_default("pretrained:smollm2-135m", "shakespeare", "calibration").startswith("calibration data: shakespeare")
+
+
+_TINY = '''
+import torch, transformers
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def example_inputs():
+    return (torch.tensor([[72, 101, 108, 108, 111]]),)
+'''
+
+
+def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys) -> None:
+    import json
+
+    import pytest
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("onnxruntime")
+    from torchslim.cli import main
+
+    spec = tmp_path / "tiny.py"
+    spec.write_text(_TINY)
+    out = tmp_path / "q"
+    argv = ["quantize", f"{spec}:tiny_llama", "--mode", "weight-only", "--bits", "4", "--method", "rtn",
+            "--out", str(out), "--no-latency"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    files = report["files"]
+    assert files["onnx"].endswith("model.onnx") and files["gguf"].endswith("model.gguf")  # default: onnx,gguf
+    for name in ("onnx", "gguf"):
+        assert (out / f"model.{name}").is_file() and files[name] == str(out / f"model.{name}")
+    shipped = report["shipped"]
+    assert shipped["gguf"]["types"]["Q4_0"] > 0 and shipped["onnx"]["matmul_nbits"] > 0
+    assert shipped["onnx"]["left_float"] == []
+    # the human summary names the shipped files and their size against the float weights
+    assert main([*argv, "--force", "--format", "gguf"]) == 0
+    text = capsys.readouterr().out
+    assert "shipped GGUF model.gguf:" in text and "x smaller than fp32 weights" in text and "model.onnx" not in text
+    assert not (out / "model.onnx").exists() and (out / "model.gguf").is_file()
+
+
+def test_quantize_cli_format_is_checked(tmp_path, capsys) -> None:
+    from torchslim.cli import main
+
+    assert main(["quantize", "zoo:lenet300", "--mode", "dynamic", "--format", "tflite", "--out", str(tmp_path / "a")]) == 2
+    assert "--format takes onnx, gguf" in capsys.readouterr().err
+    assert main(["quantize", "zoo:lenet300", "--mode", "dynamic", "--format", "gguf", "--out", str(tmp_path / "b")]) == 2
+    assert "--format gguf is for decoder LLMs" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

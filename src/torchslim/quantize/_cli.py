@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help=f"elements per group (default {qd['group_size']}; 32 for a decoder LLM / --method)")
     p.add_argument("--observer", default=None, help="minmax, moving_average, percentile, entropy, mse")
-    p.add_argument("--calibration-batches", type=int, default=qd["calibration_batches"])
+    p.add_argument("--calibration-batches", type=int, default=qd["calibration_batches"],
+                   help="batches of --data the observers see (static, qat)")
     p.add_argument("--lsq", default=qd["lsq"], help="qat only: lsq or lsq+ (learned step sizes)")
     p.add_argument("--bias-correction", action="store_true", help="static: correct each layer's mean output shift")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
@@ -58,10 +59,14 @@ def register(sub: Any) -> None:
     p.add_argument("--lm-head-bits", default=None, metavar="{2..8,fp}",
                    help="decoder LLM: bits of lm_head (default 8; fp keeps it float)")
     p.add_argument("--epochs", type=int, default=1, help="qat: training epochs on --data")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=1e-3, help="qat: learning rate")
+    p.add_argument("--optimizer", default="adam", help="qat: sgd, adam or adamw")
     p.add_argument("--max-steps", type=int, default=None, help="qat: steps per epoch cap")
     p.add_argument("--no-onnx", action="store_true", help="skip the fp32 / int8 ONNX files")
+    p.add_argument("--format", default=None, metavar="LIST",
+                   help="files to ship beside the saved model, comma-separated: onnx (default; a decoder LLM: the ONNX "
+                        "decoder with a KV cache, MatMulNBits) and, for a decoder LLM, gguf (llama.cpp: Q4_0 / Q8_0); "
+                        "default onnx,gguf for a decoder LLM")
     p.set_defaults(func=_cmd_quantize)
 
 
@@ -87,6 +92,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _pick_defaults(args)
     config = _config(args)  # every setting checked before anything is built
     _check_llm_args(args)
+    args._formats = _formats(args)
     args._sentences = _sentences_spec(args.data, config.mode)
     if config.mode in ("static", "qat") and not args.data:
         raise ConfigError(f"--mode {config.mode} needs --data SPEC ({'calibration' if config.mode == 'static' else 'training'} data)")
@@ -97,6 +103,60 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     args._train_config = finetune_config(args, args.epochs if config.mode == "qat" else 0)
     args._quant_config = config
     return run_model_verb(args, "quantize", _apply_quantize, load_data=args._sentences is None)
+
+
+_FORMATS = ("onnx", "gguf")
+
+
+def _formats(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--format`` as a tuple (``None``: the default for the model, decided once it is built)."""
+    from torchslim.errors import ConfigError
+
+    if args.format is None:
+        return None
+    names = tuple(f.strip() for f in str(args.format).split(",") if f.strip())
+    bad = [f for f in names if f not in _FORMATS]
+    if bad or not names:
+        raise ConfigError(f"--format takes {', '.join(_FORMATS)} (comma-separated); got {args.format!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--format names a file twice: {args.format!r}")
+    if args.no_onnx and "onnx" in names:
+        raise ConfigError("--no-onnx and --format onnx contradict each other; give one")
+    return names
+
+
+def _ship_llm(model: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """Write the decoder LLM's deploy files (``--format``, default onnx,gguf) into the staging folder:
+    the ONNX decoder with a KV cache and the GGUF file; their bytes against the float model's."""
+    from torchslim.errors import ConfigError
+
+    formats = args._formats if args._formats is not None else (() if args.no_onnx else ("onnx", "gguf"))
+    out: dict[str, Any] = {}
+    for fmt in formats:
+        if fmt == "onnx":
+            from torchslim.export.onnx_decoder import export_onnx_decoder
+
+            info = export_onnx_decoder(model, ctx.staging / "model.onnx")
+            ctx.files["onnx"] = str(ctx.staging / "model.onnx")
+            out["onnx"] = {k: info.get(k) for k in ("bytes", "embedding", "accuracy_level", "left_float")}
+            out["onnx"]["matmul_nbits"] = len(info.get("matmul_nbits") or [])
+        else:
+            from torchslim.export import export
+
+            try:
+                got = export(model, path=ctx.staging / "model.gguf", format="gguf", check=False)
+            except ConfigError as exc:
+                raise ConfigError(f"--format gguf: {exc}") from None
+            ctx.files["gguf"] = str(got.path)
+            out["gguf"] = {"bytes": got.size_bytes, "types": got.info.get("types"),
+                           "exact": len(got.info.get("exact") or []), "snapped": len(got.info.get("snapped") or [])}
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    from torchslim.profile.tables import human
+
+    return str(human(n, "B"))
 
 
 def _role_bits(value: str | None, flag: str, allowed: tuple[int, ...]) -> int | None | str:
@@ -253,15 +313,27 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
         for line in _default_lines(args):
             ctx.console.print(line, highlight=False)
     llm_path = config.mode == "weight-only" and (_is_llm(model) or args.method is not None or args.rotate)
+    if args._formats is not None and "gguf" in args._formats and not _is_llm(model):
+        from torchslim.errors import ConfigError
+
+        raise ConfigError(f"--format gguf is for decoder LLMs (transformers ...ForCausalLM); {type(model).__name__} is not one")
     if args._sentences is not None:
         calibration: Any = _text_calibration(model, args)
     else:
         calibration = ctx.data.loader("train", 64, shuffle=False) if ctx.data is not None and not llm_path else None
     extras: dict[str, Any] = {}
     if llm_path:
+        fp32 = sum(p.numel() for p in model.parameters()) * 4  # the float weights (a tied table once)
         extras.update(_llm_quantize(model, args, ctx, config))
-        if _is_llm(model):  # the decoder's own ONNX writer (KV cache) is a separate verb
-            extras["onnx"] = "not written for a decoder LLM here (the int8/fp32 ONNX graph writer does not take a KV-cache decoder)"
+        if _is_llm(model):  # shipped as an ONNX decoder with a KV cache and a GGUF file
+            shipped = _ship_llm(model, args, ctx)
+            extras["shipped"] = shipped
+            for fmt, fig in shipped.items():
+                name = {"onnx": "ONNX decoder (KV cache) model.onnx", "gguf": "GGUF model.gguf"}[fmt]
+                what = f"{_human_bytes(fig['bytes'])}"
+                if fp32:
+                    what += f", {fp32 / fig['bytes']:.2f}x smaller than fp32 weights ({_human_bytes(fp32)})"
+                ctx.notes.append(f"shipped {name}: {what}")
             return extras
         plan = None
     elif config.mode == "qat":
@@ -282,6 +354,10 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
         files = export_integer_onnx(model, example, onnx_dir / "model.onnx", calibration=calibration)
         ctx.files.update(files)
         extras["onnx_bytes"] = {k: Path(v).stat().st_size for k, v in files.items()}
+        b = extras["onnx_bytes"]
+        if b.get("onnx") and b.get("onnx_fp32"):
+            ctx.notes.append(f"shipped int8 ONNX model.onnx: {_human_bytes(b['onnx'])}, {b['onnx_fp32'] / b['onnx']:.2f}x smaller "
+                             f"than the fp32 ONNX ({_human_bytes(b['onnx_fp32'])}); the table above measures the PyTorch model")
         from torchslim.quantize.onnx_lowering import onnx_parity
 
         x = example[0] if isinstance(example, tuple) else example
