@@ -68,3 +68,43 @@ def fail_surgery_midway(monkeypatch):
         monkeypatch.setattr(surgery, "sync_vision_attributes", fail)
 
     return install
+
+
+_LLAMA_FILE = '''
+import torch, transformers
+
+
+def build():
+    config = transformers.LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={inter},
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings={positions}, tie_word_embeddings={tie})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    if {uneven}:
+        with torch.no_grad():  # norm scales away from 1, as in a trained model
+            for m in model.modules():
+                if type(m).__name__.endswith("RMSNorm"):
+                    m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def example_inputs():
+    return (torch.tensor([[1, 5, 9, 13, 2]]),)
+'''
+
+
+@pytest.fixture
+def llama_spec(tmp_path):
+    """``make(...)`` writes a random 2-layer Llama (4 heads, 2 key/value heads) as a model file and
+    returns its spec (``path.py:build``), which ``ts.create_model`` and the CLI take."""
+    pytest.importorskip("transformers")
+    made = iter(range(1000))
+
+    def make(vocab: int = 256, hidden: int = 64, inter: int = 128, tie: bool = False, uneven_norms: bool = False,
+             positions: int = 512) -> str:
+        path = tmp_path / f"tiny_llama_{next(made)}.py"
+        path.write_text(_LLAMA_FILE.format(vocab=vocab, hidden=hidden, inter=inter, tie=tie, uneven=uneven_norms,
+                                           positions=positions))
+        return f"{path}:build"
+
+    return make

@@ -96,22 +96,10 @@ def test_decoder_llms_default_to_the_bundled_plays() -> None:
     assert describe_default("pretrained:smollm2-135m", "shakespeare", "calibration").startswith("calibration data: shakespeare")
 
 
-_TINY = '''
-import torch, transformers
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
-def example_inputs():
-    return (torch.tensor([[72, 101, 108, 108, 111]]),)
-'''
 
-
-def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys) -> None:
+def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys, llama_spec) -> None:
     import json
 
     import pytest
@@ -120,10 +108,8 @@ def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys) ->
     pytest.importorskip("onnxruntime")
     from torchslim.cli import main
 
-    spec = tmp_path / "tiny.py"
-    spec.write_text(_TINY)
     out = tmp_path / "q"
-    argv = ["quantize", f"{spec}:tiny_llama", "--mode", "weight-only", "--bits", "4", "--method", "rtn",
+    argv = ["quantize", llama_spec(), "--mode", "weight-only", "--bits", "4", "--method", "rtn",
             "--out", str(out), "--no-latency"]
     assert main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -19,28 +19,12 @@ from torchslim.quantize.rotate import random_hadamard, rotate_
 
 transformers = pytest.importorskip("transformers")
 
-FACTORY = '''
-import torch, transformers
 
-def build():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norm scales away from 1, as in a trained model
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight.uniform_(0.5, 1.5)
-    return model
-'''
 
 
 @pytest.fixture
-def tiny_spec(tmp_path) -> str:
-    path = tmp_path / "tiny_llama.py"
-    path.write_text(FACTORY)
-    return f"{path}:build"
+def tiny_spec(llama_spec) -> str:
+    return llama_spec(vocab=64, hidden=32, inter=64, tie=True, uneven_norms=True, positions=256)
 
 
 @pytest.fixture

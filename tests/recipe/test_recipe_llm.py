@@ -14,20 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gguf")
 
-FACTORY = '''
-import torch, transformers
 
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def example_inputs():
-    return (torch.tensor([[72, 101, 108, 108, 111]]),)
-'''
 
 
 def _bytes(text: str) -> list[int]:
@@ -35,13 +22,12 @@ def _bytes(text: str) -> list[int]:
 
 
 @pytest.fixture
-def tiny_spec(tmp_path, monkeypatch):
+def tiny_spec(llama_spec, monkeypatch):
     """A file spec of a random 2-layer Llama over bytes, and the byte tokenizer it is read with."""
     import torchslim.lm
     import torchslim.lm.evaluate as evaluate
 
-    path = tmp_path / "tiny_llama.py"
-    path.write_text(FACTORY)
+    spec = llama_spec()
     real = evaluate.resolve_tokenizer
 
     def bytes_tokenizer(model, tokenizer=None):
@@ -50,7 +36,7 @@ def tiny_spec(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "resolve_tokenizer", bytes_tokenizer)
     monkeypatch.setattr(torchslim.lm, "resolve_tokenizer", bytes_tokenizer)
     assert real is not bytes_tokenizer
-    return f"{path}:tiny_llama"
+    return spec
 
 
 def test_llm_int4_recipe_ships_an_onnx_decoder_and_a_gguf_file_scored_by_perplexity(tiny_spec, tmp_path) -> None:
