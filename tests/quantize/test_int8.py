@@ -283,3 +283,21 @@ def test_compiled_residual_block_fuses_adds_and_pools_on_int8() -> None:
     with torch.no_grad():
         plain = torch.compile(model)(x)
     assert torch.allclose(plain, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_qat_training_drops_the_calibrated_output_ranges() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    model = ts.create_model("zoo:lenet5")
+    qat_prepare_(model, bits=8, calibration=[x])
+    untrained = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    model(x).sum().backward()
+    opt.step()
+    model.eval()
+    ts.finalize_(model)
+    ts.finalize_(untrained)
+    layers = [m for m in model.modules() if isinstance(m, (Int8Conv, Int8Linear))]
+    assert layers and all(float(m.output_scale) == 0 for m in layers)  # measured before training: dropped
+    assert all(float(m.output_scale) > 0 for m in untrained.modules() if isinstance(m, (Int8Conv, Int8Linear)))

@@ -357,7 +357,10 @@ def _convert_one(layer: nn.Module) -> _Int8Base:
         new.bias.data = layer.bias.detach().clone()
     out_range = getattr(layer, "_ts_output_range", None)  # recorded by ptq.calibrate_
     if out_range is not None:
-        new.set_output_range(*out_range)
+        from torchslim.quantize.ptq import weight_fingerprint
+
+        if out_range[2] == weight_fingerprint(layer):  # not trained since (QAT): the range holds
+            new.set_output_range(out_range[0], out_range[1])
     new.train(layer.training)
     return new
 

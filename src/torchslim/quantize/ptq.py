@@ -236,7 +236,20 @@ def _record_output_range(module: nn.Module, args: Any, out: Any) -> None:
     if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
         low, high = float(out.min()), float(out.max())
         seen = module._ts_output_range
-        module._ts_output_range = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+        if seen is not None:
+            low, high = min(seen[0], low), max(seen[1], high)
+        # with the weights' fingerprint: a range measured before training (QAT) no longer holds after
+        module._ts_output_range = (low, high, weight_fingerprint(module))
+
+
+@torch.no_grad()
+def weight_fingerprint(module: nn.Module) -> tuple[float, float]:
+    """Sum and absolute sum of the layer's stored weight (the parametrization's ``original``):
+    equal as long as nothing trained or edited it (bias correction's small shift of the bias
+    is let through)."""
+    w = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
+    flat = w.detach().double().reshape(-1)
+    return float(flat.sum()), float(flat.abs().sum())
 
 
 @torch.no_grad()
