@@ -271,13 +271,27 @@ def encode(name: str, text: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _quiet(transformers: Any) -> Iterator[None]:
-    """No transformers progress bars inside the block (the setting is restored after)."""
+    """No transformers progress bars inside the block (the setting is restored after), including
+    the GGUF converter's own tqdm bar, which transformers' setting does not reach (shown with
+    ``torchslim --verbose``)."""
+    import importlib
+    import os
+
     logging = transformers.utils.logging
     was = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
+    gguf_utils = None
+    if not os.environ.get("TORCHSLIM_VERBOSE"):
+        with contextlib.suppress(ImportError):
+            gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = lambda iterable=None, *args, **kwargs: iterable
     try:
         yield
     finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
         if was:
             logging.enable_progress_bar()
 
