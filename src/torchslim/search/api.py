@@ -429,7 +429,7 @@ def search(
 
         def report(study_: Any, t: Any) -> None:
             m = t.user_attrs.get("metrics") or {}
-            desc = ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+            desc = ", ".join(f"{k} {_outputs._fmt(k, v)}" for k, v in m.items())  # accuracy in %, like the table
             why = t.user_attrs.get("pruned_because") or t.system_attrs.get("fail_reason") or ""
             lines.print(f"  trial {t.number}: {t.state.name.lower()} {desc} {why}".rstrip())
 
