@@ -301,3 +301,24 @@ def test_qat_training_drops_the_calibrated_output_ranges() -> None:
     layers = [m for m in model.modules() if isinstance(m, (Int8Conv, Int8Linear))]
     assert layers and all(float(m.output_scale) == 0 for m in layers)  # measured before training: dropped
     assert all(float(m.output_scale) > 0 for m in untrained.modules() if isinstance(m, (Int8Conv, Int8Linear)))
+
+
+def test_compiled_pool_flatten_linear_pools_uint8_with_the_same_numbers() -> None:
+    pytest.importorskip("torchao")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    from torchslim.quantize import compile as compile_int8
+    from torchslim.quantize.int8 import int8_kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    calib = [torch.randn(4, 1, 12, 12) for _ in range(2)]
+    quantize_(model, QuantConfig(mode="static"), calibration=calib)
+    counts = int8_kernels(model, calib[0])
+    assert counts["qmaxpool"] == 1 and counts["qconv"] == 1 and counts["qlinear"] == 1
+    torch._dynamo.reset()
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        eager = model(x)
+    # pooling the quantized tensor is exact: only the kernels' float rounding differs
+    assert torch.allclose(compile_int8(model)(x), eager, atol=1e-3 * float(eager.abs().max()) + 1e-5)

@@ -521,9 +521,15 @@ def _quantize_residual_operands(graph: torch.fx.Graph, ranges: dict[Any, tuple[f
     return done
 
 
+_VIEWS = (_AT.view.default, _AT._unsafe_view.default, _AT.reshape.default, _AT.flatten.using_ints,
+          _AT.squeeze.dim, _AT.squeeze.dims, _AT.unsqueeze.default, _AT.clone.default)
+
+
 def _int8_max_pool(graph: torch.fx.Graph) -> int:
-    """``maxpool(y)`` read only through one quantize: quantize ``y`` first (max commutes with
-    the monotone rounding, so the result is the same bits) and pool the uint8 tensor."""
+    """``maxpool(y)`` read only through one quantize (directly or through reshapes, as in
+    ``pool -> flatten -> linear``): quantize ``y`` on that grid first and pool the uint8
+    tensor; the same bits, as max commutes with the monotone rounding and re-quantizing a
+    dequantized value on its own grid gives it back."""
     done = 0
     pools = (_AT.max_pool2d_with_indices.default, torch.ops.prims._low_memory_max_pool_with_offsets.default)
     for node in list(graph.nodes):
@@ -533,14 +539,20 @@ def _int8_max_pool(graph: torch.fx.Graph) -> int:
         outs = list(node.users)
         if len(outs) != 1 or outs[0].target is not operator.getitem or outs[0].args[1] != 0:
             continue
-        qs = list(outs[0].users)
+        pooled = last = outs[0]
+        while len(last.users) == 1 and next(iter(last.users)).target in _VIEWS:
+            last = next(iter(last.users))
+        qs = list(last.users)
         if len(qs) != 1 or not _is_q(qs[0]) or qs[0].args[5] != torch.uint8:
             continue
         q_out = qs[0]
         y = node.args[0]
         q_in = _new_quantize(graph, y, q_out.args[1], q_out.args[2], node)
-        dq_in = _quantized_view(graph, q_in, node)
-        node.replace_input_with(y, dq_in)
+        node.replace_input_with(y, _quantized_view(graph, q_in, node))
+        if last is not pooled:  # pool -> quantize -> dequantize -> reshapes -> quantize
+            reader = next(iter(pooled.users))
+            q_mid = _new_quantize(graph, pooled, q_out.args[1], q_out.args[2], reader)
+            reader.replace_input_with(pooled, _quantized_view(graph, q_mid, reader))
         done += 1
     return done
 
