@@ -99,8 +99,10 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
         con.print(f"goal {_GOAL_WORDS.get(g['name'], g['name'])} {_goal_text(g['name'], g['target'], True)}: "
                   f"{_goal_text(g['name'], g['value'], False)} ({g['basis']}) {mark}", highlight=False)
     ppl = any(s.get("perplexity") is not None for s in report["stages"])
+    acc_col = any(s.get("accuracy") is not None for s in report["stages"]) or not ppl
     t = Table(title=f"{report['model']} · recipe {report['recipe']}: each stage (ratios to the original)")
-    heads = ("stage", "accuracy", *(("perplexity",) if ppl else ()), "params", "MACs", "size on disk", "eager ms", "s")
+    heads = ("stage", *(("accuracy",) if acc_col else ()), *(("perplexity",) if ppl else ()), "params", "MACs",
+             "size on disk", "eager ms", "s")
     for h in heads:
         t.add_column(h, justify="left" if h == "stage" else "right")
     for s in report["stages"]:
@@ -108,7 +110,7 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
         lat = "-" if s["latency_ms"] is None else f"{s['latency_ms']:.2f}"
         extra = (("-" if s.get("perplexity") is None else f"{s['perplexity']:.2f}"),) if ppl else ()
-        t.add_row(s["label"], acc, *extra, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
+        t.add_row(s["label"], *((acc,) if acc_col else ()), *extra, f"{r['params']:.3f}x", f"{r['macs']:.3f}x", f"{r['size_bytes']:.3f}x", lat,
                   f"{s.get('seconds', 0.0):.0f}")
     con.print(t)
     files = report.get("files", {})
@@ -149,7 +151,7 @@ def deployed_lines(report: dict[str, Any]) -> list[str]:
         shipped = f" ({fig['format']})" if fig.get("format") not in (None, target) else ""
         lines.append(f"{_LABELS.get(target, target)}{shipped}: {fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller "
                      f"on disk ({_bytes(fig['original_size_bytes'])} -> {_bytes(fig['size_bytes'])}), "
-                     f"{lat or 'not timed'} in {runtime} (1 thread){acc}")
+                     + (f"{lat} in {runtime} (1 thread){acc}" if lat else f"not timed{' (llama.cpp is not run here)' if target == 'gguf' else ''}{acc}"))
     return lines
 
 

@@ -51,7 +51,8 @@ def _type(name: str) -> str:
 def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-stage table (shared by Markdown and HTML)."""
     ppl = any(s.get("perplexity") is not None for s in report["stages"])
-    head = ["stage", "accuracy", *(["perplexity"] if ppl else []), "params", "(ratio)", "MACs", "(ratio)",
+    acc_col = any(s.get("accuracy") is not None for s in report["stages"]) or not ppl
+    head = ["stage", *(["accuracy"] if acc_col else []), *(["perplexity"] if ppl else []), "params", "(ratio)", "MACs", "(ratio)",
             "size on disk", "(ratio)", "eager latency ms", "(ratio)", "time s"]
     rows = []
     for s in report["stages"]:
@@ -59,7 +60,7 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
         lat = "-" if s["latency_ms"] is None else f"{s['latency_ms']:.3f}"
         extra = [("-" if s.get("perplexity") is None else f"{s['perplexity']:.2f}")] if ppl else []
-        rows.append([s["label"], acc, *extra, _fmt_num(s["params"]), _fmt_ratio(r["params"]), _fmt_num(s["macs"]),
+        rows.append([s["label"], *([acc] if acc_col else []), *extra, _fmt_num(s["params"]), _fmt_ratio(r["params"]), _fmt_num(s["macs"]),
                      _fmt_ratio(r["macs"]), _fmt_bytes(s["size_bytes"]), _fmt_ratio(r["size_bytes"]), lat,
                      _fmt_ratio(r["latency_ms"]), f"{s.get('seconds', 0.0):.1f}"])
     return head, rows
