@@ -423,6 +423,11 @@ def _is_q(node: Any) -> bool:
     return getattr(node, "op", None) == "call_function" and node.target == _QD.quantize_per_tensor.default
 
 
+def _is_uint8_q(node: Any) -> bool:
+    """A ``quantize_per_tensor`` to uint8 with positional arguments (what the Int8 layers trace)."""
+    return _is_q(node) and len(node.args) == 6 and not node.kwargs and node.args[5] == torch.uint8
+
+
 def _is_dq(node: Any) -> bool:
     return getattr(node, "op", None) == "call_function" and node.target == _QD.dequantize_per_tensor.default
 
@@ -497,7 +502,7 @@ def _quantize_residual_operands(graph: torch.fx.Graph, ranges: dict[Any, tuple[f
             continue
 
         def read_by_layer(t: Any) -> Any:
-            qs = [u for u in t.users if _is_q(u) and u.args[5] == torch.uint8]
+            qs = [u for u in t.users if _is_uint8_q(u)]
             return qs[0] if len(qs) == 1 else None
 
         choice = None
@@ -543,7 +548,7 @@ def _int8_max_pool(graph: torch.fx.Graph) -> int:
         while len(last.users) == 1 and next(iter(last.users)).target in _VIEWS:
             last = next(iter(last.users))
         qs = list(last.users)
-        if len(qs) != 1 or not _is_q(qs[0]) or qs[0].args[5] != torch.uint8:
+        if len(qs) != 1 or not _is_uint8_q(qs[0]):
             continue
         q_out = qs[0]
         y = node.args[0]
@@ -559,9 +564,10 @@ def _int8_max_pool(graph: torch.fx.Graph) -> int:
 
 def _int8_graph_pass(graph: torch.fx.Graph) -> None:
     """Rewrites on inductor's functional aten graph, before freezing lowers the quantization
-    patterns: residual adds read their second operand through its quantize, quantize nodes of
-    the same tensor and grid merge, max pooling runs on uint8. What X86InductorQuantizer
-    annotates in the model, here from torchslim's own calibrated input ranges."""
+    patterns: the Int8 layers' output markers go (their ranges kept aside), residual adds read
+    their second operand through a quantize, quantize nodes of the same tensor and grid merge,
+    max pooling runs on uint8. What X86InductorQuantizer annotates in a model, here from
+    torchslim's own calibrated ranges (see the module doc)."""
     ranges = _strip_output_marks(graph)
     _merge_same_quantize(graph)
     if _quantize_residual_operands(graph, ranges):
