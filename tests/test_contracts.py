@@ -69,6 +69,8 @@ def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     if hasattr(out, "last_hidden_state"):
         out = out.last_hidden_state
+    if hasattr(out, "logits"):
+        out = out.logits
     return out
 
 
@@ -116,6 +118,31 @@ def _bert(tmp_path: Path) -> nn.Module:
     pytest.importorskip("transformers")
     f = tmp_path / "tiny_bert.py"
     f.write_text(_BERT_FILE)
+    return ts.create_model(f"{f}:model").eval()
+
+
+_LLAMA_FILE = textwrap.dedent(
+    '''
+    import torch, transformers
+
+
+    def model():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+
+    def example_inputs():
+        return torch.randint(1, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    '''
+)
+
+
+def _llama(tmp_path: Path) -> nn.Module:
+    pytest.importorskip("transformers")
+    f = tmp_path / "tiny_llama.py"
+    f.write_text(_LLAMA_FILE)
     return ts.create_model(f"{f}:model").eval()
 
 
@@ -171,6 +198,11 @@ PLAN_CASES: dict[str, tuple[Callable[..., nn.Module], Callable[..., Any], Callab
         lambda m, d: ts.cluster_(m, ts.ClusterConfig(bits=4, modules=("nosuchlayer",))),
     ),
     "prune_transformer": (lambda d, p: _bert(p), _prune_heads, _prune_heads_bad),
+    "rotate": (  # the residual-stream rotation of decoder LLMs (quantize_llm_(rotate=True) records it)
+        lambda d, p: _llama(p),
+        lambda m, d: __import__("torchslim.quantize.rotate", fromlist=["rotate_"]).rotate_(m, seed=1),
+        lambda m, d: __import__("torchslim.quantize.rotate", fromlist=["rotate_"]).rotate_(m, seed="one"),
+    ),
 }
 
 
@@ -332,7 +364,8 @@ STAGE_CASES: dict[str, dict[str, Any]] = {
 }
 # stages of transformers text models, exercised on the pretrained MiniLM by that test file
 STAGES_TESTED_ELSEWHERE = {"prune_heads": "tests/recipe/test_recipe_text.py",
-                           "distill_hidden": "tests/recipe/test_recipe_text.py"}
+                           "distill_hidden": "tests/recipe/test_recipe_text.py",
+                           "quantize_llm": "tests/recipe/test_recipe_llm.py"}  # decoder LLMs only
 _FINETUNE = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 32}
 
 

@@ -61,7 +61,10 @@ def test_llm_int4_recipe_ships_an_onnx_decoder_and_a_gguf_file_scored_by_perplex
     assert goal["basis"] == "onnx runtime"
     assert goal["value"] == pytest.approx(ppl["perplexity"] / base["perplexity"] - 1)
     assert result.files["onnx"].endswith("model.onnx") and result.files["gguf"].endswith("model.gguf")
-    assert isinstance(result.model, torch.nn.Module)
+    again = ts.load(tmp_path / "run" / "model").eval()  # the saved int4 model replays to the same logits
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, result.model.eval()(ids).logits)
 
 
 def test_gguf_target_and_llm_recipe_are_refused_for_a_classifier(tmp_path) -> None:
