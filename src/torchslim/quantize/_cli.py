@@ -356,8 +356,11 @@ def _apply_quantize(model: Any, ctx: Any) -> dict[str, Any]:
         extras["onnx_bytes"] = {k: Path(v).stat().st_size for k, v in files.items()}
         b = extras["onnx_bytes"]
         if b.get("onnx") and b.get("onnx_fp32"):
+            eager = ("; the table above measures the PyTorch model, whose eager int8 is simulated in float "
+                     "(ts.quantize.compile runs its integer kernels)" if config.mode in ("static", "qat")
+                     else "; the table above measures the PyTorch model")
             ctx.notes.append(f"shipped int8 ONNX model.onnx: {_human_bytes(b['onnx'])}, {b['onnx_fp32'] / b['onnx']:.2f}x smaller "
-                             f"than the fp32 ONNX ({_human_bytes(b['onnx_fp32'])}); the table above measures the PyTorch model")
+                             f"than the fp32 ONNX ({_human_bytes(b['onnx_fp32'])}){eager}")
         from torchslim.quantize.onnx_lowering import onnx_parity
 
         x = example[0] if isinstance(example, tuple) else example
