@@ -70,6 +70,18 @@ class LMSpeed:
                 f"{self.threads} threads, {self.cpu})")
 
 
+def _result(t_prefill: Any, t_decode: Any, prompt_tokens: int, new_tokens: int, threads: int, runs: int, warmup: int,
+            method: str) -> LMSpeed:
+    """An :class:`LMSpeed` from the two phases' timings (medians)."""
+    return LMSpeed(
+        prefill_tokens_per_s=prompt_tokens / (t_prefill.median_ms / 1e3),
+        decode_tokens_per_s=new_tokens / (t_decode.median_ms / 1e3),
+        prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=int(threads), runs=runs, warmup=warmup,
+        cpu=cpu_name(), method=method,
+    )
+
+
 def _count(name: str, value: Any, lo: int) -> int:
     if not is_int(value) or value < lo:
         raise ConfigError(f"{name} must be an integer >= {lo}; got {value!r}")
@@ -161,13 +173,8 @@ def lm_speed(
 
         t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="eager")
         t_decode = measure(decode, runs=runs, warmup=warmup, runtime="eager")
-    prefill_s, decode_s = t_prefill.median_ms / 1e3, t_decode.median_ms / 1e3
-    return LMSpeed(
-        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
-        prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=used, runs=runs, warmup=warmup,
-        cpu=cpu_name(), method="eager, manual greedy loop over a transformers DynamicCache",
-    )
+    return _result(t_prefill, t_decode, prompt_tokens, new_tokens, used, runs, warmup,
+                   "eager, manual greedy loop over a transformers DynamicCache")
 
 
 def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | None, runs: int, warmup: int,
@@ -204,10 +211,5 @@ def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | 
 
     t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="onnxruntime")
     t_decode = measure(decode, runs=runs, warmup=warmup, runtime="onnxruntime")
-    prefill_s, decode_s = t_prefill.median_ms / 1e3, t_decode.median_ms / 1e3
-    return LMSpeed(
-        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=new_tokens / decode_s,
-        prefill_ms=t_prefill.median_ms, decode_ms_per_token=t_decode.median_ms / new_tokens,
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, threads=dec.threads, runs=runs, warmup=warmup,
-        cpu=cpu_name(), method="onnxruntime CPU, greedy loop feeding present.* back as past_key_values.* (IO binding)",
-    )
+    return _result(t_prefill, t_decode, prompt_tokens, new_tokens, dec.threads, runs, warmup,
+                   "onnxruntime CPU, greedy loop feeding present.* back as past_key_values.* (IO binding)")
