@@ -114,11 +114,16 @@ _BERT_FILE = textwrap.dedent(
 )
 
 
-def _bert(tmp_path: Path) -> nn.Module:
+def _file_model(tmp_path: Path, name: str, text: str) -> nn.Module:
+    """A transformers model built from a model file (``path.py:model``), as ``ts.create_model`` builds specs."""
     pytest.importorskip("transformers")
-    f = tmp_path / "tiny_bert.py"
-    f.write_text(_BERT_FILE)
+    f = tmp_path / f"{name}.py"
+    f.write_text(text)
     return ts.create_model(f"{f}:model").eval()
+
+
+def _bert(tmp_path: Path) -> nn.Module:
+    return _file_model(tmp_path, "tiny_bert", _BERT_FILE)
 
 
 _LLAMA_FILE = textwrap.dedent(
@@ -140,10 +145,7 @@ _LLAMA_FILE = textwrap.dedent(
 
 
 def _llama(tmp_path: Path) -> nn.Module:
-    pytest.importorskip("transformers")
-    f = tmp_path / "tiny_llama.py"
-    f.write_text(_LLAMA_FILE)
-    return ts.create_model(f"{f}:model").eval()
+    return _file_model(tmp_path, "tiny_llama", _LLAMA_FILE)
 
 
 def _calibration(digits: Any) -> Any:

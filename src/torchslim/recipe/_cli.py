@@ -133,6 +133,8 @@ def _bytes(n: float) -> str:
 
 def deployed_lines(report: dict[str, Any]) -> list[str]:
     """One line per deploy target of the report: bytes, latency in its runtime and accuracy, vs the original."""
+    from torchslim.report.html import decode_change, perplexity_change
+
     lines = []
     for target, fig in report.get("deployed", {}).items():
         if target == "tslim" or not fig.get("size_bytes"):
@@ -142,12 +144,8 @@ def deployed_lines(report: dict[str, Any]) -> list[str]:
         acc = ""
         if fig.get("accuracy") is not None:
             acc = f"; accuracy {100 * fig['original_accuracy']:.2f}% -> {100 * fig['accuracy']:.2f}%"
-        if fig.get("perplexity") and fig.get("original_perplexity"):
-            new, old = fig["perplexity"]["perplexity"], fig["original_perplexity"]["perplexity"]
-            acc += f"; perplexity {old:.2f} -> {new:.2f} ({100 * (new / old - 1):+.1f}%, {fig['perplexity']['tokens']} held-out tokens)"
-        if fig.get("speed") and fig.get("original_speed"):
-            new, old = fig["speed"]["decode_tokens_per_s"], fig["original_speed"]["decode_tokens_per_s"]
-            lat = f"decode {old:.1f} -> {new:.1f} tokens/s ({new / old:.2f}x)"
+        acc += f"; {perplexity_change(fig)}" if perplexity_change(fig) else ""
+        lat = decode_change(fig) or lat
         shipped = f" ({fig['format']})" if fig.get("format") not in (None, target) else ""
         lines.append(f"{_LABELS.get(target, target)}{shipped}: {fig['original_size_bytes'] / fig['size_bytes']:.2f}x smaller "
                      f"on disk ({_bytes(fig['original_size_bytes'])} -> {_bytes(fig['size_bytes'])}), "

@@ -111,12 +111,7 @@ def export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[str, A
     from torchslim.recipe._export_llm import is_decoder_lm, llm_export_stage
 
     if is_decoder_lm(model):  # an ONNX decoder with a KV cache, GGUF, torch: scored by perplexity
-        return llm_export_stage(model, cfg, ctx)
-    if GGUF in cfg["formats"]:
-        from torchslim.errors import ConfigError
-
-        raise ConfigError(f"field 'formats': {GGUF!r} is for decoder LLMs (transformers ...ForCausalLM); "
-                          f"{type(model).__name__} is not one")
+        return llm_export_stage(model, cfg, ctx)  # which targets fit which model: checked before the run (runner)
     model = model.cpu().eval()
     example = example_inputs(model)
     args = _inputs_of(model)

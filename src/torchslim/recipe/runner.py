@@ -285,9 +285,8 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
     deploy targets must be installed: checked before any work."""
     from torchslim.errors import MissingDependencyError
     from torchslim.recipe._export import check_targets
-    from torchslim.recipe._select import resolve_config
-
     from torchslim.recipe._export_llm import LLM_TARGETS, is_decoder_lm
+    from torchslim.recipe._select import resolve_config
 
     llm = is_decoder_lm(model)
     for stage in recipe.stages:
@@ -300,8 +299,7 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
                 check_targets(formats)
             except MissingDependencyError as exc:
                 raise RecipeError(f"{recipe.source}: stage {stage.index} (export): {exc}") from None
-            odd = [f for f in formats if (f not in LLM_TARGETS) == llm or (f == "gguf" and not llm)]
-            odd = [f for f in odd if f not in ("onnx", "torch")]  # targets of both kinds of model
+            odd = [f for f in formats if f not in LLM_TARGETS] if llm else [f for f in formats if f == "gguf"]
             if odd:
                 what = (f"is not a deploy target of a decoder LLM (allowed: {', '.join(LLM_TARGETS)})" if llm else
                         f"is for decoder LLMs (transformers ...ForCausalLM); {type(model).__name__} is not one")
