@@ -57,7 +57,7 @@ def test_static_quantize_prints_no_third_party_noise(tmp_path) -> None:
 
 
 def test_third_party_output_drops_harmless_and_notes_the_rest(capsys) -> None:
-    from torchslim._cli_common import third_party_output
+    from torchslim._cli_output import third_party_output
 
     with third_party_output():
         logging.getLogger().warning("Please consider to run pre-processing before quantization. Refer to example: x")
@@ -79,7 +79,7 @@ def _warner(module: str):
 
 
 def test_third_party_output_keeps_torchslim_own_warnings_and_verbose_shows_all(capsys) -> None:
-    from torchslim._cli_common import third_party_output
+    from torchslim._cli_output import third_party_output
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -14,7 +14,7 @@ Bottom up, a module may import only its own layer (where the layer allows it) an
                 lm (perplexity and tokens/s of decoder LLMs)
     families    prune, quantize, binarize, distill, lowrank, pack: never import each other
     orchestration  recipe, search, report: use families through their public names only
-    cli         cli.py, __main__, the package root, _cli_common, _cli_defaults and every ``_cli*.py`` / ``*_cli.py`` verb module
+    cli         cli.py, __main__, the package root, _cli_common, _cli_defaults, _cli_output and every ``_cli*.py`` / ``*_cli.py`` verb module
 
 Every import is checked, including the ones inside functions (a lazy import is still a
 dependency). A module outside ``cli`` never imports the package root (``import torchslim``).
@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, set[str], bool]] = [
     ("infra", {"_layerwise", "_masks", "export", "lm"}, True),  # _masks: prune sets masks, pack reads them; lm: perplexity, tokens/s
     ("families", {"prune", "quantize", "binarize", "distill", "lowrank", "pack"}, False),
     ("orchestration", {"recipe", "search", "report"}, True),
-    ("cli", {"cli", "__main__", "<root>", "_cli_common", "_cli_defaults"}, True),
+    ("cli", {"cli", "__main__", "<root>", "_cli_common", "_cli_defaults", "_cli_output"}, True),
 ]
 RANK = {top: i for i, (_, tops, _) in enumerate(LAYERS) for top in tops}
 CLI_RANK = len(LAYERS) - 1

@@ -6,7 +6,7 @@ code 2 and one line naming what was wrong and what is allowed.
 
 Other libraries' warnings and logs are caught around every verb: the harmless ones are dropped, any
 other becomes one ``note:`` line, and ``--verbose`` (before or after the verb) lets them all through
-(:func:`torchslim._cli_common.third_party_output`). ``torchslim list`` names every model and data
+(:func:`torchslim._cli_output.third_party_output`). ``torchslim list`` names every model and data
 spec family; each option's help states its default.
 """
 
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         from torchslim._cli_common import check_output
 
         check_output(args)  # the output contract, before any work
-        from torchslim._cli_common import third_party_output
+        from torchslim._cli_output import third_party_output
 
         with third_party_output(verbose=bool(getattr(args, "verbose", False))):
             return int(args.func(args) or 0)

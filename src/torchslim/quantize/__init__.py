@@ -11,7 +11,15 @@ that :func:`compile` runs on oneDNN int8 kernels (``torch.compile`` with inducto
 from __future__ import annotations
 
 from torchslim.quantize import observers as observers  # registers the observers
-from torchslim.quantize.api import LLM_METHODS, MODES, QuantConfig, QuantPlan, llm_calibration, quantize_, quantize_llm_
+from torchslim.quantize.api import (
+    LLM_METHODS,
+    MODES,
+    QuantConfig,
+    QuantPlan,
+    llm_calibration,
+    quantize_,
+    quantize_llm_,
+)
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.int8 import Int8Conv, Int8Linear, compile
