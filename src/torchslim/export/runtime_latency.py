@@ -53,13 +53,12 @@ from torchslim._fs import atomic_path
 from torchslim._utils import evaluating, is_int
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs, as_inputs
+from torchslim.profile.budget import MEMORY_FORMATS, RUNTIMES
 from torchslim.profile.latency import Timing, cpu_name, measure_interleaved
 
 __all__ = ["MEMORY_FORMATS", "RUNTIMES", "LayerLatency", "check_runtime", "fastest_widths", "latency_ratio",
            "layer_latency", "layer_table", "paired_latency", "runtime_unavailable"]
 
-RUNTIMES = ("eager", "compile", "onnxruntime", "xnnpack")
-MEMORY_FORMATS = ("contiguous", "channels_last")
 _BENCH_NAME = {"eager": "eager", "compile": "compile", "onnxruntime": "onnxruntime", "xnnpack": "executorch"}
 _TORCH_RUNTIMES = ("eager", "compile")
 _LAYER_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -10,10 +10,12 @@ from torchslim.profile.api import (
     register_size_estimator,
     serialized_bytes,
 )
+from torchslim.profile.budget import Budget
 from torchslim.profile.compare import CompareRow, Comparison, compare
 from torchslim.profile.latency import Timing, measure, measure_pair, speedup
 
 __all__ = [
+    "Budget",
     "Comparison",
     "CompareRow",
     "Cost",

@@ -23,6 +23,7 @@ from torchslim._registry import get_method
 from torchslim._select import as_patterns
 from torchslim._utils import is_number
 from torchslim.errors import ConfigError
+from torchslim.profile.budget import Budget
 from torchslim.prune.importance import get_importance
 from torchslim.prune.unstructured import Criterion, parse_pattern, valid_sparsity
 
@@ -30,37 +31,6 @@ __all__ = ["ALLOCATIONS", "SCOPES", "Budget", "PruneConfig", "SparsifyConfig"]
 
 ALLOCATIONS = ("uniform", "latency")
 SCOPES = ("layer", "global")
-
-
-@dataclass(frozen=True)
-class Budget(ConfigDict):
-    """What the pruned model may cost, as a fraction of the original (e.g. ``macs=0.5``).
-
-    Exactly one of ``macs``, ``params`` or ``latency`` (fractions in (0, 1]).
-    """
-
-    macs: float | None = None
-    params: float | None = None
-    latency: float | None = None
-    tolerance: float = 0.02
-
-    def __post_init__(self) -> None:
-        given = {k: v for k, v in (("macs", self.macs), ("params", self.params), ("latency", self.latency)) if v is not None}
-        if len(given) != 1:
-            raise ConfigError(f"Budget needs exactly one of macs, params or latency; got {sorted(given) or 'none'}")
-        (k, v), = given.items()
-        if not is_number(v) or not 0 < v <= 1:
-            raise ConfigError(f"Budget {k} must be a fraction in (0, 1] of the original; got {v!r}")
-        if not is_number(self.tolerance) or not 0 < self.tolerance < 0.5:
-            raise ConfigError(f"Budget tolerance must be in (0, 0.5); got {self.tolerance!r}")
-
-    @property
-    def metric(self) -> str:
-        return "macs" if self.macs is not None else "params" if self.params is not None else "latency"
-
-    @property
-    def fraction(self) -> float:
-        return float(getattr(self, self.metric))
 
 
 def _ratio_map(value: Any, what: str) -> dict[str, float]:
