@@ -76,7 +76,7 @@ import torch, transformers
 
 def build():
     config = transformers.LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={inter},
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers={layers}, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings={positions}, tie_word_embeddings={tie})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -101,10 +101,10 @@ def llama_spec(tmp_path):
     made = iter(range(1000))
 
     def make(vocab: int = 256, hidden: int = 64, inter: int = 128, tie: bool = False, uneven_norms: bool = False,
-             positions: int = 512) -> str:
+             positions: int = 512, layers: int = 2) -> str:
         path = tmp_path / f"tiny_llama_{next(made)}.py"
         path.write_text(_LLAMA_FILE.format(vocab=vocab, hidden=hidden, inter=inter, tie=tie, uneven=uneven_norms,
-                                           positions=positions))
+                                           positions=positions, layers=layers))
         return f"{path}:build"
 
     return make
