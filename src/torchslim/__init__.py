@@ -15,7 +15,7 @@ from torchslim._finalize import finalize_
 from torchslim._registry import list_methods
 from torchslim.binarize import BinarizeConfig, BinarizePlan, binarize_
 from torchslim.data import DataBundle, list_datasets, load_data
-from torchslim.distill import DistillConfig, DistillResult, distill
+from torchslim.distill import DistillConfig, DistillResult, HealResult, distill, heal_
 from torchslim.errors import TorchslimError
 from torchslim.export import ExportError, ExportResult, ParityError, Tolerance, bench, export
 from torchslim.graph import trace
@@ -30,7 +30,10 @@ from torchslim.prune import (
     OneShotConfig,
     PruneConfig,
     SparsifyConfig,
+    block_influence,
     prune_channels_,
+    prune_llm_,
+    remove_layers_,
     run_lottery,
     sparsegpt_,
     sparsify_,
@@ -57,6 +60,9 @@ __all__ = [
     "SparsifyConfig",
     "finalize_",
     "prune_channels_",
+    "prune_llm_",
+    "block_influence",
+    "remove_layers_",
     "run_lottery",
     "sparsify_",
     "sparsity_report",
@@ -73,6 +79,8 @@ __all__ = [
     "FactorizePlan",
     "factorize_",
     "distill",
+    "HealResult",
+    "heal_",
     "Profile",
     "QuantConfig",
     "QuantPlan",
