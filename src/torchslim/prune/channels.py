@@ -20,6 +20,7 @@ from torch import nn
 from torchslim._modelinfo import record_plan, register_plan_kind
 from torchslim._select import Selector, renamed_argument, select_modules
 from torchslim.errors import ConfigError, ModelRunError
+from torchslim.graph.inputs import as_inputs
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.state import clone_module, preserved
 from torchslim.graph.surgery import slice_model_
@@ -453,6 +454,11 @@ def prune_channels_(
         raise ConfigError("give exactly one of ratio= (a fraction in [0, 1)) or target=ts.Budget(...)")
     ratio, target, importance, allocation = cfg.ratio, cfg.target, cfg.importance, cfg.allocation
     global_ranking, ratios, round_to, min_channels = cfg.global_ranking, cfg.ratios, cfg.round_to, cfg.min_channels
+    on_latency = target is not None and target.metric == "latency"
+    round_to = round_to if round_to is not None else "auto" if on_latency else 1  # measured widths under a latency budget
+    if round_to == "auto" and target is not None and not on_latency:
+        raise ConfigError("round_to='auto' (widths the runtime runs fastest) needs ratio= or a latency budget; "
+                          "give an integer round_to with a MACs / params budget")
     crit = get_importance(importance)
     if example_inputs is None:
         from torchslim._modelinfo import example_inputs as remembered
@@ -478,7 +484,8 @@ def prune_channels_(
         for g, s in zip(cg.groups, scores):
             if not isinstance(s, torch.Tensor) or s.shape != (g.size,):
                 raise ConfigError(f"importance returned {getattr(s, 'shape', type(s))} for group {g.id}; expected ({g.size},)")
-        opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=round_to, min_channels=min_channels,
+        opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=1 if round_to == "auto" else round_to,
+                    min_channels=min_channels,
                     uniform_layers=uniform_default(model, cfg.uniform_layers))
         # Shapes a model computes in Python (e.g. ``x.reshape(B, N, 3, heads, C // heads)``) are not
         # in the trace: find the groups whose removal breaks the forward and leave them whole.
@@ -488,11 +495,22 @@ def prune_channels_(
             cg.groups = [g for g in cg.groups if g.id not in blocked]
         scale: dict[int, float] = {}
         if allocation == "latency":
-            scale = latency_scales(latency_sensitivity(model, cg, example_inputs, round_to=max(round_to, 8)), cg)
+            scale = latency_scales(latency_sensitivity(model, cg, example_inputs, round_to=max(opts["round_to"], 8)), cg)
             opts["scale"] = scale
 
-        achieved: dict[str, float] = {}
-        if target is not None:
+        achieved: dict[str, Any] = {}
+        chosen = None
+        if on_latency or round_to == "auto":  # measured in the budget's runtime (prune.latency_budget)
+            from torchslim.prune.latency_budget import rounded_choice, search_latency
+
+            if on_latency:
+                ratio, chosen, achieved = search_latency(model, cg, scores, opts, example_inputs, target,
+                                                         auto_round=round_to == "auto")
+            else:
+                *chosen, moves = rounded_choice(model, cg, scores, float(ratio), opts, as_inputs(example_inputs),
+                                                "eager", None, None)
+                achieved["widths_moved"] = moves
+        elif target is not None:
             metric = target.metric
             shape_only = metric != "latency"
             base_model, base_inputs = _trial(model, cg, example_inputs) if shape_only else (model, example_inputs)
@@ -521,7 +539,7 @@ def prune_channels_(
             ratio = best[0]
             achieved[metric] = best[1]
 
-    removed, report = _choose(model, cg, scores, float(ratio), **opts)
+    removed, report = chosen if chosen is not None else _choose(model, cg, scores, float(ratio), **opts)
     keep = cg.keep_indices(removed)
     attrs = _head_attrs(model, cg, report)
     config_before = config_values(model)

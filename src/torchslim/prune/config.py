@@ -53,7 +53,9 @@ class PruneConfig(ConfigDict):
         ratios: per-module ratios by name, glob or ``re:`` of the producing module.
         modules: only the channels of these modules are pruned (``None``: every module).
         skip: modules (names, globs, ``re:``) whose channels are left whole (was ``ignore``).
-        round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels).
+        round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels), or
+            ``"auto"``: moved to nearby widths the runtime runs fastest, measured
+            (:mod:`torchslim.prune.latency_budget`). ``None``: ``"auto"`` under a latency budget, else 1.
         min_channels: never keep fewer channels than this in a group.
         allocation: ``"uniform"`` or ``"latency"`` (each group's ratio scaled by its measured cost).
         uniform_layers: the same kept count in every layer for groups that play the same part in
@@ -70,7 +72,7 @@ class PruneConfig(ConfigDict):
     ratios: dict[str, float] | None = None
     modules: tuple[str, ...] | None = None
     skip: tuple[str, ...] = ()
-    round_to: int = 1
+    round_to: int | str | None = None
     min_channels: int = 1
     allocation: str = "uniform"
     uniform_layers: bool | None = None
@@ -100,8 +102,11 @@ class PruneConfig(ConfigDict):
         object.__setattr__(self, "skip", as_patterns(self.skip, "PruneConfig.skip", none_ok=False))
         for name in ("round_to", "min_channels"):
             v = getattr(self, name)
+            if name == "round_to" and v in (None, "auto"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"PruneConfig.{name} must be an integer >= 1; got {v!r}")
+                allowed = "an integer >= 1, 'auto' or None" if name == "round_to" else "an integer >= 1"
+                raise ConfigError(f"PruneConfig.{name} must be {allowed}; got {v!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"PruneConfig.allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}")
         if self.uniform_layers is not None and not isinstance(self.uniform_layers, bool):
