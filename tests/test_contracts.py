@@ -200,6 +200,11 @@ PLAN_CASES: dict[str, tuple[Callable[..., nn.Module], Callable[..., Any], Callab
         lambda m, d: ts.cluster_(m, ts.ClusterConfig(bits=4, modules=("nosuchlayer",))),
     ),
     "prune_transformer": (lambda d, p: _bert(p), _prune_heads, _prune_heads_bad),
+    "prune_depth": (  # whole decoder layers removed (prune_llm_ mode depth / both records it)
+        lambda d, p: _llama(p),
+        lambda m, d: ts.remove_layers_(m, [1]),
+        lambda m, d: ts.remove_layers_(m, [0, 1]),
+    ),
     "rotate": (  # the residual-stream rotation of decoder LLMs (quantize_llm_(rotate=True) records it)
         lambda d, p: _llama(p),
         lambda m, d: __import__("torchslim.quantize.rotate", fromlist=["rotate_"]).rotate_(m, seed=1),
@@ -243,7 +248,8 @@ def test_plan_refuses_bad_input_and_leaves_model_untouched(kind: str, digits: An
 
 
 def _importance(model: nn.Module, name: str, digits: Any) -> None:
-    ts.prune_channels_(model, ratio=0.25, importance=name, data=_calibration(digits) if name == "taylor" else None)
+    needs_data = name in ("taylor", "activation")
+    ts.prune_channels_(model, ratio=0.25, importance=name, data=_calibration(digits) if needs_data else None)
 
 
 def _unstructured(model: nn.Module, name: str, digits: Any) -> None:

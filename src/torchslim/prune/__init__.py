@@ -80,6 +80,8 @@ __all__ = [
 
 # --- post-training (one-shot) pruning and transformer structure (heads, FFN neurons, layers) ---
 from torchslim.prune import _cli  # noqa: E402,F401  (registers the prune CLI verbs)
+from torchslim.prune.activation import ActivationImportance  # noqa: E402
+from torchslim.prune.depth import block_influence, remove_layers_  # noqa: E402
 from torchslim.prune.heads import (  # noqa: E402
     drop_layers_,
     head_importance,
@@ -89,11 +91,15 @@ from torchslim.prune.heads import (  # noqa: E402
     prune_heads_,
     prune_heads_by_importance_,
 )
+from torchslim.prune.llm import LLMPrunePlan, prune_llm_  # noqa: E402
 from torchslim.prune.sparsegpt import sparsegpt_  # noqa: E402
 from torchslim.prune.wanda import OneShotConfig, wanda_  # noqa: E402
 
 __all__ += [
+    "ActivationImportance",
+    "LLMPrunePlan",
     "OneShotConfig",
+    "block_influence",
     "drop_layers_",
     "head_importance",
     "neuron_importance",
@@ -101,6 +107,8 @@ __all__ += [
     "prune_ffn_by_importance_",
     "prune_heads_",
     "prune_heads_by_importance_",
+    "prune_llm_",
+    "remove_layers_",
     "sparsegpt_",
     "wanda_",
 ]

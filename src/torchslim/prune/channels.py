@@ -421,7 +421,8 @@ def prune_channels_(
             argument that is not a config is taken as the example inputs.
         example_inputs: inputs for the trace (default: the model's remembered inputs).
         data: labelled batches for gradient-based criteria (``taylor``): a ``DataBundle`` (its train
-            split) or any iterable of ``(x, y)``.
+            split) or any iterable of ``(x, y)``; calibration data for ``activation`` (batches of
+            model inputs, or a text data spec for a decoder LLM).
         overrides: :class:`~torchslim.prune.PruneConfig` fields (``ratio=0.5``, ``target=``,
             ``importance=``, ``global_ranking=``, ``ratios=``, ``modules=``, ``skip=``,
             ``round_to=``, ``min_channels=``, ``allocation=``); ``ignore=`` is the deprecated
@@ -473,6 +474,8 @@ def prune_channels_(
 
         refuse_integer_layers(model, "prune_channels_", skip=select_modules(model, ignore, None, kinds=None) if ignore else ())
         cg = analyse(model, example_inputs, skip=ignore)
+        if callable(getattr(crit, "calibrated", None)):  # measured on calibration data (activation)
+            crit = crit.calibrated(model, data)
         if getattr(crit, "needs_gradients", False):
             if data is None:
                 raise ConfigError(f"importance {importance!r} needs gradients: pass data= (labelled batches)")
