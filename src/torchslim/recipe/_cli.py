@@ -24,6 +24,9 @@ def register(sub: Any) -> None:
                  resume="continue the run in --out from its last finished stage")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--no-latency", action="store_true", help="skip torch latency after each stage (ONNX timing still runs)")
+    p.add_argument("--allow-slower", action="store_true",
+                   help="a result slower than the original in a runtime it deploys to is no failed goal "
+                        "(default: the recipe's allow_slower; otherwise the goal is MISSED and the stage that made it slower named)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no stage lines")
     p.add_argument("--json", action="store_true", help="print only the final JSON report on stdout")
     p.set_defaults(func=_cmd_compress)
@@ -59,7 +62,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     try:
         result = compress(model, recipe, data, out=out,
                           resume=args.resume, force=args.force, progress=not args.quiet, latency=not args.no_latency,
-                          log=say, status=lambda text: con.status(text, spinner="dots"))
+                          log=say, status=lambda text: con.status(text, spinner="dots"),
+                          allow_slower=True if args.allow_slower else None)
     except TorchslimError:
         if fresh and not _finished_stages(out):  # refused before any stage finished: leave nothing behind
             import shutil
@@ -90,19 +94,21 @@ def print_summary(report: dict[str, Any], con: Any) -> None:
     each stage changed, then where everything was written."""
     from rich.table import Table
 
-    from torchslim.report.html import _GOAL_WORDS, _goal_text, headline
+    from torchslim.report.html import goal_cells, guard_note, headline
 
     for line in deployed_lines(report) or headline(report):
         con.print(line, highlight=False)
     for g in report.get("goals", []):
-        mark = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
-        con.print(f"goal {_GOAL_WORDS.get(g['name'], g['name'])} {_goal_text(g['name'], g['target'], True)}: "
-                  f"{_goal_text(g['name'], g['value'], False)} ({g['basis']}) {mark}", highlight=False)
+        word, target, value, basis, met = goal_cells(g)
+        mark = {"met": "[green]met[/green]", "MISSED": "[red]MISSED[/red]"}.get(met, f"[yellow]{met}[/yellow]")
+        con.print(f"goal {word} {target}: {value} ({basis}) {mark}", highlight=False)
+    if guard_note(report):
+        con.print(str(guard_note(report)), highlight=False)
     ppl = any(s.get("perplexity") is not None for s in report["stages"])
     acc_col = any(s.get("accuracy") is not None for s in report["stages"]) or not ppl
     t = Table(title=f"{report['model']} · recipe {report['recipe']}: each stage (ratios to the original)")
     heads = ("stage", *(("accuracy",) if acc_col else ()), *(("perplexity",) if ppl else ()), "params", "MACs",
-             "size on disk", "eager ms", "s")
+             "size on disk", "eager ms (1 thread)", "s")
     for h in heads:
         t.add_column(h, justify="left" if h == "stage" else "right")
     for s in report["stages"]:

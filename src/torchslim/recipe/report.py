@@ -2,8 +2,9 @@
 
 The JSON is the common shape of DESIGN section 5 for the whole run (``before`` = the original,
 ``after`` = the final model) plus ``stages`` (the same figures after every stage, with ratios to
-the original), ``goals`` (each with ``met``) and ``deployed`` (the exported / packed artifacts
-against the original exported the same way).
+the original), ``goals`` (each with ``met``; ``not_slower`` per deploy runtime, from the guard),
+``latency_runtime`` (where each latency was measured), ``guard`` (the guard's checks) and
+``deployed`` (the exported / packed artifacts against the original exported the same way).
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def build_report(state: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     files: dict[str, str] = {}
     for rec in stages:
         files.update(rec.get("files") or {})
-    goals = _goals(recipe, {**orig}, {**last}, deployed)
+    from torchslim.recipe._guard import goals_from
+
+    goals = _goals(recipe, {**orig}, {**last}, deployed) + goals_from(state.get("guard"))
     size_ratio, size_basis = _size_ratio(orig, last, deployed)
     return {
         "verb": "compress",
@@ -122,6 +125,9 @@ def build_report(state: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
         + [{"index": r["index"], "label": r["label"], "kind": r["kind"], **_row(r, orig), "seconds": r["seconds"],
             "extras": r.get("extras", {})} for r in stages],
         "goals": goals,
+        "latency_runtime": {"stages": "eager PyTorch, 1 thread",
+                            **{t: f.get("runtime") for t, f in deployed.items() if f.get("runtime")}},
+        "guard": state.get("guard") or {"checks": []},
         "deployed": deployed,
         "layers": {"original": orig["layers"], "final": last["layers"]},
         "files": files,

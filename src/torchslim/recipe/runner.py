@@ -14,6 +14,10 @@ and in a resumed one alike, so a run stopped anywhere and resumed with ``resume=
 the same model and the same report figures as one that was never stopped (training inside a stage
 also resumes from its own checkpoint, bit for bit). The latency figures are re-measured, so only
 they vary with the machine's load.
+
+Last, the guard (:mod:`torchslim.recipe._guard`) times the final model against the original in
+every runtime the recipe deploys to: a result slower than the original there is a failed goal
+``not_slower`` naming the stage that made it slower (unless ``allow_slower``).
 """
 
 from __future__ import annotations
@@ -280,6 +284,9 @@ def _resolve_inputs(model: Any, recipe: Any, data: Any) -> tuple[nn.Module, Reci
     return model, recipe, data, info.spec, data_spec
 
 
+_LLM_STAGES = ("quantize_llm", "prune_llm", "heal")
+
+
 def _preflight(model: nn.Module, recipe: Recipe) -> None:
     """Module patterns of every stage must select something in the model, and the runtimes of its
     deploy targets must be installed: checked before any work."""
@@ -290,8 +297,8 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
 
     llm = is_decoder_lm(model)
     for stage in recipe.stages:
-        if stage.kind == "quantize_llm" and not llm:
-            raise RecipeError(f"{recipe.source}: stage {stage.index} (quantize_llm) is for decoder LLMs (transformers "
+        if stage.kind in _LLM_STAGES and not llm:
+            raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}) is for decoder LLMs (transformers "
                               f"...ForCausalLM, e.g. pretrained:smollm2-135m); {type(model).__name__} is not one")
         if stage.kind == "export":
             formats = list(stage.config.get("formats") or ())
@@ -299,7 +306,7 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
                 check_targets(formats)
             except MissingDependencyError as exc:
                 raise RecipeError(f"{recipe.source}: stage {stage.index} (export): {exc}") from None
-            odd = [f for f in formats if f not in LLM_TARGETS] if llm else [f for f in formats if f == "gguf"]
+            odd = [f for f in formats if f not in LLM_TARGETS] if llm else [f for f in formats if f in ("gguf", "hf")]
             if odd:
                 what = (f"is not a deploy target of a decoder LLM (allowed: {', '.join(LLM_TARGETS)})" if llm else
                         f"is for decoder LLMs (transformers ...ForCausalLM); {type(model).__name__} is not one")
@@ -322,6 +329,7 @@ def compress(
     latency: bool = True,
     log: Callable[[str], None] | None = None,
     status: Callable[[str], Any] | None = None,
+    allow_slower: bool | None = None,
 ) -> CompressResult:
     """Run ``recipe`` on ``model`` and return the final model with its report.
 
@@ -339,6 +347,8 @@ def compress(
         log: where stage lines go (default: nowhere).
         status: ``status(text)`` returns a context manager showing a live line while a step
             without its own progress bar runs (e.g. ``rich.console.Console.status``).
+        allow_slower: a final model slower than the original in a runtime it deploys to is no
+            failed goal (default: the recipe's ``allow_slower``); see :mod:`torchslim.recipe._guard`.
 
     Raises:
         RecipeError: the recipe is invalid, or needs data that was not given (before any work).
@@ -416,6 +426,12 @@ def compress(
         previous = sdir / "model"
     final = load(previous)
     save(final, out / "model")
+    from torchslim.recipe._guard import guard
+
+    with live("checking the result is not slower than the original where it runs"):
+        state["guard"] = guard(state, out, allow_slower=recipe.allow_slower if allow_slower is None else allow_slower,
+                               latency=latency, log=say)
+    _write_json(out / STATE_FILE, state)
     report = build_report(state, recipe)
     files = write_reports(report, out)
     report["files"].update(files)

@@ -11,6 +11,7 @@ A recipe is YAML (or the same dict in Python)::
       - quantize: {mode: static}
       - export: {formats: [onnx]}
     goals: {max_accuracy_drop: 0.01, target_size: 0.25}
+    allow_slower: false                    # true: a result slower than the original where it runs is no failed goal
 
 Each stage is a mapping with exactly one key, the stage kind; its value holds that family's
 config (the same fields as the Python config: ``QuantConfig``, ``FactorizeConfig``, ...). Every
@@ -271,6 +272,7 @@ class Recipe:
     seed: int = 0
     finetune: dict[str, Any] = field(default_factory=dict)
     source: str = "recipe"
+    allow_slower: bool = False  # a result slower than the original where it runs is no failed goal
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (every default filled in); ``load_recipe`` reads it back equal."""
@@ -282,6 +284,7 @@ class Recipe:
             "finetune": dict(self.finetune),
             "stages": [s.to_dict() for s in self.stages],
             "goals": self.goals.model_dump(exclude_none=True),
+            **({"allow_slower": True} if self.allow_slower else {}),
         }
 
     def to_yaml(self) -> str:
@@ -304,6 +307,7 @@ class _Top(_Strict):
     finetune: dict[str, Any] = pydantic.Field(default_factory=dict)
     stages: list[Any]
     goals: Goals = pydantic.Field(default_factory=Goals)
+    allow_slower: bool = False
 
 
 def _explain(exc: pydantic.ValidationError, model: type[BaseModel], where: str, skip: int = 0) -> RecipeError:
@@ -383,7 +387,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
         stages.append(Stage(kind=kind, config=resolved, index=i))
     recipe = Recipe(
         stages=tuple(stages), goals=top.goals, name=top.name or Path(source).stem, description=top.description,
-        seed=top.seed, finetune=finetune, source=source,
+        seed=top.seed, finetune=finetune, source=source, allow_slower=top.allow_slower,
     )
     _check_goals(recipe)
     return recipe

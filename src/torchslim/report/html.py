@@ -2,7 +2,8 @@
 
 Both render the same content from ``report.json``, the result that ships first: one sentence per
 deployed file (its bytes, speed and accuracy or perplexity against the original shipped the same
-way) and the goals in the same units; then the deployed files in detail, the stage table
+way) and the goals in the same units (the guard's "not slower than the original in RUNTIME" among
+them); then the deployed files in detail, the stage table
 (accuracy, params, MACs, size on disk, eager latency, each with its ratio to the original) and
 per-layer width / sparsity / bits.
 """
@@ -15,7 +16,8 @@ import io
 import re
 from typing import Any
 
-__all__ = ["decode_change", "headline", "perplexity_change", "render_markdown", "render_html", "stage_rows", "plots"]
+__all__ = ["decode_change", "goal_cells", "guard_note", "headline", "perplexity_change", "render_markdown", "render_html",
+           "stage_rows", "plots"]
 
 
 def _fmt_num(x: Any) -> str:
@@ -150,7 +152,27 @@ def _deployed_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 _GOAL_WORDS = {"max_accuracy_drop": "accuracy drop", "target_size": "size", "target_macs": "MACs",
-               "target_latency": "latency", "max_perplexity_increase": "perplexity increase"}
+               "target_latency": "latency", "max_perplexity_increase": "perplexity increase",
+               "not_slower": "not slower than the original"}
+_RUNTIME_WORDS = {"onnxruntime": "ONNX Runtime", "xnnpack": "ExecuTorch (XNNPACK)", "eager": "eager PyTorch",
+                  "compile": "torch.compile", "torchscript": "TorchScript", "pt2": "torch.export"}
+
+
+def goal_cells(g: dict[str, Any]) -> list[str]:
+    """A goal as table cells: goal, target, reached, measured on, met (the CLI prints the same).
+
+    The guard's ``not_slower`` goal names its runtime, and when missed the stage that made the
+    result slower; one allowed by ``allow_slower`` reads "slower, allowed"."""
+    word = _GOAL_WORDS.get(g["name"], g["name"])
+    basis = g["basis"]
+    if g["name"] == "not_slower":
+        word += f" in {_RUNTIME_WORDS.get(g.get('runtime', ''), g.get('runtime', ''))}"
+        if not g["met"]:
+            basis += f"; made slower by stage {g['stage']}" if g.get("stage") else f"; {g.get('stage_note', 'stage not named')}"
+    met = "met" if g["met"] else "MISSED"
+    if g.get("allowed"):
+        met = "slower, allowed"
+    return [word, _goal_text(g["name"], g["target"], True), _goal_text(g["name"], g["value"], False), basis, met]
 
 
 def _goal_text(name: str, x: float | None, target: bool) -> str:
@@ -161,18 +183,25 @@ def _goal_text(name: str, x: float | None, target: bool) -> str:
         return f"at most {100 * x:.2f} points" if target else f"{100 * x:.2f} points"
     if name == "max_perplexity_increase":
         return f"at most {100 * x:+.1f}%" if target else f"{100 * x:+.1f}%"
+    if name == "not_slower":  # latency over the original's, in the deploy runtime
+        return f"latency at most {x:.2f}x the original's" if target else f"{x:.3f}x the original's ({_speed(1 / x)})"
     what = {"target_size": "smaller", "target_macs": "fewer MACs", "target_latency": "faster"}.get(name, "")
     if target:
         return f"at most {x:.2f} of the original ({1 / x:.2f}x {what})" if x > 0 else f"{x}"
     return f"{x:.3f} of the original ({1 / x:.2f}x {what})" if x > 0 else f"{x:.3f}"
 
 
+def guard_note(report: dict[str, Any]) -> str | None:
+    """Why the latency guard judged nothing (None when it did)."""
+    why = (report.get("guard") or {}).get("skipped")
+    return f"not-slower check skipped: {why}" if why else None
+
+
 def _goal_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["goal", "target", "reached", "measured on", "met"]
     rows = []
     for g in report.get("goals", []):
-        rows.append([_GOAL_WORDS.get(g["name"], g["name"]), _goal_text(g["name"], g["target"], True),
-                     _goal_text(g["name"], g["value"], False), g["basis"], "met" if g["met"] else "MISSED"])
+        rows.append(goal_cells(g))
     return head, rows
 
 
@@ -197,6 +226,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     head, rows = _goal_rows(report)
     if rows:
         parts += ["", "## Goals", "", _md_table(head, rows)]
+    if guard_note(report):
+        parts += ["", str(guard_note(report))]
     head, rows = _deployed_rows(report)
     if rows:
         parts += ["", "## Deployed files (original exported the same way, timed side by side)", "", _md_table(head, rows)]
@@ -351,6 +382,8 @@ def render_html(report: dict[str, Any]) -> str:
     head, rows = _goal_rows(report)
     if rows:
         parts += [_html_table(head, rows, "goals")]
+    if guard_note(report):
+        parts.append(f"<p>{html.escape(str(guard_note(report)))}</p>")
     parts.append("</section>")
     head, rows = _deployed_rows(report)
     if rows:

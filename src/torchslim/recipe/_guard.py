@@ -1,0 +1,284 @@
+"""The compress guard: a result slower than the original where it runs is a failed goal.
+
+After the last stage, ``compress`` checks the final model against the original in every runtime
+the recipe deploys to (its ``export`` formats: ``onnx`` -> ONNX Runtime, ``pte`` -> ExecuTorch with
+XNNPACK, ``torch`` -> eager PyTorch, ``torchscript``, ``pt2``; a recipe without an export stage
+deploys the ``ts.save`` model to eager PyTorch). One goal per runtime, ``not_slower``, goes into
+the report's ``goals`` with the measured latency ratio (compressed / original, one thread).
+
+How it is measured, honestly on a busy machine:
+
+1. The export stage already timed each shipped file side by side with the original's file; the
+   worst of its batch sizes is the first figure. Without an export stage the two ``ts.save`` models
+   are timed side by side in eager PyTorch (``runtime_latency.paired_latency``).
+2. A first figure above 1.0 is measured again with more runs (the same files, interleaved round by
+   round). The result is *slower* when its median ratio is above 1.0 **and** the compressed model
+   lost at least :data:`SLOWER_ROUNDS` of the paired rounds; a model of the same speed as the
+   original wins about half of them, so noise alone does not fail the goal.
+3. When it is slower (and ``allow_slower`` is not set) the stage that made it slower is named: the
+   original and every stage's checkpoint (kept in ``stages/``) are timed together in the same
+   runtime (``paired_latency``, order rotated every round), and the first stage from which every
+   later stage stays slower than the original is the one named. This third step runs only for a
+   slower result, so a recipe that is not slower pays for one re-measurement at most.
+
+``allow_slower`` (``--allow-slower``, or ``allow_slower: true`` in the recipe) keeps the measured
+ratio in the report but does not fail the goal.
+
+Example:
+    >>> from torchslim.recipe._guard import deploy_runtime, slower_verdict
+    >>> deploy_runtime("onnx-int8"), deploy_runtime("torch"), deploy_runtime("pte")
+    ('onnxruntime', 'eager', 'xnnpack')
+    >>> slower_verdict([1.0, 1.0, 1.0, 1.0], [1.2, 1.3, 1.1, 1.25])
+    (1.225, 1.0, True)
+    >>> slower_verdict([1.0, 1.0, 1.0, 1.0], [1.2, 0.9, 0.95, 1.05])[2]
+    False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["GOAL", "RUNTIME_WORDS", "SLOWER_ROUNDS", "deploy_runtime", "guard", "slower_verdict"]
+
+#: The goal's name in the report.
+GOAL = "not_slower"
+#: Share of paired rounds the compressed model must lose (with a median ratio above 1) to be slower.
+SLOWER_ROUNDS = 0.75
+#: Rounds of the re-measurement and of the per-stage timing.
+RECHECK_RUNS = 60
+STAGE_RUNS = 30
+
+# deploy target -> the runtime_latency runtime its stage checkpoints are timed in (None: not timed per stage)
+_TARGET_RUNTIME = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "pte": "xnnpack", "pte-int8": "xnnpack",
+                   "torch": "eager", "torchscript": None, "pt2": None}
+#: How each runtime is named in the report.
+RUNTIME_WORDS = {"onnxruntime": "ONNX Runtime", "xnnpack": "ExecuTorch (XNNPACK)", "eager": "eager PyTorch",
+                 "compile": "torch.compile", "torchscript": "TorchScript", "pt2": "torch.export"}
+# stages that never change the model (their checkpoint is the previous one's)
+_NO_CHANGE = ("export", "pack")
+
+
+def deploy_runtime(target: str) -> str:
+    """The runtime a deploy target runs in (``runtime_latency`` names where it has one)."""
+    return _TARGET_RUNTIME.get(target) or target
+
+
+def slower_verdict(original_ms: Sequence[float], compressed_ms: Sequence[float]) -> tuple[float, float, bool]:
+    """``(median ratio, share of rounds lost, slower)`` from two runs timed round by round."""
+    n = min(len(original_ms), len(compressed_ms))
+    if n == 0:
+        return 1.0, 0.0, False
+    ratio = statistics.median(compressed_ms[:n]) / max(statistics.median(original_ms[:n]), 1e-12)
+    lost = sum(c > o for o, c in zip(original_ms[:n], compressed_ms[:n])) / n
+    return round(ratio, 6), lost, ratio > 1.0 and lost >= SLOWER_ROUNDS
+
+
+# --------------------------------------------------------------------------- timing the shipped files
+
+
+def _batch_inputs(model: Any, batch: int) -> tuple[Any, ...]:
+    from torchslim._modelinfo import example_inputs
+
+    ex = example_inputs(model)
+    ex = tuple(ex) if not isinstance(ex, dict) else tuple(ex.values())
+    x = ex[0].detach().cpu()
+    return (x.expand(batch, *x.shape[1:]).contiguous(),) + tuple(ex[1:]) if x.shape[0] != batch else ex
+
+
+def _file_runner(target: str, fmt: str, path: str, x: tuple[Any, ...]) -> Callable[[], Any]:
+    """A no-argument call of the shipped file at ``path`` on ``x`` in its own runtime."""
+    if target == "onnx":
+        from torchslim.export.ort import ort_runner
+
+        return ort_runner(path, x[0] if len(x) == 1 else x, threads=1)
+    if target == "torch":
+        from torchslim.saving import load
+
+        model = load(path).eval()
+
+        @torch.no_grad()
+        def run() -> Any:
+            return model(*x)
+
+        return run
+    from torchslim.export import get_format
+    from torchslim.graph.inputs import as_inputs
+
+    loaded = get_format(fmt).load(Path(path), torch.device("cpu"))
+    return functools.partial(loaded, as_inputs(x))
+
+
+@contextlib.contextmanager
+def _one_thread(target: str) -> Any:
+    from torchslim.recipe._export import _one_runtime_thread
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _one_runtime_thread(target):
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _recheck_file(target: str, fig: dict[str, Any], files: dict[str, str], model: Any, batch: int) -> tuple[float, float, bool]:
+    """The shipped file and the original's, timed again side by side with more runs."""
+    from torchslim.profile.latency import measure_interleaved
+
+    fmt = fig.get("format") or target
+    x = _batch_inputs(model, batch)
+    with _one_thread(target):
+        runners = {"original": _file_runner(target, {"pte-int8": "pte", "onnx-int8": "onnx"}.get(fmt, fmt),
+                                            files[f"{target}_original"], x),
+                   "compressed": _file_runner(target, fmt, files[target], x)}
+        t = measure_interleaved(runners, runs=RECHECK_RUNS, warmup=3, threads=1, rotate=True)
+        runners.clear()
+    return slower_verdict(t["original"].times_ms, t["compressed"].times_ms)
+
+
+def _eager_pair(original: Any, final: Any, runs: int) -> tuple[float, float, bool]:
+    from torchslim.export.runtime_latency import paired_latency
+
+    t = paired_latency({"original": original, "compressed": final}, _batch_inputs(original, 1), "eager", threads=1,
+                       runs=runs, warmup=3)
+    return slower_verdict(t["original"].times_ms, t["compressed"].times_ms)
+
+
+# --------------------------------------------------------------------------- naming the stage
+
+
+def _stage_ratios(runtime: str, original_dir: Path, stages: list[dict[str, Any]], out: Path,
+                  batch: int) -> dict[str, float]:
+    """Latency of every stage's checkpoint over the original's, all timed together in ``runtime``."""
+    from torchslim.export.runtime_latency import paired_latency
+    from torchslim.saving import load
+
+    models = {"00-original": load(original_dir).eval()}
+    for rec in stages:
+        if rec["kind"] not in _NO_CHANGE:
+            models[rec["label"]] = load(out / "stages" / rec["label"] / "model").eval()
+    x = _batch_inputs(models["00-original"], batch)
+    t = paired_latency(models, x, runtime, threads=1, runs=STAGE_RUNS, warmup=2)
+    base = max(t["00-original"].median_ms, 1e-12)
+    return {label: round(t[label].median_ms / base, 4) for label in models if label != "00-original"}
+
+
+def _culprit(ratios: dict[str, float]) -> str | None:
+    """The first stage from which every later stage is slower than the original (else the stage
+    with the largest step up in latency)."""
+    labels = list(ratios)
+    for i, label in enumerate(labels):
+        if all(ratios[later] > 1.0 for later in labels[i:]):
+            return label
+    steps = {label: ratios[label] - (ratios[labels[i - 1]] if i else 1.0) for i, label in enumerate(labels)}
+    best = max(steps, key=lambda k: steps[k], default=None)
+    return best if best is not None and steps[best] > 0 else None
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _targets(stages: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Deploy target -> its figures from the last export stage that timed it, and that stage's files."""
+    figs: dict[str, dict[str, Any]] = {}
+    files: dict[str, str] = {}
+    for rec in stages:
+        if rec["kind"] != "export":
+            continue
+        for target, fig in ((rec.get("extras") or {}).get("formats") or {}).items():
+            if fig and fig.get("latency_ms"):
+                figs[target] = fig
+        files.update(rec.get("files") or {})
+    return figs, files
+
+
+def guard(state: dict[str, Any], out: Path, *, allow_slower: bool, latency: bool,
+          log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Judge the finished run in ``state`` (``out`` holds its checkpoints): one entry per deploy
+    runtime, each ``{"target", "runtime", "ratio", "slower", "met", "basis", ...}``; ``skipped``
+    says why there is none."""
+    from torchslim.recipe._export_llm import is_decoder_lm
+    from torchslim.saving import load
+
+    stages = state["stages"]
+    original_dir = out / "stages" / "00-original" / "model"
+    final_dir = out / "stages" / stages[-1]["label"] / "model" if stages else original_dir
+    original = load(original_dir).eval()
+    if is_decoder_lm(original):
+        return {"checks": [], "skipped": "decoder LLM: speed is the decode tokens/s of the deployed table"}
+    figs, files = _targets(stages)
+    has_export = any(rec["kind"] == "export" for rec in stages)
+    checks: list[dict[str, Any]] = []
+    if not has_export and not latency:
+        return {"checks": [], "skipped": "no export stage and latency=False (--no-latency): not timed"}
+    if not has_export:
+        ratio, lost, slower = _eager_pair(original, load(final_dir).eval(), STAGE_RUNS)
+        measured = "ts.save models side by side, batch 1, 1 thread"
+        if ratio > 1.0:  # re-measured with more runs before it counts
+            ratio, lost, slower = _eager_pair(original, load(final_dir).eval(), RECHECK_RUNS)
+            measured += f", re-measured ({RECHECK_RUNS} rounds)"
+        checks.append({"target": "torch", "runtime": "eager", "batch": 1, "ratio": ratio, "rounds_lost": lost,
+                       "slower": slower, "basis": f"eager PyTorch: {measured}"})
+    for target, fig in figs.items():
+        worst_b, worst = max(((b, v["compressed"] / max(v["original"], 1e-12)) for b, v in fig["latency_ms"].items()),
+                             key=lambda bv: bv[1])
+        runtime = _TARGET_RUNTIME.get(fig.get("format") or target, None) or target
+        words = fig.get("runtime") or RUNTIME_WORDS.get(runtime, runtime)
+        check = {"target": target, "runtime": runtime, "batch": int(worst_b), "ratio": round(worst, 6),
+                 "rounds_lost": None, "slower": False,
+                 "basis": f"{words}: shipped files side by side, worst of batch sizes {', '.join(fig['latency_ms'])}, 1 thread"}
+        if worst > 1.0 and target in files and f"{target}_original" in files:
+            ratio, lost, slower = _recheck_file(target, fig, files, original, int(worst_b))
+            check.update(ratio=ratio, rounds_lost=lost, slower=slower)
+            check["basis"] += f"; batch {worst_b} re-measured ({RECHECK_RUNS} rounds)"
+        checks.append(check)
+    for check in checks:
+        check["met"] = not check["slower"] or allow_slower
+        check["allowed"] = bool(check["slower"] and allow_slower)
+        if check["slower"] and not allow_slower:
+            _name_stage(check, original_dir, stages, out, log)
+    return {"checks": checks, "allow_slower": allow_slower}
+
+
+def _name_stage(check: dict[str, Any], original_dir: Path, stages: list[dict[str, Any]], out: Path,
+                log: Callable[[str], None]) -> None:
+    """Add ``stage`` (the stage that made the model slower) and ``stage_ratios`` to a slower check."""
+    runtime = check["runtime"]
+    if runtime not in ("eager", "compile", "onnxruntime", "xnnpack"):
+        check["stage"] = None
+        check["stage_note"] = f"stage checkpoints are not timed in {runtime}"
+        return
+    log(f"    slower than the original in {RUNTIME_WORDS.get(runtime, runtime)}: timing every stage there to name it")
+    from torchslim.errors import ConfigError
+
+    try:
+        ratios = _stage_ratios(runtime, original_dir, stages, out, check["batch"])
+    except ConfigError as exc:  # a stage's model the runtime cannot take: said, not raised
+        check["stage"] = None
+        check["stage_note"] = f"stages not timed: {' '.join(str(exc).split())}"
+        return
+    check["stage_ratios"] = ratios
+    check["stage"] = _culprit(ratios)
+
+
+def goals_from(guard_result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The report's ``not_slower`` goals from a guard result (none when it was skipped)."""
+    goals = []
+    for c in (guard_result or {}).get("checks", []):
+        goal = {"name": GOAL, "target": 1.0, "value": c["ratio"], "basis": c["basis"], "met": c["met"],
+                "runtime": c["runtime"], "deploy_target": c["target"], "slower": c["slower"], "allowed": c["allowed"],
+                "rounds_lost": c.get("rounds_lost")}
+        if c["slower"] and not c["allowed"]:
+            goal["stage"] = c.get("stage")
+            for key in ("stage_ratios", "stage_note"):
+                if key in c:
+                    goal[key] = c[key]
+        goals.append(goal)
+    return goals
