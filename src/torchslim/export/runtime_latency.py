@@ -21,7 +21,9 @@ by the layer's hyper-parameters, the input shape, the runtime, the thread count,
 and the CPU, so a table is measured once per runtime. :func:`layer_table` measures every
 convolution and linear layer of a model that way (``torchslim bench --layers``), and
 :func:`fastest_widths` measures candidate output widths of one layer, for rounding pruned widths to
-the sizes a runtime's kernels like.
+the sizes a runtime's kernels like. :func:`module_latencies` times any small modules (a factorized
+sequence at candidate ranks, say) on one input shape, interleaved, cached under a signature the
+caller gives (what the module is, in JSON), so a planner can compare forms of one layer.
 
 Example:
     >>> import torch
@@ -57,7 +59,8 @@ from torchslim.profile.budget import MEMORY_FORMATS, RUNTIMES
 from torchslim.profile.latency import Timing, cpu_name, measure_interleaved
 
 __all__ = ["MEMORY_FORMATS", "RUNTIMES", "LayerLatency", "check_runtime", "fastest_widths", "latency_ratio",
-           "layer_latency", "layer_table", "paired_latency", "runtime_unavailable"]
+           "layer_latency", "layer_table", "module_latencies", "module_latency", "paired_latency",
+           "runtime_unavailable"]
 
 _BENCH_NAME = {"eager": "eager", "compile": "compile", "onnxruntime": "onnxruntime", "xnnpack": "executorch"}
 _TORCH_RUNTIMES = ("eager", "compile")
@@ -325,3 +328,66 @@ def fastest_widths(module: nn.Module, input_shape: Sequence[int], widths: Sequen
                                  dilation=module.dilation, groups=groups, bias=module.bias is not None)
         out[w] = layer_latency(probe, input_shape, runtime, threads=threads, memory_format=memory_format, cache=cache)
     return out
+
+
+# ---- arbitrary small modules, cached under the caller's signature --------------------------------------------------
+def _module_key(signature: Any, input_shape: Sequence[int], threads: int, memory_format: str | None) -> str:
+    body = json.dumps({"module": signature, "input": list(input_shape), "threads": threads,
+                       "memory_format": memory_format or "contiguous", "cpu": cpu_name(),
+                       "torch": torch.__version__}, sort_keys=True)
+    return hashlib.sha1(body.encode()).hexdigest()[:20]
+
+
+def module_latencies(modules: Mapping[str, tuple[nn.Module, Any]], input_shape: Sequence[int],
+                     runtime: str = "eager", *, threads: int | None = 1, memory_format: str | None = None,
+                     cache: bool = True, runs: int = 15, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each module of ``modules`` (label -> ``(module, signature)``) on a random
+    input of ``input_shape`` in ``runtime``.
+
+    The modules not in the cache are timed together in one interleaved run (so load hits them alike
+    and their ratios are fair), each as given: its weights are not rebuilt. ``signature`` is any
+    JSON-able value that says what the module is (type, widths, ranks...); with ``cache`` the median
+    is kept in the runtime's per-machine cache under that signature, the input shape, the threads,
+    the memory format, the CPU and the torch version, and read back by any later call with the same.
+
+    Raises:
+        ConfigError: a bad runtime / threads / memory format, a signature that is not JSON, or a
+            module the runtime cannot take.
+    """
+    runtime, memory_format, threads = check_runtime(runtime, memory_format, threads)
+    n = threads if threads is not None else torch.get_num_threads()
+    shape = [int(s) for s in input_shape]
+    keys: dict[str, str] = {}
+    for label, (_, signature) in modules.items():
+        try:
+            keys[label] = _module_key(signature, shape, n, memory_format)
+        except TypeError as exc:
+            raise ConfigError(f"module_latencies: the signature of {label!r} must be JSON ({exc})") from None
+    path = _cache_file(runtime)
+    known = _read_cache(path) if cache else {}
+    out = {label: known[k] for label, k in keys.items() if k in known}
+    todo = {label: mod for label, (mod, _) in modules.items() if label not in out}
+    if todo:
+        timings = paired_latency(todo, torch.randn(*shape), runtime, threads=n, runs=runs, warmup=warmup,
+                                 memory_format=memory_format)
+        fresh = {label: t.median_ms for label, t in timings.items()}
+        out.update(fresh)
+        if cache:
+            _write_cache(path, {keys[label]: ms for label, ms in fresh.items()})
+    return {label: out[label] for label in modules}
+
+
+def module_latency(module: nn.Module, input_shape: Sequence[int], runtime: str = "eager", *, signature: Any,
+                   threads: int | None = 1, memory_format: str | None = None, cache: bool = True, runs: int = 15,
+                   warmup: int = 2) -> float:
+    """Median milliseconds of ``module`` on a random input of ``input_shape`` in ``runtime``, cached
+    under ``signature`` (see :func:`module_latencies`).
+
+    Example:
+        >>> import torch
+        >>> seq = torch.nn.Sequential(torch.nn.Linear(32, 4), torch.nn.Linear(4, 32))
+        >>> module_latency(seq, (8, 32), signature={"svd": [32, 4, 32]}, cache=False, runs=3, warmup=1) > 0
+        True
+    """
+    return module_latencies({"module": (module, signature)}, input_shape, runtime, threads=threads,
+                            memory_format=memory_format, cache=cache, runs=runs, warmup=warmup)["module"]

@@ -1,7 +1,13 @@
 """CLI verb ``factorize``: low-rank factorization of a model, optionally fine-tuned after.
 
-``torchslim factorize MODEL --method M (--rank R | --energy E | --target-macs F | --target-params F)
+``torchslim factorize MODEL --method M (--rank R | --energy E | --target-macs F | --target-params F |
+--target-latency F [--runtime eager|compile|onnxruntime|xnnpack] [--threads N] [--memory-format FMT])
 [--scope layer|model] [--data SPEC --finetune-epochs N] --out DIR [--json]``
+
+``--target-latency`` measures: each layer's factorized forms are timed in the runtime, layers not
+faster factorized are left whole, and the whole model is timed against the original; ``--json``
+reports the measured latency ratio, the runtime, the threads and the layers left whole under
+``"latency"``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ def register(sub: Any) -> None:
     g.add_argument("--energy", type=float, help="keep this fraction (0, 1] of the squared singular values")
     g.add_argument("--target-macs", type=float, help="keep at most this fraction (0, 1] of the MACs")
     g.add_argument("--target-params", type=float, help="keep at most this fraction (0, 1] of the parameters")
+    g.add_argument("--target-latency", type=float,
+                   help="measured latency at most this fraction (0, 1] of the original's, in --runtime")
+    p.add_argument("--runtime", help="where --target-latency is measured: eager (default), compile, onnxruntime, xnnpack")
+    p.add_argument("--threads", type=int, help="intra-op threads of the --target-latency runs (default: torch's)")
+    p.add_argument("--memory-format", help="contiguous or channels_last for the PyTorch runtimes (--target-latency)")
     p.add_argument("--scope", default=fd["scope"], help="layer or model: where a --target-* applies (default layer)")
     p.add_argument("--modules", help="comma-separated module names/globs (default: every layer the method takes)")
     p.add_argument("--skip", "--exclude", dest="exclude",
@@ -76,14 +87,24 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`FactorizeConfig` the flags describe (raises ``ConfigError`` when invalid)."""
+    from torchslim.errors import ConfigError
     from torchslim.lowrank.api import FactorizeConfig
+    from torchslim.profile.budget import Budget
 
+    target = None
+    where = {"runtime": args.runtime, "threads": args.threads, "memory_format": args.memory_format}
+    if args.target_latency is not None:
+        target = Budget(latency=args.target_latency, **{k: v for k, v in where.items() if v is not None})
+    elif any(v is not None for v in where.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in where.items() if v is not None)
+        raise ConfigError(f"{given} say where --target-latency is measured; give --target-latency F too")
     return FactorizeConfig(
         method=args.method,
         rank=_rank(args.rank),
         energy=args.energy,
         target_macs=args.target_macs,
         target_params=args.target_params,
+        target=target,
         scope=args.scope,
         modules=_split(args.modules),
         skip=_split(args.exclude) or (),
@@ -109,6 +130,11 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         if not args.json:
             ctx.console.print(plan.table())
         extras: dict[str, Any] = {"factorize": plan.to_dict()}
+        if plan.latency is not None:
+            from torchslim.lowrank._latency import speedup_words
+
+            extras["latency"] = plan.latency
+            ctx.notes.append(speedup_words(plan.latency))
         if train_cfg is not None:
             from torchslim.train import fit
 

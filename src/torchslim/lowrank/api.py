@@ -8,6 +8,9 @@ layer into an ``nn.Sequential`` of standard layers; this module is layer 3, the 
 returned :class:`FactorizePlan` says per layer the ranks, the cost before/after and the
 kernel's relative error, and lists the layers left alone with the reason. The plan is recorded
 on the model, so ``ts.save`` / ``ts.load`` rebuild the factorized structure.
+
+A latency budget (``target=ts.Budget(latency=0.6, runtime="onnxruntime", threads=2)``) chooses
+ranks by measured gain in that runtime, not by MACs: see :mod:`torchslim.lowrank._latency`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torchslim._select import select_modules
 from torchslim._utils import is_int, is_number
 from torchslim.errors import CheckpointError, ConfigError, SpecError
 from torchslim.lowrank import _plan
+from torchslim.profile.budget import Budget
 
 __all__ = ["FactorizeConfig", "FactorizePlan", "LayerFactorization", "SkippedLayer", "factorize_", "METHODS"]
 
@@ -47,7 +51,7 @@ def _fraction(value: Any) -> bool:
 @dataclass(frozen=True)
 class FactorizeConfig(ConfigDict):
     """How :func:`factorize_` chooses layers and ranks. Give exactly one of ``rank``,
-    ``energy``, ``target_macs``, ``target_params``.
+    ``energy``, ``target_macs``, ``target_params``, ``target``.
 
     Attributes:
         method: ``"svd"`` (Linear, or Conv2d as a matrix), ``"tucker"`` (Tucker-2, Kim 2016),
@@ -61,6 +65,12 @@ class FactorizeConfig(ConfigDict):
         target_macs: Largest ranks whose MACs stay within this fraction (0, 1] of the layer's
             (``scope="layer"``) or, with one energy level for all layers, of the model's.
         target_params: The same for parameters.
+        target: A :class:`~torchslim.profile.budget.Budget`. ``latency=F``: ranks chosen by the
+            measured speed of each layer's factorized forms in the budget's runtime / threads /
+            memory format (layers not faster factorized are left whole), then the whole model
+            timed against the original until its latency ratio is within the budget (at least a
+            5% band: shared CPUs vary that much); ``macs=F`` / ``params=F``: as ``target_macs`` /
+            ``target_params`` with ``scope="model"``.
         scope: ``"layer"`` or ``"model"`` (only with a target).
         modules: ``None`` for every layer the method applies to, or names / globs (``"features.*"``).
         skip: Names, globs or ``re:`` patterns of layers to leave alone (``exclude`` is its
@@ -81,6 +91,7 @@ class FactorizeConfig(ConfigDict):
     energy: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
+    target: Budget | None = None
     scope: str = "layer"
     modules: tuple[str, ...] | None = None
     skip: tuple[str, ...] = ()
@@ -94,10 +105,14 @@ class FactorizeConfig(ConfigDict):
         self._take_renamed()
         if self.method not in METHODS:
             raise ConfigError(f"FactorizeConfig.method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        given = [k for k in ("rank", "energy", "target_macs", "target_params") if getattr(self, k) is not None]
+        if isinstance(self.target, dict):
+            object.__setattr__(self, "target", Budget.from_dict(self.target))
+        if self.target is not None and not isinstance(self.target, Budget):
+            raise ConfigError(f"FactorizeConfig.target must be a ts.Budget (or a dict of its fields); got {self.target!r}")
+        given = [k for k in ("rank", "energy", "target_macs", "target_params", "target") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(
-                "FactorizeConfig needs exactly one of rank=, energy=, target_macs=, target_params=; "
+                "FactorizeConfig needs exactly one of rank=, energy=, target_macs=, target_params=, target=; "
                 f"got {', '.join(given) or 'none'}"
             )
         r = self.rank
@@ -123,8 +138,8 @@ class FactorizeConfig(ConfigDict):
                 object.__setattr__(self, name, float(v))
         if self.scope not in ("layer", "model"):
             raise ConfigError(f"FactorizeConfig.scope must be 'layer' or 'model'; got {self.scope!r}")
-        if self.scope == "model" and self.target_macs is None and self.target_params is None:
-            raise ConfigError("FactorizeConfig.scope='model' needs target_macs= or target_params=")
+        if self.scope == "model" and self.target_macs is None and self.target_params is None and self.target is None:
+            raise ConfigError("FactorizeConfig.scope='model' needs target_macs=, target_params= or target=")
         if self.modules is not None:
             object.__setattr__(self, "modules", _names(self.modules, "modules"))
         object.__setattr__(self, "skip", _names(self.skip, "skip"))
@@ -152,6 +167,8 @@ class LayerFactorization:
     params_before: int
     params_after: int
     rel_error: float
+    ms_before: float | None = None  # measured alone in a latency budget's runtime (all calls)
+    ms_after: float | None = None
 
 
 @dataclass
@@ -175,6 +192,7 @@ class FactorizePlan:
     macs_before: int | None = None
     macs_after: int | None = None
     energy: float | None = None  # the energy level a model-scope target settled on
+    latency: dict[str, Any] | None = None  # a latency budget: the measured ratio, runtime, threads, rounds
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -195,19 +213,28 @@ class FactorizePlan:
 
         from torchslim._text import printable
 
-        t = Table(title=f"factorize ({self.config.method}): {len(self.layers)} replaced, {len(self.skipped)} left alone")
-        for col in ("layer", "ranks", "MACs", "params", "rel. error"):
+        title = f"factorize ({self.config.method}): {len(self.layers)} replaced, {len(self.skipped)} left alone"
+        if self.latency is not None:
+            from torchslim.lowrank._latency import speedup_words
+
+            title += f"; {speedup_words(self.latency)}"
+        t = Table(title=title)
+        timed = self.latency is not None
+        cols = ("layer", "ranks", "MACs", "params", "rel. error") + (("ms", "ms after") if timed else ())
+        for col in cols:
             t.add_column(col, justify="left" if col == "layer" else "right")
         for x in self.layers:
+            ms = (f"{x.ms_before:.3g}", f"{x.ms_after:.3g}") if timed and x.ms_before is not None else ("-", "-")
             t.add_row(
                 x.name,
                 "x".join(map(str, x.ranks)),
                 f"{x.macs_after / max(x.macs_before, 1):.3f}",
                 f"{x.params_after / max(x.params_before, 1):.3f}",
                 f"{x.rel_error:.3g}",
+                *(ms if timed else ()),
             )
         for s in self.skipped:
-            t.add_row(f"[dim]{s.name}[/dim]", "-", "-", "-", f"[dim]{s.reason}[/dim]")
+            t.add_row(f"[dim]{s.name}[/dim]", "-", "-", "-", f"[dim]{s.reason}[/dim]", *(("-", "-") if timed else ()))
         return printable(t)
 
 
@@ -245,8 +272,9 @@ def factorize_(
 
     Raises:
         ConfigError: bad config for this model: a name that matches nothing, a layer type with
-            no factorization, a rank larger than a layer allows, an unreachable target, a
-            selected layer that is quantized (``quantize_``) or binary (``binarize_``).
+            no factorization, a rank larger than a layer allows, an unreachable target (a latency
+            budget: the closest measured ratio said), a selected layer that is quantized
+            (``quantize_``) or binary (``binarize_``).
 
     Example:
         >>> import torch, torchslim as ts
@@ -265,8 +293,16 @@ def factorize_(
     chosen, skipped_types = _plan.select(model, method, config.modules, config.skip)
     refuse_applied(model, [n for n, _ in chosen], "factorize_", _CANNOT_TAKE)
     inputs = _inputs_for(model, example_inputs)
-    metric = 0 if config.target_macs is not None else 1
-    if config.scope == "model" and metric == 0 and inputs is None:
+    target_macs, target_params, scope = config.target_macs, config.target_params, config.scope
+    budget = config.target
+    if budget is not None and budget.metric != "latency":  # a MACs / params budget is a model-scope target
+        target_macs, target_params = (budget.fraction, None) if budget.metric == "macs" else (None, budget.fraction)
+        scope = "model"
+    if budget is not None and budget.metric == "latency" and inputs is None:
+        raise ConfigError("a latency budget needs example inputs (pass example_inputs=, or build the model with "
+                          "ts.create_model)")
+    metric = 0 if target_macs is not None else 1
+    if scope == "model" and metric == 0 and inputs is None:
         raise ConfigError("target_macs with scope='model' needs example inputs (pass example_inputs=)")
     geos = _plan.geometry(model, chosen, inputs)
     cands = []
@@ -284,21 +320,32 @@ def factorize_(
     plan.skipped = [SkippedLayer(n, type(m).__name__, r) for n, m, r in skipped_types]
 
     # ranks for every candidate (validates everything before anything is computed or changed)
-    if config.scope == "model":
+    timed = None
+    if budget is not None and budget.metric == "latency":
+        from torchslim.lowrank import _latency
+
+        timed = _latency.plan(model, method, chosen, inputs, budget)
+        plan.latency = timed.report
+        plan.skipped += [SkippedLayer(n, type(model.get_submodule(n)).__name__, r) for n, r in timed.skipped]
+        cands = [c for c in cands if c.name in timed.ranks]
+    elif scope == "model":
         total = macs_total if metric == 0 else params_total
         plan.energy = _plan.model_target_energy(
-            method, cands, int(total), config.target_macs or config.target_params, metric, config.only_if_smaller
+            method, cands, int(total), target_macs or target_params, metric, config.only_if_smaller
         )
     decided: list[tuple[_plan.Candidate, tuple[int, ...], int, int]] = []
     for c in cands:
+        if timed is not None:
+            decided.append((c, timed.ranks[c.name], *method.cost(c.module, timed.ranks[c.name], c.geometry)))
+            continue
         if config.rank is not None:
             ranks = _plan.fixed_ranks(method, c, config.rank)
         elif config.energy is not None:
             ranks = _plan.energy_ranks(method, c, config.energy)
-        elif config.scope == "model":
+        elif scope == "model":
             ranks = _plan.energy_ranks(method, c, plan.energy)
         else:
-            ranks = _plan.layer_target_ranks(method, c, config.target_macs or config.target_params, metric)
+            ranks = _plan.layer_target_ranks(method, c, target_macs or target_params, metric)
         cheaper, macs, params = _plan.worth_it(method, c, ranks)
         if config.only_if_smaller and not cheaper:
             plan.skipped.append(
@@ -320,10 +367,11 @@ def factorize_(
         if not c.module.weight.requires_grad:
             seq.requires_grad_(False)
         replacements.append((c.name, seq))
+        ms = timed.layer_ms.get(c.name, (None, None)) if timed is not None else (None, None)
         plan.layers.append(
             LayerFactorization(
                 c.name, type(c.module).__name__, method.name, list(ranks), list(method.max_ranks(c.module)),
-                c.macs, macs, c.params, params, err,
+                c.macs, macs, c.params, params, err, *ms,
             )
         )
     for name, seq in replacements:
