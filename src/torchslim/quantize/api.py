@@ -496,6 +496,7 @@ def quantize_llm_(
     calibration: Iterable[Any] | None = None,
     sequential: bool = False,
     skip: tuple[str, ...] = (),
+    layer_bits: dict[str, int] | None = None,
     seed: int = 0,
 ) -> QuantPlan:
     """Weight-only low-bit quantization of a decoder LLM, one entry point for every method.
@@ -517,6 +518,8 @@ def quantize_llm_(
             :func:`llm_calibration` draws them) or batches of token ids; ``calibration=`` is the
             same for batches.
         skip: more layers to leave in float.
+        layer_bits: bits of single layers overriding ``bits`` (mixed precision: e.g. the most
+            sensitive decoder layers in int8, see :mod:`torchslim.quantize.llm_sensitivity`).
 
     Returns:
         The :class:`QuantPlan` (recorded; ``ts.save`` / ``ts.load`` replay the rotation and the
@@ -540,7 +543,10 @@ def quantize_llm_(
     if not isinstance(rotate, bool):
         raise ConfigError(f"rotate must be True or False; got {rotate!r}")
     head = _lm_head_name(model)
-    layer_bits = {head: lm_head_bits} if head and lm_head_bits is not None and lm_head_bits != bits else None
+    if layer_bits is not None and (not isinstance(layer_bits, dict) or not all(isinstance(k, str) for k in layer_bits)):
+        raise ConfigError(f"layer_bits must map layer names to bits; got {layer_bits!r}")
+    own = {head: lm_head_bits} if head and lm_head_bits is not None and lm_head_bits != bits else {}
+    layer_bits = {**{k: v for k, v in (layer_bits or {}).items() if v != bits}, **own} or None
     skip = tuple(as_patterns(skip, "skip", none_ok=False)) + ((head,) if head and lm_head_bits is None else ())
     config = QuantConfig(mode="weight-only", bits=bits, granularity="group", group_size=group_size,
                          symmetric=method != "hqq", skip=skip, layer_bits=layer_bits,

@@ -36,9 +36,10 @@ _FLOAT_OF = {"onnx-int8": "onnx", "pte-int8": "pte"}
 #: The runtime each format runs in, for the tables.
 _RUNTIME = {"onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "pte": "ExecuTorch (XNNPACK)",
             "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch",
-            "gguf": "llama.cpp"}
+            "gguf": "llama.cpp", "hf": "transformers"}
 #: Deploy targets that are no registered export format: decoder LLMs only (``_export_llm``).
 GGUF = "gguf"
+HF = "hf"
 
 
 #: The package each target's runtime needs (checked before a run starts, not after its training).
@@ -68,10 +69,10 @@ def check_targets(formats: Any) -> None:
 
 def deploy_targets() -> list[str]:
     """What an export stage may list in ``formats``: every registered export format, ``torch``, and
-    ``gguf`` (decoder LLMs)."""
+    ``gguf`` and ``hf`` (decoder LLMs)."""
     from torchslim.export import list_formats
 
-    return sorted({*list_formats(), TORCH, GGUF})
+    return sorted({*list_formats(), TORCH, GGUF, HF})
 
 
 def _first_tensor(inputs: tuple[Any, ...]) -> torch.Tensor:

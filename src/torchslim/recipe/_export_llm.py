@@ -8,7 +8,10 @@ its deploy targets are
   ONNX Runtime;
 * ``gguf``: :func:`~torchslim.export.gguf.export_gguf` (int4 / int8 layers carried over exactly as
   Q4_0 / Q8_0), for llama.cpp and ollama;
-* ``torch``: the ``ts.save`` folder, run in eager PyTorch.
+* ``torch``: the ``ts.save`` folder, run in eager PyTorch;
+* ``hf``: a ``save_pretrained`` folder (weights, config and tokenizer) that stock
+  ``AutoModelForCausalLM.from_pretrained`` reloads: checked by reloading it and comparing logits.
+  Float models only (a pruned one included); integer layers ship as ``onnx`` / ``gguf`` instead.
 
 For each, the original is shipped the same way (float), and the report gets the bytes of both
 files, perplexity on held-out text (the run's text data, ``test`` split) and the prefill / decode
@@ -27,10 +30,11 @@ from torch import nn
 __all__ = ["LLM_TARGETS", "is_decoder_lm", "llm_export_stage", "llm_measure"]
 
 #: The deploy targets of a decoder LLM.
-LLM_TARGETS = ("onnx", "gguf", "torch")
+LLM_TARGETS = ("onnx", "gguf", "torch", "hf")
 #: Held-out tokens scored for perplexity by the recipe runner and the export stage.
 PERPLEXITY_TOKENS = 1024
-_RUNTIME = {"onnx": "ONNX Runtime (decoder with KV cache)", "gguf": "llama.cpp", "torch": "eager PyTorch"}
+_RUNTIME = {"onnx": "ONNX Runtime (decoder with KV cache)", "gguf": "llama.cpp", "torch": "eager PyTorch",
+            "hf": "transformers (from_pretrained)"}
 
 
 def is_decoder_lm(model: Any) -> bool:
@@ -107,9 +111,15 @@ def llm_export_stage(model: nn.Module, cfg: dict[str, Any], ctx: Any) -> dict[st
             fig["exact"] = got.info.get("exact")
             ship, orig = str(path), str(original)
         else:
-            path, original = ctx.dir / "torch", ctx.dir / "torch_original"
-            save(model, path)
-            save(teacher, original)
+            if fmt == "hf":
+                path, original = ctx.dir / "hf", ctx.dir / "hf_original"
+                fig["reload"] = save_pretrained_checked(model, path, tokenizer or _own_tokenizer(teacher),
+                                                        check=cfg.get("check", True))
+                save_pretrained_checked(teacher, original, tokenizer or _own_tokenizer(teacher), check=False)
+            else:
+                path, original = ctx.dir / "torch", ctx.dir / "torch_original"
+                save(model, path)
+                save(teacher, original)
             ship, orig = str(path), str(original)
             _both(fig, "perplexity", _perplexity(model, data, tokens, tokenizer), _perplexity(teacher, data, tokens, tokenizer))
             if cfg.get("check", True):
@@ -131,3 +141,58 @@ def _bytes(path: str) -> int:
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     extra = [f for f in p.parent.glob(p.name + ".data")]  # ONNX external data beside the graph, if any
     return p.stat().st_size + sum(f.stat().st_size for f in extra)
+
+
+def _own_tokenizer(model: Any) -> Any:
+    from torchslim.lm import resolve_tokenizer
+
+    try:
+        return resolve_tokenizer(model)
+    except Exception:  # a model without a known tokenizer ships without one
+        return None
+
+
+def save_pretrained_checked(model: nn.Module, path: Any, tokenizer: Any = None, *, check: bool = True) -> dict[str, Any]:
+    """``model.save_pretrained(path)`` (+ the tokenizer), published whole; with ``check``, the folder is
+    reloaded by stock ``AutoModelForCausalLM.from_pretrained`` and its logits compared with the model's.
+
+    Raises:
+        ConfigError: the model holds layers transformers cannot describe (integer layers, non-uniform
+            widths the config cannot express), or the reloaded model disagrees.
+    """
+    from pathlib import Path
+
+    from torchslim._fs import atomic_path
+    from torchslim._modelinfo import integer_layers
+    from torchslim.errors import ConfigError
+
+    held = [n for n, _ in integer_layers(model)]
+    if held:
+        raise ConfigError("the hf target ships float transformers models; this one holds integer layers "
+                          f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): ship it as onnx or gguf")
+    import transformers
+
+    path = Path(path)
+    bars = transformers.utils.logging
+    was = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # no "Writing model shards" / "Loading weights" bars in a run's output
+    try:
+        with atomic_path(path) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(tmp))
+        if not check:
+            return {}
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    finally:
+        if was:
+            bars.enable_progress_bar()
+    probe = torch.arange(16).remainder(int(model.config.vocab_size)).unsqueeze(0)
+    with torch.no_grad():
+        want = model.eval()(probe).logits.float()
+        got = loaded(probe).logits.float()
+    diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
+    if not diff <= 1e-4 * max(1.0, float(want.abs().max())):
+        raise ConfigError(f"{path}: stock from_pretrained rebuilds a different model (largest logit difference "
+                          f"{diff:.3g}); its config cannot describe this model's widths, ship it as torch (ts.save)")
+    return {"from_pretrained": True, "max_abs_diff": diff}

@@ -48,3 +48,73 @@ def run_quantize_llm(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -
         raise ConfigError(f"method {cfg['method']!r} calibrates on text: run with --data shakespeare (or text:PATH)")
     plan = quantize_llm_(model, data=data, seed=ctx.seed, **{k: cfg[k] for k in _FIELDS})
     return model, {"plan": plan.to_dict()}
+
+
+# ---- smaller, not just lower-bit: width / depth pruning healed by distillation ---------------------------------
+def _text_data(ctx: StageContext, what: str) -> Any:
+    from torchslim.data.text import TextBundle
+
+    if not isinstance(ctx.data, TextBundle):
+        raise ConfigError(f"stage {what!r} calibrates on text: run with --data shakespeare (or text:PATH)")
+    return ctx.data
+
+
+def _prune_fields() -> dict[str, Any]:
+    from torchslim.prune.llm import prune_llm_
+
+    return signature_defaults(prune_llm_, *_PRUNE_FIELDS)
+
+
+_PRUNE_FIELDS = ("target", "mode", "max_tokens", "depth_share", "round_to")
+PruneLLMSchema = pydantic.create_model("PruneLlmStage", __base__=_Strict, **_prune_fields())
+
+
+def _check_prune(cfg: dict[str, Any]) -> None:
+    from torchslim.prune.llm import MODES
+
+    if cfg.get("mode") not in MODES:
+        raise ConfigError(f"field 'mode' must be one of {', '.join(MODES)}; got {cfg.get('mode')!r}")
+    target = cfg.get("target")
+    if not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ConfigError(f"field 'target' must be the fraction of non-embedding parameters to remove, in (0, 1); "
+                          f"got {target!r}")
+
+
+@stage("prune_llm", schema=PruneLLMSchema, check=_check_prune, needs_data=lambda c: True, reduces=("size", "params"),
+       description="decoder LLM width / depth pruning by calibrated importance (activations; block influence)")
+def run_prune_llm(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.prune.llm import prune_llm_
+
+    plan = prune_llm_(model, _text_data(ctx, "prune_llm"), **{k: cfg[k] for k in _PRUNE_FIELDS})
+    return model, {"plan": plan.to_dict()}
+
+
+def _heal_fields() -> dict[str, Any]:
+    from torchslim.distill.heal import heal_
+
+    return signature_defaults(heal_, *_HEAL_FIELDS)
+
+
+_HEAL_FIELDS = ("minutes", "max_steps", "seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss",
+                "lora_rank")
+HealSchema = pydantic.create_model("HealStage", __base__=_Strict, **_heal_fields())
+
+
+def _check_heal(cfg: dict[str, Any]) -> None:
+    minutes = cfg.get("minutes")
+    if not isinstance(minutes, (int, float)) or minutes <= 0:
+        raise ConfigError(f"field 'minutes' must be a wall-clock budget > 0; got {minutes!r}")
+    if cfg.get("hidden_loss") not in ("cosine", "mse"):
+        raise ConfigError(f"field 'hidden_loss' must be cosine or mse; got {cfg.get('hidden_loss')!r}")
+
+
+@stage("heal", schema=HealSchema, check=_check_heal, needs_data=lambda c: True, trains=True,
+       description="heal a pruned decoder LLM: distil the original into it (logits KL + hidden states) within minutes, "
+                   "resumable; optional LoRA merged back")
+def run_heal(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.distill.heal import heal_
+
+    teacher = ctx.teacher()
+    result = heal_(model, teacher, _text_data(ctx, "heal"), checkpoint_dir=ctx.dir / "heal.checkpoint", resume=True,
+                   progress=ctx.progress, seed=ctx.seed, **{k: cfg[k] for k in _HEAL_FIELDS})
+    return model, {"heal": result.to_dict()}
