@@ -104,7 +104,8 @@ def test_block_influence_is_one_minus_cosine_of_layer_input_and_output() -> None
     model = _llama()
     ids = _ids()
     bi = block_influence(model, ids)
-    out = model(ids, output_hidden_states=True)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
     hs = out.hidden_states  # the last one is after the final norm: compare the first layers only
     for i in range(len(bi) - 1):
         cos = torch.nn.functional.cosine_similarity(hs[i].double(), hs[i + 1].double(), dim=-1).mean()
