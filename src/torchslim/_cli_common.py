@@ -168,7 +168,7 @@ _POSITIVE = Number(float, 0.0, lo_open=True)
 FLAG_RULES: dict[str, Number] = {
     # counts
     "epochs": _int(0), "finetune_epochs": _int(0), "final_epochs": _int(0), "max_steps": _int(1),
-    "finetune_steps": _int(0), "batch_size": _int(1), "batch_size_train": _int(1), "threads": _int(1),
+    "finetune_steps": _int(0), "batch": _int(1), "batch_size": _int(1), "batch_size_train": _int(1), "threads": _int(1),
     "runs": _int(1), "warmup": _int(0), "max_layers": _int(1), "calibration_batches": _int(1),
     "random_inputs": _int(0), "max_iter": _int(1), "rounds": _int(1), "seeds": _int(1),
     "rewind_iter": _int(0), "eval_every": _int(1), "trials": _int(1), "startup_trials": _int(0),

@@ -24,8 +24,14 @@ def _apply(args: argparse.Namespace) -> Any:
         target = Budget(macs=args.target_macs)
     elif args.target_params is not None:
         target = Budget(params=args.target_params)
-    elif args.target_latency is not None:
-        target = Budget(latency=args.target_latency)
+    where = {"runtime": args.runtime, "threads": args.threads, "memory_format": args.memory_format, "batch": args.batch}
+    if args.target_latency is not None:
+        if target is not None:
+            raise ConfigError("give one of --target-macs, --target-params or --target-latency")
+        target = Budget(latency=args.target_latency, **{k: v for k, v in where.items() if v is not None})
+    elif any(v is not None for v in where.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in where.items() if v is not None)
+        raise ConfigError(f"{given}: only used with --target-latency F (where it is measured); give --target-latency too")
     if (args.ratio is None) == (target is None):
         raise ConfigError("give exactly one of --ratio R, --target-macs F, --target-params F or --target-latency F")
     get_importance(args.importance)
@@ -74,6 +80,18 @@ def _apply(args: argparse.Namespace) -> Any:
     return apply
 
 
+def _round_to(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto'; got {text!r}")
+    return value
+
+
 def removed_words(plan: Any) -> str:
     """What ``prune`` removed, in one line: ``removed 186 of 400 channels in 3 groups ...``.
 
@@ -112,12 +130,19 @@ def register_channels(sub: Any) -> None:
     p.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     p.add_argument("--target-macs", type=float, help="keep this fraction of the MACs (e.g. 0.5)")
     p.add_argument("--target-params", type=float, help="keep this fraction of the parameters")
-    p.add_argument("--target-latency", type=float, help="keep this fraction of the measured latency")
+    p.add_argument("--target-latency", type=float,
+                   help="keep this fraction of the latency measured in --runtime (paired with the original)")
+    p.add_argument("--runtime", help="where --target-latency is measured: eager (default), compile, onnxruntime, xnnpack")
+    p.add_argument("--threads", type=int, help="intra-op threads of the --target-latency runs (default: torch's)")
+    p.add_argument("--memory-format", help="contiguous or channels_last for eager/compile (default: the faster one)")
+    p.add_argument("--batch", type=int, help="rows the --target-latency inputs are repeated to (default: as given)")
     p.add_argument("--importance", default=pd["importance"], help="l1, l2, bn_scale, fpgm, taylor, lamp, random (default l2)")
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     p.add_argument("--skip", "--ignore", dest="ignore", action="append", metavar="PATTERN",
                    help="module name, glob or re:REGEX to leave whole (repeatable; --ignore is its old name)")
-    p.add_argument("--round-to", type=int, default=pd["round_to"], help="kept widths rounded up to a multiple of this")
+    p.add_argument("--round-to", type=_round_to, default=pd["round_to"],
+                   help="kept widths rounded up to a multiple of this, or 'auto': nearby widths the runtime runs "
+                        "fastest, measured (default: auto with --target-latency, else 1)")
     p.add_argument("--min-channels", type=int, default=pd["min_channels"])
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data after pruning")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")

@@ -48,7 +48,7 @@ from torchslim.graph.inputs import Inputs, as_inputs
 
 __all__ = ["MAX_TRIALS", "auto_widths", "batched", "faster_memory_format", "search_latency"]
 
-MAX_TRIALS = 6  # measured trials of one search (each prepares two models in the runtime)
+MAX_TRIALS = 8  # measured trials of one search (each prepares two models in the runtime)
 ACCEPT = 0.05  # a result within this fraction of the budget is kept when the tolerance is tighter
 _MAX_RATIO = 0.95
 _RUNS = 15
@@ -288,6 +288,7 @@ def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: 
     # first guess: latency falls like MACs
     ratio = _MAX_RATIO if goal <= floor_macs else ratio_for(goal, 0.0, _MAX_RATIO)
     why_not = ""
+    sides: list[bool] = []  # above the budget, per trial
     for _ in range(MAX_TRIALS):
         p = run(ratio)
         if abs(p["latency"] - goal) <= tol * goal:
@@ -300,8 +301,12 @@ def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: 
                 break
         else:
             below, hi_r = p, min(hi_r, ratio)
+        sides.append(p["latency"] > goal)
         a, b = (above, below) if below is not None else (anchor, p)
-        if b["macs"] < a["macs"] - 1e-9 and b["latency"] < a["latency"] - 1e-9:  # the line through them, solved
+        stalled = below is not None and len(sides) >= 3 and sides[-1] == sides[-2] == sides[-3]
+        if stalled:  # regula falsi keeps landing on one side (a kink or a jump): halve the bracket
+            nxt = (lo_r + hi_r) / 2
+        elif b["macs"] < a["macs"] - 1e-9 and b["latency"] < a["latency"] - 1e-9:  # the line through them, solved
             m = a["macs"] + (goal - a["latency"]) * (b["macs"] - a["macs"]) / (b["latency"] - a["latency"])
             nxt = ratio_for(min(max(m, floor_macs), 1.0), lo_r, hi_r)
         else:  # noise made latency rise with pruning: halve the bracket
@@ -314,11 +319,14 @@ def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: 
         ratio = nxt
     best = min(points, key=lambda q: abs(q["latency"] - goal))
     if abs(best["latency"] - goal) > max(tol, ACCEPT) * goal:
-        tried = ", ".join(f"{q['latency']:.3f}" for q in points)
-        reason = why_not or f"{len(points)} measured trials did not settle within {max(tol, ACCEPT):.0%} (a noisy machine?)"
+        tried = ", ".join(f"{q['ratio']:.3f} -> {q['latency']:.3f}" for q in points)
+        reason = why_not or f"{len(points)} measured trials did not settle within {max(tol, ACCEPT):.0%}"
+        if below is not None and above is not anchor and not why_not.startswith("pruning every"):
+            reason += (f"; latency jumps from {above['latency']:.3f} at pruning ratio {lo_r:.3f} to {below['latency']:.3f} "
+                       f"at {hi_r:.3f} (kernel choices change with widths; or a noisy machine)")
         raise ConfigError(
             f"latency budget {goal:g} in {runtime} ({threads} thread(s)) cannot be met: the closest measured ratio is "
-            f"{best['latency']:.3f} of the original (trials: {tried}); {reason}; the model is unchanged")
+            f"{best['latency']:.3f} of the original (trials, pruning ratio -> latency ratio: {tried}); {reason}; the model is unchanged")
     achieved: dict[str, Any] = {
         "latency": best["latency"], "runtime": runtime, "threads": threads, "memory_format": fmt or "runtime's own",
         "batch": target.batch, "trials": len(points),
