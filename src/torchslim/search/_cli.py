@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--data", required=True, help="labeled data spec")
     p.add_argument("--budget", help="bounds as fractions of the original, e.g. macs=0.3 or macs=0.3,latency=0.5 "
                    "(metrics: macs, params, size, latency)")
+    p.add_argument("--runtime", default="eager",
+                   help="where latency (objective or budget) is measured: eager (default), compile, onnxruntime, xnnpack")
+    p.add_argument("--threads", type=int, help="intra-op threads of the latency runs (default: torch's)")
     p.add_argument("--objective", default="accuracy",
                    help="comma-separated metrics to optimise: accuracy (max), macs, params, size, latency (min); "
                    "two or more give a Pareto front (NSGA-II). Default: accuracy")
@@ -107,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return SearchConfig(
         objectives=args.objective,
         budget=args.budget,
+        runtime=args.runtime,
+        threads=args.threads,
         trials=args.trials,
         max_ratio=args.max_ratio,
         step=args.step,

@@ -92,6 +92,12 @@ class SearchConfig(ConfigDict):
         heartbeat: seconds between heartbeats of a running trial (a dead worker's trial is
             failed and retried after ``2 * heartbeat`` seconds of silence).
         device: device of the fine-tunes (``"auto"``, ``"cpu"``, ``"cuda"``).
+        runtime: where ``latency`` is measured: ``"eager"`` (the PyTorch module, timed call by call
+            beside the original), ``"compile"``, ``"onnxruntime"`` or ``"xnnpack"`` (the original and
+            the trial's model prepared in that runtime and timed interleaved,
+            :func:`torchslim.export.runtime_latency.latency_ratio`). A ``ts.Budget`` given as
+            ``budget`` sets it (and ``threads``) from its own fields.
+        threads: intra-op threads of the latency runs (``None``: the current torch setting).
     """
 
     objectives: tuple[str, ...] = ("accuracy",)
@@ -120,6 +126,8 @@ class SearchConfig(ConfigDict):
     seed: int = 0
     heartbeat: int = 10
     device: str = "auto"
+    runtime: str = "eager"
+    threads: int | None = None
 
     ignore: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
 
@@ -128,7 +136,15 @@ class SearchConfig(ConfigDict):
     def __post_init__(self) -> None:
         self._take_renamed()
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
+        if getattr(self.budget, "metric", None) == "latency":  # a ts.Budget says where latency is measured
+            if self.runtime == "eager":
+                object.__setattr__(self, "runtime", self.budget.runtime)
+            if self.threads is None:
+                object.__setattr__(self, "threads", self.budget.threads)
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        from torchslim.export.runtime_latency import check_runtime
+
+        check_runtime(self.runtime, None, self.threads)
         from torchslim.prune.importance import get_importance
 
         get_importance(self.importance)  # an unknown criterion is refused here, not inside every trial
@@ -254,8 +270,15 @@ class _Objective:
         absolute = measure(model, self.inputs)
         metrics = fractions(absolute, self.base)
         if self.need_latency:
-            absolute["latency_ms"], absolute["reference_latency_ms"] = paired_latency(self.model, model, self.inputs)
+            if cfg.runtime == "eager" and cfg.threads is None:
+                absolute["latency_ms"], absolute["reference_latency_ms"] = paired_latency(self.model, model, self.inputs)
+            else:  # prepared in the runtime, timed interleaved with the original
+                from torchslim.export.runtime_latency import latency_ratio
+
+                _, t = latency_ratio(self.model, model, self.inputs, cfg.runtime, threads=cfg.threads, runs=10)
+                absolute["latency_ms"], absolute["reference_latency_ms"] = t["candidate"].median_ms, t["original"].median_ms
             metrics["latency"] = absolute["latency_ms"] / absolute["reference_latency_ms"]
+            trial.set_user_attr("latency_runtime", cfg.runtime)
         trial.set_user_attr("absolute", absolute)
         over = {k: round(metrics[k], 4) for k, v in cfg.budget.items() if k in metrics and metrics[k] > v * (1 + 1e-6)}
         if over:
