@@ -373,7 +373,9 @@ STAGE_CASES: dict[str, dict[str, Any]] = {
 # stages of transformers text models, exercised on the pretrained MiniLM by that test file
 STAGES_TESTED_ELSEWHERE = {"prune_heads": "tests/recipe/test_recipe_text.py",
                            "distill_hidden": "tests/recipe/test_recipe_text.py",
-                           "quantize_llm": "tests/recipe/test_recipe_llm.py"}  # decoder LLMs only
+                           "quantize_llm": "tests/recipe/test_recipe_llm.py",  # decoder LLMs only
+                           "prune_llm": "tests/recipe/test_recipe_llm_prune.py",
+                           "heal": "tests/recipe/test_recipe_llm_prune.py"}
 _FINETUNE = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 32}
 
 

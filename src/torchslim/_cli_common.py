@@ -185,6 +185,7 @@ FLAG_RULES: dict[str, Number] = {
     # positive reals
     "lr": _POSITIVE, "temperature": _POSITIVE, "tolerance": _POSITIVE,
     "feature_weight": Number(float, 0.0), "smoothquant_min_gain": Number(float, 0.0),
+    "max_perplexity_increase": Number(float, 0.0, 10.0, lo_open=True), "heal_minutes": Number(float, 0.0),
 }
 
 

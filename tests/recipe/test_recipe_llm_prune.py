@@ -53,6 +53,9 @@ def test_llm_prune_heal_recipe_ships_a_folder_stock_from_pretrained_reloads(tiny
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, result.model.eval()(ids).logits, atol=1e-5)
     assert loaded.config.num_hidden_layers < 4 or loaded.config.intermediate_size < 128
+    again = ts.load(tmp_path / "run" / "model").eval()  # the saved run replays the pruning (depth and width)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, result.model.eval()(ids).logits)
 
 
 def test_llm_prune_stages_are_refused_for_a_classifier(tmp_path) -> None:

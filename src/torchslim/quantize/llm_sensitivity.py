@@ -57,14 +57,14 @@ def _rounded(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (torch.round(x / scale).clamp(-qmax - 1, qmax) * scale).reshape(out, cols).to(w.dtype)
 
 
-def _batches(model: nn.Module, data: Any, windows: int, length: int, seed: int) -> list[torch.Tensor]:
+def _batches(model: nn.Module, data: Any, windows: int, length: int, seed: int, tokenizer: Any) -> list[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.is_floating_point():
             raise ConfigError(f"token ids must be an integer tensor (batch, tokens); got {tuple(data.shape)} {data.dtype}")
         return [data]
     from torchslim.quantize.api import llm_calibration
 
-    return llm_calibration(model, data, windows=windows, length=length, batch_size=1, seed=seed)
+    return llm_calibration(model, data, tokenizer=tokenizer, windows=windows, length=length, batch_size=1, seed=seed)
 
 
 def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
@@ -80,7 +80,7 @@ def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_size: int = 32, windows: int = 8,
-                        length: int = 128, seed: int = 0) -> list[float]:
+                        length: int = 128, seed: int = 0, tokenizer: Any = None) -> list[float]:
     """Per decoder layer: the increase of the mean next-token loss (nats) when that layer alone is
     rounded to ``bits`` (groups of ``group_size``), on calibration text.
 
@@ -88,6 +88,7 @@ def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_siz
         model: a decoder LLM with float weights; left exactly as it was.
         data: a text data spec / ``TextBundle`` (``windows`` windows of ``length`` tokens of its
             ``train`` split) or token ids ``(batch, tokens)``.
+        tokenizer: for text (default: the model's own, for a ``pretrained:`` LLM).
 
     Raises:
         ConfigError: bad numbers, no layer list, integer weights already, no text.
@@ -96,7 +97,7 @@ def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_siz
         if not is_int(v) or v < lo or (name == "bits" and v > 8):
             raise ConfigError(f"{name} must be an integer >= {lo}{' and <= 8' if name == 'bits' else ''}; got {v!r}")
     _, layers = decoder_layers_of(model)
-    batches = _batches(model, data, windows, length, seed)
+    batches = _batches(model, data, windows, length, seed, tokenizer)
     with evaluating(model):
         base = _loss(model, batches)
         out = []

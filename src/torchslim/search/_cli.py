@@ -69,6 +69,12 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-best-model", action="store_true", help="do not build and save the best model")
     p.add_argument("--no-progress", action="store_true", help="no per-trial lines")
+    g = p.add_argument_group("decoder LLMs (pretrained:smollm2-135m, --data shakespeare): width, depth and bits "
+                             "within a perplexity limit; --objective bytes (default) or tokens_per_s, --bits 4,8")
+    g.add_argument("--max-perplexity-increase", type=float, default=0.15,
+                   help="held-out perplexity at most this fraction above the float model's (default 0.15)")
+    g.add_argument("--heal-minutes", type=float, default=0.0,
+                   help="heal the chosen pruning by distillation for this many minutes (default 0: no healing)")
     p.set_defaults(func=_cmd_search)
 
 
@@ -143,9 +149,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from torchslim._fs import drop_set_aside, set_aside
     from torchslim.search.api import search
 
-    cfg = config_from_args(args)
     data = ts.load_data(args.data, seed=args.seed)
     model = build_model(args, data)
+    if type(model).__name__.endswith("ForCausalLM"):  # a decoder LLM: bytes / speed within a perplexity limit
+        return _cmd_search_llm(args, model, data)
+    cfg = config_from_args(args)
     if args.force and Path(args.out).exists():  # the contract was checked: set the old results aside
         set_aside(args.out)
     con = console_for(args)
@@ -164,6 +172,41 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if "accuracy_after" in payload:
             con.print(f"best model (test accuracy {100 * payload['accuracy_before']:.2f}% -> "
                       f"{100 * payload['accuracy_after']:.2f}%) saved to {b.get('model', '-')}")
+    con.print(f"results in {args.out}")
+    return 0
+
+
+def _cmd_search_llm(args: argparse.Namespace, model: Any, data: Any) -> int:
+    from torchslim._cli_common import console_for, emit_json
+    from torchslim._fs import drop_set_aside, set_aside
+    from torchslim.saving import save
+    from torchslim.search.llm import LLMSearchConfig, search_llm
+
+    objective = "bytes" if args.objective == "accuracy" else args.objective
+    cfg = LLMSearchConfig(max_perplexity_increase=args.max_perplexity_increase, objective=objective,
+                          trials=args.trials, bits=_bits(args.bits) or (4, 8), heal_minutes=args.heal_minutes,
+                          threads=args.threads or 1, seed=args.seed)
+    if args.force and Path(args.out).exists():
+        set_aside(args.out)
+    con = console_for(args)
+    result = search_llm(model, data, cfg, out=args.out, storage=args.storage, progress=not args.no_progress)
+    if result.model is not None and not args.no_best_model:
+        save(result.model, Path(args.out) / "model")
+        result.files["model"] = str(Path(args.out) / "model")
+    drop_set_aside(args.out)
+    if args.json:
+        emit_json({"model": args.model, "data": args.data, **result.to_dict()})
+        return 0
+    con.print(result.table())
+    ref = result.reference
+    if result.best is None:
+        con.print(f"no trial stayed within +{args.max_perplexity_increase:.0%} perplexity of the float model "
+                  f"({ref['perplexity']:.2f}); raise --max-perplexity-increase or --trials", highlight=False)
+    else:
+        b = result.best
+        con.print(f"best: {b.name}: weights {b.bytes / ref['bytes']:.3f} of the float model's "
+                  f"({ref['bytes'] / b.bytes:.2f}x smaller), perplexity {ref['perplexity']:.2f} -> {b.perplexity:.2f} "
+                  f"({b.increase:+.1%}); model saved to {result.files.get('model', '-')}", highlight=False)
     con.print(f"results in {args.out}")
     return 0
 

@@ -1,0 +1,113 @@
+"""search_llm on a small random Llama: width, depth and bits searched within a perplexity limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("optuna")
+
+from torchslim.errors import ConfigError  # noqa: E402
+from torchslim.graph.state import state_digest  # noqa: E402
+from torchslim.search.llm import LLMSearchConfig, search_llm, storage_bytes  # noqa: E402
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+@pytest.fixture
+def tiny(llama_spec):
+    import torchslim as ts
+
+    return ts.create_model(llama_spec(layers=4)).eval()
+
+
+def _small(**kw):
+    base = dict(trials=2, depth=(0.0, 0.25), width=(0.0, 0.2), int8_layers=(0, 1), perplexity_tokens=64,
+                max_perplexity_increase=0.5, method="rtn")
+    return {**base, **kw}
+
+
+def test_search_returns_the_smallest_trial_within_the_limit_and_leaves_the_model_alone(tiny, tmp_path) -> None:
+    before = state_digest(tiny)
+    result = search_llm(tiny, "shakespeare", out=tmp_path / "s", tokenizer=_bytes, progress=False, **_small())
+    assert state_digest(tiny) == before
+    names = [t.name for t in result.trials]
+    assert names[:4] == ["uniform int8", "uniform int4", "uniform width30+int4", "uniform depth30+int4"]
+    assert len(result.trials) == 6
+    feasible = [t for t in result.trials if t.perplexity <= result.reference["perplexity"] * 1.5]
+    assert [t.name for t in result.trials if t.feasible] == [t.name for t in feasible]
+    assert result.best is not None and result.best.bytes == min(t.bytes for t in feasible)
+    by = {t.name: t for t in result.trials}
+    assert by["uniform int4"].bytes < by["uniform int8"].bytes < result.reference["bytes"]
+    assert by["uniform depth30+int4"].non_embedding_removed > 0.2
+    assert set(result.front) <= set(names) and result.front
+    saved = json.loads((tmp_path / "s" / "trials.json").read_text())
+    assert saved["best"]["name"] == result.best.name and len(saved["trials"]) == 6
+    assert storage_bytes(result.model) == result.best.bytes  # the returned model is the chosen configuration
+    assert len(result.reference["sensitivity"]) == 4
+    assert "uniform int4" in str(result.table())
+
+
+def test_a_resumed_study_does_not_measure_its_trials_again(tiny, tmp_path) -> None:
+    first = search_llm(tiny, "shakespeare", out=tmp_path / "s", tokenizer=_bytes, progress=False, **_small(uniform=False))
+    again = search_llm(tiny, "shakespeare", out=tmp_path / "s", tokenizer=_bytes, progress=False,
+                       **_small(uniform=False, trials=3))
+    assert [t.name for t in again.trials[:2]] == [t.name for t in first.trials]
+    assert [t.bytes for t in again.trials[:2]] == [t.bytes for t in first.trials]
+    assert len(again.trials) == 3
+
+
+@pytest.mark.parametrize("bad, word", [({"objective": "accuracy"}, "objective must be one of bytes, tokens_per_s"),
+                                       ({"bits": (3,)}, "bits must list 4 and/or 8"),
+                                       ({"method": "gptq"}, "method must be hqq or rtn"),
+                                       ({"max_perplexity_increase": 0}, "max_perplexity_increase must be")])
+def test_bad_settings_are_refused_in_one_line(bad, word) -> None:
+    with pytest.raises(ConfigError, match=word):
+        LLMSearchConfig(**bad)
+
+
+def test_data_without_text_is_refused(tiny) -> None:
+    with pytest.raises(ConfigError, match="perplexity on text"):
+        search_llm(tiny, "digits", trials=0, progress=False)
+
+
+def test_storage_bytes_counts_a_tied_table_once() -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = transformers.LlamaForCausalLM(cfg)
+    unique = {p.data_ptr(): p.numel() * 4 for p in m.parameters()}
+    assert storage_bytes(m) == sum(unique.values()) + sum(b.numel() * b.element_size() for b in m.buffers())
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_cli_search_of_a_decoder_llm_prints_the_table_and_saves_the_best(llama_spec, tmp_path, monkeypatch, capsys) -> None:
+    import torchslim.lm
+    import torchslim.lm.evaluate as evaluate
+    from torchslim.cli import main
+
+    def bytes_tokenizer(model, tokenizer=None):
+        return tokenizer if tokenizer is not None else _bytes
+
+    monkeypatch.setattr(evaluate, "resolve_tokenizer", bytes_tokenizer)
+    monkeypatch.setattr(torchslim.lm, "resolve_tokenizer", bytes_tokenizer)
+    spec = llama_spec(layers=4)
+    out = tmp_path / "s"
+    rc = main(["search", spec, "--data", "shakespeare", "--trials", "1", "--max-perplexity-increase", "0.5",
+               "--out", str(out), "--json", "--no-progress"])
+    assert rc == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["best"] is not None and payload["files"]["model"] == str(out / "model")
+    assert len(payload["trials"]) == 5 and (out / "trials.json").exists()
+    import torchslim as ts
+
+    again = ts.load(out / "model")  # the chosen configuration replays (pruning + quantization)
+    assert storage_bytes(again) == payload["best"]["bytes"]
+    assert main(["search", spec, "--data", "shakespeare", "--max-perplexity-increase", "0", "--out",
+                 str(tmp_path / "t")]) == 2
