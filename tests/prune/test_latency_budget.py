@@ -145,3 +145,14 @@ def test_cli_target_latency_onnxruntime_json(capsys, tmp_path) -> None:
 def test_cli_bad_latency_flags_exit_2(capsys, tmp_path, argv) -> None:
     code, out, err = _cli(capsys, ["prune", "zoo:lenet5", *argv, "--out", str(tmp_path / "o"), "--json"])
     assert code == 2 and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_recipe_target_reaches_budget() -> None:
+    from torchslim.recipe import load_recipe
+
+    stage = load_recipe({"stages": [{"prune_channels": {"target": {"latency": 0.6, "runtime": "onnxruntime",
+                                                                   "threads": 1}}}]}).stages[0]
+    cfg = ts.PruneConfig.from_dict(stage.config)
+    assert cfg.target == ts.Budget(latency=0.6, runtime="onnxruntime", threads=1) and cfg.round_to is None
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        load_recipe({"stages": [{"prune_channels": {"target": {"latency": 0.6, "runtime": "tensorrt"}}}]})

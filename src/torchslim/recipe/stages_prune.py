@@ -50,7 +50,10 @@ def run_prune_channels(model: nn.Module, cfg: dict[str, Any], ctx: StageContext)
     if values["ratio"] is None and values["target"] is None:
         values["ratio"] = 0.0  # only per-module ``ratios``
     plan = prune_channels_(model, PruneConfig.from_dict(values), data=ctx.data if cfg["importance"] == "taylor" else None)
-    return model, {"removed_channels": plan.removed_channels, "total_channels": plan.total_channels, "ratio": plan.ratio}
+    extras = {"removed_channels": plan.removed_channels, "total_channels": plan.total_channels, "ratio": plan.ratio}
+    if plan.achieved:  # a budget's measured figures (latency: the ratio, runtime, threads, memory format)
+        extras["achieved"] = plan.achieved
+    return model, extras
 
 
 def _check_sparsify(cfg: dict[str, Any]) -> None:
