@@ -2,12 +2,14 @@
 
 :func:`decoder_sensitivity` measures it, one decoder layer at a time: every ``nn.Linear`` of that
 layer alone is rounded to ``bits`` (symmetric, groups of ``group_size``: the grid round-to-nearest
-uses) and the mean next-token loss on calibration windows (the text's ``train`` split, never the
-held-out one) is compared with the float model's. The weights are put back bit for bit after each
+uses) and the model's next-token distributions on calibration windows (the text's ``train``
+split, never the held-out one) are compared with the float model's: the mean KL divergence per
+token (never negative, unlike a loss difference, and it sees every token's distribution, not only
+the right token's probability). The weights are put back bit for bit after each
 layer. :func:`mixed_layer_bits` turns the measurement into ``quantize_llm_``'s ``layer_bits``: the
 ``n`` most sensitive layers keep ``high`` bits (int8), the others get the body's bits.
 
-On SmolLM2-135M the loss increase is far from uniform across its 30 layers (the first and the last
+On SmolLM2-135M the divergence is far from uniform across its 30 layers (the first and the last
 layers dominate), which is why keeping a few of them in int8 buys more perplexity per byte than
 int4 everywhere with a larger group (``benchmarks/llm_prune.py`` searches over ``n``).
 
@@ -35,17 +37,9 @@ from torch import nn
 
 from torchslim._utils import evaluating, is_int
 from torchslim.errors import ConfigError
+from torchslim.graph.blocks import layer_list
 
-__all__ = ["decoder_layers_of", "decoder_sensitivity", "mixed_layer_bits"]
-
-
-def decoder_layers_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(prefix, layers)`` of a decoder LLM's layer list (``model.layers`` of a ``*ForCausalLM``)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.endswith("layers") and len(mod) and all(
-                any(isinstance(m, nn.Linear) for m in block.modules()) for block in mod):
-            return name, mod
-    raise ConfigError(f"{type(model).__name__} has no list of decoder layers (a transformers *ForCausalLM has model.layers)")
+__all__ = ["decoder_sensitivity", "mixed_layer_bits"]
 
 
 def _rounded(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -67,22 +61,30 @@ def _batches(model: nn.Module, data: Any, windows: int, length: int, seed: int, 
     return llm_calibration(model, data, tokenizer=tokenizer, windows=windows, length=length, batch_size=1, seed=seed)
 
 
-def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
-    total, count = 0.0, 0
+def _log_probs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
     for ids in batches:
-        out = model(ids)
-        logits = (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out)[:, :-1]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                       reduction="sum"))
-        count += ids[:, 1:].numel()
+        o = model(ids)
+        logits = o.logits if hasattr(o, "logits") else o[0] if isinstance(o, tuple) else o
+        out.append(F.log_softmax(logits.float(), dim=-1))
+    return out
+
+
+def _kl(reference: Sequence[torch.Tensor], model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Mean over tokens of KL(float model || this model) of the next-token distributions."""
+    total, count = 0.0, 0
+    for ref, got in zip(reference, _log_probs(model, batches)):
+        total += float((ref.exp() * (ref - got)).sum())
+        count += ref.shape[0] * ref.shape[1]
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_size: int = 32, windows: int = 8,
                         length: int = 128, seed: int = 0, tokenizer: Any = None) -> list[float]:
-    """Per decoder layer: the increase of the mean next-token loss (nats) when that layer alone is
-    rounded to ``bits`` (groups of ``group_size``), on calibration text.
+    """Per decoder layer: how far the model's next-token distributions move (mean KL divergence
+    from the float model's, nats per token) when that layer alone is rounded to ``bits`` (groups of
+    ``group_size``), on calibration text.
 
     Args:
         model: a decoder LLM with float weights; left exactly as it was.
@@ -96,10 +98,10 @@ def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_siz
     for name, v, lo in (("bits", bits, 2), ("group_size", group_size, 1), ("windows", windows, 1), ("length", length, 2)):
         if not is_int(v) or v < lo or (name == "bits" and v > 8):
             raise ConfigError(f"{name} must be an integer >= {lo}{' and <= 8' if name == 'bits' else ''}; got {v!r}")
-    _, layers = decoder_layers_of(model)
+    _, layers = layer_list(model)
     batches = _batches(model, data, windows, length, seed, tokenizer)
     with evaluating(model):
-        base = _loss(model, batches)
+        reference = _log_probs(model, batches)
         out = []
         for block in layers:
             linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
@@ -109,7 +111,7 @@ def decoder_sensitivity(model: nn.Module, data: Any, *, bits: int = 4, group_siz
             try:
                 for m in linears:
                     m.weight.copy_(_rounded(m.weight, bits, group_size))
-                out.append(_loss(model, batches) - base)
+                out.append(_kl(reference, model, batches))
             finally:
                 for m, w in zip(linears, saved):
                     m.weight.copy_(w)
@@ -121,7 +123,7 @@ def mixed_layer_bits(model: nn.Module, sensitivity: Sequence[float], n: int, hig
     """``layer_bits`` for :func:`~torchslim.quantize.quantize_llm_`: every Linear of the ``n`` most
     sensitive decoder layers at ``high`` bits. ``layers`` maps the model's current layer positions to
     indices of ``sensitivity`` (a model that lost layers since it was measured: the kept indices)."""
-    prefix, blocks = decoder_layers_of(model)
+    prefix, blocks = layer_list(model)
     index = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
     if len(index) != len(blocks) or any(not 0 <= i < len(sensitivity) for i in index):
         raise ConfigError(f"layers must give one index into the {len(sensitivity)} measured layers for each of the "

@@ -279,12 +279,13 @@ def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, 
     from torchslim.data import load_data
     from torchslim.data.text import TextBundle
     from torchslim.lm import evaluate_lm
-    from torchslim.quantize.llm_sensitivity import decoder_layers_of, decoder_sensitivity
+    from torchslim.graph.blocks import layer_list
+    from torchslim.quantize.llm_sensitivity import decoder_sensitivity
 
     bundle = load_data(data) if isinstance(data, str) else data
     if not isinstance(bundle, TextBundle):
         raise ConfigError("search_llm measures perplexity on text: pass data='shakespeare' (or text:PATH)")
-    _, layers = decoder_layers_of(model)
+    _, layers = layer_list(model)
     say = print if progress else (lambda *_: None)
     start = time.perf_counter()
     work = Path(out) if out is not None else None
