@@ -58,8 +58,8 @@ from torch import nn
 
 from torchslim._fs import atomic_path
 from torchslim._utils import evaluating, is_int, is_number, logits_of, model_device
-from torchslim.distill.losses import kd_loss, make_adapter
 from torchslim.distill.lora import add_lora_, lora_layers, lora_parameters, merge_lora_, remove_lora_
+from torchslim.distill.losses import kd_loss, make_adapter
 from torchslim.distill.tinybert import _Recorder, default_layer_map
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.graph.blocks import layer_list
@@ -70,9 +70,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "heal.pt"
 _FORMAT = "torchslim.distill.heal/1"
-_MAX_TOKENS = 1 << 22  # training tokens read from a text spec (shakespeare's training plays: ~2.5M)
+_MAX_TOKENS = 1 << 20  # training tokens read from a text spec, plays in file order (shakespeare's: ~2.5M in all)
 _HIDDEN_LOSSES = ("cosine", "mse")
-_WARMUP_STEPS = 10
+_WARMUP_STEPS = 5
 # settings a checkpoint must share with the run that resumes it
 _RESUME_KEYS = ("seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss", "layer_map",
                 "lora_rank", "lora_alpha", "seed", "windows")
@@ -367,7 +367,8 @@ def heal_(
         student: the pruned decoder LLM (fewer layers and/or narrower widths); trained in place.
         teacher: the unpruned model, same vocabulary; run in eval mode under ``no_grad``, never changed.
         data: a text data spec (``"shakespeare"``, ``"text:PATH"``) or a
-            :class:`~torchslim.data.text.TextBundle`: its ``train`` split only (at most 4M tokens);
+            :class:`~torchslim.data.text.TextBundle`: its ``train`` split only (its first 1,048,576 tokens,
+            documents in file order);
             or token ids already: a 1-D tensor (cut into windows) or a 2-D tensor of windows.
         tokenizer: turns the text into ids (default: the tokenizer of the teacher's ``pretrained:`` spec).
         minutes: wall-clock budget (> 0), earlier resumed runs included; no step starts that
@@ -375,7 +376,7 @@ def heal_(
         max_steps: stop after this many optimizer steps in all (``None``: the budget decides).
         seq_len: tokens per window (>= 2).
         batch_size: windows per step.
-        lr: AdamW learning rate, after a 10-step linear warm-up; default 5e-5, or 5e-4 with LoRA.
+        lr: AdamW learning rate, after a 5-step linear warm-up; default 1e-4, or 5e-4 with LoRA.
         temperature: softmax temperature of the KL term (> 0); the term is scaled by ``T^2``.
         hidden_weight: weight of the hidden-state term (>= 0; 0 turns it off).
         hidden_loss: ``"cosine"`` (``1 - cosine`` per token) or ``"mse"`` (squared error
@@ -428,7 +429,7 @@ def heal_(
         lora_alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
     elif lora_alpha is not None:
         raise ConfigError("lora_alpha needs lora_rank (LoRA healing); give lora_rank=r or leave lora_alpha out")
-    lr = (5e-4 if lora_rank else 5e-5) if lr is None else lr
+    lr = (5e-4 if lora_rank else 1e-4) if lr is None else lr
     _number("lr", lr, 0)
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise ConfigError(f"student and teacher must be torch modules; got {type(student).__name__} and {type(teacher).__name__}")
@@ -440,7 +441,7 @@ def heal_(
     if v_s is not None and v_t is not None and v_s != v_t:
         raise ConfigError(f"the student's vocabulary has {v_s} tokens and the teacher's {v_t}: logit distillation "
                           "needs the same vocabulary (prune widths and layers, not the vocabulary)")
-    (s_name, s_blocks), (_, t_blocks) = _blocks(student, "student"), _blocks(teacher, "teacher")
+    (_, s_blocks), (_, t_blocks) = _blocks(student, "student"), _blocks(teacher, "teacher")
     layer_map = _resolve_layer_map(layer_map, student, teacher, len(s_blocks), len(t_blocks))
     w_s, w_t = _width(student), _width(teacher)
     windows = _windows(data, tokenizer, teacher, int(seq_len), v_t or v_s)
