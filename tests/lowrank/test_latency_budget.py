@@ -16,7 +16,7 @@ import torchslim as ts
 from torchslim.cli import main
 from torchslim.errors import ConfigError
 from torchslim.lowrank import FactorizeConfig, factorize_
-from torchslim.lowrank._latency import LayerTiming, Option, allocate, candidate_ranks, energy_lost
+from torchslim.lowrank._latency import LayerTiming, Option, allocate, candidate_ranks, energy_lost, next_need
 from torchslim.lowrank._plan import METHODS
 
 
@@ -141,6 +141,14 @@ def test_allocate_saves_the_most_ms_per_energy_lost() -> None:
     assert choice["a"].ranks == (4,) and choice["b"] is not None and saved >= 9.0
     choice, saved = allocate([a, b], need_ms=100.0)  # out of reach: every layer at its fastest
     assert choice["a"].ranks == (4,) and choice["b"].ranks == (4,) and saved == pytest.approx(14.0)
+
+
+def test_next_need_scales_then_interpolates_between_bracketing_measurements() -> None:
+    # one measurement: estimated 40 ms saved, really 20 of 100 -> ask for twice the estimate per ms wanted
+    assert next_need([(40.0, 0.8)], 0.6, 100.0, 80.0, 90.0) == pytest.approx(80.0)
+    assert next_need([(40.0, 1.01)], 0.6, 100.0, 101.0, 90.0) == 90.0  # nothing gained: the fastest forms
+    # 0.8 at 40 ms and 0.5 at 70 ms bracket 0.6: a third of the way from 70 back to 40
+    assert next_need([(40.0, 0.8), (70.0, 0.5)], 0.6, 100.0, 50.0, 90.0) == pytest.approx(60.0)
 
 
 def test_candidate_ranks_and_energy_lost() -> None:

@@ -15,8 +15,9 @@ only gets slower). So the planner measures, in the budget's runtime, threads and
    kernel's squared relative error) is taken until the estimated savings meet the budget; then
    layers are given back rank where the estimate allows.
 3. **Correction**: the whole model is timed paired against the original (``latency_ratio``); the
-   ratio of measured to estimated savings corrects the target and the allocation is redone, for a
-   few rounds. The result is the least compressed measured allocation within the budget; if none
+   ratio of measured to estimated savings corrects the target (once two measured allocations
+   bracket the budget, the target is interpolated between them) and the allocation is redone, for
+   a few rounds. The result is the least compressed measured allocation within the budget; if none
    is, the fastest allocation is measured and, when still over, the call is refused in one line
    naming the closest ratio reached and why.
 
@@ -40,9 +41,10 @@ from torchslim.lowrank._base import Factorization
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 MIN_GAIN = 0.05  # a factorized form counts as faster when it saves at least this fraction of the layer's time
 MIN_BAND = 0.05  # a measured latency ratio within 5% of the budget is on target (shared CPUs vary that much)
-ROUNDS = 3  # paired whole-model measurements that correct the estimate
+ROUNDS = 4  # paired whole-model measurements that correct the estimate
 LAYER_RUNS, LAYER_WARMUP = 7, 1
-MODEL_RUNS, MODEL_WARMUP = 11, 2
+MODEL_RUNS, MODEL_WARMUP = 11, 2  # at least; a fast model gets more rounds (MODEL_SECONDS of it, up to MAX_RUNS)
+MODEL_SECONDS, MAX_RUNS = 0.5, 51
 
 
 @dataclass
@@ -213,6 +215,26 @@ def allocate(layers: list[LayerTiming], need_ms: float) -> tuple[dict[str, Optio
     return choice, saved
 
 
+def next_need(points: list[tuple[float, float]], f: float, ms0: float, ms1: float, max_saved: float) -> float:
+    """The estimated savings to ask for next, from the measured allocations ``points`` (estimated ms
+    saved, measured ratio; the last one measured at ``ms0`` -> ``ms1``): between the closest two that
+    bracket ``f`` by linear interpolation, else the last estimate scaled by measured / estimated
+    savings (all the way to the fastest forms when nothing was gained)."""
+    above = [p for p in points if p[1] > f]
+    below = [p for p in points if p[1] < f]
+    if above and below:
+        a = max(above, key=lambda p: p[0])  # the most saving allocation still too slow
+        b = min(below, key=lambda p: p[0])  # the least saving one fast enough
+        if a[0] < b[0] and a[1] > b[1]:
+            return a[0] + (a[1] - f) * (b[0] - a[0]) / (a[1] - b[1])
+        return (a[0] + b[0]) / 2
+    est, _ = points[-1]
+    real = ms0 - ms1
+    if est <= 0 or real <= 0:
+        return max_saved
+    return (1.0 - f) * ms0 * est / real
+
+
 def _describe(budget: Any, threads: int) -> str:
     fmt = f", {budget.memory_format}" if budget.memory_format else ""
     return f"{budget.runtime} ({threads} thread{'s' if threads != 1 else ''}{fmt})"
@@ -226,13 +248,23 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
         ConfigError: no example inputs, no layer faster factorized, or the budget unreachable (the
             closest measured ratio said); the model is never changed.
     """
-    from torchslim.export.runtime_latency import check_runtime, latency_ratio, paired_latency, runtime_unavailable
+    from torchslim.export.runtime_latency import (
+        check_runtime,
+        latency_ratio,
+        paired_latency,
+        runtime_unavailable,
+    )
     from torchslim.graph.state import clone_module
 
     if inputs is None:
         raise ConfigError("a latency budget needs example inputs (pass example_inputs=, or build the model with "
                           "ts.create_model)")
     runtime, memory_format, threads = check_runtime(budget.runtime, budget.memory_format, budget.threads)
+    from torchslim._utils import model_device
+
+    if model_device(model).type != "cpu":
+        raise ConfigError(f"a latency budget is measured on the CPU runtimes; the model is on {model_device(model)} "
+                          "(move it to the CPU first)")
     why = runtime_unavailable(runtime, model)
     if why:
         raise ConfigError(f"cannot measure a latency budget in {runtime}: {why}")
@@ -263,6 +295,7 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
 
     t0 = paired_latency({"original": model}, inputs, runtime, threads=n, runs=MODEL_RUNS, warmup=MODEL_WARMUP,
                         memory_format=memory_format)["original"].median_ms
+    runs = max(MODEL_RUNS, min(MAX_RUNS, int(MODEL_SECONDS * 1000 / max(t0, 1e-3))))  # short forwards: more rounds
     trial = clone_module(model)
     originals = {lt.name: trial.get_submodule(lt.name) for lt in timings}
 
@@ -270,13 +303,14 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
         for lt in timings:
             opt = choice[lt.name]
             _swap(trial, lt.name, originals[lt.name] if opt is None else method.build(originals[lt.name], opt.ranks))
-        ratio, t = latency_ratio(model, trial, inputs, runtime, threads=n, runs=MODEL_RUNS, warmup=MODEL_WARMUP,
+        ratio, t = latency_ratio(model, trial, inputs, runtime, threads=n, runs=runs, warmup=MODEL_WARMUP,
                                  memory_format=memory_format)
         return ratio, t["original"].median_ms, t["candidate"].median_ms
 
     rounds: list[dict[str, Any]] = []
     tried: list[tuple[dict[str, Option | None], float]] = []
     need = (1.0 - f) * t0
+    points: list[tuple[float, float]] = []  # (estimated ms saved, measured ratio) of each measured allocation
     max_saved = sum(lt.saved(lt.options[-1]) for lt in timings)
     for _ in range(ROUNDS):
         choice, est = allocate(timings, need)
@@ -290,9 +324,8 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
                        "layers": sum(o is not None for o in choice.values())})
         if f * (1 - band) <= ratio <= f * (1 + band):
             break
-        real = ms0 - ms1
-        scale = real / est if est > 0 and real > 0 else 0.0
-        need = (1.0 - f) * ms0 / scale if scale > 0 else max_saved
+        points.append((est, ratio))
+        need = next_need(points, f, ms0, ms1, max_saved)
     fits = [(c, r) for c, r in tried if r <= f * (1 + band)]
     if not fits:
         fastest = {lt.name: lt.options[-1] for lt in timings}
@@ -352,4 +385,4 @@ def speedup_words(report: dict[str, Any]) -> str:
 
 
 __all__ = ["FRACTIONS", "LatencyResult", "LayerTiming", "Option", "allocate", "candidate_ranks", "energy_lost",
-           "input_shapes", "plan", "speedup_words"]
+           "input_shapes", "next_need", "plan", "speedup_words"]
