@@ -75,6 +75,7 @@ def test_eager_auto_widths_and_memory_format_chosen() -> None:
             assert str(move["to"]) in move["ms"] and move["from"] != move["to"]
 
 
+@pytest.mark.slow  # the CLI test below covers onnxruntime in the quick suite
 def test_onnxruntime_budget_contract() -> None:
     pytest.importorskip("onnxruntime")
     plan = _met_or_refused(ts.create_model("zoo:conv2").eval(),
