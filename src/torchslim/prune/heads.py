@@ -229,27 +229,12 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> list[int]:
         The original indices of the blocks left.
 
     Raises:
-        ConfigError: bad index, or dropping every block (model unchanged).
+        ConfigError: bad or repeated index, or dropping every block (model unchanged).
     """
-    name, blocks = layer_list(model)
-    n = len(blocks)
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
-    if bad:
-        raise ConfigError(f"layer indices must be integers in [0, {n}); got {bad}")
-    keep = [i for i in range(n) if i not in set(layers)]
-    if not keep:
-        raise ConfigError(f"dropping layers {sorted(set(layers))} leaves none of the {n}; keep at least one")
-    kept = [blocks[i] for i in keep]
-    for i in range(n - 1, -1, -1):
-        del blocks[i]
-    for j, blk in enumerate(kept):
-        blocks.append(blk)
-        for m in blk.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = j
-    cfg = getattr(model, "config", None) or getattr(getattr(model, "encoder", None), "config", None)
-    if cfg is not None and hasattr(cfg, "num_hidden_layers"):
-        cfg.num_hidden_layers = len(kept)
+    from torchslim.prune.depth import _check, _remove  # the one layer removal (layer_idx, per-layer config lists)
+
+    _, blocks = layer_list(model)
+    keep = _remove(model, _check(layers, len(blocks)))
     _record(model, {"op": "layers", "layers": sorted(set(int(i) for i in layers))})
     return keep
 
