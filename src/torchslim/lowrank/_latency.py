@@ -33,9 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim._utils import evaluating
+from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
 from torchslim.lowrank._base import Factorization
+
+__all__ = ["FRACTIONS", "LatencyResult", "LayerTiming", "Option", "allocate", "candidate_ranks", "energy_lost",
+           "input_shapes", "next_need", "plan", "speedup_words"]
 
 # candidate ranks: these fractions of each mode's full rank (multiples of 8 once past 16)
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
@@ -82,7 +85,6 @@ class LatencyResult:
 
 def input_shapes(model: nn.Module, names: list[str], inputs: Any) -> dict[str, list[list[int]]]:
     """The shape of each named layer's input at every call in one forward of ``inputs``."""
-    from torchslim._utils import model_device
     from torchslim.graph.inputs import as_inputs, call_model
 
     shapes: dict[str, list[list[int]]] = {n: [] for n in names}
@@ -260,8 +262,6 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
         raise ConfigError("a latency budget needs example inputs (pass example_inputs=, or build the model with "
                           "ts.create_model)")
     runtime, memory_format, threads = check_runtime(budget.runtime, budget.memory_format, budget.threads)
-    from torchslim._utils import model_device
-
     if model_device(model).type != "cpu":
         raise ConfigError(f"a latency budget is measured on the CPU runtimes; the model is on {model_device(model)} "
                           "(move it to the CPU first)")
@@ -360,8 +360,9 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
             layer_ms[name] = (lt.ms, opt.ms)
     report = {
         "budget": f, "runtime": runtime, "threads": n, "memory_format": memory_format, "batch": budget.batch,
-        "band": band, "measured_ratio": round(ratio, 4), "on_target": f * (1 - band) <= ratio <= f * (1 + band), "original_ms": rounds[index]["original_ms"],
-        "factorized_ms": rounds[index]["factorized_ms"], "estimated_ratio": rounds[index]["estimated_ratio"],
+        "band": band, "measured_ratio": round(ratio, 4), "on_target": f * (1 - band) <= ratio <= f * (1 + band),
+        "original_ms": rounds[index]["original_ms"], "factorized_ms": rounds[index]["factorized_ms"],
+        "estimated_ratio": rounds[index]["estimated_ratio"],
         "rounds": rounds, "skipped": [name for name, _ in skipped],
     }
     return LatencyResult(ranks, layer_ms, skipped, report)
@@ -384,5 +385,3 @@ def speedup_words(report: dict[str, Any]) -> str:
             f"{len(report['skipped'])} layer{'s' if len(report['skipped']) != 1 else ''} left whole")
 
 
-__all__ = ["FRACTIONS", "LatencyResult", "LayerTiming", "Option", "allocate", "candidate_ranks", "energy_lost",
-           "input_shapes", "next_need", "plan", "speedup_words"]
