@@ -114,7 +114,7 @@ def test_ratio_with_auto_widths_reports_moves() -> None:
 
 
 def test_candidates_and_batched() -> None:
-    assert _candidates(19, 64) == [19, 20]
+    assert _candidates(19, 64) == [19, 20, 24]
     assert _candidates(64, 64) == [64]
     assert all(w >= 31 for w in _candidates(32, 64))  # never more than ~3% below
     x = batched((torch.arange(2.0).reshape(2, 1),), 5)

@@ -24,10 +24,11 @@ For ``eager`` and ``compile`` with ``memory_format=None``, the original is timed
 layouts (interleaved) and the faster one is used for the whole search (``achieved`` says which).
 
 Widths (``round_to="auto"``, the default under a latency budget): each cut group's kept width may
-move to a nearby width (a multiple of 4, 8 or 16 up to ~12% above it, or at most ~3% below) that the
-runtime runs fastest, measured with :func:`~torchslim.export.runtime_latency.fastest_widths` on the
-group's largest convolution / linear layer (cached per machine); ``achieved["widths_moved"]`` lists
-the moves.
+move to a nearby width (a multiple of 4, 8 or 16 up to ~12% above it or the next multiple of 8,
+or at most ~3% below) that the runtime runs fastest, measured on the group's costliest layer
+producing its channels and the costliest one reading them (a runtime's blocked layouts may like a
+width on one side only) with :func:`~torchslim.export.runtime_latency.fastest_widths` /
+``layer_latency`` (cached per machine); ``achieved["widths_moved"]`` lists the moves.
 
 Example:
     >>> import torch
@@ -141,33 +142,64 @@ def _layer_inputs(model: nn.Module, inputs: Inputs) -> dict[str, list[int]]:
     return shapes
 
 
-def _producer(model: nn.Module, group: Any, shapes: dict[str, list[int]]) -> tuple[str, nn.Module] | None:
-    """The group's costliest convolution / linear layer whose output channels are the group's."""
-    best, best_cost = None, -1.0
+def _cost(mod: nn.Module, shape: list[int]) -> float:
+    if isinstance(mod, nn.Linear):
+        return float(mod.weight.numel()) * math.prod(shape[:-1])
+    return float(mod.weight.numel()) * math.prod(shape[2:]) / math.prod(mod.stride)
+
+
+def _layers(model: nn.Module, group: Any, shapes: dict[str, list[int]]) -> dict[str, tuple[str, nn.Module]]:
+    """The layers a group's width is timed on: its costliest convolution / linear layer producing
+    the group's channels (``out``), the costliest one reading them (``in``) and a depthwise
+    convolution of the group (``dw``), where the group has them. A runtime's kernels may like a
+    width as an output and not as an input (blocked layouts), so both sides are timed."""
+    best: dict[str, tuple[float, str, nn.Module]] = {}
     for pname, dim in group.members:
         path, _, leaf = pname.rpartition(".")
-        if leaf != "weight" or dim != 0 or path not in shapes:
+        if leaf != "weight" or path not in shapes:
             continue
         mod = model.get_submodule(path)
-        if isinstance(mod, nn.Linear):
-            cost = float(mod.weight.numel()) * math.prod(shapes[path][:-1])
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == 1:
-            cost = float(mod.weight.numel()) * math.prod(shapes[path][2:]) / math.prod(mod.stride)
-        else:
+        conv = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        if not (conv or isinstance(mod, nn.Linear)):
             continue
-        if cost > best_cost:
-            best, best_cost = (path, mod), cost
-    return best
+        if conv and mod.groups > 1:
+            role = "dw" if dim == 0 and mod.groups == mod.in_channels == mod.out_channels else None
+        else:
+            role = "out" if dim == 0 else "in" if dim == 1 else None
+        if role is None:
+            continue
+        cost = _cost(mod, shapes[path])
+        if role not in best or cost > best[role][0]:
+            best[role] = (cost, path, mod)
+    return {role: (path, mod) for role, (_, path, mod) in best.items()}
+
+
+def _probe(role: str, mod: nn.Module, shape: list[int], size: int, width: int) -> tuple[nn.Module, list[int]] | None:
+    """``mod`` rebuilt with the group's ``size`` channels cut to ``width`` on its ``role`` side, and its input shape."""
+    if role == "out":
+        return None  # fastest_widths varies output widths itself
+    if isinstance(mod, nn.Linear):
+        factor = 1 if mod.in_features < 2 * size or mod.in_features % size else mod.in_features // size
+        new_in = mod.in_features - (size - width) * factor
+        return nn.Linear(new_in, mod.out_features, bias=mod.bias is not None), [*shape[:-1], new_in]
+    new_in = mod.in_channels - (size - width)
+    if new_in < 1:
+        return None
+    out, groups = (new_in, new_in) if role == "dw" else (mod.out_channels, 1)
+    conv = type(mod)(new_in, out, mod.kernel_size, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
+                     groups=groups, bias=mod.bias is not None)
+    return conv, [shape[0], new_in, *shape[2:]]
 
 
 def _candidates(kept: int, size: int) -> list[int]:
-    """Nearby widths: multiples of 4, 8 and 16 up to ~12% above ``kept`` and at most ~3% below.
+    """Nearby widths: multiples of 4, 8 and 16 up to ~12% above ``kept`` (the next multiple of 8
+    always), and at most ~3% below.
 
     Example:
         >>> _candidates(19, 64), _candidates(100, 256), _candidates(64, 64)
-        ([19, 20], [100, 104, 112], [64])
+        ([19, 20, 24], [100, 104, 112], [64])
     """
-    reach = kept + max(2, math.ceil(kept / 8))
+    reach = kept + max(7, math.ceil(kept / 8))  # the next multiple of 8 is always a candidate
     up = {w for m in (4, 8, 16) if (w := min(size, int(math.ceil(kept / m) * m))) <= reach}
     margin = max(1, kept // 32)  # never more than ~3% below the allocation's width
     down = {w for m in (4, 8, 16) if kept - margin <= (w := kept // m * m) < kept and w >= 1}
@@ -178,10 +210,11 @@ def auto_widths(model: nn.Module, cg: Any, report: list[dict[str, Any]], inputs:
                 threads: int | None, memory_format: str | None) -> tuple[dict[int, int], list[dict[str, Any]]]:
     """Measured width rounding: ``({group id: kept width}, moves)`` for every cut group.
 
-    A group's kept width may move to a nearby width (see :func:`_candidates`) that its costliest
-    layer runs fastest in ``runtime``; among widths within 1% of the fastest the widest wins, so a
-    width goes down only when that is clearly faster."""
-    from torchslim.export.runtime_latency import fastest_widths
+    A group's kept width may move to a nearby width (see :func:`_candidates`) that its layers
+    (:func:`_layers`: the costliest producer and reader, a depthwise convolution) run fastest in
+    ``runtime``, summed; among widths within 1% of the fastest the widest wins, so a width goes
+    down only when that is clearly faster."""
+    from torchslim.export.runtime_latency import fastest_widths, layer_latency
 
     shapes = _layer_inputs(model, inputs)
     kept_of = {r["id"]: r["kept"] for r in report}
@@ -192,13 +225,22 @@ def auto_widths(model: nn.Module, cg: Any, report: list[dict[str, Any]], inputs:
         out[g.id] = kept
         if kept >= g.size:
             continue
-        found = _producer(model, g, shapes)
+        layers = _layers(model, g, shapes)
         widths = _candidates(kept, g.size)
-        if found is None or len(widths) < 2:
+        if not layers or len(widths) < 2:
             continue
-        path, mod = found
-        ms = fastest_widths(mod, shapes[path], widths, runtime, threads=threads,
-                            memory_format=memory_format if memory_format == "channels_last" else None)
+        fmt = memory_format if memory_format == "channels_last" else None
+        ms = dict.fromkeys(widths, 0.0)
+        for role, (path, mod) in layers.items():
+            if role == "out":
+                for w, t in fastest_widths(mod, shapes[path], widths, runtime, threads=threads, memory_format=fmt).items():
+                    ms[w] += t
+                continue
+            for w in widths:
+                built = _probe(role, mod, shapes[path], g.size, w)
+                if built is not None:
+                    ms[w] += layer_latency(built[0], built[1], runtime, threads=threads, memory_format=fmt)
+        path = layers.get("out", next(iter(layers.values())))[0]
         fastest = min(ms.values())
         width = max(w for w, t in ms.items() if t <= fastest * (1 + _TIE))
         if width != kept:
