@@ -247,7 +247,7 @@ def guard(state: dict[str, Any], out: Path, *, allow_slower: bool, latency: bool
 
     stages = state["stages"]
     original_dir = out / "stages" / "00-original" / "model"
-    final_dir = out / "stages" / stages[-1]["label"] / "model" if stages else original_dir
+    final_dir = out / "model"  # what ships without an export stage: masks and codebooks baked in
     original = load(original_dir).eval()
     if is_decoder_lm(original):
         return {"checks": [], "skipped": "decoder LLM: speed is the decode tokens/s of the deployed table"}
