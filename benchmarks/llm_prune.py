@@ -237,7 +237,8 @@ def _search_row(ref: Any, args: argparse.Namespace, work: Path) -> dict[str, Any
     torch.set_num_threads(args.heal_threads)
     try:
         res = search_llm(ref, "shakespeare", trials=args.search_trials, perplexity_tokens=args.tokens,
-                         heal_minutes=args.search_heal_minutes, out=work / "search")
+                         heal_minutes=args.search_heal_minutes, out=work / "search", uniform=args.search_uniform,
+                         width=tuple(float(w) for w in args.search_width.split(",")))
     finally:
         torch.set_num_threads(1)
     fp32 = res.reference["bytes"]
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens scored for perplexity")
     ap.add_argument("--search-trials", type=int, default=8, help="Optuna trials of the search row (0: no search row)")
     ap.add_argument("--search-heal-minutes", type=float, default=0.0, help="heal the search's chosen model this long")
+    ap.add_argument("--search-width", default="0,0.1,0.2,0.3", help="non-embedding shares the search may remove by width")
+    ap.add_argument("--no-search-uniform", dest="search_uniform", action="store_false",
+                    help="skip the search's uniform baselines (int8, int4, width30+int4, depth30+int4)")
     ap.add_argument("--target", type=float, default=0.3, help="fraction of the non-embedding parameters removed")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (row, reference)")
     ap.add_argument("--heal-threads", type=int, default=torch.get_num_threads(), help="threads while healing / searching")
