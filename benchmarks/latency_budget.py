@@ -10,7 +10,10 @@ For each model (torchvision, random weights: latency does not depend on them) an
 
 then the original and both pruned models are timed again, together, in R (``paired_latency``: one
 interleaved run, order rotated, same threads and memory format), and each is scored by top-1
-agreement with the dense model on scikit-image's bundled photos (the accuracy proxy).
+agreement with the dense model on scikit-image's bundled photos (the accuracy proxy). With random
+weights (no download here) the dense model gives every photo the same class (ResNet-50: class
+713 for all 8), so this proxy is all-or-nothing and says little; it becomes meaningful with
+trained weights.
 
 Latency efficiency of MACs-budget pruning (``Budget(macs=0.5)``), ViT-B/16 and ResNet-50: latency
 speedup / MACs speedup, paired against the original, in each PyTorch memory format for ResNet-50;
