@@ -3,7 +3,8 @@
 ``search_llm(model, "shakespeare", max_perplexity_increase=0.15)`` samples, per trial, the share
 of non-embedding parameters removed by depth (decoder layers of least block influence) and by width
 (``prune_llm_``: activation importance, uniform widths so the config still describes the model,
-kept widths multiples of the int4 group size so every layer can be quantized),
+kept widths multiples of the int4 group size so every layer can be quantized; where the head count
+leaves no such width near the target, the trial halves its group size and says so),
 the bits of the body (int4 or int8), how many of the most sensitive decoder layers keep int8
 (sensitivity measured once, on the float model: :mod:`torchslim.quantize.llm_sensitivity`), and
 the bits of the embedding table and ``lm_head`` (float, int8 or int4). Each trial prunes and
@@ -164,7 +165,8 @@ class LLMSearchResult:
         for tr in sorted(self.trials, key=lambda x: x.bytes):
             c = tr.choice
             mark = "best" if self.best is not None and tr.name == self.best.name else "front" if tr.name in self.front else ""
-            t.add_row(tr.name, f"{c['depth']:.0%} / {c['width']:.0%}", str(c["bits"]), str(c["int8_layers"]),
+            bits = f"{c['bits']} (g{c['group_size']})" if c["bits"] == 4 and "group_size" in c else str(c["bits"])
+            t.add_row(tr.name, f"{c['depth']:.0%} / {c['width']:.0%}", bits, str(c["int8_layers"]),
                       f"{c['embedding_bits'] or 32} / {c['lm_head_bits'] or 32}", _mib(tr.bytes),
                       f"{tr.perplexity:.2f} ({tr.increase:+.1%})" + ("" if tr.feasible else " over"),
                       "-" if tr.tokens_per_s is None else f"{tr.tokens_per_s:.1f}", mark)
@@ -200,21 +202,30 @@ def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: lis
     from torchslim.quantize import quantize_llm_
     from torchslim.quantize.llm_sensitivity import mixed_layer_bits
 
-    m = copy.deepcopy(model).eval()
     depth, width = float(choice["depth"]), float(choice["width"])
     kept = list(range(len(sensitivity)))
     removed = 0.0
+    group = cfg.group_size
+    m = copy.deepcopy(model).eval()
     if depth + width > 0:
+        plan = None
         mode = "both" if depth and width else "depth" if depth else "width"
-        plan = prune_llm_(m, data, target=depth + width, mode=mode, depth_share=depth / (depth + width),
-                          tokenizer=tokenizer, max_tokens=1024, round_to=cfg.group_size)
+        while plan is None:
+            try:  # kept widths must be multiples of the int4 group size (and of the head count's rule)
+                plan = prune_llm_(m, data, target=depth + width, mode=mode, depth_share=depth / (depth + width),
+                                  tokenizer=tokenizer, max_tokens=1024, round_to=group)
+            except ConfigError:
+                if not width or group <= 8:
+                    raise
+                group //= 2  # e.g. SmolLM2's 9 heads and groups of 32 allow only hidden 288 or 576
         kept = [i for i in kept if i not in set(plan.removed_layers)]
         removed = plan.achieved
+    choice["group_size"] = group
     emb, head = choice["embedding_bits"], choice["lm_head_bits"]
     if _tied(m):  # one tensor: the embedding's bits rule both
         head = emb
     layer_bits = mixed_layer_bits(m, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
-    quantize_llm_(m, bits=int(choice["bits"]), group_size=cfg.group_size, method=cfg.method, embedding_bits=emb,
+    quantize_llm_(m, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
                   lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed)
     return m, removed
 
@@ -365,8 +376,9 @@ def _heal(model: nn.Module, chosen: nn.Module, data: Any, choice: dict[str, Any]
     from torchslim.prune.llm import prune_llm_
 
     depth, width = float(choice["depth"]), float(choice["width"])
+    group = int(choice.get("group_size", cfg.group_size))
     plan = prune_llm_(pruned, data, target=depth + width, mode="both" if depth and width else "depth" if depth else "width",
-                      depth_share=depth / (depth + width), tokenizer=tokenizer, max_tokens=1024, round_to=cfg.group_size)
+                      depth_share=depth / (depth + width), tokenizer=tokenizer, max_tokens=1024, round_to=group)
     got = heal_(pruned, model, data, tokenizer=tokenizer, minutes=cfg.heal_minutes, seed=cfg.seed,
                 checkpoint_dir=None if work is None else work / "heal.checkpoint")
     kept = [i for i in range(len(sensitivity)) if i not in set(plan.removed_layers)]
@@ -376,7 +388,7 @@ def _heal(model: nn.Module, chosen: nn.Module, data: Any, choice: dict[str, Any]
     emb, head = choice["embedding_bits"], choice["lm_head_bits"]
     head = emb if _tied(pruned) else head
     layer_bits = mixed_layer_bits(pruned, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
-    quantize_llm_(pruned, bits=int(choice["bits"]), group_size=cfg.group_size, method=cfg.method, embedding_bits=emb,
+    quantize_llm_(pruned, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
                   lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed)
     ppl = evaluate_lm(pruned, data, max_tokens=cfg.perplexity_tokens, threads=cfg.threads, tokenizer=tokenizer).perplexity
     return {"model": pruned, "result": got.to_dict(), "perplexity": float(ppl), "bytes": storage_bytes(pruned)}
