@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -211,7 +212,7 @@ def _pruned_row(name: str, ref: Any, args: argparse.Namespace, tok: Any, speed: 
     torch.set_num_threads(args.heal_threads)
     try:
         heal = ts.heal_(student, ref, "shakespeare", minutes=args.heal_minutes, progress=True, log_every=25,
-                        checkpoint_dir=work / f"heal_{name}")
+                        checkpoint_dir=None)
     finally:
         torch.set_num_threads(1)
     row["heal"] = {k: v for k, v in heal.to_dict().items() if k != "loss_curve"}
@@ -266,7 +267,9 @@ def _table(res: dict[str, Any]) -> str:
     rows = res["rows"]
     ref = next((r for r in rows if r["row"] == "reference" and "perplexity" in r), None)
     ref_ppl = ref["perplexity"] if ref else None
-    lines = [f"SmolLM2-135M, {res['target']:.0%} of the non-embedding parameters removed, healed {res['heal_minutes']} min; "
+    pruned = any(r["row"] not in ("reference", "search") for r in rows)
+    what = f"{res['target']:.0%} of the non-embedding parameters removed, healed {res['heal_minutes']} min" if pruned else "reference"
+    lines = [f"SmolLM2-135M, {what}; "
              f"perplexity on {res['tokens']} held-out tokens (shakespeare[test]); float ONNX decoder in ONNX Runtime, "
              f"{res['timing_threads']} thread; {res['cpu']}",
              f"{'row':14s} {'removed':>8s} {'ppl unhealed':>12s} {'ppl healed':>10s} {'vs ref':>8s} {'heal steps':>10s} "
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = time.perf_counter() - began
         _write(args.out, res)
         _log(f"== {name} done: " + ("; ".join(f"{k} {row[k]}" for k in ("perplexity", "error") if k in row)))
+    shutil.rmtree(work, ignore_errors=True)  # ONNX files, save_pretrained folders, heal checkpoints: GBs
     res["partial"] = False
     res["table"] = _table(res)
     _write(args.out, res)
