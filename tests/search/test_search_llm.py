@@ -111,3 +111,25 @@ def test_cli_search_of_a_decoder_llm_prints_the_table_and_saves_the_best(llama_s
     assert storage_bytes(again) == payload["best"]["bytes"]
     assert main(["search", spec, "--data", "shakespeare", "--max-perplexity-increase", "0", "--out",
                  str(tmp_path / "t")]) == 2
+
+
+def test_a_configuration_that_cannot_be_built_is_reported_and_never_chosen(tiny, tmp_path, monkeypatch) -> None:
+    import importlib
+
+    llm = importlib.import_module("torchslim.search.llm")
+    real = llm._apply
+
+    def refuse_width(model, data, choice, *args, **kwargs):
+        if choice["width"]:
+            raise ConfigError("no width on the grid near 0.300")
+        return real(model, data, choice, *args, **kwargs)
+
+    monkeypatch.setattr(llm, "_apply", refuse_width)
+    result = search_llm(tiny, "shakespeare", out=tmp_path / "s", tokenizer=_bytes, progress=False,
+                        **_small(trials=0))
+    bad = [t for t in result.trials if t.error is not None]
+    assert [t.name for t in bad] == ["uniform width30+int4"] and not bad[0].feasible
+    assert result.best is not None and result.best.error is None and "uniform width30+int4" not in result.front
+    saved = json.loads((tmp_path / "s" / "trials.json").read_text())  # strict JSON: no Infinity
+    assert [t["perplexity"] for t in saved["trials"] if t["error"]] == [None]
+    assert "not built" in str(result.table())

@@ -131,9 +131,10 @@ class LLMTrial:
     tokens_per_s: float | None = None
     non_embedding_removed: float = 0.0
     seconds: float = 0.0
+    error: str | None = None  # why the configuration could not be built (then it is never chosen)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -162,8 +163,12 @@ class LLMSearchResult:
         ref = self.reference
         t.add_row("float reference", "-", "32", "-", "32 / 32", _mib(ref["bytes"]), f"{ref['perplexity']:.2f}",
                   "-" if ref.get("tokens_per_s") is None else f"{ref['tokens_per_s']:.1f}", "")
-        for tr in sorted(self.trials, key=lambda x: x.bytes):
+        for tr in sorted(self.trials, key=lambda x: (x.error is not None, x.bytes)):
             c = tr.choice
+            if tr.error is not None:
+                t.add_row(tr.name, f"{c['depth']:.0%} / {c['width']:.0%}", str(c["bits"]), "-", "-", "-",
+                          "not built", "-", tr.error[:60])
+                continue
             mark = "best" if self.best is not None and tr.name == self.best.name else "front" if tr.name in self.front else ""
             bits = f"{c['bits']} (g{c['group_size']})" if c["bits"] == 4 and "group_size" in c else str(c["bits"])
             t.add_row(tr.name, f"{c['depth']:.0%} / {c['width']:.0%}", bits, str(c["int8_layers"]),
@@ -262,7 +267,8 @@ def _front(trials: list[LLMTrial], speed: bool) -> list[str]:
     def cost(t: LLMTrial) -> tuple[float, float]:
         return (-(t.tokens_per_s or 0.0) if speed else float(t.bytes), t.perplexity)
 
-    return [t.name for t in trials if not any(cost(o) <= cost(t) and cost(o) != cost(t) for o in trials)]
+    built = [t for t in trials if t.error is None]
+    return [t.name for t in built if not any(cost(o) <= cost(t) and cost(o) != cost(t) for o in built)]
 
 
 def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, Any] | None = None, *,
@@ -315,9 +321,15 @@ def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, 
 
     def run(name: str, choice: dict[str, Any]) -> LLMTrial:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="torchslim-llm-trial-") as tmp:
-            m, removed = _apply(model, bundle, choice, sensitivity, cfg, tokenizer)
-            size, ppl, speed = _measure(m, bundle, cfg, tokenizer, Path(tmp))
+        try:
+            with tempfile.TemporaryDirectory(prefix="torchslim-llm-trial-") as tmp:
+                m, removed = _apply(model, bundle, choice, sensitivity, cfg, tokenizer)
+                size, ppl, speed = _measure(m, bundle, cfg, tokenizer, Path(tmp))
+        except ConfigError as exc:  # e.g. no width on the head count's and the group's grid near the share asked
+            tr = LLMTrial(name, choice, 0, math.inf, math.inf, False, seconds=time.perf_counter() - t0, error=str(exc))
+            trials.append(tr)
+            say(f"{name}: not built: {exc}")
+            return tr
         tr = LLMTrial(name, choice, size, ppl, ppl / ref_ppl - 1, ppl <= limit, speed, removed, time.perf_counter() - t0)
         trials.append(tr)
         say(f"{name}: {_mib(size)}, perplexity {ppl:.2f} ({tr.increase:+.1%}){'' if tr.feasible else ' over the limit'}"
@@ -333,7 +345,8 @@ def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, 
     study = optuna.create_study(study_name="torchslim-llm-search", storage=url, load_if_exists=True,
                                 directions=["maximize" if speed else "minimize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+            and t.user_attrs.get("trial")]
     for t in done:  # a resumed study: its trials are measured already
         c = t.user_attrs.get("trial")
         if c:
@@ -343,7 +356,10 @@ def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, 
         choice = _choice(trial, cfg, len(layers))
         tr = run(f"trial {trial.number}", choice)
         trial.set_user_attr("trial", tr.to_dict())
-        study.tell(trial, [tr.tokens_per_s or 0.0 if speed else float(tr.bytes), tr.perplexity])
+        if tr.error is not None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, [tr.tokens_per_s or 0.0 if speed else float(tr.bytes), tr.perplexity])
 
     feasible = [t for t in trials if t.feasible]
     best = (max(feasible, key=lambda t: t.tokens_per_s or 0.0) if speed else min(feasible, key=lambda t: t.bytes)) if feasible else None
