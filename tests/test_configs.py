@@ -95,7 +95,7 @@ def test_old_field_names_warn_and_mean_the_new_one() -> None:
 
 
 def test_defaults_are_the_field_defaults() -> None:
-    assert PruneConfig.defaults()["round_to"] == 1 and SparsifyConfig.defaults()["overrides"] == {}
+    assert PruneConfig.defaults()["round_to"] is None and SparsifyConfig.defaults()["overrides"] == {}
     assert "exclude" not in BinarizeConfig.defaults()
 
 

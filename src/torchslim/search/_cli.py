@@ -149,11 +149,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from torchslim._fs import drop_set_aside, set_aside
     from torchslim.search.api import search
 
+    from torchslim.errors import ConfigError
+
+    try:  # bad flags are refused before any model is built
+        cfg, deferred = config_from_args(args), None
+    except ConfigError as exc:
+        if args.objective not in ("bytes", "tokens_per_s"):  # the objectives of a decoder LLM's search
+            raise
+        cfg, deferred = None, exc
     data = ts.load_data(args.data, seed=args.seed)
     model = build_model(args, data)
     if type(model).__name__.endswith("ForCausalLM"):  # a decoder LLM: bytes / speed within a perplexity limit
         return _cmd_search_llm(args, model, data)
-    cfg = config_from_args(args)
+    if deferred is not None:
+        raise deferred
     if args.force and Path(args.out).exists():  # the contract was checked: set the old results aside
         set_aside(args.out)
     con = console_for(args)
