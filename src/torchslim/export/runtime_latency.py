@@ -59,7 +59,7 @@ from torchslim.profile.budget import MEMORY_FORMATS, RUNTIMES
 from torchslim.profile.latency import Timing, cpu_name, measure_interleaved
 
 __all__ = ["MEMORY_FORMATS", "RUNTIMES", "LayerLatency", "check_runtime", "fastest_widths", "latency_ratio",
-           "layer_latency", "layer_table", "module_latencies", "module_latency", "paired_latency",
+           "layer_input_shapes", "layer_latency", "layer_table", "module_latencies", "module_latency", "paired_latency",
            "runtime_unavailable"]
 
 _BENCH_NAME = {"eager": "eager", "compile": "compile", "onnxruntime": "onnxruntime", "xnnpack": "executorch"}
@@ -271,7 +271,9 @@ def _fresh(module: nn.Module) -> nn.Module:
                bias=module.bias is not None).eval()
 
 
-def _input_shapes(model: nn.Module, inputs: Inputs) -> dict[str, list[int]]:
+def layer_input_shapes(model: nn.Module, inputs: Any) -> dict[str, list[int]]:
+    """Name -> input shape of every convolution and linear layer in one forward of ``inputs``."""
+    inputs = as_inputs(inputs)
     shapes: dict[str, list[int]] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -296,7 +298,7 @@ def layer_table(model: nn.Module, inputs: Any, runtime: str = "eager", *, thread
     """Every convolution and linear layer of ``model``, timed alone in ``runtime`` on the input it
     gets in a forward of ``inputs``; slowest first, with each one's share of the summed latencies."""
     check_runtime(runtime, memory_format, threads)
-    shapes = _input_shapes(model, as_inputs(inputs))
+    shapes = layer_input_shapes(model, inputs)
     rows = []
     for name, shape in shapes.items():
         mod = model.get_submodule(name)

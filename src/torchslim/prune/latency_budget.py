@@ -122,24 +122,9 @@ def faster_memory_format(model: nn.Module, inputs: Inputs, runtime: str, threads
 
 # ---- widths ----------------------------------------------------------------------------------------------------
 def _layer_inputs(model: nn.Module, inputs: Inputs) -> dict[str, list[int]]:
-    from torchslim._utils import evaluating
-    from torchslim.graph.inputs import call_model
+    from torchslim.export.runtime_latency import layer_input_shapes
 
-    shapes: dict[str, list[int]] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            def hook(m: nn.Module, args: Any, name: str = name) -> None:
-                if name not in shapes and args and isinstance(args[0], torch.Tensor):
-                    shapes[name] = list(args[0].shape)
-            hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), evaluating(model):
-            call_model(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    return layer_input_shapes(model, inputs)
 
 
 def _cost(mod: nn.Module, shape: list[int]) -> float:
