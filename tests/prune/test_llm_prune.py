@@ -237,3 +237,16 @@ def test_a_failure_after_layers_went_puts_them_back(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="width step failed"):
         prune_llm_(model, _ids(), target=0.4, mode="both")
     assert state_digest(model) == before and len(model.model.layers) == 4
+
+
+def test_a_head_count_that_leaves_no_hidden_width_on_the_grid_keeps_the_hidden_width() -> None:
+    # 3 heads and multiples of 32: the only hidden width both allow is the whole 96, so the MLP and
+    # the heads carry the target (what int4 groups of 32 need on SmolLM2, whose 9 heads allow 288 / 576)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=3, head_dim=32)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    plan = prune_llm_(model, _ids(), target=0.3, mode="width", round_to=32)
+    assert plan.widths_after["hidden_size"] == 96 and plan.achieved > 0.2
+    assert all(m.in_features % 32 == 0 for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.config.intermediate_size < 256

@@ -204,13 +204,18 @@ def _width_ratio(model: nn.Module, example: Any, remove_fraction: float,
                           f"(at most {measure(0.95)[0]:.3f}); lower target= or use mode='both'")
     if rule is None:
         return plain
-    # the residual width must be a multiple of the query heads kept: try the multiples around the
-    # width the uniform ratio gives, each with the ratio of the other groups searched again
+    # the residual width must be a multiple of the query heads kept (and of round_to): try the
+    # multiples around the width the uniform ratio gives, each with the ratio of the other groups
+    # searched again; when neither works, the whole width (only the MLP and the heads narrow)
     cut, report = choose_uniform(model, cg, scores, plain[0], ratios=None, **opts)
     kept = {r["id"]: r["kept"] for r in report}
     q = max(1, min(kept[g.id] for g in cg.groups if g.head_dim is not None) * rule[2])
+    step = math.lcm(q, max(int(round_to), 1))
     h = kept[rule[0].id]
-    found = [c for w in sorted({h // q * q, -(-h // q) * q}) if 0 < w <= rule[0].size if (c := search(w)) is not None]
+    widths = {h // step * step, -(-h // step) * step}
+    found = [c for w in sorted(widths) if 0 < w <= rule[0].size if (c := search(w)) is not None]
+    if not found and (whole := search(rule[0].size)) is not None:  # no such width near: keep the hidden width
+        found = [whole]
     if not found:
         raise ConfigError(f"width pruning cannot remove {remove_fraction:.3f} of the non-embedding parameters with a "
                           f"hidden width that {q} attention heads divide; lower target= or use mode='both'")
