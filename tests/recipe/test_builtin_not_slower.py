@@ -22,7 +22,6 @@ from torchslim.recipe import compress, list_recipes, load_recipe
 
 pytestmark = pytest.mark.slow
 
-SMALL_TRAIN = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 32}
 # recipe -> (model, deploy targets known to be slower: why)
 CASES = {
     "lottery": ("zoo:lenet5", {}),
@@ -37,24 +36,6 @@ CASES = {
 }
 
 
-def _small(name: str) -> dict:
-    r = load_recipe(name).to_dict()
-    r["finetune"] = {**r["finetune"], **SMALL_TRAIN}
-    for stage in r["stages"]:
-        (kind, cfg), = stage.items()
-        if kind == "finetune":
-            cfg.update(SMALL_TRAIN)
-        if kind == "distill":
-            cfg["train"] = dict(SMALL_TRAIN)
-        if kind == "lottery":
-            cfg.update(rounds=1, epochs=1, eval_every=1000, batch_size=128)
-        if kind == "export":
-            cfg.update(batch_sizes=[1], runs=10)
-        if kind == "quantize":
-            cfg["calibration_batches"] = 2
-    return r
-
-
 def test_every_builtin_recipe_but_llm_is_listed() -> None:
     assert set(CASES) == {n for n in list_recipes() if not n.startswith("llm")}
 
@@ -65,7 +46,7 @@ def data():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_builtin_recipe_is_not_slower_where_it_deploys(name: str, data, tmp_path: Path, monkeypatch) -> None:
+def test_builtin_recipe_is_not_slower_where_it_deploys(name: str, data, tmp_path: Path, monkeypatch, shrink) -> None:
     monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path / "cache"))
     kinds = {next(iter(s)) for s in load_recipe(name).to_dict()["stages"]}
     if kinds & {"cluster", "pack"}:
@@ -74,7 +55,7 @@ def test_builtin_recipe_is_not_slower_where_it_deploys(name: str, data, tmp_path
     torch.manual_seed(0)
     model = ts.create_model(spec, data=data)
     ts.fit(model, data, ts.TrainConfig(epochs=1, lr=0.05, max_steps_per_epoch=25, seed=0), progress=False)
-    result = compress(model, _small(name), data, out=tmp_path / "run", progress=False)
+    result = compress(model, shrink(name, export_runs=10), data, out=tmp_path / "run", progress=False)
     goals = [g for g in result.report["goals"] if g["name"] == "not_slower"]
     exported = next((s.config["formats"] for s in load_recipe(name).stages if s.kind == "export"), ["torch"])
     assert sorted(g["deploy_target"] for g in goals) == sorted(exported)  # every deploy target judged

@@ -12,27 +12,6 @@ import torchslim as ts
 from torchslim.recipe import RecipeError, compress, list_recipes, load_recipe
 from torchslim.recipe import stages as stage_mod
 
-SMALL_TRAIN = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 32}
-
-
-def shrink(name_or_dict) -> dict:
-    """A built-in recipe at test size: one short epoch wherever something trains."""
-    r = load_recipe(name_or_dict).to_dict()
-    r["finetune"] = {**r["finetune"], **SMALL_TRAIN}
-    for stage in r["stages"]:
-        (kind, cfg), = stage.items()
-        if kind in ("finetune",):
-            cfg.update(SMALL_TRAIN)
-        if kind == "distill":
-            cfg["train"] = dict(SMALL_TRAIN)
-        if kind == "lottery":
-            cfg.update(rounds=1, epochs=1, eval_every=1000, batch_size=128)
-        if kind == "export":
-            cfg.update(batch_sizes=[1], runs=3)
-        if kind == "quantize":
-            cfg["calibration_batches"] = 2
-    return r
-
 
 def _needs(name: str) -> None:
     kinds = {next(iter(s)) for s in load_recipe(name).to_dict()["stages"]}
@@ -41,7 +20,7 @@ def _needs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in list_recipes() if not n.startswith("llm-")])  # test_recipe_llm*.py
-def test_every_builtin_recipe_runs(name: str, trained: Path, data, tmp_path: Path) -> None:
+def test_every_builtin_recipe_runs(name: str, trained: Path, data, tmp_path: Path, shrink) -> None:
     _needs(name)
     model = ts.load(trained)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -68,7 +47,7 @@ def test_every_builtin_recipe_runs(name: str, trained: Path, data, tmp_path: Pat
         assert torch.allclose(again(*x), result.model(*x))
 
 
-def test_prune_stage_really_shrinks_and_export_times_both(trained: Path, data, tmp_path: Path) -> None:
+def test_prune_stage_really_shrinks_and_export_times_both(trained: Path, data, tmp_path: Path, shrink) -> None:
     result = compress(ts.load(trained), shrink("default"), data, out=tmp_path / "run", progress=False, latency=False)
     rep = result.report
     prune = rep["stages"][1]
@@ -104,7 +83,7 @@ def _figures(report: dict) -> list[tuple]:
     return [(s["label"], s["accuracy"], s["params"], s["macs"], s["size_bytes"]) for s in report["stages"]]
 
 
-def test_interrupted_run_resumes_to_the_same_report(trained: Path, data, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_run_resumes_to_the_same_report(trained: Path, data, tmp_path: Path, monkeypatch, shrink) -> None:
     recipe = shrink("default")
     full = compress(ts.load(trained), recipe, data, out=tmp_path / "full", progress=False, latency=False)
 
@@ -127,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_report(trained: Path, data, tmp_pat
     assert resumed.report["deployed"]["onnx"]["accuracy"] == full.report["deployed"]["onnx"]["accuracy"]
 
 
-def test_data_required_and_patterns_checked_before_any_work(trained: Path, tmp_path: Path) -> None:
+def test_data_required_and_patterns_checked_before_any_work(trained: Path, tmp_path: Path, shrink) -> None:
     out = tmp_path / "run"
     with pytest.raises(RecipeError, match=r"stages 02-distill, 03-quantize need data"):
         compress(ts.load(trained), shrink("default"), None, out=out, progress=False)
