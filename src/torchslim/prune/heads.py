@@ -231,7 +231,8 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> list[int]:
     Raises:
         ConfigError: bad or repeated index, or dropping every block (model unchanged).
     """
-    from torchslim.prune.depth import _check, _remove  # the one layer removal (layer_idx, per-layer config lists)
+    # the one layer removal: re-numbers layer_idx, cuts per-layer config lists
+    from torchslim.prune.depth import _check, _remove
 
     _, blocks = layer_list(model)
     keep = _remove(model, _check(layers, len(blocks)))

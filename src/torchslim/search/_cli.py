@@ -147,9 +147,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import torchslim as ts
     from torchslim._cli_common import build_model, console_for, emit_json
     from torchslim._fs import drop_set_aside, set_aside
-    from torchslim.search.api import search
-
     from torchslim.errors import ConfigError
+    from torchslim.search.api import search
 
     try:  # bad flags are refused before any model is built
         cfg, deferred = config_from_args(args), None

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from torchslim._config import ConfigDict
@@ -295,8 +294,8 @@ def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, 
     cfg = LLMSearchConfig.build(config, **overrides)
     from torchslim.data import load_data
     from torchslim.data.text import TextBundle
-    from torchslim.lm import evaluate_lm
     from torchslim.graph.blocks import layer_list
+    from torchslim.lm import evaluate_lm
     from torchslim.quantize.llm_sensitivity import decoder_sensitivity
 
     bundle = load_data(data) if isinstance(data, str) else data
