@@ -184,7 +184,8 @@ def test_cli_json_reports_latency_and_bad_runtime_exits_2(tmp_path, cache, capsy
     assert isinstance(lat["skipped"], list) and payload["factorize"]["latency"] == lat
     assert isinstance(ts.load(out).features[2], nn.Sequential) == ("features.2" not in lat["skipped"])
 
-    for bad in (["--target-latency", "0.6", "--runtime", "tpu"], ["--rank", "2", "--runtime", "eager"]):
+    for bad in (["--target-latency", "0.6", "--runtime", "tpu"], ["--rank", "2", "--runtime", "tpu"],
+                ["--rank", "2", "--threads", "1"]):
         dest = tmp_path / "bad"
         code = main(["factorize", "zoo:conv2", "--method", "tucker", *bad, "--out", str(dest), "--no-latency"])
         err = capsys.readouterr().err.strip()

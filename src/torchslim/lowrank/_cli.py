@@ -1,13 +1,16 @@
 """CLI verb ``factorize``: low-rank factorization of a model, optionally fine-tuned after.
 
 ``torchslim factorize MODEL --method M (--rank R | --energy E | --target-macs F | --target-params F |
---target-latency F [--runtime eager|compile|onnxruntime|xnnpack] [--threads N] [--memory-format FMT])
+--target-latency F [--memory-format FMT]) [--runtime eager|compile|onnxruntime|xnnpack] [--threads N]
 [--scope layer|model] [--data SPEC --finetune-epochs N] --out DIR [--json]``
 
 ``--target-latency`` measures: each layer's factorized forms are timed in the runtime, layers not
 faster factorized are left whole, and the whole model is timed against the original; ``--json``
 reports the measured latency ratio, the runtime, the threads and the layers left whole under
-``"latency"``.
+``"latency"``. ``--runtime R`` with any other rank rule (``--energy 0.9 --runtime onnxruntime``)
+times every layer the rule factorizes, as it is and factorized, in R and leaves whole the ones
+not at least 5% faster factorized; ``--json`` lists them (with the measured milliseconds) under
+``"runtime_check"`` (and, with the reasons, in ``"factorize"``'s ``skipped``).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def register(sub: Any) -> None:
     g.add_argument("--target-params", type=float, help="keep at most this fraction (0, 1] of the parameters")
     g.add_argument("--target-latency", type=float,
                    help="measured latency at most this fraction (0, 1] of the original's, in --runtime")
-    p.add_argument("--runtime", help="where --target-latency is measured: eager (default), compile, onnxruntime, xnnpack")
-    p.add_argument("--threads", type=int, help="intra-op threads of the --target-latency runs (default: torch's)")
+    p.add_argument("--runtime", help="eager, compile, onnxruntime or xnnpack: where --target-latency is measured "
+                   "(default eager); with another rule, layers not faster factorized there are left whole")
+    p.add_argument("--threads", type=int, help="intra-op threads of the --runtime timings (default: torch's)")
     p.add_argument("--memory-format", help="contiguous or channels_last for the PyTorch runtimes (--target-latency)")
     p.add_argument("--scope", default=fd["scope"], help="layer or model: where a --target-* applies (default layer)")
     p.add_argument("--modules", help="comma-separated module names/globs (default: every layer the method takes)")
@@ -92,12 +96,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from torchslim.profile.budget import Budget
 
     target = None
+    runtime, threads = args.runtime, args.threads
     where = {"runtime": args.runtime, "threads": args.threads, "memory_format": args.memory_format}
     if args.target_latency is not None:
         target = Budget(latency=args.target_latency, **{k: v for k, v in where.items() if v is not None})
-    elif any(v is not None for v in where.values()):
-        given = ", ".join("--" + k.replace("_", "-") for k, v in where.items() if v is not None)
-        raise ConfigError(f"{given} say where --target-latency is measured; give --target-latency F too")
+        runtime = threads = None  # the budget says where it is measured
+    elif args.memory_format is not None:
+        raise ConfigError("--memory-format says how --target-latency is measured; give --target-latency F too")
+    elif threads is not None and runtime is None:
+        raise ConfigError("--threads says how layers are timed in --runtime; give --runtime R too")
     return FactorizeConfig(
         method=args.method,
         rank=_rank(args.rank),
@@ -111,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         only_if_smaller=not args.keep_larger,
         max_iter=args.max_iter,
         seed=args.seed,
+        runtime=runtime,
+        threads=threads,
     )
 
 
@@ -135,6 +144,12 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
 
             extras["latency"] = plan.latency
             ctx.notes.append(speedup_words(plan.latency))
+        if plan.runtime_check is not None:
+            rc = plan.runtime_check
+            extras["runtime_check"] = rc
+            ctx.notes.append(f"timed in {rc['runtime']} ({rc['threads']} thread{'s' if rc['threads'] != 1 else ''}): "
+                             f"{len(rc['left_whole'])} layer{'s' if len(rc['left_whole']) != 1 else ''} left whole as "
+                             f"not faster factorized" + (f" ({', '.join(rc['left_whole'])})" if rc['left_whole'] else ""))
         if train_cfg is not None:
             from torchslim.train import fit
 

@@ -23,6 +23,16 @@ only gets slower). So the planner measures, in the budget's runtime, threads and
 
 Nothing here changes the model: trials run on a copy whose layers get structure-only
 factorized blocks (latency does not depend on the weights).
+
+**A rank rule checked in a runtime** (``factorize_(..., energy=0.9, runtime="onnxruntime")``):
+the rule (energy, MACs / params targets, fixed ranks) chooses each layer's ranks as usual; then
+:func:`check_faster` times every chosen layer as it is against its factorized form at exactly those
+ranks, on the input shape it really gets (the example inputs' batch, every call summed), in one
+interleaved run per layer through the same per-machine cache. A layer whose factorized form does
+not save at least :data:`MIN_GAIN` of its time is left whole, the measured figures in the reason.
+Lower ranks are not tried: they would break the rule's promise (the energy kept, the MACs target),
+and the layers this catches are the small ones whose cost is the runtime's per-op overhead, which
+no rank removes.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from torchslim._utils import evaluating, model_device
 from torchslim.errors import ConfigError
 from torchslim.lowrank._base import Factorization
 
-__all__ = ["FRACTIONS", "LatencyResult", "LayerTiming", "Option", "allocate", "candidate_ranks", "energy_lost",
+__all__ = ["FRACTIONS", "LatencyResult", "SpeedCheck", "check_faster", "LayerTiming", "Option", "allocate", "candidate_ranks", "energy_lost",
            "input_shapes", "next_need", "plan", "speedup_words"]
 
 # candidate ranks: these fractions of each mode's full rank (multiples of 8 once past 16)
@@ -48,6 +58,7 @@ ROUNDS = 4  # paired whole-model measurements that correct the estimate
 LAYER_RUNS, LAYER_WARMUP = 7, 1
 MODEL_RUNS, MODEL_WARMUP = 11, 2  # at least; a fast model gets more rounds (MODEL_SECONDS of it, up to MAX_RUNS)
 MODEL_SECONDS, MAX_RUNS = 0.5, 51
+CHECK_RUNS, CHECK_WARMUP = 41, 3  # a rank rule's check: one layer against one factorized form, more rounds
 
 
 @dataclass
@@ -366,6 +377,73 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
         "rounds": rounds, "skipped": [name for name, _ in skipped],
     }
     return LatencyResult(ranks, layer_ms, skipped, report)
+
+
+@dataclass
+class SpeedCheck:
+    """What :func:`check_faster` measured: ``(whole ms, factorized ms)`` per timed layer, the layers
+    to leave whole (name -> reason) and a JSON report."""
+
+    layer_ms: dict[str, tuple[float, float]]
+    slower: dict[str, str]
+    report: dict[str, Any]
+
+
+def check_faster(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Module, tuple[int, ...]]],
+                 inputs: Any, runtime: str, threads: int | None = None) -> SpeedCheck:
+    """Each of ``layers`` (name, module, chosen ranks) timed as it is and factorized at its ranks in
+    ``runtime`` on the input shapes it gets in a forward of ``inputs``; those not at least
+    :data:`MIN_GAIN` faster factorized are named in ``slower``. A layer the forward never calls is
+    not timed (its form cannot change the model's latency) and is not in ``slower``.
+
+    Raises:
+        ConfigError: a bad runtime / threads, the runtime not installed, the model not on the CPU,
+            or a layer the runtime cannot take; the model is never changed.
+    """
+    from torchslim.export.runtime_latency import check_runtime, module_latencies, runtime_unavailable
+
+    runtime, _, threads = check_runtime(runtime, None, threads)
+    if model_device(model).type != "cpu":
+        raise ConfigError(f"factorized layers are timed on the CPU runtimes; the model is on {model_device(model)} "
+                          "(move it to the CPU first, or give runtime=None)")
+    why = runtime_unavailable(runtime, model)
+    if why:
+        raise ConfigError(f"cannot time factorized layers in {runtime}: {why}")
+    n = threads if threads is not None else torch.get_num_threads()
+    where = f"{runtime} ({n} thread{'s' if n != 1 else ''})"
+    shapes = input_shapes(model, [name for name, _, _ in layers], inputs)
+    layer_ms: dict[str, tuple[float, float]] = {}
+    slower: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    for name, module, ranks in layers:
+        if not shapes[name]:
+            continue
+        sig = _layer_signature(module)
+        forms = {"whole": (module, {"layer": sig}),
+                 "factorized": (method.build(module, ranks), {"factorized": method.name, "layer": sig,
+                                                              "ranks": list(ranks)})}
+        total = {"whole": 0.0, "factorized": 0.0}
+        for shape in shapes[name]:
+            ms = module_latencies(forms, shape, runtime, threads=n, runs=CHECK_RUNS, warmup=CHECK_WARMUP)
+            total = {k: total[k] + ms[k] for k in total}
+        whole, fact = total["whole"], total["factorized"]
+        layer_ms[name] = (whole, fact)
+        faster = fact <= whole * (1.0 - MIN_GAIN)
+        rows.append({"layer": name, "ranks": list(ranks), "shape": shapes[name][0], "calls": len(shapes[name]),
+                     "whole_ms": round(whole, 6), "factorized_ms": round(fact, 6), "faster": faster})
+        if not faster:
+            what = "slower" if fact >= whole else f"not {MIN_GAIN:.0%} faster"
+            slower[name] = (f"{what} factorized in {where}: {whole:.3g} ms whole vs {fact:.3g} ms factorized at "
+                            f"ranks {list(ranks)}; left whole")
+    report = {"runtime": runtime, "threads": n, "min_gain": MIN_GAIN, "batch": _batch(shapes),
+              "layers": rows, "left_whole": list(slower)}
+    return SpeedCheck(layer_ms, slower, report)
+
+
+def _batch(shapes: dict[str, list[list[int]]]) -> int | None:
+    """The leading dimension of the first recorded input shape (the batch the layers were timed at)."""
+    first = next((s[0] for s in shapes.values() if s and s[0]), None)
+    return None if first is None else int(first[0])
 
 
 def _key(choice: dict[str, Option | None]) -> tuple[Any, ...]:

@@ -11,6 +11,12 @@ on the model, so ``ts.save`` / ``ts.load`` rebuild the factorized structure.
 
 A latency budget (``target=ts.Budget(latency=0.6, runtime="onnxruntime", threads=2)``) chooses
 ranks by measured gain in that runtime, not by MACs: see :mod:`torchslim.lowrank._latency`.
+Any other rank rule can be checked where the model runs: with ``runtime="onnxruntime"`` (or
+``eager``, ``compile``, ``xnnpack``) every layer the rule factorizes is timed there as it is and
+factorized at the chosen ranks, on the input shape it really gets, and a layer whose factorized
+form is not at least 5% faster is left whole, the measured milliseconds in ``plan.skipped``
+(``plan.runtime_check`` has the figures). The recipe ``factorize`` stage does this by default in
+the recipe's deploy runtime.
 """
 
 from __future__ import annotations
@@ -71,6 +77,14 @@ class FactorizeConfig(ConfigDict):
             timed against the original until its latency ratio is within the budget (at least a
             5% band: shared CPUs vary that much); ``macs=F`` / ``params=F``: as ``target_macs`` /
             ``target_params`` with ``scope="model"``.
+        runtime: With a rank rule (``rank``, ``energy``, ``target_macs``, ``target_params``, a MACs /
+            params ``target``): time every layer the rule factorizes, as it is and factorized at
+            the chosen ranks, in this runtime (``eager``, ``compile``, ``onnxruntime``,
+            ``xnnpack``) on the input shape it gets in a forward of the example inputs (their
+            batch), and leave whole each layer whose factorized form is not at least 5% faster
+            (lower ranks are not tried: the rule's promise would break). Needs example inputs. Not
+            with a latency budget, which names its runtime itself. ``None``: no timing.
+        threads: Intra-op threads of those timings (``None``: torch's current setting).
         scope: ``"layer"`` or ``"model"`` (only with a target).
         modules: ``None`` for every layer the method applies to, or names / globs (``"features.*"``).
         skip: Names, globs or ``re:`` patterns of layers to leave alone (``exclude`` is its
@@ -98,6 +112,8 @@ class FactorizeConfig(ConfigDict):
     only_if_smaller: bool = True
     max_iter: int = 100
     seed: int = 0
+    runtime: str | None = None
+    threads: int | None = None
 
     exclude: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # old name of skip
 
@@ -149,6 +165,19 @@ class FactorizeConfig(ConfigDict):
             raise ConfigError(f"FactorizeConfig.max_iter must be an integer >= 1; got {self.max_iter!r}")
         if not is_int(self.seed):
             raise ConfigError(f"FactorizeConfig.seed must be an integer; got {self.seed!r}")
+        if self.runtime is not None or self.threads is not None:
+            if self.runtime is None:
+                raise ConfigError("FactorizeConfig.threads says how factorized layers are timed; give runtime= too")
+            if self.target is not None and self.target.metric == "latency":
+                raise ConfigError("FactorizeConfig.runtime / threads are for rank rules; a latency budget names where "
+                                  "it is measured itself (ts.Budget(latency=..., runtime=..., threads=...))")
+            from torchslim.export.runtime_latency import check_runtime
+
+            try:
+                _, _, threads = check_runtime(self.runtime, None, self.threads)
+            except ConfigError as exc:
+                raise ConfigError(f"FactorizeConfig.{exc}") from None
+            object.__setattr__(self, "threads", threads)
 
     _renamed: ClassVar[dict[str, str]] = {"exclude": "skip"}
 
@@ -167,7 +196,7 @@ class LayerFactorization:
     params_before: int
     params_after: int
     rel_error: float
-    ms_before: float | None = None  # measured alone in a latency budget's runtime (all calls)
+    ms_before: float | None = None  # measured alone (all calls) in a latency budget's runtime or config.runtime
     ms_after: float | None = None
 
 
@@ -193,6 +222,7 @@ class FactorizePlan:
     macs_after: int | None = None
     energy: float | None = None  # the energy level a model-scope target settled on
     latency: dict[str, Any] | None = None  # a latency budget: the measured ratio, runtime, threads, rounds
+    runtime_check: dict[str, Any] | None = None  # a rank rule timed in config.runtime: per-layer ms, left whole
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -218,8 +248,12 @@ class FactorizePlan:
             from torchslim.lowrank._latency import speedup_words
 
             title += f"; {speedup_words(self.latency)}"
+        if self.runtime_check is not None:
+            rc = self.runtime_check
+            title += (f"; timed in {rc['runtime']} ({rc['threads']} thread{'s' if rc['threads'] != 1 else ''}), "
+                      f"{len(rc['left_whole'])} left whole as not faster factorized")
         t = Table(title=title)
-        timed = self.latency is not None
+        timed = self.latency is not None or self.runtime_check is not None
         cols = ("layer", "ranks", "MACs", "params", "rel. error") + (("ms", "ms after") if timed else ())
         for col in cols:
             t.add_column(col, justify="left" if col == "layer" else "right")
@@ -301,6 +335,9 @@ def factorize_(
     if budget is not None and budget.metric == "latency" and inputs is None:
         raise ConfigError("a latency budget needs example inputs (pass example_inputs=, or build the model with "
                           "ts.create_model)")
+    if config.runtime is not None and inputs is None:
+        raise ConfigError(f"timing factorized layers in {config.runtime} needs example inputs (pass example_inputs=, "
+                          "build the model with ts.create_model, or give runtime=None)")
     metric = 0 if target_macs is not None else 1
     if scope == "model" and metric == 0 and inputs is None:
         raise ConfigError("target_macs with scope='model' needs example inputs (pass example_inputs=)")
@@ -358,6 +395,16 @@ def factorize_(
             )
             continue
         decided.append((c, ranks, macs, params))
+    checked = None
+    if config.runtime is not None and decided:  # a rank rule checked where the model runs
+        from torchslim.lowrank import _latency
+
+        checked = _latency.check_faster(model, method, [(c.name, c.module, r) for c, r, _, _ in decided], inputs,
+                                        config.runtime, config.threads)
+        plan.runtime_check = checked.report
+        plan.skipped += [SkippedLayer(c.name, type(c.module).__name__, checked.slower[c.name])
+                         for c, _, _, _ in decided if c.name in checked.slower]
+        decided = [d for d in decided if d[0].name not in checked.slower]
 
     # decompose (still nothing changed), then swap every layer in at once
     replacements = []
@@ -367,7 +414,8 @@ def factorize_(
         if not c.module.weight.requires_grad:
             seq.requires_grad_(False)
         replacements.append((c.name, seq))
-        ms = timed.layer_ms.get(c.name, (None, None)) if timed is not None else (None, None)
+        ms = (timed.layer_ms.get(c.name, (None, None)) if timed is not None else
+              checked.layer_ms.get(c.name, (None, None)) if checked is not None else (None, None))
         plan.layers.append(
             LayerFactorization(
                 c.name, type(c.module).__name__, method.name, list(ranks), list(method.max_ranks(c.module)),

@@ -317,6 +317,17 @@ def _preflight(model: nn.Module, recipe: Recipe) -> None:
             raise RecipeError(f"{recipe.source}: stage {stage.index} ({stage.kind}): {exc}") from None
 
 
+def deploy_runtime_of(recipe: Recipe) -> str | None:
+    """Where ``recipe``'s result runs: the runtime of its first export format (``eager`` without an
+    export stage; None for a format no ``runtime_latency`` runtime runs, e.g. ``torchscript``, ``gguf``)."""
+    from torchslim.profile.budget import RUNTIMES
+    from torchslim.recipe._guard import deploy_runtime
+
+    formats = next((list(s.config.get("formats") or ()) for s in recipe.stages if s.kind == "export"), ["torch"])
+    runtime = deploy_runtime(formats[0]) if formats else "eager"
+    return runtime if runtime in RUNTIMES else None
+
+
 def _finalize_shipped(model: nn.Module) -> dict[str, Any]:
     """Bake pruning masks and weight-sharing codebooks into the final model that ships (``model/``):
     the same outputs, without a mask multiply or a codebook lookup on every call (the guard found
@@ -400,6 +411,7 @@ def compress(
     previous = original_dir
     kinds = stage_kinds()
     n = len(recipe.stages)
+    deploy = deploy_runtime_of(recipe)
     for stage in recipe.stages:
         sdir = stages_dir / stage.label
         if stage.label in done:
@@ -411,7 +423,7 @@ def compress(
         current = load(previous)
         cfg = resolve_config(current, stage.kind, stage.config)
         ctx = StageContext(data=data, teacher=teacher, finetune=recipe.finetune, seed=recipe.seed, dir=sdir,
-                           progress=progress, log=say)
+                           progress=progress, log=say, deploy_runtime=deploy)
         sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:  # stages that train show their own progress bars; the others a live line

@@ -50,6 +50,9 @@ class StageContext:
     log: Callable[[str], None] = print
     files: dict[str, str] = field(default_factory=dict)
     original_inputs: Any = None
+    # the runtime the recipe ships to: its first export format's (onnx -> onnxruntime, pte -> xnnpack,
+    # torch -> eager), eager without an export stage, None where no runtime_latency runtime runs it
+    deploy_runtime: str | None = "eager"
 
     def train_config(self, values: dict[str, Any] | None) -> Any:
         """A TrainConfig from the recipe's ``finetune`` defaults overridden by ``values``."""

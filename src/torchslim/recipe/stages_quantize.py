@@ -91,7 +91,64 @@ def run_cluster(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tup
     return model, {"plan": plan.to_dict()}
 
 
-@stage("factorize", config=FactorizeConfig, patterns=("modules", "skip"),
-       reduces=("macs", "size", "latency"), description="low-rank factorization (SVD, Tucker-2, CP)")
+DEPLOY = "deploy"  # the factorize stage's default runtime: where the recipe ships (StageContext.deploy_runtime)
+
+
+def _factorize_config(cfg: dict[str, Any], deploy: str | None = None) -> tuple[FactorizeConfig, str]:
+    """The stage's FactorizeConfig and where its runtime came from (``"stage"``, ``"deploy"`` or
+    ``"none"``). ``runtime: deploy`` (the default) is the recipe's deploy runtime, timed at one
+    thread like the export stage and the guard; ``runtime: null`` / ``none`` opts out, and so does
+    ``only_if_smaller: false`` (it factorizes every selected layer whatever that costs) unless a
+    runtime is named; a latency ``target`` is measured where its budget says."""
+    from torchslim.profile.budget import RUNTIMES
+
+    values = dict(cfg)
+    runtime = values.get("runtime", DEPLOY)
+    source = "stage"
+    if isinstance(runtime, str) and runtime.lower() == "none":
+        runtime = None
+    if runtime is not None and runtime != DEPLOY and runtime not in RUNTIMES:
+        raise ConfigError(f"field 'runtime' must be {DEPLOY!r} (the recipe's deploy runtime, the default), one of "
+                          f"{', '.join(RUNTIMES)}, or null / 'none' (no timing); got {runtime!r}")
+    if runtime == DEPLOY:
+        target = values.get("target")
+        latency = getattr(target, "latency", None) if not isinstance(target, dict) else target.get("latency")
+        runtime = deploy if values.get("only_if_smaller", True) and latency is None else None
+        source = "deploy"
+    if runtime is None:
+        source = "none"
+    values["runtime"] = runtime
+    if runtime is not None and values.get("threads") is None:
+        values["threads"] = 1
+    return FactorizeConfig.from_dict(values), source
+
+
+def _check_factorize(cfg: dict[str, Any]) -> None:
+    _factorize_config(cfg, "eager")
+
+
+@stage("factorize", config=FactorizeConfig, patterns=("modules", "skip"), defaults={"runtime": DEPLOY},
+       check=_check_factorize,
+       reduces=("macs", "size", "latency"), description="low-rank factorization (SVD, Tucker-2, CP); layers not "
+       "faster factorized in the recipe's deploy runtime are left whole")
 def run_factorize(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
-    return model, _plan_extras(factorize_(model, FactorizeConfig.from_dict(cfg)))
+    """``factorize_`` with the stage's rank rule; by default (``runtime: deploy``) every layer it
+    factorizes is timed as it is and factorized in the recipe's deploy runtime (the first export
+    format's: onnx -> onnxruntime, pte -> xnnpack, torch or no export -> eager) at one thread, on
+    the example inputs' batch, and left whole unless at least 5% faster factorized. ``runtime:
+    onnxruntime`` (any runtime) names it; ``runtime: null`` (or ``none``) turns the timing off."""
+    fcfg, source = _factorize_config(cfg, ctx.deploy_runtime)
+    note = None
+    if source == "deploy" and fcfg.runtime is not None:
+        from torchslim._modelinfo import example_inputs
+        from torchslim.errors import SpecError
+
+        try:
+            example_inputs(model)
+        except SpecError:  # nothing to time on: the rank rule alone, said in the report
+            note = f"not timed in {fcfg.runtime}: the model has no example inputs"
+            fcfg = FactorizeConfig.from_dict({**fcfg.to_dict(), "runtime": None, "threads": None})
+    extras = _plan_extras(factorize_(model, fcfg))
+    extras["runtime"] = {"runtime": fcfg.runtime, "threads": fcfg.threads, "from": source if note is None else "none",
+                         **({"note": note} if note else {})}
+    return model, extras

@@ -63,7 +63,9 @@ def make_stages(
     for layer, fraction in (factorized or {}).items():
         by_stage.setdefault((space.rank_method(layer), float(fraction)), []).append(layer)
     for (method, fraction), layers in sorted(by_stage.items()):
-        stages.append({"factorize": {"method": method, "rank": fraction, "modules": sorted(layers)}})
+        # runtime: null: the searched ranks as measured (a recipe factorize stage otherwise leaves whole
+        # the layers not faster factorized in its deploy runtime, and compress would not rebuild the trial)
+        stages.append({"factorize": {"method": method, "rank": fraction, "modules": sorted(layers), "runtime": None}})
     if finetune:
         stages.append({"finetune": dict(finetune)})
     if space.quant_mode is not None:
