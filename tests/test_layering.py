@@ -31,7 +31,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "torchslim"
 
 LAYERS: list[tuple[str, set[str], bool]] = [
     # (name, top-level modules, may modules of this layer import each other across packages?)
-    ("core", {"errors", "_utils", "_optional", "_config", "_registry", "_select", "_ops", "_finalize", "_fs", "_text"}, True),
+    ("core", {"errors", "_utils", "_optional", "_config", "_registry", "_select", "_ops", "_finalize", "_compile", "_fs", "_text"}, True),
     ("graph", {"graph"}, True),
     ("profile", {"profile"}, True),
     ("modelinfo", {"_modelinfo"}, True),

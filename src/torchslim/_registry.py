@@ -19,6 +19,9 @@ Kinds (:data:`KINDS`):
     dataset        data spec resolvers (``mnist``, ``synthetic:SHAPE``, ``file.py:factory``, ...)
     finalizer      what makes a family's reversible edits permanent (``ts.finalize_``): a function
                    ``(model) -> result``, or None when nothing of its kind is on the model
+    compiler       how a family's layers run under ``torch.compile`` (``_compile.compile_model``):
+                   a function ``(model, **compile_kwargs) -> compiled callable`` with meta
+                   ``takes=(model) -> bool`` (static int8 layers -> oneDNN int8 kernels)
 
 A lookup first makes sure every family is registered by importing the package once (the root
 imports every family), so callers never keep tables of module names.
@@ -54,6 +57,7 @@ T = TypeVar("T")
 
 KINDS: tuple[str, ...] = (
     "method", "plan", "export_format", "recipe_stage", "cli_verb", "model", "dataset", "finalizer",
+    "compiler",
 )
 _LABEL = {
     "method": "method",
@@ -64,6 +68,7 @@ _LABEL = {
     "model": "model spec kind",
     "dataset": "data set",
     "finalizer": "finalizer",
+    "compiler": "compiler",
 }
 
 

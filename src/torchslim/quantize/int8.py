@@ -71,6 +71,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.qu
 from torch import nn
 from torch.nn import functional as F
 
+from torchslim._registry import register
 from torchslim.errors import ConfigError
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.primitives import QScheme, qrange
@@ -609,6 +610,8 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> Any:
     Args:
         model: the model (its mode is switched to eval).
         compile_kwargs: more ``torch.compile`` arguments (``dynamic=``, ``mode=``, ``options=``...).
+            Shapes are static unless ``dynamic=`` says otherwise: each new input shape compiles
+            once (the int8 lowering does not take symbolic shapes).
 
     Raises:
         MissingDependencyError: torchao is not installed (``pip install torchslim[executorch]``).
@@ -618,6 +621,7 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> Any:
 
     with contextlib.suppress(NotImplementedError):  # an exported program's module has no train/eval
         model.eval()
+    compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, **compile_kwargs)
     graph_pass = _graph_pass()
 
@@ -635,6 +639,16 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> Any:
     run.compiled = compiled  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
     return run
+
+
+def _holds_int8(model: nn.Module) -> bool:
+    return any(isinstance(m, _Int8Base) for m in model.modules())
+
+
+# every runtime that compiles (bench's compile rows, Budget(runtime="compile"), the recipes' deploy
+# check) runs a static-int8 model on the oneDNN int8 kernels: ``torchslim._compile.compile_model``
+register("compiler", "int8", compile, family="quantize", takes=_holds_int8,
+         description="static / QAT int8 layers on oneDNN int8 kernels (inductor freezing + x86 passes)")
 
 
 @contextlib.contextmanager

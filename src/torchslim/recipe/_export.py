@@ -2,7 +2,8 @@
 
 The stage's ``formats`` are the deploy targets the user picks: any registered export format
 (``ts.export``'s ``format=``: ``onnx``, ``pte``, ``torchscript``, ``pt2``...) and ``torch`` (the
-model as ``ts.save`` writes it, run in eager PyTorch). For each one the original model is shipped
+model as ``ts.save`` writes it, run in eager PyTorch; a model with static-int8 layers runs under
+``torch.compile``, where its integer kernels are, and its original is compiled the same way). For each one the original model is shipped
 the same way (an int8 format's original is its float counterpart: ``pte-int8`` -> ``pte``), and
 the report gets, per target: the bytes of the shipped file against the original's, the latency of
 the file in its own runtime (ONNX Runtime, ExecuTorch with XNNPACK, TorchScript, eager PyTorch)
@@ -24,18 +25,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._compile import compile_model, compiler_for
 from torchslim.export.onnx_int import quiet_quantizer as _silenced
 from torchslim.graph.inputs import as_inputs
 
 __all__ = ["TORCH", "check_targets", "deploy_targets", "export_stage", "ort_accuracy", "runtime_module"]
 
-#: The deploy target that is no export format: the ``ts.save`` folder, run in eager PyTorch.
+#: The deploy target that is no export format: the ``ts.save`` folder, run in eager PyTorch (a
+#: model with static-int8 layers, whose integer kernels exist only under inductor, runs compiled:
+#: ``torchslim._compile.compile_model``, and the original is compiled the same way).
 TORCH = "torch"
+TORCH_COMPILE = "torch-compile"
 #: The float format an int8 format's original is shipped in.
 _FLOAT_OF = {"onnx-int8": "onnx", "pte-int8": "pte"}
 #: The runtime each format runs in, for the tables.
 _RUNTIME = {"onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "pte": "ExecuTorch (XNNPACK)",
             "pte-int8": "ExecuTorch (XNNPACK)", "torchscript": "TorchScript", "pt2": "torch.export", TORCH: "eager PyTorch",
+            TORCH_COMPILE: "torch.compile (int8 on oneDNN)",
             "gguf": "llama.cpp", "hf": "transformers"}
 #: Deploy targets that are no registered export format: decoder LLMs only (``_export_llm``).
 GGUF = "gguf"
@@ -211,7 +217,11 @@ def _torch_figures(model: nn.Module, ctx: Any, cfg: dict[str, Any]) -> dict[str,
     size_o = (ctx.dir / "torch_original" / "model.safetensors").stat().st_size
     fig: dict[str, Any] = {"runtime": _RUNTIME[TORCH], "format": TORCH, "size_bytes": size,
                            "original_size_bytes": size_o, "size_ratio": size / size_o}
-    _time_and_score(fig, lambda x: model(x), lambda x: teacher(x), model, ctx, cfg, None)
+    run_c, run_o = model, teacher
+    if compiler_for(model) is not None:  # static int8 is real on oneDNN's kernels under torch.compile only
+        run_c, run_o = compile_model(model), compile_model(teacher)
+        fig.update(runtime=_RUNTIME[TORCH_COMPILE], timed_in="compile")
+    _time_and_score(fig, lambda x: run_c(x), lambda x: run_o(x), model, ctx, cfg, None)
     return fig
 
 
