@@ -24,6 +24,7 @@ from torchslim.graph.inputs import as_inputs
 from torchslim.graph.spaces import ChannelGroups, analyse, meta_copy, to_meta
 from torchslim.graph.state import clone_module, preserved
 from torchslim.graph.surgery import slice_model_
+from torchslim.prune._widths import DEFAULT_MULTIPLE, allocate
 from torchslim.prune.config import Budget, PruneConfig
 from torchslim.prune.hf import choose_uniform, config_changes, config_values, group_ratio, uniform_default
 from torchslim.prune.importance import accumulate_gradients, get_importance
@@ -91,6 +92,7 @@ def _choose(
     min_channels: int,
     scale: dict[int, float] | None = None,
     uniform_layers: bool = False,
+    width_multiple: int = 1,
 ) -> tuple[set[int], list[dict[str, Any]]]:
     if uniform_layers:  # the same count in every layer, so a transformers config describes it (prune.hf)
         return choose_uniform(model, cg, scores, ratio, global_ranking=global_ranking, ratios=ratios,
@@ -128,11 +130,14 @@ def _choose(
     want = [g.size * (r if (r := group_ratio(g, ratios)) is not None else ratio) for g in cg.groups]
     if scale:  # latency-aware: groups where a MAC costs more time give more channels
         want = [min(w * scale.get(g.id, 1.0), g.size * _MAX_SCALED_RATIO) for w, g in zip(want, cg.groups)]
-    counts = [int(math.floor(w + 1e-9)) for w in want]
-    extra = int(round(sum(want))) - sum(counts)
-    by_rem = sorted(range(len(want)), key=lambda i: (counts[i] - want[i], i))
-    for i in by_rem[: max(extra, 0)]:
-        counts[i] += 1
+    if width_multiple > 1:  # kept widths held to kernel blocks, removed a block at a time (prune._widths)
+        counts = allocate(cg.groups, want, width_multiple, min_channels=min_channels)
+    else:
+        counts = [int(math.floor(w + 1e-9)) for w in want]
+        extra = int(round(sum(want))) - sum(counts)
+        by_rem = sorted(range(len(want)), key=lambda i: (counts[i] - want[i], i))
+        for i in by_rem[: max(extra, 0)]:
+            counts[i] += 1
     for g, s, n_rm in zip(cg.groups, scores, counts):
         kept = _kept_count(g.size, n_rm / g.size if g.size else 0.0, round_to, min_channels)
         order = _lowest(s, g.size - kept, cg.segments(g) if g.size - kept else [], min_channels)
@@ -404,6 +409,42 @@ def _measure(model: nn.Module, inputs: Any, metric: str) -> float:
     return float(p.latency_ms.median) if metric == "latency" else float(getattr(p, metric))
 
 
+def _budget_ratio(model: nn.Module, cg: ChannelGroups, scores: list[torch.Tensor], opts: dict[str, Any], inputs: Any,
+                  target: Budget) -> tuple[float, dict[str, Any]]:
+    """The pruning ratio meeting a MACs / params budget (bisection on shape-only trials) and
+    ``achieved``; widths held to kernel blocks (``opts["width_multiple"]``) first, single channels
+    when blocks cannot meet the budget. ``opts`` is left with the setting used."""
+    metric = target.metric
+    base_model, base_inputs = _trial(model, cg, inputs)
+    base = _measure(base_model, base_inputs, metric)
+    got = "nothing"
+    for multiple in dict.fromkeys((opts.get("width_multiple", 1), 1)):
+        opts["width_multiple"] = multiple
+        lo, hi, best = 0.0, 0.99, None
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            removed, report = _choose(model, cg, scores, mid, **opts)
+            trial, trial_inputs = _trial(model, cg, inputs)
+            slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, report))
+            frac = _measure(trial, trial_inputs, metric) / base
+            if frac > target.fraction:
+                lo = mid
+            else:
+                hi = mid
+                best = (mid, frac)
+            if abs(frac - target.fraction) <= target.tolerance * target.fraction and frac <= target.fraction * (1 + target.tolerance):
+                best = (mid, frac)
+                break
+        if best is not None and abs(best[1] - target.fraction) <= max(target.tolerance * target.fraction, 0.02):
+            achieved: dict[str, Any] = {metric: best[1]}
+            if multiple > 1:
+                achieved["width_multiple"] = multiple
+            return best[0], achieved
+        got = got if best is None else f"{best[1]:.3f}"
+    raise ConfigError(f"budget {metric}={target.fraction} cannot be met by pruning this model's prunable channels "
+                      f"(closest reachable: {got} of the original); the model is unchanged")
+
+
 def prune_channels_(
     model: nn.Module,
     config: PruneConfig | dict[str, Any] | None = None,
@@ -490,6 +531,8 @@ def prune_channels_(
         opts = dict(global_ranking=global_ranking, ratios=ratios, round_to=1 if round_to == "auto" else round_to,
                     min_channels=min_channels,
                     uniform_layers=uniform_default(model, cfg.uniform_layers))
+        if cfg.round_to is None and target is not None and not on_latency and not global_ranking:
+            opts["width_multiple"] = DEFAULT_MULTIPLE  # MACs / params budget: widths in kernel blocks (prune._widths)
         # Shapes a model computes in Python (e.g. ``x.reshape(B, N, 3, heads, C // heads)``) are not
         # in the trace: find the groups whose removal breaks the forward and leave them whole.
         blocked = _breaking_groups(model, cg, scores, example_inputs, opts)
@@ -514,33 +557,7 @@ def prune_channels_(
                                                 "eager", None, None)
                 achieved["widths_moved"] = moves
         elif target is not None:
-            metric = target.metric
-            shape_only = metric != "latency"
-            base_model, base_inputs = _trial(model, cg, example_inputs) if shape_only else (model, example_inputs)
-            base = _measure(base_model, base_inputs, metric)
-            lo, hi, best = 0.0, 0.99, None
-            for _ in range(24):
-                mid = (lo + hi) / 2
-                removed, _ = _choose(model, cg, scores, mid, **opts)
-                trial, trial_inputs = _trial(model, cg, example_inputs) if shape_only else (clone_module(model), example_inputs)
-                slice_model_(trial, cg.keep_indices(removed), attrs=_head_attrs(model, cg, _choose(model, cg, scores, mid, **opts)[1]))
-                frac = _measure(trial, trial_inputs, metric) / base
-                if frac > target.fraction:
-                    lo = mid
-                else:
-                    hi = mid
-                    best = (mid, frac)
-                if abs(frac - target.fraction) <= target.tolerance * target.fraction and frac <= target.fraction * (1 + target.tolerance):
-                    best = (mid, frac)
-                    break
-            if best is None or abs(best[1] - target.fraction) > max(target.tolerance * target.fraction, 0.02):
-                got = "nothing" if best is None else f"{best[1]:.3f}"
-                raise ConfigError(
-                    f"budget {metric}={target.fraction} cannot be met by pruning this model's prunable channels "
-                    f"(closest reachable: {got} of the original); the model is unchanged"
-                )
-            ratio = best[0]
-            achieved[metric] = best[1]
+            ratio, achieved = _budget_ratio(model, cg, scores, opts, example_inputs, target)
 
     removed, report = chosen if chosen is not None else _choose(model, cg, scores, float(ratio), **opts)
     keep = cg.keep_indices(removed)
