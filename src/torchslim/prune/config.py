@@ -55,7 +55,9 @@ class PruneConfig(ConfigDict):
         skip: modules (names, globs, ``re:``) whose channels are left whole (was ``ignore``).
         round_to: kept widths are rounded up to a multiple of this (8 suits CPU/GPU kernels), or
             ``"auto"``: moved to nearby widths the runtime runs fastest, measured
-            (:mod:`torchslim.prune.latency_budget`). ``None``: ``"auto"`` under a latency budget, else 1.
+            (:mod:`torchslim.prune.latency_budget`). ``None``: ``"auto"`` under a latency budget; under
+            a MACs / params budget multiples of 16 (groups of 128+) or 8 (32+), falling back to
+            single channels if blocks miss the budget (:mod:`torchslim.prune._widths`); else 1.
         min_channels: never keep fewer channels than this in a group.
         allocation: ``"uniform"`` or ``"latency"`` (each group's ratio scaled by its measured cost).
         uniform_layers: the same kept count in every layer for groups that play the same part in
