@@ -318,6 +318,16 @@ def factorize_(
         [('0', [8], 1024), ('2', [8], 592)]
         >>> type(model[0]).__name__, model(torch.randn(2, 64)).shape
         ('Sequential', torch.Size([2, 10]))
+
+        Checked where it runs: a layer not at least 5% faster factorized there stays whole.
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> plan = factorize_(model, rank=8, runtime="eager", threads=1, example_inputs=torch.randn(1, 64))
+        >>> rc = plan.runtime_check
+        >>> rc["runtime"], rc["batch"], all(x.ms_after <= 0.95 * x.ms_before for x in plan.layers)
+        ('eager', 1, True)
+        >>> all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in rc["left_whole"])
+        True
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factorize_ needs an nn.Module; got {type(model).__name__}")
