@@ -21,9 +21,12 @@ Torch-Pruning's ``MagnitudePruner`` at the same MACs target in the same run when
 imports (as in ``benchmarks/prune_latency.py``).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/latency_budget.py [--models resnet50 mobilenet_v2]
-        [--runtimes eager onnxruntime] [--threads 1] [--quick] [--no-efficiency]
+        [--runtimes eager onnxruntime] [--threads 1] [--quick] [--no-efficiency | --efficiency-only] [--vit-size 224]
 
-Prints tables and writes benchmarks/results/latency_budget.json (atomically). Per-layer timings
+``--efficiency-only`` measures only the efficiency table; ``--vit-size`` builds ViT-B/16 for a
+smaller image (random weights: any multiple of 16). Prints tables and merges the rows into
+benchmarks/results/latency_budget.json (atomically; rows of other models / runtimes stay, each
+row names the run that measured it). Per-layer timings
 are cached in ``$TORCHSLIM_CACHE`` (the first run on a machine measures them).
 """
 
@@ -55,9 +58,10 @@ BUDGET = 0.5
 CLOSE = 0.05
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, vit_size: int = 224) -> nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    extra = {"image_size": vit_size} if name.startswith("vit") else {}
+    return torchvision.models.get_model(name, weights=None, **extra).eval()
 
 
 def photos(size: int) -> torch.Tensor:
@@ -185,6 +189,9 @@ def main() -> int:
     ap.add_argument("--tp-steps", type=int, default=20, help="Torch-Pruning's iterative steps")
     ap.add_argument("--quick", action="store_true", help="160x160 inputs for the convnets (ViT stays 224), fewer runs")
     ap.add_argument("--no-efficiency", action="store_true", help="skip the latency-efficiency table")
+    ap.add_argument("--efficiency-only", action="store_true",
+                    help="only the latency-efficiency table (Budget(macs=0.5) and Torch-Pruning, paired)")
+    ap.add_argument("--vit-size", type=int, default=224, help="ViT-B/16's image size (a multiple of 16)")
     args = ap.parse_args()
     if args.quick:
         args.runs = min(args.runs, 9)
@@ -193,29 +200,61 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     eff: list[dict[str, Any]] = []
     for name in args.models:
-        size = 224 if name.startswith("vit") or not args.quick else 160
-        dense = build(name)
+        size = args.vit_size if name.startswith("vit") else 224 if not args.quick else 160
+        dense = build(name, args.vit_size)
         x = torch.randn(1, 3, size, size)
         pics = photos(size)
         with torch.no_grad():
             dense_out = dense(pics)
         for runtime in args.runtimes:
             con.print(f"[bold]{name} {size}x{size}, {runtime}, {args.threads} thread(s)[/bold]")
+            if args.efficiency_only:
+                if name in ("resnet50", "vit_b_16"):
+                    half = copy.deepcopy(dense)
+                    ts.prune_channels_(half, x, target=ts.Budget(macs=BUDGET))
+                    eff += [dict(r, image_size=size) for r in efficiency_rows(name, dense, x, runtime, args.threads, half, args, con)]
+                    write(rows, eff, args, load)
+                continue
             got, first = budget_rows(name, dense, x, pics, dense_out, runtime, args.threads, args, con)
-            rows += got
+            rows += [dict(r, image_size=size) for r in got]
             if not args.no_efficiency and name in ("resnet50", "vit_b_16") and abs(first[0] - BUDGET) < 1e-9:
-                eff += efficiency_rows(name, dense, x, runtime, args.threads, first[2], args, con)
+                eff += [dict(r, image_size=size) for r in efficiency_rows(name, dense, x, runtime, args.threads, first[2], args, con)]
             write(rows, eff, args, load)
     table(rows, eff, args, load, con)
     return 0
 
 
+_ROW_KEY = ("model", "runtime", "threads", "variant")
+_EFF_KEY = ("model", "runtime", "threads", "memory_format", "method")
+_STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _merged(old: list[dict[str, Any]], new: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``old`` with the rows this run measured again replaced (same ``key`` fields), then the new ones."""
+    fresh = {tuple(r.get(k) for k in key) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in key) not in fresh] + new
+
+
 def write(rows: list[dict[str, Any]], eff: list[dict[str, Any]], args: argparse.Namespace, load: float) -> None:
+    """Merge this run's rows into the results file: rows of other models / runtimes stay, each row
+    says which run measured it (``run``: its start time; ``runs`` holds every run's arguments and load)."""
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    try:
+        with open(RESULTS) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        old = {}
+    if "runs" not in old and old.get("rows"):  # a file from before merging: one run, described at the top
+        old["runs"] = [{k: old.get(k) for k in ("args", "cpu", "load_at_start", "load_at_end", "torch")}]
+    this = {"run": _STARTED, "args": vars(args), "cpu": cpu_name(), "load_at_start": load,
+            "load_at_end": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version()}
+    runs = [r for r in old.get("runs", []) if r.get("run") != _STARTED] + [this]
+    rows = [dict(r, run=_STARTED) for r in rows]
+    eff = [dict(r, run=_STARTED) for r in eff]
     with atomic_path(RESULTS) as tmp, open(tmp, "w") as fh:
-        json.dump({"budget": BUDGET, "rows": rows, "efficiency": eff, "args": vars(args), "cpu": cpu_name(),
-                   "load_at_start": load, "load_at_end": os.getloadavg()[0], "torch": torch.__version__,
-                   "python": platform.python_version()}, fh, indent=1, default=str)
+        json.dump({"budget": BUDGET, "rows": _merged(old.get("rows", []), rows, _ROW_KEY),
+                   "efficiency": _merged(old.get("efficiency", []), eff, _EFF_KEY), "runs": runs},
+                  fh, indent=1, default=str)
 
 
 def table(rows: list[dict[str, Any]], eff: list[dict[str, Any]], args: argparse.Namespace, load: float,
@@ -231,7 +270,8 @@ def table(rows: list[dict[str, Any]], eff: list[dict[str, Any]], args: argparse.
                   f"{r['macs_ratio']:.3f}" if "macs_ratio" in r else "-",
                   f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "-", str(r.get("trials", "-")),
                   f"{r['search_s']:.0f}")
-    con.print(t)
+    if rows:
+        con.print(t)
     if eff:
         e = Table(title="Latency efficiency of MACs-budget pruning (latency speedup / MACs speedup, paired)")
         for c in ("model", "runtime", "format", "method", "MACs speedup", "latency speedup", "efficiency"):
