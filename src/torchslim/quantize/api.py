@@ -50,7 +50,7 @@ from torchslim.quantize.dynamic_rnn import RNN_TYPES, QuantizedRNN, check_rnn_sc
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.int8 import INT8_TYPES, empty_int8_, to_int8_
 from torchslim.quantize.observers import OBSERVERS
-from torchslim.quantize.primitives import GRANULARITIES, QScheme, check_bits
+from torchslim.quantize.primitives import GRANULARITIES, SCALE_RULES, QScheme, check_bits
 from torchslim.quantize.weight_only import QuantizedLinear
 
 __all__ = ["LLM_METHODS", "MODES", "QuantConfig", "QuantPlan", "llm_calibration", "quantize_", "quantize_llm_", "replay_quantize"]
@@ -99,6 +99,11 @@ class QuantConfig(ConfigDict):
             word embeddings are often a third of its bytes or more.
         embedding_bits: bits of those tables (4 or 8) when they differ from ``bits`` (a decoder's
             body in int4 with int8 embeddings); ``None``: ``bits``.
+        scale_rule: weight-only mode, symmetric weights of at most 4 bits (round to nearest,
+            GPTQ, AWQ-GPTQ): ``"search"`` (default) picks each group's scale among ggml's Q4_0
+            rule, clipped variants and their least-squares refits by the error weighted by the
+            inputs' energy per column (:mod:`torchslim.quantize.scale_search`); ``"absmax"`` is
+            the older ``max|w| / 7.5``. Other modes and widths use their observers / min-max.
     """
 
     mode: str = "static"
@@ -120,12 +125,15 @@ class QuantConfig(ConfigDict):
     smoothquant_min_gain: float = 3.0
     embeddings: bool = False
     embedding_bits: int | None = None
+    scale_rule: str = "search"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"QuantConfig.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         check_bits(self.bits, "QuantConfig.bits")
         check_bits(self.act_bits, "QuantConfig.act_bits")
+        if not isinstance(self.scale_rule, str) or self.scale_rule not in SCALE_RULES:
+            raise ConfigError(f"QuantConfig.scale_rule must be one of {', '.join(SCALE_RULES)}; got {self.scale_rule!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"QuantConfig.granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
@@ -189,7 +197,7 @@ class QuantConfig(ConfigDict):
         bits = self.layer_bits.get(layer, self.bits) if self.layer_bits and layer is not None else self.bits
         return QScheme(
             bits=bits, symmetric=self.symmetric, signed=self.symmetric, granularity=self.granularity,
-            group_size=self.group_size, axis=0,
+            group_size=self.group_size, axis=0, scale_rule=self.scale_rule if self.mode == "weight-only" else "absmax",
         )
 
     def act_scheme(self) -> QScheme:
@@ -498,6 +506,8 @@ def quantize_llm_(
     skip: tuple[str, ...] = (),
     layer_bits: dict[str, int] | None = None,
     seed: int = 0,
+    scale_rule: str = "search",
+    act_order: bool = False,
 ) -> QuantPlan:
     """Weight-only low-bit quantization of a decoder LLM, one entry point for every method.
 
@@ -520,6 +530,10 @@ def quantize_llm_(
         skip: more layers to leave in float.
         layer_bits: bits of single layers overriding ``bits`` (mixed precision: e.g. the most
             sensitive decoder layers in int8, see :mod:`torchslim.quantize.llm_sensitivity`).
+        scale_rule: symmetric int4 group scales (rtn, gptq, awq-gptq): ``"search"`` (default; see
+            :mod:`torchslim.quantize.scale_search`) or ``"absmax"`` (``max|w| / 7.5``, the older rule).
+        act_order: gptq only: columns by decreasing input energy, static groups
+            (:func:`~torchslim.quantize.gptq.gptq_quantize`).
 
     Returns:
         The :class:`QuantPlan` (recorded; ``ts.save`` / ``ts.load`` replay the rotation and the
@@ -542,6 +556,8 @@ def quantize_llm_(
         raise ConfigError(f"method must be one of {', '.join(LLM_METHODS)}; got {method!r}")
     if not isinstance(rotate, bool):
         raise ConfigError(f"rotate must be True or False; got {rotate!r}")
+    if not isinstance(act_order, bool) or (act_order and method != "gptq"):
+        raise ConfigError(f"act_order must be True or False, and True only with method='gptq'; got {act_order!r} with method={method!r}")
     head = _lm_head_name(model)
     if layer_bits is not None and (not isinstance(layer_bits, dict) or not all(isinstance(k, str) for k in layer_bits)):
         raise ConfigError(f"layer_bits must map layer names to bits; got {layer_bits!r}")
@@ -551,7 +567,7 @@ def quantize_llm_(
     config = QuantConfig(mode="weight-only", bits=bits, granularity="group", group_size=group_size,
                          symmetric=method != "hqq", skip=skip, layer_bits=layer_bits,
                          embeddings=embedding_bits is not None, embedding_bits=embedding_bits,
-                         )
+                         scale_rule=scale_rule)
     calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
     if _is_text(data) and method in ("gptq", "awq", "awq-gptq"):  # rtn / hqq read no data
         calibration = llm_calibration(model, data, seed=seed)
@@ -578,7 +594,7 @@ def quantize_llm_(
     if method == "gptq":
         from torchslim.quantize.gptq import gptq_
 
-        return gptq_(model, config, calibration=batches, sequential=sequential)
+        return gptq_(model, config, calibration=batches, sequential=sequential, act_order=act_order)
     from torchslim.quantize.awq import awq_
 
     return awq_(model, config, calibration=batches, sequential=sequential,

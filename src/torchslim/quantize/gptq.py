@@ -45,13 +45,19 @@ from torchslim.errors import ConfigError
 from torchslim.quantize.api import CANNOT_TAKE, QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
+from torchslim.quantize.scale_search import searches, weight_qparams
 from torchslim.quantize.weight_only import QuantizedLinear
 
 __all__ = ["gptq_", "gptq_quantize", "rtn_quantize"]
 
 
-def _group_params(block: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero point of a ``(rows, g)`` slice (scale rounded to the stored fp16)."""
+def _group_params(block: torch.Tensor, scheme: QScheme, importance: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point of a ``(rows, g)`` slice (scale rounded to the stored fp16);
+    searched (``importance``-weighted, ``(g,)``) where ``scheme.scale_rule="search"`` applies."""
+    if searches(scheme):
+        scale, zp = weight_qparams(block, scheme, importance)
+        return scale.double(), zp.double()
     lo = block.amin(dim=1, keepdim=True)
     hi = block.amax(dim=1, keepdim=True)
     scale, zp = choose_qparams(lo.float(), hi.float(), scheme)
@@ -70,12 +76,17 @@ def _group_size(scheme: QScheme, cols: int) -> int:
 
 @torch.no_grad()
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: QScheme, *, blocksize: int = 128, damp: float = 0.01
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QScheme, *, blocksize: int = 128, damp: float = 0.01,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ one ``(out, in)`` weight: ``(ints, scale, zero_point)``.
 
     ``ints`` is ``(out, in)`` integers in the scheme's range; ``scale`` / ``zero_point`` are
     ``(out, in // group, 1)``, so ``(ints - zp) * scale`` (grouped) is the dequantized weight.
+    ``act_order=True`` visits the columns by decreasing Hessian diagonal (the inputs with the most
+    energy first, while most columns are left to absorb their error) with *static* groups: every
+    group's scale is chosen up front on the weights as given, so the groups stay runs of
+    consecutive inputs in storage.
     """
     rows, cols = weight.shape
     gs = _group_size(scheme, cols)
@@ -83,19 +94,32 @@ def gptq_quantize(
     ints = torch.zeros(rows, cols, dtype=torch.int32, device=weight.device)
     scales = torch.zeros(rows, cols // gs, 1, dtype=torch.float64, device=weight.device)
     zps = torch.zeros_like(scales)
-    if gs < cols and blocksize >= gs:  # a group never straddles two lazy blocks
-        blocksize = blocksize // gs * gs
+    hdiag = torch.diagonal(hessian).double().clamp_min(0)  # the input energy per column: the search's weights
+    if act_order:
+        groups = weight.detach().double().reshape(rows, cols // gs, gs)
+        for g in range(cols // gs):  # static groups: parameters from the weights before any update
+            scales[:, g], zps[:, g] = _group_params(groups[:, g], scheme, hdiag[g * gs : (g + 1) * gs])
+        order = torch.argsort(hdiag, descending=True, stable=True)
+    else:
+        order = None
+        if gs < cols and blocksize >= gs:  # a group never straddles two lazy blocks
+            blocksize = blocksize // gs * gs
 
     def quantize(j: int, i: int, w1: torch.Tensor, h1: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        if j % gs == 0:  # parameters of the group starting here, from the updated weights
+        col = j if order is None else int(order[j])
+        if order is None and j % gs == 0:  # parameters of the group starting here, from the updated weights
             block = torch.cat([w1[:, i:], rest], dim=1)[:, :gs] if i + gs > w1.shape[1] else w1[:, i : i + gs]
-            scales[:, j // gs], zps[:, j // gs] = _group_params(block, scheme)
-        scale, zp = scales[:, j // gs], zps[:, j // gs]
-        q = torch.clamp(torch.round(w1[:, i : i + 1] / scale) + zp, qmin, qmax)
-        ints[:, j] = q.squeeze(1).to(torch.int32)
+            scales[:, j // gs], zps[:, j // gs] = _group_params(block, scheme, hdiag[j : j + gs])
+        scale, zp = scales[:, col // gs], zps[:, col // gs]
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a zero scale (a zero group) holds zeros
+        q = torch.clamp(torch.round(w1[:, i : i + 1] / safe) + zp, qmin, qmax) * (scale != 0)
+        ints[:, col] = q.squeeze(1).to(torch.int32)
         return ((q - zp) * scale).squeeze(1)
 
-    obs_sweep(weight, hessian, quantize, blocksize=blocksize, damp=damp)
+    if order is None:
+        obs_sweep(weight, hessian, quantize, blocksize=blocksize, damp=damp)
+    else:
+        obs_sweep(weight[:, order], hessian[order][:, order], quantize, blocksize=blocksize, damp=damp)
     return ints, scales.float(), zps.float()
 
 
@@ -107,7 +131,8 @@ def rtn_quantize(weight: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, t
     v = weight.detach().double().reshape(rows, cols // gs, gs)
     scale, zp = _group_params(v.reshape(-1, gs), scheme)
     scale, zp = scale.reshape(rows, -1, 1), zp.reshape(rows, -1, 1)
-    q = torch.clamp(torch.round(v / scale) + zp, qmin, qmax)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(v / safe) + zp, qmin, qmax) * (scale != 0)
     return q.reshape(rows, cols).to(torch.int32), scale.float(), zp.float()
 
 
@@ -127,6 +152,7 @@ def gptq_(
     blocksize: int = 128,
     damp: float = 0.01,
     sequential: bool = True,
+    act_order: bool = False,
 ) -> QuantPlan:
     """Quantize ``model``'s Linear weights with GPTQ, in place (weight-only, packed storage).
 
@@ -141,6 +167,8 @@ def gptq_(
         blocksize: columns per lazy-update block.
         damp: Hessian dampening as a fraction of its mean diagonal.
         sequential: measure each layer after the earlier ones were quantized.
+        act_order: visit each layer's columns by decreasing input energy, with static groups
+            (scales chosen up front, see :func:`gptq_quantize`).
 
     Returns:
         The :class:`~torchslim.quantize.api.QuantPlan` (recorded as a weight-only plan).
@@ -154,6 +182,8 @@ def gptq_(
     config = check_weight_only(model, config, "GPTQ", default_group=128)
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ConfigError(f"blocksize must be a positive integer; got {blocksize!r}")
+    if not isinstance(act_order, bool):
+        raise ConfigError(f"act_order must be True or False; got {act_order!r}")
     layers, tables = weight_only_layers(model, config, "gptq_")
     batches = materialize_batches(calibration, config.calibration_batches, "GPTQ")
     results: dict[str, QuantizedLinear] = {}
@@ -162,7 +192,7 @@ def gptq_(
         scheme = config.weight_scheme(name)
         w = module.weight.detach()
         h = stats.hessian(w.device)  # the identity for a layer never called: round to nearest
-        ints, scale, zp = gptq_quantize(w, h, scheme, blocksize=blocksize, damp=damp)
+        ints, scale, zp = gptq_quantize(w, h, scheme, blocksize=blocksize, damp=damp, act_order=act_order)
         q = QuantizedLinear.from_ints(module, ints, scale, zp, scheme)
         with torch.no_grad():  # later layers are measured on this layer's quantized output
             module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))

@@ -33,6 +33,7 @@ from torchslim.errors import ConfigError
 
 __all__ = [
     "GRANULARITIES",
+    "SCALE_RULES",
     "QScheme",
     "qrange",
     "view",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "group")
+#: how symmetric low-bit weight scales are chosen (:mod:`torchslim.quantize.scale_search`):
+#: ``"absmax"`` (``max|w|`` over half the integer range) or ``"search"``
+SCALE_RULES = ("absmax", "search")
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
@@ -72,6 +76,10 @@ class QScheme:
         axis: the channel axis for ``"channel"`` (0 for weights).
         group_size: elements per group for ``"group"`` (along the flattened row).
         narrow: symmetric signed range without the most negative value (``[-127, 127]``).
+        scale_rule: how a weight's scales are chosen where it is stored as integers
+            (:class:`~torchslim.quantize.weight_only.QuantizedLinear`, GPTQ): ``"absmax"``
+            (min-max) or ``"search"`` (symmetric signed schemes of at most 4 bits: a per-group
+            search, :mod:`torchslim.quantize.scale_search`; others use min-max).
     """
 
     bits: int = 8
@@ -81,9 +89,12 @@ class QScheme:
     axis: int = 0
     group_size: int = 128
     narrow: bool = False
+    scale_rule: str = "absmax"
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "QScheme.bits")
+        if not isinstance(self.scale_rule, str) or self.scale_rule not in SCALE_RULES:
+            raise ConfigError(f"QScheme.scale_rule must be one of {', '.join(SCALE_RULES)}; got {self.scale_rule!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"QScheme.granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:

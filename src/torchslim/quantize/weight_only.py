@@ -86,8 +86,16 @@ class QuantizedLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, linear: nn.Linear, scheme: QScheme, dynamic_act: bool = False) -> QuantizedLinear:
-        """Round-to-nearest quantization of ``linear``'s weight (min-max range per scale)."""
+        """Round-to-nearest quantization of ``linear``'s weight (min-max range per scale, or the
+        searched scales of ``scheme.scale_rule="search"``, :mod:`torchslim.quantize.scale_search`)."""
+        from torchslim.quantize.scale_search import searches, weight_qparams
+
         w = linear.weight.detach().float()
+        if searches(scheme):
+            scale, zp = weight_qparams(view(w, scheme), scheme)
+            scale = scale.reshape(minmax(w, scheme)[0].shape)
+            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+            return cls.from_ints(linear, quantize(w, safe, zp, scheme) * (scale != 0), scale, zp, scheme, dynamic_act)
         lo, hi = minmax(w, scheme)
         scale, zp = choose_qparams(lo, hi, scheme)
         scale = scale.half().float()  # quantize against the scale actually stored
