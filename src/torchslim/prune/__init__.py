@@ -80,6 +80,7 @@ __all__ = [
 
 # --- post-training (one-shot) pruning and transformer structure (heads, FFN neurons, layers) ---
 from torchslim.prune import _cli  # noqa: E402,F401  (registers the prune CLI verbs)
+from torchslim.prune._sparse_kernels import CSRLinear, to_csr_inference  # noqa: E402
 from torchslim.prune.activation import ActivationImportance  # noqa: E402
 from torchslim.prune.depth import block_influence, remove_layers_  # noqa: E402
 from torchslim.prune.heads import (  # noqa: E402
@@ -96,6 +97,8 @@ from torchslim.prune.sparsegpt import sparsegpt_  # noqa: E402
 from torchslim.prune.wanda import OneShotConfig, wanda_  # noqa: E402
 
 __all__ += [
+    "CSRLinear",
+    "to_csr_inference",
     "ActivationImportance",
     "LLMPrunePlan",
     "OneShotConfig",

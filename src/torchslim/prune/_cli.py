@@ -31,6 +31,12 @@ def _register_sparse(sub: Any) -> None:
     p = sub.add_parser("sparsify", help="unstructured / N:M / block sparsity with masks, then compressed storage")
     add_model_verb_args(p)
     p.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1] (not for N:M)")
+    p.add_argument("--target-latency", type=float,
+                   help="instead of --sparsity: measured latency at most this fraction (0, 1] of the original's, with the "
+                        "Linear layers that run faster as CSR converted (eager PyTorch: the runtime with a sparse kernel)")
+    p.add_argument("--runtime", help="where --target-latency is measured: eager (default; the others have no sparse kernel)")
+    p.add_argument("--threads", type=int, help="intra-op threads of the --target-latency runs (default: torch's)")
+    p.add_argument("--batch", type=int, help="rows the --target-latency inputs are repeated to (default: as given)")
     p.add_argument("--method", default=sd["method"], help="magnitude, random, lamp, movement, wanda, snip")
     p.add_argument("--scope", default=sd["scope"], help="layer or global (default layer)")
     p.add_argument("--pattern", default=sd["pattern"], help="unstructured, N:M (e.g. 2:4), block or block:RxC")
@@ -79,9 +85,25 @@ def _cmd_sparsify(args: argparse.Namespace) -> int:
     from torchslim.prune.unstructured import parse_pattern, valid_sparsity
 
     pattern = parse_pattern(args.pattern)  # check everything before building anything
-    if pattern.kind != "nm":
+    given = [f for f, v in (("--runtime", args.runtime), ("--threads", args.threads), ("--batch", args.batch)) if v is not None]
+    if args.target_latency is not None:
+        from torchslim.profile.budget import Budget
+        from torchslim.prune.sparse_latency import check_sparse_runtime
+
+        if args.sparsity is not None:
+            raise ConfigError("give one of --sparsity F or --target-latency F, not both")
+        if pattern.kind != "unstructured":
+            raise ConfigError(f"--target-latency needs --pattern unstructured (the CSR kernel); got {pattern}")
+        args._target = Budget(latency=args.target_latency, runtime=args.runtime or "eager", threads=args.threads,
+                              batch=args.batch)
+        check_sparse_runtime(args._target.runtime)
+    elif given:
+        raise ConfigError(f"{', '.join(given)}: only used with --target-latency F (where it is measured); give it too")
+    else:
+        args._target = None
+    if pattern.kind != "nm" and args._target is None:
         if args.sparsity is None:
-            raise ConfigError(f"--sparsity is required for pattern {pattern} (a number in [0, 1])")
+            raise ConfigError(f"--sparsity (a number in [0, 1]) or --target-latency is required for pattern {pattern}")
         valid_sparsity(args.sparsity, "--sparsity")
     if args.scope not in ("layer", "global"):
         raise ConfigError(f"--scope must be 'layer' or 'global'; got {args.scope!r}")
@@ -109,9 +131,16 @@ def _apply_sparsify(model: Any, ctx: Any) -> dict[str, Any]:
     plan = sparsify_(
         model, None if args.pattern.count(":") == 1 and "block" not in args.pattern else args.sparsity,
         method=args.method, scope=args.scope, pattern=args.pattern, modules=modules,
-        calibration=calibration, calibration_batches=args.calibration_batches, seed=args.seed,
+        calibration=calibration, calibration_batches=args.calibration_batches, seed=args.seed, target=args._target,
     )
     extras: dict[str, Any] = {"sparsify": plan.to_dict()}
+    if plan.latency is not None:
+        extras["latency_ratio"] = plan.latency["latency"]
+        if not args.json:
+            lat = plan.latency
+            ctx.console.print(f"sparsity {lat['sparsity']:.3f}: measured latency {lat['latency']:.3f} of the original's in "
+                              f"{lat['runtime']} with {len(lat['csr_layers'])} Linear layers as CSR "
+                              f"({', '.join(lat['csr_layers'][:4])}); deploy: {lat['deploy']}")
     if args._train_config is not None:
         import torchslim as ts
 

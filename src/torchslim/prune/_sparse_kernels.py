@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -63,21 +64,36 @@ class CSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def to_csr_inference(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
-    """A copy of ``model`` whose Linear layers at least ``min_sparsity`` sparse use :class:`CSRLinear`.
+def to_csr_inference(model: nn.Module, min_sparsity: float = 0.9, *, layers: Iterable[str] | None = None) -> nn.Module:
+    """A copy of ``model`` whose Linear layers at least ``min_sparsity`` sparse use :class:`CSRLinear`
+    (or exactly the Linear layers named in ``layers``: a latency-budget ``sparsify_`` plan's
+    ``latency["csr_layers"]``, the ones measured faster as CSR).
 
     Raises:
-        ConfigError: ``min_sparsity`` outside [0, 1], or the model still carries masks
-            (``finalize_`` it first).
+        ConfigError: ``min_sparsity`` outside [0, 1], a name in ``layers`` that is no plain
+            ``nn.Linear`` of the model, or the model still carries masks (``finalize_`` it first).
     """
     min_sparsity = valid_sparsity(min_sparsity, "min_sparsity")
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         raise ConfigError("to_csr_inference needs plain weights: call finalize_(model) first")
+    wanted = None if layers is None else set(layers)
+    if wanted is not None:
+        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        unknown = sorted(wanted - linears)
+        if unknown:
+            raise ConfigError(f"to_csr_inference: {', '.join(unknown[:3])} {'is' if len(unknown) == 1 else 'are'} no "
+                              f"nn.Linear of the model; layers= takes Linear layer names")
     out = copy.deepcopy(model).eval()
-    for module in list(out.modules()):
+    for name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                sparsity = 1.0 - float(torch.count_nonzero(child.weight)) / child.weight.numel()
-                if sparsity >= min_sparsity:
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if wanted is not None:
+                if full in wanted:
                     setattr(module, child_name, CSRLinear.from_linear(child))
+                continue
+            sparsity = 1.0 - float(torch.count_nonzero(child.weight)) / child.weight.numel()
+            if sparsity >= min_sparsity:
+                setattr(module, child_name, CSRLinear.from_linear(child))
     return out

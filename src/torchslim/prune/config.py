@@ -133,6 +133,10 @@ class SparsifyConfig(ConfigDict):
         overrides: per-layer sparsity, pattern of module name -> value (pruned layer-wise).
         calibration_batches: at most this many calibration batches.
         seed: seed of the ``random`` criterion.
+        target: a latency :class:`Budget` instead of ``sparsity`` (``Budget(latency=0.5,
+            runtime="eager")``): the sparsity is searched on measured latency with the layers that
+            run faster as CSR converted (:mod:`torchslim.prune.sparse_latency`); only runtimes with
+            a sparse kernel take it (eager PyTorch: CSR ``nn.Linear``), the others are refused.
     """
 
     sparsity: float | None = None
@@ -145,9 +149,25 @@ class SparsifyConfig(ConfigDict):
     overrides: dict[str, float] = field(default_factory=dict)
     calibration_batches: int = 8
     seed: int = 0
+    target: Budget | None = None
 
     def __post_init__(self) -> None:
         pat = parse_pattern(self.pattern, self.block)
+        if isinstance(self.target, dict):
+            object.__setattr__(self, "target", Budget.from_dict(self.target))
+        if self.target is not None:
+            if not isinstance(self.target, Budget):
+                raise ConfigError(f"SparsifyConfig.target must be a Budget; got {type(self.target).__name__}")
+            if self.target.latency is None:
+                raise ConfigError("sparsify_ takes a latency Budget only (Budget(latency=F, runtime='eager')); "
+                                  "for a share of the weights give sparsity= instead")
+            if self.sparsity is not None:
+                raise ConfigError("sparsify_: give one of sparsity= or target=Budget(latency=...), not both")
+            if pat.kind != "unstructured":
+                raise ConfigError(f"a latency Budget needs pattern='unstructured' (the CSR kernel); got {pat}")
+            from torchslim.prune.sparse_latency import check_sparse_runtime
+
+            check_sparse_runtime(self.target.runtime)
         if pat.kind == "nm":
             if self.sparsity is not None and not math.isclose(valid_sparsity(self.sparsity), pat.sparsity or 0.0):
                 raise ConfigError(
@@ -155,7 +175,9 @@ class SparsifyConfig(ConfigDict):
                 )
             object.__setattr__(self, "sparsity", pat.sparsity)
         elif self.sparsity is None:
-            raise ConfigError(f"sparsify_ needs sparsity= a number in [0, 1] for pattern {pat}")
+            if self.target is None:
+                raise ConfigError(f"sparsify_ needs sparsity= a number in [0, 1] (or target=Budget(latency=...)) "
+                                  f"for pattern {pat}")
         else:
             object.__setattr__(self, "sparsity", valid_sparsity(self.sparsity))
         if self.block is not None:

@@ -157,6 +157,8 @@ class SparsityPlan:
         overrides: per-layer sparsity overrides (glob -> value).
         layers: weight name -> fraction of its entries now zero (masked).
         overall: fraction of all pruned-layer weights now masked.
+        latency: with a latency ``target``: the measured ratio, runtime, threads, the Linear layers
+            that run CSR (``csr_layers``), per-layer timings and every trial; else None.
     """
 
     method: str
@@ -166,6 +168,7 @@ class SparsityPlan:
     overrides: dict[str, float] = field(default_factory=dict)
     layers: dict[str, float] = field(default_factory=dict)
     overall: float = 0.0
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,6 +350,15 @@ def sparsify_(
     refuse_applied(model, list(dict.fromkeys(_split(w)[0] for w in targets)), "sparsify_", CANNOT_TAKE)
     for wname, module in targets.items():
         check_pattern(wname, getattr(module, _split(wname)[1]).shape, pat)
+    latency = None
+    if cfg.target is not None:  # the sparsity searched on measured latency (CSR where faster), on copies
+        from torchslim._modelinfo import example_inputs
+        from torchslim.prune.sparse_latency import search_sparsity
+
+        base = cfg.replace(target=None, sparsity=0.0)
+        sparsity, latency = search_sparsity(
+            model, example_inputs(model), cfg.target,
+            lambda copy, s: sparsify_(copy, base.replace(sparsity=s), calibration=calibration))
     rates, overridden = _rates(targets, sparsity, overrides)
 
     weights = {n: getattr(m, _split(n)[1]) for n, m in targets.items()}
@@ -369,7 +381,8 @@ def sparsify_(
     achieved = {n: 1.0 - float(m.float().mean()) for n, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
     overall = 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
-    return SparsityPlan(name, scope, str(pat), sparsity if pat.kind != "nm" else None, overrides, achieved, overall)
+    return SparsityPlan(name, scope, str(pat), sparsity if pat.kind != "nm" else None, overrides, achieved, overall,
+                        latency)
 
 
 def finalize_(model: nn.Module, storage: str = "auto") -> SparsityReport:
