@@ -40,3 +40,17 @@ def test_cli_bad_runtime_exit_2(capsys, tmp_path: Path) -> None:
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "runtime" in err
     assert torch.get_num_threads() >= 1
+
+
+def test_cli_target_latency_is_the_latency_bound_and_given_once() -> None:
+    import argparse
+
+    from torchslim.search._cli import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    base = ["search", "zoo:lenet5", "--data", "mnist", "--out", "x", "--runtime", "onnxruntime"]
+    cfg = config_from_args(parser.parse_args(base + ["--target-latency", "0.6", "--budget", "macs=0.5"]))
+    assert cfg.budget == {"macs": 0.5, "latency": 0.6} and cfg.runtime == "onnxruntime"
+    with pytest.raises(ConfigError, match="latency bound once"):
+        config_from_args(parser.parse_args(base + ["--target-latency", "0.6", "--budget", "latency=0.5"]))

@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--data", required=True, help="labeled data spec")
     p.add_argument("--budget", help="bounds as fractions of the original, e.g. macs=0.3 or macs=0.3,latency=0.5 "
                    "(metrics: macs, params, size, latency)")
+    p.add_argument("--target-latency", type=float,
+                   help="the latency bound alone: measured latency at most this fraction (0, 1] of the original's, in "
+                        "--runtime (the same as --budget latency=F; may be combined with --budget macs=...)")
     p.add_argument("--runtime", default="eager",
                    help="where latency (objective or budget) is measured: eager (default), compile, onnxruntime, xnnpack")
     p.add_argument("--threads", type=int, help="intra-op threads of the latency runs (default: torch's)")
@@ -113,9 +116,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`SearchConfig` the flags describe (raises ``ConfigError`` when invalid)."""
     from torchslim.search.api import SearchConfig
 
+    budget = args.budget
+    if getattr(args, "target_latency", None) is not None:
+        from torchslim.errors import ConfigError
+
+        if budget and "latency" in budget:
+            raise ConfigError("give the latency bound once: --target-latency F or latency=F in --budget, not both")
+        budget = f"{budget},latency={args.target_latency}" if budget else f"latency={args.target_latency}"
     return SearchConfig(
         objectives=args.objective,
-        budget=args.budget,
+        budget=budget,
         runtime=args.runtime,
         threads=args.threads,
         trials=args.trials,
