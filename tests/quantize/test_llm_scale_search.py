@@ -150,3 +150,57 @@ def test_bad_scale_rule_is_refused_in_one_line_and_the_model_is_unchanged() -> N
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert ts  # the package imports cleanly
+
+
+def test_gptq_act_order_keeps_static_groups_in_range() -> None:
+    w = _weights(4, rows=16, cols=64)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(7)) * torch.linspace(3, 0.2, 64).flip(0)
+    h = 2 * x.T @ x / x.shape[0]
+    ints, scale, _ = gptq_quantize(w, h, SEARCH, act_order=True)
+    assert ints.min() >= -8 and ints.max() <= 7
+    again = gptq_quantize(w, h, SEARCH, act_order=True)
+    assert torch.equal(ints, again[0]) and torch.equal(scale, again[1])
+    # static groups: every scale is the one searched on the weights as given, before any update
+    expect = search_scales(w.reshape(16, 2, 32), torch.diagonal(h).reshape(2, 32), -8, 7)
+    torch.testing.assert_close(scale, expect, rtol=0, atol=0)
+
+
+def test_rtn_with_data_weighs_the_inputs_energy() -> None:
+    from torchslim.quantize.gptq import rtn_
+
+    calib = [torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with_data, plain = _tiny_llama(), _tiny_llama()
+    w = plain.model.layers[0].mlp.down_proj.weight.detach().clone()
+    sq = {}
+    hook = with_data.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: sq.__setitem__("x", sq.get("x", 0) + i[0].detach().reshape(-1, i[0].shape[-1]).square().sum(0)))
+    with torch.no_grad():
+        for b in calib:
+            with_data(b)
+    hook.remove()
+    plan = quantize_llm_(with_data, method="rtn", calibration=calib, embedding_bits=None)
+    assert plan.config.scale_rule == "search"
+    quantize_llm_(plain, method="rtn", embedding_bits=None)
+    imp = sq["x"].reshape(-1, 32)
+    def err(q) -> float:
+        return float(weighted_error(w.reshape(64, -1, 32), q.scale.float(), imp, -8, 7).sum())
+    assert err(with_data.model.layers[0].mlp.down_proj) <= err(plain.model.layers[0].mlp.down_proj)
+    with pytest.raises(ConfigError, match="act_order"):
+        quantize_llm_(_tiny_llama(), method="rtn", act_order=True)
+    assert rtn_.__doc__
+
+
+def test_cli_scale_rule_flag(tmp_path, capsys) -> None:
+    import json
+
+    from torchslim.cli import main
+
+    code = main(["quantize", "zoo:lenet300", "--mode", "weight-only", "--bits", "4", "--scale-rule", "ggml",
+                 "--out", str(tmp_path / "bad"), "--json", "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "scale_rule must be one of absmax, search; got 'ggml'" in err
+    assert not (tmp_path / "bad").exists()
+    code = main(["quantize", "zoo:lenet300", "--mode", "weight-only", "--bits", "4", "--group-size", "4", "--scale-rule",
+                 "absmax", "--out", str(tmp_path / "q"), "--json", "--no-latency", "--no-progress", "--no-onnx"])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and payload["quantize"]["config"]["scale_rule"] == "absmax"

@@ -54,6 +54,10 @@ def register(sub: Any) -> None:
                         "(pretrained:smollm2-135m) calibrates on token windows of a text spec: --data shakespeare")
     p.add_argument("--rotate", action="store_true",
                    help="weight-only, Llama-style LLMs: rotate the residual stream (randomized Hadamard) before quantizing")
+    p.add_argument("--scale-rule", default=qd["scale_rule"], metavar="{search,absmax}",
+                   help="weight-only symmetric int4 (rtn, gptq, awq-gptq): search (default: ggml's Q4_0 rule, clipped "
+                        "steps and least-squares refits per group, weighted by the inputs' energy when calibrated) or "
+                        "absmax (max|w| / 7.5, the older rule)")
     p.add_argument("--embedding-bits", default=None, metavar="{4,8,fp}",
                    help="decoder LLM: bits of the embedding table (default 8; fp keeps it float)")
     p.add_argument("--lm-head-bits", default=None, metavar="{2..8,fp}",
@@ -81,7 +85,7 @@ def _config(args: argparse.Namespace) -> Any:
         group_size=args.group_size or QuantConfig.defaults()["group_size"],
         observer=observer, calibration_batches=args.calibration_batches, lsq=args.lsq,
         bias_correction=args.bias_correction, smoothquant_alpha=getattr(args, "_smoothquant", args.smoothquant),
-        embeddings=args.embeddings, **given,
+        embeddings=args.embeddings, scale_rule=args.scale_rule, **given,
     )
 
 
@@ -218,11 +222,11 @@ def _llm_quantize(model: Any, args: argparse.Namespace, ctx: Any, config: Any) -
     start = time.perf_counter()
     plan = quantize_llm_(model, bits=config.bits, group_size=args.group_size or 32, method=method, rotate=args.rotate,
                          embedding_bits=emb, lm_head_bits=head, data=data, calibration=calibration,
-                         skip=config.skip)
+                         skip=config.skip, scale_rule=config.scale_rule)
     out: dict[str, Any] = {"quantize": plan.to_dict(), "method": method, "rotate": args.rotate,
                            "embedding_bits": emb, "lm_head_bits": head,
                            "calibration_seconds": round(time.perf_counter() - start, 2)}
-    if isinstance(data, TextBundle) and method in ("gptq", "awq", "awq-gptq"):
+    if isinstance(data, TextBundle) and method in ("gptq", "awq", "awq-gptq", "rtn"):
         from torchslim.quantize.api import LLM_CALIBRATION
 
         out["calibration"] = {"data": f"{data.spec}[train]", **LLM_CALIBRATION}

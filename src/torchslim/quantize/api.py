@@ -516,7 +516,8 @@ def quantize_llm_(
     262k-token table is 63% of its parameters). ``rotate=True`` first rotates the residual stream
     (:func:`torchslim.quantize.rotate.rotate_`, Llama-style models only).
 
-    Methods: ``"rtn"`` round to nearest (symmetric min-max, no data); ``"gptq"``
+    Methods: ``"rtn"`` round to nearest (symmetric, scales searched per group; with ``data`` the
+    search weighs each input column by its energy, :func:`~torchslim.quantize.gptq.rtn_`); ``"gptq"``
     (:func:`~torchslim.quantize.gptq.gptq_`) and ``"awq"`` (:func:`~torchslim.quantize.awq.awq_`)
     calibrate on ``data``, ``"awq-gptq"`` rounds AWQ's scaled weights with GPTQ; ``"hqq"`` (:func:`~torchslim.quantize.hqq.hqq_`, asymmetric with
     zero points) needs no data. ``sequential=False`` (default here) measures every layer once on
@@ -569,7 +570,7 @@ def quantize_llm_(
                          embeddings=embedding_bits is not None, embedding_bits=embedding_bits,
                          scale_rule=scale_rule)
     calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
-    if _is_text(data) and method in ("gptq", "awq", "awq-gptq"):  # rtn / hqq read no data
+    if _is_text(data) and method in ("gptq", "awq", "awq-gptq", "rtn"):  # hqq reads no data
         calibration = llm_calibration(model, data, seed=seed)
     if method in ("gptq", "awq", "awq-gptq") and calibration is None:
         raise ConfigError(f"method={method!r} calibrates on data: pass data='shakespeare' (or text:PATH, or batches of token ids)")
@@ -585,6 +586,10 @@ def quantize_llm_(
         from torchslim.quantize.rotate import rotate_
 
         rotate_(model, seed=seed)
+    if method == "rtn" and batches is not None:  # the scale search weighs the inputs' energy
+        from torchslim.quantize.gptq import rtn_
+
+        return rtn_(model, config, calibration=batches, sequential=sequential)
     if method == "rtn":
         return quantize_(model, config)
     if method == "hqq":

@@ -48,7 +48,7 @@ from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
 from torchslim.quantize.scale_search import searches, weight_qparams
 from torchslim.quantize.weight_only import QuantizedLinear
 
-__all__ = ["gptq_", "gptq_quantize", "rtn_quantize"]
+__all__ = ["gptq_", "gptq_quantize", "rtn_", "rtn_quantize"]
 
 
 def _group_params(block: torch.Tensor, scheme: QScheme, importance: torch.Tensor | None = None
@@ -134,6 +134,44 @@ def rtn_quantize(weight: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, t
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(v / safe) + zp, qmin, qmax) * (scale != 0)
     return q.reshape(rows, cols).to(torch.int32), scale.float(), zp.float()
+
+
+def rtn_(model: nn.Module, config: QuantConfig | None = None, *, data: Any = None,
+         calibration: Iterable[Any] | None = None, sequential: bool = False) -> QuantPlan:
+    """Round to nearest with scales searched against the calibration inputs' energy per column
+    (llama.cpp's importance-matrix idea): each Linear's groups get :func:`weight_qparams` with
+    ``importance`` = the input's mean square per input feature, then the nearest integers. Only the
+    diagonal of ``X^T X`` is collected (one pass when ``sequential=False``). With
+    ``scale_rule="absmax"`` (or a scheme the search does not cover) the data changes nothing.
+
+    Raises:
+        ConfigError: as :func:`gptq_`. The model is unchanged then.
+    """
+    calibration = batches_of(data, calibration, where="rtn_")
+    config = check_weight_only(model, config, "RTN", default_group=32)
+    layers, tables = weight_only_layers(model, config, "rtn_")
+    batches = materialize_batches(calibration, config.calibration_batches, "RTN")
+    results: dict[str, QuantizedLinear] = {}
+
+    def process(name: str, module: nn.Linear, stats: LayerStats) -> None:
+        scheme = config.weight_scheme(name)
+        w = module.weight.detach().float()
+        rows, cols = w.shape
+        gs = _group_size(scheme, cols)
+        v = w.reshape(rows, cols // gs, gs)
+        importance = (stats.sq / stats.rows).reshape(cols // gs, gs).float() if stats.rows else None
+        scale, zp = weight_qparams(v, scheme, importance)
+        qmin, qmax = qrange(scheme)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        ints = torch.clamp(torch.round(v / safe) + zp, qmin, qmax) * (scale != 0)
+        q = QuantizedLinear.from_ints(module, ints.reshape(rows, cols).to(torch.int32), scale, zp, scheme)
+        with torch.no_grad():
+            module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))
+        results[name] = q
+
+    with restoring_on_error(model, layers):
+        run_layerwise(model, layers, batches, process, full=False, sequential=sequential)
+    return finish_weight_only(model, config, layers, tables, results, len(batches), "rtn")
 
 
 def dequantize_grouped(ints: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:

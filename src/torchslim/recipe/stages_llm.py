@@ -2,7 +2,9 @@
 
 ``quantize_llm`` runs :func:`torchslim.quantize.quantize_llm_` on the model: the body's Linears
 to ``bits`` in groups of ``group_size``, the embedding table and ``lm_head`` to their own bits,
-calibrated (GPTQ, AWQ) on the run's text data (``--data shakespeare``: its calibration plays). The
+calibrated (GPTQ, AWQ; RTN's scale search weighs the inputs' energy when data is given) on the run's
+text data (``--data shakespeare``: its calibration plays); ``scale_rule`` picks how symmetric int4
+group scales are chosen (``search`` by default, ``absmax`` the older rule). The
 ``export`` stage then ships it as an ONNX decoder with a KV cache and a GGUF file.
 """
 
@@ -16,12 +18,13 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.quantize import quantize_llm_
 from torchslim.quantize.api import LLM_METHODS
+from torchslim.quantize.primitives import SCALE_RULES
 from torchslim.recipe.schema import _Strict
 from torchslim.recipe.stages import StageContext, signature_defaults, stage
 
 __all__: list[str] = []
 
-_FIELDS = ("bits", "group_size", "method", "rotate", "embedding_bits", "lm_head_bits", "sequential")
+_FIELDS = ("bits", "group_size", "method", "rotate", "embedding_bits", "lm_head_bits", "sequential", "scale_rule", "act_order")
 QuantizeLLMSchema = pydantic.create_model("QuantizeLlmStage", __base__=_Strict,
                                           **signature_defaults(quantize_llm_, *_FIELDS))
 
@@ -32,6 +35,8 @@ def _check(cfg: dict[str, Any]) -> None:
     bits = cfg.get("bits")
     if bits not in (2, 3, 4, 8):
         raise ConfigError(f"field 'bits' must be 2, 3, 4 or 8; got {bits!r}")
+    if cfg.get("scale_rule", "search") not in SCALE_RULES:
+        raise ConfigError(f"field 'scale_rule' must be one of {', '.join(SCALE_RULES)}; got {cfg.get('scale_rule')!r}")
     for key in ("embedding_bits", "lm_head_bits"):
         if cfg.get(key) not in (None, 4, 8):
             raise ConfigError(f"field {key!r} must be 4, 8 or null (float); got {cfg.get(key)!r}")
