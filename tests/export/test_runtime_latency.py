@@ -84,3 +84,24 @@ def test_fastest_widths_times_each_candidate_width():
         rl.fastest_widths(nn.Linear(4, 4), [1, 4], [0])
     with pytest.raises(ConfigError, match="Conv1d/2d/3d and Linear"):
         rl.layer_latency(nn.ReLU(), [1, 4])
+
+
+def test_a_conv_subclass_with_its_own_constructor_is_timed_as_the_plain_conv(tmp_path, monkeypatch) -> None:
+    from torch import nn
+
+    from torchslim.export.runtime_latency import conv_class, fastest_widths, layer_latency
+
+    monkeypatch.setenv("TORCHSLIM_CACHE", str(tmp_path))
+
+    class SamePadConv(nn.Conv2d):  # like EfficientNet's static-"same" conv: one more required argument
+        def __init__(self, cin: int, cout: int, k: int, image_size: int) -> None:
+            super().__init__(cin, cout, k)
+            self.pad = nn.ZeroPad2d(k // 2)
+
+        def forward(self, x):
+            return super().forward(self.pad(x))
+
+    conv = SamePadConv(4, 8, 3, image_size=16)
+    assert conv_class(conv) is nn.Conv2d
+    assert layer_latency(conv, [1, 4, 16, 16], "eager", runs=3, warmup=1) > 0
+    assert set(fastest_widths(conv, [1, 4, 16, 16], [4, 8], "eager")) == {4, 8}

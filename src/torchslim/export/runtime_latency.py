@@ -58,7 +58,7 @@ from torchslim.graph.inputs import Inputs, as_inputs
 from torchslim.profile.budget import MEMORY_FORMATS, RUNTIMES
 from torchslim.profile.latency import Timing, cpu_name, measure_interleaved
 
-__all__ = ["MEMORY_FORMATS", "RUNTIMES", "LayerLatency", "check_runtime", "fastest_widths", "latency_ratio",
+__all__ = ["MEMORY_FORMATS", "RUNTIMES", "LayerLatency", "check_runtime", "conv_class", "fastest_widths", "latency_ratio",
            "layer_input_shapes", "layer_latency", "layer_table", "module_latencies", "module_latency", "paired_latency",
            "runtime_unavailable"]
 
@@ -198,11 +198,17 @@ class LayerLatency:
         return asdict(self)
 
 
+def conv_class(module: nn.Module) -> type[nn.Module]:
+    """The plain ``nn.Conv1d/2d/3d`` a convolution (or a subclass of one, e.g. a static-"same"-padding
+    conv of EfficientNet) is timed as: its layer rebuilt with random weights."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]
+
+
 def _signature(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, nn.Linear):
         return {"type": "Linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return {"type": type(module).__name__, "in": module.in_channels, "out": module.out_channels,
+        return {"type": conv_class(module).__name__, "in": module.in_channels, "out": module.out_channels,
                 "kernel": list(module.kernel_size), "stride": list(module.stride), "padding": str(module.padding),
                 "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None}
     raise ConfigError(f"layer_latency times Conv1d/2d/3d and Linear layers; got {type(module).__name__}")
@@ -265,8 +271,7 @@ def _fresh(module: nn.Module) -> nn.Module:
     sig = _signature(module)
     if sig["type"] == "Linear":
         return nn.Linear(sig["in"], sig["out"], bias=sig["bias"]).eval()
-    cls = type(module) if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else getattr(nn, sig["type"])
-    return cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+    return conv_class(module)(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
                padding=module.padding, dilation=module.dilation, groups=module.groups,
                bias=module.bias is not None).eval()
 
@@ -326,7 +331,7 @@ def fastest_widths(module: nn.Module, input_shape: Sequence[int], widths: Sequen
             groups = module.groups
             if groups not in (1, module.in_channels) or w % groups:
                 raise ConfigError(f"fastest_widths: width {w} does not fit a convolution with groups={groups}")
-            probe = type(module)(module.in_channels, w, module.kernel_size, stride=module.stride, padding=module.padding,
+            probe = conv_class(module)(module.in_channels, w, module.kernel_size, stride=module.stride, padding=module.padding,
                                  dilation=module.dilation, groups=groups, bias=module.bias is not None)
         out[w] = layer_latency(probe, input_shape, runtime, threads=threads, memory_format=memory_format, cache=cache)
     return out

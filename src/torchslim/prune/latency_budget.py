@@ -171,7 +171,9 @@ def _probe(role: str, mod: nn.Module, shape: list[int], size: int, width: int) -
     if new_in < 1:
         return None
     out, groups = (new_in, new_in) if role == "dw" else (mod.out_channels, 1)
-    conv = type(mod)(new_in, out, mod.kernel_size, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
+    from torchslim.export.runtime_latency import conv_class
+
+    conv = conv_class(mod)(new_in, out, mod.kernel_size, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
                      groups=groups, bias=mod.bias is not None)
     return conv, [shape[0], new_in, *shape[2:]]
 
