@@ -86,7 +86,9 @@ def gptq_quantize(
     ``act_order=True`` visits the columns by decreasing Hessian diagonal (the inputs with the most
     energy first, while most columns are left to absorb their error) with *static* groups: every
     group's scale is chosen up front on the weights as given, so the groups stay runs of
-    consecutive inputs in storage.
+    consecutive inputs in storage. Measured on SmolLM2-135M (int4 g32, rotated, searched scales,
+    2,048 held-out tokens) it loses to the default order (+7.0% perplexity against +3.3%): the
+    scales chosen before any update no longer fit the compensated weights, so it is off by default.
     """
     rows, cols = weight.shape
     gs = _group_size(scheme, cols)
