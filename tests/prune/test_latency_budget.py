@@ -157,3 +157,14 @@ def test_recipe_target_reaches_budget() -> None:
     assert cfg.target == ts.Budget(latency=0.6, runtime="onnxruntime", threads=1) and cfg.round_to is None
     with pytest.raises(ConfigError, match="runtime must be one of"):
         load_recipe({"stages": [{"prune_channels": {"target": {"latency": 0.6, "runtime": "tensorrt"}}}]})
+
+
+def test_compile_room_lifts_the_recompile_limit_for_the_search_only() -> None:
+    import torch._dynamo
+
+    from torchslim.prune.latency_budget import compile_room
+
+    before = torch._dynamo.config.recompile_limit
+    with compile_room():
+        assert torch._dynamo.config.recompile_limit >= 1024  # many shapes of one forward stay compiled
+    assert torch._dynamo.config.recompile_limit == before

@@ -50,7 +50,7 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs, as_inputs
 
-__all__ = ["MAX_TRIALS", "auto_widths", "batched", "faster_memory_format", "paired_ratio", "search_latency"]
+__all__ = ["MAX_TRIALS", "auto_widths", "batched", "compile_room", "faster_memory_format", "paired_ratio", "search_latency"]
 
 MAX_TRIALS = 8  # measured trials of one search (each prepares two models in the runtime)
 ACCEPT = 0.05  # a result within this fraction of the budget is kept when the tolerance is tighter
@@ -269,6 +269,22 @@ def rounded_choice(model: nn.Module, cg: Any, scores: list[torch.Tensor], ratio:
 
 
 # ---- the search ------------------------------------------------------------------------------------------------
+_RECOMPILES = 4096  # torch.compile recompilations allowed per code object during a search
+
+
+def compile_room() -> Any:
+    """A context that lets ``torch.compile`` recompile one code object many times.
+
+    A search compiles the same ``forward`` (the model's, ``Conv2d.forward`` for width probes) for
+    many shapes; past dynamo's ``recompile_limit`` (8) it silently runs that code eagerly, so the
+    later "compile" timings would be eager ones."""
+    import torch._dynamo
+
+    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+             if hasattr(torch._dynamo.config, n)]
+    return torch._dynamo.config.patch(**dict.fromkeys(names, _RECOMPILES))
+
+
 def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: dict[str, Any], example_inputs: Any,
                    target: Any, *, auto_round: bool) -> tuple[float, tuple[set[int], list[dict[str, Any]]], dict[str, Any]]:
     """The pruning ratio whose measured latency meets ``target`` (a latency :class:`~torchslim.Budget`).
@@ -277,6 +293,14 @@ def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: 
     ratio, ``runtime``, ``threads``, ``memory_format`` and the search's trials. Raises a one-line
     ``ConfigError`` when no measured point is within ``max(tolerance, 0.05)`` of the budget.
     """
+    if target.runtime in ("compile", "compile-int8"):
+        with compile_room():
+            return _search(model, cg, scores, opts, example_inputs, target, auto_round=auto_round)
+    return _search(model, cg, scores, opts, example_inputs, target, auto_round=auto_round)
+
+
+def _search(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: dict[str, Any], example_inputs: Any,
+            target: Any, *, auto_round: bool) -> tuple[float, tuple[set[int], list[dict[str, Any]]], dict[str, Any]]:
     from torchslim.export.runtime_latency import check_runtime, latency_ratio, runtime_unavailable
     from torchslim.graph.state import clone_module
     from torchslim.graph.surgery import slice_model_
