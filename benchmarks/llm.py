@@ -4,7 +4,11 @@ held-out Shakespeare of every torchslim method, in one run.
 Rows (each in its own process, so its peak RSS is its own):
 
 * ``fp32``: the float model (dequantized from the shipped GGUF): the reference of every delta;
-* ``rtn``: round to nearest, symmetric int4, groups of 32 (torchslim's own RTN);
+* ``rtn``: round to nearest, symmetric int4, groups of 32 (torchslim's own RTN), no data; every
+  symmetric int4 row's group scales are searched (``scale_rule="search"``, the default: ggml's Q4_0
+  rule, clipped steps, least-squares refits; :mod:`torchslim.quantize.scale_search`);
+* ``rtn+data``: the same search weighted by the calibration inputs' energy per column (llama.cpp's
+  importance-matrix idea), still round to nearest;
 * ``gptq``: GPTQ (second-order error compensation);
 * ``awq``: activation-aware scaling (alpha grid of 10, scales folded into the RMSNorms and
   ``v_proj`` / ``up_proj``) and per-group clip search;
@@ -60,6 +64,7 @@ MODEL = "pretrained:smollm2-135m"
 ROWS: dict[str, dict[str, Any]] = {  # in the order they run (most telling first)
     "fp32": {},
     "rtn": {"method": "rtn"},
+    "rtn+data": {"method": "rtn", "data": True},
     "awq": {"method": "awq"},
     "hqq": {"method": "hqq"},
     "gptq": {"method": "gptq"},
@@ -110,7 +115,7 @@ def run_row(name: str, tokens: int) -> dict[str, Any]:
     elif spec.get("method"):
         quantize_llm_(model, bits=4, group_size=spec.get("group_size", 32), method=spec["method"],
                       rotate=spec.get("rotate", False), embedding_bits=8, lm_head_bits=8,
-                      data="shakespeare" if spec["method"] in ("gptq", "awq", "awq-gptq") else None)
+                      data="shakespeare" if spec["method"] in ("gptq", "awq", "awq-gptq") or spec.get("data") else None)
     calib = time.perf_counter() - start
     r = ts.evaluate_lm(model, "shakespeare", max_tokens=tokens, context=1024, stride=512, threads=2)
     return {
