@@ -53,3 +53,21 @@ def test_bench_compile_row_of_an_int8_model_names_the_int8_kernels(pair):
     row = next(r for r in result.rows if r.runtime == "compile")
     assert row.status == "ok", row.reason
     assert row.info.get("kernels") == "int8"
+
+
+def test_new_shapes_compile_past_dynamos_recompile_limit() -> None:
+    """Past ``recompile_limit`` versions of one forward dynamo silently runs it eagerly; the callable
+    compile_model returns compiles each new shape with the limit lifted (and leaves the limit as it was)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    run = compile_model(model)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        before = counters["stats"]["unique_graphs"]
+        for b in (1, 2, 3):
+            with torch.no_grad():
+                assert torch.allclose(run(torch.ones(b, 8)), model(torch.ones(b, 8)))
+        assert counters["stats"]["unique_graphs"] - before == 3  # every shape compiled, none ran eagerly
+        assert torch._dynamo.config.recompile_limit == 1

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._compile import compile_room
 from torchslim.errors import ConfigError
 from torchslim.graph.inputs import Inputs, as_inputs
 
@@ -269,22 +270,6 @@ def rounded_choice(model: nn.Module, cg: Any, scores: list[torch.Tensor], ratio:
 
 
 # ---- the search ------------------------------------------------------------------------------------------------
-_RECOMPILES = 4096  # torch.compile recompilations allowed per code object during a search
-
-
-def compile_room() -> Any:
-    """A context that lets ``torch.compile`` recompile one code object many times.
-
-    A search compiles the same ``forward`` (the model's, ``Conv2d.forward`` for width probes) for
-    many shapes; past dynamo's ``recompile_limit`` (8) it silently runs that code eagerly, so the
-    later "compile" timings would be eager ones."""
-    import torch._dynamo
-
-    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
-             if hasattr(torch._dynamo.config, n)]
-    return torch._dynamo.config.patch(**dict.fromkeys(names, _RECOMPILES))
-
-
 def search_latency(model: nn.Module, cg: Any, scores: list[torch.Tensor], opts: dict[str, Any], example_inputs: Any,
                    target: Any, *, auto_round: bool) -> tuple[float, tuple[set[int], list[dict[str, Any]]], dict[str, Any]]:
     """The pruning ratio whose measured latency meets ``target`` (a latency :class:`~torchslim.Budget`).
