@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,11 @@ from torch import nn
 
 import torchslim as ts
 from torchslim._utils import atomic_path
-from torchslim.export.runtime_latency import latency_ratio, paired_latency
+from torchslim.export.runtime_latency import paired_latency
 from torchslim.profile.latency import cpu_name
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from latency_budget import prune_macs_at_latency  # noqa: E402  (the same MACs-at-latency search)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latency_accuracy.json")
 BUDGET = 0.5
@@ -97,29 +101,6 @@ def macs_of(model: nn.Module, x: torch.Tensor) -> float:
     return float(ts.profile(model, x, latency=False, size=False).macs)
 
 
-def prune_macs_at(dense: nn.Module, x: torch.Tensor, runtime: str, target: float, fmt: str | None, tries: int,
-                  con: Console) -> tuple[nn.Module, float, float]:
-    """MACs-budget pruning whose latency in ``runtime`` is closest to ``target`` (secant on the MACs fraction)."""
-    pts: list[tuple[float, float, nn.Module]] = []
-    f = target
-    for _ in range(tries):
-        m = copy.deepcopy(dense)
-        ts.prune_channels_(m, x[:1], target=ts.Budget(macs=f))
-        lat, _ = latency_ratio(dense, m, x, runtime, threads=1, runs=11, memory_format=fmt)
-        pts.append((f, float(lat), m))
-        con.print(f"[dim]  {runtime}: MACs budget {f:.3f} -> latency {lat:.3f} (aim {target:.3f})[/dim]")
-        if abs(lat - target) <= CLOSE * target:
-            break
-        if len(pts) == 1:
-            f = f * target / max(lat, 1e-3)
-        else:
-            (f1, l1, _), (f2, l2, _) = pts[-2], pts[-1]
-            f = f2 + (target - l2) * (f2 - f1) / (l2 - l1) if abs(l2 - l1) > 1e-6 else f2 * target / max(l2, 1e-3)
-        f = min(max(f, 0.03), 1.0)
-    f, lat, m = min(pts, key=lambda p: abs(p[1] - target))
-    return m, f, lat
-
-
 def rows_for(name: str, dense: nn.Module, x: torch.Tensor, runtime: str, score: Any, args: argparse.Namespace,
              con: Console) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
@@ -137,7 +118,8 @@ def rows_for(name: str, dense: nn.Module, x: torch.Tensor, runtime: str, score: 
     fmt = fmt if fmt in ("contiguous", "channels_last") else None
     con.print(f"[dim]{name} {runtime}: latency search {time.perf_counter() - t0:.0f} s, {a['trials']} trials, "
               f"ratio {a['latency']:.3f}[/dim]")
-    mac_model, f, mac_lat = prune_macs_at(dense, x, runtime, float(a["latency"]), fmt, args.macs_tries, con)
+    mac = prune_macs_at_latency(dense, x, runtime, 1, fmt, args.macs_tries, con, target=float(a["latency"]))
+    mac_model, f = mac["model"], mac["macs_budget"]
     models = {"original": dense, "latency": lat_model, "macs@lat": mac_model}
     t = paired_latency(models, x, runtime, threads=1, runs=args.runs, warmup=2, memory_format=fmt)
     rows = []
@@ -170,7 +152,7 @@ def main() -> int:
             x = next(iter(data.loader("test", batch_size=args.batch)))[0]
             dense_acc = test_accuracy(dense, data)
 
-            def score(m: nn.Module) -> dict[str, Any]:
+            def score(m: nn.Module, dense_acc: float = dense_acc) -> dict[str, Any]:
                 return {"proxy": "mnist test accuracy", "dense": dense_acc, "pruned": test_accuracy(m, data),
                         "finetuned": finetuned_accuracy(m, data, args.finetune_steps)}
         else:

@@ -94,26 +94,27 @@ def prune_latency(dense: nn.Module, x: torch.Tensor, runtime: str, threads: int,
 
 
 def prune_macs_at_latency(dense: nn.Module, x: torch.Tensor, runtime: str, threads: int, fmt: str | None, tries: int,
-                          con: Console) -> dict[str, Any]:
-    """MACs-budget pruning whose measured latency in ``runtime`` is closest to the budget (secant on f)."""
+                          con: Console, target: float = BUDGET) -> dict[str, Any]:
+    """MACs-budget pruning whose measured latency in ``runtime`` (on ``x``) is closest to ``target``
+    (secant on the MACs fraction ``f``); the pruning traces one row of ``x``."""
     pts: list[tuple[float, float, nn.Module]] = []
-    f = BUDGET
+    f = target
     t0 = time.perf_counter()
     for _ in range(tries):
         m = copy.deepcopy(dense)
-        ts.prune_channels_(m, x, target=ts.Budget(macs=f))
+        ts.prune_channels_(m, x[:1], target=ts.Budget(macs=f))
         lat, _ = latency_ratio(dense, m, x, runtime, threads=threads, runs=11, memory_format=fmt)
         pts.append((f, float(lat), m))
-        con.print(f"[dim]{runtime}: MACs budget {f:.3f} -> latency {lat:.3f}[/dim]")
-        if abs(lat - BUDGET) <= CLOSE * BUDGET:
+        con.print(f"[dim]{runtime}: MACs budget {f:.3f} -> latency {lat:.3f} (aim {target:.3f})[/dim]")
+        if abs(lat - target) <= CLOSE * target:
             break
         if len(pts) == 1:
-            f = f * BUDGET / max(lat, 1e-3)
+            f = f * target / max(lat, 1e-3)
         else:
             (f1, l1, _), (f2, l2, _) = pts[-2], pts[-1]
-            f = f2 + (BUDGET - l2) * (f2 - f1) / (l2 - l1) if abs(l2 - l1) > 1e-6 else f2 * BUDGET / max(l2, 1e-3)
+            f = f2 + (target - l2) * (f2 - f1) / (l2 - l1) if abs(l2 - l1) > 1e-6 else f2 * target / max(l2, 1e-3)
         f = min(max(f, 0.03), 1.0)
-    f, lat, m = min(pts, key=lambda p: abs(p[1] - BUDGET))
+    f, lat, m = min(pts, key=lambda p: abs(p[1] - target))
     return {"model": m, "macs_budget": f, "search_ratio": lat, "trials": len(pts), "search_s": time.perf_counter() - t0,
             "first": pts[0]}
 
