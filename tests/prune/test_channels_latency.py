@@ -28,15 +28,20 @@ def test_sensitivity_is_measured_per_group_and_scales_are_bounded() -> None:
     assert all(0.25 <= v <= 4.0 for v in scales.values())
 
 
-def test_latency_allocation_meets_macs_budget_with_non_uniform_ratios() -> None:
+@pytest.mark.parametrize("round_to", [1, None])
+def test_latency_allocation_meets_macs_budget_with_non_uniform_ratios(round_to) -> None:
     model = ts.create_model("zoo:resnet20")
     before = _macs(model)
-    plan = prune_channels_(model, target=Budget(macs=0.5), allocation="latency")
+    plan = prune_channels_(model, target=Budget(macs=0.5), allocation="latency", round_to=round_to)
     got = _macs(model) / before
     assert abs(got - 0.5) <= 0.02
     assert plan.allocation == "latency"
     kept = {round(g["kept"] / g["size"], 2) for g in plan.groups}
-    assert len(kept) > 2  # ratios differ per group
+    if round_to == 1:  # single channels: the latency scales give many different ratios
+        assert len(kept) > 2
+    else:  # the default keeps widths in kernel blocks (8 from 32 channels), which leaves fewer distinct ratios
+        assert len(kept) >= 2
+        assert all(g["kept"] % 8 == 0 for g in plan.groups if g["size"] >= 32)
     (inp,) = ts.example_inputs(model)
     model(inp).sum().backward()
 
