@@ -253,6 +253,23 @@ def _describe(budget: Any, threads: int) -> str:
     return f"{budget.runtime} ({threads} thread{'s' if threads != 1 else ''}{fmt})"
 
 
+def _cpu_runtime(model: nn.Module, runtime: str, memory_format: str | None, threads: int | None, *,
+                 what: tuple[str, str], hint: str = "") -> tuple[str, str | None, int]:
+    """``(runtime, memory_format, threads)`` checked for timing ``model`` (threads resolved to a
+    number); one-line ConfigErrors for a bad setting, a model off the CPU, a runtime not installed.
+    ``what``: how the messages name the work (``"... is measured"``, ``"cannot ... in R"``)."""
+    from torchslim.export.runtime_latency import check_runtime, runtime_unavailable
+
+    runtime, memory_format, threads = check_runtime(runtime, memory_format, threads)
+    if model_device(model).type != "cpu":
+        raise ConfigError(f"{what[0]} on the CPU runtimes; the model is on {model_device(model)} "
+                          f"(move it to the CPU first{hint})")
+    why = runtime_unavailable(runtime, model)
+    if why:
+        raise ConfigError(f"cannot {what[1]} in {runtime}: {why}")
+    return runtime, memory_format, threads if threads is not None else torch.get_num_threads()
+
+
 def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Module]], inputs: Any,
          budget: Any) -> LatencyResult:
     """Ranks that bring ``model``'s measured latency within ``budget`` (see the module docstring).
@@ -261,25 +278,14 @@ def plan(model: nn.Module, method: Factorization, layers: list[tuple[str, nn.Mod
         ConfigError: no example inputs, no layer faster factorized, or the budget unreachable (the
             closest measured ratio said); the model is never changed.
     """
-    from torchslim.export.runtime_latency import (
-        check_runtime,
-        latency_ratio,
-        paired_latency,
-        runtime_unavailable,
-    )
+    from torchslim.export.runtime_latency import latency_ratio, paired_latency
     from torchslim.graph.state import clone_module
 
     if inputs is None:
         raise ConfigError("a latency budget needs example inputs (pass example_inputs=, or build the model with "
                           "ts.create_model)")
-    runtime, memory_format, threads = check_runtime(budget.runtime, budget.memory_format, budget.threads)
-    if model_device(model).type != "cpu":
-        raise ConfigError(f"a latency budget is measured on the CPU runtimes; the model is on {model_device(model)} "
-                          "(move it to the CPU first)")
-    why = runtime_unavailable(runtime, model)
-    if why:
-        raise ConfigError(f"cannot measure a latency budget in {runtime}: {why}")
-    n = threads if threads is not None else torch.get_num_threads()
+    runtime, memory_format, n = _cpu_runtime(model, budget.runtime, budget.memory_format, budget.threads,
+                                             what=("a latency budget is measured", "measure a latency budget"))
     where = _describe(budget, n)
     inputs = batched(inputs, budget.batch)
     f = budget.fraction
@@ -400,16 +406,10 @@ def check_faster(model: nn.Module, method: Factorization, layers: list[tuple[str
         ConfigError: a bad runtime / threads, the runtime not installed, the model not on the CPU,
             or a layer the runtime cannot take; the model is never changed.
     """
-    from torchslim.export.runtime_latency import check_runtime, module_latencies, runtime_unavailable
+    from torchslim.export.runtime_latency import module_latencies
 
-    runtime, _, threads = check_runtime(runtime, None, threads)
-    if model_device(model).type != "cpu":
-        raise ConfigError(f"factorized layers are timed on the CPU runtimes; the model is on {model_device(model)} "
-                          "(move it to the CPU first, or give runtime=None)")
-    why = runtime_unavailable(runtime, model)
-    if why:
-        raise ConfigError(f"cannot time factorized layers in {runtime}: {why}")
-    n = threads if threads is not None else torch.get_num_threads()
+    runtime, _, n = _cpu_runtime(model, runtime, None, threads, what=("factorized layers are timed", "time factorized layers"),
+                                 hint=", or give runtime=None")
     where = f"{runtime} ({n} thread{'s' if n != 1 else ''})"
     shapes = input_shapes(model, [name for name, _, _ in layers], inputs)
     layer_ms: dict[str, tuple[float, float]] = {}

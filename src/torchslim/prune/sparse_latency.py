@@ -96,12 +96,6 @@ def csr_choice(model: nn.Module, inputs: Any, *, threads: int | None, batch_shap
     return chosen, figures
 
 
-def _bake(model: nn.Module) -> None:
-    from torchslim.prune.masks import finalize_
-
-    finalize_(model, storage="dense")
-
-
 def search_sparsity(model: nn.Module, inputs: Any, target: Budget, apply: Callable[[nn.Module, float], Any],
                     *, cache: bool = True) -> tuple[float, dict[str, Any]]:
     """The least sparsity whose measured latency (CSR where faster) is within 5% of ``target``.
@@ -122,7 +116,9 @@ def search_sparsity(model: nn.Module, inputs: Any, target: Budget, apply: Callab
     """
     from torchslim.export.runtime_latency import latency_ratio, layer_input_shapes
     from torchslim.graph.inputs import as_inputs
+    from torchslim.prune._sparse_kernels import to_csr_inference
     from torchslim.prune.latency_budget import batched
+    from torchslim.prune.masks import finalize_
 
     runtime = check_sparse_runtime(target.runtime)
     goal = float(target.latency)
@@ -138,10 +134,8 @@ def search_sparsity(model: nn.Module, inputs: Any, target: Budget, apply: Callab
         cand = copy.deepcopy(model)
         with evaluating(cand):
             apply(cand, s)
-            _bake(cand)
+            finalize_(cand, storage="dense")  # masks baked in: the layers as they will run
             csr, figures = csr_choice(cand, x, threads=threads, batch_shapes=shapes, cache=cache)
-            from torchslim.prune._sparse_kernels import to_csr_inference
-
             fast = to_csr_inference(cand, layers=csr)
         ratio, _ = latency_ratio(model, fast, as_inputs(x), runtime, threads=threads, runs=15, warmup=2)
         rec = {"sparsity": round(s, 4), "latency": round(float(ratio), 4), "csr_layers": csr, "layers": figures}

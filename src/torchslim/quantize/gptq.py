@@ -44,7 +44,7 @@ from torchslim.data import batches_of
 from torchslim.errors import ConfigError
 from torchslim.quantize.api import CANNOT_TAKE, QuantConfig, QuantPlan
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
-from torchslim.quantize.primitives import QScheme, choose_qparams, qrange
+from torchslim.quantize.primitives import QScheme, choose_qparams, nearest_ints, qrange
 from torchslim.quantize.scale_search import searches, weight_qparams
 from torchslim.quantize.weight_only import QuantizedLinear
 
@@ -113,8 +113,7 @@ def gptq_quantize(
             block = torch.cat([w1[:, i:], rest], dim=1)[:, :gs] if i + gs > w1.shape[1] else w1[:, i : i + gs]
             scales[:, j // gs], zps[:, j // gs] = _group_params(block, scheme, hdiag[j : j + gs])
         scale, zp = scales[:, col // gs], zps[:, col // gs]
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a zero scale (a zero group) holds zeros
-        q = torch.clamp(torch.round(w1[:, i : i + 1] / safe) + zp, qmin, qmax) * (scale != 0)
+        q = nearest_ints(w1[:, i : i + 1], scale, zp, qmin, qmax)
         ints[:, col] = q.squeeze(1).to(torch.int32)
         return ((q - zp) * scale).squeeze(1)
 
@@ -133,8 +132,7 @@ def rtn_quantize(weight: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, t
     v = weight.detach().double().reshape(rows, cols // gs, gs)
     scale, zp = _group_params(v.reshape(-1, gs), scheme)
     scale, zp = scale.reshape(rows, -1, 1), zp.reshape(rows, -1, 1)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(v / safe) + zp, qmin, qmax) * (scale != 0)
+    q = nearest_ints(v, scale, zp, qmin, qmax)
     return q.reshape(rows, cols).to(torch.int32), scale.float(), zp.float()
 
 
@@ -164,8 +162,7 @@ def rtn_(model: nn.Module, config: QuantConfig | None = None, *, data: Any = Non
         importance = (stats.sq / stats.rows).reshape(cols // gs, gs).float() if stats.rows else None
         scale, zp = weight_qparams(v, scheme, importance)
         qmin, qmax = qrange(scheme)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        ints = torch.clamp(torch.round(v / safe) + zp, qmin, qmax) * (scale != 0)
+        ints = nearest_ints(v, scale, zp, qmin, qmax)
         q = QuantizedLinear.from_ints(module, ints.reshape(rows, cols).to(torch.int32), scale, zp, scheme)
         with torch.no_grad():
             module.weight.copy_(q.dequantized_weight().to(module.weight.dtype))

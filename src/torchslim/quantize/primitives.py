@@ -193,6 +193,13 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, sch
     return q.to(dtype)
 
 
+def nearest_ints(x: torch.Tensor, scale: torch.Tensor, zero_point: Any, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / scale) + zp)`` in ``x``'s dtype, 0 where ``scale`` is 0 (a group of zeros
+    stores a zero step and zero integers)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(x / safe) + zero_point, qmin, qmax) * (scale != 0)
+
+
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme, shape: torch.Size | tuple[int, ...]
 ) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from torchslim.errors import ConfigError
-from torchslim.quantize.primitives import SCALE_RULES, QScheme, choose_qparams, qrange
+from torchslim.quantize.primitives import SCALE_RULES, QScheme, choose_qparams, nearest_ints, qrange
 
 __all__ = ["SCALE_RULES", "SEARCH_RATIOS", "check_scale_rule", "searches", "search_scales", "weighted_error",
            "weight_qparams"]
@@ -67,15 +67,9 @@ def searches(scheme: QScheme) -> bool:
             and not scheme.narrow and scheme.bits <= 4)
 
 
-def _nearest(w: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integers nearest to ``w / s`` in range (0 where ``s`` is 0: such a group holds zeros)."""
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    return torch.clamp(torch.round(w / safe), qmin, qmax) * (s != 0)
-
-
 def weighted_error(w: torch.Tensor, s: torch.Tensor, importance: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
     """``sum(h (q s - w)^2)`` per group (last dim) with ``q`` the nearest integers under ``s``."""
-    d = (_nearest(w, s, qmin, qmax) * s - w).square_()
+    d = (nearest_ints(w, s, 0, qmin, qmax) * s - w).square_()
     if importance is not None:
         d = d * importance
     return d.sum(-1, keepdim=True)
@@ -124,7 +118,7 @@ def search_scales(w: torch.Tensor, importance: torch.Tensor | None, qmin: int, q
         s = _fp16(c)
         if 0 < k < len(anchors):
             consider(s)
-        q = _nearest(w, s, qmin, qmax)  # least-squares refit of the step on the integers of ``s``
+        q = nearest_ints(w, s, 0, qmin, qmax)  # least-squares refit of the step on the integers of ``s``
         hq = q if importance is None else q * importance
         num, den = (hq * w).sum(-1, keepdim=True), (hq * q).sum(-1, keepdim=True)
         consider(_fp16(torch.where(den > 0, num / den.clamp_min(1e-30), s)))

@@ -40,10 +40,12 @@ from torch.nn import functional as F
 from torchslim.quantize import kernels
 from torchslim.quantize.primitives import (
     QScheme,
+    _qparam_shape,
     choose_qparams,
     dequantize,
     fake_quantize,
     minmax,
+    nearest_ints,
     pack_int4,
     qrange,
     quantize,
@@ -93,9 +95,10 @@ class QuantizedLinear(nn.Module):
         w = linear.weight.detach().float()
         if searches(scheme):
             scale, zp = weight_qparams(view(w, scheme), scheme)
-            scale = scale.reshape(minmax(w, scheme)[0].shape)
-            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-            return cls.from_ints(linear, quantize(w, safe, zp, scheme) * (scale != 0), scale, zp, scheme, dynamic_act)
+            v = view(w, scheme)
+            scale = scale.reshape(_qparam_shape(v, scheme))
+            qmin, qmax = qrange(scheme)
+            return cls.from_ints(linear, nearest_ints(v, scale, zp, qmin, qmax), scale, zp, scheme, dynamic_act)
         lo, hi = minmax(w, scheme)
         scale, zp = choose_qparams(lo, hi, scheme)
         scale = scale.half().float()  # quantize against the scale actually stored
