@@ -38,8 +38,10 @@ Float tensors: norms are always F32; float Linear weights follow ``weight_type``
 ``float_type``, F32 by default, so a float model is written losslessly); a float embedding
 follows ``embedding_type``. Explicit ``"q4_0"`` / ``"q8_0"`` quantize float weights with
 ggml's rounding (``info["quantized_from_float"]`` reports their largest error). A tied
-``lm_head`` is written once, as ``token_embd`` (what llama.cpp expects); an ``lm_head`` that is
-no longer tied (e.g. quantized apart from the embedding) is written as ``output``.
+``lm_head`` is written once, as ``token_embd`` (what llama.cpp expects), also when it multiplies
+by the quantized table (``TiedQuantizedHead`` of ``quantize_llm_``: the table's integers are
+``token_embd``); an ``lm_head`` that is no longer tied (e.g. quantized apart from the embedding)
+is written as ``output``.
 
 LLaMA's Q and K projections are stored by llama.cpp with the rows of each head interleaved for
 its rotary embedding (transformers' GGUF loader undoes it); the writer permutes those rows (and
@@ -559,8 +561,9 @@ def export_gguf(
     emb = inner.embed_tokens
     head = getattr(model, "lm_head", None)
     head_w = getattr(head, "weight", None)
-    tied = head is None or (isinstance(head_w, torch.Tensor) and isinstance(getattr(emb, "weight", None), torch.Tensor)
-                            and head_w.data_ptr() == emb.weight.data_ptr())
+    tied = head is None or getattr(head, "table", None) is emb or (  # a TiedQuantizedHead multiplies by emb itself
+        isinstance(head_w, torch.Tensor) and isinstance(getattr(emb, "weight", None), torch.Tensor)
+        and head_w.data_ptr() == emb.weight.data_ptr())
     heads = hp["attention.head_count"]
     kv = hp["attention.head_count_kv"]
     heads_of = (lambda i: heads[i] if isinstance(heads, list) else heads)  # noqa: E731

@@ -210,7 +210,9 @@ class QuantPlan:
     the bias-corrected layers and those that got a new bias, the SmoothQuant layers with an input
     multiply (``smoothed``) and those whose division went into a norm (``{layer: norm}``), the
     layers that became integer modules (``integer``, static) and why the others stay fake-quant
-    (``fake_quant``: ``{layer: reason}``)."""
+    (``fake_quant``: ``{layer: reason}``). ``tied_heads`` (:func:`quantize_llm_`): output
+    projections that multiply by a quantized token table (``{head: table}``), in :meth:`to_dict`
+    only when there are some."""
 
     config: QuantConfig
     layers: list[str] = field(default_factory=list)
@@ -223,6 +225,7 @@ class QuantPlan:
     embeddings: list[str] = field(default_factory=list)
     integer: list[str] = field(default_factory=list)
     fake_quant: dict[str, str] = field(default_factory=dict)
+    tied_heads: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -231,6 +234,7 @@ class QuantPlan:
             "bias_added": list(self.bias_added), "smoothed": list(self.smoothed),
             "smoothed_into_norm": dict(self.smoothed_into_norm), "embeddings": list(self.embeddings),
             "integer": list(self.integer), "fake_quant": dict(self.fake_quant),
+            **({"tied_heads": dict(self.tied_heads)} if self.tied_heads else {}),
         }
 
 
@@ -308,8 +312,10 @@ def embedding_tables(model: nn.Module, config: QuantConfig) -> dict[str, nn.Embe
         return {}
     selected = Selector(config.modules, config.skip)
     out = {}
+    from torchslim.quantize.embedding import embedding_scale
+
     for n, m in model.named_modules():
-        if type(m) is not nn.Embedding or not selected(n):
+        if not isinstance(m, nn.Embedding) or embedding_scale(m) is None or not selected(n):
             continue
         if m.embedding_dim % config.group_size:
             raise ConfigError(f"group_size={config.group_size} does not divide {n}.embedding_dim={m.embedding_dim}; pick a divisor or skip={n!r}")
@@ -322,7 +328,7 @@ def embedding_tables(model: nn.Module, config: QuantConfig) -> dict[str, nn.Embe
 def swap_embeddings(model: nn.Module, names: Iterable[str], config: QuantConfig, from_float: bool) -> None:
     """Replace the named tables by :class:`~torchslim.quantize.embedding.QuantizedEmbedding` (from the
     float weights, or empty for ``ts.load`` to fill)."""
-    from torchslim.quantize.embedding import QuantizedEmbedding
+    from torchslim.quantize.embedding import QuantizedEmbedding, embedding_scale
 
     scheme = QScheme(bits=config.table_bits, granularity="group", group_size=config.group_size, symmetric=True)
     for n in names:
@@ -330,7 +336,8 @@ def swap_embeddings(model: nn.Module, names: Iterable[str], config: QuantConfig,
         if from_float:
             new = QuantizedEmbedding.from_float(emb, scheme)
         else:
-            new = QuantizedEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, emb.padding_idx).to(emb.weight.device)
+            new = QuantizedEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, emb.padding_idx,
+                                     embedding_scale(emb) or 1.0).to(emb.weight.device)
         ptq._set(model, n, new)
 
 
@@ -508,6 +515,7 @@ def quantize_llm_(
     seed: int = 0,
     scale_rule: str = "search",
     act_order: bool = False,
+    tie_head: bool | str = "auto",
 ) -> QuantPlan:
     """Weight-only low-bit quantization of a decoder LLM, one entry point for every method.
 
@@ -535,6 +543,16 @@ def quantize_llm_(
             :mod:`torchslim.quantize.scale_search`) or ``"absmax"`` (``max|w| / 7.5``, the older rule).
         act_order: gptq only: columns by decreasing input energy, static groups
             (:func:`~torchslim.quantize.gptq.gptq_quantize`).
+        tie_head: when ``lm_head`` shares its weight with the token table (tied embeddings),
+            ``True`` keeps it tied to the one quantized table
+            (:class:`~torchslim.quantize.embedding.TiedQuantizedHead`: the table is stored once,
+            in ``embedding_bits``; needs ``lm_head_bits == embedding_bits`` and no ``rotate``);
+            ``False`` quantizes ``lm_head`` apart (a second copy of the table, in
+            ``lm_head_bits``). ``"auto"`` (default) ties it when that is possible and the table
+            holds most of the model's parameters (Gemma-3-270M: 63%; a second int8 copy would
+            cost more than the whole int4 body), else quantizes it apart (SmolLM2-135M: 21%; its
+            int8 ``lm_head`` is what the ONNX decoder writes as ``MatMulNBits``). Untied models:
+            ignored.
 
     Returns:
         The :class:`QuantPlan` (recorded; ``ts.save`` / ``ts.load`` replay the rotation and the
@@ -552,6 +570,9 @@ def quantize_llm_(
         >>> plan = quantize_llm_(transformers.LlamaForCausalLM(cfg), method="hqq", embedding_bits=None)
         >>> plan.layers[-1], plan.config.layer_bits
         ('lm_head', {'lm_head': 8})
+        >>> tied = transformers.LlamaForCausalLM(cfg.__class__(**{**cfg.to_dict(), "tie_word_embeddings": True}))
+        >>> quantize_llm_(tied, method="rtn", tie_head=True).tied_heads
+        {'lm_head': 'model.embed_tokens'}
     """
     if method not in LLM_METHODS:
         raise ConfigError(f"method must be one of {', '.join(LLM_METHODS)}; got {method!r}")
@@ -559,7 +580,10 @@ def quantize_llm_(
         raise ConfigError(f"rotate must be True or False; got {rotate!r}")
     if not isinstance(act_order, bool) or (act_order and method != "gptq"):
         raise ConfigError(f"act_order must be True or False, and True only with method='gptq'; got {act_order!r} with method={method!r}")
-    head = _lm_head_name(model)
+    head = tied_head = _lm_head_name(model)
+    table = _tied_table(model, head, tie_head, rotate, embedding_bits, lm_head_bits)
+    if table is not None:  # the head multiplies by the quantized table: it is not quantized apart
+        head, skip = None, tuple(as_patterns(skip, "skip", none_ok=False)) + (tied_head,)
     if layer_bits is not None and (not isinstance(layer_bits, dict) or not all(isinstance(k, str) for k in layer_bits)):
         raise ConfigError(f"layer_bits must map layer names to bits; got {layer_bits!r}")
     own = {head: lm_head_bits} if head and lm_head_bits is not None and lm_head_bits != bits else {}
@@ -581,7 +605,68 @@ def quantize_llm_(
     from torchslim.quantize.gptq import check_weight_only, weight_only_layers
 
     check_weight_only(model, config, method)  # every check before the rotation changes anything
-    weight_only_layers(model, config, "quantize_llm_")
+    _, tables = weight_only_layers(model, config, "quantize_llm_")
+    if table is not None and table not in tables:
+        raise ConfigError(f"lm_head would stay tied to the table {table!r}, but skip= leaves that table float; "
+                          "quantize it or pass tie_head=False")
+    plan = _run_llm_method(model, method, config, batches, rotate, seed, sequential, act_order)
+    if table is not None and tied_head is not None:
+        from torchslim._modelinfo import model_info
+
+        plan.tied_heads = {tied_head: table}
+        tie_heads(model, plan.tied_heads)
+        model_info(model).plans[-1]["tied_heads"] = dict(plan.tied_heads)  # the record of this call
+    return plan
+
+
+def _tied_table(model: nn.Module, head: str | None, tie_head: Any, rotate: bool, embedding_bits: int | None,
+                lm_head_bits: int | None) -> str | None:
+    """The token table ``lm_head`` stays tied to (its name), or None (quantized apart / untied)."""
+    if not (isinstance(tie_head, bool) or tie_head == "auto"):
+        raise ConfigError(f"tie_head must be True, False or 'auto'; got {tie_head!r}")
+    if head is None or tie_head is False:
+        return None
+    weight = model.get_submodule(head).weight
+    table = next((n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.weight is weight), None)
+    if table is None:  # not tied
+        return None
+    why = ("rotate=True unties the table (the head then holds the rotated norm)" if rotate
+           else "embedding_bits=None keeps the table float" if embedding_bits is None
+           else f"lm_head_bits={lm_head_bits} differs from embedding_bits={embedding_bits}" if lm_head_bits != embedding_bits
+           else None)
+    if tie_head is True:
+        if why:
+            raise ConfigError(f"tie_head=True keeps lm_head tied to the quantized table {table!r}, but {why}; "
+                              "pass tie_head=False or 'auto'")
+        return table
+    total = sum(p.numel() for p in model.parameters())  # parameters() lists the tied table once
+    return table if why is None and 2 * weight.numel() > total else None
+
+
+def tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
+    """Make each named output projection a :class:`~torchslim.quantize.embedding.TiedQuantizedHead`
+    of its quantized table (``{head: table}``); the quantize plan's ``tied_heads``, which
+    :func:`replay_quantize` ties again.
+
+    Raises:
+        ConfigError: a table that is not a ``QuantizedEmbedding`` or widths that do not match.
+    """
+    from torchslim.quantize.embedding import QuantizedEmbedding, TiedQuantizedHead
+
+    for head, table in heads.items():
+        t = model.get_submodule(table)
+        old = model.get_submodule(head)
+        if not isinstance(t, QuantizedEmbedding):
+            raise ConfigError(f"{head} can only be tied to a quantized table; {table} is {type(t).__name__}")
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if shape != (t.num_embeddings, t.embedding_dim) or getattr(old, "bias", None) is not None:
+            raise ConfigError(f"{head} (out, in = {shape}, bias: {getattr(old, 'bias', None) is not None}) cannot multiply by "
+                              f"{table} ({t.num_embeddings} x {t.embedding_dim}, no bias)")
+        ptq._set(model, head, TiedQuantizedHead(t))
+
+
+def _run_llm_method(model: nn.Module, method: str, config: QuantConfig, batches: list[Any] | None, rotate: bool,
+                    seed: int, sequential: bool, act_order: bool) -> QuantPlan:
     if rotate:
         from torchslim.quantize.rotate import rotate_
 
@@ -622,6 +707,7 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
         _swap_linear(model, plan["layers"], config, from_float=False)
         _reattach_smoothing(model, plan.get("smoothed", []), {})
         swap_embeddings(model, plan.get("embeddings", []), config, from_float=False)
+        tie_heads(model, plan.get("tied_heads", {}))
         return
     ptq.apply_fold(model, plan.get("folded", []))
     layers = {n: model.get_submodule(n) for n in plan["layers"]}
