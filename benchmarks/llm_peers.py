@@ -367,7 +367,7 @@ def main() -> int:
             if "perplexity" in row and ref is not None and (row["row"] in produced or "reference_perplexity" not in row):
                 row["reference_perplexity"] = ref
                 row["delta_pct"] = 100 * (row["perplexity"] / ref - 1)
-        order = [r for r in (*ROWS, *(p + "+ts8" for p in PEER_ROWS))]
+        order = [*TS_ROWS, *(r for p in PEER_ROWS for r in (p, p + "+ts8"))]
         payload = {
             "benchmark": "llm_peers", "model": MODEL, "tokens": args.tokens, "context": 1024, "stride": 512,
             "calibration": "16 windows x 256 tokens of shakespeare[train] (llm_calibration, seed 0), the same for every row",
