@@ -375,3 +375,29 @@ def test_int4_embeddings_save_load_replays(tmp_path: Path) -> None:
     idx = torch.randint(0, 300, (3, 6))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+
+
+@pytest.mark.parametrize("compute,level", [("int8", 4), ("float", 0)])
+def test_compute_type_ships_as_its_accuracy_level_and_equals_torch(tmp_path: Path, compute: str, level: int) -> None:
+    """compute="int8" rounds each layer's input to int8 per group in torch (int8_blocks), which is
+    what MatMulNBits computes at accuracy_level 4: the file gets level 4 and equals the torch model
+    to float rounding; compute="float" gets level 0 and equals it too. Forcing the other level
+    gives a visibly different result (the check can fail)."""
+    from torchslim.quantize import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    model = Net(bias=True).eval()
+    quantize_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32, compute=compute))
+    assert {m.act_block for m in model.modules() if isinstance(m, QuantizedLinear)} == {32 if compute == "int8" else 0}
+    idx = torch.randint(0, 300, (3, 7))
+    fp32 = _export(model, (idx,), tmp_path / "m.fp32.onnx", True)
+    write_int4_onnx(model, fp32, tmp_path / "m.onnx")
+    levels = {a.i for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {level}
+    with torch.no_grad():
+        ref = model(idx)
+    scale = ref.abs().max().item()
+    assert (torch.from_numpy(_ort(tmp_path / "m.onnx", idx)) - ref).abs().max().item() < 1e-5 * scale
+    write_int4_onnx(model, fp32, tmp_path / "other.onnx", accuracy_level=4 - level)
+    assert (torch.from_numpy(_ort(tmp_path / "other.onnx", idx)) - ref).abs().max().item() > 1e-4 * scale

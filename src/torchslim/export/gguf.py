@@ -71,9 +71,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +486,20 @@ def _add_hparam(writer: Any, arch: str, key: str, value: Any) -> None:
         writer.add_uint32(full, int(value))
 
 
+@contextlib.contextmanager
+def _float_inputs(model: nn.Module) -> Iterator[None]:
+    """Within the block, layers that round their inputs to int8 per group (``act_block``) take float
+    inputs; restored after."""
+    saved = [(m, m.act_block) for m in model.modules() if getattr(m, "act_block", 0)]
+    for m, _ in saved:
+        m.act_block = 0
+    try:
+        yield
+    finally:
+        for m, block in saved:
+            m.act_block = block
+
+
 def _check_type(what: str, value: Any, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in allowed:
         raise ConfigError(f"{what} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
@@ -693,6 +708,10 @@ def export_checked(
     holds the model's own weights when they are float or on a GGUF grid). With ``strict`` a
     mismatch raises :class:`~torchslim.export.parity.ParityError` and no file is kept.
 
+    A model whose layers round their inputs to int8 (weight-only ``compute="int8"``) is compared
+    with that rounding off: the reader computes on float inputs (llama.cpp rounds them to its own
+    8-bit blocks), and the weights are what the file carries exactly.
+
     GGUF is not a registered :class:`~torchslim.export._base.Format` (those take any model, a GGUF
     file only a decoder LLM); ``ts.export`` sends ``.gguf`` paths and ``format="gguf"`` here.
     """
@@ -719,8 +738,9 @@ def export_checked(
         report = None
         if check and inputs is not None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            report = check_parity(model, _load(staged, device), inputs.to(device), format="gguf", tolerance=tol,
-                                  random_cases=random_inputs, seed=seed)
+            with _float_inputs(model):  # transformers computes the file's layers on float inputs
+                report = check_parity(model, _load(staged, device), inputs.to(device), format="gguf", tolerance=tol,
+                                      random_cases=random_inputs, seed=seed)
             if strict and not report.ok:
                 bad = next(c for c in report.cases if not c.ok)
                 why = bad.problem or f"max abs diff {bad.max_abs:.3g} on the {bad.name} inputs"

@@ -32,9 +32,11 @@ refused. A quantized model is exported through its float twin
 
 * every int4 group-wise Linear (``QuantizedLinear``, from ``quantize_`` / ``gptq_`` ...) becomes
   ``com.microsoft.MatMulNBits`` holding its very integers (the fused graph concatenates the
-  integers of q/k/v and of gate/up); ``accuracy_level`` 4 lets ONNX Runtime quantize the
-  activations to int8 per block (its integer CPU kernels), 0 computes in float32 and gives the
-  torch model's logits to rounding;
+  integers of q/k/v and of gate/up), at the compute type the layer has in torch: a layer that
+  rounds its inputs to int8 per block (weight-only ``compute="int8"``, the default of group-wise
+  weights and of ``quantize_llm_``) gets ``accuracy_level`` 4 (ONNX Runtime quantizes the
+  activations the same way and runs its integer CPU kernels), a float-input layer gets 0; either
+  way the file's logits equal the torch model's to float rounding;
 * an int4 embedding table (``QuantizedEmbedding``) becomes ``com.microsoft.GatherBlockQuantized``
   with its integers; an int8 one (or a float one with ``embedding_bits=8``) a
   ``GatherBlockQuantized`` with ``bits=8`` (uint8 codes ``q + 128``, zero point 128, one fp
@@ -374,7 +376,15 @@ def _fused_needs_twin(model: nn.Module) -> bool:
     return False
 
 
-def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn.Module], accuracy_level: int,
+def _level(mods: list[nn.Module], accuracy_level: int | None, report: dict[str, Any]) -> int:
+    """The ``MatMulNBits`` compute type of these layers: the one asked for, else theirs (4 when they
+    round their inputs to int8 per block, ``compute="int8"``; 0 for float inputs)."""
+    level = accuracy_level if accuracy_level is not None else (4 if all(getattr(m, "act_block", 0) for m in mods) else 0)
+    report.setdefault("levels", set()).add(level)
+    return level
+
+
+def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn.Module], accuracy_level: int | None,
             report: dict[str, Any]) -> str:
     """``x @ [W_1; W_2; ...].T (+ biases)`` for the layers ``mods`` (their float twins ``floats``)
     fused along the output axis: one MatMulNBits of their integers when all are int4 with one
@@ -394,13 +404,14 @@ def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn
             z = np.concatenate([np.asarray(w.zero_point, np.uint8) for w in ws])
             z = z if z.shape[1] % 2 == 0 else np.concatenate([z, np.zeros((rows, 1), np.uint8)], axis=1)
             ins.append(g.init(name + ".zero_points", z[:, 0::2] | (z[:, 1::2] << 4)))
-        y = g.op("MatMulNBits", ins, domain=_MS, K=cols, N=rows, bits=4, block_size=block, accuracy_level=accuracy_level)[0]
+        y = g.op("MatMulNBits", ins, domain=_MS, K=cols, N=rows, bits=4, block_size=block,
+                 accuracy_level=_level(mods, accuracy_level, report))[0]
         report["matmul_nbits"] += [name]
     elif len(mods) == 1 and _int8_of(mods[0]) is not None:  # an int8 layer (e.g. lm_head): its own integers, 8-bit
         codes, scales, block = _int8_of(mods[0])
         ins = [x, g.init(name + ".q8", codes), g.init(name + ".scales", scales)]
         y = g.op("MatMulNBits", ins, domain=_MS, K=codes.shape[1] * block, N=codes.shape[0], bits=8, block_size=block,
-                 accuracy_level=accuracy_level)[0]
+                 accuracy_level=_level(mods, accuracy_level, report))[0]
         report["matmul_nbits"] += [name]
     else:
         w = torch.cat([f.weight.detach().float().cpu() for f in floats])
@@ -426,7 +437,7 @@ def _fused_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: int, embedding_int8: Any,
+def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: int | None, embedding_int8: Any,
                  report: dict[str, Any]) -> Any:
     """The decoder as ONNX Runtime's fused CPU ops: GroupQueryAttention (rotary inside, the cache
     concat inside), SkipSimplifiedLayerNormalization, MatMulNBits; q/k/v and gate/up fused."""
@@ -534,7 +545,7 @@ def export_onnx_decoder(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
-    accuracy_level: int = 4,
+    accuracy_level: int | None = None,
     embedding_bits: int | None = None,
     embedding_group_size: int = 32,
     fused: bool | None = None,
@@ -549,8 +560,11 @@ def export_onnx_decoder(
         model: ``LlamaForCausalLM`` (or Mistral / Qwen2), float or with int4 ``QuantizedLinear`` /
             ``QuantizedEmbedding`` layers (``quantize_``, ``gptq_``...).
         path: the ``.onnx`` file, written atomically.
-        accuracy_level: ``MatMulNBits`` compute type of the int4 layers: 4 = int8 activations
-            (ONNX Runtime's fast CPU kernels), 0 = the activations' float type.
+        accuracy_level: ``MatMulNBits`` compute type of the int4 / int8 layers: ``None``
+            (default) = each layer's own, so the file computes what the torch model does (4 =
+            int8 activations per block, ONNX Runtime's fast CPU kernels, for layers quantized with
+            ``compute="int8"``, the default of ``quantize_llm_``; 0 = float activations); an
+            explicit 0..4 overrides every layer.
         embedding_bits: ``8`` writes a float (or 8-bit) embedding table as a bits=8
             ``GatherBlockQuantized`` (symmetric, groups of ``embedding_group_size``); ``None``
             keeps the table as the model stores it (float, or int4 ``QuantizedEmbedding``).
@@ -566,8 +580,8 @@ def export_onnx_decoder(
             ``embedding_bits`` / group size.
     """
     onnx = require("onnx", "ONNX decoder export")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level must be 0..4 (MatMulNBits); got {accuracy_level!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level must be None (each layer's own) or 0..4 (MatMulNBits); got {accuracy_level!r}")
     if embedding_bits not in (None, 8):
         raise ConfigError(f"embedding_bits must be None (as stored) or 8; got {embedding_bits!r}")
     _check_model(model)
@@ -602,12 +616,15 @@ def export_onnx_decoder(
             else:
                 proto, embedding, tied, report = _reference_graph(onnx, model, twin, dec, Path(tmp), accuracy_level, int8,
                                                                   opset, quantized)
+            levels = sorted({4 if getattr(m, "act_block", 0) else 0 for m in model.modules()
+                             if type(m).__name__ == "QuantizedLinear"}) if accuracy_level is None else [accuracy_level]
+            level = None if not report["matmul_nbits"] or not levels else levels[0] if len(levels) == 1 else levels
             meta = {"format": 1, "graph": "fused" if fused else "reference", "layers": dec.layers, "heads": dec.heads,
                     "kv_heads": dec.kv_heads, "head_dim": dec.head_dim, "vocab": int(model.config.vocab_size),
                     "architecture": type(model).__name__, "spec": _spec(model),
                     "positions": ("past length + index: no left padding (GroupQueryAttention reads sum(attention_mask) - 1 "
                                   "as each row's last position)") if fused else "cumsum(attention_mask) - 1 (left padding works)",
-                    "accuracy_level": accuracy_level if report["matmul_nbits"] else None, "embedding": embedding,
+                    "accuracy_level": level, "embedding": embedding,
                     "tied_head_shares_table": bool(tied)}
             del proto.metadata_props[:]
             entry = proto.metadata_props.add()
@@ -623,7 +640,7 @@ def export_onnx_decoder(
             "inputs": ["input_ids", "attention_mask", *past_names], "outputs": ["logits", *present_names]}
 
 
-def _reference_graph(onnx: Any, model: nn.Module, twin: nn.Module, dec: LlamaDecoder, tmp: Path, accuracy_level: int,
+def _reference_graph(onnx: Any, model: nn.Module, twin: nn.Module, dec: LlamaDecoder, tmp: Path, accuracy_level: int | None,
                      int8: Any, opset: int, quantized: bool) -> tuple[Any, str, bool, dict[str, Any]]:
     """:class:`LlamaDecoder` through the TorchScript exporter, int4 weights rewritten by value."""
     from torchslim.export._base import quiet

@@ -197,11 +197,13 @@ def int4_weights(model: nn.Module) -> list[tuple[str, Int4Weight | str]]:
 
 
 def write_int4_onnx(
-    model: nn.Module, fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, accuracy_level: int = 0
+    model: nn.Module, fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+    accuracy_level: int | None = None,
 ) -> dict[str, Any]:
     """Write ``out_path``: the float ONNX ``fp32_path`` of ``model``'s float twin with the int4
     layers of ``model`` as ONNX Runtime int4 ops (:func:`~torchslim.export.onnx_nbits.write_nbits_onnx`
-    on :func:`int4_weights`; names as in ``model.named_modules()``)."""
+    on :func:`int4_weights`; names as in ``model.named_modules()``). ``accuracy_level=None``: each
+    layer's own (4 where it computes with int8 activations, else 0)."""
     return write_nbits_onnx(fp32_path, out_path, int4_weights(model), accuracy_level=accuracy_level)
 
 
@@ -326,7 +328,9 @@ def export_integer_onnx(
     if scheme.kind == "int4":
         # the 4-bit integers of every eligible layer / table become ONNX Runtime's MatMulNBits /
         # GatherBlockQuantized inputs as they are (no re-quantization)
-        report = write_int4_onnx(model, fp32, path, accuracy_level=4)  # int8 compute: ORT's fast CPU kernels
+        # each layer at the compute type it has in torch: int8 activations (compute="int8", the
+        # default of group-wise weights) -> accuracy_level 4, ORT's fast integer CPU kernels
+        report = write_int4_onnx(model, fp32, path)
         if report["left_float"]:
             log.warning("int4 ONNX: %d quantized layer(s) shipped as float: %s", len(report["left_float"]),
                         "; ".join(f"{k}: {v}" for k, v in report.get("why_float", {}).items()) or report["left_float"])

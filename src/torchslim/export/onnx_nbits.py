@@ -49,6 +49,8 @@ class Int4Weight:
         zero_point: uint8 ``(rows, cols / block)``, the zero point of the unsigned code
             ``s + 8``; ``None`` means 8 everywhere (symmetric).
         weight: float32 ``(rows, cols)``, the dequantized weight as the float graph holds it.
+        accuracy_level: the ``MatMulNBits`` compute type that equals the layer: 4 when it rounds
+            its input to int8 per block (weight-only ``compute="int8"``), 0 for float inputs.
     """
 
     rows: int
@@ -58,6 +60,7 @@ class Int4Weight:
     scale: np.ndarray
     zero_point: np.ndarray | None
     weight: np.ndarray
+    accuracy_level: int = 0
 
 
 def nbits_blocker(block: int, cols: int) -> str | None:
@@ -83,6 +86,7 @@ class _Target:
     scale: np.ndarray  # float32 (rows, cols / block)
     zp: np.ndarray | None  # uint8 (rows, cols / block) zero point of the unsigned code s + 8; None = 8 everywhere
     weight: np.ndarray  # float32 (rows, cols): the dequantized weight, as the twin holds it
+    level: int = 0  # MatMulNBits accuracy_level that equals the layer
     digests: dict[str, str] = field(default_factory=dict)
 
     def digest(self, dtype: np.dtype) -> str:
@@ -101,13 +105,13 @@ def _target(name: str, w: Int4Weight) -> _Target:
     return _Target(names=[name], rows=w.rows, cols=w.cols, block=w.block, packed=np.asarray(w.packed, np.uint8).reshape(-1),
                    scale=np.asarray(w.scale, np.float32).reshape(w.rows, w.cols // w.block),
                    zp=None if w.zero_point is None else np.asarray(w.zero_point, np.uint8),
-                   weight=np.asarray(w.weight, np.float32))
+                   weight=np.asarray(w.weight, np.float32), level=w.accuracy_level)
 
 
 class _Rewriter:
     """State of one :func:`write_nbits_onnx` pass over a graph."""
 
-    def __init__(self, onnx: Any, graph: Any, targets: list[_Target], accuracy_level: int = 0) -> None:
+    def __init__(self, onnx: Any, graph: Any, targets: list[_Target], accuracy_level: int | None = None) -> None:
         self.onnx, self.graph = onnx, graph
         self.accuracy_level = accuracy_level
         self.inits = {i.name: i for i in graph.initializer}
@@ -121,6 +125,10 @@ class _Rewriter:
         self.dropped_consts: set[str] = set()  # initializers some replaced node read
         self.bypassed: list[Any] = []  # Transpose nodes a replaced node read through
         self.shipped: dict[str, set[str]] = {"matmul_nbits": set(), "gather_block_quantized": set()}
+
+    def level(self, t: _Target) -> int:
+        """The target's ``accuracy_level``: the one asked for, else the layer's own."""
+        return t.level if self.accuracy_level is None else self.accuracy_level
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -207,7 +215,7 @@ class _Rewriter:
         ins = [node.input[0], *self.nbits_inputs(t, b.dtype, const[1])]
         new = helper.make_node(
             "MatMulNBits", ins, [node.output[0]], name=(node.name + "_Q4") if node.name else "", domain=_MS,
-            K=t.cols, N=t.rows, bits=4, block_size=t.block, accuracy_level=self.accuracy_level,
+            K=t.cols, N=t.rows, bits=4, block_size=t.block, accuracy_level=self.level(t),
         )
         self._ship("matmul_nbits", t, const)
         return [new]
@@ -232,7 +240,7 @@ class _Rewriter:
             helper.make_node(
                 "MatMulNBits", [node.input[0], *self.nbits_inputs(t, b.dtype, const[1])], [out],
                 name=(node.name + "_Q4") if node.name else "", domain=_MS, K=t.cols, N=t.rows, bits=4, block_size=t.block,
-                accuracy_level=self.accuracy_level,
+                accuracy_level=self.level(t),
             )
         ]
         if alpha != 1.0:
@@ -293,7 +301,7 @@ def write_nbits_onnx(
     out_path: str | os.PathLike[str],
     weights: Sequence[tuple[str, Int4Weight | str]],
     *,
-    accuracy_level: int = 0,
+    accuracy_level: int | None = None,
 ) -> dict[str, Any]:
     """Write ``out_path``: the float ONNX ``fp32_path`` with the given int4 weights as ONNX Runtime int4 ops.
 
@@ -311,10 +319,12 @@ def write_nbits_onnx(
       ``com.microsoft.GatherBlockQuantized`` (INT4 data ``(rows, cols)``, scales ``(rows, cols/block)``,
       ``gather_axis=0``, ``quantize_axis=1``).
 
-    ``accuracy_level`` is MatMulNBits' compute type: 0 computes in the activations' float type
-    (outputs equal the torch model's), 4 lets ONNX Runtime quantize activations to int8 per block
-    and use its integer kernels on CPU (on all-MiniLM-L6-v2 with GPTQ int4 weights: 1.4x faster at
-    batch 1 than level 0, mean embedding cosine to the fp32 model 0.9859 against 0.9860).
+    ``accuracy_level`` is MatMulNBits' compute type: 0 computes in the activations' float type, 4
+    lets ONNX Runtime quantize activations to int8 per block and use its integer kernels on CPU
+    (on all-MiniLM-L6-v2 with GPTQ int4 weights: 1.4x faster at batch 1 than level 0, mean
+    embedding cosine to the fp32 model 0.9859 against 0.9860). ``None`` (default) gives each
+    layer its own (:attr:`Int4Weight.accuracy_level`: 4 for layers that compute with int8
+    activations, ``compute="int8"``, else 0), so the file computes what the torch model does.
 
     A weight whose group size breaks :func:`nbits_blocker` stays float. The float weights the
     replaced nodes read are removed unless another node still reads them; the file is written
@@ -325,7 +335,7 @@ def write_nbits_onnx(
         shipped as int4], "why_float": {name: reason}}`` (in the order of ``weights``).
 
     Raises:
-        ConfigError: ``accuracy_level`` not in 0..4.
+        ConfigError: ``accuracy_level`` not None or 0..4.
     """
     onnx = require("onnx", "int4 ONNX export")
     why: dict[str, str] = {}
@@ -338,7 +348,7 @@ def write_nbits_onnx(
             continue
         assert isinstance(w, Int4Weight)
         t = _target(name, w)
-        key = (t.rows, t.cols, t.block, t.digest(np.dtype(np.float32)), t.packed.tobytes(), t.scale.tobytes(),
+        key = (t.rows, t.cols, t.block, t.level, t.digest(np.dtype(np.float32)), t.packed.tobytes(), t.scale.tobytes(),
                None if t.zp is None else t.zp.tobytes())
         if key in by_digest:  # the same weight twice (tied layers): one set of integers serves both
             by_digest[key].names.append(name)
@@ -348,8 +358,8 @@ def write_nbits_onnx(
 
     proto = onnx.load(str(fp32_path))
     graph = proto.graph
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level must be 0..4 (MatMulNBits); got {accuracy_level!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level must be None (each layer's own) or 0..4 (MatMulNBits); got {accuracy_level!r}")
     rw = _Rewriter(onnx, graph, targets, accuracy_level)
     nodes: list[Any] = []
     for node in graph.node:

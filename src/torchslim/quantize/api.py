@@ -56,6 +56,8 @@ from torchslim.quantize.weight_only import QuantizedLinear
 __all__ = ["LLM_METHODS", "MODES", "QuantConfig", "QuantPlan", "llm_calibration", "quantize_", "quantize_llm_", "replay_quantize"]
 
 MODES = ("dynamic", "static", "weight-only", "qat")
+#: what weight-only activations compute in (:attr:`QuantConfig.compute`)
+COMPUTES = ("auto", "int8", "float")
 KIND = "quantize"
 INT8_ACTION = "int8"  # a record appended when QAT's int8 layers become integer modules (ts.finalize_)
 # what quantize_ (and gptq_) cannot take from an earlier verb: a binary layer has no integer form
@@ -104,6 +106,13 @@ class QuantConfig(ConfigDict):
             rule, clipped variants and their least-squares refits by the error weighted by the
             inputs' energy per column (:mod:`torchslim.quantize.scale_search`); ``"absmax"`` is
             the older ``max|w| / 7.5``. Other modes and widths use their observers / min-max.
+        compute: weight-only mode: what the activations are when they meet the integer weights.
+            ``"int8"``: rounded to int8 per block of ``group_size`` inputs at run time (symmetric,
+            scale ``max|x| / 127``, ties to even; :func:`~torchslim.quantize.primitives.int8_blocks`),
+            exactly what ONNX Runtime's ``MatMulNBits`` computes with at ``accuracy_level=4``, its
+            fast integer CPU kernels, so the exported file computes what the torch model does;
+            ``"float"``: float activations (``accuracy_level=0`` in ONNX); ``"auto"`` (default):
+            ``"int8"`` for group-wise weights, else ``"float"``.
     """
 
     mode: str = "static"
@@ -126,6 +135,7 @@ class QuantConfig(ConfigDict):
     embeddings: bool = False
     embedding_bits: int | None = None
     scale_rule: str = "search"
+    compute: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -134,6 +144,11 @@ class QuantConfig(ConfigDict):
         check_bits(self.act_bits, "QuantConfig.act_bits")
         if not isinstance(self.scale_rule, str) or self.scale_rule not in SCALE_RULES:
             raise ConfigError(f"QuantConfig.scale_rule must be one of {', '.join(SCALE_RULES)}; got {self.scale_rule!r}")
+        if self.compute not in COMPUTES:
+            raise ConfigError(f"QuantConfig.compute must be one of {', '.join(COMPUTES)}; got {self.compute!r}")
+        if self.compute == "int8" and (self.mode != "weight-only" or self.granularity != "group"):
+            raise ConfigError("QuantConfig.compute='int8' rounds activations per block of group_size inputs: it needs "
+                              f"mode='weight-only' and granularity='group'; got mode={self.mode!r}, granularity={self.granularity!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"QuantConfig.granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
@@ -187,6 +202,12 @@ class QuantConfig(ConfigDict):
                 )
         object.__setattr__(self, "modules", as_patterns(self.modules, "QuantConfig.modules"))
         object.__setattr__(self, "skip", as_patterns(self.skip, "QuantConfig.skip", none_ok=False))
+
+    @property
+    def act_block(self) -> int:
+        """Inputs per int8 activation block of the weight-only layers (0: float activations)."""
+        on = self.mode == "weight-only" and self.granularity == "group" and self.compute in ("auto", "int8")
+        return self.group_size if on else 0
 
     @property
     def table_bits(self) -> int:
@@ -299,6 +320,7 @@ def _swap_linear(model: nn.Module, names: Iterable[str], config: QuantConfig, fr
             new = QuantizedLinear.from_float(lin, scheme, dynamic_act=dyn)
         else:
             new = QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, dyn).to(lin.weight.device)
+        new.act_block = config.act_block
         ptq._set(model, n, new)
 
 
@@ -516,6 +538,7 @@ def quantize_llm_(
     scale_rule: str = "search",
     act_order: bool = False,
     tie_head: bool | str = "auto",
+    compute: str = "auto",
 ) -> QuantPlan:
     """Weight-only low-bit quantization of a decoder LLM, one entry point for every method.
 
@@ -543,6 +566,10 @@ def quantize_llm_(
             :mod:`torchslim.quantize.scale_search`) or ``"absmax"`` (``max|w| / 7.5``, the older rule).
         act_order: gptq only: columns by decreasing input energy, static groups
             (:func:`~torchslim.quantize.gptq.gptq_quantize`).
+        compute: what the quantized layers' inputs are (:attr:`QuantConfig.compute`): ``"auto"``
+            / ``"int8"`` rounds them to int8 per group at run time, which is what ONNX Runtime's
+            fast ``MatMulNBits`` kernels (``accuracy_level=4``) and llama.cpp compute with;
+            ``"float"`` keeps float inputs.
         tie_head: when ``lm_head`` shares its weight with the token table (tied embeddings),
             ``True`` keeps it tied to the one quantized table
             (:class:`~torchslim.quantize.embedding.TiedQuantizedHead`: the table is stored once,
@@ -592,7 +619,7 @@ def quantize_llm_(
     config = QuantConfig(mode="weight-only", bits=bits, granularity="group", group_size=group_size,
                          symmetric=method != "hqq", skip=skip, layer_bits=layer_bits,
                          embeddings=embedding_bits is not None, embedding_bits=embedding_bits,
-                         scale_rule=scale_rule)
+                         scale_rule=scale_rule, compute=compute)
     calibration = batches_of(data if not _is_text(data) else None, calibration, where="quantize_llm_")
     if _is_text(data) and method in ("gptq", "awq", "awq-gptq", "rtn"):  # hqq reads no data
         calibration = llm_calibration(model, data, seed=seed)
@@ -702,7 +729,7 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
     if plan.get("action") == INT8_ACTION:  # QAT finalized: its int8 layers became integer modules
         empty_int8_(model, plan.get("integer", []))
         return
-    config = QuantConfig.from_dict(plan["config"])
+    config = QuantConfig.from_dict({"compute": "float", **plan["config"]})  # saved before compute existed: float
     if config.mode in ("weight-only", "dynamic"):
         _swap_linear(model, plan["layers"], config, from_float=False)
         _reattach_smoothing(model, plan.get("smoothed", []), {})

@@ -301,6 +301,7 @@ def finish_weight_only(model: nn.Module, config: QuantConfig, layers: dict[str, 
     from torchslim.quantize.ptq import _set
 
     for n in layers:
+        results[n].act_block = config.act_block
         _set(model, n, results[n])
     swap_embeddings(model, tables, config, from_float=True)  # tables: round to nearest
     plan = QuantPlan(config, layers=list(layers), calibration_batches=batches, embeddings=list(tables))

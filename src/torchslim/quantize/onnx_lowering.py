@@ -144,6 +144,7 @@ def int4_weight(module: nn.Module) -> Int4Weight | str:
         packed=module.qweight.detach().cpu().numpy().reshape(-1),
         scale=module.scale.detach().float().cpu().numpy().reshape(rows, cols // s.group_size),
         zero_point=zp, weight=module.dequantized_weight().detach().float().cpu().numpy(),
+        accuracy_level=4 if getattr(module, "act_block", 0) else 0,
     )
 
 

@@ -33,6 +33,7 @@ from torchslim.errors import ConfigError
 
 __all__ = [
     "GRANULARITIES",
+    "int8_blocks",
     "SCALE_RULES",
     "QScheme",
     "qrange",
@@ -191,6 +192,29 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, sch
     q = torch.clamp(torch.round(v / scale) + zero_point, qmin, qmax)
     dtype = torch.int8 if scheme.bits <= 8 and scheme.signed else torch.uint8 if scheme.bits <= 8 else torch.int32
     return q.to(dtype)
+
+
+def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` rounded to int8 per block of ``block`` consecutive values of its last axis, in float.
+
+    Each block's scale is ``max|x| / 127`` (symmetric), values round half to even: the numerics of
+    ONNX Runtime's ``MatMulNBits`` at ``accuracy_level=4``, which quantizes its input rows this way
+    (blocks of the weight's ``block_size``) before its integer dot products, so a layer that rounds
+    its input with this computes what that kernel computes, to float rounding. The gradient passes
+    straight through.
+
+    Example:
+        >>> x = torch.tensor([[0.5, -1.0, 0.01, 0.0, 2.0, 2.0, 2.0, 2.0]])
+        >>> int8_blocks(x, 4)[0, :3].tolist()
+        [0.5039370059967041, -1.0, 0.007874015718698502]
+    """
+    v = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = v.abs().amax(-1, keepdim=True)
+    # 127 / max as one correctly rounded division, as the kernel (torch's ``127.0 / t`` is
+    # ``t.reciprocal() * 127``: two roundings, a different int8 at some ties)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = (torch.round(v * inverse) * (amax / 127.0)).reshape(x.shape).to(x.dtype)
+    return x + (q - x).detach() if x.requires_grad else q
 
 
 def nearest_ints(x: torch.Tensor, scale: torch.Tensor, zero_point: Any, qmin: int, qmax: int) -> torch.Tensor:

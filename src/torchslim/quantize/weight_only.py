@@ -4,7 +4,10 @@
 ``uint8`` holding two 4-bit values for ``bits <= 4``), fp16 scales (and zero points when
 asymmetric) and the fp32 bias. Its state dict is what ``ts.save`` writes, so the file on disk
 really is ~4x (int8) or ~8x (int4) smaller than fp32. With ``dynamic_act=True`` the input is also
-quantized per tensor at run time (8-bit asymmetric, the numerics of dynamic quantization).
+quantized per tensor at run time (8-bit asymmetric, the numerics of dynamic quantization). With
+``act_block=B`` (weight-only ``compute="int8"``) the input is rounded to int8 per block of ``B``
+inputs first (:func:`~torchslim.quantize.primitives.int8_blocks`): what ONNX Runtime's
+``MatMulNBits`` computes at ``accuracy_level=4``, so the exported layer equals this one.
 
 ``forward`` runs an integer kernel where one is correct and faster on the input's device,
 dtype and row count (dynamic int8 on CPU: ``quantized::linear_dynamic``; weight-only int8 / int4
@@ -44,6 +47,7 @@ from torchslim.quantize.primitives import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    int8_blocks,
     minmax,
     nearest_ints,
     pack_int4,
@@ -75,6 +79,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
         self.dynamic_act = dynamic_act
+        self.act_block = 0  # > 0: inputs rounded to int8 per block of this many (weight-only compute="int8")
         qshape, pshape, zshape = storage_shapes(scheme, out_features, in_features)
         if scheme.bits <= 4 or (scheme.bits <= 8 and not scheme.signed):
             dtype = torch.uint8
@@ -141,6 +146,8 @@ class QuantizedLinear(nn.Module):
         return dequantize(ints, self.scale.float(), zp, s, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_block and x.numel():
+            x = int8_blocks(x, self.act_block)
         kernel = kernels.choose_kernel(self, x)
         if kernel != "reference":
             return kernels.run_kernel(kernel, self, x)
@@ -148,7 +155,8 @@ class QuantizedLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the weight (fake-quantize ``x`` when dynamic) and ``F.linear``: the numerics
-        every kernel is checked against, differentiable with the straight-through estimator."""
+        every kernel is checked against, differentiable with the straight-through estimator.
+        ``act_block`` rounding happens in :meth:`forward`, before either path."""
         if self.dynamic_act and x.numel():
             lo, hi = minmax(x.detach(), _ACT)
             scale, zp = choose_qparams(lo, hi, _ACT)
@@ -184,4 +192,5 @@ class QuantizedLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, int{s.bits} {s.granularity}"
             + (f"(group={s.group_size})" if s.granularity == "group" else "")
             + (", dynamic activations" if self.dynamic_act else "")
+            + (f", int8 activations per {self.act_block}" if self.act_block else "")
         )
