@@ -147,6 +147,31 @@ def test_int8_lm_head_ships_as_8bit_matmulnbits(tmp_path):
     torch.testing.assert_close(OnnxDecoder(info["path"])(ids), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_tied_int8_head_shares_the_tables_codes(tmp_path):
+    """quantize_llm_(tie_head=True): lm_head multiplies by the int8 table; the decoder stores the
+    codes once, read by the GatherBlockQuantized and by the head's bits=8 MatMulNBits."""
+    from torchslim.quantize import quantize_llm_
+
+    tied, apart = _llama(True), _llama(True)
+    quantize_llm_(tied, method="rtn", tie_head=True)
+    quantize_llm_(apart, method="rtn", tie_head=False)
+    assert type(tied.lm_head).__name__ == "TiedQuantizedHead"
+    info = export_onnx_decoder(tied, tmp_path / "t.onnx")
+    other = export_onnx_decoder(apart, tmp_path / "u.onnx")
+    assert "lm_head" in info["matmul_nbits"] and info["embedding"] == "int8" and info["left_float"] == []
+    assert info["bytes"] < other["bytes"]
+    graph = __import__("onnx").load(info["path"]).graph
+    readers = [n.op_type for n in graph.node if "embed_tokens.q8" in n.input]
+    assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]
+    ids = torch.tensor([[1, 5, 9, 63, 2, 7]])
+    with torch.no_grad():
+        ref = tied(ids).logits
+    torch.testing.assert_close(_stepwise(OnnxDecoder(info["path"]), ids), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="fused graph only"):
+        export_onnx_decoder(tied, tmp_path / "r.onnx", fused=False)
+    assert not (tmp_path / "r.onnx").exists()
+
+
 def test_generate_fp32_parity_batch_and_sampling(tmp_path):
     model = _llama()
     path = export_onnx_decoder(model, tmp_path / "d.onnx")["path"]

@@ -226,6 +226,13 @@ def _is_int8_table(module: nn.Module) -> bool:
     return type(module).__name__ == "QuantizedEmbedding" and getattr(module.scheme, "bits", None) == 8
 
 
+def _shares_int8_table(model: nn.Module) -> bool:
+    """``lm_head`` is a :class:`~torchslim.quantize.embedding.TiedQuantizedHead` of the model's 8-bit table."""
+    head = getattr(model, "lm_head", None)
+    return (type(head).__name__ == "TiedQuantizedHead" and head.table is model.model.embed_tokens
+            and _is_int8_table(model.model.embed_tokens))
+
+
 def _embedding_int8(model: nn.Module, group: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The int8 codes of the model's table: an 8-bit ``QuantizedEmbedding``'s own integers, or a float table's."""
     emb = model.model.embed_tokens
@@ -370,7 +377,7 @@ def _fused_needs_twin(model: nn.Module) -> bool:
             continue
         if _int4_of(m) is not None and (type(m).__name__ != "QuantizedEmbedding" or _int4_of(m).zero_point is None):
             continue
-        if _is_int8_table(m):
+        if _is_int8_table(m) or (type(m).__name__ == "TiedQuantizedHead" and _shares_int8_table(model)):
             continue
         return True
     return False
@@ -467,6 +474,17 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
                  domain=_MS, gather_axis=0, quantize_axis=1, block_size=w4.block)[0]
         report["gather_block_quantized"] += ["model.embed_tokens"]
         embedding = "int4"
+    elif embedding_int8 is not None and _shares_int8_table(model):
+        # lm_head multiplies by this very table (TiedQuantizedHead): one set of codes in the file, laid
+        # out (vocab, blocks, block) as the head's bits=8 MatMulNBits needs; the gather reads it per block
+        codes, scales = embedding_int8
+        blocks = scales.shape[1]
+        codes3, scales3 = codes.reshape(vocab, blocks, -1), scales.reshape(vocab, blocks, 1)
+        rows = g.op("GatherBlockQuantized", [g.init("embed_tokens.q8", codes3), "input_ids", g.init("embed_tokens.scales", scales3),
+                                             g.init("embed_tokens.zero_points", np.full(scales3.shape, 128, np.uint8))],
+                    domain=_MS, gather_axis=0, quantize_axis=2, block_size=hidden // blocks, bits=8)[0]
+        x = g.op("Reshape", [rows, g.init("const.rows", np.array([0, 0, hidden], np.int64))])[0]
+        embedding = "int8"
     elif embedding_int8 is not None:
         codes, scales = embedding_int8
         x = g.op("GatherBlockQuantized", [g.init("embed_tokens.q8", codes), "input_ids", g.init("embed_tokens.scales", scales),
@@ -504,9 +522,17 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
         nxt = norms[i + 1][0] if i + 1 < L else tinner.norm
         w, eps = gamma(nxt, f"layers.{i + 1}.input_layernorm.weight" if i + 1 < L else "norm.weight")
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [d, res, w], 4, domain=_MS, epsilon=eps)
-    # head: int4, a float head tied to the float table (one Gemm on the table), or a float MatMul
+    # head: int4, a float head tied to the float table (one Gemm on the table), the int8 table's own
+    # codes (a TiedQuantizedHead: bits=8 MatMulNBits on the gather's initializer), or a float MatMul
     tied = getattr(tinner.embed_tokens, "weight", None) is getattr(twin.lm_head, "weight", 0) and embedding == "float32"
-    if tied:
+    if embedding == "int8" and _shares_int8_table(model):
+        codes, scales = embedding_int8
+        y = g.op("MatMulNBits", [h, "embed_tokens.q8", g.init("lm_head.scales", scales.reshape(-1))], domain=_MS, K=hidden,
+                 N=vocab, bits=8, block_size=hidden // scales.shape[1], accuracy_level=_level([model.lm_head], accuracy_level, report))[0]
+        report["matmul_nbits"] += ["lm_head"]
+        g.op("Identity", [y], ["logits"])
+        tied = True
+    elif tied:
         flat = g.op("Reshape", [h, g.init("const.flat", np.array([-1, hidden], np.int64))])[0]
         y = g.op("Gemm", [flat, "embed_tokens.weight"], transB=1)[0]
         shape = g.op("Concat", [g.op("Shape", ["input_ids"])[0], g.init("const.vocab", np.array([vocab], np.int64))], axis=0)[0]
@@ -600,6 +626,11 @@ def export_onnx_decoder(
     if fused and blocker:
         raise ConfigError(f"export_onnx_decoder(fused=True): {blocker}; use fused=False (the reference graph)")
     fused = blocker is None if fused is None else bool(fused)
+    if type(getattr(model, "lm_head", None)).__name__ == "TiedQuantizedHead" and not (fused and _shares_int8_table(model)):
+        raise ConfigError("lm_head multiplies by the quantized token table (tie_head): the ONNX decoder shares an 8-bit "
+                          "table with the head in the fused graph only" + ("" if fused else "; use fused=None")
+                          + ("" if _is_int8_table(model.model.embed_tokens) else "; this table is not 8-bit: quantize "
+                             "with embedding_bits=8, or tie_head=False"))
     quantized = _has_quantized(model)
     out = Path(path)
     report: dict[str, Any] = {"matmul_nbits": [], "gather_block_quantized": [], "left_float": [], "why_float": {}}

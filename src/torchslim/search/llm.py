@@ -226,11 +226,12 @@ def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: lis
         removed = plan.achieved
     choice["group_size"] = group
     emb, head = choice["embedding_bits"], choice["lm_head_bits"]
-    if _tied(m):  # one tensor: the embedding's bits rule both
+    tie = _tied(m) and emb is not None
+    if _tied(m):  # one tensor: the embedding's bits rule both, and the head multiplies by the quantized table
         head = emb
     layer_bits = mixed_layer_bits(m, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
     quantize_llm_(m, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
-                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed)
+                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=tie)
     return m, removed
 
 
@@ -404,6 +405,6 @@ def _heal(model: nn.Module, chosen: nn.Module, data: Any, choice: dict[str, Any]
     head = emb if _tied(pruned) else head
     layer_bits = mixed_layer_bits(pruned, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
     quantize_llm_(pruned, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
-                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed)
+                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=_tied(pruned) and emb is not None)
     ppl = evaluate_lm(pruned, data, max_tokens=cfg.perplexity_tokens, threads=cfg.threads, tokenizer=tokenizer).perplexity
     return {"model": pruned, "result": got.to_dict(), "perplexity": float(ppl), "bytes": storage_bytes(pruned)}
