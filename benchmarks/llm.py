@@ -55,7 +55,13 @@ file of ``ts.export`` (``gguf_bytes``, the tied table written once as ``token_em
 perplexity of that file as transformers reads it back (dequantized): the shipped file scored.
 Rotation is not run (it refuses Gemma-3's sandwich norms), nor ``awq-gptq`` / ``w8a8``.
 
+More Gemma rows (``--rows``): ``gptq+mixed4`` / ``gptq+mixed9`` (the 4 / 9 decoder layers whose
+int4 rounding moves the next-token distributions most, measured on calibration text, kept int8),
+``rtn-w8`` (int8 body) and ``rtn-untied`` (``tie_head=False``: the second int8 copy of the table).
+
     python benchmarks/llm.py --model pretrained:gemma3-270m [--tokens N] [--gguf gptq]
+    python benchmarks/llm.py --model pretrained:gemma3-270m --rows rtn-untied,gptq+mixed4,gptq+mixed9,rtn-w8 \
+        --gguf gptq+mixed4,gptq+mixed9 --out llm_gemma3_mixed.json
 """
 
 from __future__ import annotations
@@ -243,18 +249,18 @@ def _print_gemma(results: list[dict[str, Any]], tokens: int) -> None:
     print()
     print(f"Gemma-3-270M, {tokens} held-out tokens of shakespeare[test] (context 1024, stride 512); body int4 g32, "
           "token table int8 g32 stored once, lm_head tied to it")
-    print(f"{'row':6s} {'perplexity':>10s} {'delta':>8s} {'MB':>7s} {'% fp32':>7s} {'body MB':>8s} {'table MB':>8s} "
+    print(f"{'row':12s} {'perplexity':>10s} {'delta':>8s} {'MB':>7s} {'% fp32':>7s} {'body MB':>8s} {'table MB':>8s} "
           f"{'head MB':>7s} {'save MB':>7s} {'calib s':>8s} {'peak GiB':>8s}")
     for r in results:
         if "error" in r:
-            print(f"{r['row']:6s} failed: {r['error']}")
+            print(f"{r['row']:12s} failed: {r['error']}")
             continue
         b = r["bytes"]
-        print(f"{r['row']:6s} {r['perplexity']:10.3f} {r.get('delta_pct', 0.0):+7.1f}% {b['total'] / 1e6:7.1f} "
+        print(f"{r['row']:12s} {r['perplexity']:10.3f} {r.get('delta_pct', 0.0):+7.1f}% {b['total'] / 1e6:7.1f} "
               f"{r.get('bytes_pct', 100.0):6.1f}% {b['body'] / 1e6:8.1f} {b['embeddings'] / 1e6:8.1f} {b['lm_head'] / 1e6:7.1f} "
               f"{r['save_bytes'] / 1e6:7.1f} {r['calibration_seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:8.2f}")
         if "gguf_bytes" in r:
-            print(f"{'':6s} GGUF {r['gguf_bytes'] / 1e6:.1f} MB ({r.get('gguf_bytes_pct', 0.0):.1f}% of fp32), "
+            print(f"{'':12s} GGUF {r['gguf_bytes'] / 1e6:.1f} MB ({r.get('gguf_bytes_pct', 0.0):.1f}% of fp32), "
                   f"read back: perplexity {r['gguf_perplexity']:.3f} ({r.get('gguf_delta_pct', 0.0):+.1f}%)")
 
 
