@@ -105,7 +105,7 @@ def _check_exact(model: torch.nn.Module, path: str, expected_type: str) -> int:
 def test_symmetric_integer_weights_are_written_bit_exactly(tmp_path, bits, granularity, group, expected):
     model = _llama()
     ts.quantize_(model, mode="weight-only", bits=bits, granularity=granularity, group_size=group, embeddings=bits in (4, 8)
-                 and granularity == "group")
+                 and granularity == "group", compute="float")  # float inputs, as transformers computes the file
     path = tmp_path / "m.gguf"
     r = export_gguf(model, path)
     assert r.info["snapped"] == {} and r.info["max_snap_error"] == 0.0
@@ -286,6 +286,7 @@ def test_ts_export_writes_gguf_by_suffix_and_checks_it(tmp_path):
     assert r2.parity.ok and r2.size_bytes == r.size_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "noext"]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model is left as it was
+    assert {m.act_block for m in model.modules() if hasattr(m, "act_block")} == {32}  # int8 inputs again after the check
 
 
 def test_gemma3_float_round_trip(tmp_path):
@@ -298,7 +299,7 @@ def test_gemma3_float_round_trip(tmp_path):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(-0.5, 0.5)
-    ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32, skip=["lm_head"])
+    ts.quantize_(model, mode="weight-only", bits=4, granularity="group", group_size=32, skip=["lm_head"], compute="float")
     r = export_gguf(model, tmp_path / "g.gguf")
     assert r.info["arch"] == "gemma3" and r.info["types"]["Q4_0"] == 42 and r.info["snapped"] == {}
     meta = gguf_metadata(r.path)
