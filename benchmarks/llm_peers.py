@@ -324,7 +324,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _rank(row: str, order: list[str]) -> tuple[int, str]:
-    base = row.split("+")[0]
+    base = row.removesuffix("+ts8")
     if base.startswith("autoround-i"):  # capped auto-round runs next to the default one
         base = "autoround"
     return (order.index(base) if base in order else len(order), row)
