@@ -11,7 +11,7 @@ Rows (each in its own process, so its peak RSS is its own):
   windows for an importance matrix);
 * ``autoround``: the same with ``iters=--ar-iters`` (auto-round's default, 200); a capped run
   (fewer iters: on a shared 2-core CPU 40 iters took 12 minutes, 100 took 20, the default would take
-  some 40) is the row ``autoround-i<iters>``;
+  about 40 minutes) is the row ``autoround-i<iters>``;
 * ``nncf-awq``: ``nncf.compress_weights(model, mode=INT4_SYM, group_size=32, ratio=1.0,
   awq=True, dataset=...)`` (torch backend).
 
