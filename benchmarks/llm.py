@@ -37,8 +37,9 @@ again (a down_proj's relative weight error: 0.2% for HQQ, 8.1% for min-max asymm
 symmetric), so ``hqq`` at g32 is close to lossless *on this model* for that reason; ``hqq-g64``
 (two Q4_1 blocks per group) and the rotated rows do not get that gift.
 
-Not run: ``auto-round`` and NNCF (not installed here; installing them and their dependencies was
-not attempted within this benchmark), llama.cpp's Q4_0 (the issue's +42% is quoted, not re-measured).
+The peers (``auto-round`` 0.16.1, NNCF 3.4.0) are measured by ``benchmarks/llm_peers.py`` in their own
+venv on the same model, calibration windows and held-out tokens (``results/llm_peers.json``). Not run:
+llama.cpp's Q4_0 (the issue's +42% is quoted, not re-measured).
 
     python benchmarks/llm.py [--tokens N] [--rows fp32,rtn,...] [--quick]
 
