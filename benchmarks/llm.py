@@ -116,20 +116,30 @@ NOT_RUN = {GEMMA: {"+rot rows": "rotate_ refuses Gemma-3 (sandwich norms: the re
                                                          "fp32 bytes); run them with --rows"}}
 
 
-def _state_bytes(model: Any) -> dict[str, int]:
-    """Bytes of every tensor of the state dict (shared storage once), split by role."""
+def role(name: str) -> str:
+    """The part of the model a state-dict entry belongs to: ``embeddings``, ``lm_head`` or ``body``."""
+    return "embeddings" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head") else "body"
+
+
+def state_bytes(state: dict[str, Any]) -> dict[str, int]:
+    """Bytes of every tensor of a state dict (shared storage once), split by :func:`role`."""
     seen: set[int] = set()
     out = {"total": 0, "embeddings": 0, "lm_head": 0, "body": 0}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in state.items():
+        if not hasattr(t, "untyped_storage"):
+            continue
         key = t.untyped_storage().data_ptr()
         if key in seen:
             continue
         seen.add(key)
         n = t.numel() * t.element_size()
         out["total"] += n
-        role = "embeddings" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head") else "body"
-        out[role] += n
+        out[role(name)] += n
     return out
+
+
+def _state_bytes(model: Any) -> dict[str, int]:
+    return state_bytes(model.state_dict(keep_vars=True))
 
 
 def _dir_bytes(path: Path) -> int:

@@ -86,25 +86,25 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _llm() -> Any:
+    """``benchmarks/llm.py`` as a module (its rows, its byte count), loaded by path once."""
+    import importlib.util
+
+    if "_llm_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_llm_bench", HERE / "llm.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_llm_bench"] = module
+    return sys.modules["_llm_bench"]
+
+
 def _role(name: str) -> str:
-    return "embeddings" if "embed_tokens" in name else "lm_head" if "lm_head" in name else "body"
+    return _llm().role(name)
 
 
 def _bytes_by_role(state: dict[str, Any]) -> dict[str, int]:
-    """Bytes of every tensor (shared storage once), split by role (llm.py's ``_state_bytes`` rule)."""
-    seen: set[int] = set()
-    out = {"total": 0, "embeddings": 0, "lm_head": 0, "body": 0}
-    for name, t in state.items():
-        if not hasattr(t, "untyped_storage"):
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        n = t.numel() * t.element_size()
-        out["total"] += n
-        out[_role(name)] += n
-    return out
+    """Bytes of every tensor (shared storage once), split by role: ``llm.py``'s count."""
+    return _llm().state_bytes(state)
 
 
 def _body_linears(model: Any) -> list[tuple[str, Any]]:
@@ -263,12 +263,7 @@ def run_nncf(name: str, tokens: int) -> list[dict[str, Any]]:
 
 
 def run_ts(name: str, tokens: int) -> list[dict[str, Any]]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_llm_bench", HERE / "llm.py")
-    llm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(llm)
-    row = llm.run_row(name, tokens)
+    row = _llm().run_row(name, tokens)
     return [{**row, "variant": "torchslim"}]
 
 
