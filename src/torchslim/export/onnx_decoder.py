@@ -383,12 +383,10 @@ def _fused_needs_twin(model: nn.Module) -> bool:
     return False
 
 
-def _level(mods: list[nn.Module], accuracy_level: int | None, report: dict[str, Any]) -> int:
+def _level(mods: list[nn.Module], accuracy_level: int | None) -> int:
     """The ``MatMulNBits`` compute type of these layers: the one asked for, else theirs (4 when they
     round their inputs to int8 per block, ``compute="int8"``; 0 for float inputs)."""
-    level = accuracy_level if accuracy_level is not None else (4 if all(getattr(m, "act_block", 0) for m in mods) else 0)
-    report.setdefault("levels", set()).add(level)
-    return level
+    return accuracy_level if accuracy_level is not None else (4 if all(getattr(m, "act_block", 0) for m in mods) else 0)
 
 
 def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn.Module], accuracy_level: int | None,
@@ -412,13 +410,13 @@ def _linear(g: _Graph, x: str, name: str, mods: list[nn.Module], floats: list[nn
             z = z if z.shape[1] % 2 == 0 else np.concatenate([z, np.zeros((rows, 1), np.uint8)], axis=1)
             ins.append(g.init(name + ".zero_points", z[:, 0::2] | (z[:, 1::2] << 4)))
         y = g.op("MatMulNBits", ins, domain=_MS, K=cols, N=rows, bits=4, block_size=block,
-                 accuracy_level=_level(mods, accuracy_level, report))[0]
+                 accuracy_level=_level(mods, accuracy_level))[0]
         report["matmul_nbits"] += [name]
     elif len(mods) == 1 and _int8_of(mods[0]) is not None:  # an int8 layer (e.g. lm_head): its own integers, 8-bit
         codes, scales, block = _int8_of(mods[0])
         ins = [x, g.init(name + ".q8", codes), g.init(name + ".scales", scales)]
         y = g.op("MatMulNBits", ins, domain=_MS, K=codes.shape[1] * block, N=codes.shape[0], bits=8, block_size=block,
-                 accuracy_level=_level(mods, accuracy_level, report))[0]
+                 accuracy_level=_level(mods, accuracy_level))[0]
         report["matmul_nbits"] += [name]
     else:
         w = torch.cat([f.weight.detach().float().cpu() for f in floats])
@@ -528,7 +526,7 @@ def _fused_graph(onnx: Any, model: nn.Module, twin: nn.Module, accuracy_level: i
     if embedding == "int8" and _shares_int8_table(model):
         codes, scales = embedding_int8
         y = g.op("MatMulNBits", [h, "embed_tokens.q8", g.init("lm_head.scales", scales.reshape(-1))], domain=_MS, K=hidden,
-                 N=vocab, bits=8, block_size=hidden // scales.shape[1], accuracy_level=_level([model.lm_head], accuracy_level, report))[0]
+                 N=vocab, bits=8, block_size=hidden // scales.shape[1], accuracy_level=_level([model.lm_head], accuracy_level))[0]
         report["matmul_nbits"] += ["lm_head"]
         g.op("Identity", [y], ["logits"])
         tied = True

@@ -11,18 +11,11 @@ that :func:`compile` runs on oneDNN int8 kernels (``torch.compile`` with inducto
 from __future__ import annotations
 
 from torchslim.quantize import observers as observers  # registers the observers
-from torchslim.quantize.api import (
-    LLM_METHODS,
-    MODES,
-    QuantConfig,
-    QuantPlan,
-    llm_calibration,
-    quantize_,
-    quantize_llm_,
-)
+from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
 from torchslim.quantize.int8 import Int8Conv, Int8Linear, compile
+from torchslim.quantize.llm import LLM_METHODS, llm_calibration, quantize_llm_
 from torchslim.quantize.mixed import BitAllocation, allocate_bits, layer_sensitivity
 from torchslim.quantize.onnx_lowering import (
     export_onnx,  # registers the ONNX lowerings; the name is deprecated

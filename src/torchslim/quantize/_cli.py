@@ -179,7 +179,7 @@ def _role_bits(value: str | None, flag: str, allowed: tuple[int, ...]) -> int | 
 def _check_llm_args(args: argparse.Namespace) -> None:
     """``--method`` / ``--rotate`` / per-role bits: checked before anything is built."""
     from torchslim.errors import ConfigError
-    from torchslim.quantize.api import LLM_METHODS
+    from torchslim.quantize.llm import LLM_METHODS
 
     if args.method is not None and args.method not in LLM_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(LLM_METHODS)}; got {args.method!r}")
@@ -205,7 +205,7 @@ def _llm_quantize(model: Any, args: argparse.Namespace, ctx: Any, config: Any) -
     import time
 
     from torchslim.data.text import TextBundle
-    from torchslim.quantize.api import quantize_llm_
+    from torchslim.quantize.llm import quantize_llm_
 
     llm = _is_llm(model)
     emb = 8 if args._embedding_bits == "default" and llm else None if args._embedding_bits == "default" else args._embedding_bits
@@ -227,7 +227,7 @@ def _llm_quantize(model: Any, args: argparse.Namespace, ctx: Any, config: Any) -
                            "embedding_bits": emb, "lm_head_bits": head,
                            "calibration_seconds": round(time.perf_counter() - start, 2)}
     if isinstance(data, TextBundle) and method in ("gptq", "awq", "awq-gptq", "rtn"):
-        from torchslim.quantize.api import LLM_CALIBRATION
+        from torchslim.quantize.llm import LLM_CALIBRATION
 
         out["calibration"] = {"data": f"{data.spec}[train]", **LLM_CALIBRATION}
     return out

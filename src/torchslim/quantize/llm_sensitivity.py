@@ -56,7 +56,7 @@ def _batches(model: nn.Module, data: Any, windows: int, length: int, seed: int, 
         if data.dim() != 2 or data.is_floating_point():
             raise ConfigError(f"token ids must be an integer tensor (batch, tokens); got {tuple(data.shape)} {data.dtype}")
         return [data]
-    from torchslim.quantize.api import llm_calibration
+    from torchslim.quantize.llm import llm_calibration
 
     return llm_calibration(model, data, tokenizer=tokenizer, windows=windows, length=length, batch_size=1, seed=seed)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 from torchslim.quantize import quantize_llm_
-from torchslim.quantize.api import LLM_METHODS
+from torchslim.quantize.llm import LLM_METHODS
 from torchslim.quantize.primitives import SCALE_RULES
 from torchslim.recipe.schema import _Strict
 from torchslim.recipe.stages import StageContext, signature_defaults, stage
