@@ -322,3 +322,70 @@ def test_compiled_pool_flatten_linear_pools_uint8_with_the_same_numbers() -> Non
         eager = model(x)
     # pooling the quantized tensor is exact: only the kernels' float rounding differs
     assert torch.allclose(compile_int8(model)(x), eager, atol=1e-3 * float(eager.abs().max()) + 1e-5)
+
+
+def test_compiled_global_average_pool_reads_the_convs_uint8_output() -> None:
+    """conv -> ReLU6 -> global average pool -> linear (MobileNetV2's head): the conv writes uint8 on
+    its calibrated output grid, so only the linear writes float; the outputs stay within a step."""
+    pytest.importorskip("torchao")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    from torchslim.quantize import compile as compile_int8
+    from torchslim.quantize.int8 import int8_kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 5)).eval()
+    calib = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    quantize_(model, QuantConfig(mode="static"), calibration=calib)
+    counts = int8_kernels(model, calib[0])
+    assert counts["qconv"] == 1 and counts["qlinear"] == 1 and counts["float_out"] == 1
+    torch._dynamo.reset()
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad():
+        eager = model(x)
+    out = compile_int8(model)(x)
+    # the new rounding: half a step of the conv's output grid, averaged, through the linear
+    bound = 0.5 * float(model[0].output_scale) * float(model[4].dequantized_weight().abs().sum(1).max())
+    assert float((out - eager).abs().max()) <= bound + 2 * float(model[4].input_scale) * float(model[4].dequantized_weight().abs().sum(1).max())
+    # without the rewrite the conv would write float: the count can fail
+    import torchslim.quantize.int8 as int8_module
+
+    def no_mean_pass(graph, ranges):
+        return 0
+
+    original = int8_module._int8_mean
+    int8_module._int8_mean = no_mean_pass
+    try:
+        assert int8_kernels(model, calib[0])["float_out"] == 2
+    finally:
+        int8_module._int8_mean = original
+
+
+def test_compiled_int8_keeps_each_instance_apart_while_skipping_guards() -> None:
+    """Three compiled models of one class (same ``forward``), called in turn at one shape and then
+    at another: a repeated call skips dynamo's guards, yet each returns its own model's output."""
+    pytest.importorskip("torchao")
+    from torchslim.quantize import compile as compile_int8
+
+    torch.manual_seed(0)
+    base = _cnn().eval()
+    flipped = copy.deepcopy(base)
+    with torch.no_grad():
+        list(flipped.parameters())[-1].add_(1.0)  # the last bias: a different output
+    q = copy.deepcopy(base)
+    quantize_(q, QuantConfig(mode="static"), calibration=[torch.randn(4, 3, 12, 12) for _ in range(2)])
+    models = [base, q, flipped]
+    runs = [compile_int8(m) for m in models]
+    for shape in ((2, 3, 12, 12), (5, 3, 12, 12)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            wants = [m(x) for m in models]
+        firsts = [run(x) for run in runs]  # a new shape: compiled with every guard
+        for first, want, m in zip(firsts, wants, models):
+            atol = 0.05 * float(want.abs().max()) if m is q else 1e-4
+            assert torch.allclose(first, want, atol=atol, rtol=1e-4)
+        for _ in range(2):  # seen shapes: no guards run, the right graph still answers
+            for run, first in zip(runs, firsts):
+                assert torch.equal(run(x), first)
+    assert float((wants[2] - wants[0]).abs().max()) > 0.5  # base and flipped differ: the check can fail
