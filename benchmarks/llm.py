@@ -52,6 +52,10 @@ row, the two should agree closely), and ``llamacpp-q4_0``, llama.cpp's own Q4_0:
 written as an F32 GGUF and quantized by ``llama_model_quantize`` (llama-quantize's code, no
 importance matrix; it picks the tied ``token_embd``'s type itself). The ``same_token_ids`` of
 ``ref-gguf`` records whether llama.cpp's own tokenizer gives torchslim's ids on the scored text.
+An ``rtn`` row with ``--gguf`` also compares its int4 blocks with llama.cpp's Q4_0 quantizer on
+the same float weights (``q4_0_blocks_vs_llamacpp``: the share of equal 32-weight blocks and
+the squared weight error of each): the grid is the same (Q4_0: ``d * (-8..7)``, one fp16 ``d``
+per block, carried into the file bit for bit), the choice of ``d`` is not (the scale search).
 
     python benchmarks/llm.py --rows ref-gguf,llamacpp-q4_0,rtn,gptq+rot --gguf rtn,gptq+rot --tokens 2048 \
         --out llm_llamacpp.json
@@ -312,8 +316,38 @@ def run_row(name: str, tokens: int, gguf: bool = False) -> dict[str, Any]:
         row.update(_shipped(model, name, tokens, gguf))
         row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     elif gguf:  # SmolLM2: the GGUF file, read back by transformers and run in llama.cpp
+        if spec.get("method") == "rtn" and not spec.get("rotate"):
+            row["q4_0_blocks_vs_llamacpp"] = _blocks_vs_ggml(model)
         row.update(_shipped(model, name, tokens, gguf))
     return row
+
+
+def _blocks_vs_ggml(model: Any) -> dict[str, Any]:
+    """How the body's int4 blocks compare with llama.cpp's own Q4_0 quantizer (``quantize_row_q4_0_ref``,
+    bit-identical to ``ggml_quantize``) on the same float weights: the share of 32-weight blocks
+    that are equal, and the squared weight error of each (summed over the body)."""
+    import torch
+
+    import torchslim as ts
+    from torchslim.export.gguf import ggml_quantize
+
+    ref = dict(ts.create_model(MODEL).named_modules())
+    same = total = 0
+    err_ours = err_ggml = 0.0
+    for name, module in model.named_modules():
+        if not callable(getattr(module, "dequantized_weight", None)) or name.startswith("lm_head") or "embed" in name:
+            continue
+        w = ref[name].weight.detach().float()
+        ints, scales = ggml_quantize(w, "q4_0")
+        theirs = (ints.float().reshape(w.shape[0], -1, 32) * scales.float().unsqueeze(-1)).reshape(w.shape)
+        ours = module.dequantized_weight().detach().float()
+        same += int((ours == theirs).reshape(w.shape[0], -1, 32).all(-1).sum())
+        total += w.numel() // 32
+        err_ours += float(((ours - w) ** 2).sum().double())
+        err_ggml += float(((theirs - w) ** 2).sum().double())
+    return {"blocks": total, "blocks_equal": same, "share_equal": same / total if total else 0.0,
+            "weight_sq_error_ours": err_ours, "weight_sq_error_llamacpp_q4_0": err_ggml,
+            "error_ratio": err_ours / err_ggml if err_ggml else None, "torch": torch.__version__}
 
 
 def _write(args: argparse.Namespace, tokens: int, results: list[dict[str, Any]], began: float, partial: bool) -> Path:

@@ -128,6 +128,15 @@ def test_cli_scores_the_shipped_gguf_in_llamacpp(smollm2, tmp_path, capsys) -> N
     assert (ev["context"], ev["tokens"], ev["threads"]) == (32, 47, 1)
     assert speed["decode_tokens_per_s"] > 0 and speed["threads"] == 1 and speed["method"].startswith("llama.cpp")
     torch_side = ts.evaluate_lm(smollm2, f"text:{text}", context=32, max_tokens=48)
+    from torchslim.export.gguf_runtime import LlamaCppDecoder
+    from torchslim.lm import text_tokens
+    from torchslim.zoo.pretrained_llm import tokenizer
+
+    dec = LlamaCppDecoder(gguf_file("smollm2-135m"), threads=1, context=8)
+    assert dec.pretrained() == "smollm2-135m" and dec.hf_tokenizer() is tokenizer("smollm2-135m")
+    ours, _ = text_tokens(f"text:{text}", tokenizer("smollm2-135m"), max_tokens=48)
+    assert torch.equal(text_tokens(f"text:{text}", dec.llama_tokenize, max_tokens=48)[0], ours)  # llama.cpp's own ids
+    dec.close()
     # Q4_1 blocks times Q8_1-rounded activations in llama.cpp vs the dequantized float model in torch
     assert ev["perplexity"] == pytest.approx(torch_side.perplexity, rel=0.02)
 
