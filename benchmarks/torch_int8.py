@@ -54,7 +54,7 @@ from torchslim.export.ort import ort_feed  # noqa: E402
 from torchslim.profile.latency import cpu_name, measure_interleaved  # noqa: E402
 from torchslim.quantize import QuantConfig, quantize_, sqnr  # noqa: E402
 from torchslim.quantize import compile as compile_int8  # noqa: E402
-from torchslim.quantize.int8 import int8_kernels  # noqa: E402
+from torchslim.quantize.int8_compile import int8_kernels  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "torch_int8.json"
 SPECS = {"resnet18": "torchvision:resnet18", "mobilenet_v2": "torchvision:mobilenet_v2", "conv2": "zoo:conv2"}

@@ -142,7 +142,7 @@ def test_compiled_int8_runs_onednn_int8_kernels() -> None:
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     from torchslim.quantize import compile as compile_int8
-    from torchslim.quantize.int8 import int8_kernels
+    from torchslim.quantize.int8_compile import int8_kernels
 
     torch.manual_seed(0)
     model = _cnn()
@@ -258,7 +258,7 @@ def test_compiled_residual_block_fuses_adds_and_pools_on_int8() -> None:
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     from torchslim.quantize import compile as compile_int8
-    from torchslim.quantize.int8 import int8_kernels
+    from torchslim.quantize.int8_compile import int8_kernels
 
     model, calib = _quantized_residual()
     x = calib[0][:2]
@@ -308,7 +308,7 @@ def test_compiled_pool_flatten_linear_pools_uint8_with_the_same_numbers() -> Non
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     from torchslim.quantize import compile as compile_int8
-    from torchslim.quantize.int8 import int8_kernels
+    from torchslim.quantize.int8_compile import int8_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
@@ -331,7 +331,7 @@ def test_compiled_global_average_pool_reads_the_convs_uint8_output() -> None:
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     from torchslim.quantize import compile as compile_int8
-    from torchslim.quantize.int8 import int8_kernels
+    from torchslim.quantize.int8_compile import int8_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -349,7 +349,7 @@ def test_compiled_global_average_pool_reads_the_convs_uint8_output() -> None:
     bound = 0.5 * float(model[0].output_scale) * float(model[4].dequantized_weight().abs().sum(1).max())
     assert float((out - eager).abs().max()) <= bound + 2 * float(model[4].input_scale) * float(model[4].dequantized_weight().abs().sum(1).max())
     # without the rewrite the conv would write float: the count can fail
-    import torchslim.quantize.int8 as int8_module
+    import torchslim.quantize.int8_compile as int8_module
 
     def no_mean_pass(graph, ranges):
         return 0

@@ -14,7 +14,8 @@ from torchslim.quantize import observers as observers  # registers the observers
 from torchslim.quantize.api import MODES, QuantConfig, QuantPlan, quantize_
 from torchslim.quantize.dynamic_rnn import QuantizedRNN
 from torchslim.quantize.fake_quant import FakeQuantize, LSQFakeQuantize
-from torchslim.quantize.int8 import Int8Conv, Int8Linear, compile
+from torchslim.quantize.int8 import Int8Conv, Int8Linear
+from torchslim.quantize.int8_compile import compile
 from torchslim.quantize.llm import LLM_METHODS, llm_calibration, quantize_llm_
 from torchslim.quantize.mixed import BitAllocation, allocate_bits, layer_sensitivity
 from torchslim.quantize.onnx_lowering import (
