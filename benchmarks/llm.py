@@ -60,6 +60,10 @@ per block, carried into the file bit for bit), the choice of ``d`` is not (the s
     python benchmarks/llm.py --rows ref-gguf,llamacpp-q4_0,rtn,gptq+rot --gguf rtn,gptq+rot --tokens 2048 \
         --out llm_llamacpp.json
 
+``rtn-tied`` / ``gptq-tied`` (``--rows`` only) keep ``lm_head`` tied to the one int8 table
+(``tie_head=True``), so their GGUF files store it once as ``token_embd``, as llama.cpp's own Q4_0
+file does (``--rows rtn-tied,gptq-tied --gguf rtn-tied,gptq-tied --out llm_llamacpp_tied.json``).
+
 Prints a table and writes benchmarks/results/llm.json (``--quick``: 512 tokens, fp32 / rtn / awq /
 hqq only, llm_quick.json).
 
@@ -115,6 +119,12 @@ ROWS: dict[str, dict[str, Any]] = {  # in the order they run (most telling first
     "w8a8+rot": {"w8a8": True, "rotate": True},
 }
 QUICK = ["fp32", "rtn", "awq", "hqq"]
+#: SmolLM2 rows run only when named by --rows: lm_head tied to the one int8 table (``tie_head=True``), so the GGUF
+#: file stores the table once, as llama.cpp's own Q4_0 file does (the bytes of ``llamacpp-q4_0``)
+SMOL_EXTRA: dict[str, dict[str, Any]] = {
+    "rtn-tied": {"method": "rtn", "tie_head": True},
+    "gptq-tied": {"method": "gptq", "tie_head": True},
+}
 #: SmolLM2 rows scored in llama.cpp only (``llama-cpp-python``; see the module doc), never in the default run
 LLAMACPP_ROWS: dict[str, dict[str, Any]] = {
     "ref-gguf": {"llamacpp": "the shipped SmolLM2-135M-Instruct.Q4_1.gguf"},
@@ -281,7 +291,7 @@ def run_row(name: str, tokens: int, gguf: bool = False) -> dict[str, Any]:
     torch.set_num_threads(2)
     if name in LLAMACPP_ROWS:
         return run_llamacpp_row(name, tokens)
-    spec = {**ROWS, **GEMMA_EXTRA}[name]
+    spec = {**ROWS, **GEMMA_EXTRA, **SMOL_EXTRA}[name]
     model = ts.create_model(MODEL)
     plan = None
     layer_bits = None
@@ -424,7 +434,7 @@ def main() -> int:
         print("ROW " + json.dumps(run_row(args.row, tokens, gguf=args.row in gguf_rows)))
         return 0
     rows = args.rows.split(",") if args.rows else (GEMMA_ROWS if MODEL == GEMMA else QUICK if args.quick else list(ROWS))
-    known = {**ROWS, **GEMMA_EXTRA} if MODEL == GEMMA else {**ROWS, **LLAMACPP_ROWS}
+    known = {**ROWS, **GEMMA_EXTRA} if MODEL == GEMMA else {**ROWS, **SMOL_EXTRA, **LLAMACPP_ROWS}
     unknown = [r for r in rows if r not in known]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(known)}")
