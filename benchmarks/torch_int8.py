@@ -42,10 +42,7 @@ from typing import Any
 # idle threads must not spin: the runtimes are timed in turn on a few shared cores, and threads
 # spinning after one runtime's call (OpenMP's active wait, ONNX Runtime's spinning) steal the
 # cores of the next. Set before torch loads OpenMP; ONNX Runtime's sessions are told below.
-# --spin keeps each runtime's deployed threading (spinning workers) and sleeps between calls instead.
-SPIN = "--spin" in sys.argv
-if not SPIN:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -115,7 +112,7 @@ def ort_session(path: Path, threads: int) -> Any:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -191,10 +188,8 @@ def bench_model(name: str, *, runs: int, threads: int, seed: int, eval_n: int, t
     # the rotation keeps each runtime's predecessor fixed (a cache-cold follower pays for it):
     # half the rounds with ours right after fp32, half with torchao's there, samples pooled
     order_b = ["compile_fp32", "torchao_pt2e_int8", "compile_int8", "ort_fp32", "ort_int8"]
-    settle = 0.05 if SPIN else 0.0  # spinning workers (OpenMP's default wait, ORT's) go idle between runtimes
-    halves = [measure_interleaved(fns, runs=(runs + 1) // 2, warmup=3, threads=threads, settle=settle),
-              measure_interleaved({k: fns[k] for k in order_b}, runs=runs // 2 or 1, warmup=3, threads=threads,
-                                  settle=settle)]
+    halves = [measure_interleaved(fns, runs=(runs + 1) // 2, warmup=3, threads=threads),
+              measure_interleaved({k: fns[k] for k in order_b}, runs=runs // 2 or 1, warmup=3, threads=threads)]
     samples = {k: [t for h in halves for t in h[k].times_ms] for k in fns}
     row["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before / after timing
     row["latency_ms"] = {k: {"median": _pct(v, 50), "p25": _pct(v, 25), "p75": _pct(v, 75)} for k, v in samples.items()}
@@ -248,9 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", type=int, default=64, help="inputs for the top-1 agreement")
-    p.add_argument("--spin", action="store_true",
-                   help="keep each runtime's default threading (OpenMP workers and ORT's spin between ops) and sleep "
-                        "50 ms, untimed, before each timed call instead of OMP_WAIT_POLICY=PASSIVE / no ORT spinning")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     rows = []
@@ -259,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_model(name, runs=args.runs, threads=args.threads, seed=args.seed, eval_n=args.eval, tmp=Path(d)))
     result = {
         "cpu": cpu_name(), "threads": args.threads, "batch": 1, "runs": args.runs, "torch": torch.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_allow_spinning": int(SPIN),
-        "settle_s_before_each_call": 0.05 if SPIN else 0.0,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_allow_spinning": 0,
         "note": "latency medians of one interleaved run per model; speedups are ratios within that run; "
                 "load_average_1min: the machine's load before / after each model's timing (it is shared)",
         "models": rows,

@@ -90,22 +90,6 @@ def test_interleaved_rotates_order():
     assert list(out) == ["A", "B", "C"]
 
 
-def test_interleaved_settle_sleeps_between_calls_outside_the_timing(monkeypatch):
-    import importlib
-
-    latency = importlib.import_module("torchslim.profile.latency")  # ts.profile is also a function's name
-
-    clock = FakeClock()
-    slept: list[float] = []
-    monkeypatch.setattr(latency.time, "sleep", lambda s: slept.append(s))
-    fns = {k: clock.work(k, [0.001] * 10) for k in "AB"}
-    out = measure_interleaved(fns, runs=2, warmup=1, clock=clock, settle=0.05)
-    assert slept == [0.05] * 4  # before each timed call, not in warm-up
-    assert out["A"].median_ms == pytest.approx(1.0)  # the fake clock does not see the sleep
-    with pytest.raises(ConfigError, match="settle"):
-        measure_interleaved(fns, runs=1, settle=-1)
-
-
 def test_threads_set_during_runs_and_restored():
     before = torch.get_num_threads()
     seen: list[int] = []

@@ -248,7 +248,6 @@ def measure_interleaved(
     sync: Sync = None,
     rotate: bool = True,
     clock: Clock = time.perf_counter,
-    settle: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several callables round by round: every round times one call of each.
 
@@ -260,9 +259,6 @@ def measure_interleaved(
         fns: label -> callable, in the order of the first round.
         runs, warmup, threads, sync, clock: as in :func:`measure` (``runs`` must be given).
         rotate: shift the order every round.
-        settle: seconds to sleep, untimed, before each timed call: a runtime's worker threads that
-            spin after a call (OpenMP's default, ONNX Runtime's) go idle before the next runtime
-            runs, so each can keep its deployed threading without stealing the other's cores.
 
     Returns:
         label -> :class:`Timing`, in the order of ``fns``.
@@ -275,8 +271,6 @@ def measure_interleaved(
         raise ConfigError("runs must be an integer >= 1 for interleaved timing; got None")
     if not fns:
         raise ConfigError("fns must hold at least one callable to time")
-    if not settle >= 0:
-        raise ConfigError(f"settle must be a number of seconds >= 0; got {settle!r}")
     wait = synchronizer(sync)
     order = list(fns)
     times: dict[str, list[float]] = {k: [] for k in order}
@@ -288,8 +282,6 @@ def measure_interleaved(
         for r in range(runs):
             shift = r % len(order) if rotate else 0
             for k in order[shift:] + order[:shift]:
-                if settle > 0:
-                    time.sleep(settle)
                 t0 = clock()
                 fns[k]()
                 wait()
