@@ -15,7 +15,11 @@ Rows (batch 1, the same intra-op threads everywhere, 2 by default):
   the default ``compute="int8"`` model (each layer rounds its input to int8 per group of 32, as
   MatMulNBits does at ``accuracy_level`` 4, ONNX Runtime's integer kernels); ``acc 0``: the same
   integers with ``compute="float"`` (float32 activations, ``accuracy_level`` 0). Each file's
-  greedy agreement is measured against the torch model it came from.
+  greedy agreement is measured against the torch model it came from;
+* ``llama.cpp int4 GGUF`` (``--llamacpp``): the ``acc 4`` model written by ``ts.export`` as GGUF
+  (int4 blocks as Q4_0, the int8 table as Q8_0, carried over bit for bit) and timed in llama.cpp
+  itself (``llama-cpp-python``, ``ts.lm_speed`` on the ``.gguf``: llama.cpp rounds activations to
+  Q8_0 for these products, as ``acc 4`` does); perplexity in llama.cpp, no greedy column.
 
 Columns: file bytes, prefill of 128 tokens (ms), decode tokens/s (32 greedy tokens after the
 128-token prompt), ratios to HF eager and to ONNX fp32, perplexity of the shipped file on the
@@ -27,6 +31,7 @@ average is recorded.
 
     python benchmarks/llm_decode.py                     # table + results/llm_decode.json
     python benchmarks/llm_decode.py --rounds 3 --threads 2
+    python benchmarks/llm_decode.py --rounds 5 --llamacpp  # + the GGUF file in llama.cpp
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="timed runs per row per round (lm_speed)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--llamacpp", action="store_true", help="also time the int4 model's GGUF file in llama.cpp")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -123,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                       "graph": info["graph"], "embedding": info["embedding"], "matmul_nbits": len(info["matmul_nbits"]),
                       "accuracy_level": info["accuracy_level"]}
         _log(f"exported {name}: {info['bytes']:,} bytes ({time.time() - t:.0f} s)")
-    decoders = {k: (OnnxDecoder(r["model"], threads=args.threads) if isinstance(r["model"], str) else r["model"]) for k, r in rows.items()}
+    if args.llamacpp:
+        t = time.time()
+        res = ts.export(q4, None, work / "int4.gguf", check=False)
+        rows["llama.cpp int4 GGUF"] = {"model": str(work / "int4.gguf"), "ref": None, "bytes": res.size_bytes,
+                                       "export_s": time.time() - t, "gguf_types": res.info["types"]}
+        _log(f"exported llama.cpp int4 GGUF: {res.size_bytes:,} bytes ({time.time() - t:.0f} s)")
+    decoders = {k: (OnnxDecoder(r["model"], threads=args.threads) if str(r["model"]).endswith(".onnx") else r["model"])
+                for k, r in rows.items()}
     timings: dict[str, list[Any]] = {k: [] for k in rows}
     order = list(rows)
     loads = [os.getloadavg()[0]]
@@ -166,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "pretrained:smollm2-135m", "batch": 1, "threads": args.threads, "cpu": cpu_name(),
         "load_average": loads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "rounds": args.rounds, "runs_per_round": args.runs, "onnxruntime": __import__("onnxruntime").__version__,
-        "torch": torch.__version__, "perplexity_data": "shakespeare test split, first 1024 tokens, one window",
+        "torch": torch.__version__, "llama_cpp": __import__("llama_cpp").__version__ if args.llamacpp else None,
+        "perplexity_data": "shakespeare test split, first 1024 tokens, one window",
         "torch_int4_perplexity": ppl_q4, "torch_int4_float_compute_perplexity": ppl_q4f,
         "rows": {k: {kk: v for kk, v in r.items() if kk not in ("model", "ref")} for k, r in rows.items()},
         "targets": {"int4_decode_vs_hf_ge_5": rows["ONNX int4 g32 (acc 4)"]["decode_vs_hf"] >= 5,

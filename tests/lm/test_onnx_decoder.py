@@ -250,8 +250,10 @@ def test_cli_eval_refuses_other_exported_files(tmp_path):
     from torchslim.lm._cli import _refuse_exported
 
     _refuse_exported(str(tmp_path / "m.onnx"))  # an ONNX decoder is scored
-    with pytest.raises(SpecError, match="exported file"):
-        _refuse_exported(str(tmp_path / "m.gguf"))
+    _refuse_exported(str(tmp_path / "m.gguf"))  # a GGUF file too, in llama.cpp
+    for name in ("m.pte", "m.pt2", "m.tslim"):
+        with pytest.raises(SpecError, match="exported file"):
+            _refuse_exported(str(tmp_path / name))
 
 
 def test_smollm2_int4_onnx_greedy_equals_torch_int4(tmp_path, smollm2, smollm2_tokenizer, capsys):
