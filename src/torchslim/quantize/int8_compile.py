@@ -282,7 +282,8 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     compiled code, and a call at input shapes, dtypes and strides already compiled skips dynamo's
     guards (``skip_guard_eval_unsafe``: the checks of ~every parameter's metadata, about 0.4 ms
     per call on MobileNetV2). A call at new ones compiles with all guards. Compile again after
-    changing the model.
+    changing the model. Guards are skipped only while the code compiled for those shapes is still
+    in dynamo's cache (after ``torch._dynamo.reset()`` the call compiles again with every guard).
 
     Args:
         model: the model (its mode is switched to eval).
@@ -306,8 +307,13 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, **compile_kwargs)
     graph_pass = _graph_pass()
-    compiled_keys: set[Any] = set()
+    compiled_keys: dict[Any, list[Any]] = {}
     wrapper = {"cpp": bool(cpp_wrapper)}
+    from torch._dynamo.utils import orig_code_map
+
+    def _alive(ref: Any) -> bool:
+        code = ref()
+        return code is not None and code in orig_code_map
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
@@ -322,9 +328,11 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     @functools.wraps(model.forward)
     def run(*args: Any, **kwargs: Any) -> Any:
         key = _call_key(args, kwargs)
-        if key in compiled_keys:
+        codes = compiled_keys.get(key)
+        if codes and all(_alive(c) for c in codes):
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return call(args, kwargs)
+        before = set(orig_code_map.refs)
         try:
             out = call(args, kwargs)
         except BackendCompilerFailed:
@@ -333,7 +341,10 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
             wrapper["cpp"] = False  # the C++ wrapper did not build here: the Python one
             run.cpp_wrapper = False  # type: ignore[attr-defined]
             out = call(args, kwargs)
-        compiled_keys.add(key)
+        # the code dynamo compiled for this call; a later call skips the guards only while all of it
+        # is still in dynamo's cache (torch._dynamo.reset() drops it: a model of the same class
+        # compiled after that must not answer for this one)
+        compiled_keys[key] = [orig_code_map.refs[i] for i in set(orig_code_map.refs) - before]
         return out
 
     run.compiled = compiled  # type: ignore[attr-defined]
