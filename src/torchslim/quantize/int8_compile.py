@@ -28,8 +28,7 @@ from the eager one by at most half a quantization step on each (tested); the eag
 unchanged.
 
 The per-call cost outside the kernels is cut too: inductor writes the code that calls the
-kernels in C++ (``cpp_wrapper``), and a call at input shapes already compiled skips dynamo's
-guard evaluation.
+kernels in C++ (``cpp_wrapper``).
 """
 
 from __future__ import annotations
@@ -260,14 +259,6 @@ def _register_x86_passes() -> None:
     require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "int8 kernels under torch.compile")
 
 
-def _call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """What the compiled code depends on in a call: shapes, dtypes, devices and strides of the tensors."""
-    from torchslim._compile import _shape_key
-
-    strides = tuple(tuple(a.stride()) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-    return (_shape_key(args, kwargs), strides)
-
-
 def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any) -> Any:
     """``torch.compile`` a static-int8 model so it runs oneDNN int8 kernels on x86 CPUs.
 
@@ -277,13 +268,6 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     quantization passes, and returns a callable that runs the compiled model in eval mode under
     ``torch.no_grad()`` (freezing applies to inference only). A float model compiles the same way
     (useful as the fp32 baseline). The first call compiles (seconds to a minute).
-
-    The callable is for inference on the model as it is now: freezing bakes the weights into the
-    compiled code, and a call at input shapes, dtypes and strides already compiled skips dynamo's
-    guards (``skip_guard_eval_unsafe``: the checks of ~every parameter's metadata, about 0.4 ms
-    per call on MobileNetV2). A call at new ones compiles with all guards. Compile again after
-    changing the model. Guards are skipped only while the code compiled for those shapes is still
-    in dynamo's cache (after ``torch._dynamo.reset()`` the call compiles again with every guard).
 
     Args:
         model: the model (its mode is switched to eval).
@@ -307,13 +291,7 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, **compile_kwargs)
     graph_pass = _graph_pass()
-    compiled_keys: dict[Any, list[Any]] = {}
     wrapper = {"cpp": bool(cpp_wrapper)}
-    from torch._dynamo.utils import orig_code_map
-
-    def _alive(ref: Any) -> bool:
-        code = ref()
-        return code is not None and code in orig_code_map
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
@@ -327,25 +305,14 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
 
     @functools.wraps(model.forward)
     def run(*args: Any, **kwargs: Any) -> Any:
-        key = _call_key(args, kwargs)
-        codes = compiled_keys.get(key)
-        if codes and all(_alive(c) for c in codes):
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return call(args, kwargs)
-        before = set(orig_code_map.refs)
         try:
-            out = call(args, kwargs)
+            return call(args, kwargs)
         except BackendCompilerFailed:
             if not wrapper["cpp"]:
                 raise
             wrapper["cpp"] = False  # the C++ wrapper did not build here: the Python one
             run.cpp_wrapper = False  # type: ignore[attr-defined]
-            out = call(args, kwargs)
-        # the code dynamo compiled for this call; a later call skips the guards only while all of it
-        # is still in dynamo's cache (torch._dynamo.reset() drops it: a model of the same class
-        # compiled after that must not answer for this one)
-        compiled_keys[key] = [orig_code_map.refs[i] for i in set(orig_code_map.refs) - before]
-        return out
+            return call(args, kwargs)
 
     run.compiled = compiled  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
