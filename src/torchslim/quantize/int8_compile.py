@@ -291,13 +291,12 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, **compile_kwargs)
     graph_pass = _graph_pass()
-    wrapper = {"cpp": bool(cpp_wrapper)}
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
         marking, _int8._MARK_OUTPUTS = _int8._MARK_OUTPUTS, True
         try:
-            with inductor_config.patch(freezing=True, joint_custom_pre_pass=graph_pass, cpp_wrapper=wrapper["cpp"]), \
+            with inductor_config.patch(freezing=True, joint_custom_pre_pass=graph_pass, cpp_wrapper=run.cpp_wrapper), \
                     torch.no_grad():
                 return compiled(*args, **kwargs)
         finally:
@@ -308,15 +307,14 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
         try:
             return call(args, kwargs)
         except BackendCompilerFailed:
-            if not wrapper["cpp"]:
+            if not run.cpp_wrapper:  # type: ignore[attr-defined]
                 raise
-            wrapper["cpp"] = False  # the C++ wrapper did not build here: the Python one
-            run.cpp_wrapper = False  # type: ignore[attr-defined]
+            run.cpp_wrapper = False  # type: ignore[attr-defined]  # the C++ wrapper did not build here
             return call(args, kwargs)
 
     run.compiled = compiled  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
-    run.cpp_wrapper = wrapper["cpp"]  # type: ignore[attr-defined]
+    run.cpp_wrapper = bool(cpp_wrapper)  # type: ignore[attr-defined]  # read by call(); False after a failed C++ build
     return run
 
 
