@@ -108,3 +108,18 @@ def llama_spec(tmp_path):
         return f"{path}:build"
 
     return make
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(argv) -> (exit code, stdout, stderr)`` of the ``torchslim`` CLI, run in-process."""
+    from torchslim.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return int(code or 0), out.out, out.err
+    return run

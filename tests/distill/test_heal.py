@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -173,6 +174,33 @@ def test_resume_continues_from_the_checkpoint_as_an_unbroken_run(tmp_path):
     torch.testing.assert_close(again.state_dict(), resumed.state_dict())
 
 
+def test_an_interrupted_cosine_run_resumes_into_the_run_that_never_stopped(tmp_path, monkeypatch):
+    from torchslim.distill import heal as heal_module
+
+    teacher = _llama(layers=3)
+    pruned = _drop_layer(copy.deepcopy(teacher), 1)
+    kw = dict(max_steps=20, lr=1e-3, schedule="cosine", seq_len=32, batch_size=4)
+
+    def stop_at_step_12(line, progress):
+        if "step 12/" in line:
+            raise KeyboardInterrupt  # the user's Ctrl-C after step 12, before its checkpoint
+    monkeypatch.setattr(heal_module, "_say", stop_at_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        heal_(copy.deepcopy(pruned), teacher, TRAIN, checkpoint_dir=tmp_path, checkpoint_every=1e-9, log_every=1, **kw)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 11
+    monkeypatch.undo()
+
+    resumed = copy.deepcopy(pruned)
+    r = heal_(resumed, teacher, TRAIN, checkpoint_dir=tmp_path, progress=False, **kw)
+    assert (r.resumed_from, r.steps) == (11, 20)
+    with pytest.raises(CheckpointError, match="schedule='cosine', but this run uses schedule='constant'"):
+        heal_(copy.deepcopy(pruned), teacher, TRAIN, checkpoint_dir=tmp_path, progress=False, **{**kw, "schedule": "constant"})
+    straight = copy.deepcopy(pruned)
+    heal_(straight, teacher, TRAIN, progress=False, **kw)
+    for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_resume_with_other_settings_is_refused_and_the_student_unchanged(tmp_path):
     teacher = _llama(layers=2)
     heal_(copy.deepcopy(teacher), teacher, TRAIN, max_steps=2, checkpoint_dir=tmp_path, **FAST)
@@ -209,6 +237,17 @@ def test_bfloat16_autocast_heals_and_leaves_float32_weights():
     assert auto.precision == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
 
 
+def test_the_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_a_tenth(tmp_path):
+    teacher = _llama(layers=2)
+    for schedule, steps, want in [("constant", 3, 1e-3 * 3 / 5), ("constant", 10, 1e-3),
+                                  ("cosine", 10, 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 10))))]:
+        folder = tmp_path / f"{schedule}{steps}"
+        heal_(copy.deepcopy(teacher), teacher, TRAIN, max_steps=steps, lr=1e-3, schedule=schedule,
+              checkpoint_dir=folder, **FAST)
+        saved = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+        assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(want, rel=1e-9), schedule  # the last step's
+
+
 def test_the_minutes_budget_stops_training():
     teacher = _llama(layers=2)
     student = copy.deepcopy(teacher)
@@ -241,6 +280,7 @@ def test_narrower_student_trains_through_an_adapter_that_is_not_kept():
         ({"lora_rank": 0}, "lora_rank"),
         ({"seq_len": 8192}, "fewer than one window"),
         ({"precision": "float16"}, "precision must be one of 'auto', 'bfloat16', 'float32'"),
+        ({"schedule": "linear"}, "schedule must be one of 'constant', 'cosine'"),
     ],
 )
 def test_bad_input_is_refused_and_the_student_unchanged(kwargs, match):

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 import torchslim as ts  # noqa: E402
 from torchslim.errors import ConfigError  # noqa: E402
 from torchslim.export.gguf import (  # noqa: E402
-    _encode,
     export_gguf,
     ggml_quantize,
     gguf_metadata,
@@ -26,6 +25,7 @@ from torchslim.export.gguf import (  # noqa: E402
     gguf_tensor_types,
     read_gguf_weights,
 )
+from torchslim.export.gguf_grids import encode_blocks  # noqa: E402
 from torchslim.quantize.primitives import QScheme  # noqa: E402
 from torchslim.quantize.weight_only import QuantizedLinear  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_ggml_quantize_matches_gguf_quants_and_torchslim_carries_it(tmp_path, ki
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     reference = gguf.quants.quantize(w.numpy(), qtype)
     ints, d = ggml_quantize(w, kind)
-    assert np.array_equal(_encode(ints, d, kind), reference)
+    assert np.array_equal(encode_blocks(ints, d, kind), reference)
 
     model = _llama(layers=1)
     lin = torch.nn.Linear(128, 48, bias=False)

@@ -22,17 +22,6 @@ pytest.importorskip("gguf")
 TOLERANCE = {"f32": 1e-4, "f16": 2e-4, "q8_0": 2e-3, "q4_0": 2e-3}
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from torchslim.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return int(code or 0), out.out, out.err
-
-
 @pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0", "q4_0"])
 def test_llamacpp_perplexity_of_a_tiny_gguf_equals_torch(tiny_llama, tmp_path, weight_type) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
@@ -111,7 +100,7 @@ def test_missing_llama_cpp_is_one_line_naming_the_pip_command(tiny_llama, tmp_pa
     assert "\n" not in msg and "pip install llama-cpp-python" in msg
 
 
-def test_cli_scores_the_shipped_gguf_in_llamacpp(smollm2, tmp_path, capsys) -> None:
+def test_cli_scores_the_shipped_gguf_in_llamacpp(smollm2, tmp_path, run_cli) -> None:
     """The reference GGUF the wheel ships, in llama.cpp, against its dequantization in torch (same ids)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
     import torchslim as ts
@@ -121,7 +110,7 @@ def test_cli_scores_the_shipped_gguf_in_llamacpp(smollm2, tmp_path, capsys) -> N
     text.write_text("".join(f"At dawn the {i}th boat left the quiet harbour for the open sea.\n" for i in range(40)))
     argv = ["eval", str(gguf_file("smollm2-135m")), "--perplexity", "--data", f"text:{text}", "--context", "32",
             "--max-tokens", "48", "--threads", "1", "--speed", "--prompt-tokens", "8", "--new-tokens", "2", "--json"]
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 0, err
     payload = json.loads(out)
     ev, speed = payload["evaluation"], payload["speed"]
@@ -141,13 +130,13 @@ def test_cli_scores_the_shipped_gguf_in_llamacpp(smollm2, tmp_path, capsys) -> N
     assert ev["perplexity"] == pytest.approx(torch_side.perplexity, rel=0.02)
 
 
-def test_cli_refuses_other_exported_files_in_one_line(tmp_path, capsys) -> None:
+def test_cli_refuses_other_exported_files_in_one_line(tmp_path, run_cli) -> None:
     pte = tmp_path / "model.pte"
     pte.write_bytes(b"not really")
-    code, out, err = _run(["eval", str(pte), "--perplexity", "--data", "shakespeare"], capsys)
+    code, out, err = run_cli(["eval", str(pte), "--perplexity", "--data", "shakespeare"])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("torchslim: error: "), err
     assert "GGUF file (.gguf" in lines[0]
-    code, out, err = _run(["eval", str(tmp_path / "missing.gguf"), "--perplexity", "--data", "shakespeare"], capsys)
+    code, out, err = run_cli(["eval", str(tmp_path / "missing.gguf"), "--perplexity", "--data", "shakespeare"])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "no GGUF file at" in lines[0], err

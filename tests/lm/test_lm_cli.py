@@ -9,15 +9,6 @@ import pytest
 from torchslim.cli import main
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return int(code or 0), out.out, out.err
-
-
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "harbour.txt"
@@ -25,9 +16,9 @@ def text_file(tmp_path):
     return path
 
 
-def test_eval_perplexity_json(smollm2, text_file, capsys) -> None:
-    code, out, err = _run(["eval", "pretrained:smollm2-135m", "--perplexity", "--data", f"text:{text_file}",
-                           "--context", "32", "--max-tokens", "48", "--json"], capsys)
+def test_eval_perplexity_json(smollm2, text_file, run_cli) -> None:
+    code, out, err = run_cli(["eval", "pretrained:smollm2-135m", "--perplexity", "--data", f"text:{text_file}",
+                             "--context", "32", "--max-tokens", "48", "--json"])
     assert code == 0, err
     payload = json.loads(out)
     ev = payload["evaluation"]
@@ -36,19 +27,19 @@ def test_eval_perplexity_json(smollm2, text_file, capsys) -> None:
     assert "test (evaluation) = the end" in payload["split_rule"]
 
 
-def test_eval_accuracy_of_a_saved_classifier(tmp_path, capsys) -> None:
+def test_eval_accuracy_of_a_saved_classifier(tmp_path, run_cli) -> None:
     import torchslim as ts
 
     model = ts.create_model("zoo:lenet300", data="digits", seed=0)
     ts.save(model, tmp_path / "m")
-    code, out, err = _run(["eval", str(tmp_path / "m"), "--data", "digits", "--json"], capsys)
+    code, out, err = run_cli(["eval", str(tmp_path / "m"), "--data", "digits", "--json"])
     assert code == 0, err
     assert 0.0 <= json.loads(out)["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("case", ["bad_model", "bad_data", "onnx_model", "digits_perplexity", "stride", "context",
                                   "text_for_a_classifier"])
-def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, capsys) -> None:
+def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, run_cli) -> None:
     onnx = tmp_path / "decoder.onnx"
     onnx.write_bytes(b"not really")
     argv = {
@@ -60,7 +51,7 @@ def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, capsys)
         "context": ["eval", "zoo:lenet300", "--data", f"text:{text_file}", "--context", "1"],
         "text_for_a_classifier": ["eval", "zoo:lenet300", "--data", f"text:{text_file}", "--context", "8"],
     }[case]
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("torchslim: error: ") and "Traceback" not in err, err
@@ -68,7 +59,7 @@ def test_eval_refuses_bad_input_with_one_line(case, text_file, tmp_path, capsys)
     assert onnx.read_bytes() == b"not really"
 
 
-def test_eval_a_saved_llm_directory(smollm2, text_file, tmp_path, capsys) -> None:
+def test_eval_a_saved_llm_directory(smollm2, text_file, tmp_path, run_cli) -> None:
     """ts.save / ts.load keep the LLM (tied embeddings included) and the tokenizer it reads text with."""
     import torch
 
@@ -82,7 +73,7 @@ def test_eval_a_saved_llm_directory(smollm2, text_file, tmp_path, capsys) -> Non
         assert torch.equal(loaded(ids).logits, smollm2(ids).logits)
     argv = ["eval", str(tmp_path / "llm"), "--perplexity", "--data", f"text:{text_file}", "--context", "16",
             "--max-tokens", "24", "--json"]
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv)
     assert code == 0, err
     direct = ts.evaluate_lm(smollm2, f"text:{text_file}", context=16, max_tokens=24)
     assert json.loads(out)["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
@@ -106,7 +97,6 @@ def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys, ll
 
     pytest.importorskip("gguf")
     pytest.importorskip("onnxruntime")
-    from torchslim.cli import main
 
     out = tmp_path / "q"
     argv = ["quantize", llama_spec(), "--mode", "weight-only", "--bits", "4", "--method", "rtn",
@@ -128,7 +118,6 @@ def test_quantize_cli_ships_an_onnx_decoder_and_a_gguf_file(tmp_path, capsys, ll
 
 
 def test_quantize_cli_format_is_checked(tmp_path, capsys) -> None:
-    from torchslim.cli import main
 
     assert main(["quantize", "zoo:lenet300", "--mode", "dynamic", "--format", "tflite", "--out", str(tmp_path / "a")]) == 2
     assert "--format takes onnx, gguf" in capsys.readouterr().err

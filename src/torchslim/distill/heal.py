@@ -81,7 +81,10 @@ PRECISIONS = ("auto", "bfloat16", "float32")
 _WARMUP_STEPS = 5
 # settings a checkpoint must share with the run that resumes it
 _RESUME_KEYS = ("seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss", "layer_map",
-                "lora_rank", "lora_alpha", "seed", "windows")
+                "lora_rank", "lora_alpha", "seed", "windows", "schedule")
+_RESUME_DEFAULTS = {"schedule": "constant"}  # checkpoints written before the setting existed
+SCHEDULES = ("constant", "cosine")
+_FINAL_LR = 0.1  # cosine: the learning rate at the end of the budget, as a fraction of lr
 
 
 @dataclass
@@ -255,7 +258,7 @@ def _check_checkpoint(path: Path, payload: dict[str, Any], settings: dict[str, A
     fix = f"delete {path} or pass resume=False to start fresh"
     saved = payload.get("settings") or {}
     for key in _RESUME_KEYS:
-        if saved.get(key) != settings[key]:
+        if saved.get(key, _RESUME_DEFAULTS.get(key)) != settings[key]:
             raise CheckpointError(f"healing checkpoint {path} was written with {key}={saved.get(key)!r}, but this run "
                                   f"uses {key}={settings[key]!r}; use the same value to resume, or {fix}")
     mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
@@ -388,6 +391,7 @@ def heal_(
     log_every: int = 10,
     seed: int = 0,
     precision: str = "auto",
+    schedule: str = "constant",
 ) -> HealResult:
     """Distil ``teacher`` into the pruned ``student`` on training text, in place, within ``minutes``.
 
@@ -427,6 +431,9 @@ def heal_(
         precision: ``"auto"`` (bfloat16 autocast where the device multiplies bfloat16 natively,
             else float32), ``"bfloat16"`` (autocast on any device) or ``"float32"``. The weights,
             the optimizer state and the loss are float32 in every case.
+        schedule: the learning rate after the warm-up: ``"constant"``, or ``"cosine"``: down to
+            a tenth of ``lr`` by the end of the budget (``max_steps`` when given, else
+            ``minutes``, measured as wall clock spent).
 
     Returns:
         A :class:`HealResult`.
@@ -451,6 +458,8 @@ def heal_(
     _number("log_every", log_every, 1, integer=True, strict=False)
     if not is_int(seed):
         raise ConfigError(f"seed must be an integer; got {seed!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
     if hidden_loss not in _HIDDEN_LOSSES:
@@ -484,7 +493,7 @@ def heal_(
     settings = {"seq_len": int(seq_len), "batch_size": int(batch_size), "lr": float(lr), "temperature": float(temperature),
                 "hidden_weight": float(hidden_weight), "hidden_loss": hidden_loss,
                 "layer_map": {str(k): v for k, v in layer_map.items()}, "lora_rank": lora_rank,
-                "lora_alpha": lora_alpha, "seed": int(seed), "windows": len(windows)}
+                "lora_alpha": lora_alpha, "seed": int(seed), "windows": len(windows), "schedule": schedule}
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     payload = None
     if path is not None and resume and path.exists():
@@ -517,7 +526,6 @@ def heal_(
         p.requires_grad_(True)
     params = trained + list(adapters.parameters())
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / _WARMUP_STEPS))
     step, spent, losses, resumed_from = 0, 0.0, [], None
     if payload is not None:
         if lora_rank:
@@ -527,7 +535,6 @@ def heal_(
                 layer.lora_B.data.copy_(lora[f"{name}.lora_B"])
         adapters.load_state_dict(payload["adapters"])
         opt.load_state_dict(payload["optimizer"])
-        sched.load_state_dict(payload["scheduler"])
         step, spent, losses = int(payload["step"]), float(payload["minutes"]), list(payload["losses"])
         resumed_from = step
         _set_rng_state(payload["rng"])
@@ -542,13 +549,21 @@ def heal_(
     def elapsed() -> float:
         return spent + (time.monotonic() - t_call) / 60.0
 
+    def rate_at(k: int) -> float:
+        """The learning rate of step ``k``: linear warm-up, then constant or cosine over the budget."""
+        warm = min(1.0, (k + 1) / _WARMUP_STEPS)
+        if schedule == "constant":
+            return float(lr) * warm
+        done = min(1.0, k / max_steps if max_steps is not None else elapsed() / float(minutes))
+        return float(lr) * warm * (_FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * done)))
+
     def checkpoint() -> None:
         if path is None:
             return
         state: dict[str, Any] = {
             "format": _FORMAT, "settings": settings, "step": step, "minutes": elapsed(), "losses": losses,
             "student": _plain_state(student), "adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": _rng_state(),
+            "rng": _rng_state(),
         }
         if lora_rank:
             state["lora"] = {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in lora_layers(s_blocks).items()
@@ -584,8 +599,9 @@ def heal_(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                for group in opt.param_groups:
+                    group["lr"] = rate_at(step)
                 opt.step()
-                sched.step()
                 step += 1
                 losses.append(float(loss.detach()))
                 if (step - start_step) % int(log_every) == 0:

@@ -87,6 +87,7 @@ from torchslim._optional import require
 from torchslim.errors import ConfigError, type_error
 from torchslim.export._base import ExportError, failure_reason, staging
 from torchslim.export.api import ExportResult
+from torchslim.export.gguf_grids import QBLOCK, encode_blocks, ggml_quantize, gguf_scheme
 from torchslim.export.gguf_read import (
     _gguf,
     _read_kv,
@@ -107,90 +108,11 @@ __all__ = [
 ]
 
 GGUF_TYPES = ("auto", "q4_0", "q8_0", "f16", "f32")
-_QBLOCK = 32  # elements per Q4_0 / Q8_0 block
 _FLOAT_TYPES = ("f32", "f16")
 _ARCHS = {  # transformers model_type -> (GGUF architecture, Q/K rows interleaved for rope, added to norm weights)
     "llama": ("llama", True, 0.0),
     "gemma3_text": ("gemma3", False, 1.0),
 }
-
-
-# --------------------------------------------------------------------------- grids
-
-
-def gguf_scheme(kind: str) -> dict[str, Any]:
-    """The QScheme fields whose quantized weights are exact GGUF blocks of type ``kind``.
-
-    ``"q4_0"``: 4-bit symmetric signed, groups of 32 (integers ``[-8, 7]``); ``"q8_0"``: 8-bit
-    symmetric signed, groups of 32. Build the scheme with
-    ``torchslim.quantize.primitives.QScheme(**gguf_scheme("q4_0"))`` (the export package sits below
-    the quantize family and returns plain fields). Any method using it (RTN, GPTQ, AWQ...) gives
-    weights :func:`export_gguf` writes without requantizing; the scale rule differs from ggml's
-    (see the module doc), not the grid.
-
-    Example:
-        >>> gguf_scheme("q4_0")
-        {'bits': 4, 'symmetric': True, 'signed': True, 'granularity': 'group', 'group_size': 32}
-    """
-    bits = {"q4_0": 4, "q8_0": 8}.get(str(kind).lower()) if isinstance(kind, str) else None
-    if bits is None:
-        raise ConfigError(f"gguf_scheme: kind must be 'q4_0' or 'q8_0'; got {kind!r}")
-    return {"bits": bits, "symmetric": True, "signed": True, "granularity": "group", "group_size": _QBLOCK}
-
-
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf`` (half away from zero), written as ``gguf.quants.np_roundf`` computes it."""
-    a = x.abs()
-    floored = torch.floor(a)
-    return a.sub_(floored).mul_(2).floor_().add_(floored).mul_(torch.sign(x))
-
-
-def ggml_quantize(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's reference quantization of a ``(rows, cols)`` weight (``cols % 32 == 0``) to Q4_0 / Q8_0.
-
-    Returns ``(ints, scales)``: int8 ``(rows, cols)`` (``[-8, 7]`` for Q4_0, ``[-127, 127]`` for
-    Q8_0) and fp16 ``(rows, cols / 32)``, with ``value = ints * scale`` per 32-element block, the
-    same numbers ``gguf.quants.quantize`` (and ggml's C code) produce. Q4_0 scales may be negative.
-
-    Example:
-        >>> w = torch.tensor([[1.0, -2.0] + [0.5] * 30])
-        >>> ints, d = ggml_quantize(w, "q4_0")
-        >>> float(d[0, 0]), ints[0, :3].tolist()
-        (0.25, [4, -8, 2])
-    """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ConfigError(f"ggml_quantize needs a 2-D tensor; got {type(weight).__name__}"
-                          f"{'' if not isinstance(weight, torch.Tensor) else ' of shape ' + str(tuple(weight.shape))}")
-    if kind not in ("q4_0", "q8_0"):
-        raise ConfigError(f"ggml_quantize: kind must be 'q4_0' or 'q8_0'; got {kind!r}")
-    rows, cols = weight.shape
-    if cols % _QBLOCK:
-        raise ConfigError(f"ggml_quantize: the row length {cols} is not a multiple of {_QBLOCK} (the GGUF block size)")
-    blocks = weight.detach().float().reshape(rows, cols // _QBLOCK, _QBLOCK)
-    if kind == "q4_0":
-        imax = blocks.abs().argmax(dim=-1, keepdim=True)
-        d = torch.gather(blocks, -1, imax) / -8
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = torch.trunc(blocks * inv + 8.5).clamp(0, 15) - 8
-    else:
-        d = blocks.abs().amax(dim=-1, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = _roundf(blocks * inv)
-    return q.to(torch.int8).reshape(rows, cols), d.squeeze(-1).half()
-
-
-def _encode(ints: torch.Tensor, scales: torch.Tensor, kind: str) -> np.ndarray:
-    """GGUF block bytes ``(rows, blocks * block_bytes)`` of integers and fp16 block scales."""
-    rows, cols = ints.shape
-    nb = cols // _QBLOCK
-    d = np.ascontiguousarray(scales.to(torch.float16).reshape(rows, nb).numpy()).view(np.uint8).reshape(rows, nb, 2)
-    blocks = ints.reshape(rows, nb, _QBLOCK)
-    if kind == "q4_0":
-        q = (blocks.to(torch.int16) + 8).to(torch.uint8)
-        body = (q[..., : _QBLOCK // 2] | (q[..., _QBLOCK // 2:] << 4)).numpy()  # byte j: element j low, j + 16 high
-    else:
-        body = np.ascontiguousarray(blocks.to(torch.int8).numpy()).view(np.uint8)
-    return np.ascontiguousarray(np.concatenate([d, body], axis=-1).reshape(rows, -1))
 
 
 # --------------------------------------------------------------------------- one tensor
@@ -206,14 +128,14 @@ def _block_scales(module: nn.Module, rows: int, cols: int) -> torch.Tensor | Non
     would hold several scales (groups that are not a multiple of 32) or the layout is unknown."""
     s = module.scheme
     scale = module.scale.detach().float()
-    nb = cols // _QBLOCK
+    nb = cols // QBLOCK
     if s.granularity == "tensor" and scale.numel() == 1:
         return scale.reshape(1, 1).expand(rows, nb)
     if s.granularity == "channel" and getattr(s, "axis", 0) == 0 and scale.numel() == rows:
         return scale.reshape(rows, 1).expand(rows, nb)
-    if (s.granularity == "group" and s.group_size % _QBLOCK == 0 and cols % s.group_size == 0
+    if (s.granularity == "group" and s.group_size % QBLOCK == 0 and cols % s.group_size == 0
             and scale.numel() == rows * (cols // s.group_size)):
-        return scale.reshape(rows, cols // s.group_size).repeat_interleave(s.group_size // _QBLOCK, dim=1)
+        return scale.reshape(rows, cols // s.group_size).repeat_interleave(s.group_size // QBLOCK, dim=1)
     return None
 
 
@@ -221,7 +143,7 @@ def _exact_ints(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, 
     """``(ints, block scales, min int, max int)`` when ``weight`` (the module's dequantized weight)
     is integers times one stored fp16 scale per 32-element block, checked bit for bit; else None."""
     rows, cols = weight.shape
-    if not getattr(module.scheme, "symmetric", False) or cols % _QBLOCK:
+    if not getattr(module.scheme, "symmetric", False) or cols % QBLOCK:
         return None
     per_block = _block_scales(module, rows, cols)
     if per_block is None or not bool(torch.isfinite(per_block).all()):
@@ -229,7 +151,7 @@ def _exact_ints(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, 
     if not torch.equal(per_block.half().float(), per_block):
         return None
     s3 = per_block.unsqueeze(-1)
-    w3 = weight.reshape(rows, cols // _QBLOCK, _QBLOCK)
+    w3 = weight.reshape(rows, cols // QBLOCK, QBLOCK)
     ints = torch.round(w3 / torch.where(s3 == 0, torch.ones_like(s3), s3))  # a zero scale holds zeros: 0 / 1
     lo, hi = torch.aminmax(ints)
     if lo < -128 or hi > 127 or not torch.equal(ints * s3, w3):
@@ -270,7 +192,7 @@ class _Plan:
                 kind = self.float_type
         else:
             kind = requested
-        if kind in ("q4_0", "q8_0") and cols % _QBLOCK:
+        if kind in ("q4_0", "q8_0") and cols % QBLOCK:
             self.fallback.append(name)
             kind = self.float_type
         if kind in _FLOAT_TYPES:
@@ -291,14 +213,14 @@ class _Plan:
             if quantized:
                 self._refuse_unless_requantize(name, module, kind)
             ints, scales = ggml_quantize(weight, kind)
-            err = float((ints.float().reshape(rows, -1, _QBLOCK) * scales.float().unsqueeze(-1)).reshape(rows, cols)
+            err = float((ints.float().reshape(rows, -1, QBLOCK) * scales.float().unsqueeze(-1)).reshape(rows, cols)
                         .sub(weight.float()).abs().max()) if weight.numel() else 0.0
             (self.snapped if quantized else self.from_float)[name] = err
         if rows_perm is not None:
             ints, scales = ints[rows_perm], scales[rows_perm]
         self.types[name] = kind.upper()
         qtype = gguf.GGMLQuantizationType.Q4_0 if kind == "q4_0" else gguf.GGMLQuantizationType.Q8_0
-        return _encode(ints, scales, kind), qtype
+        return encode_blocks(ints, scales, kind), qtype
 
     def _refuse_unless_requantize(self, name: str, module: nn.Module, kind: str) -> None:
         if self.requantize:

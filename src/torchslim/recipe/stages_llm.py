@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 from torch import nn
 
-from torchslim.distill.heal import PRECISIONS
+from torchslim.distill.heal import PRECISIONS, SCHEDULES
 from torchslim.errors import ConfigError
 from torchslim.quantize import quantize_llm_
 from torchslim.quantize.llm import LLM_METHODS
@@ -102,7 +102,7 @@ def _heal_fields() -> dict[str, Any]:
 
 
 _HEAL_FIELDS = ("minutes", "max_steps", "seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss",
-                "lora_rank", "precision")
+                "lora_rank", "precision", "schedule")
 HealSchema = pydantic.create_model("HealStage", __base__=_Strict, **_heal_fields())
 
 
@@ -114,6 +114,8 @@ def _check_heal(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"field 'hidden_loss' must be cosine or mse; got {cfg.get('hidden_loss')!r}")
     if cfg.get("precision") not in PRECISIONS:
         raise ConfigError(f"field 'precision' must be one of {', '.join(PRECISIONS)}; got {cfg.get('precision')!r}")
+    if cfg.get("schedule") not in SCHEDULES:
+        raise ConfigError(f"field 'schedule' must be one of {', '.join(SCHEDULES)}; got {cfg.get('schedule')!r}")
 
 
 @stage("heal", schema=HealSchema, check=_check_heal, needs_data=lambda c: True, trains=True,
