@@ -213,7 +213,8 @@ def _pruned_row(name: str, ref: Any, args: argparse.Namespace, tok: Any, speed: 
     try:
         heal = ts.heal_(student, ref, "shakespeare", minutes=args.heal_minutes, progress=True, log_every=25,
                         checkpoint_dir=None, **{k: v for k, v in (("schedule", args.heal_schedule),
-                                                                  ("precision", args.heal_precision)) if v is not None})
+                                                                  ("precision", args.heal_precision),
+                                                                  ("hidden_weight", args.heal_hidden_weight)) if v is not None})
     finally:
         torch.set_num_threads(1)
     row["heal"] = {k: v for k, v in heal.to_dict().items() if k != "loss_curve"}
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (row, reference)")
     ap.add_argument("--heal-schedule", default=None, help="heal_'s learning-rate schedule (constant | cosine; default: heal_'s)")
     ap.add_argument("--heal-precision", default=None, help="heal_'s precision (auto | bfloat16 | float32; default: heal_'s)")
+    ap.add_argument("--heal-hidden-weight", type=float, default=None, help="heal_'s hidden_weight (0: logit KD only)")
     ap.add_argument("--heal-threads", type=int, default=torch.get_num_threads(), help="threads while healing / searching")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
