@@ -147,7 +147,7 @@ def test_lora_remove_undoes_and_bad_rank_is_refused():
 def test_resume_continues_from_the_checkpoint_as_an_unbroken_run(tmp_path):
     teacher = _llama(layers=3)
     pruned = _drop_layer(copy.deepcopy(teacher), 1)
-    kw = dict(lr=1e-3, checkpoint_dir=tmp_path, **FAST)
+    kw = dict(lr=1e-3, checkpoint_dir=tmp_path, hidden_weight=1.0, **FAST)  # the hidden term's adapters resume too
 
     first = copy.deepcopy(pruned)
     r1 = heal_(first, teacher, TRAIN, max_steps=10, **kw)
@@ -164,7 +164,7 @@ def test_resume_continues_from_the_checkpoint_as_an_unbroken_run(tmp_path):
     assert all(int(s["step"]) == 20 for s in saved["optimizer"]["state"].values())  # Adam's step counters went on
 
     straight = copy.deepcopy(pruned)
-    heal_(straight, teacher, TRAIN, max_steps=20, lr=1e-3, **FAST)
+    heal_(straight, teacher, TRAIN, max_steps=20, lr=1e-3, hidden_weight=1.0, **FAST)
     for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
 
@@ -261,7 +261,7 @@ def test_narrower_student_trains_through_an_adapter_that_is_not_kept():
     student = _llama(layers=2, hidden=16, seed=1)
     keys = list(student.state_dict())
     before = _kl(student, teacher, HELD_OUT)
-    result = heal_(student, teacher, TRAIN, max_steps=20, lr=1e-3, hidden_loss="mse", **FAST)
+    result = heal_(student, teacher, TRAIN, max_steps=20, lr=1e-3, hidden_weight=1.0, hidden_loss="mse", **FAST)
     assert result.steps == 20 and _kl(student, teacher, HELD_OUT) < before
     assert list(student.state_dict()) == keys
 
