@@ -142,8 +142,8 @@ def test_smollm2_awq_int4_beats_round_to_nearest() -> None:
     rtn = copy.deepcopy(model)
     quantize_llm_(rtn, method="rtn", embedding_bits=None, lm_head_bits=None)
     calib = llm_calibration(model, "shakespeare", windows=8, length=128, batch_size=8)
-    from torchslim.quantize.awq import awq_
     from torchslim.quantize import QuantConfig
+    from torchslim.quantize.awq import awq_
 
     awq_(model, QuantConfig(mode="weight-only", bits=4, granularity="group", group_size=32, skip=("lm_head",)),
          calibration=calib, grid=5, sequential=False)
