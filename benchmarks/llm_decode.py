@@ -14,7 +14,9 @@ Rows (batch 1, the same intra-op threads everywhere, 2 by default):
   groups of 32 (``QuantizedEmbedding`` bits 8 -> ``GatherBlockQuantized`` bits=8). ``acc 4``:
   the default ``compute="int8"`` model (each layer rounds its input to int8 per group of 32, as
   MatMulNBits does at ``accuracy_level`` 4, ONNX Runtime's integer kernels); ``acc 0``: the same
-  integers with ``compute="float"`` (float32 activations, ``accuracy_level`` 0). Each file's
+  integers with ``compute="float"`` (float32 activations, ``accuracy_level`` 0); ``acc 0, head 4``:
+  float activations in the decoder layers and int8 ones in ``lm_head`` only (nothing follows the
+  head, so its rounding cannot grow through later layers or the KV cache). Each file's
   greedy agreement is measured against the torch model it came from;
 * ``llama.cpp int4 GGUF`` (``--llamacpp``): the ``acc 4`` model written by ``ts.export`` as GGUF
   (int4 blocks as Q4_0, the int8 table as Q8_0, carried over bit for bit) and timed in llama.cpp
@@ -37,6 +39,7 @@ average is recorded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -116,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     fp32 = ts.create_model("pretrained:smollm2-135m").eval()
     q4, q4f = _int4_model("int8"), _int4_model("float")
+    q4h = copy.deepcopy(q4f)
+    q4h.lm_head.act_block = 32  # float activations in the body, int8 ones in the head only
     _log(f"models built ({time.time() - t0:.0f} s)")
     rows: dict[str, dict[str, Any]] = {"HF eager fp32": {"model": fp32, "ref": None,
                                                           "bytes": sum(p.numel() * 4 for p in fp32.parameters())}}
     exports = [("ONNX fp32", fp32, {}), ("ONNX fp32 (reference graph)", fp32, {"fused": False}),
-               ("ONNX int4 g32 (acc 4)", q4, {}), ("ONNX int4 g32 (acc 0)", q4f, {})]  # each at its model's compute
+               ("ONNX int4 g32 (acc 4)", q4, {}), ("ONNX int4 g32 (acc 0)", q4f, {}),
+               ("ONNX int4 g32 (acc 0, head 4)", q4h, {})]  # each at its model's compute
     for name, model, kw in exports:
         t = time.time()
         info = export_onnx_decoder(model, work / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx"), **kw)

@@ -11,9 +11,11 @@ Rows (each on ``pretrained:smollm2-135m``, perplexity on the held-out plays only
   ratio per layer, key/value heads given so grouped-query attention is kept, ``lm_head`` ignored,
   head dims kept, ``round_to=4``), its ratio searched so the removed share of non-embedding
   parameters is closest to ``--target``; the transformers config is then rewritten from the pruned
-  shapes (as the example does) and a tied ``lm_head`` tied again;
+  shapes (as the example does) and a tied ``lm_head`` tied again (a peer for this row only:
+  ``pip install torch-pruning==1.6.1``; without it the row reports that it cannot import);
 * ``search``: ``search_llm(..., trials=--search-trials)`` (prune + int4), its best trial and the
-  uniform baselines it measures (bytes vs the fp32 model, perplexity), unhealed unless
+  uniform baselines it measures (bytes vs the fp32 model, perplexity; with ``--search-objective
+  tokens_per_s`` also each trial's int4 ONNX decoder's decode speed), unhealed unless
   ``--search-heal-minutes``.
 
 Every pruned row is healed with ``ts.heal_`` (distillation from the reference on the training
@@ -29,6 +31,8 @@ the table is printed at the end. The machine may be shared: the load average is 
 
     python benchmarks/llm_prune.py                                   # every row, 30-minute heals
     python benchmarks/llm_prune.py --heal-minutes 8 --rows both,width --search-trials 0
+    python benchmarks/llm_prune.py --heal-minutes 30 --rows both --search-trials 0   # the issue's budget
+    python benchmarks/llm_prune.py --rows search --search-trials 8 --search-objective tokens_per_s
 """
 
 from __future__ import annotations
@@ -214,7 +218,8 @@ def _pruned_row(name: str, ref: Any, args: argparse.Namespace, tok: Any, speed: 
         heal = ts.heal_(student, ref, "shakespeare", minutes=args.heal_minutes, progress=True, log_every=25,
                         checkpoint_dir=None, **{k: v for k, v in (("schedule", args.heal_schedule),
                                                                   ("precision", args.heal_precision),
-                                                                  ("hidden_weight", args.heal_hidden_weight)) if v is not None})
+                                                                  ("hidden_weight", args.heal_hidden_weight),
+                                                                  ("lr", args.heal_lr)) if v is not None})
     finally:
         torch.set_num_threads(1)
     row["heal"] = {k: v for k, v in heal.to_dict().items() if k != "loss_curve"}
@@ -241,7 +246,7 @@ def _search_row(ref: Any, args: argparse.Namespace, work: Path) -> dict[str, Any
     try:
         res = search_llm(ref, "shakespeare", trials=args.search_trials, perplexity_tokens=args.tokens,
                          heal_minutes=args.search_heal_minutes, out=work / "search", uniform=args.search_uniform,
-                         width=tuple(float(w) for w in args.search_width.split(",")))
+                         width=tuple(float(w) for w in args.search_width.split(",")), objective=args.search_objective)
     finally:
         torch.set_num_threads(1)
     fp32 = res.reference["bytes"]
@@ -314,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens scored for perplexity")
     ap.add_argument("--search-trials", type=int, default=8, help="Optuna trials of the search row (0: no search row)")
     ap.add_argument("--search-heal-minutes", type=float, default=0.0, help="heal the search's chosen model this long")
+    ap.add_argument("--search-objective", default="bytes", help="search objective: bytes (fewest) or tokens_per_s "
+                    "(fastest int4 ONNX decoder, measured per trial)")
     ap.add_argument("--search-width", default="0,0.1,0.2,0.3", help="non-embedding shares the search may remove by width")
     ap.add_argument("--no-search-uniform", dest="search_uniform", action="store_false",
                     help="skip the search's uniform baselines (int8, int4, width30+int4, depth30+int4)")
@@ -322,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heal-schedule", default=None, help="heal_'s learning-rate schedule (constant | cosine; default: heal_'s)")
     ap.add_argument("--heal-precision", default=None, help="heal_'s precision (auto | bfloat16 | float32; default: heal_'s)")
     ap.add_argument("--heal-hidden-weight", type=float, default=None, help="heal_'s hidden_weight (0: logit KD only)")
+    ap.add_argument("--heal-lr", type=float, default=None, help="heal_'s learning rate (default: heal_'s)")
     ap.add_argument("--heal-threads", type=int, default=torch.get_num_threads(), help="threads while healing / searching")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

@@ -163,6 +163,10 @@ def test_tied_int8_head_shares_the_tables_codes(tmp_path):
     graph = __import__("onnx").load(info["path"]).graph
     readers = [n.op_type for n in graph.node if "embed_tokens.q8" in n.input]
     assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]
+    # the head rounds its inputs to int8 as the body does (compute="auto"): its bits=8 MatMulNBits runs
+    # at level 4, the only level at which ONNX Runtime's 8-bit kernel is fast
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "embed_tokens.q8" in n.input)
+    assert tied.lm_head.act_block > 0 and {a.name: a.i for a in head.attribute}["accuracy_level"] == 4
     ids = torch.tensor([[1, 5, 9, 63, 2, 7]])
     with torch.no_grad():
         ref = tied(ids).logits

@@ -17,6 +17,7 @@ import torchslim as ts
 from torchslim.errors import ConfigError
 from torchslim.quantize import QuantizedLinear, quantize_llm_
 from torchslim.quantize.embedding import QuantizedEmbedding, TiedQuantizedHead
+from torchslim.quantize.primitives import int8_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,6 +53,15 @@ def gemma(gemma_spec):
     return model
 
 
+class _RoundedInputs(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, block: int) -> None:
+        super().__init__()
+        self.inner, self.block = inner, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(int8_blocks(x, self.block))
+
+
 def _logits(model, ids=IDS) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -85,20 +95,39 @@ def test_auto_keeps_a_large_tied_table_once(gemma, tmp_path) -> None:
     rows = emb(IDS)[0]
     torch.testing.assert_close(rows, emb.dequantized_weight()[IDS[0]] * scale, atol=1e-5, rtol=0)
     assert (emb.dequantized_weight() - float_table).abs().max() <= float_table.abs().max() / 127
+    # compute="auto": the head rounds its inputs to int8 per group of the table (32), as the body's
+    # layers do, so the ONNX decoder runs its bits=8 MatMulNBits at level 4
+    assert head.act_block == 32 and "int8 activations per 32" in repr(head)
     h = torch.randn(3, 64)
-    torch.testing.assert_close(head(h), h @ emb.dequantized_weight().T, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(head(h), int8_blocks(h, 32) @ emb.dequantized_weight().T, atol=1e-4, rtol=1e-5)
+    assert (head(h) - h @ emb.dequantized_weight().T).abs().max() > 1e-4  # the rounding is really there
     after = _logits(gemma)
     twin = copy.deepcopy(gemma)  # the same model with a float head holding the dequantized table
     assert twin.lm_head.table is twin.model.embed_tokens
-    twin.lm_head = torch.nn.Linear(64, 4096, bias=False)
+    linear = torch.nn.Linear(64, 4096, bias=False)
     with torch.no_grad():
-        twin.lm_head.weight.copy_(emb.dequantized_weight())
+        linear.weight.copy_(emb.dequantized_weight())
+    twin.lm_head = _RoundedInputs(linear, 32)
     torch.testing.assert_close(_logits(twin), after, atol=1e-4, rtol=1e-5)
     assert after.shape == before.shape
     loaded = ts.load(ts.save(gemma, tmp_path / "q"))
     assert isinstance(loaded.lm_head, TiedQuantizedHead) and loaded.lm_head.table is loaded.model.embed_tokens
+    assert loaded.lm_head.act_block == 32
     assert loaded.model.embed_tokens.embed_scale == pytest.approx(scale)
     torch.testing.assert_close(_logits(loaded), after, atol=0, rtol=0)
+
+
+def test_float_compute_keeps_float_head_inputs(gemma, tmp_path) -> None:
+    quantize_llm_(gemma, method="rtn", compute="float")
+    head, emb = gemma.lm_head, gemma.model.embed_tokens
+    assert isinstance(head, TiedQuantizedHead) and head.act_block == 0
+    h = torch.randn(3, 64)
+    torch.testing.assert_close(head(h), h @ emb.dequantized_weight().T, atol=1e-4, rtol=1e-5)
+    loaded = ts.load(ts.save(gemma, tmp_path / "f"))
+    assert loaded.lm_head.act_block == 0
+    torch.testing.assert_close(_logits(loaded), _logits(gemma), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="act_block must be 0"):
+        TiedQuantizedHead(emb, act_block=48)  # does not divide the width 64
 
 
 def test_separate_head_and_refusals(gemma) -> None:

@@ -132,3 +132,19 @@ def test_a_configuration_that_cannot_be_built_is_reported_and_never_chosen(tiny,
     saved = json.loads((tmp_path / "s" / "trials.json").read_text())  # strict JSON: no Infinity
     assert [t["perplexity"] for t in saved["trials"] if t["error"]] == [None]
     assert "not built" in str(result.table())
+
+
+def test_speed_objective_times_every_trial_as_the_decoder_it_ships(llama_spec, tmp_path) -> None:
+    """objective="tokens_per_s" exports each trial as the int4 ONNX decoder and times it. A tied
+    table at 4 bits cannot be shared with the head there (the decoder shares only an 8-bit one), so
+    such a trial gets a head of its own instead of failing to build."""
+    import torchslim as ts
+
+    tied = ts.create_model(llama_spec(tie=True, layers=2)).eval()
+    result = search_llm(tied, "shakespeare", tokenizer=_bytes, progress=False,
+                        **_small(objective="tokens_per_s", trials=1, depth=(0.0,), width=(0.0,), head_bits=("4",)))
+    assert [t.error for t in result.trials] == [None] * len(result.trials)
+    assert all(t.tokens_per_s and t.tokens_per_s > 0 for t in result.trials)
+    sampled = result.trials[-1]
+    assert sampled.name == "trial 0" and sampled.choice["embedding_bits"] == 4
+    assert result.best is not None and result.best.tokens_per_s == max(t.tokens_per_s for t in result.trials if t.feasible)

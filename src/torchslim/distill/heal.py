@@ -408,7 +408,9 @@ def heal_(
         max_steps: stop after this many optimizer steps in all (``None``: the budget decides).
         seq_len: tokens per window (>= 2).
         batch_size: windows per step.
-        lr: AdamW learning rate, after a 5-step linear warm-up; default 1e-4, or 5e-4 with LoRA.
+        lr: AdamW learning rate, after a 5-step linear warm-up; default 3e-4, or 5e-4 with LoRA
+            (SmolLM2-135M pruned by 30%: after 100 steps 3e-4 healed to perplexity 80.6, 1e-4 to
+            85.9, 6e-4 to 82.7; after 30 CPU-minutes 3e-4 reached +11.5% where 1e-4 reached +19.6%).
         temperature: softmax temperature of the KL term (> 0); the term is scaled by ``T^2``.
         hidden_weight: weight of the hidden-state term (>= 0; 0, the default, turns it off: on
             SmolLM2-135M pruned by 30% and healed for 30 CPU-minutes, logit KD alone reached +19.6%
@@ -473,7 +475,7 @@ def heal_(
         lora_alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
     elif lora_alpha is not None:
         raise ConfigError("lora_alpha needs lora_rank (LoRA healing); give lora_rank=r or leave lora_alpha out")
-    lr = (5e-4 if lora_rank else 1e-4) if lr is None else lr
+    lr = (5e-4 if lora_rank else 3e-4) if lr is None else lr
     _number("lr", lr, 0)
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise ConfigError(f"student and teacher must be torch modules; got {type(student).__name__} and {type(teacher).__name__}")

@@ -491,7 +491,7 @@ def replay_quantize(model: nn.Module, plan: dict[str, Any]) -> None:
         if plan.get("tied_heads"):
             from torchslim.quantize.llm import tie_heads
 
-            tie_heads(model, plan["tied_heads"])
+            tie_heads(model, plan["tied_heads"], act_blocks=plan.get("tied_head_act_blocks", {}))  # absent: float inputs
         return
     ptq.apply_fold(model, plan.get("folded", []))
     layers = {n: model.get_submodule(n) for n in plan["layers"]}

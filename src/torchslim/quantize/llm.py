@@ -185,8 +185,10 @@ def quantize_llm_(
         from torchslim._modelinfo import model_info
 
         plan.tied_heads = {tied_head: table}
-        tie_heads(model, plan.tied_heads)
+        blocks = tie_heads(model, plan.tied_heads, int8_inputs=bool(config.act_block))
         model_info(model).plans[-1]["tied_heads"] = dict(plan.tied_heads)  # the record of this call
+        if any(blocks.values()):
+            model_info(model).plans[-1]["tied_head_act_blocks"] = blocks
     return plan
 
 
@@ -214,16 +216,23 @@ def _tied_table(model: nn.Module, head: str | None, tie_head: Any, rotate: bool,
     return table if why is None and 2 * weight.numel() > total else None
 
 
-def tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
+def tie_heads(model: nn.Module, heads: dict[str, str], *, int8_inputs: bool = False,
+              act_blocks: dict[str, int] | None = None) -> dict[str, int]:
     """Make each named output projection a :class:`~torchslim.quantize.embedding.TiedQuantizedHead`
     of its quantized table (``{head: table}``); the quantize plan's ``tied_heads``, which
     :func:`replay_quantize` ties again.
+
+    ``int8_inputs``: each head rounds its inputs to int8 per block of its table's group (the
+    ``compute="int8"`` rule of the body's layers, so the ONNX decoder runs the head's 8-bit
+    ``MatMulNBits`` at ``accuracy_level=4``, its fast kernel); ``act_blocks`` gives each head's
+    block instead (a saved model's record). Returns ``{head: act_block}`` (0: float inputs).
 
     Raises:
         ConfigError: a table that is not a ``QuantizedEmbedding`` or widths that do not match.
     """
     from torchslim.quantize.embedding import QuantizedEmbedding, TiedQuantizedHead
 
+    out: dict[str, int] = {}
     for head, table in heads.items():
         t = model.get_submodule(table)
         old = model.get_submodule(head)
@@ -233,7 +242,11 @@ def tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
         if shape != (t.num_embeddings, t.embedding_dim) or getattr(old, "bias", None) is not None:
             raise ConfigError(f"{head} (out, in = {shape}, bias: {getattr(old, 'bias', None) is not None}) cannot multiply by "
                               f"{table} ({t.num_embeddings} x {t.embedding_dim}, no bias)")
-        ptq._set(model, head, TiedQuantizedHead(t))
+        group = t.embedding_dim // t.scale.shape[1]
+        block = (act_blocks or {}).get(head, group if int8_inputs else 0)
+        ptq._set(model, head, TiedQuantizedHead(t, act_block=int(block)))
+        out[head] = int(block)
+    return out
 
 
 def _run_llm_method(model: nn.Module, method: str, config: QuantConfig, batches: list[Any] | None, rotate: bool,

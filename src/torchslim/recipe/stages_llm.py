@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 from torch import nn
 
-from torchslim.distill.heal import PRECISIONS, SCHEDULES
+from torchslim.distill.heal import PRECISIONS, SCHEDULES, heal_
 from torchslim.errors import ConfigError
 from torchslim.quantize import quantize_llm_
 from torchslim.quantize.llm import LLM_METHODS
@@ -95,15 +95,9 @@ def run_prune_llm(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> t
     return model, {"plan": plan.to_dict()}
 
 
-def _heal_fields() -> dict[str, Any]:
-    from torchslim.distill.heal import heal_
-
-    return signature_defaults(heal_, *_HEAL_FIELDS)
-
-
 _HEAL_FIELDS = ("minutes", "max_steps", "seq_len", "batch_size", "lr", "temperature", "hidden_weight", "hidden_loss",
                 "lora_rank", "precision", "schedule")
-HealSchema = pydantic.create_model("HealStage", __base__=_Strict, **_heal_fields())
+HealSchema = pydantic.create_model("HealStage", __base__=_Strict, **signature_defaults(heal_, *_HEAL_FIELDS))
 
 
 def _check_heal(cfg: dict[str, Any]) -> None:
@@ -119,11 +113,9 @@ def _check_heal(cfg: dict[str, Any]) -> None:
 
 
 @stage("heal", schema=HealSchema, check=_check_heal, needs_data=lambda c: True, trains=True,
-       description="heal a pruned decoder LLM: distil the original into it (logits KL + hidden states) within minutes, "
+       description="heal a pruned decoder LLM: distil the original into it (logits KL; hidden states optional) within minutes, "
                    "resumable; optional LoRA merged back")
 def run_heal(model: nn.Module, cfg: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
-    from torchslim.distill.heal import heal_
-
     teacher = ctx.teacher()
     result = heal_(model, teacher, _text_data(ctx, "heal"), checkpoint_dir=ctx.dir / "heal.checkpoint", resume=True,
                    progress=ctx.progress, seed=ctx.seed, **{k: cfg[k] for k in _HEAL_FIELDS})

@@ -199,6 +199,13 @@ def _tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
+def _share_table(model: nn.Module, emb: int | None, cfg: LLMSearchConfig) -> bool:
+    """Whether the head multiplies by the quantized table (stored once). Timed trials ship as the
+    ONNX decoder, which shares only an 8-bit table with the head: a 4-bit table there gets a head
+    of its own at the same bits."""
+    return _tied(model) and emb is not None and (emb == 8 or cfg.objective != "tokens_per_s")
+
+
 def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: list[float], cfg: LLMSearchConfig,
            tokenizer: Any) -> tuple[nn.Module, float]:
     """A copy of ``model`` with ``choice`` applied; ``(copy, non-embedding share removed)``."""
@@ -226,7 +233,7 @@ def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: lis
         removed = plan.achieved
     choice["group_size"] = group
     emb, head = choice["embedding_bits"], choice["lm_head_bits"]
-    tie = _tied(m) and emb is not None
+    tie = _share_table(m, emb, cfg)
     if _tied(m):  # one tensor: the embedding's bits rule both, and the head multiplies by the quantized table
         head = emb
     layer_bits = mixed_layer_bits(m, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
@@ -405,6 +412,6 @@ def _heal(model: nn.Module, chosen: nn.Module, data: Any, choice: dict[str, Any]
     head = emb if _tied(pruned) else head
     layer_bits = mixed_layer_bits(pruned, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
     quantize_llm_(pruned, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
-                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=_tied(pruned) and emb is not None)
+                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=_share_table(pruned, emb, cfg))
     ppl = evaluate_lm(pruned, data, max_tokens=cfg.perplexity_tokens, threads=cfg.threads, tokenizer=tokenizer).perplexity
     return {"model": pruned, "result": got.to_dict(), "perplexity": float(ppl), "bytes": storage_bytes(pruned)}
