@@ -148,3 +148,18 @@ def test_speed_objective_times_every_trial_as_the_decoder_it_ships(llama_spec, t
     sampled = result.trials[-1]
     assert sampled.name == "trial 0" and sampled.choice["embedding_bits"] == 4
     assert result.best is not None and result.best.tokens_per_s == max(t.tokens_per_s for t in result.trials if t.feasible)
+
+
+def test_the_front_holds_every_trial_no_other_beats_in_both_measures() -> None:
+    from torchslim.search.llm import LLMTrial, _front
+
+    def trial(name, size, ppl, speed):
+        return LLMTrial(name=name, choice={}, bytes=size, perplexity=ppl, increase=0.0, feasible=True, tokens_per_s=speed)
+
+    trials = [trial("small, worse", 70, 160.0, 140.0), trial("big, best", 90, 63.0, 120.0),
+              trial("smallest, worst", 60, 530.0, 160.0), trial("dominated", 95, 100.0, 60.0)]
+    assert _front(trials, speed=False) == ["small, worse", "big, best", "smallest, worst"]
+    assert _front(trials, speed=True) == ["small, worse", "big, best", "smallest, worst"]
+    trials.append(LLMTrial(name="broken", choice={}, bytes=1, perplexity=1.0, increase=0.0, feasible=False,
+                           error="not built"))
+    assert "broken" not in _front(trials, speed=False)

@@ -274,8 +274,11 @@ def _front(trials: list[LLMTrial], speed: bool) -> list[str]:
     def cost(t: LLMTrial) -> tuple[float, float]:
         return (-(t.tokens_per_s or 0.0) if speed else float(t.bytes), t.perplexity)
 
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:  # no worse in both, better in one
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
     built = [t for t in trials if t.error is None]
-    return [t.name for t in built if not any(cost(o) <= cost(t) and cost(o) != cost(t) for o in built)]
+    return [t.name for t in built if not any(dominates(cost(o), cost(t)) for o in built)]
 
 
 def search_llm(model: nn.Module, data: Any, config: LLMSearchConfig | dict[str, Any] | None = None, *,
