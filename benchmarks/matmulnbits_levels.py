@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--k must be a multiple of {BLOCK} and --n positive; got k={args.k}, n={args.n}")
     import onnxruntime
 
+    from torchslim._fs import atomic_path
     from torchslim.profile.latency import cpu_name
 
     x = np.random.default_rng(1).standard_normal((1, 1, args.k)).astype(np.float32)
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"n": args.n, "k": args.k, "block": BLOCK, "threads": args.threads, "runs": args.runs, "cpu": cpu_name(),
            "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()[0], "rows": rows, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:  # never a half-written file
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_int8 import SPECS, _model_and_data  # noqa: E402
 
+from torchslim._fs import atomic_path  # noqa: E402
 from torchslim.profile.latency import cpu_name  # noqa: E402
 from torchslim.quantize import QuantConfig, quantize_  # noqa: E402
 from torchslim.quantize import compile as compile_int8  # noqa: E402
@@ -145,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"cpu": cpu_name(), "threads": args.threads, "runs": args.runs, "load_average": load,
            "torch": torch.__version__, "rows": rows, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:  # never a half-written file
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
