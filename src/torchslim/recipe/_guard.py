@@ -19,9 +19,12 @@ How it is measured, honestly on a busy machine:
    (a call right after the other model's finds the caches full of the other model's weights; on
    a 4M-parameter convnet that alone moved a call from 1.7 ms to 9.9 ms here). The blocks
    alternate, the order swapped every pair, so load from other processes hits both alike. The
-   result is *slower* when the median of the block ratios is above 1.0 **and** the compressed
-   model lost at least :data:`SLOWER_ROUNDS` of the block pairs; a model of the same speed as the
-   original wins about half of them, so noise alone does not fail the goal.
+   result is *slower* when the median of the block ratios is above ``1 + SLOWER_MARGIN`` (1%)
+   **and** the compressed model lost at least :data:`SLOWER_ROUNDS` of the block pairs; a model of
+   the same speed as the original wins about half of them, so noise alone does not fail the goal.
+   The margin is the timing's resolution: a model at parity still loses 12 of 16 pairs now and
+   then (about 4% of the time for a fair coin), and a clean-clone CI run once judged LeNet-5's
+   factorized model in ONNX Runtime "slower" at a median ratio of 1.0075.
 3. When it is slower (and ``allow_slower`` is not set) the stage that made it slower is named: the
    original and every stage's checkpoint (kept in ``stages/``) are timed together in the same
    runtime (``paired_latency``, order rotated every round), and the first stage from which every
@@ -38,6 +41,8 @@ Example:
     >>> slower_verdict([1.0, 1.0, 1.0, 1.0], [1.2, 1.3, 1.1, 1.25])
     (1.225, 1.0, True)
     >>> slower_verdict([1.0, 1.0, 1.0, 1.0], [1.2, 0.9, 0.95, 1.05])[2]
+    False
+    >>> slower_verdict([1.0, 1.0, 1.0, 1.0], [1.006, 1.008, 1.007, 1.009])[2]  # within the 1% resolution
     False
 """
 
@@ -58,6 +63,8 @@ __all__ = ["GOAL", "RUNTIME_WORDS", "SLOWER_ROUNDS", "block_pair", "deploy_runti
 GOAL = "not_slower"
 #: Share of paired rounds the compressed model must lose (with a median ratio above 1) to be slower.
 SLOWER_ROUNDS = 0.75
+#: How far above the original's latency the median block ratio must be before it counts as slower.
+SLOWER_MARGIN = 0.01
 #: Block pairs of the re-measurement (and of the first eager figure), calls per block, and
 #: rounds of the per-stage timing.
 RECHECK_BLOCKS = 16
@@ -87,7 +94,7 @@ def slower_verdict(original_ms: Sequence[float], compressed_ms: Sequence[float])
         return 1.0, 0.0, False
     ratio = statistics.median(c / max(o, 1e-12) for o, c in zip(original_ms[:n], compressed_ms[:n]))
     lost = sum(c > o for o, c in zip(original_ms[:n], compressed_ms[:n])) / n
-    return round(ratio, 6), lost, ratio > 1.0 and lost >= SLOWER_ROUNDS
+    return round(ratio, 6), lost, ratio > 1.0 + SLOWER_MARGIN and lost >= SLOWER_ROUNDS
 
 
 def block_pair(run_original: Callable[[], Any], run_compressed: Callable[[], Any], blocks: int,
