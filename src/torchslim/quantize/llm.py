@@ -242,8 +242,7 @@ def tie_heads(model: nn.Module, heads: dict[str, str], *, int8_inputs: bool = Fa
         if shape != (t.num_embeddings, t.embedding_dim) or getattr(old, "bias", None) is not None:
             raise ConfigError(f"{head} (out, in = {shape}, bias: {getattr(old, 'bias', None) is not None}) cannot multiply by "
                               f"{table} ({t.num_embeddings} x {t.embedding_dim}, no bias)")
-        group = t.embedding_dim // t.scale.shape[1]
-        block = (act_blocks or {}).get(head, group if int8_inputs else 0)
+        block = (act_blocks or {}).get(head, t.scheme.group_size if int8_inputs else 0)
         ptq._set(model, head, TiedQuantizedHead(t, act_block=int(block)))
         out[head] = int(block)
     return out

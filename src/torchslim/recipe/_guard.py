@@ -61,7 +61,7 @@ __all__ = ["GOAL", "RUNTIME_WORDS", "SLOWER_ROUNDS", "block_pair", "deploy_runti
 
 #: The goal's name in the report.
 GOAL = "not_slower"
-#: Share of paired rounds the compressed model must lose (with a median ratio above 1) to be slower.
+#: Share of paired rounds the compressed model must lose (with a median ratio above 1 + SLOWER_MARGIN) to be slower.
 SLOWER_ROUNDS = 0.75
 #: How far above the original's latency the median block ratio must be before it counts as slower.
 SLOWER_MARGIN = 0.01

@@ -199,19 +199,29 @@ def _tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
-def _share_table(model: nn.Module, emb: int | None, cfg: LLMSearchConfig) -> bool:
-    """Whether the head multiplies by the quantized table (stored once). Timed trials ship as the
-    ONNX decoder, which shares only an 8-bit table with the head: a 4-bit table there gets a head
-    of its own at the same bits."""
-    return _tied(model) and emb is not None and (emb == 8 or cfg.objective != "tokens_per_s")
+def _quantize_choice(m: nn.Module, choice: dict[str, Any], kept: list[int], sensitivity: list[float],
+                     cfg: LLMSearchConfig, group: int) -> None:
+    """Quantize ``m`` in place to ``choice``'s bits (body, most sensitive layers kept int8, table / head).
+
+    A tied model's table bits rule its head too. The head multiplies by the quantized table (stored
+    once), except in timed trials with a 4-bit table: they ship as the ONNX decoder, which shares
+    only an 8-bit table with the head, so the head gets its own copy at the same bits."""
+    from torchslim.quantize import quantize_llm_
+    from torchslim.quantize.llm_sensitivity import mixed_layer_bits
+
+    emb, head = choice["embedding_bits"], choice["lm_head_bits"]
+    if _tied(m):
+        head = emb
+    tie = _tied(m) and emb is not None and (emb == 8 or cfg.objective != "tokens_per_s")
+    layer_bits = mixed_layer_bits(m, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
+    quantize_llm_(m, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
+                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=tie)
 
 
 def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: list[float], cfg: LLMSearchConfig,
            tokenizer: Any) -> tuple[nn.Module, float]:
     """A copy of ``model`` with ``choice`` applied; ``(copy, non-embedding share removed)``."""
     from torchslim.prune.llm import prune_llm_
-    from torchslim.quantize import quantize_llm_
-    from torchslim.quantize.llm_sensitivity import mixed_layer_bits
 
     depth, width = float(choice["depth"]), float(choice["width"])
     kept = list(range(len(sensitivity)))
@@ -232,13 +242,7 @@ def _apply(model: nn.Module, data: Any, choice: dict[str, Any], sensitivity: lis
         kept = [i for i in kept if i not in set(plan.removed_layers)]
         removed = plan.achieved
     choice["group_size"] = group
-    emb, head = choice["embedding_bits"], choice["lm_head_bits"]
-    tie = _share_table(m, emb, cfg)
-    if _tied(m):  # one tensor: the embedding's bits rule both, and the head multiplies by the quantized table
-        head = emb
-    layer_bits = mixed_layer_bits(m, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
-    quantize_llm_(m, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
-                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=tie)
+    _quantize_choice(m, choice, kept, sensitivity, cfg, group)
     return m, removed
 
 
@@ -408,13 +412,6 @@ def _heal(model: nn.Module, chosen: nn.Module, data: Any, choice: dict[str, Any]
     got = heal_(pruned, model, data, tokenizer=tokenizer, minutes=cfg.heal_minutes, seed=cfg.seed,
                 checkpoint_dir=None if work is None else work / "heal.checkpoint")
     kept = [i for i in range(len(sensitivity)) if i not in set(plan.removed_layers)]
-    from torchslim.quantize import quantize_llm_
-    from torchslim.quantize.llm_sensitivity import mixed_layer_bits
-
-    emb, head = choice["embedding_bits"], choice["lm_head_bits"]
-    head = emb if _tied(pruned) else head
-    layer_bits = mixed_layer_bits(pruned, sensitivity, int(choice["int8_layers"]), layers=kept) if choice["bits"] == 4 else {}
-    quantize_llm_(pruned, bits=int(choice["bits"]), group_size=group, method=cfg.method, embedding_bits=emb,
-                  lm_head_bits=head, layer_bits=layer_bits or None, seed=cfg.seed, tie_head=_share_table(pruned, emb, cfg))
+    _quantize_choice(pruned, choice, kept, sensitivity, cfg, group)
     ppl = evaluate_lm(pruned, data, max_tokens=cfg.perplexity_tokens, threads=cfg.threads, tokenizer=tokenizer).perplexity
     return {"model": pruned, "result": got.to_dict(), "perplexity": float(ppl), "bytes": storage_bytes(pruned)}
