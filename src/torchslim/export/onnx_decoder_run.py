@@ -2,6 +2,15 @@
 its metadata, and :class:`OnnxDecoder` (ONNX Runtime on the CPU, the KV cache kept in ONNX
 Runtime's memory between steps by IO binding), which ``ts.generate``, ``ts.evaluate_lm`` and
 ``ts.lm_speed`` use for an ``.onnx`` file.
+
+A generation loop runs through a :class:`DecodeState` (``OnnxDecoder.start(batch, capacity)``).
+On a ``fused`` file (GroupQueryAttention) it holds one fixed buffer per key / value of
+``capacity`` positions, bound as both the layer's ``past_key_values`` input and its ``present``
+output: ONNX Runtime's GroupQueryAttention sees the two share memory and writes each step's new
+keys / values in place, reading the first ``length`` positions. Nothing is reallocated or copied
+per step (the growing cache of :meth:`OnnxDecoder.step_numpy` copies every layer's whole cache
+into a new ``present`` at every token). The logits are the same bit for bit (tested). A
+``reference`` file (plain ops, explicit concat) gets the growing cache behind the same interface.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 from torchslim._optional import require
 from torchslim.errors import ConfigError, ModelRunError
 
-__all__ = ["META_KEY", "OnnxDecoder", "decoder_metadata", "is_onnx_decoder"]
+__all__ = ["META_KEY", "DecodeState", "OnnxDecoder", "decoder_metadata", "is_onnx_decoder"]
 
 #: The ONNX metadata key under which the exporter stores the decoder's facts (JSON).
 META_KEY = "torchslim.decoder"
@@ -126,5 +135,74 @@ class OnnxDecoder:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.step(input_ids)[0]
 
+    def start(self, batch: int, capacity: int) -> DecodeState:
+        """A cache for one generation of ``batch`` rows and at most ``capacity`` tokens (prompt
+        and new ones together): see :class:`DecodeState`."""
+        return DecodeState(self, batch, capacity)
+
     def __repr__(self) -> str:
         return f"OnnxDecoder({self.path!r}, layers={self.layers}, kv_heads={self.kv_heads}, head_dim={self.head_dim})"
+
+
+class DecodeState:
+    """One generation's KV cache on an :class:`OnnxDecoder`: ``step(ids)`` feeds ``ids``
+    (``(batch, tokens)`` int64 numpy) after the ``length`` tokens already held and returns their
+    logits (``(batch, tokens, vocab)`` float32 numpy, a fresh array).
+
+    On a ``fused`` file the cache is ``capacity`` positions long and updated in place by ONNX
+    Runtime (see the module doc); on a ``reference`` file it grows as :meth:`OnnxDecoder.step_numpy`
+    returns it. :meth:`rewind` forgets the tokens after the first ``length`` (their keys / values
+    are overwritten by the next step), so a prompt's cache can be decoded from again.
+
+    Raises:
+        ConfigError: ``batch`` / ``capacity`` not positive integers; a step past ``capacity``.
+    """
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, capacity: int) -> None:
+        for name, value in (("batch", batch), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
+        self.decoder, self.batch, self.capacity = decoder, int(batch), int(capacity)
+        self.length = 0
+        self.in_place = decoder.metadata.get("graph") == "fused"
+        self._vocab = int(decoder.metadata.get("vocab") or decoder.session.get_outputs()[0].shape[-1])
+        if self.in_place:
+            ort = require("onnxruntime", "ONNX decoder")
+            shape = (self.batch, decoder.kv_heads, self.capacity, decoder.head_dim)
+            self._buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in decoder.past_names]
+            self._binding = decoder.session.io_binding()
+            for past, present, value in zip(decoder.past_names, decoder.output_names[1:], self._buffers):
+                self._binding.bind_ortvalue_input(past, value)
+                self._binding.bind_ortvalue_output(present, value)
+            self._ort = ort
+        else:
+            self._past: list[Any] = decoder.empty_past(self.batch)
+
+    def rewind(self, length: int) -> None:
+        """Keep the first ``length`` tokens' keys / values (``0 <= length <= self.length``)."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= self.length:
+            raise ConfigError(f"rewind length must be an integer in [0, {self.length}]; got {length!r}")
+        if not self.in_place:
+            self._past = ([np.ascontiguousarray((p if isinstance(p, np.ndarray) else p.numpy())[:, :, :length])
+                           for p in self._past] if length else self.decoder.empty_past(self.batch))
+        self.length = int(length)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ConfigError(f"ids must be ({self.batch}, tokens) for this cache; got shape {tuple(ids.shape)}")
+        tokens = ids.shape[1]
+        if self.length + tokens > self.capacity:
+            raise ConfigError(f"the decode cache holds {self.capacity} tokens; {self.length} are in it and {tokens} more "
+                              "were fed: start() a larger one")
+        mask = np.ones((self.batch, self.length + tokens), np.int64)
+        if not self.in_place:
+            logits, self._past = self.decoder.step_numpy(ids, self._past, mask)
+            self.length += tokens
+            return logits
+        logits = np.empty((self.batch, tokens, self._vocab), np.float32)
+        self._binding.bind_cpu_input("input_ids", ids)
+        self._binding.bind_cpu_input("attention_mask", mask)
+        self._binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+        self.decoder.session.run_with_iobinding(self._binding)
+        self.length += tokens
+        return logits

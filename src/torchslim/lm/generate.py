@@ -8,7 +8,9 @@ extending the key/value cache:
   sequence at every step (same tokens, slower);
 * an ONNX decoder written by :func:`torchslim.export.onnx_decoder.export_onnx_decoder` (a path
   to the ``.onnx`` file, or an :class:`~torchslim.export.onnx_decoder.OnnxDecoder`) runs on ONNX
-  Runtime, each step's ``present.*`` outputs fed back as the next step's ``past_key_values.*``.
+  Runtime through an :class:`~torchslim.export.onnx_decoder_run.DecodeState` of prompt +
+  ``max_new_tokens`` positions (a fused file's cache is updated in place; a reference file's
+  ``present.*`` outputs are fed back as the next step's ``past_key_values.*``).
 
 Greedy decoding (the default) takes the arg-max token; ``greedy=False`` samples from
 ``softmax(logits / temperature)`` (optionally the ``top_k`` best) with a seeded generator. So
@@ -151,15 +153,13 @@ def _torch_stepper(model: nn.Module) -> Callable[[torch.Tensor, bool], torch.Ten
     return full
 
 
-def _onnx_stepper(dec: Any) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+def _onnx_stepper(dec: Any, capacity: int) -> Callable[[torch.Tensor, bool], torch.Tensor]:
     state: dict[str, Any] = {}
 
     def step(ids: torch.Tensor, first: bool) -> torch.Tensor:
         if first:
-            state["past"] = dec.empty_past(ids.shape[0])
-        a = ids.numpy().astype(np.int64)
-        total = dec.past_length(state["past"]) + a.shape[1]
-        logits, state["past"] = dec.step_numpy(a, state["past"], np.ones((a.shape[0], total), np.int64))
+            state["cache"] = dec.start(ids.shape[0], capacity)
+        logits = state["cache"].step(ids.numpy().astype(np.int64))
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))
     return step
 
@@ -229,7 +229,7 @@ def generate(
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     pick = _Picker(greedy, float(temperature), top_k, seed)
-    step = _onnx_stepper(model) if onnx else _torch_stepper(model)
+    step = _onnx_stepper(model, ids.shape[1] + max_new_tokens) if onnx else _torch_stepper(model)
     new: list[torch.Tensor] = []
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     start = time.perf_counter()

@@ -10,10 +10,11 @@ the median of timed runs):
 
 An exported ONNX decoder (the path of the ``.onnx`` file written by
 :func:`~torchslim.export.onnx_decoder.export_onnx_decoder`, or an ``OnnxDecoder``) is timed the
-same way on ONNX Runtime (CPU, ``threads`` intra-op threads, inter-op 1): the prefill runs with
-an empty cache, and each decode run starts from the prefill's ``present.*`` values, kept in ONNX
-Runtime's memory between steps by IO binding (inputs are not changed by a run, so every run
-decodes the same tokens from the same state).
+same way on ONNX Runtime (CPU, ``threads`` intra-op threads, inter-op 1) through one
+:class:`~torchslim.export.onnx_decoder_run.DecodeState` of ``prompt_tokens + new_tokens``
+positions, as ``ts.generate`` runs it: the prefill fills it from empty, and each decode run
+rewinds it to the prompt and appends the same greedy tokens (a fused file's cache is updated in
+place by GroupQueryAttention; a reference file's grows).
 
 A GGUF file (``.gguf`` path or a ``LlamaCppDecoder``) is timed in llama.cpp itself
 (``llama-cpp-python``, CPU, ``threads`` threads), opened with the last position's logits only
@@ -200,29 +201,33 @@ def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | 
         raise ConfigError(f"vocab must be an integer >= 2 (the ONNX file records none); got {vocab!r}")
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, int(vocab), (1, prompt_tokens), generator=g).numpy()
-    empty = dec.empty_past(1)
+    state = dec.start(1, prompt_tokens + new_tokens)
 
-    def prefill() -> tuple[Any, list[Any]]:
-        return dec.step_numpy(prompt, empty, np.ones((1, prompt_tokens), np.int64))
+    def prefill() -> Any:
+        state.rewind(0)
+        return state.step(prompt)
 
     try:
-        logits, cache = prefill()
+        logits = prefill()
     except Exception as exc:  # noqa: BLE001 - one line for the user
         raise ModelRunError(f"the ONNX decoder {dec.path} failed on a {prompt_tokens}-token prompt: "
                             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
     first = np.array([[int(logits[0, -1].argmax())]], np.int64)
-    masks = [np.ones((1, prompt_tokens + i + 1), np.int64) for i in range(new_tokens)]
 
     def decode() -> None:
-        token, past = first, cache
-        for mask in masks:
-            out, past = dec.step_numpy(token, past, mask)
+        state.rewind(prompt_tokens)  # the prompt's keys / values stay; each run decodes from them
+        token = first
+        for _ in range(new_tokens):
+            out = state.step(token)
             token = np.array([[int(out[0, -1].argmax())]], np.int64)
 
     t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="onnxruntime")
+    logits = prefill()  # the timed prefills leave the prompt's cache: make sure it is this prompt's
     t_decode = measure(decode, runs=runs, warmup=warmup, runtime="onnxruntime")
+    how = ("a fixed cache updated in place (past and present share one buffer)" if state.in_place
+           else "present.* fed back as past_key_values.*")
     return _result(t_prefill, t_decode, prompt_tokens, new_tokens, dec.threads, runs, warmup,
-                   "onnxruntime CPU, greedy loop feeding present.* back as past_key_values.* (IO binding)")
+                   f"onnxruntime CPU, greedy loop, IO binding, {how}")
 
 
 def _llamacpp_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | None, runs: int, warmup: int,
