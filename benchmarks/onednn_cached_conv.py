@@ -1,11 +1,17 @@
 """Would int8 convs with cached oneDNN primitives close issue 21's gap? A probe, not a product path.
 
 ``benchmarks/onednn_split.py`` showed that a compiled int8 MobileNetV2 spends 3.05 ms in
-oneDNN's kernels and 2.92 ms (about 55 us per conv) around them, in PyTorch's per-call work of
+oneDNN's kernels and 2.92 ms around them, which we first took for PyTorch's per-call work in
 ``onednn::qconv_pointwise``. PyTorch does not export its oneDNN, so this probe builds a small C++
 extension (``benchmarks/cpp/onednn_cached_conv.cpp``) against a separate oneDNN: each conv's
 primitive and reordered weights are created once, and a call only points the primitive at the
 input / output tensors and executes it.
+
+The answer was no. Alone, the convs cost about 2 us per call outside the kernels; but when commit
+8a45e4a ran every int8 conv of ``ts.quantize.compile`` on such an operator, a compiled MobileNetV2
+took the same time as with PyTorch's kernels (5.82 vs 5.78 ms, 200 alternating calls, 1 thread):
+PyTorch's per-call cost is small, and the time outside the kernels lies elsewhere (see the
+README). The integration was reverted (71b559b); this probe stays as the record.
 
 For every conv of torchvision's MobileNetV2 and ResNet-18 (224 px, batch 1; random int8 weights,
 per-channel scales, uint8 NHWC inputs of the shapes each conv sees; ReLU6 / ReLU post-op), it
