@@ -163,3 +163,28 @@ def test_the_front_holds_every_trial_no_other_beats_in_both_measures() -> None:
     trials.append(LLMTrial(name="broken", choice={}, bytes=1, perplexity=1.0, increase=0.0, feasible=False,
                            error="not built"))
     assert "broken" not in _front(trials, speed=False)
+
+
+def test_heal_minutes_heals_the_chosen_pruning_then_quantizes_it_as_chosen(tiny, tmp_path) -> None:
+    """heal_minutes > 0: the chosen pruned configuration is distilled from the original, then
+    quantized as the trial was; the returned model is the healed one."""
+    before = state_digest(tiny)
+    cfg = _small(uniform=False, trials=1, depth=(0.25,), width=(0.2,), bits=(4,), int8_layers=(0,), head_bits=("8",),
+                 max_perplexity_increase=10.0, heal_minutes=0.05)
+    result = search_llm(tiny, "shakespeare", out=tmp_path / "s", tokenizer=_bytes, progress=False, **cfg)
+    assert state_digest(tiny) == before
+    assert result.best is not None and result.best.choice["depth"] and result.best.choice["width"]
+    heal = result.heal
+    assert "skipped" not in heal and heal["result"]["steps"] >= 1
+    assert heal["bytes"] == storage_bytes(result.model) == result.best.bytes  # the same shape and bits as the trial
+    assert len(result.model.model.layers) < len(tiny.model.layers)
+    assert heal["perplexity"] > 1 and heal["perplexity"] != result.best.perplexity  # measured again after healing
+    assert json.loads((tmp_path / "s" / "trials.json").read_text())["heal"]["bytes"] == heal["bytes"]
+
+
+def test_heal_minutes_skips_a_choice_that_prunes_nothing(tiny, tmp_path) -> None:
+    cfg = _small(uniform=False, trials=1, depth=(0.0,), width=(0.0,), bits=(4,), int8_layers=(0,), head_bits=("8",),
+                 max_perplexity_increase=10.0, heal_minutes=0.05)
+    result = search_llm(tiny, "shakespeare", tokenizer=_bytes, progress=False, **cfg)
+    assert result.heal == {"skipped": "nothing was pruned"}
+    assert len(result.model.model.layers) == len(tiny.model.layers)
