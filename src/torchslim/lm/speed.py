@@ -221,8 +221,7 @@ def _onnx_speed(model: Any, prompt_tokens: int, new_tokens: int, threads: int | 
             out = state.step(token)
             token = np.array([[int(out[0, -1].argmax())]], np.int64)
 
-    t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="onnxruntime")
-    logits = prefill()  # the timed prefills leave the prompt's cache: make sure it is this prompt's
+    t_prefill = measure(prefill, runs=runs, warmup=warmup, runtime="onnxruntime")  # each leaves the prompt's cache
     t_decode = measure(decode, runs=runs, warmup=warmup, runtime="onnxruntime")
     how = ("a fixed cache updated in place (past and present share one buffer)" if state.in_place
            else "present.* fed back as past_key_values.*")
