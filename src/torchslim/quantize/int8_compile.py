@@ -224,30 +224,42 @@ def _int8_mean(graph: torch.fx.Graph, ranges: dict[Any, tuple[float, int]]) -> i
     return done
 
 
-def _int8_graph_pass(graph: torch.fx.Graph) -> None:
+def _int8_graph_pass(graph: torch.fx.Graph, onednn: bool = False) -> None:
     """Rewrites on inductor's functional aten graph, before freezing lowers the quantization
     patterns: the Int8 layers' output markers go (their ranges kept aside), residual adds read
     their second operand through a quantize, quantize nodes of the same tensor and grid merge,
     max pooling and a global average pool's input run on uint8. What X86InductorQuantizer annotates in a model, here from
-    torchslim's own calibrated ranges (see the module doc)."""
+    torchslim's own calibrated ranges (see the module doc). ``onednn``: then every 2-D int8 conv
+    chain that reads and writes uint8 becomes one call of torchslim's cached-primitive oneDNN conv
+    (:func:`torchslim.quantize.onednn.use_cached_qconv`)."""
     ranges = _strip_output_marks(graph)
     _merge_same_quantize(graph)
     if _quantize_residual_operands(graph, ranges):
         _merge_same_quantize(graph)
     _int8_max_pool(graph)
     _int8_mean(graph, ranges)
+    if onednn:
+        from torchslim.quantize.onednn import use_cached_qconv
+
+        use_cached_qconv(graph)
     graph.lint()
 
 
-def _graph_pass() -> Any:
+def _graph_pass(onednn: bool) -> Any:
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    files: tuple[str, ...] = (__file__,)
+    if onednn:
+        from torchslim.quantize import onednn as _onednn
+
+        files += (_onednn.__file__, str(_onednn.SOURCE))
 
     class Int8GraphPass(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            _int8_graph_pass(graph)
+            _int8_graph_pass(graph, onednn)
 
         def uuid(self) -> Any:
-            return get_hash_for_files((__file__,))
+            return get_hash_for_files(files)
 
     return Int8GraphPass()
 
@@ -259,7 +271,7 @@ def _register_x86_passes() -> None:
     require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "int8 kernels under torch.compile")
 
 
-def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any) -> Any:
+def compile(model: nn.Module, *, cpp_wrapper: bool = True, onednn: bool | None = None, **compile_kwargs: Any) -> Any:
     """``torch.compile`` a static-int8 model so it runs oneDNN int8 kernels on x86 CPUs.
 
     Turns on inductor's freezing while the model runs (``torch._inductor.config.freezing``,
@@ -275,14 +287,29 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
             (``torch._inductor.config.cpp_wrapper``): a compiled MobileNetV2 makes ~60 kernel calls,
             and at batch 1 the Python wrapper costs about 1 ms of them. Compiling takes a few
             seconds longer. Where the C++ wrapper fails to build, the Python one is used.
+        onednn: run 2-D int8 convs on torchslim's own oneDNN operator, whose primitives are built
+            once (:mod:`torchslim.quantize.onednn`; PyTorch's ``qconv_pointwise`` rebuilds them at
+            every call, tens of microseconds per conv at batch 1). ``None`` (default): where that
+            operator is available (``make setup`` installs its oneDNN); ``True``: required
+            (``MissingDependencyError`` naming why when it is not); ``False``: PyTorch's kernels.
         compile_kwargs: more ``torch.compile`` arguments (``dynamic=``, ``mode=``, ``options=``...).
             Shapes are static unless ``dynamic=`` says otherwise: each new input shape compiles
             once (the int8 lowering does not take symbolic shapes).
 
     Raises:
-        MissingDependencyError: torchao is not installed (``pip install torchslim[executorch]``).
+        MissingDependencyError: torchao is not installed (``pip install torchslim[executorch]``);
+            ``onednn=True`` and torchslim's oneDNN operator cannot be built or loaded.
     """
     _register_x86_passes()
+    if onednn is None or onednn:
+        from torchslim.quantize import onednn as _onednn
+
+        if onednn and not _onednn.available():
+            from torchslim.errors import MissingDependencyError
+
+            raise MissingDependencyError(f"compile(onednn=True): torchslim's oneDNN conv is not available: "
+                                         f"{_onednn.why_unavailable()}")
+        onednn = _holds_int8(model) and _onednn.available()
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor import config as inductor_config
 
@@ -290,7 +317,7 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
         model.eval()
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, **compile_kwargs)
-    graph_pass = _graph_pass()
+    graph_pass = _graph_pass(bool(onednn))
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # compilation happens on a call (the first, or a recompile): freezing on there, nowhere else
@@ -315,6 +342,7 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, **compile_kwargs: Any
     run.compiled = compiled  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
     run.cpp_wrapper = bool(cpp_wrapper)  # type: ignore[attr-defined]  # read by call(); False after a failed C++ build
+    run.onednn = bool(onednn)  # type: ignore[attr-defined]
     return run
 
 
@@ -351,27 +379,32 @@ def _capture_output_code() -> Iterator[list[str]]:
         inductor_graph.GraphLowering.compile_to_module = original  # type: ignore[method-assign]
 
 
-def int8_kernels(model: nn.Module, *example_inputs: Any) -> dict[str, int]:
+def int8_kernels(model: nn.Module, *example_inputs: Any, onednn: bool | None = None) -> dict[str, int]:
     """Compile ``model`` with :func:`compile`, run it once and count the oneDNN kernels in the code
     inductor generated: ``{"qconv": n, "qlinear": n, "float_conv": n, "float_linear": n, "qconv_add": n,
-    "qmaxpool": n, "float_out": n}`` (``qconv_add``: the int8 convs with a residual add fused in,
-    counted in ``qconv`` too; ``qmaxpool``: max pools run on uint8; ``float_out``: int8 kernels
-    that write float instead of uint8, e.g. the last linear).
+    "qmaxpool": n, "float_out": n, "cached_qconv": n}`` (``qconv_add``: the int8 convs with a residual
+    add fused in, counted in ``qconv`` too; ``qmaxpool``: max pools run on uint8; ``float_out``:
+    int8 kernels that write float instead of uint8, e.g. the last linear; ``cached_qconv``: the
+    int8 convs run by torchslim's own oneDNN operator, counted in ``qconv`` too). ``onednn`` as
+    for :func:`compile`.
 
     A check that the int8 kernels are really used (compiles afresh: seconds to a minute).
     """
     torch._dynamo.reset()
     with _capture_output_code() as sources:
-        compile(model, cpp_wrapper=False)(*example_inputs)  # the kernels are named in the Python wrapper
+        compile(model, cpp_wrapper=False, onednn=onednn)(*example_inputs)  # the kernels are named in the Python wrapper
     code = "\n".join(sources)
     calls = [line for line in code.splitlines() if "= torch.ops.onednn.q" in line]
+    cached = [line for line in code.splitlines() if "= torch.ops.torchslim_onednn.qconv2d.default(" in line]
+    cached_add = sum(not line.rstrip().rstrip(")").split(", ")[-3].strip().startswith("None") for line in cached)
     return {
-        "qconv": code.count("onednn.qconv_pointwise") + code.count("onednn.qconv2d_pointwise"),
+        "qconv": code.count("onednn.qconv_pointwise") + code.count("onednn.qconv2d_pointwise") + len(cached),
         "qlinear": code.count("onednn.qlinear_pointwise"),
         "float_conv": code.count("mkldnn._convolution_pointwise") + code.count("aten.convolution("),
         "float_linear": code.count("mkldnn._linear_pointwise") + code.count("extern_kernels.mm(")
         + code.count("extern_kernels.addmm("),
-        "qconv_add": code.count("onednn.qconv2d_pointwise.binary") + code.count("onednn.qconv_pointwise.binary"),
+        "qconv_add": code.count("onednn.qconv2d_pointwise.binary") + code.count("onednn.qconv_pointwise.binary") + cached_add,
         "qmaxpool": code.count("quantized.max_pool2d"),
         "float_out": sum("torch.float32" in line for line in calls),
+        "cached_qconv": len(cached),
     }
