@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -394,3 +395,41 @@ def test_compiled_int8_keeps_each_instance_apart() -> None:
     torch._dynamo.reset()
     assert torch.allclose(runs[2](x), wants[2], atol=1e-4, rtol=1e-4)
     assert torch.allclose(runs[0](x), wants[0], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_int8_keeps_only_the_guards_a_snapshot_needs() -> None:
+    """``ts.quantize.compile`` keeps Dynamo's guards on the inputs, global state and the identity of
+    the model's tensors, and drops the per-attribute ones (thousands on a real CNN, checked on every
+    call); a new input shape still compiles again and answers right."""
+    pytest.importorskip("torchao")
+    from torchslim.quantize import compile as compile_int8
+    from torchslim.quantize.int8_compile import _snapshot_guards
+
+    torch.manual_seed(0)
+    model = _cnn().eval()
+    quantize_(model, QuantConfig(mode="static"), calibration=[torch.randn(4, 3, 12, 12) for _ in range(2)])
+    seen: list[tuple[str, str, bool]] = []
+
+    def recording(entries: list[Any]) -> list[bool]:
+        keep = _snapshot_guards(model)(entries)
+        seen.extend((e.guard_type, e.name, k) for e, k in zip(entries, keep, strict=True))
+        return keep
+
+    torch._dynamo.reset()
+    run = compile_int8(model, options={"guard_filter_fn": recording})
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want = model(x)
+    assert torch.allclose(run(x), want, atol=0.05 * float(want.abs().max()))
+    kept = {(t, n) for t, n, k in seen if k}
+    dropped = {(t, n) for t, n, k in seen if not k}
+    assert ("TENSOR_MATCH", "args[0]") in kept  # the input's shape / dtype / device (nn.Sequential: args)
+    assert {t for t, n in kept} >= {"ID_MATCH", "GRAD_MODE"}
+    assert all(t == "ID_MATCH" for t, n in kept if n.startswith("fn"))  # fn: the Sequential itself
+    assert ("ID_MATCH", "fn._modules['0']._buffers['qweight']") in kept
+    assert ("CONSTANT_MATCH", "fn._modules['0']._in_scale") in dropped and len(dropped) > 3 * len(kept)
+    y = torch.randn(5, 3, 12, 12)  # a new shape fails the kept input guard: compiled again, right answer
+    with torch.no_grad():
+        want = model(y)
+    out = run(y)
+    assert out.shape == want.shape and torch.allclose(out, want, atol=0.05 * float(want.abs().max()))
