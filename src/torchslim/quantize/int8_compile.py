@@ -322,14 +322,14 @@ def compile(model: nn.Module, *, cpp_wrapper: bool = True, onednn: bool | None =
         model.eval()
     compile_kwargs.setdefault("dynamic", False)
     # inductor's settings go in as torch.compile options: they hold while a graph compiles and cost
-    # nothing per call (patching inductor's config around every call cost ~33 us); freezing is set
-    # around each call as well (below), as Dynamo reads it
+    # nothing per call (patching inductor's config around every call cost ~33 us); freezing alone
+    # is set around each call (below), as Dynamo reads it too
     options = dict(compile_kwargs.pop("options", None) or {})
     mode = compile_kwargs.pop("mode", None)
     if mode:  # torch.compile takes a mode or options, not both: spell the mode out as options
         options = {**torch._inductor.list_mode_options(mode, compile_kwargs["dynamic"]), **options}
     options.setdefault("guard_filter_fn", _snapshot_guards(model))
-    options.update(freezing=True, joint_custom_pre_pass=_graph_pass(bool(onednn)))
+    options["joint_custom_pre_pass"] = _graph_pass(bool(onednn))
 
     def build(cpp: bool) -> Any:
         return torch.compile(model, options={**options, "cpp_wrapper": cpp}, **compile_kwargs)
